@@ -1,0 +1,23 @@
+//! Pure domain logic of twinfleet: what a twin is and how it changes, with no I/O, no
+//! async runtime and no clock reads. Every function here takes the current time as an
+//! argument, so the actors around it can run on real or virtual time and a test can
+//! replay any sequence of inputs deterministically.
+//!
+//! The shape is the one of a step function: `decide(state, command, now)` validates a
+//! command and yields events, `evolve(state, event)` applies an event. The actors persist
+//! the events and the resulting snapshot; the models never learn how.
+
+pub mod config;
+pub mod ids;
+pub mod policy;
+pub mod time;
+pub mod twin;
+
+pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
+pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
+pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
+pub use time::Timestamp;
+pub use twin::{
+    Alert, AlertKind, EventKind, Identity, Lifecycle, Metadata, Severity, TwinCommand, TwinError as ModelError,
+    TwinEvent, TwinState,
+};

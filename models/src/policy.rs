@@ -1,0 +1,169 @@
+//! Supervision and watchdog policies as pure state machines: how long to back off, when
+//! to give up restarting a twin, when a wait that ran past its deadline is retried and
+//! when it becomes an alert. The actors own the timers; these types only decide.
+
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Exponential backoff without jitter, so that runs on the virtual clock are repeatable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub factor: u32,
+    pub max_ms: u64,
+}
+
+impl Backoff {
+    /// The delay before attempt `n` (0-based): `initial * factor^n`, capped at `max`.
+    pub fn delay_ms(&self, n: u32) -> u64 {
+        let mut d = self.initial_ms;
+        for _ in 0..n {
+            d = d.saturating_mul(self.factor as u64);
+            if d >= self.max_ms {
+                return self.max_ms;
+            }
+        }
+        d.min(self.max_ms)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial_ms: 100, factor: 2, max_ms: 10_000 }
+    }
+}
+
+/// How a supervisor treats a failing child: restart with backoff, and after
+/// `max_restarts` failures within `window_ms` stop trying and mark it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub max_restarts: u32,
+    pub window_ms: u64,
+    pub backoff: Backoff,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy { max_restarts: 5, window_ms: 60_000, backoff: Backoff::default() }
+    }
+}
+
+/// What a supervisor does about one failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartDecision {
+    /// Restart after this many milliseconds; `attempt` counts failures in the window.
+    Restart { after_ms: u64, attempt: u32 },
+    /// Too many failures in the window: mark the child failed and raise an alert.
+    GiveUp { failures_in_window: u32 },
+}
+
+/// The failure history of one child, kept by its supervisor.
+#[derive(Debug, Clone, Default)]
+pub struct RestartTracker {
+    failures: VecDeque<Timestamp>,
+}
+
+impl RestartTracker {
+    pub fn on_failure(&mut self, policy: &RestartPolicy, now: Timestamp) -> RestartDecision {
+        while let Some(first) = self.failures.front() {
+            if now.since(*first) > policy.window_ms {
+                self.failures.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.failures.push_back(now);
+        let n = self.failures.len() as u32;
+        if n > policy.max_restarts {
+            RestartDecision::GiveUp { failures_in_window: n }
+        } else {
+            RestartDecision::Restart { after_ms: policy.backoff.delay_ms(n - 1), attempt: n }
+        }
+    }
+
+    pub fn failures_in_window(&self) -> usize {
+        self.failures.len()
+    }
+}
+
+/// The deadline of an asynchronous wait a twin owns (a device reply, an approval, a
+/// provisioning step), and what to do when it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// How long one attempt may wait.
+    pub deadline_ms: u64,
+    /// Retries after the first attempt before the wait becomes an alert.
+    pub max_retries: u32,
+    /// Extra delay before each retry.
+    pub backoff: Backoff,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { deadline_ms: 30_000, max_retries: 3, backoff: Backoff { initial_ms: 1_000, factor: 2, max_ms: 60_000 } }
+    }
+}
+
+/// What the owner of an expired wait does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitDecision {
+    /// Try again (attempt `attempt`, 1-based retries) and wait until `deadline`.
+    Retry { attempt: u32, deadline: Timestamp },
+    /// Retries are used up: raise an alert.
+    Alert { attempts: u32 },
+}
+
+impl RetryPolicy {
+    /// The first deadline of a wait that starts at `now`.
+    pub fn first_deadline(&self, now: Timestamp) -> Timestamp {
+        now + self.deadline_ms
+    }
+
+    /// Decides what happens when attempt `attempts_so_far` (0 = the original) expired at `now`.
+    pub fn on_expiry(&self, attempts_so_far: u32, now: Timestamp) -> WaitDecision {
+        if attempts_so_far >= self.max_retries {
+            WaitDecision::Alert { attempts: attempts_so_far + 1 }
+        } else {
+            let delay = self.backoff.delay_ms(attempts_so_far);
+            WaitDecision::Retry { attempt: attempts_so_far + 1, deadline: now + delay + self.deadline_ms }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Backoff { initial_ms: 100, factor: 2, max_ms: 1000 };
+        let delays: Vec<u64> = (0..6).map(|n| b.delay_ms(n)).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn restarts_give_up_after_max_in_window_and_forget_old_failures() {
+        let p = RestartPolicy { max_restarts: 2, window_ms: 1_000, backoff: Backoff::default() };
+        let mut t = RestartTracker::default();
+        assert_eq!(t.on_failure(&p, Timestamp(0)), RestartDecision::Restart { after_ms: 100, attempt: 1 });
+        assert_eq!(t.on_failure(&p, Timestamp(10)), RestartDecision::Restart { after_ms: 200, attempt: 2 });
+        assert_eq!(t.on_failure(&p, Timestamp(20)), RestartDecision::GiveUp { failures_in_window: 3 });
+        // Far later the window is empty again.
+        let mut t = RestartTracker::default();
+        t.on_failure(&p, Timestamp(0));
+        t.on_failure(&p, Timestamp(10));
+        assert_eq!(t.on_failure(&p, Timestamp(5_000)), RestartDecision::Restart { after_ms: 100, attempt: 1 });
+    }
+
+    #[test]
+    fn waits_retry_then_alert() {
+        let p = RetryPolicy { deadline_ms: 1_000, max_retries: 2, backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 } };
+        let start = Timestamp(0);
+        let d0 = p.first_deadline(start);
+        assert_eq!(d0, Timestamp(1_000));
+        assert_eq!(p.on_expiry(0, d0), WaitDecision::Retry { attempt: 1, deadline: Timestamp(2_500) });
+        assert_eq!(p.on_expiry(1, Timestamp(2_500)), WaitDecision::Retry { attempt: 2, deadline: Timestamp(4_500) });
+        assert_eq!(p.on_expiry(2, Timestamp(4_500)), WaitDecision::Alert { attempts: 3 });
+    }
+}
