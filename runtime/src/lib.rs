@@ -1,1 +1,25 @@
-//! placeholder
+//! Actor plumbing of twinfleet, with no domain types: the clock (real or virtual), the
+//! storage trait and its sled engine with group commit, record encoding with checksums,
+//! the per-actor statistics the inspection tree shows, the arbiter pool the twins are
+//! spread over, the alert sink and the data-directory lock.
+//!
+//! Decision guide: a twin's logic lives in `twinfleet-models`; the actor that runs it
+//! lives in `twinfleet-actors`; anything here is reusable by any actor and knows nothing
+//! about twins.
+
+pub mod alerts;
+pub mod arbiters;
+pub mod clock;
+pub mod codec;
+pub mod lock;
+pub mod panic;
+pub mod stats;
+pub mod storage;
+
+pub use alerts::AlertSink;
+pub use arbiters::ArbiterPool;
+pub use clock::{Clock, SharedClock, SystemClock, VirtualClock};
+pub use codec::{CodecError, decode_record, encode_record};
+pub use lock::{DataDirLock, LockError};
+pub use stats::{ActorStats, ActorStatus, ActorView};
+pub use storage::{SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch};

@@ -1,0 +1,57 @@
+//! The worker threads the twins live on: one actix arbiter per core. A twin's arbiter is
+//! chosen by a hash of its id, so a restarted twin comes back on the same thread and the
+//! placement does not depend on creation order.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+pub struct ArbiterPool {
+    arbiters: Vec<actix::Arbiter>,
+}
+
+impl fmt::Debug for ArbiterPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArbiterPool").field("arbiters", &self.arbiters.len()).finish()
+    }
+}
+
+impl ArbiterPool {
+    /// Starts `n` arbiters (at least one). Must be called inside an actix system.
+    pub fn new(n: usize) -> Self {
+        ArbiterPool { arbiters: (0..n.max(1)).map(|_| actix::Arbiter::new()).collect() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.arbiters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.arbiters.is_empty()
+    }
+
+    pub fn index_for(&self, key: &str) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % self.arbiters.len() as u64) as usize
+    }
+
+    /// Runs `f` on arbiter `i`. Batch work into one call per arbiter: a cross-thread hop
+    /// costs tens of microseconds.
+    pub fn run_on(&self, i: usize, f: impl FnOnce() + Send + 'static) -> bool {
+        self.arbiters[i].spawn_fn(f)
+    }
+
+    pub fn handle(&self, i: usize) -> actix::ArbiterHandle {
+        self.arbiters[i].handle()
+    }
+
+    /// Stops every arbiter and waits for its thread.
+    pub fn stop(self) {
+        for a in &self.arbiters {
+            a.stop();
+        }
+        for a in self.arbiters {
+            let _ = a.join();
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! One running instance per data directory, enforced with an OS file lock on
+//! `<data>/twinfleet.lock`. The lock goes away with the process, even after SIGKILL.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("data directory {dir} is already used by another running twinfleet instance{holder}; stop it or choose another --data-dir")]
+    InUse { dir: PathBuf, holder: String },
+    #[error("cannot open lock file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Held for as long as the platform runs.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        let path = dir.join("twinfleet.lock");
+        let io = |source| LockError::Io { path: path.clone(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let holder = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+                return Err(LockError::InUse { dir: dir.to_path_buf(), holder });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_on_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DataDirLock::acquire(dir.path()).unwrap();
+        let err = DataDirLock::acquire(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("already used by another running twinfleet instance"), "{err}");
+        drop(first);
+        DataDirLock::acquire(dir.path()).unwrap();
+    }
+}
