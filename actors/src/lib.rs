@@ -1,1 +1,31 @@
-//! placeholder
+//! The twins of twinfleet as actors (actix 0.13), after Maree et al. 2024:
+//!
+//! - [`dti`]: a DTI per device: state, journal, desired-state watchdog;
+//! - [`tdta`]: a TDTA per device type: creates its DTIs (in bulk), holds type defaults,
+//!   supervises and restarts its DTIs;
+//! - [`dta`]: a DTA per group: configuration layers reaching every member, nesting;
+//! - [`supervisor`]: the platform supervisor and [`TwinRuntime`], the handle to it all;
+//! - [`restore`]: how a platform comes back from its data directory.
+//!
+//! Actix types stay inside this crate: callers get [`TwinHandle`], [`DtaHandle`],
+//! [`TypeHandle`] and [`TwinRuntime`].
+
+pub mod dta;
+pub mod dti;
+pub mod env;
+pub mod error;
+pub mod handle;
+pub mod records;
+pub mod restore;
+pub mod supervisor;
+pub mod tdta;
+
+pub use dta::DtaInfo;
+pub use dti::{TwinView, WaitView};
+pub use env::{DeviceCommand, DeviceLink, Settings, TwinEnv};
+pub use error::TwinError;
+pub use handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
+pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
+pub use restore::{QuarantineEntry, RestoreReport};
+pub use supervisor::{ActorPage, ActorQuery, TwinRuntime};
+pub use tdta::FleetReport;

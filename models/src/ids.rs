@@ -48,6 +48,11 @@ macro_rules! id_type {
                 Ok(Self(Arc::from(s)))
             }
 
+            /// The shared string, for indexes that key on `Arc<str>`.
+            pub fn as_arc(&self) -> &Arc<str> {
+                &self.0
+            }
+
             pub fn as_str(&self) -> &str {
                 &self.0
             }

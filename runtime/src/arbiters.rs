@@ -6,51 +6,54 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 
 pub struct ArbiterPool {
-    arbiters: Vec<actix::Arbiter>,
+    handles: Vec<actix::ArbiterHandle>,
+    arbiters: parking_lot::Mutex<Vec<actix::Arbiter>>,
 }
 
 impl fmt::Debug for ArbiterPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ArbiterPool").field("arbiters", &self.arbiters.len()).finish()
+        f.debug_struct("ArbiterPool").field("arbiters", &self.handles.len()).finish()
     }
 }
 
 impl ArbiterPool {
     /// Starts `n` arbiters (at least one). Must be called inside an actix system.
     pub fn new(n: usize) -> Self {
-        ArbiterPool { arbiters: (0..n.max(1)).map(|_| actix::Arbiter::new()).collect() }
+        let arbiters: Vec<actix::Arbiter> = (0..n.max(1)).map(|_| actix::Arbiter::new()).collect();
+        ArbiterPool { handles: arbiters.iter().map(|a| a.handle()).collect(), arbiters: parking_lot::Mutex::new(arbiters) }
     }
 
     pub fn len(&self) -> usize {
-        self.arbiters.len()
+        self.handles.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.arbiters.is_empty()
+        self.handles.is_empty()
     }
 
     pub fn index_for(&self, key: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
-        (h.finish() % self.arbiters.len() as u64) as usize
+        (h.finish() % self.handles.len() as u64) as usize
     }
 
     /// Runs `f` on arbiter `i`. Batch work into one call per arbiter: a cross-thread hop
     /// costs tens of microseconds.
     pub fn run_on(&self, i: usize, f: impl FnOnce() + Send + 'static) -> bool {
-        self.arbiters[i].spawn_fn(f)
+        self.handles[i].spawn_fn(f)
     }
 
     pub fn handle(&self, i: usize) -> actix::ArbiterHandle {
-        self.arbiters[i].handle()
+        self.handles[i].clone()
     }
 
     /// Stops every arbiter and waits for its thread.
-    pub fn stop(self) {
-        for a in &self.arbiters {
+    pub fn stop(&self) {
+        let arbiters = std::mem::take(&mut *self.arbiters.lock());
+        for a in &arbiters {
             a.stop();
         }
-        for a in self.arbiters {
+        for a in arbiters {
             let _ = a.join();
         }
     }

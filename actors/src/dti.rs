@@ -1,0 +1,359 @@
+//! The DTI: one actor per device. It owns the twin's state, applies commands through the
+//! pure step functions of `twinfleet-models`, persists each change (snapshot + journal
+//! events, one atomic batch) and answers only after the flush.
+//!
+//! Failure: the synchronous part of every handler and timer runs under `catch_unwind`. A
+//! panic stops only this actor; its TDTA is told and restarts it from storage. The
+//! desired-state watchdog: while the reported state does not cover the desired state, the
+//! twin waits with a deadline, re-sends the desired state on expiry with backoff, and
+//! raises an alert when its retries are used up.
+
+use crate::env::{DeviceCommand, TwinEnv};
+use crate::error::TwinError;
+use crate::records::{journal_key, journal_prefix, twin_key};
+use crate::tdta::{ChildFailed, TypeContext};
+use actix::prelude::*;
+use parking_lot::RwLock;
+use serde::Serialize;
+use std::sync::Arc;
+use twinfleet_models::{
+    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, Severity, Timestamp, TwinCommand, TwinEvent, TwinId,
+    TwinState, WaitDecision, effective_config,
+};
+use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
+
+/// Marks a twin that has no packed fleet record to fall back to.
+pub(crate) const NO_ORIGIN: u32 = u32::MAX;
+
+/// The configuration layers a DTA hands to its members: its own and its ancestors'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedLayers {
+    pub dta: DtaId,
+    /// Newer pushes carry larger versions; a twin ignores an older one arriving late.
+    pub version: u64,
+    pub layers: Vec<LayerRef>,
+}
+
+/// The stable home of a twin in the directory. The actor behind it comes and goes with
+/// restarts; handles keep pointing at the slot.
+#[derive(Debug)]
+pub struct TwinSlot {
+    pub(crate) id: TwinId,
+    pub(crate) stats: ActorStats,
+    addr: RwLock<Option<Addr<Dti>>>,
+    pub(crate) ty: Arc<TypeContext>,
+    /// Index of the packed fleet record this twin was created from, or `NO_ORIGIN`.
+    pub(crate) origin: u32,
+}
+
+impl TwinSlot {
+    pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32) -> Self {
+        let stats = ActorStats::new("dti", id.as_arc().clone(), Some(ty.path.clone()));
+        TwinSlot { id, stats, addr: RwLock::new(None), ty, origin }
+    }
+
+    pub(crate) fn set_addr(&self, addr: Option<Addr<Dti>>) {
+        *self.addr.write() = addr;
+    }
+
+    /// Runs `f` with the live address, without cloning it (an `Addr` clone allocates).
+    pub(crate) fn with_addr<R>(&self, f: impl FnOnce(&Addr<Dti>) -> R) -> Option<R> {
+        self.addr.read().as_ref().map(f)
+    }
+}
+
+/// A request to a DTI. One closed enum, so every trigger of the actor is listed here.
+#[derive(Debug)]
+pub(crate) enum DtiRequest {
+    Get,
+    Command(TwinCommand),
+    Events { limit: usize },
+    Join(Arc<ResolvedLayers>),
+    Leave(DtaId),
+    LayersChanged(Arc<ResolvedLayers>),
+    InjectPanic,
+}
+
+#[derive(Debug)]
+pub(crate) enum DtiReply {
+    View(Box<TwinView>),
+    Ack { seq: u64 },
+    Events(Vec<TwinEvent>),
+    Done,
+}
+
+pub(crate) struct DtiMsg(pub DtiRequest);
+
+impl Message for DtiMsg {
+    type Result = Result<DtiReply, TwinError>;
+}
+
+/// What a twin shows of itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TwinView {
+    #[serde(flatten)]
+    pub state: TwinState,
+    pub effective_config: EffectiveConfig,
+    pub in_sync: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired_sync: Option<WaitView>,
+}
+
+/// A wait the twin owns, as shown to operators.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WaitView {
+    pub attempt: u32,
+    pub deadline: Timestamp,
+}
+
+struct SyncWait {
+    attempt: u32,
+    deadline: Timestamp,
+    timer: SpawnHandle,
+}
+
+pub struct Dti {
+    slot: Arc<TwinSlot>,
+    state: TwinState,
+    /// Resolved layers of each direct membership.
+    layers: Vec<Arc<ResolvedLayers>>,
+    sync: Option<SyncWait>,
+    /// Set when this incarnation is a restart: recorded in the journal on start.
+    restart: Option<(String, u32)>,
+}
+
+impl std::fmt::Debug for Dti {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dti").field("id", &self.slot.id).field("last_seq", &self.state.last_seq).finish()
+    }
+}
+
+enum Outcome {
+    Now(Result<DtiReply, TwinError>),
+    AfterFlush(Ticket, DtiReply),
+}
+
+impl Dti {
+    /// Starts the actor on the current arbiter and publishes its address in the slot.
+    pub(crate) fn launch(
+        slot: Arc<TwinSlot>,
+        state: TwinState,
+        layers: Vec<Arc<ResolvedLayers>>,
+        restart: Option<(String, u32)>,
+    ) -> Addr<Dti> {
+        let cap = slot.ty.env.settings.dti_mailbox;
+        let s = slot.clone();
+        let addr = Dti::create(move |ctx| {
+            ctx.set_mailbox_capacity(cap);
+            Dti { slot: s, state, layers, sync: None, restart }
+        });
+        slot.set_addr(Some(addr.clone()));
+        addr
+    }
+
+    fn env(&self) -> &TwinEnv {
+        &self.slot.ty.env
+    }
+
+    fn view(&self) -> TwinView {
+        let defaults = self.slot.ty.defaults();
+        let layers = self.layers.iter().flat_map(|r| r.layers.iter());
+        TwinView {
+            state: self.state.clone(),
+            effective_config: effective_config(&defaults, layers, &self.state.overrides),
+            in_sync: self.state.in_sync(),
+            desired_sync: self.sync.as_ref().map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
+        }
+    }
+
+    /// decide → evolve → persist. The returned ticket resolves when the change is durable.
+    fn apply(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) -> Result<(u64, Ticket), TwinError> {
+        let now = self.env().clock.now();
+        let events = self.state.decide(cmd, now)?;
+        for e in &events {
+            self.state.evolve(e);
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(Space::Snapshot, twin_key(&self.slot.id), encode_record(&self.state));
+        for e in &events {
+            batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_record(e));
+        }
+        let ticket = self.env().storage.submit(batch);
+        for e in &events {
+            match &e.kind {
+                EventKind::DesiredSet { .. } if !self.state.in_sync() => {
+                    let deadline = self.env().settings.desired_sync.first_deadline(now);
+                    self.arm_sync(ctx, 0, deadline);
+                }
+                EventKind::DesiredSet { .. } | EventKind::InSync => self.disarm_sync(ctx),
+                _ => {}
+            }
+        }
+        Ok((self.state.last_seq, ticket))
+    }
+
+    /// Records an event the twin itself observed; durable like any other, unawaited.
+    fn record(&mut self, kind: EventKind, ctx: &mut Context<Self>) {
+        if let Err(e) = self.apply(TwinCommand::Record(kind), ctx) {
+            tracing::warn!(twin = %self.slot.id, error = %e, "could not record an event");
+        }
+    }
+
+    fn arm_sync(&mut self, ctx: &mut Context<Self>, attempt: u32, deadline: Timestamp) {
+        self.disarm_sync(ctx);
+        let cmd = DeviceCommand::ApplyDesired { desired: self.state.desired.clone(), attempt };
+        if let Err(why) = self.env().device_link().deliver(&self.slot.id, cmd) {
+            tracing::debug!(twin = %self.slot.id, attempt, "desired state not delivered: {why}");
+        }
+        let sleep = self.env().clock.sleep_until(deadline);
+        let timer = ctx.spawn(sleep.into_actor(self).map(move |(), act, ctx| act.guarded(ctx, |act, ctx| act.sync_expired(attempt, ctx))));
+        self.sync = Some(SyncWait { attempt, deadline, timer });
+    }
+
+    fn disarm_sync(&mut self, ctx: &mut Context<Self>) {
+        if let Some(w) = self.sync.take() {
+            ctx.cancel_future(w.timer);
+        }
+    }
+
+    fn sync_expired(&mut self, attempt: u32, ctx: &mut Context<Self>) {
+        match &self.sync {
+            Some(w) if w.attempt == attempt => self.sync = None,
+            _ => return,
+        }
+        if self.state.in_sync() {
+            return;
+        }
+        let now = self.env().clock.now();
+        match self.env().settings.desired_sync.on_expiry(attempt, now) {
+            WaitDecision::Retry { attempt, deadline } => {
+                self.record(EventKind::WaitRetried { wait: "desired_sync".into(), attempt }, ctx);
+                self.arm_sync(ctx, attempt, deadline);
+            }
+            WaitDecision::Alert { attempts } => {
+                let message = format!(
+                    "twin {} did not report its desired state after {attempts} attempts",
+                    self.slot.id
+                );
+                self.record(EventKind::AlertRaised { alert: AlertKind::DeadlineExceeded, message: message.clone() }, ctx);
+                self.env().alerts.raise(Alert {
+                    at: now,
+                    severity: Severity::Warning,
+                    kind: AlertKind::DeadlineExceeded,
+                    source: format!("dti/{}", self.slot.id),
+                    message,
+                });
+            }
+        }
+    }
+
+    /// Runs timer callbacks under the same panic guard as handlers.
+    fn guarded(&mut self, ctx: &mut Context<Self>, f: impl FnOnce(&mut Self, &mut Context<Self>)) {
+        if let Err(message) = panic::catch(|| f(self, ctx)) {
+            self.crash(ctx, message);
+        }
+    }
+
+    fn crash(&mut self, ctx: &mut Context<Self>, message: String) {
+        tracing::error!(twin = %self.slot.id, "twin crashed: {message}");
+        self.slot.stats.record_error(&message);
+        self.slot.stats.set_status(ActorStatus::Restarting);
+        self.slot.set_addr(None);
+        ctx.stop();
+        if let Some(tdta) = self.slot.ty.tdta() {
+            // Failures are rare and must not be lost, so this one message ignores the
+            // mailbox bound.
+            tdta.do_send(ChildFailed { slot: self.slot.clone(), error: message });
+        }
+    }
+
+    fn read_events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
+        let rows = self.env().storage.scan_rev(Space::Journal, &journal_prefix(&self.slot.id), limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, v) in rows.into_iter().rev() {
+            match decode_record::<TwinEvent>(&v) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(twin = %self.slot.id, "skipping a corrupt journal entry: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn handle_request(&mut self, req: DtiRequest, ctx: &mut Context<Self>) -> Outcome {
+        let ack = |r: Result<(u64, Ticket), TwinError>| match r {
+            Ok((seq, ticket)) => Outcome::AfterFlush(ticket, DtiReply::Ack { seq }),
+            Err(e) => Outcome::Now(Err(e)),
+        };
+        match req {
+            DtiRequest::Get => Outcome::Now(Ok(DtiReply::View(Box::new(self.view())))),
+            DtiRequest::Command(cmd) => ack(self.apply(cmd, ctx)),
+            DtiRequest::Events { limit } => Outcome::Now(self.read_events(limit).map(DtiReply::Events)),
+            DtiRequest::Join(resolved) => {
+                let r = self.apply(TwinCommand::JoinDta(resolved.dta.clone()), ctx);
+                if r.is_ok() {
+                    self.layers.retain(|l| l.dta != resolved.dta);
+                    self.layers.push(resolved);
+                }
+                ack(r)
+            }
+            DtiRequest::Leave(dta) => {
+                let r = self.apply(TwinCommand::LeaveDta(dta.clone()), ctx);
+                if r.is_ok() {
+                    self.layers.retain(|l| l.dta != dta);
+                }
+                ack(r)
+            }
+            DtiRequest::LayersChanged(resolved) => {
+                if let Some(l) = self.layers.iter_mut().find(|l| l.dta == resolved.dta)
+                    && resolved.version > l.version
+                {
+                    *l = resolved;
+                }
+                Outcome::Now(Ok(DtiReply::Done))
+            }
+            DtiRequest::InjectPanic => {
+                if !self.env().settings.allow_fault_injection {
+                    return Outcome::Now(Err(TwinError::FaultInjectionDisabled));
+                }
+                panic!("fault injected into twin {}", self.slot.id)
+            }
+        }
+    }
+}
+
+impl Actor for Dti {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.slot.stats.set_status(ActorStatus::Running);
+        self.guarded(ctx, |act, ctx| {
+            if let Some((reason, attempt)) = act.restart.take() {
+                act.record(EventKind::Restarted { reason, attempt }, ctx);
+            }
+            if !act.state.desired.is_empty() && !act.state.in_sync() {
+                let deadline = act.env().settings.desired_sync.first_deadline(act.env().clock.now());
+                act.arm_sync(ctx, 0, deadline);
+            }
+        });
+    }
+}
+
+impl Handler<DtiMsg> for Dti {
+    type Result = ResponseFuture<Result<DtiReply, TwinError>>;
+
+    fn handle(&mut self, DtiMsg(req): DtiMsg, ctx: &mut Context<Self>) -> Self::Result {
+        self.slot.stats.dequeued();
+        match panic::catch(|| self.handle_request(req, ctx)) {
+            Ok(Outcome::Now(r)) => Box::pin(std::future::ready(r)),
+            Ok(Outcome::AfterFlush(ticket, reply)) => Box::pin(async move {
+                ticket.await?;
+                Ok(reply)
+            }),
+            Err(message) => {
+                let err = TwinError::Crashed { kind: "twin", id: self.slot.id.to_string(), message: message.clone() };
+                self.crash(ctx, message);
+                Box::pin(std::future::ready(Err(err)))
+            }
+        }
+    }
+}

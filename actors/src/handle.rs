@@ -1,0 +1,228 @@
+//! Typed handles: the only way embedders and the protocol edges talk to twins. They
+//! wrap actix addresses so that the actor crate could be swapped, survive restarts of
+//! the actor behind them (they point at the twin's slot, not its mailbox), and put a
+//! deadline on the platform clock on every request.
+
+use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
+use crate::dti::{DtiMsg, DtiReply, DtiRequest, TwinSlot, TwinView};
+use crate::env::TwinEnv;
+use crate::error::TwinError;
+use crate::records::{DeviceTypeSpec, TwinSpec};
+use crate::tdta::{FleetReport, SetDefaults, SpawnFleet, TypeContext};
+use actix::MailboxError;
+use futures::future::{Either, select};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, TwinCommand, TwinEvent, TwinId};
+use twinfleet_runtime::{ActorStats, ActorView};
+
+/// Awaits an actor's answer with the platform's request deadline.
+async fn deliver<T>(
+    request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>>,
+    stats: &ActorStats,
+    env: &TwinEnv,
+) -> Result<T, TwinError> {
+    let ms = env.settings.request_timeout_ms;
+    let deadline = env.clock.sleep(ms);
+    match select(std::pin::pin!(request), deadline).await {
+        Either::Left((Ok(r), _)) => r,
+        Either::Left((Err(_), _)) => {
+            stats.unqueued();
+            Err(TwinError::Unavailable { kind: stats.kind, id: stats.id.to_string(), status: stats.status() })
+        }
+        Either::Right(_) => Err(TwinError::Timeout { kind: stats.kind, id: stats.id.to_string(), ms }),
+    }
+}
+
+/// A handle to one DTI.
+#[derive(Debug, Clone)]
+pub struct TwinHandle {
+    slot: Arc<TwinSlot>,
+}
+
+impl TwinHandle {
+    pub(crate) fn new(slot: Arc<TwinSlot>) -> Self {
+        TwinHandle { slot }
+    }
+
+    pub fn id(&self) -> &TwinId {
+        &self.slot.id
+    }
+
+    pub fn device_type(&self) -> &DeviceTypeId {
+        &self.slot.ty.device_type
+    }
+
+    /// The actor's statistics, read without sending it a message.
+    pub fn actor(&self) -> ActorView {
+        self.slot.stats.view()
+    }
+
+    pub(crate) async fn request(&self, req: DtiRequest) -> Result<DtiReply, TwinError> {
+        let stats = &self.slot.stats;
+        let Some(request) = self.slot.with_addr(|a| a.send(DtiMsg(req))) else {
+            return Err(TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status: stats.status() });
+        };
+        stats.enqueued();
+        deliver(request, stats, &self.slot.ty.env).await
+    }
+
+    pub async fn get(&self) -> Result<TwinView, TwinError> {
+        match self.request(DtiRequest::Get).await? {
+            DtiReply::View(v) => Ok(*v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Applies a command; resolves with the journal sequence number once it is durable.
+    pub async fn command(&self, cmd: TwinCommand) -> Result<u64, TwinError> {
+        match self.request(DtiRequest::Command(cmd)).await? {
+            DtiReply::Ack { seq } => Ok(seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Like `command`, but fails at once with `MailboxFull` instead of waiting for room.
+    pub fn try_command(&self, cmd: TwinCommand) -> Result<impl Future<Output = Result<u64, TwinError>> + use<>, TwinError> {
+        if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
+            return Err(TwinError::MailboxFull(self.slot.id.to_string()));
+        }
+        let h = self.clone();
+        Ok(async move { h.command(cmd).await })
+    }
+
+    pub async fn report(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {
+        self.command(TwinCommand::Report(patch)).await
+    }
+
+    pub async fn set_desired(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {
+        self.command(TwinCommand::SetDesired(patch)).await
+    }
+
+    /// The last `limit` journal events, oldest first.
+    pub async fn events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
+        match self.request(DtiRequest::Events { limit }).await? {
+            DtiReply::Events(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes the twin panic (only where the platform allows fault injection).
+    pub async fn inject_panic(&self) -> Result<(), TwinError> {
+        self.request(DtiRequest::InjectPanic).await.map(|_| ())
+    }
+}
+
+fn unexpected(reply: DtiReply) -> TwinError {
+    TwinError::Invalid(format!("unexpected reply {reply:?}"))
+}
+
+/// A handle to one DTA.
+#[derive(Debug, Clone)]
+pub struct DtaHandle {
+    entry: Arc<DtaEntry>,
+}
+
+impl DtaHandle {
+    pub(crate) fn new(entry: Arc<DtaEntry>) -> Self {
+        DtaHandle { entry }
+    }
+
+    pub fn id(&self) -> &DtaId {
+        &self.entry.id
+    }
+
+    pub fn info(&self) -> DtaInfo {
+        self.entry.info()
+    }
+
+    pub fn actor(&self) -> ActorView {
+        self.entry.stats.view()
+    }
+
+    /// Member ids in order, a page at a time.
+    pub fn members(&self, offset: usize, limit: usize) -> Vec<TwinId> {
+        let mut ids: Vec<TwinId> = self.entry.members.lock().iter().cloned().collect();
+        ids.sort();
+        ids.into_iter().skip(offset).take(limit).collect()
+    }
+
+    async fn ask(&self, req: DtaRequest) -> Result<usize, TwinError> {
+        let stats = &self.entry.stats;
+        let addr = self.entry.addr().ok_or_else(|| TwinError::Unavailable { kind: "dta", id: self.entry.id.to_string(), status: stats.status() })?;
+        stats.enqueued();
+        deliver(addr.send(DtaMsg(req)), stats, &self.entry.env).await
+    }
+
+    /// Sets a layer; resolves once it is durable and has reached every member. Returns
+    /// the number of members reached.
+    pub async fn set_layer(&self, name: impl Into<String>, layer: ConfigLayer) -> Result<usize, TwinError> {
+        self.ask(DtaRequest::SetLayer { name: name.into(), layer: Some(layer) }).await
+    }
+
+    pub async fn remove_layer(&self, name: impl Into<String>) -> Result<usize, TwinError> {
+        self.ask(DtaRequest::SetLayer { name: name.into(), layer: None }).await
+    }
+
+    pub async fn join(&self, twin: &TwinId) -> Result<(), TwinError> {
+        self.ask(DtaRequest::Join(twin.clone())).await.map(|_| ())
+    }
+
+    pub async fn leave(&self, twin: &TwinId) -> Result<(), TwinError> {
+        self.ask(DtaRequest::Leave(twin.clone())).await.map(|_| ())
+    }
+}
+
+/// What a TDTA shows of itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeInfo {
+    #[serde(flatten)]
+    pub spec: DeviceTypeSpec,
+    pub twins: usize,
+    pub fleet_records: usize,
+}
+
+/// A handle to one TDTA (device type).
+#[derive(Debug, Clone)]
+pub struct TypeHandle {
+    ctx: Arc<TypeContext>,
+}
+
+impl TypeHandle {
+    pub(crate) fn new(ctx: Arc<TypeContext>) -> Self {
+        TypeHandle { ctx }
+    }
+
+    pub fn id(&self) -> &DeviceTypeId {
+        &self.ctx.device_type
+    }
+
+    pub fn info(&self) -> TypeInfo {
+        TypeInfo { spec: self.ctx.spec(), twins: self.ctx.twins.load(Relaxed), fleet_records: self.ctx.chunks.lock().len() }
+    }
+
+    pub fn actor(&self) -> ActorView {
+        self.ctx.stats.view()
+    }
+
+    /// Creates twins of this type, all or nothing; resolves once they all run and their
+    /// records are durable.
+    pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+        let stats = &self.ctx.stats;
+        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable { kind: "tdta", id: self.ctx.device_type.to_string(), status: stats.status() })?;
+        stats.enqueued();
+        // Creating a large fleet takes longer than an ordinary request: no deadline here
+        // beyond the storage's own back-pressure.
+        addr.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
+    }
+
+    pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
+        let stats = &self.ctx.stats;
+        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable { kind: "tdta", id: self.ctx.device_type.to_string(), status: stats.status() })?;
+        stats.enqueued();
+        deliver(addr.send(SetDefaults(defaults)), stats, &self.ctx.env).await
+    }
+}

@@ -1,0 +1,255 @@
+//! The platform supervisor, root of the actor tree, and `TwinRuntime`, the handle
+//! through which embedders and the protocol edges reach every twin.
+//!
+//! The supervisor creates TDTAs and DTAs; TDTAs supervise their DTIs. Device types and
+//! DTAs are persisted before they are announced; creating an existing one is refused.
+
+use crate::dta::{Dta, DtaEntry, DtaInfo};
+use crate::env::TwinEnv;
+use crate::error::TwinError;
+use crate::handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
+use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
+use crate::restore::{RestoreReport, restore};
+use crate::tdta::{FleetReport, Tdta, TypeContext};
+use actix::prelude::*;
+use dashmap::mapref::entry::Entry;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use twinfleet_models::{DeviceTypeId, DtaId};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, AlertSink, Space, WriteBatch, encode_record};
+
+#[derive(Debug)]
+struct CreateDeviceType(DeviceTypeSpec);
+
+impl Message for CreateDeviceType {
+    type Result = Result<(), TwinError>;
+}
+
+#[derive(Debug)]
+struct CreateDta(DtaSpec);
+
+impl Message for CreateDta {
+    type Result = Result<(), TwinError>;
+}
+
+#[derive(Debug)]
+struct PlatformSupervisor {
+    env: Arc<TwinEnv>,
+    stats: Arc<ActorStats>,
+}
+
+impl Actor for PlatformSupervisor {
+    type Context = Context<Self>;
+}
+
+impl Handler<CreateDeviceType> for PlatformSupervisor {
+    type Result = ResponseFuture<Result<(), TwinError>>;
+
+    fn handle(&mut self, CreateDeviceType(spec): CreateDeviceType, _: &mut Context<Self>) -> Self::Result {
+        self.stats.dequeued();
+        let env = self.env.clone();
+        let ctx = match env.types.entry(spec.id.clone()) {
+            Entry::Occupied(_) => {
+                return Box::pin(std::future::ready(Err(TwinError::AlreadyExists { kind: "device type", id: spec.id.to_string() })));
+            }
+            Entry::Vacant(v) => v.insert(TypeContext::new(&spec, env.clone())).clone(),
+        };
+        let mut b = WriteBatch::new();
+        b.put(Space::DeviceType, spec.id.as_str(), encode_record(&spec));
+        let ticket = env.storage.submit(b);
+        Tdta::launch(ctx);
+        Box::pin(async move {
+            if let Err(e) = ticket.await {
+                env.types.remove(&spec.id);
+                return Err(e.into());
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Handler<CreateDta> for PlatformSupervisor {
+    type Result = ResponseFuture<Result<(), TwinError>>;
+
+    fn handle(&mut self, CreateDta(spec): CreateDta, _: &mut Context<Self>) -> Self::Result {
+        self.stats.dequeued();
+        let env = self.env.clone();
+        let check = || {
+            if env.dtas.contains_key(&spec.id) {
+                return Err(TwinError::AlreadyExists { kind: "DTA", id: spec.id.to_string() });
+            }
+            if let Some(p) = spec.parents.iter().find(|p| !env.dtas.contains_key(*p)) {
+                return Err(TwinError::UnknownDta(p.to_string()));
+            }
+            Ok(())
+        };
+        if let Err(e) = check() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let mut b = WriteBatch::new();
+        b.put(Space::Dta, spec.id.as_str(), encode_record(&spec));
+        let ticket = env.storage.submit(b);
+        let id = spec.id.clone();
+        let parents = spec.parents.clone();
+        let entry = DtaEntry::new(spec, env.clone());
+        Dta::launch(entry.clone());
+        env.dtas.insert(id.clone(), entry);
+        for p in parents {
+            if let Some(pe) = env.dtas.get(&p) {
+                pe.children.lock().insert(id.clone());
+            }
+        }
+        Box::pin(async move { ticket.await.map_err(TwinError::from) })
+    }
+}
+
+/// Which actors to list.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ActorQuery {
+    pub kind: Option<String>,
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub offset: usize,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActorPage {
+    /// Actors matching the query (before paging).
+    pub total: usize,
+    pub actors: Vec<ActorView>,
+}
+
+/// The handle to a running set of twins. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TwinRuntime {
+    env: Arc<TwinEnv>,
+    supervisor: Addr<PlatformSupervisor>,
+    stats: Arc<ActorStats>,
+}
+
+impl TwinRuntime {
+    /// Starts the supervisor on the current arbiter and restores everything stored.
+    pub async fn start(env: Arc<TwinEnv>) -> Result<(TwinRuntime, RestoreReport), TwinError> {
+        let stats = Arc::new(ActorStats::new("platform", Arc::from("supervisor"), None));
+        stats.set_status(ActorStatus::Running);
+        let supervisor = PlatformSupervisor { env: env.clone(), stats: stats.clone() }.start();
+        let report = restore(&env).await?;
+        Ok((TwinRuntime { env, supervisor, stats }, report))
+    }
+
+    pub fn env(&self) -> &Arc<TwinEnv> {
+        &self.env
+    }
+
+    pub fn alerts(&self) -> &AlertSink {
+        &self.env.alerts
+    }
+
+    pub async fn create_device_type(&self, spec: DeviceTypeSpec) -> Result<TypeHandle, TwinError> {
+        let id = spec.id.clone();
+        self.stats.enqueued();
+        self.supervisor.send(CreateDeviceType(spec)).await.map_err(|_| TwinError::ShuttingDown)??;
+        self.device_type(id.as_str())
+    }
+
+    pub async fn create_dta(&self, spec: DtaSpec) -> Result<DtaHandle, TwinError> {
+        let id = spec.id.clone();
+        self.stats.enqueued();
+        self.supervisor.send(CreateDta(spec)).await.map_err(|_| TwinError::ShuttingDown)??;
+        self.dta(id.as_str())
+    }
+
+    /// Creates many twins of one type in one call (all or nothing).
+    pub async fn spawn_fleet(&self, device_type: &DeviceTypeId, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+        self.device_type(device_type.as_str())?.spawn_fleet(specs).await
+    }
+
+    pub async fn create_twin(&self, device_type: &DeviceTypeId, spec: TwinSpec) -> Result<TwinHandle, TwinError> {
+        let id = spec.id.clone();
+        self.spawn_fleet(device_type, vec![spec]).await?;
+        self.twin(id.as_str())
+    }
+
+    pub fn twin(&self, id: &str) -> Result<TwinHandle, TwinError> {
+        if let Some(slot) = self.env.twins.get(id) {
+            return Ok(TwinHandle::new(slot.clone()));
+        }
+        match self.env.quarantine.get(id) {
+            Some(reason) => Err(TwinError::Quarantined { id: id.to_string(), reason: reason.clone() }),
+            None => Err(TwinError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn dta(&self, id: &str) -> Result<DtaHandle, TwinError> {
+        self.env.dtas.get(id).map(|e| DtaHandle::new(e.clone())).ok_or_else(|| TwinError::UnknownDta(id.to_string()))
+    }
+
+    pub fn device_type(&self, id: &str) -> Result<TypeHandle, TwinError> {
+        self.env.types.get(id).map(|c| TypeHandle::new(c.clone())).ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
+    }
+
+    pub fn device_types(&self) -> Vec<TypeInfo> {
+        let mut v: Vec<TypeInfo> = self.env.types.iter().map(|c| TypeHandle::new(c.clone()).info()).collect();
+        v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        v
+    }
+
+    pub fn dtas(&self) -> Vec<DtaInfo> {
+        let mut v: Vec<DtaInfo> = self.env.dtas.iter().map(|e| e.info()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn twin_count(&self) -> usize {
+        self.env.twins.len()
+    }
+
+    /// Twin ids, a page at a time (in directory order, which is stable while no twin
+    /// is added).
+    pub fn twin_ids(&self, offset: usize, limit: usize) -> Vec<String> {
+        self.env.twins.iter().skip(offset).take(limit).map(|e| e.key().to_string()).collect()
+    }
+
+    /// Records that failed to decode at start: twin id → reason.
+    pub fn quarantined(&self) -> Vec<(String, String)> {
+        self.env.quarantine.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
+    }
+
+    /// The supervision tree, flattened: supervisor, TDTAs, DTAs, then DTIs.
+    pub fn actors(&self, q: &ActorQuery) -> ActorPage {
+        let limit = q.limit.unwrap_or(100).min(10_000);
+        let keep = |kind: &str, parent: Option<&str>| {
+            q.kind.as_deref().is_none_or(|k| k == kind) && q.parent.as_deref().is_none_or(|p| parent == Some(p))
+        };
+        let mut total = 0;
+        let mut out = Vec::new();
+        let mut visit = |s: &ActorStats| {
+            if keep(s.kind, s.parent.as_deref()) {
+                if total >= q.offset && out.len() < limit {
+                    out.push(s.view());
+                }
+                total += 1;
+            }
+        };
+        visit(&self.stats);
+        let mut types: Vec<Arc<TypeContext>> = self.env.types.iter().map(|c| c.clone()).collect();
+        types.sort_by(|a, b| a.device_type.cmp(&b.device_type));
+        types.iter().for_each(|t| visit(&t.stats));
+        let mut dtas: Vec<(DtaId, Arc<DtaEntry>)> = self.env.dtas.iter().map(|e| (e.key().clone(), e.clone())).collect();
+        dtas.sort_by(|a, b| a.0.cmp(&b.0));
+        dtas.iter().for_each(|(_, e)| visit(&e.stats));
+        if q.kind.as_deref().is_none_or(|k| k == "dti") {
+            self.env.twins.iter().for_each(|s| visit(&s.stats));
+        }
+        ActorPage { total, actors: out }
+    }
+
+    /// Waits until every write submitted so far is durable, then stops the writer.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.env.storage.barrier().await {
+            tracing::error!("final flush failed: {e}");
+        }
+        self.env.storage.shutdown();
+    }
+}
