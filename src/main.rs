@@ -1,1 +1,100 @@
-fn main() {}
+//! The `twinfleet` binary: `twinfleet run` starts the platform on its embedded defaults
+//! (sled in `./twinfleet-data`, HTTP on 127.0.0.1:8080) and stops cleanly on Ctrl-C or
+//! SIGTERM.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use twinfleet::Platform;
+use twinfleet::config::{FileConfig, Overrides, RunConfig, resolve};
+use twinfleet_protocols::HttpApi;
+
+#[derive(Debug, Parser)]
+#[command(name = "twinfleet", version, about = "A live digital twin, an actor, for every device of an IoT fleet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the platform (embedded storage, HTTP API) until Ctrl-C or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file (keys: data_dir, http, arbiters, log).
+    #[arg(long, env = "TWINFLEET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the data lives [default: ./twinfleet-data].
+    #[arg(long, env = "TWINFLEET_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "TWINFLEET_HTTP")]
+    http: Option<SocketAddr>,
+    /// Worker arbiters for the twins [default: one per core].
+    #[arg(long, env = "TWINFLEET_ARBITERS")]
+    arbiters: Option<usize>,
+    /// Log filter, e.g. `info` or `twinfleet=debug` [default: info].
+    #[arg(long, env = "TWINFLEET_LOG")]
+    log: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinfleet: error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
+        None => FileConfig::default(),
+    };
+    let cfg = resolve(
+        Overrides { data_dir: args.data_dir, http: args.http, arbiters: args.arbiters, log: args.log },
+        file,
+    );
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("invalid --log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    actix_rt::System::new().block_on(serve(cfg))
+}
+
+async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "twinfleet starting");
+    let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
+    tracing::info!("data directory: {}", data_dir.display());
+    let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
+    let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1).with_context(|| format!("cannot listen on {}", cfg.http))?;
+    tracing::info!("HTTP API listening on http://{}", http.local_addr());
+    println!("twinfleet: HTTP API on http://{}  data in {}", http.local_addr(), data_dir.display());
+
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping: HTTP first, then twins, then a final flush");
+    http.stop().await;
+    platform.shutdown().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("cannot wait for Ctrl-C")?; tracing::info!("received Ctrl-C"); }
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+    }
+    Ok(())
+}

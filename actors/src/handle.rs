@@ -61,13 +61,20 @@ impl TwinHandle {
         self.slot.stats.view()
     }
 
-    pub(crate) async fn request(&self, req: DtiRequest) -> Result<DtiReply, TwinError> {
+    /// Puts `req` in the mailbox now (or parks it while the mailbox is full) and
+    /// returns the future of the answer.
+    fn post(&self, req: DtiRequest) -> Result<impl Future<Output = Result<DtiReply, TwinError>> + use<>, TwinError> {
         let stats = &self.slot.stats;
         let Some(request) = self.slot.with_addr(|a| a.send(DtiMsg(req))) else {
             return Err(TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status: stats.status() });
         };
         stats.enqueued();
-        deliver(request, stats, &self.slot.ty.env).await
+        let slot = self.slot.clone();
+        Ok(async move { deliver(request, &slot.stats, &slot.ty.env).await })
+    }
+
+    pub(crate) async fn request(&self, req: DtiRequest) -> Result<DtiReply, TwinError> {
+        self.post(req)?.await
     }
 
     pub async fn get(&self) -> Result<TwinView, TwinError> {
@@ -86,12 +93,18 @@ impl TwinHandle {
     }
 
     /// Like `command`, but fails at once with `MailboxFull` instead of waiting for room.
+    /// The command is in the mailbox when this returns `Ok`.
     pub fn try_command(&self, cmd: TwinCommand) -> Result<impl Future<Output = Result<u64, TwinError>> + use<>, TwinError> {
         if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
             return Err(TwinError::MailboxFull(self.slot.id.to_string()));
         }
-        let h = self.clone();
-        Ok(async move { h.command(cmd).await })
+        let answer = self.post(DtiRequest::Command(cmd))?;
+        Ok(async move {
+            match answer.await? {
+                DtiReply::Ack { seq } => Ok(seq),
+                other => Err(unexpected(other)),
+            }
+        })
     }
 
     pub async fn report(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {

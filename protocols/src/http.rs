@@ -1,0 +1,181 @@
+//! The operator HTTP API (actix-web, JSON), under `/api/v1`:
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/healthz` | `{"status":"ok", ...}` while the platform runs |
+//! | GET | `/api/v1/actors` | the supervision tree, flattened; `?kind=&parent=&offset=&limit=` |
+//! | GET | `/api/v1/twins/{id}` | identity, metadata, reported/desired state, effective configuration, last events (`?events=N`, default 20) |
+//! | GET | `/api/v1/device-types` | the TDTAs |
+//! | GET | `/api/v1/dtas` | the DTAs |
+//! | GET | `/api/v1/alerts` | the most recent internal alerts |
+//!
+//! Every error is JSON `{"error": <code>, "message": <what was wrong>}` with a 4xx or 5xx
+//! status chosen from the typed `TwinError`.
+
+use actix_web::{App, HttpResponse, HttpServer, ResponseError, http::StatusCode, web};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use twinfleet_actors::{ActorQuery, TwinError, TwinRuntime, TwinView};
+use twinfleet_models::TwinEvent;
+
+/// Most events a twin view returns.
+const MAX_EVENTS: usize = 1_000;
+
+/// A `TwinError` as an HTTP answer.
+#[derive(Debug)]
+pub struct HttpError(pub TwinError);
+
+impl From<TwinError> for HttpError {
+    fn from(e: TwinError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl HttpError {
+    fn code(&self) -> &'static str {
+        match &self.0 {
+            TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => "not_found",
+            TwinError::AlreadyExists { .. } => "already_exists",
+            TwinError::Unavailable { .. } | TwinError::Crashed { .. } => "unavailable",
+            TwinError::MailboxFull(_) => "mailbox_full",
+            TwinError::Timeout { .. } => "timeout",
+            TwinError::Quarantined { .. } => "quarantined",
+            TwinError::Rejected(_) => "rejected",
+            TwinError::InvalidId(_) | TwinError::Invalid(_) => "invalid",
+            TwinError::Storage(_) => "storage",
+            TwinError::FaultInjectionDisabled => "forbidden",
+            TwinError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl ResponseError for HttpError {
+    fn status_code(&self) -> StatusCode {
+        match &self.0 {
+            TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => StatusCode::NOT_FOUND,
+            TwinError::AlreadyExists { .. } | TwinError::Quarantined { .. } => StatusCode::CONFLICT,
+            TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            TwinError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            TwinError::InvalidId(_) | TwinError::Invalid(_) => StatusCode::BAD_REQUEST,
+            TwinError::FaultInjectionDisabled => StatusCode::FORBIDDEN,
+            TwinError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code()).json(serde_json::json!({"error": self.code(), "message": self.0.to_string()}))
+    }
+}
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "twins": rt.twin_count(),
+        "device_types": rt.device_types().len(),
+        "dtas": rt.dtas().len(),
+    }))
+}
+
+async fn actors(rt: web::Data<TwinRuntime>, q: web::Query<ActorQuery>) -> HttpResponse {
+    HttpResponse::Ok().json(rt.actors(&q))
+}
+
+#[derive(Debug, Deserialize)]
+struct TwinQuery {
+    events: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct TwinDetail {
+    #[serde(flatten)]
+    view: TwinView,
+    actor: twinfleet_runtime::ActorView,
+    last_events: Vec<TwinEvent>,
+}
+
+async fn twin(rt: web::Data<TwinRuntime>, id: web::Path<String>, q: web::Query<TwinQuery>) -> Result<HttpResponse> {
+    let h = rt.twin(&id)?;
+    let view = h.get().await?;
+    let last_events = h.events(q.events.unwrap_or(20).min(MAX_EVENTS)).await?;
+    Ok(HttpResponse::Ok().json(TwinDetail { view, actor: h.actor(), last_events }))
+}
+
+async fn device_types(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    HttpResponse::Ok().json(rt.device_types())
+}
+
+async fn dtas(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    HttpResponse::Ok().json(rt.dtas())
+}
+
+async fn alerts(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    HttpResponse::Ok().json(rt.alerts().recent())
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({"error": "not_found", "message": "no such endpoint"}))
+}
+
+/// Routes of the API, for the server and for in-process tests.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz)).service(
+        web::scope("/api/v1")
+            .route("/actors", web::get().to(actors))
+            .route("/twins/{id}", web::get().to(twin))
+            .route("/device-types", web::get().to(device_types))
+            .route("/dtas", web::get().to(dtas))
+            .route("/alerts", web::get().to(alerts)),
+    );
+}
+
+/// A running HTTP API.
+#[derive(Debug)]
+pub struct HttpApi {
+    handle: actix_web::dev::ServerHandle,
+    addr: SocketAddr,
+}
+
+impl HttpApi {
+    /// Binds `addr` and serves the API on `workers` threads. Must be called inside an
+    /// actix system; the server runs until [`HttpApi::stop`].
+    pub fn start(rt: TwinRuntime, addr: SocketAddr, workers: usize) -> std::io::Result<HttpApi> {
+        let data = web::Data::new(rt);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    HttpError(TwinError::Invalid(format!("bad query string: {e}"))).into()
+                }))
+                .configure(configure)
+                .default_service(web::to(not_found))
+        })
+        .workers(workers.max(1))
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(addr)?;
+        let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("server bound no address"))?;
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(HttpApi { handle, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish, then returns.
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}

@@ -1,0 +1,77 @@
+//! Configuration of `twinfleet run`: each setting comes from the command-line flag, else
+//! the environment variable, else the TOML config file, else the embedded default.
+//!
+//! | setting | flag | environment | file key | default |
+//! |---|---|---|---|---|
+//! | data directory | `--data-dir` | `TWINFLEET_DATA_DIR` | `data_dir` | `./twinfleet-data` |
+//! | HTTP address | `--http` | `TWINFLEET_HTTP` | `http` | `127.0.0.1:8080` |
+//! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
+//! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
+//! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+
+/// The optional TOML file. Unknown keys are an error, so a typo does not go unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub http: Option<SocketAddr>,
+    pub arbiters: Option<usize>,
+    pub log: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+}
+
+/// The settings `twinfleet run` starts with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    pub arbiters: usize,
+    pub log: String,
+}
+
+/// Values given on the command line or in the environment (clap merges those two).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http: Option<SocketAddr>,
+    pub arbiters: Option<usize>,
+    pub log: Option<String>,
+}
+
+pub fn resolve(over: Overrides, file: FileConfig) -> RunConfig {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    RunConfig {
+        data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        http: over.http.or(file.http).unwrap_or_else(|| DEFAULT_HTTP.parse().expect("default address parses")),
+        arbiters: over.arbiters.or(file.arbiters).unwrap_or(cores).max(1),
+        log: over.log.or(file.log).unwrap_or_else(|| "info".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let file: FileConfig = toml::from_str("data_dir = \"/srv/tf\"\nhttp = \"0.0.0.0:9000\"").unwrap();
+        let cfg = resolve(Overrides { http: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() }, file);
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/tf"));
+        assert_eq!(cfg.http, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(resolve(Overrides::default(), FileConfig::default()).http, DEFAULT_HTTP.parse().unwrap());
+        assert!(toml::from_str::<FileConfig>("htp = \"x\"").is_err());
+    }
+}
