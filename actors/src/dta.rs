@@ -99,6 +99,12 @@ impl DtaEntry {
         }
     }
 
+    /// Drops the DTA's address; the actor stops once no message is in flight.
+    pub(crate) fn stop(&self) {
+        self.addr.write().take();
+        self.stats.set_status(ActorStatus::Stopped);
+    }
+
     pub(crate) fn addr(&self) -> Option<Addr<Dta>> {
         self.addr.read().clone()
     }

@@ -245,11 +245,23 @@ impl TwinRuntime {
         ActorPage { total, actors: out }
     }
 
-    /// Waits until every write submitted so far is durable, then stops the writer.
+    /// Waits until every write submitted so far is durable, closes storage, and drops
+    /// every twin, TDTA and DTA address so that their actors stop. Call it after the
+    /// arbiters are stopped.
     pub async fn shutdown(&self) {
         if let Err(e) = self.env.storage.barrier().await {
             tracing::error!("final flush failed: {e}");
         }
         self.env.storage.shutdown();
+        for t in self.env.types.iter() {
+            t.stop();
+        }
+        for d in self.env.dtas.iter() {
+            d.stop();
+        }
+        self.env.twins.clear();
+        self.env.types.clear();
+        self.env.dtas.clear();
+        self.stats.set_status(ActorStatus::Stopped);
     }
 }

@@ -58,6 +58,12 @@ impl TypeContext {
         self.defaults.read().clone()
     }
 
+    /// Drops the TDTA's address; the actor stops once no message is in flight.
+    pub(crate) fn stop(&self) {
+        self.tdta.write().take();
+        self.stats.set_status(ActorStatus::Stopped);
+    }
+
     pub(crate) fn tdta(&self) -> Option<Addr<Tdta>> {
         self.tdta.read().clone()
     }

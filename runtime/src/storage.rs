@@ -173,8 +173,9 @@ struct Counters {
 
 /// sled with a group-commit writer thread.
 pub struct SledStorage {
-    db: sled::Db,
-    tree: sled::Tree,
+    /// `None` after shutdown: sled keeps its file lock while any handle lives, so the
+    /// engine is dropped here even if other parts still hold the `SledStorage`.
+    engine: RwLock<Option<(sled::Db, sled::Tree)>>,
     path: PathBuf,
     tx: RwLock<Option<SyncSender<Pending>>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -214,8 +215,7 @@ impl SledStorage {
                 .map_err(|e| StorageError::Engine(e.to_string()))?
         };
         Ok(Arc::new(SledStorage {
-            db,
-            tree,
+            engine: RwLock::new(Some((db, tree))),
             path,
             tx: RwLock::new(Some(tx)),
             writer: parking_lot::Mutex::new(Some(writer)),
@@ -263,6 +263,12 @@ fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: u
     let _ = db.flush();
 }
 
+impl SledStorage {
+    fn tree(&self) -> Result<sled::Tree, StorageError> {
+        self.engine.read().as_ref().map(|(_, t)| t.clone()).ok_or(StorageError::Closed)
+    }
+}
+
 impl Storage for SledStorage {
     fn submit(&self, batch: WriteBatch) -> Ticket {
         let guard = self.tx.read();
@@ -276,19 +282,21 @@ impl Storage for SledStorage {
     }
 
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.tree.get(prefixed(space, key)).map_err(engine)?.map(|v| v.to_vec()))
+        Ok(self.tree()?.get(prefixed(space, key)).map_err(engine)?.map(|v| v.to_vec()))
     }
 
     fn scan(&self, space: Space, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> + '_> {
-        Box::new(
-            self.tree
-                .scan_prefix(prefixed(space, prefix))
-                .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine)),
-        )
+        match self.tree() {
+            Ok(tree) => Box::new(
+                tree.scan_prefix(prefixed(space, prefix))
+                    .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine)),
+            ),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
     }
 
     fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
-        self.tree
+        self.tree()?
             .scan_prefix(prefixed(space, prefix))
             .rev()
             .take(limit)
@@ -297,7 +305,7 @@ impl Storage for SledStorage {
     }
 
     fn generate_id(&self) -> Result<u64, StorageError> {
-        self.db.generate_id().map_err(engine)
+        self.engine.read().as_ref().ok_or(StorageError::Closed)?.0.generate_id().map_err(engine)
     }
 
     fn stats(&self) -> StorageStats {
@@ -316,7 +324,9 @@ impl Storage for SledStorage {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
-        let _ = self.db.flush();
+        if let Some((db, _)) = self.engine.write().take() {
+            let _ = db.flush();
+        }
     }
 }
 

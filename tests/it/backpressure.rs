@@ -1,0 +1,53 @@
+//! Bad input and overload: typed errors, never a panic, never unbounded queues.
+
+use crate::support::*;
+use serde_json::json;
+use twinfleet::TwinError;
+use twinfleet::models::TwinCommand;
+
+#[actix_rt::test]
+async fn unknown_ids_and_rejected_commands_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "lamp", json!({}), "l", 2, |_| vec![]).await;
+    assert!(matches!(p.twin("nobody"), Err(TwinError::NotFound(_))));
+    assert!(matches!(p.dta("nothing"), Err(TwinError::UnknownDta(_))));
+    assert!(matches!(p.device_type("none"), Err(TwinError::UnknownDeviceType(_))));
+    let t = p.twin("l-0").unwrap();
+    let seq = t.get().await.unwrap().state.last_seq;
+    assert!(matches!(t.report(Default::default()).await, Err(TwinError::Rejected(_))));
+    t.command(TwinCommand::Archive).await.unwrap();
+    assert!(matches!(t.set_desired(obj(json!({"on": true}))).await, Err(TwinError::Rejected(_))));
+    assert_eq!(t.get().await.unwrap().state.last_seq, seq + 1, "only the archive was journalled");
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_full_mailbox_is_a_typed_error_and_accepted_commands_are_all_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings();
+    settings.dti_mailbox = 4;
+    let p = start(dir.path(), None, settings).await;
+    fleet(&p, "lamp", json!({}), "b", 1, |_| vec![]).await;
+    let t = p.twin("b-0").unwrap();
+    let mut accepted = Vec::new();
+    let mut full = 0;
+    for n in 0..5_000 {
+        match t.try_command(TwinCommand::Report(obj(json!({"n": n})))) {
+            Ok(answer) => accepted.push(answer),
+            Err(TwinError::MailboxFull(id)) => {
+                assert_eq!(id, "b-0");
+                full += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(t.actor().mailbox_depth <= 4, "the mailbox bound holds");
+    }
+    assert!(full > 0, "5000 posts in a tight loop must overrun a mailbox of 4");
+    let n = accepted.len() as u64;
+    for r in futures::future::join_all(accepted).await {
+        r.expect("every accepted command is applied");
+    }
+    assert_eq!(t.get().await.unwrap().state.last_seq, n);
+    p.shutdown().await;
+}

@@ -1,0 +1,82 @@
+//! The desired-state watchdog on the virtual clock: a deadline fires a retry with
+//! backoff, then an alert, with no real sleeping; reaching the desired state disarms it.
+
+use crate::support::*;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use twinfleet::models::{AlertKind, Backoff, EventKind, RetryPolicy, TwinId};
+use twinfleet::{DeviceCommand, DeviceLink};
+
+/// A device transport that records what twins send.
+#[derive(Debug)]
+struct Recorder(mpsc::UnboundedSender<(TwinId, u32)>);
+
+impl DeviceLink for Recorder {
+    fn deliver(&self, twin: &TwinId, cmd: DeviceCommand) -> Result<(), String> {
+        let DeviceCommand::ApplyDesired { attempt, .. } = cmd;
+        self.0.send((twin.clone(), attempt)).map_err(|e| e.to_string())
+    }
+}
+
+#[actix_rt::test]
+async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let mut settings = test_settings();
+    settings.desired_sync = RetryPolicy { deadline_ms: 1_000, max_retries: 2, backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 } };
+    let p = start(dir.path(), Some(clock.clone()), settings).await;
+    fleet(&p, "valve", json!({}), "v", 2, |_| vec![]).await;
+    let (tx, mut sent) = mpsc::unbounded_channel();
+    p.env().set_device_link(Arc::new(Recorder(tx)));
+    let mut alerts = p.alerts().subscribe();
+
+    let twin = p.twin("v-0").unwrap();
+    twin.set_desired(obj(json!({"open": true}))).await.unwrap();
+    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 0));
+    let start = twinfleet::Clock::now(&*clock);
+
+    clock.advance(999);
+    assert!(sent.try_recv().is_err(), "nothing before the deadline");
+    clock.advance(1); // deadline 1: retry 1, next deadline after 500 ms backoff + 1000 ms
+    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 1));
+    clock.wait_for_timers(1).await;
+    assert_eq!(twin.get().await.unwrap().desired_sync.unwrap().deadline, start + 2_500);
+
+    clock.advance(1_500); // deadline 2: retry 2, backoff 1000 ms + 1000 ms
+    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 2));
+    clock.wait_for_timers(1).await;
+    clock.advance(2_000); // deadline 3: retries used up
+    let alert = alerts.recv().await.unwrap();
+    assert_eq!((alert.kind, alert.source.as_str()), (AlertKind::DeadlineExceeded, "dti/v-0"));
+    assert!(alert.message.contains("after 3 attempts"), "{}", alert.message);
+
+    let events = twin.events(20).await.unwrap();
+    let retries: Vec<u32> = events.iter().filter_map(|e| match &e.kind { EventKind::WaitRetried { attempt, .. } => Some(*attempt), _ => None }).collect();
+    assert_eq!(retries, vec![1, 2]);
+    assert!(events.iter().any(|e| matches!(e.kind, EventKind::AlertRaised { .. })));
+    assert!(sent.try_recv().is_err(), "no retry after the alert");
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn reaching_the_desired_state_disarms_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    fleet(&p, "valve", json!({}), "w", 1, |_| vec![]).await;
+    let (tx, mut sent) = mpsc::unbounded_channel();
+    p.env().set_device_link(Arc::new(Recorder(tx)));
+    let mut alerts = p.alerts().subscribe();
+    let twin = p.twin("w-0").unwrap();
+    twin.set_desired(obj(json!({"open": true}))).await.unwrap();
+    assert_eq!(sent.recv().await.unwrap().1, 0);
+    twin.report(obj(json!({"open": true, "pressure": 2.1}))).await.unwrap();
+    let view = twin.get().await.unwrap();
+    assert!(view.in_sync && view.desired_sync.is_none());
+    assert_eq!(clock.pending_timers(), 0);
+    clock.advance(24 * 3_600_000);
+    assert!(sent.try_recv().is_err());
+    assert!(alerts.try_recv().is_err());
+    p.shutdown().await;
+}

@@ -1,0 +1,189 @@
+//! What is acknowledged as stored survives a SIGKILL; a restart restores every twin,
+//! its memberships and its journal; a corrupt record is quarantined while the rest
+//! starts.
+
+use crate::support::*;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use twinfleet::TwinError;
+use twinfleet::models::{AlertKind, EventKind};
+use twinfleet_runtime::{SledOptions, SledStorage, Space, Storage, WriteBatch};
+
+const CHILD_ENV: &str = "TWINFLEET_TEST_CRASH_CHILD_DIR";
+const WRITERS: usize = 32;
+
+/// Not a test on its own: the child process of `acknowledged_writes_survive_sigkill`.
+/// Without the environment variable it returns at once.
+#[actix_rt::test]
+async fn child_writer() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let p = start(std::path::Path::new(&dir), None, test_settings()).await;
+    fleet(&p, "meter", json!({}), "w", WRITERS, |_| vec![]).await;
+    println!("READY");
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let h = p.twin(&format!("w-{t}")).unwrap();
+            actix_rt::spawn(async move {
+                for n in 1u64.. {
+                    let seq = h.report(obj(json!({"n": n}))).await.expect("write acknowledged");
+                    // Printed only after the acknowledgement, i.e. after the flush.
+                    println!("ACK w-{t} {n} {seq}");
+                }
+            })
+        })
+        .collect();
+    futures::future::join_all(tasks).await;
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "durability::child_writer", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // twin → (highest acknowledged n, its sequence number)
+    let mut acked: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut acks = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acks < 3_000 {
+        assert!(Instant::now() < deadline, "child produced only {acks} acknowledgements");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else { panic!("child went silent after {acks} acks") };
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let ["ACK", twin, n, seq] = parts[..] {
+            let (n, seq): (u64, u64) = (n.parse().unwrap(), seq.parse().unwrap());
+            let e = acked.entry(twin.to_string()).or_default();
+            *e = (*e).max((n, seq));
+            acks += 1;
+        }
+    }
+    // In the middle of writes: every writer has more in flight.
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
+    child.wait().unwrap();
+    // Lines already read before the kill count too; later ones were never acked to us.
+    while let Ok(line) = rx.try_recv() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let ["ACK", twin, n, seq] = parts[..] {
+            let (n, seq): (u64, u64) = (n.parse().unwrap(), seq.parse().unwrap());
+            let e = acked.entry(twin.to_string()).or_default();
+            *e = (*e).max((n, seq));
+        }
+    }
+    assert_eq!(acked.len(), WRITERS, "every writer was acknowledged at least once");
+
+    actix_rt::System::new().block_on(async {
+        let p = start(dir.path(), None, test_settings()).await;
+        assert_eq!(p.restore_report().twins, WRITERS);
+        assert!(p.restore_report().quarantined.is_empty(), "{:?}", p.restore_report().quarantined);
+        for (twin, (n, seq)) in &acked {
+            let view = p.twin(twin).unwrap().get().await.unwrap();
+            let stored = view.state.reported["n"].as_u64().unwrap();
+            assert!(stored >= *n, "{twin}: acknowledged n={n} but only n={stored} survived");
+            assert!(view.state.last_seq >= *seq, "{twin}: acknowledged seq {seq}, journal ends at {}", view.state.last_seq);
+            let events = p.twin(twin).unwrap().events(5_000).await.unwrap();
+            assert!(events.iter().any(|e| e.seq == *seq), "{twin}: journal entry {seq} lost");
+        }
+        p.shutdown().await;
+    });
+}
+
+#[actix_rt::test]
+async fn a_restart_restores_twins_memberships_and_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 5_000;
+    {
+        let p = start(dir.path(), None, test_settings()).await;
+        p.create_dta(twinfleet::DtaSpec { id: did("site-a"), name: "Site A".into(), parents: vec![], layers: Default::default() }).await.unwrap();
+        fleet(&p, "meter", json!({"interval": 60}), "m", n, |i| if i % 2 == 0 { vec![did("site-a")] } else { vec![] }).await;
+        let t = p.twin("m-10").unwrap();
+        t.report(obj(json!({"kwh": 12.5}))).await.unwrap();
+        t.set_desired(obj(json!({"interval": 30}))).await.unwrap();
+        t.command(twinfleet::models::TwinCommand::UpdateMetadata(twinfleet::models::Metadata {
+            location: Some("Stellenbosch, lab 3".into()),
+            tags: vec!["pilot".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        p.shutdown().await;
+    }
+    let p = start(dir.path(), None, test_settings()).await;
+    let r = p.restore_report();
+    assert_eq!((r.twins, r.dtas, r.device_types, r.quarantined.len()), (n, 1, 1, 0));
+    let v = p.twin("m-10").unwrap().get().await.unwrap();
+    assert_eq!(v.state.reported, obj(json!({"kwh": 12.5})));
+    assert_eq!(v.state.desired, obj(json!({"interval": 30})));
+    assert_eq!(v.state.metadata.location.as_deref(), Some("Stellenbosch, lab 3"));
+    assert_eq!(v.state.memberships, vec![did("site-a")]);
+    assert_eq!(v.state.identity.serial, "SN00000010");
+    let kinds: Vec<&str> = p
+        .twin("m-10")
+        .unwrap()
+        .events(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::Reported { .. } => "reported",
+            EventKind::DesiredSet { .. } => "desired",
+            EventKind::MetadataUpdated { .. } => "metadata",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, vec!["reported", "desired", "metadata"]);
+    assert_eq!(p.twin("m-4999").unwrap().get().await.unwrap().state.identity.mac, "02:00:00:00:13:87");
+    assert_eq!(p.dta("site-a").unwrap().info().members, n / 2);
+    assert_eq!(p.device_type("meter").unwrap().info().twins, n);
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_corrupt_record_quarantines_that_twin_and_the_others_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let p = start(dir.path(), None, test_settings()).await;
+        fleet(&p, "plug", json!({}), "q", 10, |_| vec![]).await;
+        p.twin("q-3").unwrap().report(obj(json!({"on": true}))).await.unwrap();
+        p.twin("q-4").unwrap().report(obj(json!({"on": false}))).await.unwrap();
+        p.shutdown().await;
+    }
+    {
+        // Truncate q-3's snapshot, as a torn write would.
+        let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
+        let rec = s.get(Space::Snapshot, b"q-3").unwrap().unwrap();
+        let mut b = WriteBatch::new();
+        b.put(Space::Snapshot, "q-3", rec[..rec.len() / 2].to_vec());
+        s.submit(b).await.unwrap();
+        s.shutdown();
+    }
+    let p = start(dir.path(), None, test_settings()).await;
+    let r = p.restore_report();
+    assert_eq!(r.twins, 9);
+    assert_eq!(r.quarantined.len(), 1);
+    assert_eq!(r.quarantined[0].twin.as_deref(), Some("q-3"));
+    assert!(r.quarantined[0].reason.contains("checksum"), "{}", r.quarantined[0].reason);
+    assert!(matches!(p.twin("q-3"), Err(TwinError::Quarantined { .. })));
+    assert_eq!(p.twin("q-4").unwrap().get().await.unwrap().state.reported, obj(json!({"on": false})));
+    assert!(p.alerts().recent().iter().any(|a| a.kind == AlertKind::Quarantined && a.message.contains("q-3")));
+    // The quarantined id cannot be reused while its record is on disk.
+    let err = p.device_type("plug").unwrap().spawn_fleet(vec![twinfleet::TwinSpec::new(tid("q-3"))]).await.unwrap_err();
+    assert!(matches!(err, TwinError::AlreadyExists { .. }));
+    p.shutdown().await;
+}

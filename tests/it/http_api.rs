@@ -1,0 +1,46 @@
+//! The inspection endpoints over real HTTP on loopback.
+
+use crate::support::*;
+use serde_json::json;
+use twinfleet_protocols::HttpApi;
+
+#[actix_rt::test]
+async fn twin_view_and_actor_tree_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    p.create_dta(twinfleet::DtaSpec { id: did("line-1"), name: "Line 1".into(), parents: vec![], layers: Default::default() }).await.unwrap();
+    fleet(&p, "press", json!({"speed": 3}), "h", 50, |i| if i < 10 { vec![did("line-1")] } else { vec![] }).await;
+    p.twin("h-1").unwrap().report(obj(json!({"temp": 40}))).await.unwrap();
+    let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = api.local_addr();
+    let get = move |path: &'static str| actix_rt::task::spawn_blocking(move || http_get(addr, path));
+
+    let (status, twin) = get("/api/v1/twins/h-1?events=5").await.unwrap();
+    assert_eq!(status, 200, "{twin}");
+    assert_eq!(twin["identity"]["twin_id"], "h-1");
+    assert_eq!(twin["identity"]["device_type"], "press");
+    assert_eq!(twin["reported"], json!({"temp": 40}));
+    assert_eq!(twin["effective_config"]["values"], json!({"speed": 3}));
+    assert_eq!(twin["memberships"], json!(["line-1"]));
+    assert_eq!(twin["actor"]["kind"], "dti");
+    assert_eq!(twin["actor"]["parent"], "tdta/press");
+    assert_eq!(twin["last_events"][0]["event"], "reported");
+
+    let (status, err) = get("/api/v1/twins/nobody").await.unwrap();
+    assert_eq!((status, err["error"].as_str()), (404, Some("not_found")));
+    let (status, page) = get("/api/v1/actors?kind=dti&limit=5").await.unwrap();
+    assert_eq!((status, page["total"].as_u64(), page["actors"].as_array().unwrap().len()), (200, Some(50), 5));
+    let (_, page) = get("/api/v1/actors?kind=tdta").await.unwrap();
+    assert_eq!(page["actors"][0]["id"], "press");
+    assert_eq!(page["actors"][0]["parent"], "platform/supervisor");
+    let (_, page) = get("/api/v1/actors?parent=tdta/press&limit=1").await.unwrap();
+    assert_eq!(page["total"], 50);
+    let (status, err) = get("/api/v1/actors?limit=many").await.unwrap();
+    assert_eq!((status, err["error"].as_str()), (400, Some("invalid")));
+    let (status, _) = get("/api/v1/nothing-here").await.unwrap();
+    assert_eq!(status, 404);
+    let (_, dtas) = get("/api/v1/dtas").await.unwrap();
+    assert_eq!(dtas[0]["members"], 10);
+    api.stop().await;
+    p.shutdown().await;
+}

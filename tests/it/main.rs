@@ -1,0 +1,12 @@
+//! End-to-end tests of twinfleet, used as its users use it: the `Platform` façade, real
+//! sled in temporary directories, real HTTP over loopback, and the `twinfleet` binary as
+//! a child process. One test binary split into modules, so that linking happens once.
+
+mod backpressure;
+mod binary;
+mod config_layers;
+mod deadlines;
+mod durability;
+mod http_api;
+mod supervision;
+mod support;

@@ -1,0 +1,108 @@
+//! Helpers shared by the end-to-end tests.
+
+use serde_json::{Map, Value};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use twinfleet::models::{Backoff, DeviceTypeId, DtaId, RestartPolicy, Timestamp, TwinId};
+use twinfleet::{DeviceTypeSpec, Platform, Settings, TwinSpec, TypeHandle, VirtualClock};
+
+pub fn obj(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().expect("a JSON object")
+}
+
+pub fn tid(s: &str) -> TwinId {
+    TwinId::new(s).unwrap()
+}
+
+pub fn did(s: &str) -> DtaId {
+    DtaId::new(s).unwrap()
+}
+
+/// Settings for tests: fault injection on, short restart backoff.
+pub fn test_settings() -> Settings {
+    Settings {
+        allow_fault_injection: true,
+        restart: RestartPolicy { max_restarts: 3, window_ms: 60_000, backoff: Backoff { initial_ms: 100, factor: 2, max_ms: 1_000 } },
+        ..Settings::default()
+    }
+}
+
+pub fn virtual_clock() -> Arc<VirtualClock> {
+    VirtualClock::new(Timestamp(1_700_000_000_000))
+}
+
+pub async fn start(dir: &Path, clock: Option<Arc<VirtualClock>>, settings: Settings) -> Platform {
+    let mut b = Platform::builder(dir).arbiters(2).settings(settings);
+    if let Some(c) = clock {
+        b = b.clock(c);
+    }
+    b.start().await.expect("platform starts")
+}
+
+/// Creates device type `ty` (defaults given) and `n` twins `{prefix}-{i}`, each in the
+/// DTAs `dtas(i)` returns.
+pub async fn fleet(p: &Platform, ty: &str, defaults: Value, prefix: &str, n: usize, dtas: impl Fn(usize) -> Vec<DtaId>) -> TypeHandle {
+    let ty = p
+        .create_device_type(DeviceTypeSpec { id: DeviceTypeId::new(ty).unwrap(), model: format!("{ty}-hw1"), defaults: obj(defaults) })
+        .await
+        .expect("device type created");
+    let specs = (0..n)
+        .map(|i| {
+            let mut s = TwinSpec::new(tid(&format!("{prefix}-{i}")));
+            s.serial = format!("SN{i:08}");
+            s.mac = format!("02:00:00:{:02x}:{:02x}:{:02x}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+            s.dtas = dtas(i);
+            s
+        })
+        .collect();
+    let report = ty.spawn_fleet(specs).await.expect("fleet spawned");
+    assert_eq!(report.created, n);
+    ty
+}
+
+/// Waits for a condition that another thread makes true (a restart, a flush), polling
+/// it every 10 ms for at most 20 s. Waits on the event, not for a fixed time.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET over loopback: (status, body as JSON).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let status: u16 = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body = if raw.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
