@@ -1,1 +1,272 @@
-fn main() {}
+//! Fleet benchmarks: spawning a million twins, request/reply through the public handle,
+//! and restart recovery, against a baseline of bare actix actors in the same run.
+//!
+//! `cargo bench --bench fleet` runs every section, each in a child process of its own so
+//! that one section's memory does not hide in the next one's RSS. Each section prints
+//! table rows with the machine's core count. `TWINFLEET_BENCH_TWINS` changes the fleet
+//! size (default 1,000,000); `TWINFLEET_BENCH_REPEAT` the repetitions of the timed
+//! request loops (default 3, the median is reported).
+
+use actix::prelude::*;
+use serde_json::json;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use twinfleet::models::{DeviceTypeId, DtaId, TwinId};
+use twinfleet::{DeviceTypeSpec, DtaSpec, Platform, TwinHandle, TwinSpec};
+
+const TYPES: [&str; 3] = ["thermostat", "meter", "valve"];
+const SITES: usize = 100;
+const REGIONS: usize = 7;
+
+fn twins() -> usize {
+    std::env::var("TWINFLEET_BENCH_TWINS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+}
+
+fn repeat() -> usize {
+    std::env::var("TWINFLEET_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Resident set size of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn row(bench: &str, n: usize, value: &str, extra: &str) {
+    println!("| {bench} | {n} | {} | {value} | {extra} |", cores());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--section") {
+        let section = args[i + 1].clone();
+        actix_rt::System::new().block_on(run_section(&section));
+        return;
+    }
+    println!("| benchmark | twins | cores | result | detail |");
+    println!("|---|---|---|---|---|");
+    for section in ["bare", "fleet"] {
+        let status =
+            Command::new(std::env::current_exe().unwrap()).args(["--section", section]).status().expect("section runs");
+        assert!(status.success(), "section {section} failed");
+    }
+}
+
+async fn run_section(section: &str) {
+    match section {
+        "bare" => bare_actors().await,
+        "fleet" => fleet().await,
+        other => panic!("unknown section {other}"),
+    }
+}
+
+/// Baseline: the same number of empty actix actors with the same mailbox bound, spread
+/// over one arbiter per core.
+struct Bare;
+
+impl Actor for Bare {
+    type Context = Context<Self>;
+}
+
+async fn bare_actors() {
+    let n = twins();
+    let arbiters: Vec<Arbiter> = (0..cores()).map(|_| Arbiter::new()).collect();
+    let rss0 = rss();
+    let started = Instant::now();
+    let mut done = Vec::new();
+    for (i, a) in arbiters.iter().enumerate() {
+        let share = n / arbiters.len() + usize::from(i < n % arbiters.len());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        a.spawn_fn(move || {
+            let addrs: Vec<Addr<Bare>> = (0..share)
+                .map(|_| {
+                    Bare::create(|ctx| {
+                        ctx.set_mailbox_capacity(32);
+                        Bare
+                    })
+                })
+                .collect();
+            // Keep the addresses alive (as a registry would) and hand back the count.
+            let _ = tx.send(addrs.len());
+            std::mem::forget(addrs);
+        });
+        done.push(rx);
+    }
+    let mut total = 0;
+    for rx in done {
+        total += rx.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let per = (rss() - rss0) as f64 / total as f64;
+    row(
+        "baseline: spawn bare actix actors",
+        total,
+        &format!("{secs:.2} s"),
+        &format!("{:.0} actors/s, {per:.0} B RSS/actor", total as f64 / secs),
+    );
+}
+
+fn specs(n: usize) -> Vec<Vec<TwinSpec>> {
+    let mut per_type: Vec<Vec<TwinSpec>> = TYPES.iter().map(|_| Vec::with_capacity(n / 3 + 1)).collect();
+    for i in 0..n {
+        let mut s = TwinSpec::new(TwinId::new(format!("dev-{i:07}")).unwrap());
+        s.serial = format!("SN{i:010}");
+        s.mac = format!("02:00:00:{:02x}:{:02x}:{:02x}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        s.dtas.push(DtaId::new(format!("site-{}", i % SITES)).unwrap());
+        if i % 2 == 0 {
+            s.dtas.push(DtaId::new(format!("region-{}", i % REGIONS)).unwrap());
+        }
+        per_type[i % TYPES.len()].push(s);
+    }
+    per_type
+}
+
+async fn fleet() {
+    let n = twins();
+    let dir = std::env::temp_dir().join(format!("twinfleet-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let all = specs(n);
+    let rss0 = rss();
+    let p = Platform::builder(&dir).start().await.unwrap();
+    for r in 0..REGIONS {
+        p.create_dta(DtaSpec {
+            id: DtaId::new(format!("region-{r}")).unwrap(),
+            name: String::new(),
+            parents: vec![],
+            layers: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    for s in 0..SITES {
+        let parent = DtaId::new(format!("region-{}", s % REGIONS)).unwrap();
+        p.create_dta(DtaSpec {
+            id: DtaId::new(format!("site-{s}")).unwrap(),
+            name: String::new(),
+            parents: vec![parent],
+            layers: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut types = Vec::new();
+    for t in TYPES {
+        types.push(
+            p.create_device_type(DeviceTypeSpec {
+                id: DeviceTypeId::new(t).unwrap(),
+                model: format!("{t}-hw2"),
+                defaults: Default::default(),
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let started = Instant::now();
+    let spawns = types.iter().zip(all).map(|(t, specs)| t.spawn_fleet(specs));
+    let created: usize = futures::future::join_all(spawns).await.into_iter().map(|r| r.unwrap().created).sum();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(created, n);
+    let per = (rss() - rss0) as f64 / n as f64;
+    row(
+        "spawn DTIs (3 TDTAs, 1-2 DTAs each), running and durable",
+        n,
+        &format!("{secs:.2} s"),
+        &format!("{:.0} twins/s, {per:.0} B RSS/twin", n as f64 / secs),
+    );
+
+    // Request/reply through the public handle.
+    for callers in [1usize, 10_000] {
+        let handles: Vec<TwinHandle> =
+            (0..callers).map(|c| p.twin(&format!("dev-{:07}", (c * 97) % n)).unwrap()).collect();
+        for (label, write) in [("get (read)", false), ("report (durable write)", true)] {
+            let mut rates = Vec::new();
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
+            for _ in 0..repeat() {
+                let (rate, p50, p99) = request_loop(&handles, write, Duration::from_secs(2)).await;
+                rates.push(rate);
+                p50s.push(p50);
+                p99s.push(p99);
+            }
+            row(
+                &format!("request/reply via TwinHandle: {label}, {callers} callers"),
+                n,
+                &format!("{:.0} msg/s", median(rates)),
+                &format!("p50 {:.0} us, p99 {:.0} us (median of {})", median(p50s), median(p99s), repeat()),
+            );
+        }
+    }
+
+    // Restart recovery: stop, start again, and ask every twin.
+    p.shutdown().await;
+    let started = Instant::now();
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let restored = p.restore_report().twins;
+    let restored_secs = started.elapsed().as_secs_f64();
+    let ids: Vec<String> = (0..n).map(|i| format!("dev-{i:07}")).collect();
+    use futures::StreamExt;
+    let answered = futures::stream::iter(ids)
+        .map(|id| {
+            let h = p.twin(&id).unwrap();
+            async move { h.get().await.is_ok() }
+        })
+        .buffer_unordered(10_000)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!((restored, answered), (n, n));
+    row(
+        "restart recovery: start until every twin answered a get",
+        n,
+        &format!("{secs:.2} s"),
+        &format!("restore itself {restored_secs:.2} s"),
+    );
+    p.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `handles.len()` concurrent callers for `dur`; returns (msg/s, p50 us, p99 us).
+async fn request_loop(handles: &[TwinHandle], write: bool, dur: Duration) -> (f64, f64, f64) {
+    let end = Instant::now() + dur;
+    let started = Instant::now();
+    let tasks: Vec<_> = handles
+        .iter()
+        .cloned()
+        .map(|h| {
+            actix_rt::spawn(async move {
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    if write {
+                        n += 1;
+                        h.report(json!({"n": n}).as_object().unwrap().clone()).await.unwrap();
+                    } else {
+                        h.get().await.unwrap();
+                    }
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all: Vec<u32> = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |q: f64| all.get(((all.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64;
+    (all.len() as f64 / secs, pct(0.5), pct(0.99))
+}

@@ -26,7 +26,9 @@ pub mod config;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use twinfleet_runtime::{ArbiterPool, DataDirLock, LockError, SharedClock, SledOptions, SledStorage, StorageError, SystemClock};
+use twinfleet_runtime::{
+    ArbiterPool, DataDirLock, LockError, SharedClock, SledOptions, SledStorage, StorageError, SystemClock,
+};
 
 pub use twinfleet_actors::{
     ActorPage, ActorQuery, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo, DtaSpec, FleetReport,

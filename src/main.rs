@@ -60,10 +60,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
     };
-    let cfg = resolve(
-        Overrides { data_dir: args.data_dir, http: args.http, arbiters: args.arbiters, log: args.log },
-        file,
-    );
+    let cfg =
+        resolve(Overrides { data_dir: args.data_dir, http: args.http, arbiters: args.arbiters, log: args.log }, file);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("invalid --log filter")?)
         .with_writer(std::io::stderr)
@@ -77,7 +75,8 @@ async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
     tracing::info!("data directory: {}", data_dir.display());
     let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
-    let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1).with_context(|| format!("cannot listen on {}", cfg.http))?;
+    let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1)
+        .with_context(|| format!("cannot listen on {}", cfg.http))?;
     tracing::info!("HTTP API listening on http://{}", http.local_addr());
     println!("twinfleet: HTTP API on http://{}  data in {}", http.local_addr(), data_dir.display());
 

@@ -135,7 +135,10 @@ impl DtaEntry {
 
 #[derive(Debug)]
 pub(crate) enum DtaRequest {
-    SetLayer { name: String, layer: Option<ConfigLayer> },
+    SetLayer {
+        name: String,
+        layer: Option<ConfigLayer>,
+    },
     Join(TwinId),
     Leave(TwinId),
     ParentChanged(Arc<ResolvedLayers>),
@@ -200,7 +203,10 @@ impl Dta {
         }
     }
 
-    fn handle_request(&mut self, req: DtaRequest) -> Result<futures::future::BoxFuture<'static, Result<usize, TwinError>>, TwinError> {
+    fn handle_request(
+        &mut self,
+        req: DtaRequest,
+    ) -> Result<futures::future::BoxFuture<'static, Result<usize, TwinError>>, TwinError> {
         let entry = self.entry.clone();
         let env = entry.env.clone();
         match req {
@@ -234,7 +240,9 @@ impl Dta {
                 Err(TwinError::NotFound(twin.to_string()))
             }
             DtaRequest::Join(twin) => {
-                let handle = TwinHandle::new(env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?);
+                let handle = TwinHandle::new(
+                    env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
+                );
                 let resolved = entry.resolved();
                 Ok(Box::pin(async move {
                     handle.request(DtiRequest::Join(resolved.clone())).await?;
@@ -247,7 +255,9 @@ impl Dta {
                 }))
             }
             DtaRequest::Leave(twin) => {
-                let handle = TwinHandle::new(env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?);
+                let handle = TwinHandle::new(
+                    env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
+                );
                 let dta = entry.id.clone();
                 Ok(Box::pin(async move {
                     handle.request(DtiRequest::Leave(dta)).await?;

@@ -131,6 +131,7 @@ impl std::fmt::Debug for Dti {
 enum Outcome {
     Now(Result<DtiReply, TwinError>),
     AfterFlush(Ticket, DtiReply),
+    Later(futures::future::BoxFuture<'static, Result<DtiReply, TwinError>>),
 }
 
 impl Dti {
@@ -206,7 +207,9 @@ impl Dti {
             tracing::debug!(twin = %self.slot.id, attempt, "desired state not delivered: {why}");
         }
         let sleep = self.env().clock.sleep_until(deadline);
-        let timer = ctx.spawn(sleep.into_actor(self).map(move |(), act, ctx| act.guarded(ctx, |act, ctx| act.sync_expired(attempt, ctx))));
+        let timer = ctx.spawn(
+            sleep.into_actor(self).map(move |(), act, ctx| act.guarded(ctx, |act, ctx| act.sync_expired(attempt, ctx))),
+        );
         self.sync = Some(SyncWait { attempt, deadline, timer });
     }
 
@@ -231,11 +234,12 @@ impl Dti {
                 self.arm_sync(ctx, attempt, deadline);
             }
             WaitDecision::Alert { attempts } => {
-                let message = format!(
-                    "twin {} did not report its desired state after {attempts} attempts",
-                    self.slot.id
+                let message =
+                    format!("twin {} did not report its desired state after {attempts} attempts", self.slot.id);
+                self.record(
+                    EventKind::AlertRaised { alert: AlertKind::DeadlineExceeded, message: message.clone() },
+                    ctx,
                 );
-                self.record(EventKind::AlertRaised { alert: AlertKind::DeadlineExceeded, message: message.clone() }, ctx);
                 self.env().alerts.raise(Alert {
                     at: now,
                     severity: Severity::Warning,
@@ -267,16 +271,25 @@ impl Dti {
         }
     }
 
-    fn read_events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
-        let rows = self.env().storage.scan_rev(Space::Journal, &journal_prefix(&self.slot.id), limit)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (_, v) in rows.into_iter().rev() {
-            match decode_record::<TwinEvent>(&v) {
-                Ok(e) => out.push(e),
-                Err(e) => tracing::warn!(twin = %self.slot.id, "skipping a corrupt journal entry: {e}"),
+    /// The last `limit` journal events, read after a storage barrier so that they
+    /// include every event this twin submitted before (read-your-writes).
+    fn read_events(&self, limit: usize) -> futures::future::BoxFuture<'static, Result<DtiReply, TwinError>> {
+        let storage = self.env().storage.clone();
+        let barrier = storage.barrier();
+        let prefix = journal_prefix(&self.slot.id);
+        let id = self.slot.id.clone();
+        Box::pin(async move {
+            barrier.await?;
+            let rows = storage.scan_rev(Space::Journal, &prefix, limit)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (_, v) in rows.into_iter().rev() {
+                match decode_record::<TwinEvent>(&v) {
+                    Ok(e) => out.push(e),
+                    Err(e) => tracing::warn!(twin = %id, "skipping a corrupt journal entry: {e}"),
+                }
             }
-        }
-        Ok(out)
+            Ok(DtiReply::Events(out))
+        })
     }
 
     fn handle_request(&mut self, req: DtiRequest, ctx: &mut Context<Self>) -> Outcome {
@@ -287,7 +300,7 @@ impl Dti {
         match req {
             DtiRequest::Get => Outcome::Now(Ok(DtiReply::View(Box::new(self.view())))),
             DtiRequest::Command(cmd) => ack(self.apply(cmd, ctx)),
-            DtiRequest::Events { limit } => Outcome::Now(self.read_events(limit).map(DtiReply::Events)),
+            DtiRequest::Events { limit } => Outcome::Later(self.read_events(limit)),
             DtiRequest::Join(resolved) => {
                 let r = self.apply(TwinCommand::JoinDta(resolved.dta.clone()), ctx);
                 if r.is_ok() {
@@ -345,6 +358,7 @@ impl Handler<DtiMsg> for Dti {
         self.slot.stats.dequeued();
         match panic::catch(|| self.handle_request(req, ctx)) {
             Ok(Outcome::Now(r)) => Box::pin(std::future::ready(r)),
+            Ok(Outcome::Later(fut)) => fut,
             Ok(Outcome::AfterFlush(ticket, reply)) => Box::pin(async move {
                 ticket.await?;
                 Ok(reply)

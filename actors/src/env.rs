@@ -4,8 +4,8 @@
 //! process (tests do).
 
 use crate::dta::DtaEntry;
-use crate::tdta::TypeContext;
 use crate::dti::TwinSlot;
+use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 use serde_json::{Map, Value};
@@ -87,7 +87,12 @@ pub struct TwinEnv {
 }
 
 impl TwinEnv {
-    pub fn new(storage: Arc<dyn Storage>, clock: SharedClock, arbiters: Arc<ArbiterPool>, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        clock: SharedClock,
+        arbiters: Arc<ArbiterPool>,
+        settings: Settings,
+    ) -> Arc<Self> {
         let alerts = AlertSink::new(storage.clone());
         Arc::new(TwinEnv {
             storage,

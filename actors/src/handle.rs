@@ -94,7 +94,10 @@ impl TwinHandle {
 
     /// Like `command`, but fails at once with `MailboxFull` instead of waiting for room.
     /// The command is in the mailbox when this returns `Ok`.
-    pub fn try_command(&self, cmd: TwinCommand) -> Result<impl Future<Output = Result<u64, TwinError>> + use<>, TwinError> {
+    pub fn try_command(
+        &self,
+        cmd: TwinCommand,
+    ) -> Result<impl Future<Output = Result<u64, TwinError>> + use<>, TwinError> {
         if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
             return Err(TwinError::MailboxFull(self.slot.id.to_string()));
         }
@@ -165,7 +168,11 @@ impl DtaHandle {
 
     async fn ask(&self, req: DtaRequest) -> Result<usize, TwinError> {
         let stats = &self.entry.stats;
-        let addr = self.entry.addr().ok_or_else(|| TwinError::Unavailable { kind: "dta", id: self.entry.id.to_string(), status: stats.status() })?;
+        let addr = self.entry.addr().ok_or_else(|| TwinError::Unavailable {
+            kind: "dta",
+            id: self.entry.id.to_string(),
+            status: stats.status(),
+        })?;
         stats.enqueued();
         deliver(addr.send(DtaMsg(req)), stats, &self.entry.env).await
     }
@@ -214,7 +221,11 @@ impl TypeHandle {
     }
 
     pub fn info(&self) -> TypeInfo {
-        TypeInfo { spec: self.ctx.spec(), twins: self.ctx.twins.load(Relaxed), fleet_records: self.ctx.chunks.lock().len() }
+        TypeInfo {
+            spec: self.ctx.spec(),
+            twins: self.ctx.twins.load(Relaxed),
+            fleet_records: self.ctx.chunks.lock().len(),
+        }
     }
 
     pub fn actor(&self) -> ActorView {
@@ -225,7 +236,11 @@ impl TypeHandle {
     /// records are durable.
     pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
         let stats = &self.ctx.stats;
-        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable { kind: "tdta", id: self.ctx.device_type.to_string(), status: stats.status() })?;
+        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
+            kind: "tdta",
+            id: self.ctx.device_type.to_string(),
+            status: stats.status(),
+        })?;
         stats.enqueued();
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
@@ -234,7 +249,11 @@ impl TypeHandle {
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
         let stats = &self.ctx.stats;
-        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable { kind: "tdta", id: self.ctx.device_type.to_string(), status: stats.status() })?;
+        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
+            kind: "tdta",
+            id: self.ctx.device_type.to_string(),
+            status: stats.status(),
+        })?;
         stats.enqueued();
         deliver(addr.send(SetDefaults(defaults)), stats, &self.ctx.env).await
     }

@@ -87,7 +87,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     // Parents first; a DTA whose parent is gone (quarantined) starts without it.
     while !pending.is_empty() {
         let known = |p: &DtaId| env.dtas.contains_key(p) || !pending.iter().any(|s: &DtaSpec| &s.id == p);
-        let (ready, rest): (Vec<DtaSpec>, Vec<DtaSpec>) = pending.iter().cloned().partition(|s| s.parents.iter().all(known));
+        let (ready, rest): (Vec<DtaSpec>, Vec<DtaSpec>) =
+            pending.iter().cloned().partition(|s| s.parents.iter().all(known));
         if ready.is_empty() {
             for s in rest {
                 quarantine(env, &mut report, "dta", s.id.as_str().as_bytes(), None, "DTA nesting has a cycle".into());
@@ -127,25 +128,33 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     let versions: HashMap<DtaId, u64> = env.dtas.iter().map(|e| (e.key().clone(), e.resolved().version)).collect();
     let mut members: HashMap<DtaId, (u64, Vec<TwinId>)> = HashMap::new();
     let mut batch: Vec<(Arc<TwinSlot>, TwinState)> = Vec::with_capacity(LAUNCH_BATCH);
-    let mut add = |ty: &Arc<TypeContext>, state: TwinState, origin: u32, batch: &mut Vec<(Arc<TwinSlot>, TwinState)>| {
-        let id = state.identity.twin_id.clone();
-        for d in &state.memberships {
-            if let Some(v) = versions.get(d) {
-                members.entry(d.clone()).or_insert_with(|| (*v, Vec::new())).1.push(id.clone());
+    let mut add =
+        |ty: &Arc<TypeContext>, state: TwinState, origin: u32, batch: &mut Vec<(Arc<TwinSlot>, TwinState)>| {
+            let id = state.identity.twin_id.clone();
+            for d in &state.memberships {
+                if let Some(v) = versions.get(d) {
+                    members.entry(d.clone()).or_insert_with(|| (*v, Vec::new())).1.push(id.clone());
+                }
             }
-        }
-        let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin));
-        env.twins.insert(id, slot.clone());
-        ty.twins.fetch_add(1, Relaxed);
-        batch.push((slot, state));
-    };
+            let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin));
+            env.twins.insert(id, slot.clone());
+            ty.twins.fetch_add(1, Relaxed);
+            batch.push((slot, state));
+        };
 
     for row in env.storage.scan(Space::Fleet, b"") {
         let (k, v) = row?;
         let chunk = match decode_record::<FleetChunk>(&v) {
             Ok(c) => c,
             Err(e) => {
-                quarantine(env, &mut report, "fleet", &k, None, format!("{e}; its twins start only from their own snapshots"));
+                quarantine(
+                    env,
+                    &mut report,
+                    "fleet",
+                    &k,
+                    None,
+                    format!("{e}; its twins start only from their own snapshots"),
+                );
                 continue;
             }
         };
@@ -162,7 +171,9 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             if env.quarantine.contains_key(spec.id.as_str()) {
                 continue;
             }
-            let state = snapshots.remove(&spec.id).unwrap_or_else(|| spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at));
+            let state = snapshots
+                .remove(&spec.id)
+                .unwrap_or_else(|| spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at));
             add(&ty, state, origin, &mut batch);
             if batch.len() >= LAUNCH_BATCH {
                 report.twins += launch_batch(env, std::mem::take(&mut batch)).await;
@@ -172,7 +183,14 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     for (id, state) in snapshots {
         match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
             Some(ty) => add(&ty, state, NO_ORIGIN, &mut batch),
-            None => quarantine(env, &mut report, "snapshot", id.as_str().as_bytes(), Some(id.as_str()), format!("unknown device type {}", state.identity.device_type)),
+            None => quarantine(
+                env,
+                &mut report,
+                "snapshot",
+                id.as_str().as_bytes(),
+                Some(id.as_str()),
+                format!("unknown device type {}", state.identity.device_type),
+            ),
         }
     }
     report.twins += launch_batch(env, batch).await;

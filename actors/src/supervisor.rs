@@ -50,7 +50,10 @@ impl Handler<CreateDeviceType> for PlatformSupervisor {
         let env = self.env.clone();
         let ctx = match env.types.entry(spec.id.clone()) {
             Entry::Occupied(_) => {
-                return Box::pin(std::future::ready(Err(TwinError::AlreadyExists { kind: "device type", id: spec.id.to_string() })));
+                return Box::pin(std::future::ready(Err(TwinError::AlreadyExists {
+                    kind: "device type",
+                    id: spec.id.to_string(),
+                })));
             }
             Entry::Vacant(v) => v.insert(TypeContext::new(&spec, env.clone())).clone(),
         };
@@ -161,7 +164,11 @@ impl TwinRuntime {
     }
 
     /// Creates many twins of one type in one call (all or nothing).
-    pub async fn spawn_fleet(&self, device_type: &DeviceTypeId, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+    pub async fn spawn_fleet(
+        &self,
+        device_type: &DeviceTypeId,
+        specs: Vec<TwinSpec>,
+    ) -> Result<FleetReport, TwinError> {
         self.device_type(device_type.as_str())?.spawn_fleet(specs).await
     }
 
@@ -186,7 +193,11 @@ impl TwinRuntime {
     }
 
     pub fn device_type(&self, id: &str) -> Result<TypeHandle, TwinError> {
-        self.env.types.get(id).map(|c| TypeHandle::new(c.clone())).ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
+        self.env
+            .types
+            .get(id)
+            .map(|c| TypeHandle::new(c.clone()))
+            .ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
     }
 
     pub fn device_types(&self) -> Vec<TypeInfo> {
@@ -236,7 +247,8 @@ impl TwinRuntime {
         let mut types: Vec<Arc<TypeContext>> = self.env.types.iter().map(|c| c.clone()).collect();
         types.sort_by(|a, b| a.device_type.cmp(&b.device_type));
         types.iter().for_each(|t| visit(&t.stats));
-        let mut dtas: Vec<(DtaId, Arc<DtaEntry>)> = self.env.dtas.iter().map(|e| (e.key().clone(), e.clone())).collect();
+        let mut dtas: Vec<(DtaId, Arc<DtaEntry>)> =
+            self.env.dtas.iter().map(|e| (e.key().clone(), e.clone())).collect();
         dtas.sort_by(|a, b| a.0.cmp(&b.0));
         dtas.iter().for_each(|(_, e)| visit(&e.stats));
         if q.kind.as_deref().is_none_or(|k| k == "dti") {

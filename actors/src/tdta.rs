@@ -69,7 +69,11 @@ impl TypeContext {
     }
 
     pub(crate) fn spec(&self) -> DeviceTypeSpec {
-        DeviceTypeSpec { id: self.device_type.clone(), model: self.model.to_string(), defaults: (*self.defaults()).clone() }
+        DeviceTypeSpec {
+            id: self.device_type.clone(),
+            model: self.model.to_string(),
+            defaults: (*self.defaults()).clone(),
+        }
     }
 }
 
@@ -95,7 +99,10 @@ pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, 
 }
 
 /// Starts twins on their arbiters, one batch per arbiter, and resolves when all run.
-pub(crate) fn launch_batch(env: &TwinEnv, twins: Vec<(Arc<TwinSlot>, TwinState)>) -> impl Future<Output = usize> + use<> {
+pub(crate) fn launch_batch(
+    env: &TwinEnv,
+    twins: Vec<(Arc<TwinSlot>, TwinState)>,
+) -> impl Future<Output = usize> + use<> {
     let n = env.arbiters.len();
     let mut parts: Vec<Vec<(Arc<TwinSlot>, TwinState)>> = (0..n).map(|_| Vec::new()).collect();
     for (slot, state) in twins {
@@ -194,7 +201,10 @@ impl Tdta {
         addr
     }
 
-    fn spawn_fleet(&mut self, specs: Vec<TwinSpec>) -> Result<impl Future<Output = Result<FleetReport, TwinError>> + use<>, TwinError> {
+    fn spawn_fleet(
+        &mut self,
+        specs: Vec<TwinSpec>,
+    ) -> Result<impl Future<Output = Result<FleetReport, TwinError>> + use<>, TwinError> {
         let env = self.ctx.env.clone();
         let ty = self.ctx.clone();
         let distinct: HashSet<&DtaId> = specs.iter().flat_map(|s| s.dtas.iter()).collect();
@@ -239,7 +249,11 @@ impl Tdta {
                 }
             };
             let mut batch = WriteBatch::new();
-            batch.put(Space::Fleet, key.clone(), encode_record(&FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: part }));
+            batch.put(
+                Space::Fleet,
+                key.clone(),
+                encode_record(&FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: part }),
+            );
             tickets.push(env.storage.submit(batch));
             keys.push(key);
         }
@@ -303,7 +317,13 @@ impl Tdta {
                 }));
             }
             RestartDecision::GiveUp { failures_in_window } => {
-                self.give_up(&slot, &format!("{failures_in_window} failures within {} ms; last: {error}", env.settings.restart.window_ms));
+                self.give_up(
+                    &slot,
+                    &format!(
+                        "{failures_in_window} failures within {} ms; last: {error}",
+                        env.settings.restart.window_ms
+                    ),
+                );
             }
         }
     }

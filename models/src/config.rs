@@ -125,8 +125,14 @@ mod tests {
         let overrides = obj(json!({"units": "imperial"}));
         // Order of the input does not matter; duplicates count once.
         let eff = effective_config(&defaults, [&floor, &building, &floor], &overrides);
-        assert_eq!(Value::Object(eff.values.clone()), json!({"interval": 15, "window": "02:00-04:00", "units": "imperial"}));
-        assert_eq!(eff.sources["interval"], LayerSource::Dta { dta: DtaId::new("floor-2").unwrap(), layer: "tuning".into(), priority: 20 });
+        assert_eq!(
+            Value::Object(eff.values.clone()),
+            json!({"interval": 15, "window": "02:00-04:00", "units": "imperial"})
+        );
+        assert_eq!(
+            eff.sources["interval"],
+            LayerSource::Dta { dta: DtaId::new("floor-2").unwrap(), layer: "tuning".into(), priority: 20 }
+        );
         assert_eq!(eff.sources["units"], LayerSource::TwinOverride);
     }
 }

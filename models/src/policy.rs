@@ -101,7 +101,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { deadline_ms: 30_000, max_retries: 3, backoff: Backoff { initial_ms: 1_000, factor: 2, max_ms: 60_000 } }
+        RetryPolicy {
+            deadline_ms: 30_000,
+            max_retries: 3,
+            backoff: Backoff { initial_ms: 1_000, factor: 2, max_ms: 60_000 },
+        }
     }
 }
 
@@ -158,7 +162,11 @@ mod tests {
 
     #[test]
     fn waits_retry_then_alert() {
-        let p = RetryPolicy { deadline_ms: 1_000, max_retries: 2, backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 } };
+        let p = RetryPolicy {
+            deadline_ms: 1_000,
+            max_retries: 2,
+            backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
+        };
         let start = Timestamp(0);
         let d0 = p.first_deadline(start);
         assert_eq!(d0, Timestamp(1_000));

@@ -98,20 +98,41 @@ pub struct TwinEvent {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     Created,
-    Reported { patch: Map<String, Value> },
-    DesiredSet { patch: Map<String, Value> },
-    MetadataUpdated { metadata: Metadata },
-    OverridesSet { patch: Map<String, Value> },
-    JoinedDta { dta: DtaId },
-    LeftDta { dta: DtaId },
+    Reported {
+        patch: Map<String, Value>,
+    },
+    DesiredSet {
+        patch: Map<String, Value>,
+    },
+    MetadataUpdated {
+        metadata: Metadata,
+    },
+    OverridesSet {
+        patch: Map<String, Value>,
+    },
+    JoinedDta {
+        dta: DtaId,
+    },
+    LeftDta {
+        dta: DtaId,
+    },
     Archived,
     /// The supervisor restarted the twin after a failure.
-    Restarted { reason: String, attempt: u32 },
+    Restarted {
+        reason: String,
+        attempt: u32,
+    },
     /// A wait the twin owns ran past its deadline and was retried.
-    WaitRetried { wait: String, attempt: u32 },
+    WaitRetried {
+        wait: String,
+        attempt: u32,
+    },
     /// The reported state now matches the desired state.
     InSync,
-    AlertRaised { alert: AlertKind, message: String },
+    AlertRaised {
+        alert: AlertKind,
+        message: String,
+    },
 }
 
 /// A command that cannot be applied, and why.
@@ -314,7 +335,10 @@ mod tests {
         assert!(matches!(s.decide(TwinCommand::JoinDta(dta), Timestamp(2)), Err(TwinError::AlreadyMember { .. })));
         assert_eq!(s.decide(TwinCommand::Report(Map::new()), Timestamp(2)), Err(TwinError::EmptyPatch));
         step(&mut s, TwinCommand::Archive, 3);
-        assert!(matches!(s.decide(TwinCommand::SetDesired(obj(json!({"a": 1}))), Timestamp(4)), Err(TwinError::Archived(_))));
+        assert!(matches!(
+            s.decide(TwinCommand::SetDesired(obj(json!({"a": 1}))), Timestamp(4)),
+            Err(TwinError::Archived(_))
+        ));
         assert_eq!(before.memberships, s.memberships);
     }
 
@@ -323,7 +347,11 @@ mod tests {
         let mut s = twin();
         let mut journal = vec![];
         journal.extend(step(&mut s, TwinCommand::Report(obj(json!({"a": {"b": 1}}))), 1));
-        journal.extend(step(&mut s, TwinCommand::UpdateMetadata(Metadata { location: Some("lab".into()), ..Default::default() }), 2));
+        journal.extend(step(
+            &mut s,
+            TwinCommand::UpdateMetadata(Metadata { location: Some("lab".into()), ..Default::default() }),
+            2,
+        ));
         journal.extend(step(&mut s, TwinCommand::Report(obj(json!({"a": {"b": null, "c": 2}}))), 3));
         let mut replayed = twin();
         journal.iter().for_each(|e| replayed.evolve(e));

@@ -58,9 +58,13 @@ impl HttpError {
 impl ResponseError for HttpError {
     fn status_code(&self) -> StatusCode {
         match &self.0 {
-            TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => StatusCode::NOT_FOUND,
+            TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => {
+                StatusCode::NOT_FOUND
+            }
             TwinError::AlreadyExists { .. } | TwinError::Quarantined { .. } => StatusCode::CONFLICT,
-            TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
             TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             TwinError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -71,7 +75,8 @@ impl ResponseError for HttpError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).json(serde_json::json!({"error": self.code(), "message": self.0.to_string()}))
+        HttpResponse::build(self.status_code())
+            .json(serde_json::json!({"error": self.code(), "message": self.0.to_string()}))
     }
 }
 
@@ -153,9 +158,10 @@ impl HttpApi {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                .app_data(web::QueryConfig::default().error_handler(|e, _| {
-                    HttpError(TwinError::Invalid(format!("bad query string: {e}"))).into()
-                }))
+                .app_data(
+                    web::QueryConfig::default()
+                        .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad query string: {e}"))).into()),
+                )
                 .configure(configure)
                 .default_service(web::to(not_found))
         })

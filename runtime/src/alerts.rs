@@ -29,7 +29,9 @@ struct Inner {
 impl AlertSink {
     pub fn new(storage: Arc<dyn Storage>) -> Self {
         let (tx, _) = broadcast::channel(1024);
-        AlertSink { inner: Arc::new(Inner { storage, recent: Mutex::new(VecDeque::new()), tx, seq: AtomicU64::new(0) }) }
+        AlertSink {
+            inner: Arc::new(Inner { storage, recent: Mutex::new(VecDeque::new()), tx, seq: AtomicU64::new(0) }),
+        }
     }
 
     pub fn raise(&self, alert: Alert) {

@@ -20,7 +20,10 @@ impl ArbiterPool {
     /// Starts `n` arbiters (at least one). Must be called inside an actix system.
     pub fn new(n: usize) -> Self {
         let arbiters: Vec<actix::Arbiter> = (0..n.max(1)).map(|_| actix::Arbiter::new()).collect();
-        ArbiterPool { handles: arbiters.iter().map(|a| a.handle()).collect(), arbiters: parking_lot::Mutex::new(arbiters) }
+        ArbiterPool {
+            handles: arbiters.iter().map(|a| a.handle()).collect(),
+            arbiters: parking_lot::Mutex::new(arbiters),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("data directory {dir} is already used by another running twinfleet instance{holder}; stop it or choose another --data-dir")]
+    #[error(
+        "data directory {dir} is already used by another running twinfleet instance{holder}; stop it or choose another --data-dir"
+    )]
     InUse { dir: PathBuf, holder: String },
     #[error("cannot open lock file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -24,7 +26,8 @@ impl DataDirLock {
         let path = dir.join("twinfleet.lock");
         let io = |source| LockError::Io { path: path.clone(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

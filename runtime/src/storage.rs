@@ -118,6 +118,11 @@ pub struct StorageStats {
     pub flush_micros_max: u64,
 }
 
+/// A stored record: key (without the space prefix) and value.
+pub type Record = (Vec<u8>, Vec<u8>);
+/// Records in key order, as a scan yields them.
+pub type Records<'a> = Box<dyn Iterator<Item = Result<Record, StorageError>> + 'a>;
+
 /// A key-value store with durable batched writes.
 pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// Queues `batch`; the ticket resolves after it is flushed. Blocks while the write
@@ -125,9 +130,9 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     fn submit(&self, batch: WriteBatch) -> Ticket;
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Every record of `space` whose key starts with `prefix`, in key order.
-    fn scan(&self, space: Space, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> + '_>;
+    fn scan(&self, space: Space, prefix: &[u8]) -> Records<'_>;
     /// Up to `limit` records of `space` with `prefix`, newest key first.
-    fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<Record>, StorageError>;
     /// A unique, increasing id (survives restarts).
     fn generate_id(&self) -> Result<u64, StorageError>;
     fn stats(&self) -> StorageStats;
@@ -272,7 +277,9 @@ impl SledStorage {
 impl Storage for SledStorage {
     fn submit(&self, batch: WriteBatch) -> Ticket {
         let guard = self.tx.read();
-        let Some(tx) = guard.as_ref() else { return Ticket::ready(Err(StorageError::Closed)) };
+        let Some(tx) = guard.as_ref() else {
+            return Ticket::ready(Err(StorageError::Closed));
+        };
         let (done, rx) = oneshot::channel();
         self.counters.submitted.fetch_add(1, Relaxed);
         match tx.send(Pending { batch, done }) {
@@ -285,7 +292,7 @@ impl Storage for SledStorage {
         Ok(self.tree()?.get(prefixed(space, key)).map_err(engine)?.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, space: Space, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StorageError>> + '_> {
+    fn scan(&self, space: Space, prefix: &[u8]) -> Records<'_> {
         match self.tree() {
             Ok(tree) => Box::new(
                 tree.scan_prefix(prefixed(space, prefix))
@@ -295,7 +302,7 @@ impl Storage for SledStorage {
         }
     }
 
-    fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<Record>, StorageError> {
         self.tree()?
             .scan_prefix(prefixed(space, prefix))
             .rev()

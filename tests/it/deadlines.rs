@@ -24,7 +24,11 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
     let dir = tempfile::tempdir().unwrap();
     let clock = virtual_clock();
     let mut settings = test_settings();
-    settings.desired_sync = RetryPolicy { deadline_ms: 1_000, max_retries: 2, backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 } };
+    settings.desired_sync = RetryPolicy {
+        deadline_ms: 1_000,
+        max_retries: 2,
+        backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
+    };
     let p = start(dir.path(), Some(clock.clone()), settings).await;
     fleet(&p, "valve", json!({}), "v", 2, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
@@ -52,7 +56,13 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
     assert!(alert.message.contains("after 3 attempts"), "{}", alert.message);
 
     let events = twin.events(20).await.unwrap();
-    let retries: Vec<u32> = events.iter().filter_map(|e| match &e.kind { EventKind::WaitRetried { attempt, .. } => Some(*attempt), _ => None }).collect();
+    let retries: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::WaitRetried { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
     assert_eq!(retries, vec![1, 2]);
     assert!(events.iter().any(|e| matches!(e.kind, EventKind::AlertRaised { .. })));
     assert!(sent.try_recv().is_err(), "no retry after the alert");

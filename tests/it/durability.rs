@@ -20,7 +20,9 @@ const WRITERS: usize = 32;
 /// Without the environment variable it returns at once.
 #[actix_rt::test]
 async fn child_writer() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let p = start(std::path::Path::new(&dir), None, test_settings()).await;
     fleet(&p, "meter", json!({}), "w", WRITERS, |_| vec![]).await;
     println!("READY");
@@ -96,7 +98,11 @@ fn acknowledged_writes_survive_sigkill() {
             let view = p.twin(twin).unwrap().get().await.unwrap();
             let stored = view.state.reported["n"].as_u64().unwrap();
             assert!(stored >= *n, "{twin}: acknowledged n={n} but only n={stored} survived");
-            assert!(view.state.last_seq >= *seq, "{twin}: acknowledged seq {seq}, journal ends at {}", view.state.last_seq);
+            assert!(
+                view.state.last_seq >= *seq,
+                "{twin}: acknowledged seq {seq}, journal ends at {}",
+                view.state.last_seq
+            );
             let events = p.twin(twin).unwrap().events(5_000).await.unwrap();
             assert!(events.iter().any(|e| e.seq == *seq), "{twin}: journal entry {seq} lost");
         }
@@ -110,8 +116,16 @@ async fn a_restart_restores_twins_memberships_and_journal() {
     let n = 5_000;
     {
         let p = start(dir.path(), None, test_settings()).await;
-        p.create_dta(twinfleet::DtaSpec { id: did("site-a"), name: "Site A".into(), parents: vec![], layers: Default::default() }).await.unwrap();
-        fleet(&p, "meter", json!({"interval": 60}), "m", n, |i| if i % 2 == 0 { vec![did("site-a")] } else { vec![] }).await;
+        p.create_dta(twinfleet::DtaSpec {
+            id: did("site-a"),
+            name: "Site A".into(),
+            parents: vec![],
+            layers: Default::default(),
+        })
+        .await
+        .unwrap();
+        fleet(&p, "meter", json!({"interval": 60}), "m", n, |i| if i % 2 == 0 { vec![did("site-a")] } else { vec![] })
+            .await;
         let t = p.twin("m-10").unwrap();
         t.report(obj(json!({"kwh": 12.5}))).await.unwrap();
         t.set_desired(obj(json!({"interval": 30}))).await.unwrap();

@@ -8,7 +8,14 @@ use twinfleet_protocols::HttpApi;
 async fn twin_view_and_actor_tree_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let p = start(dir.path(), None, test_settings()).await;
-    p.create_dta(twinfleet::DtaSpec { id: did("line-1"), name: "Line 1".into(), parents: vec![], layers: Default::default() }).await.unwrap();
+    p.create_dta(twinfleet::DtaSpec {
+        id: did("line-1"),
+        name: "Line 1".into(),
+        parents: vec![],
+        layers: Default::default(),
+    })
+    .await
+    .unwrap();
     fleet(&p, "press", json!({"speed": 3}), "h", 50, |i| if i < 10 { vec![did("line-1")] } else { vec![] }).await;
     p.twin("h-1").unwrap().report(obj(json!({"temp": 40}))).await.unwrap();
     let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();

@@ -26,7 +26,11 @@ pub fn did(s: &str) -> DtaId {
 pub fn test_settings() -> Settings {
     Settings {
         allow_fault_injection: true,
-        restart: RestartPolicy { max_restarts: 3, window_ms: 60_000, backoff: Backoff { initial_ms: 100, factor: 2, max_ms: 1_000 } },
+        restart: RestartPolicy {
+            max_restarts: 3,
+            window_ms: 60_000,
+            backoff: Backoff { initial_ms: 100, factor: 2, max_ms: 1_000 },
+        },
         ..Settings::default()
     }
 }
@@ -45,9 +49,20 @@ pub async fn start(dir: &Path, clock: Option<Arc<VirtualClock>>, settings: Setti
 
 /// Creates device type `ty` (defaults given) and `n` twins `{prefix}-{i}`, each in the
 /// DTAs `dtas(i)` returns.
-pub async fn fleet(p: &Platform, ty: &str, defaults: Value, prefix: &str, n: usize, dtas: impl Fn(usize) -> Vec<DtaId>) -> TypeHandle {
+pub async fn fleet(
+    p: &Platform,
+    ty: &str,
+    defaults: Value,
+    prefix: &str,
+    n: usize,
+    dtas: impl Fn(usize) -> Vec<DtaId>,
+) -> TypeHandle {
     let ty = p
-        .create_device_type(DeviceTypeSpec { id: DeviceTypeId::new(ty).unwrap(), model: format!("{ty}-hw1"), defaults: obj(defaults) })
+        .create_device_type(DeviceTypeSpec {
+            id: DeviceTypeId::new(ty).unwrap(),
+            model: format!("{ty}-hw1"),
+            defaults: obj(defaults),
+        })
         .await
         .expect("device type created");
     let specs = (0..n)
@@ -90,7 +105,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
     s.read_to_string(&mut raw).expect("read response");
     let status: u16 = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let body = if raw.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let body =
+        if raw.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
 }
 
