@@ -55,7 +55,7 @@ fn main() {
     }
     println!("| benchmark | twins | cores | result | detail |");
     println!("|---|---|---|---|---|");
-    for section in ["bare", "fleet"] {
+    for section in std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("bare,fleet".into()).split(',') {
         let status =
             Command::new(std::env::current_exe().unwrap()).args(["--section", section]).status().expect("section runs");
         assert!(status.success(), "section {section} failed");

@@ -44,12 +44,14 @@ pub struct TwinSlot {
     pub(crate) ty: Arc<TypeContext>,
     /// Index of the packed fleet record this twin was created from, or `NO_ORIGIN`.
     pub(crate) origin: u32,
+    /// The arbiter the twin runs on (and is restarted on).
+    pub(crate) arbiter: u16,
 }
 
 impl TwinSlot {
-    pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32) -> Self {
+    pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32, arbiter: u16) -> Self {
         let stats = ActorStats::new("dti", id.as_arc().clone(), Some(ty.path.clone()));
-        TwinSlot { id, stats, addr: RwLock::new(None), ty, origin }
+        TwinSlot { id, stats, addr: RwLock::new(None), ty, origin, arbiter }
     }
 
     pub(crate) fn set_addr(&self, addr: Option<Addr<Dti>>) {

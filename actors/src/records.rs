@@ -24,7 +24,7 @@ pub struct TwinSpec {
     pub serial: String,
     #[serde(default)]
     pub mac: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
     /// DTAs the twin joins at creation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -45,6 +45,18 @@ impl TwinSpec {
             device_type: device_type.clone(),
         };
         TwinState::new(identity, self.metadata.clone(), self.dtas.clone(), at)
+    }
+
+    /// Like `initial_state`, moving the strings instead of copying them.
+    pub(crate) fn into_initial_state(self, device_type: &DeviceTypeId, model: &Arc<str>, at: Timestamp) -> TwinState {
+        let identity = Identity {
+            twin_id: self.id,
+            serial: self.serial,
+            mac: self.mac,
+            model: model.clone(),
+            device_type: device_type.clone(),
+        };
+        TwinState::new(identity, self.metadata, self.dtas, at)
     }
 }
 

@@ -9,17 +9,15 @@ use crate::dti::{NO_ORIGIN, TwinSlot};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
-use crate::tdta::{Tdta, TypeContext, launch_batch, register_members};
+use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter};
+use dashmap::DashMap;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use twinfleet_models::{Alert, AlertKind, DtaId, Severity, TwinId, TwinState};
 use twinfleet_runtime::{Space, decode_record};
 
-/// Twins launched per batch during restore.
-const LAUNCH_BATCH: usize = 16_384;
 /// Individual alerts raised for quarantined records before they are summarized.
 const ALERT_LIMIT: usize = 100;
 
@@ -57,6 +55,97 @@ fn quarantine(env: &TwinEnv, report: &mut RestoreReport, space: &str, key: &[u8]
         });
     }
     report.quarantined.push(QuarantineEntry { record, twin: twin.map(str::to_string), reason });
+}
+
+/// What restoring one fleet record did, reported back from its arbiter.
+#[derive(Default)]
+struct ChunkOutcome {
+    launched: usize,
+    /// (space, key, twin, reason)
+    quarantined: Vec<(&'static str, Vec<u8>, Option<String>, String)>,
+}
+
+/// On an arbiter: decode one fleet record and start its twins, each from its own
+/// snapshot when it has one.
+fn restore_chunk(
+    env: &TwinEnv,
+    ty: &Arc<TypeContext>,
+    snapshots: &DashMap<TwinId, Vec<u8>>,
+    key: &[u8],
+    bytes: &[u8],
+    origin: u32,
+    arbiter: u16,
+) -> ChunkOutcome {
+    let mut out = ChunkOutcome::default();
+    let chunk = match decode_record::<FleetChunk>(bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = format!("{e}; its twins start only from their own snapshots");
+            out.quarantined.push(("fleet", key.to_vec(), None, reason));
+            return out;
+        }
+    };
+    let mut members = NewMembers::default();
+    for spec in chunk.twins {
+        let state = match snapshots.remove(&spec.id) {
+            Some((_, raw)) => match decode_record::<TwinState>(&raw) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.quarantined.push((
+                        "snapshot",
+                        spec.id.as_str().as_bytes().to_vec(),
+                        Some(spec.id.to_string()),
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+            },
+            None => spec.into_initial_state(&chunk.device_type, &ty.model, chunk.created_at),
+        };
+        start_restored(env, ty, state, origin, arbiter, &mut members);
+        out.launched += 1;
+    }
+    members.register(env);
+    out
+}
+
+/// On an arbiter: start twins that have a snapshot but no readable fleet record.
+fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>) -> ChunkOutcome {
+    let mut out = ChunkOutcome::default();
+    let mut members = NewMembers::default();
+    for (id, raw) in orphans {
+        let key = id.as_str().as_bytes().to_vec();
+        match decode_record::<TwinState>(&raw) {
+            Ok(state) => match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
+                Some(ty) => {
+                    start_restored(env, &ty, state, NO_ORIGIN, 0, &mut members);
+                    out.launched += 1;
+                }
+                None => {
+                    let reason = format!("unknown device type {}", state.identity.device_type);
+                    out.quarantined.push(("snapshot", key, Some(id.to_string()), reason));
+                }
+            },
+            Err(e) => out.quarantined.push(("snapshot", key, Some(id.to_string()), e.to_string())),
+        }
+    }
+    members.register(env);
+    out
+}
+
+fn start_restored(
+    env: &TwinEnv,
+    ty: &Arc<TypeContext>,
+    state: TwinState,
+    origin: u32,
+    arbiter: u16,
+    members: &mut NewMembers,
+) {
+    let id = state.identity.twin_id.clone();
+    let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
+    env.twins.insert(id, slot.clone());
+    ty.twins.fetch_add(1, Relaxed);
+    members.launch(env, slot, state);
 }
 
 pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinError> {
@@ -111,55 +200,27 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
         pending = rest;
     }
 
-    let mut snapshots: HashMap<TwinId, TwinState> = HashMap::new();
+    // Snapshots stay raw here: the arbiters decode them, in parallel, as they meet
+    // their twins in the fleet records.
+    let snapshots: Arc<DashMap<TwinId, Vec<u8>>> = Arc::new(DashMap::new());
     for row in env.storage.scan(Space::Snapshot, b"") {
         let (k, v) = row?;
-        match decode_record::<TwinState>(&v) {
-            Ok(s) => {
-                snapshots.insert(s.identity.twin_id.clone(), s);
+        match std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
+            Some(id) => {
+                snapshots.insert(id, v);
             }
-            Err(e) => {
-                let id = String::from_utf8_lossy(&k).to_string();
-                quarantine(env, &mut report, "snapshot", &k, Some(&id), e.to_string());
-            }
+            None => quarantine(env, &mut report, "snapshot", &k, None, "key is not a twin id".into()),
         }
     }
 
-    let versions: HashMap<DtaId, u64> = env.dtas.iter().map(|e| (e.key().clone(), e.resolved().version)).collect();
-    let mut members: HashMap<DtaId, (u64, Vec<TwinId>)> = HashMap::new();
-    let mut batch: Vec<(Arc<TwinSlot>, TwinState)> = Vec::with_capacity(LAUNCH_BATCH);
-    let mut add =
-        |ty: &Arc<TypeContext>, state: TwinState, origin: u32, batch: &mut Vec<(Arc<TwinSlot>, TwinState)>| {
-            let id = state.identity.twin_id.clone();
-            for d in &state.memberships {
-                if let Some(v) = versions.get(d) {
-                    members.entry(d.clone()).or_insert_with(|| (*v, Vec::new())).1.push(id.clone());
-                }
-            }
-            let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin));
-            env.twins.insert(id, slot.clone());
-            ty.twins.fetch_add(1, Relaxed);
-            batch.push((slot, state));
-        };
-
+    let n = env.arbiters.len();
+    let mut pending = Vec::new();
+    let mut next = 0usize;
     for row in env.storage.scan(Space::Fleet, b"") {
         let (k, v) = row?;
-        let chunk = match decode_record::<FleetChunk>(&v) {
-            Ok(c) => c,
-            Err(e) => {
-                quarantine(
-                    env,
-                    &mut report,
-                    "fleet",
-                    &k,
-                    None,
-                    format!("{e}; its twins start only from their own snapshots"),
-                );
-                continue;
-            }
-        };
-        let Some(ty) = env.types.get(&chunk.device_type).map(|t| t.clone()) else {
-            quarantine(env, &mut report, "fleet", &k, None, format!("unknown device type {}", chunk.device_type));
+        let type_id = k.split(|b| *b == 0).next().and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("");
+        let Some(ty) = env.types.get(type_id).map(|t| t.clone()) else {
+            quarantine(env, &mut report, "fleet", &k, None, format!("unknown device type {type_id:?}"));
             continue;
         };
         let origin = {
@@ -167,34 +228,27 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             c.push(k.clone());
             (c.len() - 1) as u32
         };
-        for spec in chunk.twins {
-            if env.quarantine.contains_key(spec.id.as_str()) {
-                continue;
-            }
-            let state = snapshots
-                .remove(&spec.id)
-                .unwrap_or_else(|| spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at));
-            add(&ty, state, origin, &mut batch);
-            if batch.len() >= LAUNCH_BATCH {
-                report.twins += launch_batch(env, std::mem::take(&mut batch)).await;
-            }
+        let (e, s, i) = (env.clone(), snapshots.clone(), next % n);
+        pending.push(on_arbiter(env, i, move || restore_chunk(&e, &ty, &s, &k, &v, origin, i as u16)));
+        next += 1;
+    }
+    let mut outcomes: Vec<ChunkOutcome> = futures::future::join_all(pending).await.into_iter().flatten().collect();
+
+    // Twins whose fleet record is gone or corrupt still start from their own snapshots.
+    let orphans: Vec<(TwinId, Vec<u8>)> = snapshots.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+    snapshots.clear();
+    if !orphans.is_empty() {
+        let e = env.clone();
+        if let Some(o) = on_arbiter(env, 0, move || restore_orphans(&e, orphans)).await {
+            outcomes.push(o);
         }
     }
-    for (id, state) in snapshots {
-        match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
-            Some(ty) => add(&ty, state, NO_ORIGIN, &mut batch),
-            None => quarantine(
-                env,
-                &mut report,
-                "snapshot",
-                id.as_str().as_bytes(),
-                Some(id.as_str()),
-                format!("unknown device type {}", state.identity.device_type),
-            ),
+    for o in outcomes {
+        report.twins += o.launched;
+        for (space, key, twin, reason) in o.quarantined {
+            quarantine(env, &mut report, space, &key, twin.as_deref(), reason);
         }
     }
-    report.twins += launch_batch(env, batch).await;
-    register_members(env, members);
     report.millis = started.elapsed().as_millis() as u64;
     Ok(report)
 }

@@ -18,9 +18,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use twinfleet_models::{
-    Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, TwinId, TwinState,
+    Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, Timestamp, TwinId, TwinState,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, Space, WriteBatch, decode_record, encode_record, panic};
+use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
 
 /// What a TDTA and its DTIs share; outlives restarts of the TDTA actor.
 #[derive(Debug)]
@@ -98,53 +98,98 @@ pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, 
     Ok(spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at))
 }
 
-/// Starts twins on their arbiters, one batch per arbiter, and resolves when all run.
-pub(crate) fn launch_batch(
-    env: &TwinEnv,
-    twins: Vec<(Arc<TwinSlot>, TwinState)>,
-) -> impl Future<Output = usize> + use<> {
-    let n = env.arbiters.len();
-    let mut parts: Vec<Vec<(Arc<TwinSlot>, TwinState)>> = (0..n).map(|_| Vec::new()).collect();
-    for (slot, state) in twins {
-        parts[env.arbiters.index_for(slot.id.as_str())].push((slot, state));
-    }
-    let mut done = Vec::with_capacity(n);
-    for (i, part) in parts.into_iter().enumerate() {
-        if part.is_empty() {
-            continue;
+/// A batch of twins travelling to an arbiter: one packed fleet record's worth.
+pub(crate) struct ChunkWork {
+    pub key: Vec<u8>,
+    pub origin: u32,
+    pub specs: Vec<TwinSpec>,
+    pub slots: Vec<Arc<TwinSlot>>,
+}
+
+/// Collects, per DTA, the twins started in one batch and the oldest layer version they
+/// were started with; registers them with their DTAs at the end of the batch.
+#[derive(Default)]
+pub(crate) struct NewMembers(HashMap<DtaId, (u64, Vec<TwinId>)>);
+
+impl NewMembers {
+    /// Starts one twin on the current arbiter and remembers its memberships.
+    pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState) {
+        let layers = layers_for(env, &state.memberships);
+        for l in &layers {
+            let e = self.0.entry(l.dta.clone()).or_insert_with(|| (l.version, Vec::new()));
+            e.0 = e.0.min(l.version);
+            e.1.push(state.identity.twin_id.clone());
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        done.push(rx);
-        env.arbiters.run_on(i, move || {
-            let count = part.len();
-            for (slot, state) in part {
-                let layers = layers_for(&slot.ty.env, &state.memberships);
-                Dti::launch(slot, state, layers, None);
+        Dti::launch(slot, state, layers, None);
+    }
+
+    /// Adds the twins to their DTAs' member sets (one lock per DTA), and has a DTA
+    /// re-push its layers to them if they changed since the twins started.
+    pub(crate) fn register(self, env: &TwinEnv) {
+        for (dta, (version, ids)) in self.0 {
+            if let Some(entry) = env.dtas.get(&dta) {
+                let entry: Arc<DtaEntry> = entry.clone();
+                entry.add_members(ids.iter().cloned());
+                if entry.resolved().version != version {
+                    entry.refresh(ids);
+                }
             }
-            let _ = tx.send(count);
-        });
-    }
-    async move {
-        let mut total = 0;
-        for rx in done {
-            total += rx.await.unwrap_or(0);
         }
-        total
     }
 }
 
-/// Adds new members to their DTAs, and has a DTA re-push its layers to those that may
-/// have started with an older version.
-pub(crate) fn register_members(env: &TwinEnv, members: HashMap<DtaId, (u64, Vec<TwinId>)>) {
-    for (dta, (version, ids)) in members {
-        if let Some(entry) = env.dtas.get(&dta) {
-            let entry: Arc<DtaEntry> = entry.clone();
-            entry.add_members(ids.iter().cloned());
-            if entry.resolved().version != version {
-                entry.refresh(ids);
+/// Runs `f` on arbiter `i` and returns the future of its result (`None` if the arbiter
+/// is gone).
+pub(crate) fn on_arbiter<T, F>(env: &TwinEnv, i: usize, f: F) -> impl Future<Output = Option<T>> + use<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    env.arbiters.run_on(i, move || {
+        let _ = tx.send(f());
+    });
+    async move { rx.await.ok() }
+}
+
+/// Phase 1 of a fleet creation, on an arbiter: reserve the ids. Stops at the first id
+/// that exists (or is quarantined) and returns it.
+fn reserve(env: &TwinEnv, ty: &Arc<TypeContext>, arbiter: u16, works: &mut [ChunkWork]) -> Option<TwinId> {
+    for w in works {
+        for spec in &w.specs {
+            if env.quarantine.contains_key(spec.id.as_str()) {
+                return Some(spec.id.clone());
+            }
+            match env.twins.entry(spec.id.clone()) {
+                Entry::Vacant(v) => {
+                    let slot = Arc::new(TwinSlot::new(spec.id.clone(), ty.clone(), w.origin, arbiter));
+                    v.insert(slot.clone());
+                    w.slots.push(slot);
+                }
+                Entry::Occupied(_) => return Some(spec.id.clone()),
             }
         }
     }
+    None
+}
+
+/// Phase 2, on the same arbiter: write the packed records, start the twins, register
+/// them with their DTAs. Returns the tickets of the records.
+fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<ChunkWork>) -> Vec<Ticket> {
+    let mut tickets = Vec::with_capacity(works.len());
+    let mut members = NewMembers::default();
+    for w in works {
+        let record = FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: &w.specs };
+        let mut batch = WriteBatch::new();
+        batch.put(Space::Fleet, w.key, encode_record(&record));
+        tickets.push(env.storage.submit(batch));
+        for (slot, spec) in w.slots.into_iter().zip(w.specs) {
+            let state = spec.into_initial_state(&ty.device_type, &ty.model, now);
+            members.launch(env, slot, state);
+        }
+    }
+    members.register(env);
+    tickets
 }
 
 /// Creates twins of this type. All-or-nothing: an existing or duplicate id, or an
@@ -208,83 +253,58 @@ impl Tdta {
         let env = self.ctx.env.clone();
         let ty = self.ctx.clone();
         let distinct: HashSet<&DtaId> = specs.iter().flat_map(|s| s.dtas.iter()).collect();
-        let mut versions: HashMap<DtaId, u64> = HashMap::new();
-        for d in distinct {
-            let entry = env.dtas.get(d).ok_or_else(|| TwinError::UnknownDta(d.to_string()))?;
-            versions.insert(d.clone(), entry.resolved().version);
+        if let Some(d) = distinct.into_iter().find(|d| !env.dtas.contains_key(*d)) {
+            return Err(TwinError::UnknownDta(d.to_string()));
         }
         let now = env.clock.now();
+        let created = specs.len();
 
-        // Reserve every id first, so that a conflict leaves nothing behind.
-        let chunk_base = ty.chunks.lock().len();
-        let mut slots = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.iter().enumerate() {
-            let origin = (chunk_base + i / CHUNK) as u32;
-            let conflict = env.quarantine.contains_key(spec.id.as_str());
-            match env.twins.entry(spec.id.clone()) {
-                Entry::Vacant(v) if !conflict => {
-                    let slot = Arc::new(TwinSlot::new(spec.id.clone(), ty.clone(), origin));
-                    v.insert(slot.clone());
-                    slots.push(slot);
-                }
-                _ => {
-                    for s in &slots {
-                        env.twins.remove(&s.id);
-                    }
-                    return Err(TwinError::AlreadyExists { kind: "twin", id: spec.id.to_string() });
-                }
-            }
-        }
-
-        let mut tickets = Vec::new();
+        // One packed record per CHUNK twins; records are spread over the arbiters, and a
+        // twin lives on the arbiter that handled its record.
+        let n = env.arbiters.len();
+        let mut per_arbiter: Vec<Vec<ChunkWork>> = (0..n).map(|_| Vec::new()).collect();
         let mut keys = Vec::new();
-        for part in specs.chunks(CHUNK) {
-            let key = match env.storage.generate_id() {
-                Ok(id) => fleet_key(&ty.device_type, id),
-                Err(e) => {
-                    for s in &slots {
-                        env.twins.remove(&s.id);
-                    }
-                    return Err(e.into());
-                }
-            };
-            let mut batch = WriteBatch::new();
-            batch.put(
-                Space::Fleet,
-                key.clone(),
-                encode_record(&FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: part }),
-            );
-            tickets.push(env.storage.submit(batch));
+        let mut specs = specs.into_iter().peekable();
+        let base = ty.chunks.lock().len();
+        while specs.peek().is_some() {
+            let part: Vec<TwinSpec> = specs.by_ref().take(CHUNK).collect();
+            let key = fleet_key(&ty.device_type, env.storage.generate_id()?);
+            let origin = (base + keys.len()) as u32;
+            per_arbiter[keys.len() % n].push(ChunkWork { key: key.clone(), origin, specs: part, slots: Vec::new() });
             keys.push(key);
         }
         let records = keys.len();
         ty.chunks.lock().extend(keys);
 
-        let mut members: HashMap<DtaId, (u64, Vec<TwinId>)> = HashMap::new();
-        let mut twins = Vec::with_capacity(specs.len());
-        for (slot, spec) in slots.into_iter().zip(specs) {
-            for d in &spec.dtas {
-                members.entry(d.clone()).or_insert_with(|| (versions[d], Vec::new())).1.push(spec.id.clone());
-            }
-            let state = spec.initial_state(&ty.device_type, &ty.model, now);
-            twins.push((slot, state));
-        }
-        let created = twins.len();
-        ty.twins.fetch_add(created, Relaxed);
-        let launched = launch_batch(&env, twins);
         Ok(async move {
-            let mut failure = None;
-            for t in tickets {
-                if let Err(e) = t.await {
-                    failure = Some(e);
+            // Phase 1: reserve every id on every arbiter, so that a conflict leaves nothing.
+            let reserved = per_arbiter.into_iter().enumerate().map(|(i, mut works)| {
+                let (e, t) = (env.clone(), ty.clone());
+                on_arbiter(&env, i, move || {
+                    let conflict = reserve(&e, &t, i as u16, &mut works);
+                    (works, conflict)
+                })
+            });
+            let reserved: Vec<(Vec<ChunkWork>, Option<TwinId>)> =
+                futures::future::join_all(reserved).await.into_iter().map(|r| r.unwrap_or_default()).collect();
+            if let Some(id) = reserved.iter().find_map(|(_, c)| c.clone()) {
+                for slot in reserved.iter().flat_map(|(w, _)| w.iter()).flat_map(|w| w.slots.iter()) {
+                    env.twins.remove_if(&slot.id, |_, v| Arc::ptr_eq(v, slot));
                 }
+                return Err(TwinError::AlreadyExists { kind: "twin", id: id.to_string() });
             }
-            launched.await;
-            register_members(&env, members);
-            match failure {
-                Some(e) => Err(e.into()),
-                None => Ok(FleetReport { created, records }),
+            // Phase 2: write, start and register on the same arbiters.
+            let launched = reserved.into_iter().enumerate().map(|(i, (works, _))| {
+                let (e, t) = (env.clone(), ty.clone());
+                on_arbiter(&env, i, move || launch_chunks(&e, &t, now, works))
+            });
+            let tickets: Vec<Ticket> =
+                futures::future::join_all(launched).await.into_iter().flatten().flatten().collect();
+            ty.twins.fetch_add(created, Relaxed);
+            for t in tickets {
+                t.await?;
             }
+            Ok(FleetReport { created, records })
         })
     }
 
@@ -305,7 +325,7 @@ impl Tdta {
                 ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
                     Ok(state) => {
                         let env = act.ctx.env.clone();
-                        let i = env.arbiters.index_for(slot.id.as_str());
+                        let i = slot.arbiter as usize;
                         slot.stats.restarted();
                         tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
                         env.arbiters.run_on(i, move || {

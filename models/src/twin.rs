@@ -34,6 +34,12 @@ pub struct Metadata {
     pub attributes: Map<String, Value>,
 }
 
+impl Metadata {
+    pub fn is_empty(&self) -> bool {
+        self.location.is_none() && self.tags.is_empty() && self.attributes.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Lifecycle {
