@@ -5,7 +5,9 @@
 //! that one section's memory does not hide in the next one's RSS. Each section prints
 //! table rows with the machine's core count. `TWINFLEET_BENCH_TWINS` changes the fleet
 //! size (default 1,000,000); `TWINFLEET_BENCH_REPEAT` the repetitions of the timed
-//! request loops (default 3, the median is reported).
+//! request loops (default 3, the median is reported); `TWINFLEET_BENCH_SECTIONS` picks
+//! sections (`bare,fleet`); `TWINFLEET_BENCH_SPAWN_ONLY=1` stops the fleet section after
+//! the spawn, for profiling.
 
 use actix::prelude::*;
 use serde_json::json;
@@ -183,6 +185,12 @@ async fn fleet() {
         &format!("{secs:.2} s"),
         &format!("{:.0} twins/s, {per:.0} B RSS/twin", n as f64 / secs),
     );
+
+    if std::env::var_os("TWINFLEET_BENCH_SPAWN_ONLY").is_some() {
+        // A profiling aid: `perf record` of the spawn alone, without the teardown.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::process::exit(0);
+    }
 
     // Request/reply through the public handle.
     for callers in [1usize, 10_000] {

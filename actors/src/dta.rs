@@ -8,7 +8,7 @@
 //! the actor, so that the actor only serializes changes and pushes.
 
 use crate::dti::{DtiRequest, ResolvedLayers};
-use crate::env::TwinEnv;
+use crate::env::{FastSet, TwinEnv};
 use crate::error::TwinError;
 use crate::handle::TwinHandle;
 use crate::records::DtaSpec;
@@ -32,7 +32,7 @@ pub struct DtaEntry {
     record: RwLock<DtaSpec>,
     resolved: RwLock<Arc<ResolvedLayers>>,
     parent_resolved: Mutex<HashMap<DtaId, Arc<ResolvedLayers>>>,
-    pub(crate) members: Mutex<HashSet<TwinId>>,
+    pub(crate) members: Mutex<FastSet<TwinId>>,
     pub(crate) children: Mutex<HashSet<DtaId>>,
     addr: RwLock<Option<Addr<Dta>>>,
 }
@@ -60,7 +60,7 @@ impl DtaEntry {
             resolved: RwLock::new(Arc::new(ResolvedLayers { dta: spec.id.clone(), version: 0, layers: vec![] })),
             record: RwLock::new(spec),
             parent_resolved: Mutex::new(parent_resolved),
-            members: Mutex::new(HashSet::new()),
+            members: Mutex::new(FastSet::default()),
             children: Mutex::new(HashSet::new()),
             addr: RwLock::new(None),
             env,
@@ -73,8 +73,10 @@ impl DtaEntry {
         self.resolved.read().clone()
     }
 
-    pub(crate) fn add_members(&self, ids: impl IntoIterator<Item = TwinId>) {
-        self.members.lock().extend(ids);
+    pub(crate) fn add_members(&self, ids: impl ExactSizeIterator<Item = TwinId>) {
+        let mut m = self.members.lock();
+        m.reserve(ids.len());
+        m.extend(ids);
     }
 
     /// Has the actor push the current layers to `ids`.

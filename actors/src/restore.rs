@@ -6,11 +6,10 @@
 
 use crate::dta::{Dta, DtaEntry};
 use crate::dti::{NO_ORIGIN, TwinSlot};
-use crate::env::TwinEnv;
+use crate::env::{Directory, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
 use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter};
-use dashmap::DashMap;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -70,7 +69,7 @@ struct ChunkOutcome {
 fn restore_chunk(
     env: &TwinEnv,
     ty: &Arc<TypeContext>,
-    snapshots: &DashMap<TwinId, Vec<u8>>,
+    snapshots: &Directory<TwinId, Vec<u8>>,
     key: &[u8],
     bytes: &[u8],
     origin: u32,
@@ -202,7 +201,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
 
     // Snapshots stay raw here: the arbiters decode them, in parallel, as they meet
     // their twins in the fleet records.
-    let snapshots: Arc<DashMap<TwinId, Vec<u8>>> = Arc::new(DashMap::new());
+    let snapshots: Arc<Directory<TwinId, Vec<u8>>> = Arc::new(Directory::default());
     for row in env.storage.scan(Space::Snapshot, b"") {
         let (k, v) = row?;
         match std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {

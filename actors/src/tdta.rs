@@ -6,7 +6,7 @@
 
 use crate::dta::DtaEntry;
 use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, TwinSlot};
-use crate::env::TwinEnv;
+use crate::env::{FastMap, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{CHUNK, DeviceTypeSpec, FleetChunk, FleetChunkRef, TwinSpec, fleet_key, twin_key};
 use actix::prelude::*;
@@ -109,7 +109,7 @@ pub(crate) struct ChunkWork {
 /// Collects, per DTA, the twins started in one batch and the oldest layer version they
 /// were started with; registers them with their DTAs at the end of the batch.
 #[derive(Default)]
-pub(crate) struct NewMembers(HashMap<DtaId, (u64, Vec<TwinId>)>);
+pub(crate) struct NewMembers(FastMap<DtaId, (u64, Vec<TwinId>)>);
 
 impl NewMembers {
     /// Starts one twin on the current arbiter and remembers its memberships.
