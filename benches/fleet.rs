@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use twinfleet::models::{DeviceTypeId, DtaId, TwinId};
 use twinfleet::{DeviceTypeSpec, DtaSpec, Platform, TwinHandle, TwinSpec};
 
+// The same allocator as the `twinfleet` binary (see src/main.rs for why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TYPES: [&str; 3] = ["thermostat", "meter", "valve"];
 const SITES: usize = 100;
 const REGIONS: usize = 7;
