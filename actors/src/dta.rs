@@ -69,6 +69,20 @@ impl DtaEntry {
         entry
     }
 
+    /// Creates the entry, starts its actor, registers it and links it to its parents.
+    pub(crate) fn start(spec: DtaSpec, env: &Arc<TwinEnv>) {
+        let id = spec.id.clone();
+        let parents = spec.parents.clone();
+        let entry = DtaEntry::new(spec, env.clone());
+        Dta::launch(entry.clone());
+        env.dtas.insert(id.clone(), entry);
+        for p in parents {
+            if let Some(pe) = env.dtas.get(&p) {
+                pe.children.lock().insert(id.clone());
+            }
+        }
+    }
+
     pub(crate) fn resolved(&self) -> Arc<ResolvedLayers> {
         self.resolved.read().clone()
     }

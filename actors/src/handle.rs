@@ -235,19 +235,19 @@ impl TypeHandle {
     /// Creates twins of this type, all or nothing; resolves once they all run and their
     /// records are durable.
     pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
-        let stats = &self.ctx.stats;
-        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
-            kind: "tdta",
-            id: self.ctx.device_type.to_string(),
-            status: stats.status(),
-        })?;
-        stats.enqueued();
+        let addr = self.tdta()?;
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
         addr.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
     }
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
+        let addr = self.tdta()?;
+        deliver(addr.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.env).await
+    }
+
+    /// The TDTA's address, counting the message about to be sent.
+    fn tdta(&self) -> Result<actix::Addr<crate::tdta::Tdta>, TwinError> {
         let stats = &self.ctx.stats;
         let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
             kind: "tdta",
@@ -255,6 +255,6 @@ impl TypeHandle {
             status: stats.status(),
         })?;
         stats.enqueued();
-        deliver(addr.send(SetDefaults(defaults)), stats, &self.ctx.env).await
+        Ok(addr)
     }
 }

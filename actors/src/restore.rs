@@ -4,7 +4,7 @@
 //! quarantined: reported (alert, restore report, `Quarantined` on access) and left
 //! untouched on disk, while everything else starts.
 
-use crate::dta::{Dta, DtaEntry};
+use crate::dta::DtaEntry;
 use crate::dti::{NO_ORIGIN, TwinSlot};
 use crate::env::{Directory, TwinEnv};
 use crate::error::TwinError;
@@ -184,16 +184,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             break;
         }
         for spec in ready {
-            let id = spec.id.clone();
-            let parents = spec.parents.clone();
-            let entry = DtaEntry::new(spec, env.clone());
-            Dta::launch(entry.clone());
-            env.dtas.insert(id.clone(), entry);
-            for p in parents {
-                if let Some(pe) = env.dtas.get(&p) {
-                    pe.children.lock().insert(id.clone());
-                }
-            }
+            DtaEntry::start(spec, env);
             report.dtas += 1;
         }
         pending = rest;

@@ -4,7 +4,7 @@
 //! The supervisor creates TDTAs and DTAs; TDTAs supervise their DTIs. Device types and
 //! DTAs are persisted before they are announced; creating an existing one is refused.
 
-use crate::dta::{Dta, DtaEntry, DtaInfo};
+use crate::dta::{DtaEntry, DtaInfo};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
@@ -92,16 +92,7 @@ impl Handler<CreateDta> for PlatformSupervisor {
         let mut b = WriteBatch::new();
         b.put(Space::Dta, spec.id.as_str(), encode_record(&spec));
         let ticket = env.storage.submit(b);
-        let id = spec.id.clone();
-        let parents = spec.parents.clone();
-        let entry = DtaEntry::new(spec, env.clone());
-        Dta::launch(entry.clone());
-        env.dtas.insert(id.clone(), entry);
-        for p in parents {
-            if let Some(pe) = env.dtas.get(&p) {
-                pe.children.lock().insert(id.clone());
-            }
-        }
+        DtaEntry::start(spec, &env);
         Box::pin(async move { ticket.await.map_err(TwinError::from) })
     }
 }
