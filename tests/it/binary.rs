@@ -4,7 +4,7 @@ use crate::support::http_get;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn spawn(dir: &std::path::Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_twinfleet"))
@@ -42,19 +42,26 @@ fn signal(child: &Child, sig: i32) {
 
 /// Waits for exit (at most 30 s) and returns (success, stderr).
 fn finish(mut child: Child) -> (bool, String) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send(status);
+    });
+    let status = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(s) => s.unwrap(),
+        Err(_) => {
+            // Safety: kill(2) on a pid we own.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL)
+            };
             panic!("twinfleet did not stop within 30 s");
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    stderr.read_to_string(&mut err).unwrap();
     (status.success(), err)
 }
 
