@@ -31,8 +31,9 @@ use twinfleet_runtime::{
 };
 
 pub use twinfleet_actors::{
-    ActorPage, ActorQuery, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo, DtaSpec, FleetReport,
-    RestoreReport, Settings, TwinError, TwinHandle, TwinRuntime, TwinSpec, TwinView, TypeHandle, TypeInfo,
+    ActorPage, ActorQuery, AuthError, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo, DtaSpec,
+    FleetReport, RestoreReport, Settings, TOKEN_PREFIX, TwinError, TwinHandle, TwinRuntime, TwinSpec, TwinView,
+    TypeHandle, TypeInfo,
 };
 pub use twinfleet_models as models;
 pub use twinfleet_runtime::{ActorStatus, ActorView, Clock, StorageStats, VirtualClock};
@@ -90,7 +91,7 @@ impl PlatformBuilder {
         let storage = SledStorage::open(&self.data_dir, self.sled)?;
         let arbiters = Arc::new(ArbiterPool::new(self.arbiters));
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let env = twinfleet_actors::TwinEnv::new(storage, clock, arbiters.clone(), self.settings);
+        let env = twinfleet_actors::TwinEnv::new(storage, clock, arbiters.clone(), self.settings)?;
         let (runtime, report) = TwinRuntime::start(env).await?;
         tracing::info!(
             twins = report.twins,

@@ -3,6 +3,7 @@
 //! platform; nothing here is a process-wide singleton, so two platforms can run in one
 //! process (tests do).
 
+use crate::credentials::Credentials;
 use crate::dta::DtaEntry;
 use crate::dti::TwinSlot;
 use crate::tdta::TypeContext;
@@ -13,7 +14,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use twinfleet_models::{DeviceTypeId, DtaId, RestartPolicy, RetryPolicy, TwinId};
-use twinfleet_runtime::{AlertSink, ArbiterPool, SharedClock, Storage};
+use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
 /// was 13% of creating a million twins) and still seeded per process, so that crafted
@@ -86,6 +87,9 @@ pub struct TwinEnv {
     pub alerts: AlertSink,
     pub arbiters: Arc<ArbiterPool>,
     pub settings: Settings,
+    /// Counted rejections of bad input, shared by every edge.
+    pub rejections: Rejections,
+    pub(crate) credentials: Credentials,
     pub(crate) twins: Directory<TwinId, Arc<TwinSlot>>,
     pub(crate) types: Directory<DeviceTypeId, Arc<TypeContext>>,
     pub(crate) dtas: Directory<DtaId, Arc<DtaEntry>>,
@@ -101,21 +105,24 @@ impl TwinEnv {
         clock: SharedClock,
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, StorageError> {
         let alerts = AlertSink::new(storage.clone());
-        Arc::new(TwinEnv {
+        let credentials = Credentials::open(storage.clone())?;
+        Ok(Arc::new(TwinEnv {
             storage,
             clock,
             alerts,
             arbiters,
             settings,
+            rejections: Rejections::default(),
+            credentials,
             twins: Directory::default(),
             types: Directory::default(),
             dtas: Directory::default(),
             quarantine: Directory::default(),
             device_link: RwLock::new(Arc::new(NoDeviceLink)),
             versions: AtomicU64::new(1),
-        })
+        }))
     }
 
     pub fn set_device_link(&self, link: Arc<dyn DeviceLink>) {

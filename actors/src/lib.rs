@@ -10,6 +10,7 @@
 //! Actix types stay inside this crate: callers get [`TwinHandle`], [`DtaHandle`],
 //! [`TypeHandle`] and [`TwinRuntime`].
 
+pub mod credentials;
 pub mod dta;
 pub mod dti;
 pub mod env;
@@ -20,6 +21,7 @@ pub mod restore;
 pub mod supervisor;
 pub mod tdta;
 
+pub use credentials::{AuthError, TOKEN_PREFIX};
 pub use dta::DtaInfo;
 pub use dti::{TwinView, WaitView};
 pub use env::{DeviceCommand, DeviceLink, Settings, TwinEnv};

@@ -4,6 +4,7 @@
 //! The supervisor creates TDTAs and DTAs; TDTAs supervise their DTIs. Device types and
 //! DTAs are persisted before they are announced; creating an existing one is refused.
 
+use crate::credentials::AuthError;
 use crate::dta::{DtaEntry, DtaInfo};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
@@ -167,6 +168,31 @@ impl TwinRuntime {
         let id = spec.id.clone();
         self.spawn_fleet(device_type, vec![spec]).await?;
         self.twin(id.as_str())
+    }
+
+    /// Issues a device token for twin `id` (replacing any earlier one) and returns it.
+    /// Only its keyed hash is stored: show it to the operator once.
+    pub async fn issue_device_token(&self, id: &str) -> Result<String, TwinError> {
+        let twin = self.twin(id)?;
+        self.env.credentials.issue(twin.id(), self.env.clock.now()).await
+    }
+
+    pub async fn revoke_device_token(&self, id: &str) -> Result<(), TwinError> {
+        let twin = self.twin(id)?;
+        self.env.credentials.revoke(twin.id()).await
+    }
+
+    /// The credential mapper: the twin a device may speak for, given the id and token it
+    /// presents. Every failure is counted in `rejections` and logged at a limited rate.
+    pub fn authenticate_device(&self, device_id: &str, token: &str) -> Result<TwinHandle, AuthError> {
+        let result = match self.env.twins.get(device_id).map(|s| TwinHandle::new(s.clone())) {
+            None => Err(AuthError::UnknownDevice(device_id.chars().take(64).collect())),
+            Some(h) => self.env.credentials.verify(h.id(), token).map(|()| h),
+        };
+        if let Err(e) = &result {
+            self.env.rejections.reject(e.reason(), || e.to_string());
+        }
+        result
     }
 
     pub fn twin(&self, id: &str) -> Result<TwinHandle, TwinError> {

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod codec;
 pub mod lock;
 pub mod panic;
+pub mod rejections;
 pub mod stats;
 pub mod storage;
 
@@ -21,5 +22,6 @@ pub use arbiters::ArbiterPool;
 pub use clock::{Clock, SharedClock, SystemClock, VirtualClock};
 pub use codec::{CodecError, decode_record, encode_record};
 pub use lock::{DataDirLock, LockError};
+pub use rejections::Rejections;
 pub use stats::{ActorStats, ActorStatus, ActorView};
 pub use storage::{SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch};

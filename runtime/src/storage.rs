@@ -36,6 +36,8 @@ pub enum Space {
     Journal = 5,
     Alert = 6,
     Quarantine = 7,
+    /// Device credentials: twin id → keyed hash of its token.
+    Credential = 8,
 }
 
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@
 mod backpressure;
 mod binary;
 mod config_layers;
+mod credentials;
 mod deadlines;
 mod durability;
 mod http_api;

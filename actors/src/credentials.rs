@@ -1,0 +1,135 @@
+//! Device credentials and the credential mapper of Maree et al.: which device may speak
+//! for which twin.
+//!
+//! A device token is 32 random bytes, shown once when issued. Only a keyed BLAKE3 hash
+//! of it is stored (key: 32 random bytes generated on first start and kept in the data
+//! directory). A keyed hash, not argon2: tokens are random, so there is nothing to
+//! brute-force, and a gateway checks thousands of connections per second (argon2 costs
+//! ~23 ms per check here). Verified hashes are cached in memory, so authentication does
+//! not read storage on the hot path. Comparison is constant-time.
+
+use crate::env::Directory;
+use crate::error::TwinError;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use twinfleet_models::{Timestamp, TwinId};
+use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
+
+const KEY_RECORD: &[u8] = b"device-credential-key";
+/// Prefix of every device token, so that a leaked one is recognisable in logs and scans.
+pub const TOKEN_PREFIX: &str = "tfd_";
+
+/// Why a device was not let in. Deliberately coarse towards the device; detailed in logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("unknown device {0:?}")]
+    UnknownDevice(String),
+    #[error("device {0:?} has no credentials; issue a token first")]
+    NoCredential(String),
+    #[error("wrong token for device {0:?}")]
+    BadToken(String),
+    #[error("credential store unavailable: {0}")]
+    Storage(String),
+}
+
+impl AuthError {
+    /// The rejection reason counted in /metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::UnknownDevice(_) => "unknown_device",
+            AuthError::NoCredential(_) => "no_credential",
+            AuthError::BadToken(_) => "bad_credentials",
+            AuthError::Storage(_) => "credential_store",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CredentialRecord {
+    hash: String,
+    issued_at: Timestamp,
+}
+
+#[derive(Debug)]
+pub struct Credentials {
+    storage: Arc<dyn Storage>,
+    key: [u8; 32],
+    cache: Directory<TwinId, blake3::Hash>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Credentials {
+    /// Loads the installation key, creating it on first start.
+    pub(crate) fn open(storage: Arc<dyn Storage>) -> Result<Self, StorageError> {
+        let key = match storage.get(Space::Meta, KEY_RECORD)? {
+            Some(k) if k.len() == 32 => k.try_into().expect("length checked"),
+            Some(k) => {
+                return Err(StorageError::Engine(format!("device credential key has {} bytes, not 32", k.len())));
+            }
+            None => {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key).map_err(|e| StorageError::Engine(format!("no randomness: {e}")))?;
+                let mut b = WriteBatch::new();
+                b.put(Space::Meta, KEY_RECORD, key.to_vec());
+                // Durable before any token: tokens are written after it, in order.
+                drop(storage.submit(b));
+                key
+            }
+        };
+        Ok(Credentials { storage, key, cache: Directory::default() })
+    }
+
+    fn hash(&self, token: &str) -> blake3::Hash {
+        blake3::keyed_hash(&self.key, token.as_bytes())
+    }
+
+    /// Issues a new token for `twin`, replacing any earlier one. Resolves once it is
+    /// durable; the token is not stored and cannot be shown again.
+    pub(crate) async fn issue(&self, twin: &TwinId, now: Timestamp) -> Result<String, TwinError> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| TwinError::Invalid(format!("no randomness: {e}")))?;
+        let token = format!("{TOKEN_PREFIX}{}", hex(&raw));
+        let hash = self.hash(&token);
+        let mut b = WriteBatch::new();
+        b.put(
+            Space::Credential,
+            twin.as_str(),
+            encode_record(&CredentialRecord { hash: hash.to_hex().to_string(), issued_at: now }),
+        );
+        self.storage.submit(b).await?;
+        self.cache.insert(twin.clone(), hash);
+        Ok(token)
+    }
+
+    /// Removes `twin`'s credentials; its devices can no longer connect.
+    pub(crate) async fn revoke(&self, twin: &TwinId) -> Result<(), TwinError> {
+        let mut b = WriteBatch::new();
+        b.delete(Space::Credential, twin.as_str());
+        self.storage.submit(b).await?;
+        self.cache.remove(twin);
+        Ok(())
+    }
+
+    /// Checks `token` against the stored hash of `twin`'s token.
+    pub(crate) fn verify(&self, twin: &TwinId, token: &str) -> Result<(), AuthError> {
+        let stored = match self.cache.get(twin).map(|h| *h) {
+            Some(h) => h,
+            None => {
+                let raw = self
+                    .storage
+                    .get(Space::Credential, twin.as_str().as_bytes())
+                    .map_err(|e| AuthError::Storage(e.to_string()))?
+                    .ok_or_else(|| AuthError::NoCredential(twin.to_string()))?;
+                let rec: CredentialRecord = decode_record(&raw).map_err(|e| AuthError::Storage(e.to_string()))?;
+                let h = blake3::Hash::from_hex(&rec.hash).map_err(|e| AuthError::Storage(e.to_string()))?;
+                self.cache.insert(twin.clone(), h);
+                h
+            }
+        };
+        // blake3::Hash compares in constant time.
+        if self.hash(token) == stored { Ok(()) } else { Err(AuthError::BadToken(twin.to_string())) }
+    }
+}
