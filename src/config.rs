@@ -5,6 +5,7 @@
 //! |---|---|---|---|---|
 //! | data directory | `--data-dir` | `TWINFLEET_DATA_DIR` | `data_dir` | `./twinfleet-data` |
 //! | HTTP address | `--http` | `TWINFLEET_HTTP` | `http` | `127.0.0.1:8080` |
+//! | gRPC address | `--grpc` | `TWINFLEET_GRPC` | `grpc` | `127.0.0.1:50051` |
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+pub const DEFAULT_GRPC: &str = "127.0.0.1:50051";
 
 /// The optional TOML file. Unknown keys are an error, so a typo does not go unnoticed.
 #[derive(Debug, Default, Deserialize)]
@@ -22,6 +24,7 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub http: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub arbiters: Option<usize>,
     pub log: Option<String>,
 }
@@ -39,6 +42,7 @@ impl FileConfig {
 pub struct RunConfig {
     pub data_dir: PathBuf,
     pub http: SocketAddr,
+    pub grpc: SocketAddr,
     pub arbiters: usize,
     pub log: String,
 }
@@ -48,6 +52,7 @@ pub struct RunConfig {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub http: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub arbiters: Option<usize>,
     pub log: Option<String>,
 }
@@ -57,6 +62,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> RunConfig {
     RunConfig {
         data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         http: over.http.or(file.http).unwrap_or_else(|| DEFAULT_HTTP.parse().expect("default address parses")),
+        grpc: over.grpc.or(file.grpc).unwrap_or_else(|| DEFAULT_GRPC.parse().expect("default address parses")),
         arbiters: over.arbiters.or(file.arbiters).unwrap_or(cores).max(1),
         log: over.log.or(file.log).unwrap_or_else(|| "info".into()),
     }

@@ -1,5 +1,5 @@
 //! The `twinfleet` binary: `twinfleet run` starts the platform on its embedded defaults
-//! (sled in `./twinfleet-data`, HTTP on 127.0.0.1:8080) and stops cleanly on Ctrl-C or
+//! (sled in `./twinfleet-data`, HTTP on 127.0.0.1:8080, gRPC on 127.0.0.1:50051) and stops cleanly on Ctrl-C or
 //! SIGTERM.
 
 use anyhow::Context as _;
@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use twinfleet::Platform;
 use twinfleet::config::{FileConfig, Overrides, RunConfig, resolve};
-use twinfleet_protocols::HttpApi;
+use twinfleet_protocols::{GrpcGateway, HttpApi};
 
 // mimalloc instead of glibc malloc: a fleet is millions of small, long-lived allocations
 // made and freed from several arbiter threads, where glibc's arenas spend their time
@@ -42,6 +42,9 @@ struct RunArgs {
     /// Address of the HTTP API [default: 127.0.0.1:8080].
     #[arg(long, env = "TWINFLEET_HTTP")]
     http: Option<SocketAddr>,
+    /// Address of the gRPC gateway (Hub, DeviceGateway) [default: 127.0.0.1:50051].
+    #[arg(long, env = "TWINFLEET_GRPC")]
+    grpc: Option<SocketAddr>,
     /// Worker arbiters for the twins [default: one per core].
     #[arg(long, env = "TWINFLEET_ARBITERS")]
     arbiters: Option<usize>,
@@ -68,8 +71,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
     };
-    let cfg =
-        resolve(Overrides { data_dir: args.data_dir, http: args.http, arbiters: args.arbiters, log: args.log }, file);
+    let cfg = resolve(
+        Overrides { data_dir: args.data_dir, http: args.http, grpc: args.grpc, arbiters: args.arbiters, log: args.log },
+        file,
+    );
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("invalid --log filter")?)
         .with_writer(std::io::stderr)
@@ -85,12 +90,21 @@ async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
     let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1)
         .with_context(|| format!("cannot listen on {}", cfg.http))?;
+    let grpc = GrpcGateway::start(platform.runtime().clone(), cfg.grpc)
+        .with_context(|| format!("cannot listen on {} for gRPC", cfg.grpc))?;
     tracing::info!("HTTP API listening on http://{}", http.local_addr());
-    println!("twinfleet: HTTP API on http://{}  data in {}", http.local_addr(), data_dir.display());
+    tracing::info!("gRPC gateway listening on {}", grpc.local_addr());
+    println!(
+        "twinfleet: HTTP API on http://{}  gRPC on {}  data in {}",
+        http.local_addr(),
+        grpc.local_addr(),
+        data_dir.display()
+    );
 
     wait_for_stop_signal().await?;
-    tracing::info!("stopping: HTTP first, then twins, then a final flush");
+    tracing::info!("stopping: HTTP and gRPC first, then twins, then a final flush");
     http.stop().await;
+    grpc.stop().await;
     platform.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

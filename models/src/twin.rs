@@ -135,6 +135,12 @@ pub enum EventKind {
     },
     /// The reported state now matches the desired state.
     InSync,
+    /// The device acknowledged a command the twin sent it.
+    CommandAcked {
+        command_id: String,
+        success: bool,
+        message: String,
+    },
     AlertRaised {
         alert: AlertKind,
         message: String,
@@ -243,6 +249,7 @@ impl TwinState {
             | EventKind::Restarted { .. }
             | EventKind::WaitRetried { .. }
             | EventKind::InSync
+            | EventKind::CommandAcked { .. }
             | EventKind::AlertRaised { .. } => {}
         }
         self.last_seq = self.last_seq.max(event.seq);
@@ -256,12 +263,19 @@ impl TwinState {
 }
 
 /// True when every key of `wanted` has the same value in `have` (recursively for objects).
+/// Numbers compare by value, so `5` and `5.0` match: devices and transports differ in
+/// how they write numbers.
 fn covers(have: &Map<String, Value>, wanted: &Map<String, Value>) -> bool {
-    wanted.iter().all(|(k, w)| match (have.get(k), w) {
-        (Some(Value::Object(h)), Value::Object(w)) => covers(h, w),
-        (Some(h), w) => h == w,
-        (None, _) => false,
-    })
+    wanted.iter().all(|(k, w)| have.get(k).is_some_and(|h| same(h, w)))
+}
+
+fn same(h: &Value, w: &Value) -> bool {
+    match (h, w) {
+        (Value::Object(h), Value::Object(w)) => covers(h, w),
+        (Value::Number(h), Value::Number(w)) => h.as_f64() == w.as_f64(),
+        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(h, w)| same(h, w)),
+        (h, w) => h == w,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -330,6 +344,14 @@ mod tests {
         assert_eq!(s.last_seq, 3);
         assert_eq!(s.updated_at, Timestamp(20));
         assert!(s.in_sync());
+    }
+
+    #[test]
+    fn numbers_match_by_value_when_checking_sync() {
+        let mut s = twin();
+        step(&mut s, TwinCommand::SetDesired(obj(json!({"rate": 5, "limits": [1, 2.5]}))), 1);
+        let evs = step(&mut s, TwinCommand::Report(obj(json!({"rate": 5.0, "limits": [1.0, 2.5]}))), 2);
+        assert_eq!(evs.last().unwrap().kind, EventKind::InSync);
     }
 
     #[test]

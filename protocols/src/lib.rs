@@ -1,7 +1,10 @@
-//! The edges of twinfleet. Today: the operator HTTP API ([`http`]), starting with health
-//! and inspection. The MQTT and gRPC gateways and transformers join with the protocol
-//! issue, the rest of the operator API with the operator issue.
+//! The edges of twinfleet: the operator HTTP API ([`http`]) and the gRPC gateway
+//! ([`grpc`]: Bigler's Hub, twinfleet's DeviceGateway, the twins' device link). The MQTT
+//! gateways and transformers join with the rest of the protocol issue.
 
+pub mod grpc;
 pub mod http;
+pub mod json;
 
+pub use grpc::GrpcGateway;
 pub use http::{HttpApi, HttpError};

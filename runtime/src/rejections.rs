@@ -26,7 +26,8 @@ pub struct Rejections {
 
 impl Rejections {
     /// Counts one rejection; logs it unless this reason was logged less than a second ago.
-    pub fn reject(&self, reason: &'static str, detail: impl FnOnce() -> String) {
+    /// Returns whether it logged.
+    pub fn reject(&self, reason: &'static str, detail: impl FnOnce() -> String) -> bool {
         let entry = self.reasons.entry(reason).or_default();
         entry.count.fetch_add(1, Relaxed);
         let mut log = entry.log.lock();
@@ -34,9 +35,12 @@ impl Rejections {
         if log.0.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
             let suppressed = std::mem::take(&mut log.1);
             log.0 = Some(now);
-            tracing::warn!(reason, suppressed, "rejected: {}", detail());
+            let detail = detail();
+            tracing::warn!(reason, suppressed, "rejected: {detail}");
+            true
         } else {
             log.1 += 1;
+            false
         }
     }
 
@@ -59,13 +63,7 @@ mod tests {
     #[test]
     fn counts_every_rejection_and_logs_few() {
         let r = Rejections::default();
-        let mut logged = 0;
-        for _ in 0..1000 {
-            r.reject("bad_token", || {
-                logged += 1;
-                "device x".into()
-            });
-        }
+        let logged = (0..1000).filter(|_| r.reject("bad_token", || "device x".into())).count();
         assert_eq!(r.count("bad_token"), 1000);
         assert_eq!(logged, 1, "one log line per second per reason");
         assert_eq!(r.snapshot(), vec![("bad_token", 1000)]);

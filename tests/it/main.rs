@@ -8,6 +8,7 @@ mod config_layers;
 mod credentials;
 mod deadlines;
 mod durability;
+mod grpc;
 mod http_api;
 mod supervision;
 mod support;

@@ -1,0 +1,284 @@
+//! The gRPC gateway (tonic): the paper's communication mediator for request-response
+//! devices. It serves Bigler's `Hub` (wire-compatible) and twinfleet's `DeviceGateway`,
+//! authenticates every call against the credential store, and is the twins' device link
+//! for devices that hold a `Commands` stream open.
+//!
+//! Identity: `DeviceGateway` calls carry `x-device-id: <twin id>` and
+//! `authorization: Bearer <device token>` in their metadata; bodies carry no identity, so
+//! a device can only speak as itself. `Hub` calls carry the token the same way; the twin
+//! is `device_identifier`, and `tenant_identifier` must match the twin's `tenant`
+//! attribute when it has one (PERMISSION_DENIED otherwise).
+//!
+//! Not yet served (UNIMPLEMENTED, with a message saying so): telemetry
+//! (`SendTelemetry`, `SendNumericScalarValues`) and logs, which need the packed metric
+//! store of the protocol issue.
+
+use crate::json::{json_to_struct, struct_to_json};
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use twinfleet_actors::{AuthError, DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime};
+use twinfleet_models::{EventKind, TwinCommand, TwinId};
+use twinfleet_proto::device::{
+    self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
+};
+use twinfleet_proto::hub::{self, hub_server::Hub, hub_server::HubServer};
+
+/// Commands queued per connected device before `deliver` reports it as full.
+const COMMAND_QUEUE: usize = 64;
+/// Largest message accepted, in bytes (RESOURCE_EXHAUSTED beyond).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A `TwinError` as a gRPC status.
+pub fn status(e: TwinError) -> Status {
+    let msg = e.to_string();
+    match e {
+        TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => Status::not_found(msg),
+        TwinError::AlreadyExists { .. } => Status::already_exists(msg),
+        TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => Status::unavailable(msg),
+        TwinError::MailboxFull(_) => Status::resource_exhausted(msg),
+        TwinError::Timeout { .. } => Status::deadline_exceeded(msg),
+        TwinError::Quarantined { .. } => Status::failed_precondition(msg),
+        TwinError::Rejected(_) | TwinError::InvalidId(_) | TwinError::Invalid(_) => Status::invalid_argument(msg),
+        TwinError::FaultInjectionDisabled => Status::permission_denied(msg),
+        TwinError::Storage(_) => Status::internal(msg),
+    }
+}
+
+fn auth_status(e: AuthError) -> Status {
+    match e {
+        AuthError::Storage(_) => Status::unavailable(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
+/// The Commands streams of connected devices: the twins' link to them.
+#[derive(Debug, Default)]
+pub struct GrpcLinks {
+    streams: DashMap<TwinId, mpsc::Sender<Result<pb::Command, Status>>>,
+    next_id: AtomicU64,
+}
+
+impl DeviceLink for GrpcLinks {
+    fn deliver(&self, twin: &TwinId, cmd: DeviceCommand) -> Result<(), String> {
+        let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
+            return Err(format!("device {twin} has no open gRPC command stream"));
+        };
+        let command_id = format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed));
+        let body = match cmd {
+            DeviceCommand::ApplyDesired { desired, .. } => pb::command::Body::ApplyDesired(json_to_struct(&desired)),
+        };
+        match tx.try_send(Ok(pb::Command { command_id, body: Some(body) })) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(format!("command queue of device {twin} is full")),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.streams.remove_if(twin, |_, t| t.is_closed());
+                Err(format!("device {twin} closed its command stream"))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Gateway {
+    rt: TwinRuntime,
+    links: Arc<GrpcLinks>,
+}
+
+impl Gateway {
+    fn token<T>(req: &Request<T>) -> Result<&str, Status> {
+        let v = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+        let v = v.to_str().map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?;
+        v.strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <device token>`"))
+    }
+
+    fn authenticate_as<T>(&self, req: &Request<T>, device_id: &str) -> Result<TwinHandle, Status> {
+        let token = Self::token(req).inspect_err(|_| {
+            self.rt.env().rejections.reject("bad_credentials", || format!("device {device_id:?}: no usable token"))
+        })?;
+        self.rt.authenticate_device(device_id, token).map_err(auth_status)
+    }
+
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<TwinHandle, Status> {
+        let id = req
+            .metadata()
+            .get("x-device-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| self.reject("bad_credentials", Status::unauthenticated("missing x-device-id metadata")))?
+            .to_string();
+        self.authenticate_as(req, &id)
+    }
+
+    fn reject(&self, reason: &'static str, s: Status) -> Status {
+        self.rt.env().rejections.reject(reason, || s.message().to_string());
+        s
+    }
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Send>>;
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::BatchAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DeviceGateway for Gateway {
+    type SendTelemetryStream = AckStream;
+    type CommandsStream = CommandStream;
+
+    async fn send_telemetry(
+        &self,
+        req: Request<tonic::Streaming<pb::TelemetryBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        self.authenticate(&req)?;
+        Err(Status::unimplemented("telemetry ingest is not built yet (packed metric store pending)"))
+    }
+
+    async fn send_logs(&self, req: Request<pb::LogBatch>) -> Result<Response<pb::Ack>, Status> {
+        self.authenticate(&req)?;
+        Err(Status::unimplemented("log ingest is not built yet"))
+    }
+
+    async fn report_state(&self, req: Request<pb::StateReport>) -> Result<Response<pb::Ack>, Status> {
+        let twin = self.authenticate(&req)?;
+        let patch = req
+            .into_inner()
+            .patch
+            .ok_or_else(|| self.reject("malformed", Status::invalid_argument("patch is required")))?;
+        let patch = struct_to_json(&patch).map_err(|e| self.reject("malformed", Status::invalid_argument(e)))?;
+        let seq = twin.report(patch).await.map_err(status)?;
+        Ok(Response::new(pb::Ack { seq }))
+    }
+
+    async fn commands(&self, req: Request<pb::CommandsRequest>) -> Result<Response<CommandStream>, Status> {
+        let twin = self.authenticate(&req)?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        // A newer stream replaces an older one of the same device.
+        self.links.streams.insert(twin.id().clone(), tx);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack_command(&self, req: Request<pb::CommandAck>) -> Result<Response<pb::Ack>, Status> {
+        let twin = self.authenticate(&req)?;
+        let ack = req.into_inner();
+        if ack.command_id.is_empty() || ack.command_id.len() > 256 {
+            return Err(self.reject("malformed", Status::invalid_argument("command_id must be 1 to 256 bytes")));
+        }
+        let event = EventKind::CommandAcked { command_id: ack.command_id, success: ack.success, message: ack.message };
+        let seq = twin.command(TwinCommand::Record(event)).await.map_err(status)?;
+        Ok(Response::new(pb::Ack { seq }))
+    }
+}
+
+#[tonic::async_trait]
+impl Hub for Gateway {
+    async fn send_numeric_scalar_values(
+        &self,
+        req: Request<tonic::Streaming<hub::NumericScalarValues>>,
+    ) -> Result<Response<()>, Status> {
+        Self::token(&req)?;
+        Err(Status::unimplemented("telemetry ingest is not built yet (packed metric store pending)"))
+    }
+
+    async fn send_device_status(&self, req: Request<hub::DeviceStatus>) -> Result<Response<()>, Status> {
+        let body = req.get_ref().clone();
+        let twin = self.authenticate_as(&req, &body.device_identifier)?;
+        let view = twin.get().await.map_err(status)?;
+        if let Some(tenant) = view.state.metadata.attributes.get("tenant").and_then(|t| t.as_str())
+            && tenant != body.tenant_identifier
+        {
+            return Err(self.reject(
+                "wrong_tenant",
+                Status::permission_denied(format!(
+                    "device {} is not in tenant {:?}",
+                    body.device_identifier, body.tenant_identifier
+                )),
+            ));
+        }
+        let status_name = hub::Status::try_from(body.status)
+            .map(|s| s.as_str_name().to_lowercase())
+            .unwrap_or_else(|_| body.status.to_string());
+        let mut patch = serde_json::Map::new();
+        let mut hub_status = serde_json::Map::new();
+        hub_status.insert("status".into(), status_name.into());
+        if let Some(ts) = body.timestamp {
+            hub_status.insert("timestamp_ms".into(), (ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000).into());
+        }
+        patch.insert("hub_status".into(), hub_status.into());
+        twin.report(patch).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+}
+
+/// A running gRPC gateway.
+#[derive(Debug)]
+pub struct GrpcGateway {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<()>>,
+    links: Arc<GrpcLinks>,
+}
+
+impl GrpcGateway {
+    /// Binds `addr`, serves on an arbiter of its own, and becomes the twins' device link.
+    pub fn start(rt: TwinRuntime, addr: SocketAddr) -> std::io::Result<GrpcGateway> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let links = Arc::new(GrpcLinks::default());
+        rt.env().set_device_link(links.clone());
+        let gw = Gateway { rt, links: links.clone() };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (finished, done) = oneshot::channel();
+        let arbiter = actix::Arbiter::new();
+        arbiter.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("gRPC listener: {e}");
+                    return;
+                }
+            };
+            let result = tonic::transport::Server::builder()
+                .add_service(DeviceGatewayServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .add_service(HubServer::new(gw).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!("gRPC gateway stopped: {e}");
+            }
+            let _ = finished.send(());
+            actix::Arbiter::current().stop();
+        });
+        Ok(GrpcGateway { addr, stop: Some(stop), done: Some(done), links })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Devices with an open command stream.
+    pub fn connected_devices(&self) -> usize {
+        self.links.streams.iter().filter(|s| !s.is_closed()).count()
+    }
+
+    /// Stops accepting, closes command streams, waits for calls in flight.
+    pub async fn stop(mut self) {
+        self.links.streams.clear();
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = d.await;
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The gRPC gateway over real HTTP/2 on loopback, with the client generated from our
+//! .proto: authentication, reported state, the command stream with acks, the Hub's
+//! device status, and the typed statuses of bad input.
+
+use crate::support::*;
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use twinfleet::Platform;
+use twinfleet::models::{EventKind, Metadata, TwinCommand};
+use twinfleet_proto::device::device_gateway_client::DeviceGatewayClient;
+use twinfleet_proto::device::{self as pb, command::Body};
+use twinfleet_proto::hub::{self, hub_client::HubClient};
+use twinfleet_protocols::GrpcGateway;
+use twinfleet_protocols::json::{json_to_struct, struct_to_json};
+
+fn authed<T>(msg: T, device: &str, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("x-device-id", MetadataValue::try_from(device).unwrap());
+    r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+    r
+}
+
+fn patch(v: serde_json::Value) -> pb::StateReport {
+    pb::StateReport { patch: Some(json_to_struct(v.as_object().unwrap())) }
+}
+
+async fn setup(dir: &std::path::Path) -> (Platform, GrpcGateway, Channel, String, String) {
+    let p = start(dir, None, test_settings()).await;
+    fleet(&p, "pump", json!({}), "g", 3, |_| vec![]).await;
+    let t0 = p.issue_device_token("g-0").await.unwrap();
+    let t1 = p.issue_device_token("g-1").await.unwrap();
+    let gw = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let channel = Channel::from_shared(format!("http://{}", gw.local_addr())).unwrap().connect().await.unwrap();
+    (p, gw, channel, t0, t1)
+}
+
+#[actix_rt::test]
+async fn a_device_reports_state_and_receives_and_acks_its_twins_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let mut client = DeviceGatewayClient::new(channel);
+
+    let ack = client.report_state(authed(patch(json!({"fw": "1.2", "pressure": 2.5})), "g-0", &t0)).await.unwrap();
+    let twin = p.twin("g-0").unwrap();
+    let view = twin.get().await.unwrap();
+    assert_eq!(view.state.reported, obj(json!({"fw": "1.2", "pressure": 2.5})));
+    assert_eq!(ack.into_inner().seq, view.state.last_seq);
+
+    // The twin's desired state reaches the device over its command stream.
+    let mut commands = client.commands(authed(pb::CommandsRequest {}, "g-0", &t0)).await.unwrap().into_inner();
+    eventually("the command stream is registered", || async { (gw.connected_devices() == 1).then_some(()) }).await;
+    twin.set_desired(obj(json!({"rate": 5}))).await.unwrap();
+    let cmd = commands.message().await.unwrap().expect("a command");
+    let Some(Body::ApplyDesired(desired)) = cmd.body else { panic!("unexpected command {cmd:?}") };
+    assert_eq!(struct_to_json(&desired).unwrap(), obj(json!({"rate": 5})));
+
+    // The ack comes back to the twin's journal; the report brings the twin in sync.
+    let ack = pb::CommandAck { command_id: cmd.command_id.clone(), success: true, message: "applied".into() };
+    client.ack_command(authed(ack, "g-0", &t0)).await.unwrap();
+    client.report_state(authed(patch(json!({"rate": 5})), "g-0", &t0)).await.unwrap();
+    let view = twin.get().await.unwrap();
+    assert!(view.in_sync && view.desired_sync.is_none());
+    let events = twin.events(10).await.unwrap();
+    assert!(events.iter().any(|e| matches!(&e.kind, EventKind::CommandAcked { command_id, success: true, .. } if *command_id == cmd.command_id)), "{events:?}");
+    assert!(events.iter().any(|e| e.kind == EventKind::InSync));
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, t1) = setup(dir.path()).await;
+    let mut client = DeviceGatewayClient::new(channel);
+    let code = |r: Result<tonic::Response<pb::Ack>, tonic::Status>| r.unwrap_err().code();
+
+    assert_eq!(code(client.report_state(Request::new(patch(json!({"a": 1})))).await), Code::Unauthenticated);
+    assert_eq!(
+        code(client.report_state(authed(patch(json!({"a": 1})), "g-0", "tfd_wrong")).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(code(client.report_state(authed(patch(json!({"a": 1})), "nobody", &t0)).await), Code::Unauthenticated);
+    // A device cannot speak as another device: g-1's token does not open g-0.
+    assert_eq!(code(client.report_state(authed(patch(json!({"a": 1})), "g-0", &t1)).await), Code::Unauthenticated);
+    assert_eq!(
+        code(client.report_state(authed(pb::StateReport { patch: None }, "g-0", &t0)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(client.report_state(authed(patch(json!({})), "g-0", &t0)).await), Code::InvalidArgument);
+    let mut nan = json_to_struct(json!({}).as_object().unwrap());
+    nan.fields.insert("t".into(), prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)) });
+    assert_eq!(
+        code(client.report_state(authed(pb::StateReport { patch: Some(nan) }, "g-0", &t0)).await),
+        Code::InvalidArgument
+    );
+    // FIXME(protocol issue): tonic refuses an oversized message itself, with OUT_OF_RANGE
+    // and before our code can count it; grpc-go says RESOURCE_EXHAUSTED. Asserted as is.
+    let huge = json!({"blob": "x".repeat(2 << 20)});
+    assert_eq!(code(client.report_state(authed(patch(huge), "g-0", &t0)).await), Code::OutOfRange, "oversized message");
+    let r = &p.env().rejections;
+    assert_eq!((r.count("bad_credentials"), r.count("unknown_device"), r.count("malformed")), (3, 1, 2));
+    assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty(), "nothing rejected reached the twin");
+
+    // FIXME(protocol issue): telemetry is not ingested yet; today the gateway says so.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let err = client.send_telemetry(authed(stream, "g-0", &t0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_hub_schema_reports_device_status_into_the_right_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let twin = p.twin("g-0").unwrap();
+    let mut attributes = serde_json::Map::new();
+    attributes.insert("tenant".into(), json!("acme"));
+    twin.command(TwinCommand::UpdateMetadata(Metadata { attributes, ..Default::default() })).await.unwrap();
+    let mut hub = HubClient::new(channel);
+    let status = |tenant: &str| hub::DeviceStatus {
+        tenant_identifier: tenant.into(),
+        device_identifier: "g-0".into(),
+        status: hub::Status::Pending as i32,
+        timestamp: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5_000_000 }),
+    };
+    let mut req = Request::new(status("acme"));
+    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t0}")).unwrap());
+    hub.send_device_status(req).await.unwrap();
+    assert_eq!(
+        twin.get().await.unwrap().state.reported["hub_status"],
+        json!({"status": "pending", "timestamp_ms": 1_700_000_000_005i64})
+    );
+
+    let mut req = Request::new(status("globex"));
+    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t0}")).unwrap());
+    assert_eq!(hub.send_device_status(req).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(hub.send_device_status(Request::new(status("acme"))).await.unwrap_err().code(), Code::Unauthenticated);
+    gw.stop().await;
+    p.shutdown().await;
+}
