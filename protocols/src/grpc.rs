@@ -104,7 +104,7 @@ impl Gateway {
 
     fn authenticate_as<T>(&self, req: &Request<T>, device_id: &str) -> Result<TwinHandle, Status> {
         let token = Self::token(req).inspect_err(|_| {
-            self.rt.env().rejections.reject("bad_credentials", || format!("device {device_id:?}: no usable token"))
+            self.rt.env().rejections.reject("bad_credentials", || format!("device {device_id:?}: no usable token"));
         })?;
         self.rt.authenticate_device(device_id, token).map_err(auth_status)
     }
