@@ -10,15 +10,16 @@
 
 use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
-use crate::records::{journal_key, journal_prefix, twin_key};
+use crate::records::{TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
 use crate::tdta::{ChildFailed, TypeContext};
 use actix::prelude::*;
 use parking_lot::RwLock;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use twinfleet_models::{
-    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, Severity, Timestamp, TwinCommand, TwinEvent, TwinId,
-    TwinState, WaitDecision, effective_config,
+    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, MetricPoint, Severity, Timestamp, TwinCommand,
+    TwinEvent, TwinId, TwinState, WaitDecision, decode_batch, effective_config, encode_batch, validate_batch,
 };
 use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
 
@@ -73,7 +74,19 @@ pub(crate) enum DtiRequest {
     Join(Arc<ResolvedLayers>),
     Leave(DtaId),
     LayersChanged(Arc<ResolvedLayers>),
+    Telemetry(Vec<MetricPoint>),
+    TelemetryQuery(TelemetryQuery),
     InjectPanic,
+}
+
+/// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
+/// newest first, at most `limit`.
+#[derive(Debug, Clone)]
+pub struct TelemetryQuery {
+    pub metric: Option<String>,
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub limit: usize,
 }
 
 #[derive(Debug)]
@@ -81,6 +94,8 @@ pub(crate) enum DtiReply {
     View(Box<TwinView>),
     Ack { seq: u64 },
     Events(Vec<TwinEvent>),
+    Points(Vec<MetricPoint>),
+    Stored { points: usize },
     Done,
 }
 
@@ -99,6 +114,15 @@ pub struct TwinView {
     pub in_sync: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired_sync: Option<WaitView>,
+    /// The newest value of each metric the device sent: `metric → {at, value}`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub telemetry_latest: BTreeMap<String, LatestPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatestPoint {
+    pub at: Timestamp,
+    pub value: f64,
 }
 
 /// A wait the twin owns, as shown to operators.
@@ -122,6 +146,8 @@ pub struct Dti {
     sync: Option<SyncWait>,
     /// Set when this incarnation is a restart: recorded in the journal on start.
     restart: Option<(String, u32)>,
+    /// Newest value per metric; boxed so that twins without telemetry pay 8 bytes.
+    latest: Option<Box<BTreeMap<String, LatestPoint>>>,
 }
 
 impl std::fmt::Debug for Dti {
@@ -148,7 +174,7 @@ impl Dti {
         let s = slot.clone();
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dti { slot: s, state, layers, sync: None, restart }
+            Dti { slot: s, state, layers, sync: None, restart, latest: None }
         });
         slot.set_addr(Some(addr.clone()));
         addr
@@ -166,7 +192,59 @@ impl Dti {
             effective_config: effective_config(&defaults, layers, &self.state.overrides),
             in_sync: self.state.in_sync(),
             desired_sync: self.sync.as_ref().map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
+            telemetry_latest: self.latest.as_deref().cloned().unwrap_or_default(),
         }
+    }
+
+    /// Validates a batch and stores it, one record per clock hour it touches.
+    fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
+        let env = self.slot.ty.env.clone();
+        validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
+        let latest = self.latest.get_or_insert_with(Default::default);
+        for p in &points {
+            let e = latest.entry(p.metric.clone()).or_insert(LatestPoint { at: p.at, value: p.value });
+            if p.at >= e.at {
+                *e = LatestPoint { at: p.at, value: p.value };
+            }
+        }
+        let n = points.len();
+        points.sort_by_key(|p| p.at);
+        let mut batch = WriteBatch::new();
+        for hour in points.chunk_by(|a, b| a.at.0.div_euclid(TELEMETRY_SPAN_MS) == b.at.0.div_euclid(TELEMETRY_SPAN_MS))
+        {
+            let key = telemetry_key(&self.slot.id, hour[0].at.0, env.storage.generate_id()?);
+            batch.put(Space::Telemetry, key, encode_batch(hour));
+        }
+        Ok((env.storage.submit(batch), n))
+    }
+
+    /// Reads stored points after a storage barrier (the twin sees its own writes).
+    fn query_telemetry(&self, q: TelemetryQuery) -> futures::future::BoxFuture<'static, Result<DtiReply, TwinError>> {
+        let storage = self.env().storage.clone();
+        let barrier = storage.barrier();
+        let prefix = journal_prefix(&self.slot.id);
+        let start = telemetry_key(&self.slot.id, q.from.0.saturating_sub(TELEMETRY_SPAN_MS - 1), 0);
+        let end = telemetry_key(&self.slot.id, q.to.0, u64::MAX);
+        Box::pin(async move {
+            barrier.await?;
+            let mut out = Vec::new();
+            for row in storage.scan_range(Space::Telemetry, &start, &end)?.into_iter().rev() {
+                let (k, v) = row;
+                debug_assert!(k.starts_with(&prefix));
+                let Some(points) = decode_batch(&v) else { continue };
+                for p in points.into_iter().rev() {
+                    if p.at >= q.from && p.at <= q.to && q.metric.as_ref().is_none_or(|m| *m == p.metric) {
+                        out.push(p);
+                    }
+                }
+                if out.len() >= q.limit {
+                    break;
+                }
+            }
+            out.sort_by(|a, b| b.at.cmp(&a.at));
+            out.truncate(q.limit);
+            Ok(DtiReply::Points(out))
+        })
     }
 
     /// decide → evolve → persist. The returned ticket resolves when the change is durable.
@@ -326,6 +404,11 @@ impl Dti {
                 }
                 Outcome::Now(Ok(DtiReply::Done))
             }
+            DtiRequest::Telemetry(points) => match self.store_telemetry(points) {
+                Ok((ticket, points)) => Outcome::AfterFlush(ticket, DtiReply::Stored { points }),
+                Err(e) => Outcome::Now(Err(e)),
+            },
+            DtiRequest::TelemetryQuery(q) => Outcome::Later(self.query_telemetry(q)),
             DtiRequest::InjectPanic => {
                 if !self.env().settings.allow_fault_injection {
                     return Outcome::Now(Err(TwinError::FaultInjectionDisabled));

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use twinfleet_models::{DeviceTypeId, DtaId, RestartPolicy, RetryPolicy, TwinId};
+use twinfleet_models::{DeviceTypeId, DtaId, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
@@ -41,6 +41,8 @@ pub struct Settings {
     pub request_timeout_ms: u64,
     /// Accept `inject_panic` requests (tests and chaos drills only).
     pub allow_fault_injection: bool,
+    /// What a telemetry batch may contain.
+    pub telemetry: TelemetryLimits,
 }
 
 impl Default for Settings {
@@ -52,6 +54,7 @@ impl Default for Settings {
             desired_sync: RetryPolicy::default(),
             request_timeout_ms: 30_000,
             allow_fault_injection: false,
+            telemetry: TelemetryLimits::default(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The typed error of every twin operation: each variant says what was wrong and with
 //! which input, so that the HTTP and gRPC edges can map it to a status and a message.
 
-use twinfleet_models::{IdError, ModelError};
+use twinfleet_models::{IdError, ModelError, TelemetryError};
 use twinfleet_runtime::{ActorStatus, StorageError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -26,6 +26,8 @@ pub enum TwinError {
     Quarantined { id: String, reason: String },
     #[error("rejected: {0}")]
     Rejected(#[from] ModelError),
+    #[error("telemetry rejected: {0}")]
+    Telemetry(#[from] TelemetryError),
     #[error("invalid id: {0}")]
     InvalidId(#[from] IdError),
     #[error("invalid request: {0}")]

@@ -4,7 +4,7 @@
 //! deadline on the platform clock on every request.
 
 use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
-use crate::dti::{DtiMsg, DtiReply, DtiRequest, TwinSlot, TwinView};
+use crate::dti::{DtiMsg, DtiReply, DtiRequest, TelemetryQuery, TwinSlot, TwinView};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, TwinSpec};
@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, TwinCommand, TwinEvent, TwinId};
+use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
 use twinfleet_runtime::{ActorStats, ActorView};
 
 /// Awaits an actor's answer with the platform's request deadline.
@@ -122,6 +122,23 @@ impl TwinHandle {
     pub async fn events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
         match self.request(DtiRequest::Events { limit }).await? {
             DtiReply::Events(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stores a telemetry batch (accepted or rejected whole); resolves with the number
+    /// of points once they are durable.
+    pub async fn telemetry(&self, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
+        match self.request(DtiRequest::Telemetry(points)).await? {
+            DtiReply::Stored { points } => Ok(points),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stored points, newest first.
+    pub async fn telemetry_query(&self, q: TelemetryQuery) -> Result<Vec<MetricPoint>, TwinError> {
+        match self.request(DtiRequest::TelemetryQuery(q)).await? {
+            DtiReply::Points(p) => Ok(p),
             other => Err(unexpected(other)),
         }
     }

@@ -23,7 +23,7 @@ pub mod tdta;
 
 pub use credentials::{AuthError, TOKEN_PREFIX};
 pub use dta::DtaInfo;
-pub use dti::{TwinView, WaitView};
+pub use dti::{LatestPoint, TelemetryQuery, TwinView, WaitView};
 pub use env::{DeviceCommand, DeviceLink, Settings, TwinEnv};
 pub use error::TwinError;
 pub use handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};

@@ -10,12 +10,14 @@
 pub mod config;
 pub mod ids;
 pub mod policy;
+pub mod telemetry;
 pub mod time;
 pub mod twin;
 
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
+pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;
 pub use twin::{
     Alert, AlertKind, EventKind, Identity, Lifecycle, Metadata, Severity, TwinCommand, TwinError as ModelError,

@@ -9,9 +9,11 @@
 //! is `device_identifier`, and `tenant_identifier` must match the twin's `tenant`
 //! attribute when it has one (PERMISSION_DENIED otherwise).
 //!
-//! Not yet served (UNIMPLEMENTED, with a message saying so): telemetry
-//! (`SendTelemetry`, `SendNumericScalarValues`) and logs, which need the packed metric
-//! store of the protocol issue.
+//! Telemetry: `SendTelemetry` acknowledges each batch after it is durable (a rejected
+//! batch is acknowledged with `accepted = 0` and the reason, and the stream goes on);
+//! `SendNumericScalarValues` stores values in batches of 1,000 as they arrive, every value
+//! must name the authenticated device, and an error ends the stream saying how many
+//! values were stored before it. Not yet served (UNIMPLEMENTED): `SendLogs`.
 
 use crate::json::{json_to_struct, struct_to_json};
 use dashmap::DashMap;
@@ -24,12 +26,16 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use twinfleet_actors::{AuthError, DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime};
-use twinfleet_models::{EventKind, TwinCommand, TwinId};
+use twinfleet_models::{EventKind, MetricPoint, Timestamp, TwinCommand, TwinId};
 use twinfleet_proto::device::{
     self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
 };
 use twinfleet_proto::hub::{self, hub_server::Hub, hub_server::HubServer};
 
+/// Acks queued per telemetry stream.
+const TELEMETRY_WINDOW: usize = 8;
+/// Hub values stored together.
+const HUB_BATCH: usize = 1_000;
 /// Commands queued per connected device before `deliver` reports it as full.
 const COMMAND_QUEUE: usize = 64;
 /// Largest message accepted, in bytes (RESOURCE_EXHAUSTED beyond).
@@ -45,10 +51,16 @@ pub fn status(e: TwinError) -> Status {
         TwinError::MailboxFull(_) => Status::resource_exhausted(msg),
         TwinError::Timeout { .. } => Status::deadline_exceeded(msg),
         TwinError::Quarantined { .. } => Status::failed_precondition(msg),
-        TwinError::Rejected(_) | TwinError::InvalidId(_) | TwinError::Invalid(_) => Status::invalid_argument(msg),
+        TwinError::Rejected(_) | TwinError::Telemetry(_) | TwinError::InvalidId(_) | TwinError::Invalid(_) => {
+            Status::invalid_argument(msg)
+        }
         TwinError::FaultInjectionDisabled => Status::permission_denied(msg),
         TwinError::Storage(_) => Status::internal(msg),
     }
+}
+
+fn with_stored(s: Status, stored: usize) -> Status {
+    Status::new(s.code(), format!("{} ({stored} values stored before)", s.message()))
 }
 
 fn auth_status(e: AuthError) -> Status {
@@ -119,6 +131,38 @@ impl Gateway {
         self.authenticate_as(req, &id)
     }
 
+    /// A Hub tenant must match the twin's `tenant` attribute when it has one.
+    async fn check_tenant(&self, twin: &TwinHandle, tenant: &str) -> Result<(), Status> {
+        let view = twin.get().await.map_err(status)?;
+        match view.state.metadata.attributes.get("tenant").and_then(|t| t.as_str()) {
+            Some(t) if t != tenant => Err(self.reject(
+                "wrong_tenant",
+                Status::permission_denied(format!("device {} is not in tenant {tenant:?}", twin.id())),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A point as the twin stores it; an unset timestamp means "now".
+    fn point(&self, metric: String, value: f64, ts: Option<prost_types::Timestamp>) -> MetricPoint {
+        let at = ts
+            .map(|t| Timestamp(t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)))
+            .unwrap_or_else(|| self.rt.env().clock.now());
+        MetricPoint { metric, at, value }
+    }
+
+    /// Stores a batch for the Hub, counting a rejected one.
+    async fn store(&self, twin: &TwinHandle, points: Vec<MetricPoint>) -> Result<usize, Status> {
+        match twin.telemetry(points).await {
+            Ok(n) => Ok(n),
+            Err(TwinError::Telemetry(e)) => {
+                self.rt.env().rejections.reject(e.reason(), || format!("device {}: {e}", twin.id()));
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e) => Err(status(e)),
+        }
+    }
+
     fn reject(&self, reason: &'static str, s: Status) -> Status {
         self.rt.env().rejections.reject(reason, || s.message().to_string());
         s
@@ -137,8 +181,40 @@ impl DeviceGateway for Gateway {
         &self,
         req: Request<tonic::Streaming<pb::TelemetryBatch>>,
     ) -> Result<Response<AckStream>, Status> {
-        self.authenticate(&req)?;
-        Err(Status::unimplemented("telemetry ingest is not built yet (packed metric store pending)"))
+        let twin = self.authenticate(&req)?;
+        let mut batches = req.into_inner();
+        let (tx, rx) = mpsc::channel(TELEMETRY_WINDOW);
+        let gw = self.clone();
+        // One batch at a time, acknowledged after its flush: a device that sends faster
+        // than its twin stores is slowed by HTTP/2 flow control, not by a growing queue.
+        tokio::spawn(async move {
+            loop {
+                let batch = match batches.message().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                };
+                let points = batch.points.into_iter().map(|p| gw.point(p.metric, p.value, p.timestamp)).collect();
+                let ack = match twin.telemetry(points).await {
+                    Ok(n) => pb::BatchAck { batch_id: batch.batch_id, accepted: n as u32, error: String::new() },
+                    Err(TwinError::Telemetry(e)) => {
+                        gw.rt.env().rejections.reject(e.reason(), || format!("device {}: {e}", twin.id()));
+                        pb::BatchAck { batch_id: batch.batch_id, accepted: 0, error: e.to_string() }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        break;
+                    }
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn send_logs(&self, req: Request<pb::LogBatch>) -> Result<Response<pb::Ack>, Status> {
@@ -183,8 +259,39 @@ impl Hub for Gateway {
         &self,
         req: Request<tonic::Streaming<hub::NumericScalarValues>>,
     ) -> Result<Response<()>, Status> {
-        Self::token(&req)?;
-        Err(Status::unimplemented("telemetry ingest is not built yet (packed metric store pending)"))
+        let token = Self::token(&req)?.to_string();
+        let mut values = req.into_inner();
+        let mut twin: Option<TwinHandle> = None;
+        let mut batch = Vec::new();
+        let mut stored = 0usize;
+        while let Some(v) = values.message().await.map_err(|s| with_stored(s, stored))? {
+            let h = match &twin {
+                Some(h) if h.id().as_str() == v.device_identifier => h,
+                Some(h) => {
+                    let s = Status::permission_denied(format!(
+                        "this stream speaks for device {}; a value names {:?}",
+                        h.id(),
+                        v.device_identifier
+                    ));
+                    return Err(with_stored(self.reject("wrong_device", s), stored));
+                }
+                None => {
+                    let h = self.rt.authenticate_device(&v.device_identifier, &token).map_err(auth_status)?;
+                    self.check_tenant(&h, &v.tenant_identifier).await?;
+                    twin.insert(h)
+                }
+            };
+            batch.push(self.point(v.metric_identifier, v.value, v.timestamp));
+            if batch.len() >= HUB_BATCH {
+                stored += self.store(h, std::mem::take(&mut batch)).await.map_err(|s| with_stored(s, stored))?;
+            }
+        }
+        if let Some(h) = &twin
+            && !batch.is_empty()
+        {
+            self.store(h, batch).await.map_err(|s| with_stored(s, stored))?;
+        }
+        Ok(Response::new(()))
     }
 
     async fn send_device_status(&self, req: Request<hub::DeviceStatus>) -> Result<Response<()>, Status> {

@@ -46,7 +46,7 @@ impl HttpError {
             TwinError::MailboxFull(_) => "mailbox_full",
             TwinError::Timeout { .. } => "timeout",
             TwinError::Quarantined { .. } => "quarantined",
-            TwinError::Rejected(_) => "rejected",
+            TwinError::Rejected(_) | TwinError::Telemetry(_) => "rejected",
             TwinError::InvalidId(_) | TwinError::Invalid(_) => "invalid",
             TwinError::Storage(_) => "storage",
             TwinError::FaultInjectionDisabled => "forbidden",
@@ -67,7 +67,7 @@ impl ResponseError for HttpError {
             }
             TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
             TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            TwinError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            TwinError::Rejected(_) | TwinError::Telemetry(_) => StatusCode::UNPROCESSABLE_ENTITY,
             TwinError::InvalidId(_) | TwinError::Invalid(_) => StatusCode::BAD_REQUEST,
             TwinError::FaultInjectionDisabled => StatusCode::FORBIDDEN,
             TwinError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,

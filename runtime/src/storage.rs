@@ -38,6 +38,9 @@ pub enum Space {
     Quarantine = 7,
     /// Device credentials: twin id → keyed hash of its token.
     Credential = 8,
+    /// Telemetry: key = twin id, 0x00, first point's millis (BE), record id (BE); value =
+    /// a packed batch whose points all fall in one clock hour.
+    Telemetry = 9,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,8 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     fn scan(&self, space: Space, prefix: &[u8]) -> Records<'_>;
     /// Up to `limit` records of `space` with `prefix`, newest key first.
     fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<Record>, StorageError>;
+    /// Records of `space` with `start <= key <= end`, in key order.
+    fn scan_range(&self, space: Space, start: &[u8], end: &[u8]) -> Result<Vec<Record>, StorageError>;
     /// A unique, increasing id (survives restarts).
     fn generate_id(&self) -> Result<u64, StorageError>;
     fn stats(&self) -> StorageStats;
@@ -309,6 +314,13 @@ impl Storage for SledStorage {
             .scan_prefix(prefixed(space, prefix))
             .rev()
             .take(limit)
+            .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn scan_range(&self, space: Space, start: &[u8], end: &[u8]) -> Result<Vec<Record>, StorageError> {
+        self.tree()?
+            .range(prefixed(space, start)..=prefixed(space, end))
             .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine))
             .collect()
     }

@@ -103,12 +103,6 @@ async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
     assert_eq!((r.count("bad_credentials"), r.count("unknown_device"), r.count("malformed")), (3, 1, 2));
     assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty(), "nothing rejected reached the twin");
 
-    // FIXME(protocol issue): telemetry is not ingested yet; today the gateway says so.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    drop(tx);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let err = client.send_telemetry(authed(stream, "g-0", &t0)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
     gw.stop().await;
     p.shutdown().await;
 }
@@ -140,6 +134,111 @@ async fn the_hub_schema_reports_device_status_into_the_right_twin() {
     req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t0}")).unwrap());
     assert_eq!(hub.send_device_status(req).await.unwrap_err().code(), Code::PermissionDenied);
     assert_eq!(hub.send_device_status(Request::new(status("acme"))).await.unwrap_err().code(), Code::Unauthenticated);
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+fn point(metric: &str, value: f64, at_ms: i64) -> pb::MetricPoint {
+    pb::MetricPoint {
+        metric: metric.into(),
+        value,
+        timestamp: Some(prost_types::Timestamp { seconds: at_ms / 1000, nanos: (at_ms % 1000) as i32 * 1_000_000 }),
+        unit: String::new(),
+    }
+}
+
+#[actix_rt::test]
+async fn telemetry_batches_are_acked_after_they_are_stored_and_bad_ones_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let mut client = DeviceGatewayClient::new(channel);
+    let now = twinfleet::Clock::now(&*p.env().clock).0;
+    let batches = vec![
+        pb::TelemetryBatch {
+            batch_id: 1,
+            points: (0..10).map(|i| point("temp", 20.0 + i as f64, now - 10_000 + i)).collect(),
+        },
+        pb::TelemetryBatch { batch_id: 2, points: vec![point("temp", f64::NAN, now)] },
+        pb::TelemetryBatch { batch_id: 3, points: vec![point("temp", 99.0, now + 3_600_000)] },
+        pb::TelemetryBatch { batch_id: 4, points: vec![point("rh", 41.5, now), point("temp", 30.0, now)] },
+    ];
+    let mut acks = client.send_telemetry(authed(tokio_stream::iter(batches), "g-0", &t0)).await.unwrap().into_inner();
+    let mut got = vec![];
+    while let Some(a) = acks.message().await.unwrap() {
+        got.push((a.batch_id, a.accepted, a.error.split(':').next().unwrap_or("").to_string()));
+    }
+    assert_eq!(got.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(), vec![(1, 10), (2, 0), (3, 0), (4, 2)]);
+    assert!(got[1].2.contains("point 0 (temp)"), "{got:?}");
+    let r = &p.env().rejections;
+    assert_eq!((r.count("not_finite"), r.count("future_timestamp")), (1, 1));
+
+    let twin = p.twin("g-0").unwrap();
+    let all = twin
+        .telemetry_query(twinfleet::TelemetryQuery {
+            metric: Some("temp".into()),
+            from: twinfleet::models::Timestamp(0),
+            to: twinfleet::models::Timestamp(now + 10),
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 11, "10 + 1 temp points, none from the rejected batches");
+    assert_eq!(all[0].value, 30.0, "newest first");
+    let view = twin.get().await.unwrap();
+    assert_eq!(view.telemetry_latest["rh"].value, 41.5);
+    assert_eq!(view.telemetry_latest["temp"].value, 30.0);
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn hub_value_streams_land_in_the_named_twin_and_cannot_speak_for_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let mut hub = HubClient::new(channel);
+    let now = twinfleet::Clock::now(&*p.env().clock).0;
+    let value = |device: &str, i: i64| hub::NumericScalarValues {
+        tenant_identifier: "acme".into(),
+        device_identifier: device.into(),
+        metric_identifier: "humidity".into(),
+        value: 40.0 + i as f64 / 10.0,
+        unit: "%".into(),
+        display_name: "Humidity".into(),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: (now - 5_000 + i) / 1000,
+            nanos: ((now - 5_000 + i) % 1000) as i32 * 1_000_000,
+        }),
+    };
+    let with_token = |values: Vec<hub::NumericScalarValues>| {
+        let mut r = Request::new(tokio_stream::iter(values));
+        r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t0}")).unwrap());
+        r
+    };
+    hub.send_numeric_scalar_values(with_token((0..2_500).map(|i| value("g-0", i)).collect())).await.unwrap();
+    let stored = p
+        .twin("g-0")
+        .unwrap()
+        .telemetry_query(twinfleet::TelemetryQuery {
+            metric: None,
+            from: twinfleet::models::Timestamp(0),
+            to: twinfleet::models::Timestamp(now),
+            limit: 10_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2_500);
+
+    // A stream authenticated as g-0 cannot slip in a value for g-1.
+    let err = hub.send_numeric_scalar_values(with_token(vec![value("g-0", 1), value("g-1", 2)])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(p.env().rejections.count("wrong_device"), 1);
+    let err =
+        hub.send_numeric_scalar_values(Request::new(tokio_stream::iter(vec![value("g-0", 1)]))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut future = value("g-0", 0);
+    future.timestamp = Some(prost_types::Timestamp { seconds: now / 1000 + 86_400, nanos: 0 });
+    let err = hub.send_numeric_scalar_values(with_token(vec![future])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     gw.stop().await;
     p.shutdown().await;
 }
