@@ -5,6 +5,7 @@
 //! | GET | `/healthz` | `{"status":"ok", ...}` while the platform runs |
 //! | GET | `/api/v1/actors` | the supervision tree, flattened; `?kind=&parent=&offset=&limit=` |
 //! | GET | `/api/v1/twins/{id}` | identity, metadata, reported/desired state, effective configuration, last events (`?events=N`, default 20) |
+//! | GET | `/api/v1/twins/{id}/telemetry` | stored points, newest first; `?metric=&from=&to=&limit=` (millis) |
 //! | GET | `/api/v1/device-types` | the TDTAs |
 //! | GET | `/api/v1/dtas` | the DTAs |
 //! | GET | `/api/v1/alerts` | the most recent internal alerts |
@@ -15,8 +16,8 @@
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use twinfleet_actors::{ActorQuery, TwinError, TwinRuntime, TwinView};
-use twinfleet_models::TwinEvent;
+use twinfleet_actors::{ActorQuery, TelemetryQuery, TwinError, TwinRuntime, TwinView};
+use twinfleet_models::{Timestamp, TwinEvent};
 
 /// Most events a twin view returns.
 const MAX_EVENTS: usize = 1_000;
@@ -115,6 +116,35 @@ async fn twin(rt: web::Data<TwinRuntime>, id: web::Path<String>, q: web::Query<T
     Ok(HttpResponse::Ok().json(TwinDetail { view, actor: h.actor(), last_events }))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryParams {
+    metric: Option<String>,
+    /// Milliseconds since the epoch; default: 0.
+    from: Option<i64>,
+    /// Milliseconds since the epoch; default: now and later.
+    to: Option<i64>,
+    /// Default 1,000, at most 100,000.
+    limit: Option<usize>,
+}
+
+async fn telemetry(
+    rt: web::Data<TwinRuntime>,
+    id: web::Path<String>,
+    q: web::Query<TelemetryParams>,
+) -> Result<HttpResponse> {
+    let h = rt.twin(&id)?;
+    let q = q.into_inner();
+    let query = TelemetryQuery {
+        metric: q.metric,
+        from: Timestamp(q.from.unwrap_or(0)),
+        to: Timestamp(q.to.unwrap_or(i64::MAX)),
+        limit: q.limit.unwrap_or(1_000).min(100_000),
+    };
+    let points = h.telemetry_query(query).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "twin": h.id(), "points": points })))
+}
+
 async fn device_types(rt: web::Data<TwinRuntime>) -> HttpResponse {
     HttpResponse::Ok().json(rt.device_types())
 }
@@ -137,6 +167,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope("/api/v1")
             .route("/actors", web::get().to(actors))
             .route("/twins/{id}", web::get().to(twin))
+            .route("/twins/{id}/telemetry", web::get().to(telemetry))
             .route("/device-types", web::get().to(device_types))
             .route("/dtas", web::get().to(dtas))
             .route("/alerts", web::get().to(alerts)),

@@ -10,5 +10,6 @@ mod deadlines;
 mod durability;
 mod grpc;
 mod http_api;
+mod python_hub;
 mod supervision;
 mod support;
