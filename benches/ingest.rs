@@ -1,0 +1,220 @@
+//! End-to-end telemetry ingest over gRPC: device client → gateway → DTI → stored
+//! durably, acknowledged per batch. Devices and platform share this machine's cores.
+//!
+//! `cargo bench --bench ingest`. `TWINFLEET_BENCH_SECONDS` (default 5) sets each run's
+//! length; `TWINFLEET_BENCH_REPEAT` (default 3) the runs per row (median reported).
+
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use twinfleet::models::{DeviceTypeId, TwinId};
+use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
+use twinfleet_proto::device::{self as pb, device_gateway_client::DeviceGatewayClient};
+use twinfleet_proto::hub::{self, hub_client::HubClient};
+use twinfleet_protocols::GrpcGateway;
+
+// The same allocator as the `twinfleet` binary (see src/main.rs for why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// HTTP/2 connections the simulated devices share.
+const CONNECTIONS: usize = 16;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn pct(sorted: &[u32], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64
+}
+
+fn main() {
+    actix_rt::System::new().block_on(run());
+}
+
+async fn run() {
+    let devices = 10_000usize;
+    let dir = std::env::temp_dir().join(format!("twinfleet-ingest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let ty = p
+        .create_device_type(DeviceTypeSpec {
+            id: DeviceTypeId::new("meter").unwrap(),
+            model: "m".into(),
+            defaults: Default::default(),
+        })
+        .await
+        .unwrap();
+    let specs = (0..devices).map(|i| TwinSpec::new(TwinId::new(format!("d-{i:05}")).unwrap())).collect();
+    ty.spawn_fleet(specs).await.unwrap();
+    let mut tokens = Vec::with_capacity(devices);
+    for i in 0..devices {
+        tokens.push(p.issue_device_token(&format!("d-{i:05}")).await.unwrap());
+    }
+    let gw = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(Channel::from_shared(format!("http://{}", gw.local_addr())).unwrap().connect().await.unwrap());
+    }
+    let secs = env_or("TWINFLEET_BENCH_SECONDS", 5);
+    let repeat = env_or("TWINFLEET_BENCH_REPEAT", 3) as usize;
+
+    println!("| benchmark | devices | cores | points/s | detail |");
+    println!("|---|---|---|---|---|");
+    for (label, n, per_batch) in [
+        ("DeviceGateway.SendTelemetry, 10 points/batch", devices, 10usize),
+        ("DeviceGateway.SendTelemetry, 1,000 points/batch", 100, 1_000),
+    ] {
+        let mut rates = vec![];
+        let mut p50 = vec![];
+        let mut p99 = vec![];
+        let rss0 = rss();
+        for _ in 0..repeat {
+            let (rate, lat) = gateway_run(&channels, &tokens[..n], per_batch, Duration::from_secs(secs)).await;
+            rates.push(rate);
+            p50.push(pct(&lat, 0.5));
+            p99.push(pct(&lat, 0.99));
+        }
+        println!(
+            "| gRPC {label} | {n} | {} | {:.0} | per batch p50 {:.1} ms, p99 {:.1} ms; RSS +{} MiB during the runs (median of {repeat}) |",
+            cores(),
+            median(rates),
+            median(p50) / 1000.0,
+            median(p99) / 1000.0,
+            rss().saturating_sub(rss0) >> 20
+        );
+    }
+    let mut rates = vec![];
+    for _ in 0..repeat {
+        rates.push(hub_run(&channels, &tokens, 1_000, Duration::from_secs(secs)).await);
+    }
+    println!(
+        "| gRPC Hub.SendNumericScalarValues, streams of 1,000 values | {devices} | {} | {:.0} | one value per message, stored in batches of 1,000 (median of {repeat}) |",
+        cores(),
+        median(rates)
+    );
+    gw.stop().await;
+    p.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn authed<T>(msg: T, device: &str, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("x-device-id", MetadataValue::try_from(device).unwrap());
+    r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+    r
+}
+
+/// Every device keeps one telemetry stream open and sends its next batch when the
+/// previous one is acknowledged. Returns points/s and per-batch latencies (µs).
+async fn gateway_run(channels: &[Channel], tokens: &[String], per_batch: usize, dur: Duration) -> (f64, Vec<u32>) {
+    let end = Instant::now() + dur;
+    let started = Instant::now();
+    let tasks: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let mut client = DeviceGatewayClient::new(channels[i % channels.len()].clone());
+            let (device, token) = (format!("d-{i:05}"), token.clone());
+            actix_rt::spawn(async move {
+                let (tx, rx) = mpsc::channel(2);
+                let mut acks =
+                    client.send_telemetry(authed(ReceiverStream::new(rx), &device, &token)).await.unwrap().into_inner();
+                let mut lat = Vec::new();
+                let mut points = 0usize;
+                let mut id = 0u64;
+                while Instant::now() < end {
+                    id += 1;
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+                    let ts = prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: now.subsec_nanos() as i32 };
+                    let batch = pb::TelemetryBatch {
+                        batch_id: id,
+                        points: (0..per_batch)
+                            .map(|m| pb::MetricPoint {
+                                metric: format!("m{}", m % 10),
+                                value: m as f64,
+                                timestamp: Some(ts),
+                                unit: String::new(),
+                            })
+                            .collect(),
+                    };
+                    let t = Instant::now();
+                    tx.send(batch).await.unwrap();
+                    let ack = acks.message().await.unwrap().unwrap();
+                    lat.push(t.elapsed().as_micros() as u32);
+                    points += ack.accepted as usize;
+                }
+                drop(tx);
+                (points, lat)
+            })
+        })
+        .collect();
+    let mut points = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (p, l) = t.await.unwrap();
+        points += p;
+        lat.extend(l);
+    }
+    lat.sort_unstable();
+    (points as f64 / started.elapsed().as_secs_f64(), lat)
+}
+
+/// Devices stream `per_stream` Hub values, one stream after another, until time is up.
+async fn hub_run(channels: &[Channel], tokens: &[String], per_stream: usize, dur: Duration) -> f64 {
+    let end = Instant::now() + dur;
+    let started = Instant::now();
+    let tasks: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .take(1_000)
+        .map(|(i, token)| {
+            let mut client = HubClient::new(channels[i % channels.len()].clone());
+            let (device, token) = (format!("d-{i:05}"), token.clone());
+            actix_rt::spawn(async move {
+                let mut sent = 0usize;
+                while Instant::now() < end {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+                    let values: Vec<hub::NumericScalarValues> = (0..per_stream)
+                        .map(|k| hub::NumericScalarValues {
+                            tenant_identifier: "t".into(),
+                            device_identifier: device.clone(),
+                            metric_identifier: "humidity".into(),
+                            value: k as f64,
+                            unit: "%".into(),
+                            display_name: String::new(),
+                            timestamp: Some(prost_types::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+                        })
+                        .collect();
+                    let mut r = tonic::Request::new(tokio_stream::iter(values));
+                    r.metadata_mut()
+                        .insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+                    client.send_numeric_scalar_values(r).await.unwrap();
+                    sent += per_stream;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
