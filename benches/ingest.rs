@@ -19,6 +19,8 @@ use twinfleet_protocols::GrpcGateway;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Devices streaming Hub values at once.
+const HUB_DEVICES: usize = 1_000;
 /// HTTP/2 connections the simulated devices share.
 const CONNECTIONS: usize = 16;
 
@@ -105,7 +107,7 @@ async fn run() {
         rates.push(hub_run(&channels, &tokens, 1_000, Duration::from_secs(secs)).await);
     }
     println!(
-        "| gRPC Hub.SendNumericScalarValues, streams of 1,000 values | {devices} | {} | {:.0} | one value per message, stored in batches of 1,000 (median of {repeat}) |",
+        "| gRPC Hub.SendNumericScalarValues, streams of 1,000 values | {HUB_DEVICES} | {} | {:.0} | one value per message, stored in batches of 1,000 (median of {repeat}) |",
         cores(),
         median(rates)
     );
@@ -183,7 +185,7 @@ async fn hub_run(channels: &[Channel], tokens: &[String], per_stream: usize, dur
     let tasks: Vec<_> = tokens
         .iter()
         .enumerate()
-        .take(1_000)
+        .take(HUB_DEVICES)
         .map(|(i, token)| {
             let mut client = HubClient::new(channels[i % channels.len()].clone());
             let (device, token) = (format!("d-{i:05}"), token.clone());

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use twinfleet_models::{DeviceTypeId, DtaId, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
+use twinfleet_models::{DeviceTypeId, DtaId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
@@ -67,18 +67,20 @@ pub enum DeviceCommand {
     ApplyDesired { desired: Map<String, Value>, attempt: u32 },
 }
 
-/// The twin-to-device direction, implemented by the protocol adapters.
+/// The twin-to-device direction, implemented by the protocol adapters. Called on the
+/// twin's arbiter; an implementation may spawn work there but must not block.
 pub trait DeviceLink: Send + Sync + Debug + 'static {
-    /// Hands a command to the device's transport. An error means it could not even be
-    /// queued (e.g. the device is offline); the twin's watchdog retries either way.
-    fn deliver(&self, twin: &TwinId, cmd: DeviceCommand) -> Result<(), String>;
+    /// Hands a command to the device's transport. `metadata` is the twin's (a
+    /// request-response device's address lives there). An error means it could not even
+    /// be queued (e.g. the device is offline); the twin's watchdog retries either way.
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String>;
 }
 
 #[derive(Debug)]
 struct NoDeviceLink;
 
 impl DeviceLink for NoDeviceLink {
-    fn deliver(&self, _: &TwinId, _: DeviceCommand) -> Result<(), String> {
+    fn deliver(&self, _: &TwinId, _: &Metadata, _: DeviceCommand) -> Result<(), String> {
         Err("no device transport attached".into())
     }
 }
@@ -130,6 +132,11 @@ impl TwinEnv {
 
     pub fn set_device_link(&self, link: Arc<dyn DeviceLink>) {
         *self.device_link.write() = link;
+    }
+
+    /// Back to no device transport (commands fail, watchdogs retry).
+    pub fn detach_device_link(&self) {
+        *self.device_link.write() = Arc::new(NoDeviceLink);
     }
 
     pub(crate) fn device_link(&self) -> Arc<dyn DeviceLink> {

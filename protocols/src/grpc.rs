@@ -24,9 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use twinfleet_actors::{AuthError, DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime};
-use twinfleet_models::{EventKind, MetricPoint, Timestamp, TwinCommand, TwinId};
+use twinfleet_models::{EventKind, Metadata, MetricPoint, Timestamp, TwinCommand, TwinId};
+use twinfleet_proto::device::device_control_client::DeviceControlClient;
 use twinfleet_proto::device::{
     self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
 };
@@ -70,19 +72,77 @@ fn auth_status(e: AuthError) -> Status {
     }
 }
 
-/// The Commands streams of connected devices: the twins' link to them.
-#[derive(Debug, Default)]
+/// The twins' link to their gRPC devices: a device's open `Commands` stream if it has
+/// one; otherwise, for a request-response device (the twin's `grpc_address`
+/// attribute), a call to the `DeviceControl` server it hosts.
+#[derive(Debug)]
 pub struct GrpcLinks {
+    rt: TwinRuntime,
     streams: DashMap<TwinId, mpsc::Sender<Result<pb::Command, Status>>>,
     next_id: AtomicU64,
 }
 
+/// Deadline of one call to a device-hosted DeviceControl server.
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl GrpcLinks {
+    /// Pushes the desired state to a device's DeviceControl server, records the
+    /// device's answer in the twin's journal, and reports the state the device then
+    /// returns. Failures are logged; the twin's watchdog retries.
+    fn call_device(
+        &self,
+        twin: &TwinId,
+        addr: &str,
+        command_id: String,
+        desired: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let (rt, twin, addr) = (self.rt.clone(), twin.clone(), addr.to_string());
+        actix_rt::spawn(async move {
+            let call = async {
+                let channel = Channel::from_shared(format!("http://{addr}"))
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(CONTROL_TIMEOUT)
+                    .timeout(CONTROL_TIMEOUT)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+                let mut device = DeviceControlClient::new(channel);
+                let req = pb::SetConfigurationRequest { configuration: Some(json_to_struct(&desired)) };
+                let reply = device.set_configuration(req).await.map_err(|s| s.to_string())?.into_inner();
+                let state = device.get_state(pb::GetStateRequest {}).await.map_err(|s| s.to_string())?.into_inner();
+                Ok::<_, String>((reply, struct_to_json(&state)?))
+            };
+            let Ok(handle) = rt.twin(twin.as_str()) else { return };
+            match call.await {
+                Ok((reply, state)) => {
+                    let ack = EventKind::CommandAcked { command_id, success: reply.success, message: reply.message };
+                    if let Err(e) = handle.command(TwinCommand::Record(ack)).await {
+                        tracing::warn!(%twin, "cannot record the device's answer: {e}");
+                    }
+                    if !state.is_empty()
+                        && let Err(e) = handle.report(state).await
+                    {
+                        tracing::warn!(%twin, "cannot report the device's state: {e}");
+                    }
+                }
+                Err(e) => tracing::info!(%twin, "DeviceControl call failed (the twin retries): {e}"),
+            }
+        });
+    }
+}
+
 impl DeviceLink for GrpcLinks {
-    fn deliver(&self, twin: &TwinId, cmd: DeviceCommand) -> Result<(), String> {
-        let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
-            return Err(format!("device {twin} has no open gRPC command stream"));
-        };
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
         let command_id = format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed));
+        let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
+            return match (metadata.attributes.get("grpc_address").and_then(|a| a.as_str()), cmd) {
+                (Some(addr), DeviceCommand::ApplyDesired { desired, .. }) => {
+                    self.call_device(twin, addr, command_id, desired);
+                    Ok(())
+                }
+                (None, _) => Err(format!("device {twin} has no open gRPC command stream and no grpc_address")),
+            };
+        };
         let body = match cmd {
             DeviceCommand::ApplyDesired { desired, .. } => pb::command::Body::ApplyDesired(json_to_struct(&desired)),
         };
@@ -339,7 +399,7 @@ impl GrpcGateway {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let links = Arc::new(GrpcLinks::default());
+        let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new(), next_id: AtomicU64::new(0) });
         rt.env().set_device_link(links.clone());
         let gw = Gateway { rt, links: links.clone() };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -380,6 +440,8 @@ impl GrpcGateway {
 
     /// Stops accepting, closes command streams, waits for calls in flight.
     pub async fn stop(mut self) {
+        // The link holds the runtime, whose environment holds the link: break the cycle.
+        self.links.rt.env().detach_device_link();
         self.links.streams.clear();
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -13,7 +13,7 @@ use twinfleet::{DeviceCommand, DeviceLink};
 struct Recorder(mpsc::UnboundedSender<(TwinId, u32)>);
 
 impl DeviceLink for Recorder {
-    fn deliver(&self, twin: &TwinId, cmd: DeviceCommand) -> Result<(), String> {
+    fn deliver(&self, twin: &TwinId, _: &twinfleet::models::Metadata, cmd: DeviceCommand) -> Result<(), String> {
         let DeviceCommand::ApplyDesired { attempt, .. } = cmd;
         self.0.send((twin.clone(), attempt)).map_err(|e| e.to_string())
     }

@@ -242,3 +242,73 @@ async fn hub_value_streams_land_in_the_named_twin_and_cannot_speak_for_another()
     gw.stop().await;
     p.shutdown().await;
 }
+
+/// A request-response device: it hosts DeviceControl and keeps its state in memory.
+#[derive(Debug, Default, Clone)]
+struct Device {
+    state: std::sync::Arc<std::sync::Mutex<serde_json::Map<String, serde_json::Value>>>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl twinfleet_proto::device::device_control_server::DeviceControl for Device {
+    async fn set_configuration(
+        &self,
+        req: Request<pb::SetConfigurationRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let config = struct_to_json(&req.into_inner().configuration.unwrap_or_default()).unwrap();
+        self.state.lock().unwrap().extend(config);
+        Ok(tonic::Response::new(pb::ControlReply { success: true, message: "applied".into() }))
+    }
+
+    async fn install_app(
+        &self,
+        _: Request<pb::InstallAppRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this device"))
+    }
+
+    async fn get_state(
+        &self,
+        _: Request<pb::GetStateRequest>,
+    ) -> Result<tonic::Response<prost_types::Struct>, tonic::Status> {
+        Ok(tonic::Response::new(json_to_struct(&self.state.lock().unwrap())))
+    }
+}
+
+#[actix_rt::test]
+async fn a_device_hosted_device_control_server_is_called_by_its_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, _channel, _, _) = setup(dir.path()).await;
+    let device = Device::default();
+    device.state.lock().unwrap().insert("speed".into(), json!(1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let device_addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(twinfleet_proto::device::device_control_server::DeviceControlServer::new(device.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    actix_rt::spawn(server);
+
+    let twin = p.twin("g-2").unwrap();
+    let mut attributes = serde_json::Map::new();
+    attributes.insert("grpc_address".into(), json!(device_addr.to_string()));
+    twin.command(TwinCommand::UpdateMetadata(Metadata { attributes, ..Default::default() })).await.unwrap();
+    twin.set_desired(obj(json!({"speed": 3}))).await.unwrap();
+
+    let view = eventually("the device applied the desired state and the twin knows", || async {
+        twin.get().await.ok().filter(|v| v.in_sync)
+    })
+    .await;
+    assert_eq!(view.state.reported, obj(json!({"speed": 3})));
+    assert_eq!(device.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let events = twin.events(10).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::CommandAcked { success: true, message, .. } if message == "applied")),
+        "{events:?}"
+    );
+    gw.stop().await;
+    p.shutdown().await;
+}
