@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -161,6 +161,18 @@ impl DeviceLink for GrpcLinks {
 struct Gateway {
     rt: TwinRuntime,
     links: Arc<GrpcLinks>,
+    /// Turns true when the gateway stops: open device streams end with UNAVAILABLE
+    /// instead of holding the graceful shutdown open.
+    closing: watch::Receiver<bool>,
+}
+
+/// Waits until the gateway starts closing.
+async fn closed(mut closing: watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the gateway is shutting down; reconnect later")
 }
 
 impl Gateway {
@@ -249,7 +261,11 @@ impl DeviceGateway for Gateway {
         // than its twin stores is slowed by HTTP/2 flow control, not by a growing queue.
         tokio::spawn(async move {
             loop {
-                let batch = match batches.message().await {
+                let next = tokio::select! {
+                    m = batches.message() => m,
+                    () = closed(gw.closing.clone()) => Err(shutting_down()),
+                };
+                let batch = match next {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
                     Err(s) => {
@@ -324,7 +340,12 @@ impl Hub for Gateway {
         let mut twin: Option<TwinHandle> = None;
         let mut batch = Vec::new();
         let mut stored = 0usize;
-        while let Some(v) = values.message().await.map_err(|s| with_stored(s, stored))? {
+        loop {
+            let next = tokio::select! {
+                m = values.message() => m,
+                () = closed(self.closing.clone()) => Err(shutting_down()),
+            };
+            let Some(v) = next.map_err(|s| with_stored(s, stored))? else { break };
             let h = match &twin {
                 Some(h) if h.id().as_str() == v.device_identifier => h,
                 Some(h) => {
@@ -384,12 +405,17 @@ impl Hub for Gateway {
     }
 }
 
+/// How long `stop` lets calls in flight finish before it drops them.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running gRPC gateway.
 #[derive(Debug)]
 pub struct GrpcGateway {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     done: Option<oneshot::Receiver<()>>,
+    closing: watch::Sender<bool>,
+    arbiter: actix::ArbiterHandle,
     links: Arc<GrpcLinks>,
 }
 
@@ -401,7 +427,8 @@ impl GrpcGateway {
         let addr = listener.local_addr()?;
         let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new(), next_id: AtomicU64::new(0) });
         rt.env().set_device_link(links.clone());
-        let gw = Gateway { rt, links: links.clone() };
+        let (closing, closing_rx) = watch::channel(false);
+        let gw = Gateway { rt, links: links.clone(), closing: closing_rx };
         let (stop, stopped) = oneshot::channel::<()>();
         let (finished, done) = oneshot::channel();
         let arbiter = actix::Arbiter::new();
@@ -426,7 +453,7 @@ impl GrpcGateway {
             let _ = finished.send(());
             actix::Arbiter::current().stop();
         });
-        Ok(GrpcGateway { addr, stop: Some(stop), done: Some(done), links })
+        Ok(GrpcGateway { addr, stop: Some(stop), done: Some(done), closing, arbiter: arbiter.handle(), links })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -438,16 +465,21 @@ impl GrpcGateway {
         self.links.streams.iter().filter(|s| !s.is_closed()).count()
     }
 
-    /// Stops accepting, closes command streams, waits for calls in flight.
+    /// Stops accepting, ends open device streams (UNAVAILABLE), lets calls in flight
+    /// finish for at most 5 s, then drops whatever is left.
     pub async fn stop(mut self) {
         // The link holds the runtime, whose environment holds the link: break the cycle.
         self.links.rt.env().detach_device_link();
         self.links.streams.clear();
+        let _ = self.closing.send(true);
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(d) = self.done.take() {
-            let _ = d.await;
+        if let Some(d) = self.done.take()
+            && tokio::time::timeout(STOP_GRACE, d).await.is_err()
+        {
+            tracing::warn!("gRPC calls still running after {STOP_GRACE:?}; dropping them");
+            self.arbiter.stop();
         }
     }
 }

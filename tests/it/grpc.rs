@@ -9,11 +9,12 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use twinfleet::Platform;
 use twinfleet::models::{EventKind, Metadata, TwinCommand};
+use twinfleet_proto::device as pb;
 use twinfleet_proto::device::device_gateway_client::DeviceGatewayClient;
-use twinfleet_proto::device::{self as pb, command::Body};
 use twinfleet_proto::hub::{self, hub_client::HubClient};
-use twinfleet_protocols::GrpcGateway;
+use twinfleet_protocols::device_client::desired_of;
 use twinfleet_protocols::json::{json_to_struct, struct_to_json};
+use twinfleet_protocols::{DevicePoint, GrpcDevice, GrpcGateway};
 
 fn authed<T>(msg: T, device: &str, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -40,32 +41,46 @@ async fn setup(dir: &std::path::Path) -> (Platform, GrpcGateway, Channel, String
 async fn a_device_reports_state_and_receives_and_acks_its_twins_commands() {
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, channel, t0, _) = setup(dir.path()).await;
-    let mut client = DeviceGatewayClient::new(channel);
+    // The device side, as a device built on twinfleet-protocols uses it.
+    let mut device = GrpcDevice::on_channel(channel, "g-0", &t0);
 
-    let ack = client.report_state(authed(patch(json!({"fw": "1.2", "pressure": 2.5})), "g-0", &t0)).await.unwrap();
+    let seq = device.report(&obj(json!({"fw": "1.2", "pressure": 2.5}))).await.unwrap();
     let twin = p.twin("g-0").unwrap();
     let view = twin.get().await.unwrap();
     assert_eq!(view.state.reported, obj(json!({"fw": "1.2", "pressure": 2.5})));
-    assert_eq!(ack.into_inner().seq, view.state.last_seq);
+    assert_eq!(seq, view.state.last_seq);
 
     // The twin's desired state reaches the device over its command stream.
-    let mut commands = client.commands(authed(pb::CommandsRequest {}, "g-0", &t0)).await.unwrap().into_inner();
+    let mut commands = device.commands().await.unwrap();
     eventually("the command stream is registered", || async { (gw.connected_devices() == 1).then_some(()) }).await;
     twin.set_desired(obj(json!({"rate": 5}))).await.unwrap();
     let cmd = commands.message().await.unwrap().expect("a command");
-    let Some(Body::ApplyDesired(desired)) = cmd.body else { panic!("unexpected command {cmd:?}") };
-    assert_eq!(struct_to_json(&desired).unwrap(), obj(json!({"rate": 5})));
+    assert_eq!(desired_of(&cmd), Some(obj(json!({"rate": 5}))));
 
     // The ack comes back to the twin's journal; the report brings the twin in sync.
-    let ack = pb::CommandAck { command_id: cmd.command_id.clone(), success: true, message: "applied".into() };
-    client.ack_command(authed(ack, "g-0", &t0)).await.unwrap();
-    client.report_state(authed(patch(json!({"rate": 5})), "g-0", &t0)).await.unwrap();
+    device.ack(&cmd.command_id, true, "applied").await.unwrap();
+    device.report(&obj(json!({"rate": 5}))).await.unwrap();
     let view = twin.get().await.unwrap();
     assert!(view.in_sync && view.desired_sync.is_none());
     let events = twin.events(10).await.unwrap();
-    assert!(events.iter().any(|e| matches!(&e.kind, EventKind::CommandAcked { command_id, success: true, .. } if *command_id == cmd.command_id)), "{events:?}");
+    assert!(
+        events.iter().any(
+            |e| matches!(&e.kind, EventKind::CommandAcked { command_id, success: true, .. } if *command_id == cmd.command_id)
+        ),
+        "{events:?}"
+    );
     assert!(events.iter().any(|e| e.kind == EventKind::InSync));
+
+    // Telemetry through the device client: one ack per batch.
+    let mut stream = device.telemetry().await.unwrap();
+    let ack = stream.send(vec![DevicePoint { metric: "temp".into(), value: 21.5, at_ms: None }]).await.unwrap();
+    assert_eq!((ack.batch_id, ack.accepted), (1, 1));
+    assert_eq!(twin.get().await.unwrap().telemetry_latest["temp"].value, 21.5);
+
+    // Stopping does not wait for the device to hang up: its open stream is ended.
     gw.stop().await;
+    let err = stream.send(vec![DevicePoint { metric: "temp".into(), value: 1.0, at_ms: None }]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     p.shutdown().await;
 }
 
