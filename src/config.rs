@@ -18,10 +18,11 @@ pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_GRPC: &str = "127.0.0.1:50051";
 
-/// The optional TOML file. Unknown keys are an error, so a typo does not go unnoticed.
-#[derive(Debug, Default, Deserialize)]
+/// Settings given in one place (the TOML file, or flags and environment), each optional.
+/// In the file, unknown keys are an error, so that a typo does not go unnoticed.
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct PartialConfig {
     pub data_dir: Option<PathBuf>,
     pub http: Option<SocketAddr>,
     pub grpc: Option<SocketAddr>,
@@ -29,7 +30,7 @@ pub struct FileConfig {
     pub log: Option<String>,
 }
 
-impl FileConfig {
+impl PartialConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
@@ -47,17 +48,9 @@ pub struct RunConfig {
     pub log: String,
 }
 
-/// Values given on the command line or in the environment (clap merges those two).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub data_dir: Option<PathBuf>,
-    pub http: Option<SocketAddr>,
-    pub grpc: Option<SocketAddr>,
-    pub arbiters: Option<usize>,
-    pub log: Option<String>,
-}
-
-pub fn resolve(over: Overrides, file: FileConfig) -> RunConfig {
+/// Flags and environment (`over`, merged by clap) win over the file, the file over the
+/// defaults.
+pub fn resolve(over: PartialConfig, file: PartialConfig) -> RunConfig {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     RunConfig {
         data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -74,11 +67,11 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_file_over_defaults() {
-        let file: FileConfig = toml::from_str("data_dir = \"/srv/tf\"\nhttp = \"0.0.0.0:9000\"").unwrap();
-        let cfg = resolve(Overrides { http: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() }, file);
+        let file: PartialConfig = toml::from_str("data_dir = \"/srv/tf\"\nhttp = \"0.0.0.0:9000\"").unwrap();
+        let cfg = resolve(PartialConfig { http: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() }, file);
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/tf"));
         assert_eq!(cfg.http, "127.0.0.1:1".parse().unwrap());
-        assert_eq!(resolve(Overrides::default(), FileConfig::default()).http, DEFAULT_HTTP.parse().unwrap());
-        assert!(toml::from_str::<FileConfig>("htp = \"x\"").is_err());
+        assert_eq!(resolve(PartialConfig::default(), PartialConfig::default()).http, DEFAULT_HTTP.parse().unwrap());
+        assert!(toml::from_str::<PartialConfig>("htp = \"x\"").is_err());
     }
 }

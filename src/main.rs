@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use twinfleet::Platform;
-use twinfleet::config::{FileConfig, Overrides, RunConfig, resolve};
+use twinfleet::config::{PartialConfig, RunConfig, resolve};
 use twinfleet_protocols::{GrpcGateway, HttpApi};
 
 // mimalloc instead of glibc malloc: a fleet is millions of small, long-lived allocations
@@ -68,11 +68,17 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let file = match &args.config {
-        Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
-        None => FileConfig::default(),
+        Some(p) => PartialConfig::load(p).map_err(anyhow::Error::msg)?,
+        None => PartialConfig::default(),
     };
     let cfg = resolve(
-        Overrides { data_dir: args.data_dir, http: args.http, grpc: args.grpc, arbiters: args.arbiters, log: args.log },
+        PartialConfig {
+            data_dir: args.data_dir,
+            http: args.http,
+            grpc: args.grpc,
+            arbiters: args.arbiters,
+            log: args.log,
+        },
         file,
     );
     tracing_subscriber::fmt()
