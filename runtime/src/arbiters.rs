@@ -1,9 +1,8 @@
-//! The worker threads the twins live on: one actix arbiter per core. A twin's arbiter is
-//! chosen by a hash of its id, so a restarted twin comes back on the same thread and the
-//! placement does not depend on creation order.
+//! The worker threads the twins live on: one actix arbiter per core. Which arbiter a
+//! twin lives on is the caller's choice (the TDTA deals fleet records round-robin and
+//! remembers each twin's arbiter, so a restarted twin comes back on the same thread).
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
 
 pub struct ArbiterPool {
     handles: Vec<actix::ArbiterHandle>,
@@ -32,12 +31,6 @@ impl ArbiterPool {
 
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
-    }
-
-    pub fn index_for(&self, key: &str) -> usize {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        (h.finish() % self.handles.len() as u64) as usize
     }
 
     /// Runs `f` on arbiter `i`. Batch work into one call per arbiter: a cross-thread hop
