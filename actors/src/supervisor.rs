@@ -233,17 +233,6 @@ impl TwinRuntime {
         self.env.twins.len()
     }
 
-    /// Twin ids, a page at a time (in directory order, which is stable while no twin
-    /// is added).
-    pub fn twin_ids(&self, offset: usize, limit: usize) -> Vec<String> {
-        self.env.twins.iter().skip(offset).take(limit).map(|e| e.key().to_string()).collect()
-    }
-
-    /// Records that failed to decode at start: twin id → reason.
-    pub fn quarantined(&self) -> Vec<(String, String)> {
-        self.env.quarantine.iter().map(|e| (e.key().clone(), e.value().clone())).collect()
-    }
-
     /// The supervision tree, flattened: supervisor, TDTAs, DTAs, then DTIs.
     pub fn actors(&self, q: &ActorQuery) -> ActorPage {
         let limit = q.limit.unwrap_or(100).min(10_000);

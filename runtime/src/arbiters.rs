@@ -39,10 +39,6 @@ impl ArbiterPool {
         self.handles[i].spawn_fn(f)
     }
 
-    pub fn handle(&self, i: usize) -> actix::ArbiterHandle {
-        self.handles[i].clone()
-    }
-
     /// Stops every arbiter and waits for its thread.
     pub fn stop(&self) {
         let arbiters = std::mem::take(&mut *self.arbiters.lock());

@@ -83,11 +83,6 @@ impl VirtualClock {
         self.state.lock().timers.values().filter(|tx| !tx.is_closed()).count()
     }
 
-    /// The earliest pending deadline, if any.
-    pub fn next_deadline(&self) -> Option<Timestamp> {
-        self.state.lock().timers.iter().find(|(_, tx)| !tx.is_closed()).map(|((t, _), _)| *t)
-    }
-
     /// Waits (without moving time) until at least `n` timers are pending, so that a test
     /// advances the clock only after the actor under test has armed its timer.
     pub async fn wait_for_timers(&self, n: usize) {

@@ -35,7 +35,7 @@ pub enum Space {
     /// Per-twin journal: key = twin id, 0x00, big-endian sequence number.
     Journal = 5,
     Alert = 6,
-    Quarantine = 7,
+    // 7 is unused: a quarantined record stays where it is (see actors::restore).
     /// Device credentials: twin id → keyed hash of its token.
     Credential = 8,
     /// Telemetry: key = twin id, 0x00, first point's millis (BE), record id (BE); value =
