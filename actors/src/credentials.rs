@@ -12,12 +12,38 @@ use crate::env::Directory;
 use crate::error::TwinError;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use twinfleet_models::{Timestamp, TwinId};
+use twinfleet_models::Timestamp;
 use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
 
 const KEY_RECORD: &[u8] = b"device-credential-key";
 /// Prefix of every device token, so that a leaked one is recognisable in logs and scans.
 pub const TOKEN_PREFIX: &str = "tfd_";
+/// Claim tokens (one per device type, for provisioning) start with this.
+pub const CLAIM_PREFIX: &str = "tfc_";
+
+/// Whose credential: a device's token (key = twin id) or a device type's claim token
+/// (key `#claim/<type>`; `#` cannot start a twin id, so the two never collide).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Holder<'a> {
+    Device(&'a str),
+    Claim(&'a str),
+}
+
+impl Holder<'_> {
+    fn key(&self) -> String {
+        match self {
+            Holder::Device(id) => (*id).to_string(),
+            Holder::Claim(ty) => format!("#claim/{ty}"),
+        }
+    }
+
+    fn prefix(&self) -> &'static str {
+        match self {
+            Holder::Device(_) => TOKEN_PREFIX,
+            Holder::Claim(_) => CLAIM_PREFIX,
+        }
+    }
+}
 
 /// Why a device was not let in. Deliberately coarse towards the device; detailed in logs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +80,7 @@ struct CredentialRecord {
 pub struct Credentials {
     storage: Arc<dyn Storage>,
     key: [u8; 32],
-    cache: Directory<TwinId, blake3::Hash>,
+    cache: Directory<String, blake3::Hash>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -86,50 +112,57 @@ impl Credentials {
         blake3::keyed_hash(&self.key, token.as_bytes())
     }
 
-    /// Issues a new token for `twin`, replacing any earlier one. Resolves once it is
+    /// Issues a new token for `holder`, replacing any earlier one. Resolves once it is
     /// durable; the token is not stored and cannot be shown again.
-    pub(crate) async fn issue(&self, twin: &TwinId, now: Timestamp) -> Result<String, TwinError> {
+    pub(crate) async fn issue(&self, holder: Holder<'_>, now: Timestamp) -> Result<String, TwinError> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| TwinError::Invalid(format!("no randomness: {e}")))?;
-        let token = format!("{TOKEN_PREFIX}{}", hex(&raw));
+        let token = format!("{}{}", holder.prefix(), hex(&raw));
         let hash = self.hash(&token);
+        let key = holder.key();
         let mut b = WriteBatch::new();
         b.put(
             Space::Credential,
-            twin.as_str(),
+            key.as_str(),
             encode_record(&CredentialRecord { hash: hash.to_hex().to_string(), issued_at: now }),
         );
         self.storage.submit(b).await?;
-        self.cache.insert(twin.clone(), hash);
+        self.cache.insert(key, hash);
         Ok(token)
     }
 
-    /// Removes `twin`'s credentials; its devices can no longer connect.
-    pub(crate) async fn revoke(&self, twin: &TwinId) -> Result<(), TwinError> {
+    /// Removes `holder`'s credentials; its devices can no longer connect.
+    pub(crate) async fn revoke(&self, holder: Holder<'_>) -> Result<(), TwinError> {
+        let key = holder.key();
         let mut b = WriteBatch::new();
-        b.delete(Space::Credential, twin.as_str());
+        b.delete(Space::Credential, key.as_str());
         self.storage.submit(b).await?;
-        self.cache.remove(twin);
+        self.cache.remove(&key);
         Ok(())
     }
 
-    /// Checks `token` against the stored hash of `twin`'s token.
-    pub(crate) fn verify(&self, twin: &TwinId, token: &str) -> Result<(), AuthError> {
-        let stored = match self.cache.get(twin).map(|h| *h) {
+    /// Checks `token` against the stored hash of `holder`'s token.
+    pub(crate) fn verify(&self, holder: Holder<'_>, token: &str) -> Result<(), AuthError> {
+        let cached = match holder {
+            Holder::Device(id) => self.cache.get(id).map(|h| *h),
+            Holder::Claim(_) => self.cache.get(&holder.key()).map(|h| *h),
+        };
+        let stored = match cached {
             Some(h) => h,
             None => {
+                let key = holder.key();
                 let raw = self
                     .storage
-                    .get(Space::Credential, twin.as_str().as_bytes())
+                    .get(Space::Credential, key.as_bytes())
                     .map_err(|e| AuthError::Storage(e.to_string()))?
-                    .ok_or_else(|| AuthError::NoCredential(twin.to_string()))?;
+                    .ok_or_else(|| AuthError::NoCredential(key.clone()))?;
                 let rec: CredentialRecord = decode_record(&raw).map_err(|e| AuthError::Storage(e.to_string()))?;
                 let h = blake3::Hash::from_hex(&rec.hash).map_err(|e| AuthError::Storage(e.to_string()))?;
-                self.cache.insert(twin.clone(), h);
+                self.cache.insert(key, h);
                 h
             }
         };
         // blake3::Hash compares in constant time.
-        if self.hash(token) == stored { Ok(()) } else { Err(AuthError::BadToken(twin.to_string())) }
+        if self.hash(token) == stored { Ok(()) } else { Err(AuthError::BadToken(holder.key())) }
     }
 }

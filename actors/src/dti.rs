@@ -285,7 +285,7 @@ impl Dti {
     fn arm_sync(&mut self, ctx: &mut Context<Self>, attempt: u32, deadline: Timestamp) {
         self.disarm_sync(ctx);
         let cmd = DeviceCommand::ApplyDesired { desired: self.state.desired.clone(), attempt };
-        if let Err(why) = self.env().device_link().deliver(&self.slot.id, &self.state.metadata, cmd) {
+        if let Err(why) = self.env().deliver_to_device(&self.slot.id, &self.state.metadata, cmd) {
             tracing::debug!(twin = %self.slot.id, attempt, "desired state not delivered: {why}");
         }
         let sleep = self.env().clock.sleep_until(deadline);

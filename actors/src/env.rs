@@ -70,18 +70,40 @@ pub enum DeviceCommand {
 /// The twin-to-device direction, implemented by the protocol adapters. Called on the
 /// twin's arbiter; an implementation may spawn work there but must not block.
 pub trait DeviceLink: Send + Sync + Debug + 'static {
+    /// How well this transport can reach the device now: 0 = not at all; higher wins.
+    /// gRPC answers 2 for a device with an open command stream or a `grpc_address`;
+    /// MQTT answers 1 for every device (the broker holds commands for offline devices).
+    fn preference(&self, _twin: &TwinId, _metadata: &Metadata) -> u8 {
+        1
+    }
+
     /// Hands a command to the device's transport. `metadata` is the twin's (a
     /// request-response device's address lives there). An error means it could not even
     /// be queued (e.g. the device is offline); the twin's watchdog retries either way.
     fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String>;
 }
 
-#[derive(Debug)]
-struct NoDeviceLink;
+/// The device transports attached to a platform, by name ("grpc", "mqtt", ...). A
+/// command goes to the one with the highest preference for that twin.
+#[derive(Debug, Default)]
+struct DeviceLinks(RwLock<Vec<(&'static str, Arc<dyn DeviceLink>)>>);
 
-impl DeviceLink for NoDeviceLink {
-    fn deliver(&self, _: &TwinId, _: &Metadata, _: DeviceCommand) -> Result<(), String> {
-        Err("no device transport attached".into())
+impl DeviceLinks {
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
+        let best = {
+            let links = self.0.read();
+            links
+                .iter()
+                .map(|(_, l)| (l.preference(twin, metadata), l))
+                .filter(|(p, _)| *p > 0)
+                .max_by_key(|(p, _)| *p)
+                .map(|(_, l)| l.clone())
+        };
+        match best {
+            Some(link) => link.deliver(twin, metadata, cmd),
+            None if self.0.read().is_empty() => Err("no device transport attached".into()),
+            None => Err(format!("no attached transport can reach device {twin}")),
+        }
     }
 }
 
@@ -100,7 +122,7 @@ pub struct TwinEnv {
     pub(crate) dtas: Directory<DtaId, Arc<DtaEntry>>,
     /// Records that failed to decode at start: twin id → reason.
     pub(crate) quarantine: Directory<String, String>,
-    device_link: RwLock<Arc<dyn DeviceLink>>,
+    device_links: DeviceLinks,
     versions: AtomicU64,
 }
 
@@ -125,22 +147,26 @@ impl TwinEnv {
             types: Directory::default(),
             dtas: Directory::default(),
             quarantine: Directory::default(),
-            device_link: RwLock::new(Arc::new(NoDeviceLink)),
+            device_links: DeviceLinks::default(),
             versions: AtomicU64::new(1),
         }))
     }
 
-    pub fn set_device_link(&self, link: Arc<dyn DeviceLink>) {
-        *self.device_link.write() = link;
+    /// Attaches a device transport under `name`, replacing one of the same name.
+    pub fn attach_device_link(&self, name: &'static str, link: Arc<dyn DeviceLink>) {
+        let mut links = self.device_links.0.write();
+        links.retain(|(n, _)| *n != name);
+        links.push((name, link));
     }
 
-    /// Back to no device transport (commands fail, watchdogs retry).
-    pub fn detach_device_link(&self) {
-        *self.device_link.write() = Arc::new(NoDeviceLink);
+    /// Detaches the transport `name` (its commands fail, watchdogs retry).
+    pub fn detach_device_link(&self, name: &str) {
+        self.device_links.0.write().retain(|(n, _)| *n != name);
     }
 
-    pub(crate) fn device_link(&self) -> Arc<dyn DeviceLink> {
-        self.device_link.read().clone()
+    /// Hands a twin's command to the best attached transport.
+    pub(crate) fn deliver_to_device(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
+        self.device_links.deliver(twin, metadata, cmd)
     }
 
     /// A platform-wide increasing number, to order configuration pushes.

@@ -21,7 +21,7 @@ pub mod restore;
 pub mod supervisor;
 pub mod tdta;
 
-pub use credentials::{AuthError, TOKEN_PREFIX};
+pub use credentials::{AuthError, CLAIM_PREFIX, TOKEN_PREFIX};
 pub use dta::DtaInfo;
 pub use dti::{LatestPoint, TelemetryQuery, TwinView, WaitView};
 pub use env::{DeviceCommand, DeviceLink, Settings, TwinEnv};

@@ -4,7 +4,7 @@
 //! The supervisor creates TDTAs and DTAs; TDTAs supervise their DTIs. Device types and
 //! DTAs are persisted before they are announced; creating an existing one is refused.
 
-use crate::credentials::AuthError;
+use crate::credentials::{AuthError, Holder};
 use crate::dta::{DtaEntry, DtaInfo};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
@@ -174,12 +174,36 @@ impl TwinRuntime {
     /// Only its keyed hash is stored: show it to the operator once.
     pub async fn issue_device_token(&self, id: &str) -> Result<String, TwinError> {
         let twin = self.twin(id)?;
-        self.env.credentials.issue(twin.id(), self.env.clock.now()).await
+        self.env.credentials.issue(Holder::Device(twin.id().as_str()), self.env.clock.now()).await
     }
 
     pub async fn revoke_device_token(&self, id: &str) -> Result<(), TwinError> {
         let twin = self.twin(id)?;
-        self.env.credentials.revoke(twin.id()).await
+        self.env.credentials.revoke(Holder::Device(twin.id().as_str())).await
+    }
+
+    /// Issues the claim token of device type `ty`, replacing any earlier one: whoever
+    /// holds it may provision new devices of that type (MQTT provisioning gateway).
+    pub async fn issue_claim_token(&self, ty: &str) -> Result<String, TwinError> {
+        let ty = self.device_type(ty)?;
+        self.env.credentials.issue(Holder::Claim(ty.id().as_str()), self.env.clock.now()).await
+    }
+
+    pub async fn revoke_claim_token(&self, ty: &str) -> Result<(), TwinError> {
+        let ty = self.device_type(ty)?;
+        self.env.credentials.revoke(Holder::Claim(ty.id().as_str())).await
+    }
+
+    /// Checks a claim token of device type `ty`; failures are counted like device ones.
+    pub fn authenticate_claim(&self, ty: &str, token: &str) -> Result<TypeHandle, AuthError> {
+        let result = match self.device_type(ty) {
+            Err(_) => Err(AuthError::UnknownDevice(format!("device type {}", ty.chars().take(64).collect::<String>()))),
+            Ok(h) => self.env.credentials.verify(Holder::Claim(h.id().as_str()), token).map(|()| h),
+        };
+        if let Err(e) = &result {
+            self.env.rejections.reject(e.reason(), || e.to_string());
+        }
+        result
     }
 
     /// The credential mapper: the twin a device may speak for, given the id and token it
@@ -187,7 +211,7 @@ impl TwinRuntime {
     pub fn authenticate_device(&self, device_id: &str, token: &str) -> Result<TwinHandle, AuthError> {
         let result = match self.env.twins.get(device_id).map(|s| TwinHandle::new(s.clone())) {
             None => Err(AuthError::UnknownDevice(device_id.chars().take(64).collect())),
-            Some(h) => self.env.credentials.verify(h.id(), token).map(|()| h),
+            Some(h) => self.env.credentials.verify(Holder::Device(h.id().as_str()), token).map(|()| h),
         };
         if let Err(e) = &result {
             self.env.rejections.reject(e.reason(), || e.to_string());

@@ -132,6 +132,11 @@ impl GrpcLinks {
 }
 
 impl DeviceLink for GrpcLinks {
+    fn preference(&self, twin: &TwinId, metadata: &Metadata) -> u8 {
+        let stream = self.streams.get(twin).is_some_and(|t| !t.is_closed());
+        if stream || metadata.attributes.get("grpc_address").is_some_and(|a| a.is_string()) { 2 } else { 0 }
+    }
+
     fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
         let command_id = format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed));
         let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
@@ -426,7 +431,7 @@ impl GrpcGateway {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new(), next_id: AtomicU64::new(0) });
-        rt.env().set_device_link(links.clone());
+        rt.env().attach_device_link("grpc", links.clone());
         let (closing, closing_rx) = watch::channel(false);
         let gw = Gateway { rt, links: links.clone(), closing: closing_rx };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -469,7 +474,7 @@ impl GrpcGateway {
     /// finish for at most 5 s, then drops whatever is left.
     pub async fn stop(mut self) {
         // The link holds the runtime, whose environment holds the link: break the cycle.
-        self.links.rt.env().detach_device_link();
+        self.links.rt.env().detach_device_link("grpc");
         self.links.streams.clear();
         let _ = self.closing.send(true);
         if let Some(s) = self.stop.take() {

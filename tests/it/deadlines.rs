@@ -32,7 +32,7 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
     let p = start(dir.path(), Some(clock.clone()), settings).await;
     fleet(&p, "valve", json!({}), "v", 2, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().set_device_link(Arc::new(Recorder(tx)));
+    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
 
     let twin = p.twin("v-0").unwrap();
@@ -76,7 +76,7 @@ async fn reaching_the_desired_state_disarms_the_deadline() {
     let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
     fleet(&p, "valve", json!({}), "w", 1, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().set_device_link(Arc::new(Recorder(tx)));
+    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
     let twin = p.twin("w-0").unwrap();
     twin.set_desired(obj(json!({"open": true}))).await.unwrap();
