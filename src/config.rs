@@ -6,13 +6,19 @@
 //! | data directory | `--data-dir` | `TWINFLEET_DATA_DIR` | `data_dir` | `./twinfleet-data` |
 //! | HTTP address | `--http` | `TWINFLEET_HTTP` | `http` | `127.0.0.1:8080` |
 //! | gRPC address | `--grpc` | `TWINFLEET_GRPC` | `grpc` | `127.0.0.1:50051` |
+//! | MQTT operational gateway | `--mqtt` | `TWINFLEET_MQTT` | `mqtt` | `127.0.0.1:1883` (embedded) |
+//! | MQTT provisioning gateway | `--mqtt-provisioning` | `TWINFLEET_MQTT_PROVISIONING` | `mqtt_provisioning` | `127.0.0.1:1884` (embedded) |
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
+//!
+//! An MQTT gateway is either `host:port`, a listener of the embedded broker, or
+//! `mqtt://[user[:password]@]host[:port]`, an external broker the transformer connects to.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use twinfleet_protocols::mqtt::{DEFAULT_MQTT, DEFAULT_MQTT_PROVISIONING, Endpoint};
 
 pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
@@ -26,6 +32,8 @@ pub struct PartialConfig {
     pub data_dir: Option<PathBuf>,
     pub http: Option<SocketAddr>,
     pub grpc: Option<SocketAddr>,
+    pub mqtt: Option<String>,
+    pub mqtt_provisioning: Option<String>,
     pub arbiters: Option<usize>,
     pub log: Option<String>,
 }
@@ -44,21 +52,32 @@ pub struct RunConfig {
     pub data_dir: PathBuf,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    pub mqtt: Endpoint,
+    pub mqtt_provisioning: Endpoint,
     pub arbiters: usize,
     pub log: String,
 }
 
 /// Flags and environment (`over`, merged by clap) win over the file, the file over the
 /// defaults.
-pub fn resolve(over: PartialConfig, file: PartialConfig) -> RunConfig {
+pub fn resolve(over: PartialConfig, file: PartialConfig) -> Result<RunConfig, String> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    RunConfig {
+    let endpoint = |v: Option<String>, default: &str, what: &str| {
+        v.as_deref().unwrap_or(default).parse::<Endpoint>().map_err(|e| format!("{what}: {e}"))
+    };
+    Ok(RunConfig {
         data_dir: over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         http: over.http.or(file.http).unwrap_or_else(|| DEFAULT_HTTP.parse().expect("default address parses")),
         grpc: over.grpc.or(file.grpc).unwrap_or_else(|| DEFAULT_GRPC.parse().expect("default address parses")),
+        mqtt: endpoint(over.mqtt.or(file.mqtt), DEFAULT_MQTT, "mqtt")?,
+        mqtt_provisioning: endpoint(
+            over.mqtt_provisioning.or(file.mqtt_provisioning),
+            DEFAULT_MQTT_PROVISIONING,
+            "mqtt_provisioning",
+        )?,
         arbiters: over.arbiters.or(file.arbiters).unwrap_or(cores).max(1),
         log: over.log.or(file.log).unwrap_or_else(|| "info".into()),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -68,10 +87,18 @@ mod tests {
     #[test]
     fn flags_win_over_file_and_file_over_defaults() {
         let file: PartialConfig = toml::from_str("data_dir = \"/srv/tf\"\nhttp = \"0.0.0.0:9000\"").unwrap();
-        let cfg = resolve(PartialConfig { http: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() }, file);
+        let cfg =
+            resolve(PartialConfig { http: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() }, file).unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/srv/tf"));
         assert_eq!(cfg.http, "127.0.0.1:1".parse().unwrap());
-        assert_eq!(resolve(PartialConfig::default(), PartialConfig::default()).http, DEFAULT_HTTP.parse().unwrap());
+        let defaults = resolve(PartialConfig::default(), PartialConfig::default()).unwrap();
+        assert_eq!(defaults.http, DEFAULT_HTTP.parse().unwrap());
+        assert_eq!(defaults.mqtt, Endpoint::Listen("127.0.0.1:1883".parse().unwrap()));
+        let external = PartialConfig { mqtt: Some("mqtt://tf:pw@broker.local".into()), ..Default::default() };
+        let Endpoint::Broker(b) = resolve(external, PartialConfig::default()).unwrap().mqtt else { panic!() };
+        assert_eq!((b.host.as_str(), b.port, b.password.as_deref()), ("broker.local", 1883, Some("pw")));
+        let bad = PartialConfig { mqtt: Some("nowhere".into()), ..Default::default() };
+        assert!(resolve(bad, PartialConfig::default()).is_err());
         assert!(toml::from_str::<PartialConfig>("htp = \"x\"").is_err());
     }
 }

@@ -31,8 +31,8 @@ use twinfleet_runtime::{
 };
 
 pub use twinfleet_actors::{
-    ActorPage, ActorQuery, AuthError, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo, DtaSpec,
-    CLAIM_PREFIX, FleetReport, LatestPoint, RestoreReport, Settings, TOKEN_PREFIX, TelemetryQuery, TwinError, TwinHandle,
+    ActorPage, ActorQuery, AuthError, CLAIM_PREFIX, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo,
+    DtaSpec, FleetReport, LatestPoint, RestoreReport, Settings, TOKEN_PREFIX, TelemetryQuery, TwinError, TwinHandle,
     TwinRuntime, TwinSpec, TwinView, TypeHandle, TypeInfo,
 };
 pub use twinfleet_models as models;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use twinfleet::Platform;
 use twinfleet::config::{PartialConfig, RunConfig, resolve};
-use twinfleet_protocols::{GrpcGateway, HttpApi};
+use twinfleet_protocols::{GrpcGateway, HttpApi, MqttConfig, MqttGateway};
 
 // mimalloc instead of glibc malloc: a fleet is millions of small, long-lived allocations
 // made and freed from several arbiter threads, where glibc's arenas spend their time
@@ -33,7 +33,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// TOML config file (keys: data_dir, http, arbiters, log).
+    /// TOML config file (keys: data_dir, http, grpc, mqtt, mqtt_provisioning, arbiters, log).
     #[arg(long, env = "TWINFLEET_CONFIG")]
     config: Option<PathBuf>,
     /// Where the data lives [default: ./twinfleet-data].
@@ -45,6 +45,13 @@ struct RunArgs {
     /// Address of the gRPC gateway (Hub, DeviceGateway) [default: 127.0.0.1:50051].
     #[arg(long, env = "TWINFLEET_GRPC")]
     grpc: Option<SocketAddr>,
+    /// MQTT operational gateway: `host:port` to listen (embedded broker) or
+    /// `mqtt://[user[:password]@]host[:port]` (external broker) [default: 127.0.0.1:1883].
+    #[arg(long, env = "TWINFLEET_MQTT")]
+    mqtt: Option<String>,
+    /// MQTT provisioning gateway, same forms [default: 127.0.0.1:1884].
+    #[arg(long, env = "TWINFLEET_MQTT_PROVISIONING")]
+    mqtt_provisioning: Option<String>,
     /// Worker arbiters for the twins [default: one per core].
     #[arg(long, env = "TWINFLEET_ARBITERS")]
     arbiters: Option<usize>,
@@ -76,11 +83,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             data_dir: args.data_dir,
             http: args.http,
             grpc: args.grpc,
+            mqtt: args.mqtt,
+            mqtt_provisioning: args.mqtt_provisioning,
             arbiters: args.arbiters,
             log: args.log,
         },
         file,
-    );
+    )
+    .map_err(anyhow::Error::msg)?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("invalid --log filter")?)
         .with_writer(std::io::stderr)
@@ -98,19 +108,27 @@ async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.http))?;
     let grpc = GrpcGateway::start(platform.runtime().clone(), cfg.grpc)
         .with_context(|| format!("cannot listen on {} for gRPC", cfg.grpc))?;
+    let mqtt_cfg = MqttConfig { operational: cfg.mqtt, provisioning: cfg.mqtt_provisioning, ..MqttConfig::default() };
+    let mqtt = MqttGateway::start(platform.runtime().clone(), mqtt_cfg.clone()).await.with_context(|| {
+        format!("cannot start the MQTT gateways ({} and {})", mqtt_cfg.operational, mqtt_cfg.provisioning)
+    })?;
     tracing::info!("HTTP API listening on http://{}", http.local_addr());
     tracing::info!("gRPC gateway listening on {}", grpc.local_addr());
+    tracing::info!("MQTT gateways: operational {}, provisioning {}", mqtt.operational(), mqtt.provisioning());
     println!(
-        "twinfleet: HTTP API on http://{}  gRPC on {}  data in {}",
+        "twinfleet: HTTP API on http://{}  gRPC on {}  MQTT on {} (provisioning {})  data in {}",
         http.local_addr(),
         grpc.local_addr(),
+        mqtt.operational(),
+        mqtt.provisioning(),
         data_dir.display()
     );
 
     wait_for_stop_signal().await?;
-    tracing::info!("stopping: HTTP and gRPC first, then twins, then a final flush");
+    tracing::info!("stopping: HTTP, gRPC and MQTT first, then twins, then a final flush");
     http.stop().await;
     grpc.stop().await;
+    mqtt.stop().await;
     platform.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

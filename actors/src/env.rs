@@ -165,7 +165,12 @@ impl TwinEnv {
     }
 
     /// Hands a twin's command to the best attached transport.
-    pub(crate) fn deliver_to_device(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
+    pub(crate) fn deliver_to_device(
+        &self,
+        twin: &TwinId,
+        metadata: &Metadata,
+        cmd: DeviceCommand,
+    ) -> Result<(), String> {
         self.device_links.deliver(twin, metadata, cmd)
     }
 

@@ -1,12 +1,14 @@
-//! The edges of twinfleet: the operator HTTP API ([`http`]) and the gRPC gateway
-//! ([`grpc`]: Bigler's Hub, twinfleet's DeviceGateway, the twins' device link). The MQTT
-//! gateways and transformers join with the rest of the protocol issue.
+//! The edges of twinfleet: the operator HTTP API ([`http`]), the gRPC gateway ([`grpc`]:
+//! Bigler's Hub, twinfleet's DeviceGateway) and the MQTT gateways and transformer
+//! ([`mqtt`]). Each device transport attaches itself to the twins as a device link.
 
 pub mod device_client;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod mqtt;
 
 pub use device_client::{DevicePoint, GrpcDevice, TelemetryStream};
 pub use grpc::GrpcGateway;
 pub use http::{HttpApi, HttpError};
+pub use mqtt::{MqttConfig, MqttDevice, MqttGateway};

@@ -1,0 +1,226 @@
+//! The device side of MQTT (rumqttc): what tests, benchmarks and the simulator use to
+//! play a device.
+
+use super::topics;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Map, Value, json};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A command received on `devices/{id}/commands`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttDeviceCommand {
+    pub command_id: String,
+    /// `apply_desired`, `set_configuration` or `install_app` with its body.
+    pub body: Map<String, Value>,
+}
+
+/// A connected device.
+#[derive(Debug)]
+pub struct MqttDevice {
+    id: String,
+    client: AsyncClient,
+    commands: mpsc::Receiver<MqttDeviceCommand>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Why a device could not connect or publish.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttDeviceError {
+    #[error("connection refused: {0}")]
+    Refused(String),
+    #[error("MQTT: {0}")]
+    Client(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+fn options(client_id: &str, addr: &str, user: &str, pass: &str, clean: bool) -> Result<MqttOptions, MqttDeviceError> {
+    let (host, port) = addr
+        .trim_start_matches("mqtt://")
+        .rsplit_once(':')
+        .ok_or_else(|| MqttDeviceError::Client(format!("{addr:?} is not host:port")))?;
+    let port = port.parse().map_err(|_| MqttDeviceError::Client(format!("bad port in {addr:?}")))?;
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_credentials(user, pass);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(clean);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    Ok(o)
+}
+
+impl MqttDevice {
+    /// Connects as device `id` with its token and subscribes to its commands. Waits for
+    /// the CONNACK and the SUBACK, so a refused login is an error here.
+    pub async fn connect(addr: &str, id: &str, token: &str) -> Result<MqttDevice, MqttDeviceError> {
+        Self::connect_with(addr, id, id, token, 64).await
+    }
+
+    /// Like `connect`, with a client id and username of one's choosing (to test that the
+    /// gateway refuses mismatches) and a request queue of `capacity`.
+    pub async fn connect_with(
+        addr: &str,
+        client_id: &str,
+        username: &str,
+        token: &str,
+        capacity: usize,
+    ) -> Result<MqttDevice, MqttDeviceError> {
+        let (client, mut events) = AsyncClient::new(options(client_id, addr, username, token, true)?, capacity);
+        let (cmd_tx, commands) = mpsc::channel(64);
+        let (ready_tx, ready) = oneshot::channel::<Result<(), MqttDeviceError>>();
+        let sub = client.clone();
+        let filter = topics::device_topic(client_id, topics::COMMANDS);
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&p.payload) else { continue };
+                        let command_id = m.remove("command_id").and_then(|v| v.as_str().map(String::from));
+                        if let Some(command_id) = command_id
+                            && cmd_tx.send(MqttDeviceCommand { command_id, body: m }).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // No reconnecting: a device that lost its connection connects anew.
+                    Err(e) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(Err(MqttDeviceError::Refused(e.to_string())));
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), ready).await {
+            Ok(Ok(Ok(()))) => Ok(MqttDevice { id: client_id.to_string(), client, commands, task }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(MqttDeviceError::Client("connection task ended".into())),
+            Err(_) => {
+                task.abort();
+                Err(MqttDeviceError::Timeout)
+            }
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Publishes raw bytes on any topic (tests use it for bad input).
+    pub async fn publish_raw(&self, topic: &str, qos: QoS, payload: Vec<u8>) -> Result<(), MqttDeviceError> {
+        self.client.publish(topic, qos, false, payload).await.map_err(|e| MqttDeviceError::Client(e.to_string()))
+    }
+
+    /// Subscribes to any filter (tests use it to try other devices' topics).
+    pub async fn subscribe_raw(&self, filter: &str) -> Result<(), MqttDeviceError> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await.map_err(|e| MqttDeviceError::Client(e.to_string()))
+    }
+
+    async fn publish(&self, channel: topics::Channel, qos: QoS, body: Value) -> Result<(), MqttDeviceError> {
+        let topic = topics::device_topic(&self.id, channel.name());
+        self.publish_raw(&topic, qos, body.to_string().into_bytes()).await
+    }
+
+    /// `values` at time `ts_ms` (or the time of arrival).
+    pub async fn telemetry(&self, qos: QoS, ts_ms: Option<i64>, values: &[(&str, f64)]) -> Result<(), MqttDeviceError> {
+        let values: Map<String, Value> = values.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let mut body = json!({ "values": values });
+        if let Some(ts) = ts_ms {
+            body["ts"] = json!(ts);
+        }
+        self.publish(topics::Channel::Telemetry, qos, body).await
+    }
+
+    pub async fn report(&self, patch: Value) -> Result<(), MqttDeviceError> {
+        self.publish(topics::Channel::State, QoS::AtLeastOnce, patch).await
+    }
+
+    pub async fn ack(&self, command_id: &str, success: bool, message: &str) -> Result<(), MqttDeviceError> {
+        let body = json!({ "command_id": command_id, "success": success, "message": message });
+        self.publish(topics::Channel::Acks, QoS::AtLeastOnce, body).await
+    }
+
+    /// The next command from the twin.
+    pub async fn next_command(&mut self, wait: Duration) -> Option<MqttDeviceCommand> {
+        tokio::time::timeout(wait, self.commands.recv()).await.ok().flatten()
+    }
+
+    /// Whether the connection is still up (the gateway closes it on a violation).
+    pub fn is_connected(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    pub async fn disconnect(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.task.abort();
+    }
+
+    /// Provisions device `id` of type `ty` through the provisioning gateway at `addr`,
+    /// presenting the type's claim token; returns the answer (with the device token).
+    pub async fn provision(
+        addr: &str,
+        ty: &str,
+        id: &str,
+        claim_token: &str,
+        metadata: Value,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
+        let (client, mut events) = AsyncClient::new(options(id, addr, ty, claim_token, true)?, 16);
+        let request = json!({ "claim_token": claim_token, "metadata": metadata }).to_string();
+        let (req_topic, resp_topic) = (topics::provisioning_request(ty, id), topics::provisioning_response(ty, id));
+        let run = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe(resp_topic.clone(), QoS::AtLeastOnce)
+                            .await
+                            .map_err(|e| MqttDeviceError::Client(e.to_string()))?;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        client
+                            .publish(req_topic.clone(), QoS::AtLeastOnce, false, request.clone())
+                            .await
+                            .map_err(|e| MqttDeviceError::Client(e.to_string()))?;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == resp_topic => {
+                        return serde_json::from_slice::<ProvisionResponse>(&p.payload)
+                            .map_err(|e| MqttDeviceError::Client(format!("bad provisioning response: {e}")));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(MqttDeviceError::Refused(e.to_string())),
+                }
+            }
+        };
+        let r = tokio::time::timeout(Duration::from_secs(15), run).await.map_err(|_| MqttDeviceError::Timeout)?;
+        let _ = client.try_disconnect();
+        r
+    }
+}
+
+/// The provisioning gateway's answer.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ProvisionResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// The device token, shown this once.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Where to connect as an operational device.
+    #[serde(default)]
+    pub operational: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -1,0 +1,202 @@
+//! MQTT on the embedded gateway (rumqttd behind twinfleet's front) with rumqttc devices
+//! over loopback: state, telemetry, commands and acks, provisioning, and every kind of
+//! bad input, including a device trying to speak as another.
+
+use crate::support::*;
+use serde_json::json;
+use std::time::Duration;
+use twinfleet::Platform;
+use twinfleet::models::EventKind;
+use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
+
+pub fn embedded_config() -> MqttConfig {
+    MqttConfig {
+        operational: "127.0.0.1:0".parse().unwrap(),
+        provisioning: "127.0.0.1:0".parse().unwrap(),
+        max_payload: 64 * 1024,
+        ..MqttConfig::default()
+    }
+}
+
+pub fn addr(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Listen(a) => a.to_string(),
+        Endpoint::Broker(b) => format!("{}:{}", b.host, b.port),
+    }
+}
+
+async fn setup(dir: &std::path::Path) -> (Platform, MqttGateway, String, String, String) {
+    let p = start(dir, None, test_settings()).await;
+    fleet(&p, "meter", json!({}), "m", 3, |_| vec![]).await;
+    let t0 = p.issue_device_token("m-0").await.unwrap();
+    let t1 = p.issue_device_token("m-1").await.unwrap();
+    let gw = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let ops = addr(gw.operational());
+    (p, gw, ops, t0, t1)
+}
+
+#[actix_rt::test]
+async fn a_device_over_mqtt_changes_its_twin_and_answers_its_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, ops, t0, _) = setup(dir.path()).await;
+    let mut device = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    let twin = p.twin("m-0").unwrap();
+
+    device.report(json!({"fw": "2.0", "rate": 1})).await.unwrap();
+    eventually("the reported state arrives", || async {
+        (twin.get().await.unwrap().state.reported == obj(json!({"fw": "2.0", "rate": 1}))).then_some(())
+    })
+    .await;
+
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        device.telemetry(qos, None, &[("temp", 20.5), ("hum", 41.0)]).await.unwrap();
+    }
+    eventually("telemetry arrives", || async {
+        let v = twin.get().await.unwrap();
+        (v.telemetry_latest.get("hum").map(|p| p.value) == Some(41.0)).then_some(())
+    })
+    .await;
+
+    // The twin's desired state reaches the device as a command; its ack comes back.
+    twin.set_desired(obj(json!({"rate": 5}))).await.unwrap();
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("a command over MQTT");
+    assert_eq!(cmd.body.get("apply_desired"), Some(&json!({"rate": 5})));
+    device.ack(&cmd.command_id, true, "applied").await.unwrap();
+    device.report(json!({"rate": 5})).await.unwrap();
+    eventually("the ack and the report reach the twin", || async {
+        let events = twin.events(20).await.unwrap();
+        let acked = events.iter().any(|e| {
+            matches!(&e.kind, EventKind::CommandAcked { command_id, success: true, .. } if *command_id == cmd.command_id)
+        });
+        (acked && twin.get().await.unwrap().in_sync).then_some(())
+    })
+    .await;
+    assert_eq!(p.env().rejections.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 0, "nothing was rejected");
+
+    device.disconnect().await;
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, ops, t0, t1) = setup(dir.path()).await;
+    let r = &p.env().rejections;
+    let (m0, m1) = (p.twin("m-0").unwrap(), p.twin("m-1").unwrap());
+
+    // Who may connect: the wrong token, an unknown device, another device's token, a
+    // client id that is not the username.
+    assert!(MqttDevice::connect(&ops, "m-0", "tfd_wrong").await.is_err());
+    assert!(MqttDevice::connect(&ops, "ghost", &t0).await.is_err());
+    assert!(MqttDevice::connect(&ops, "m-0", &t1).await.is_err());
+    assert!(MqttDevice::connect_with(&ops, "m-1", "m-0", &t0, 8).await.is_err());
+    assert_eq!((r.count("bad_credentials"), r.count("unknown_device")), (3, 1));
+
+    // A device cannot publish as another device: the front closes the connection and
+    // the message never reaches the broker.
+    let dev = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    dev.publish_raw("devices/m-1/state", QoS::AtLeastOnce, br#"{"owned": true}"#.to_vec()).await.unwrap();
+    eventually("the impostor is disconnected", || async { (!dev.is_connected()).then_some(()) }).await;
+    assert_eq!(r.count("wrong_device"), 1);
+
+    // Nor listen to another device's commands.
+    let listener = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    listener.subscribe_raw("devices/+/commands").await.unwrap();
+    eventually("the eavesdropper is disconnected", || async { (!listener.is_connected()).then_some(()) }).await;
+    assert_eq!(r.count("wrong_device"), 2);
+
+    // Bad payloads on its own topics: each counted, the connection stays, nothing lands.
+    let dev = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    let future = p.env().clock.now().0 + 3_600_000;
+    let bad: [(&str, Vec<u8>, &str); 7] = [
+        ("devices/m-0/state", b"{not json".to_vec(), "malformed"),
+        ("devices/m-0/state", b"[1, 2]".to_vec(), "malformed"),
+        ("devices/m-0/telemetry", br#"{"values": {"t": "hot"}}"#.to_vec(), "wrong_type"),
+        ("devices/m-0/telemetry", br#"{"values": {"t": "NaN"}}"#.to_vec(), "wrong_type"),
+        ("devices/m-0/telemetry", br#"{"valeus": {"t": 1}}"#.to_vec(), "malformed"),
+        (
+            "devices/m-0/telemetry",
+            format!(r#"{{"ts": {future}, "values": {{"t": 1}}}}"#).into_bytes(),
+            "future_timestamp",
+        ),
+        ("devices/m-0/acks", br#"{"command_id": ""}"#.to_vec(), "malformed"),
+    ];
+    for (topic, payload, _) in &bad {
+        dev.publish_raw(topic, QoS::AtLeastOnce, payload.clone()).await.unwrap();
+    }
+    // A good message after the bad ones shows they were all handled, in order.
+    dev.report(json!({"ok": true})).await.unwrap();
+    eventually("the good report lands after the bad ones", || async {
+        (m0.get().await.unwrap().state.reported == obj(json!({"ok": true}))).then_some(())
+    })
+    .await;
+    assert!(dev.is_connected(), "bad payloads on its own topics do not cost the device its connection");
+    assert_eq!(r.count("malformed"), 4, "{:?}", r.snapshot());
+    assert_eq!((r.count("wrong_type"), r.count("future_timestamp")), (2, 1));
+    assert!(m0.get().await.unwrap().telemetry_latest.is_empty(), "no rejected point was stored");
+
+    // An oversized message: counted, connection closed, nothing stored.
+    dev.publish_raw("devices/m-0/state", QoS::AtLeastOnce, vec![b' '; 100 * 1024]).await.unwrap();
+    eventually("the oversized sender is disconnected", || async { (!dev.is_connected()).then_some(()) }).await;
+    assert_eq!(r.count("oversized"), 1);
+
+    // The gateway still serves, and m-1 was never touched.
+    let dev = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    dev.report(json!({"after": 1})).await.unwrap();
+    eventually("the gateway still serves", || async {
+        m0.get().await.unwrap().state.reported.contains_key("after").then_some(())
+    })
+    .await;
+    assert!(m1.get().await.unwrap().state.reported.is_empty(), "m-1 was never written");
+
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_embedded_broker_refuses_clients_that_skip_the_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, _, t0, _) = setup(dir.path()).await;
+    let internal = gw.embedded_broker().unwrap().addr.to_string();
+    let e = MqttDevice::connect(&internal, "m-0", &t0).await.unwrap_err();
+    assert!(e.to_string().contains("refused") || e.to_string().contains("Refused"), "{e}");
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_device_provisions_itself_with_its_types_claim_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, ops, _, _) = setup(dir.path()).await;
+    let prov = addr(gw.provisioning());
+    let claim = p.issue_claim_token("meter").await.unwrap();
+    assert!(claim.starts_with(twinfleet::CLAIM_PREFIX));
+
+    // A wrong claim token is refused at the door.
+    assert!(MqttDevice::provision(&prov, "meter", "m-new", "tfc_wrong", json!({})).await.is_err());
+
+    let resp = MqttDevice::provision(&prov, "meter", "m-new", &claim, json!({"location": "hall 3"})).await.unwrap();
+    assert!(resp.ok, "{resp:?}");
+    assert_eq!(resp.operational.as_deref(), Some(format!("mqtt://{ops}").as_str()));
+    let token = resp.token.unwrap();
+    let twin = p.twin("m-new").unwrap();
+    assert_eq!(twin.get().await.unwrap().state.metadata.location.as_deref(), Some("hall 3"));
+
+    // The new device works on the operational gateway with the token it got.
+    let dev = MqttDevice::connect(&ops, "m-new", &token).await.unwrap();
+    dev.report(json!({"hello": 1})).await.unwrap();
+    eventually("the provisioned device reports", || async {
+        twin.get().await.unwrap().state.reported.contains_key("hello").then_some(())
+    })
+    .await;
+
+    // The claim token cannot take over an existing device.
+    let again = MqttDevice::provision(&prov, "meter", "m-0", &claim, json!({})).await.unwrap();
+    assert!(!again.ok && again.error.unwrap().contains("already exists"));
+    // Nor is it a device token.
+    assert!(MqttDevice::connect(&ops, "m-0", &claim).await.is_err());
+
+    gw.stop().await;
+    p.shutdown().await;
+}
