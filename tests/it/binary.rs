@@ -15,6 +15,8 @@ fn spawn(dir: &std::path::Path, args: &[&str]) -> Child {
         .env_remove("TWINFLEET_HTTP")
         .env_remove("TWINFLEET_CONFIG")
         .env_remove("TWINFLEET_GRPC")
+        .env_remove("TWINFLEET_MQTT")
+        .env_remove("TWINFLEET_MQTT_PROVISIONING")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,7 +73,19 @@ fn run_on_defaults_serves_health_and_the_actor_tree_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     // Default data directory (./twinfleet-data in the working directory); an ephemeral
     // port so that parallel test runs do not collide on 8080.
-    let mut child = spawn(dir.path(), &["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"]);
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtt-provisioning",
+            "127.0.0.1:0",
+        ],
+    );
     let addr = wait_ready(&mut child);
     assert!(dir.path().join("twinfleet-data/db").is_dir(), "data in ./twinfleet-data");
     let (status, body) = http_get(addr, "/healthz");
@@ -91,9 +105,37 @@ fn run_on_defaults_serves_health_and_the_actor_tree_and_stops_on_ctrl_c() {
 #[test]
 fn a_second_instance_on_the_same_data_dir_is_refused_and_sigterm_stops_the_first() {
     let dir = tempfile::tempdir().unwrap();
-    let mut first = spawn(dir.path(), &["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--data-dir", "shared"]);
+    let mut first = spawn(
+        dir.path(),
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtt-provisioning",
+            "127.0.0.1:0",
+            "--data-dir",
+            "shared",
+        ],
+    );
     wait_ready(&mut first);
-    let second = spawn(dir.path(), &["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--data-dir", "shared"]);
+    let second = spawn(
+        dir.path(),
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtt-provisioning",
+            "127.0.0.1:0",
+            "--data-dir",
+            "shared",
+        ],
+    );
     let (ok, err) = finish(second);
     assert!(!ok, "second instance must fail");
     assert!(err.contains("already used by another running twinfleet instance"), "{err}");

@@ -10,6 +10,7 @@ mod deadlines;
 mod durability;
 mod grpc;
 mod http_api;
+mod mosquitto;
 mod mqtt;
 mod python_hub;
 mod supervision;

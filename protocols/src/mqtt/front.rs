@@ -14,6 +14,7 @@
 //! process, which is all the broker's own listener accepts (loopback, random port): a
 //! client that skips the front cannot connect at all.
 //! rumqttd 0.20 cannot be stopped; [`EmbeddedBroker`] lives until the process ends.
+//! It is ready when the transformer has subscribed (`MqttGateway::start` waits for that).
 
 use super::topics::Identity;
 use bytes::{Buf, BytesMut};
@@ -158,14 +159,6 @@ impl EmbeddedBroker {
                 tracing::error!("embedded MQTT broker stopped: {e}");
             }
         })?;
-        // Ready when it accepts.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other("the embedded MQTT broker did not start listening within 10 s"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
         Ok(EmbeddedBroker { addr, secret })
     }
 }

@@ -178,7 +178,7 @@ impl MqttGateway {
             }
             let transformers: Vec<Transformer> =
                 specs.into_iter().map(|s| Transformer::start(rt2.clone(), s)).collect();
-            let _ = links_tx.send(transformers[0].links.clone());
+            let _ = links_tx.send((transformers[0].links.clone(), transformers[0].subscribed.clone()));
             let _ = stop_rx.await;
             for t in transformers {
                 t.stop().await;
@@ -186,7 +186,15 @@ impl MqttGateway {
             let _ = stopped_tx.send(());
             actix::Arbiter::current().stop();
         });
-        let links = links_rx.await.map_err(|_| std::io::Error::other("the MQTT arbiter did not start"))?;
+        let (links, mut subscribed) =
+            links_rx.await.map_err(|_| std::io::Error::other("the MQTT arbiter did not start"))?;
+        // The embedded gateway is ready once its transformer is subscribed; an external
+        // broker may come later (the transformer keeps trying and logs it).
+        if broker.is_some()
+            && tokio::time::timeout(std::time::Duration::from_secs(10), subscribed.wait_for(|s| *s)).await.is_err()
+        {
+            return Err(std::io::Error::other("the embedded MQTT broker did not accept the transformer within 10 s"));
+        }
         rt.env().attach_device_link("mqtt", links);
         Ok(MqttGateway {
             operational,

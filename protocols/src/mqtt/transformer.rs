@@ -320,6 +320,8 @@ impl DeviceLink for MqttLinks {
 #[derive(Debug)]
 pub(crate) struct Transformer {
     pub links: Arc<MqttLinks>,
+    /// Turns true once the ingest connection is subscribed.
+    pub subscribed: watch::Receiver<bool>,
     closing: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -328,6 +330,8 @@ fn options(spec: &TransformerSpec, client_id: String, clean: bool) -> MqttOption
     let mut o = MqttOptions::new(client_id, spec.broker.host.clone(), spec.broker.port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(clean);
+    // The ingest session acknowledges by hand, after the twin has the message.
+    o.set_manual_acks(!clean);
     o.set_max_packet_size(spec.max_payload + 1024, spec.max_payload + 1024);
     o.set_inflight(1_000);
     if let Some(u) = &spec.broker.username {
@@ -344,6 +348,7 @@ async fn drive(
     on_connect: impl Fn(),
     connected: Arc<AtomicBool>,
     sink: Option<mpsc::Sender<Publish>>,
+    subscribed: watch::Sender<bool>,
 ) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -353,6 +358,9 @@ async fn drive(
                 delay = Duration::from_millis(100);
                 connected.store(true, Relaxed);
                 on_connect();
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subscribed.send_replace(true);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(sink) = &sink
@@ -387,6 +395,7 @@ impl Transformer {
         let (closing, closing_rx) = watch::channel(false);
         let broker = spec.broker.to_string();
         let (work_tx, work_rx) = mpsc::channel(WINDOW);
+        let (subscribed_tx, subscribed) = watch::channel(false);
 
         let mut filters: Vec<String> = Vec::new();
         if spec.devices {
@@ -413,7 +422,7 @@ impl Transformer {
                 let broker = broker.clone();
                 async move {
                     tokio::select! {
-                        () = drive(ingest_events, "ingest", broker, on_connect, Arc::new(AtomicBool::new(false)), Some(work_tx)) => {}
+                        () = drive(ingest_events, "ingest", broker, on_connect, Arc::new(AtomicBool::new(false)), Some(work_tx), subscribed_tx) => {}
                         () = stop(c) => {}
                     }
                 }
@@ -422,7 +431,7 @@ impl Transformer {
                 let c = closing_rx.clone();
                 async move {
                     tokio::select! {
-                        () = drive(out_events, "out", broker, || {}, out_connected, None) => {}
+                        () = drive(out_events, "out", broker, || {}, out_connected, None, watch::channel(false).0) => {}
                         () = stop(c) => {}
                     }
                 }
@@ -437,7 +446,7 @@ impl Transformer {
                 }
             }),
         ];
-        Transformer { links, closing, tasks }
+        Transformer { links, subscribed, closing, tasks }
     }
 
     /// Disconnects; what was not acknowledged is redelivered to the next transformer.
