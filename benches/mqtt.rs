@@ -1,0 +1,255 @@
+//! End-to-end telemetry ingest over MQTT on the embedded gateway: device (rumqttc) →
+//! front → rumqttd → transformer → DTI → stored durably.
+//!
+//! The devices run in a child process (this binary re-run with `TWINFLEET_MQTT_DEVICES`),
+//! so that the platform's memory per connection is measured on its own. Each device
+//! publishes 10 metrics per message as fast as its client lets it, for the run's length.
+//! Throughput counts points stored durably inside the window; latency comes from a
+//! probe device in the platform's process that publishes one message at a time and
+//! waits until its twin holds it (publish → stored → visible), sampled during the load.
+//!
+//! `cargo bench --bench mqtt`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
+//! `TWINFLEET_BENCH_SECONDS` (default 5), `TWINFLEET_BENCH_REPEAT` (default 3).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use twinfleet::models::{DeviceTypeId, TwinId};
+use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
+use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const POINTS_PER_MESSAGE: usize = 10;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0.0)
+}
+
+fn payload(seq: u64) -> Vec<u8> {
+    let mut s = String::from("{\"values\":{");
+    for m in 0..POINTS_PER_MESSAGE {
+        if m > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!("\"m{m}\":{}.5", seq + m as u64));
+    }
+    s.push_str("}}");
+    s.into_bytes()
+}
+
+fn main() {
+    if let Ok(addr) = std::env::var("TWINFLEET_MQTT_DEVICES") {
+        return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(devices(addr));
+    }
+    actix_rt::System::new().block_on(platform());
+}
+
+/// The child: connects every device, then runs `GO <qos> <secs>` commands from stdin.
+async fn devices(addr: String) {
+    let tokens: Vec<(String, String)> = std::fs::read_to_string(std::env::var("TWINFLEET_MQTT_TOKENS").unwrap())
+        .unwrap()
+        .lines()
+        .map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).unwrap())
+        .collect();
+    let before = rss();
+    let mut devs = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(200) {
+        let batch =
+            futures::future::join_all(chunk.iter().map(|(id, tok)| MqttDevice::connect_with(&addr, id, id, tok, 256)))
+                .await;
+        devs.extend(batch.into_iter().map(|d| std::sync::Arc::new(d.expect("device connects"))));
+    }
+    println!("CONNECTED {}", rss() - before);
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap();
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let ["GO", qos, secs] = parts[..] else { break };
+        let qos = if qos == "1" { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        let until = Instant::now() + Duration::from_secs(secs.parse().unwrap());
+        let tasks: Vec<_> = devs
+            .iter()
+            .map(|d| {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let mut sent = 0u64;
+                    while Instant::now() < until {
+                        if d.publish_raw(&format!("devices/{}/telemetry", d.id()), qos, payload(sent)).await.is_err() {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let mut sent = 0;
+        for t in tasks {
+            sent += t.await.unwrap();
+        }
+        println!("SENT {sent}");
+    }
+}
+
+async fn platform() {
+    let n = env_or("TWINFLEET_BENCH_DEVICES", 10_000) as usize;
+    let secs = env_or("TWINFLEET_BENCH_SECONDS", 5);
+    let repeat = env_or("TWINFLEET_BENCH_REPEAT", 3) as usize;
+    let dir = std::env::temp_dir().join(format!("twinfleet-mqtt-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let ty = p
+        .create_device_type(DeviceTypeSpec {
+            id: DeviceTypeId::new("meter").unwrap(),
+            model: "m".into(),
+            defaults: Default::default(),
+        })
+        .await
+        .unwrap();
+    let mut specs: Vec<TwinSpec> = (0..n).map(|i| TwinSpec::new(TwinId::new(format!("d-{i:05}")).unwrap())).collect();
+    specs.push(TwinSpec::new(TwinId::new("probe").unwrap()));
+    ty.spawn_fleet(specs).await.unwrap();
+    let mut tokens = String::new();
+    for i in 0..n {
+        let id = format!("d-{i:05}");
+        tokens.push_str(&format!("{id} {}\n", p.issue_device_token(&id).await.unwrap()));
+    }
+    let probe_token = p.issue_device_token("probe").await.unwrap();
+    let token_file = dir.join("tokens");
+    std::fs::write(&token_file, tokens).unwrap();
+
+    let cfg = MqttConfig {
+        operational: "127.0.0.1:0".parse().unwrap(),
+        provisioning: "127.0.0.1:0".parse().unwrap(),
+        ..MqttConfig::default()
+    };
+    let gw = MqttGateway::start(p.runtime().clone(), cfg).await.unwrap();
+    let Endpoint::Listen(addr) = gw.operational().clone() else { unreachable!() };
+    let rss_before = rss();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("TWINFLEET_MQTT_DEVICES", addr.to_string())
+        .env("TWINFLEET_MQTT_TOKENS", &token_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    let connected = actix_rt::task::spawn_blocking(move || {
+        let line = from_child.next().unwrap().unwrap();
+        (line, from_child)
+    })
+    .await
+    .unwrap();
+    let (line, mut from_child) = connected;
+    let device_side: u64 = line.strip_prefix("CONNECTED ").unwrap().parse().unwrap();
+    let connect_secs = started.elapsed().as_secs_f64();
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let platform_side = rss().saturating_sub(rss_before);
+    println!("| benchmark | devices | cores | points/s (median) | msgs/s | latency p50 / p99 | detail |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| MQTT connections | {n} | {} | | | | connected in {connect_secs:.1} s; platform +{:.1} KiB/device (front + rumqttd + twin side), device side +{:.1} KiB/device (rumqttc client) |",
+        cores(),
+        platform_side as f64 / n as f64 / 1024.0,
+        device_side as f64 / n as f64 / 1024.0
+    );
+
+    let probe = MqttDevice::connect(&addr.to_string(), "probe", &probe_token).await.unwrap();
+    let probe_twin = p.twin("probe").unwrap();
+    for (qos, name) in [(QoS::AtMostOnce, "MQTT QoS 0"), (QoS::AtLeastOnce, "MQTT QoS 1")] {
+        let mut rates = Vec::new();
+        let mut msg_rates = Vec::new();
+        let mut lat = Vec::new();
+        let mut sent_total = 0u64;
+        let mut stored_total = 0u64;
+        for _ in 0..repeat {
+            let ops0 = p.storage_stats().ops_committed;
+            writeln!(to_child, "GO {} {secs}", if qos == QoS::AtLeastOnce { 1 } else { 0 }).unwrap();
+            let t0 = Instant::now();
+            let window = Duration::from_secs(secs);
+            let mut seq = 0u64;
+            while t0.elapsed() < window {
+                seq += 1;
+                let sent = Instant::now();
+                probe.telemetry(QoS::AtLeastOnce, None, &[("probe", seq as f64)]).await.unwrap();
+                loop {
+                    let v = probe_twin.get().await.unwrap();
+                    if v.telemetry_latest.get("probe").map(|p| p.value) == Some(seq as f64) {
+                        break;
+                    }
+                    if t0.elapsed() > window * 4 {
+                        break;
+                    }
+                    actix_rt::time::sleep(Duration::from_millis(1)).await;
+                }
+                lat.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+            let ops_in_window = p.storage_stats().ops_committed - ops0;
+            let el = t0.elapsed().as_secs_f64();
+            let (line, rest) = actix_rt::task::spawn_blocking(move || {
+                let l = from_child.next().unwrap().unwrap();
+                (l, from_child)
+            })
+            .await
+            .unwrap();
+            from_child = rest;
+            let sent: u64 = line.strip_prefix("SENT ").unwrap().parse().unwrap();
+            // Drain: wait until storage stops moving, so the next run starts clean.
+            let mut last = p.storage_stats().ops_committed;
+            loop {
+                actix_rt::time::sleep(Duration::from_millis(500)).await;
+                let now = p.storage_stats().ops_committed;
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            // One stored record per telemetry message (all its points share a timestamp),
+            // minus the probe's messages.
+            let stored = (last - ops0).saturating_sub(seq);
+            sent_total += sent;
+            stored_total += stored;
+            rates.push((ops_in_window.saturating_sub(seq)) as f64 * POINTS_PER_MESSAGE as f64 / el);
+            msg_rates.push(ops_in_window.saturating_sub(seq) as f64 / el);
+        }
+        lat.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "| {name}, {POINTS_PER_MESSAGE} points/message | {n} | {} | {:.0} | {:.0} | {:.0} ms / {:.0} ms | {} runs of {secs} s; sent {sent_total} messages, stored {stored_total} ({:.2}%) |",
+            cores(),
+            median(rates),
+            median(msg_rates),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            repeat,
+            stored_total as f64 * 100.0 / sent_total.max(1) as f64
+        );
+    }
+    writeln!(to_child, "QUIT").unwrap();
+    let _ = child.wait();
+    probe.disconnect().await;
+    gw.stop().await;
+    p.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
