@@ -8,6 +8,9 @@
 //! probe device in the platform's process that publishes one message at a time and
 //! waits until its twin holds it (publish → stored → visible), sampled during the load.
 //!
+//! Each device costs the platform three sockets (device ↔ front, front ↔ rumqttd, and
+//! rumqttd's end); where the open-files limit is below 3 × devices, lower the count.
+//!
 //! `cargo bench --bench mqtt`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
 //! `TWINFLEET_BENCH_SECONDS` (default 5), `TWINFLEET_BENCH_REPEAT` (default 3).
 
@@ -216,10 +219,11 @@ async fn platform() {
             .unwrap();
             from_child = rest;
             let sent: u64 = line.strip_prefix("SENT ").unwrap().parse().unwrap();
-            // Drain: wait until storage stops moving, so the next run starts clean.
+            // Drain: wait until storage has not moved for 3 s (longer than the fronts'
+            // pacing recheck), so the next run starts clean and the tally is complete.
             let mut last = p.storage_stats().ops_committed;
             loop {
-                actix_rt::time::sleep(Duration::from_millis(500)).await;
+                actix_rt::time::sleep(Duration::from_secs(3)).await;
                 let now = p.storage_stats().ops_committed;
                 if now == last {
                     break;

@@ -77,6 +77,7 @@ pub(crate) enum DtiRequest {
     Telemetry(Vec<MetricPoint>),
     TelemetryQuery(TelemetryQuery),
     InjectPanic,
+    ToDevice(DeviceCommand),
 }
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
@@ -411,6 +412,12 @@ impl Dti {
                 Err(e) => Outcome::Now(Err(e)),
             },
             DtiRequest::TelemetryQuery(q) => Outcome::Later(self.query_telemetry(q)),
+            DtiRequest::ToDevice(cmd) => Outcome::Now(
+                self.env()
+                    .deliver_to_device(&self.slot.id, &self.state.metadata, cmd)
+                    .map(|()| DtiReply::Ack { seq: self.state.last_seq })
+                    .map_err(|reason| TwinError::DeviceUnreachable { id: self.slot.id.to_string(), reason }),
+            ),
             DtiRequest::InjectPanic => {
                 if !self.env().settings.allow_fault_injection {
                     return Outcome::Now(Err(TwinError::FaultInjectionDisabled));

@@ -64,7 +64,22 @@ impl Default for Settings {
 /// retries and finally alerts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceCommand {
-    ApplyDesired { desired: Map<String, Value>, attempt: u32 },
+    /// The twin's desired state, from its watchdog (the link names the command).
+    ApplyDesired {
+        desired: Map<String, Value>,
+        attempt: u32,
+    },
+    /// Operator-issued, named by the twin (`TwinHandle::send_to_device`).
+    SetConfiguration {
+        command_id: String,
+        configuration: Map<String, Value>,
+    },
+    InstallApp {
+        command_id: String,
+        app: String,
+        version: String,
+        artifact_url: String,
+    },
 }
 
 /// The twin-to-device direction, implemented by the protocol adapters. Called on the

@@ -16,6 +16,8 @@ pub enum TwinError {
     AlreadyExists { kind: &'static str, id: String },
     #[error("{kind} {id:?} is {status:?} and cannot answer now; retry later")]
     Unavailable { kind: &'static str, id: String, status: ActorStatus },
+    #[error("device {id:?} cannot be reached now: {reason}")]
+    DeviceUnreachable { id: String, reason: String },
     #[error("mailbox of twin {0:?} is full; retry later")]
     MailboxFull(String),
     #[error("{kind} {id:?} did not answer within {ms} ms")]

@@ -5,7 +5,7 @@
 
 use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
 use crate::dti::{DtiMsg, DtiReply, DtiRequest, TelemetryQuery, TwinSlot, TwinView};
-use crate::env::TwinEnv;
+use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, TwinSpec};
 use crate::tdta::{FleetReport, SetDefaults, SpawnFleet, TypeContext};
@@ -141,6 +141,13 @@ impl TwinHandle {
             DtiReply::Points(p) => Ok(p),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Sends a command to the device through whichever transport reaches it (MQTT
+    /// publish, gRPC command stream or a call to its DeviceControl server). Returns once
+    /// the transport has it; the device's answer arrives as a `command_acked` event.
+    pub async fn send_to_device(&self, cmd: DeviceCommand) -> Result<(), TwinError> {
+        self.request(DtiRequest::ToDevice(cmd)).await.map(|_| ())
     }
 
     /// Makes the twin panic (only where the platform allows fault injection).

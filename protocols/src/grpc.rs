@@ -49,7 +49,10 @@ pub fn status(e: TwinError) -> Status {
     match e {
         TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => Status::not_found(msg),
         TwinError::AlreadyExists { .. } => Status::already_exists(msg),
-        TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => Status::unavailable(msg),
+        TwinError::Unavailable { .. }
+        | TwinError::Crashed { .. }
+        | TwinError::ShuttingDown
+        | TwinError::DeviceUnreachable { .. } => Status::unavailable(msg),
         TwinError::MailboxFull(_) => Status::resource_exhausted(msg),
         TwinError::Timeout { .. } => Status::deadline_exceeded(msg),
         TwinError::Quarantined { .. } => Status::failed_precondition(msg),
@@ -86,16 +89,11 @@ pub struct GrpcLinks {
 const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl GrpcLinks {
-    /// Pushes the desired state to a device's DeviceControl server, records the
-    /// device's answer in the twin's journal, and reports the state the device then
-    /// returns. Failures are logged; the twin's watchdog retries.
-    fn call_device(
-        &self,
-        twin: &TwinId,
-        addr: &str,
-        command_id: String,
-        desired: serde_json::Map<String, serde_json::Value>,
-    ) {
+    /// Calls a device's DeviceControl server (desired state and configuration:
+    /// `SetConfiguration`; apps: `InstallApp`), records the device's answer in the twin's
+    /// journal, and reports the state the device then returns. Failures are logged; the
+    /// twin's watchdog retries desired state.
+    fn call_device(&self, twin: &TwinId, addr: &str, command_id: String, body: pb::command::Body) {
         let (rt, twin, addr) = (self.rt.clone(), twin.clone(), addr.to_string());
         actix_rt::spawn(async move {
             let call = async {
@@ -107,8 +105,14 @@ impl GrpcLinks {
                     .await
                     .map_err(|e| format!("cannot reach {addr}: {e}"))?;
                 let mut device = DeviceControlClient::new(channel);
-                let req = pb::SetConfigurationRequest { configuration: Some(json_to_struct(&desired)) };
-                let reply = device.set_configuration(req).await.map_err(|s| s.to_string())?.into_inner();
+                let reply = match body {
+                    pb::command::Body::ApplyDesired(s) => {
+                        device.set_configuration(pb::SetConfigurationRequest { configuration: Some(s) }).await
+                    }
+                    pb::command::Body::SetConfiguration(req) => device.set_configuration(req).await,
+                    pb::command::Body::InstallApp(req) => device.install_app(req).await,
+                };
+                let reply = reply.map_err(|s| s.to_string())?.into_inner();
                 let state = device.get_state(pb::GetStateRequest {}).await.map_err(|s| s.to_string())?.into_inner();
                 Ok::<_, String>((reply, struct_to_json(&state)?))
             };
@@ -138,18 +142,29 @@ impl DeviceLink for GrpcLinks {
     }
 
     fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
-        let command_id = format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed));
+        let (command_id, body) = match cmd {
+            DeviceCommand::ApplyDesired { desired, .. } => (
+                format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed)),
+                pb::command::Body::ApplyDesired(json_to_struct(&desired)),
+            ),
+            DeviceCommand::SetConfiguration { command_id, configuration } => (
+                command_id,
+                pb::command::Body::SetConfiguration(pb::SetConfigurationRequest {
+                    configuration: Some(json_to_struct(&configuration)),
+                }),
+            ),
+            DeviceCommand::InstallApp { command_id, app, version, artifact_url } => {
+                (command_id, pb::command::Body::InstallApp(pb::InstallAppRequest { app, version, artifact_url }))
+            }
+        };
         let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
-            return match (metadata.attributes.get("grpc_address").and_then(|a| a.as_str()), cmd) {
-                (Some(addr), DeviceCommand::ApplyDesired { desired, .. }) => {
-                    self.call_device(twin, addr, command_id, desired);
+            return match metadata.attributes.get("grpc_address").and_then(|a| a.as_str()) {
+                Some(addr) => {
+                    self.call_device(twin, addr, command_id, body);
                     Ok(())
                 }
-                (None, _) => Err(format!("device {twin} has no open gRPC command stream and no grpc_address")),
+                None => Err(format!("device {twin} has no open gRPC command stream and no grpc_address")),
             };
-        };
-        let body = match cmd {
-            DeviceCommand::ApplyDesired { desired, .. } => pb::command::Body::ApplyDesired(json_to_struct(&desired)),
         };
         match tx.try_send(Ok(pb::Command { command_id, body: Some(body) })) {
             Ok(()) => Ok(()),

@@ -52,6 +52,7 @@ impl HttpError {
             TwinError::Storage(_) => "storage",
             TwinError::FaultInjectionDisabled => "forbidden",
             TwinError::ShuttingDown => "shutting_down",
+            TwinError::DeviceUnreachable { .. } => "device_unreachable",
         }
     }
 }
@@ -63,9 +64,10 @@ impl ResponseError for HttpError {
                 StatusCode::NOT_FOUND
             }
             TwinError::AlreadyExists { .. } | TwinError::Quarantined { .. } => StatusCode::CONFLICT,
-            TwinError::Unavailable { .. } | TwinError::Crashed { .. } | TwinError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            TwinError::Unavailable { .. }
+            | TwinError::Crashed { .. }
+            | TwinError::ShuttingDown
+            | TwinError::DeviceUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
             TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             TwinError::Rejected(_) | TwinError::Telemetry(_) => StatusCode::UNPROCESSABLE_ENTITY,

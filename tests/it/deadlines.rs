@@ -14,7 +14,7 @@ struct Recorder(mpsc::UnboundedSender<(TwinId, u32)>);
 
 impl DeviceLink for Recorder {
     fn deliver(&self, twin: &TwinId, _: &twinfleet::models::Metadata, cmd: DeviceCommand) -> Result<(), String> {
-        let DeviceCommand::ApplyDesired { attempt, .. } = cmd;
+        let DeviceCommand::ApplyDesired { attempt, .. } = cmd else { return Ok(()) };
         self.0.send((twin.clone(), attempt)).map_err(|e| e.to_string())
     }
 }

@@ -71,6 +71,18 @@ async fn a_device_reports_state_and_receives_and_acks_its_twins_commands() {
     );
     assert!(events.iter().any(|e| e.kind == EventKind::InSync));
 
+    // An operator command takes the same way as over MQTT.
+    let install = twinfleet::DeviceCommand::InstallApp {
+        command_id: "op-1".into(),
+        app: "pump-ctl".into(),
+        version: "2.0".into(),
+        artifact_url: "https://repo.example/pump-ctl-2.0.bin".into(),
+    };
+    twin.send_to_device(install).await.unwrap();
+    let cmd = commands.message().await.unwrap().expect("install_app over gRPC");
+    assert_eq!(cmd.command_id, "op-1");
+    assert!(matches!(cmd.body, Some(pb::command::Body::InstallApp(ref a)) if a.version == "2.0"), "{cmd:?}");
+
     // Telemetry through the device client: one ack per batch.
     let mut stream = device.telemetry().await.unwrap();
     let ack = stream.send(vec![DevicePoint { metric: "temp".into(), value: 21.5, at_ms: None }]).await.unwrap();

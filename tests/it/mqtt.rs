@@ -5,8 +5,8 @@
 use crate::support::*;
 use serde_json::json;
 use std::time::Duration;
-use twinfleet::Platform;
 use twinfleet::models::EventKind;
+use twinfleet::{DeviceCommand, Platform};
 use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
 
 pub fn embedded_config() -> MqttConfig {
@@ -72,6 +72,23 @@ async fn a_device_over_mqtt_changes_its_twin_and_answers_its_commands() {
     })
     .await;
     assert_eq!(p.env().rejections.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 0, "nothing was rejected");
+
+    // Operator commands take the same way: install an app, set a configuration.
+    let install = DeviceCommand::InstallApp {
+        command_id: "op-1".into(),
+        app: "flow-ctl".into(),
+        version: "1.4.0".into(),
+        artifact_url: "https://repo.example/flow-ctl-1.4.0.bin".into(),
+    };
+    twin.send_to_device(install).await.unwrap();
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("install_app over MQTT");
+    assert_eq!(cmd.command_id, "op-1");
+    assert_eq!(cmd.body["install_app"]["version"], json!("1.4.0"));
+    let set =
+        DeviceCommand::SetConfiguration { command_id: "op-2".into(), configuration: obj(json!({"period_s": 10})) };
+    twin.send_to_device(set).await.unwrap();
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("set_configuration over MQTT");
+    assert_eq!(cmd.body["set_configuration"], json!({"period_s": 10}));
 
     device.disconnect().await;
     gw.stop().await;

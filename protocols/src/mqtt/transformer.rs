@@ -299,11 +299,18 @@ impl DeviceLink for MqttLinks {
         if !self.connected.load(Relaxed) {
             return Err("the MQTT transformer is not connected to its broker".into());
         }
-        let command_id = format!("{twin}-m{}", self.next_id.fetch_add(1, Relaxed));
         let body = match cmd {
             DeviceCommand::ApplyDesired { desired, .. } => {
+                let command_id = format!("{twin}-m{}", self.next_id.fetch_add(1, Relaxed));
                 serde_json::json!({ "command_id": command_id, "apply_desired": desired })
             }
+            DeviceCommand::SetConfiguration { command_id, configuration } => {
+                serde_json::json!({ "command_id": command_id, "set_configuration": configuration })
+            }
+            DeviceCommand::InstallApp { command_id, app, version, artifact_url } => serde_json::json!({
+                "command_id": command_id,
+                "install_app": { "app": app, "version": version, "artifact_url": artifact_url },
+            }),
         };
         self.out
             .try_publish(
