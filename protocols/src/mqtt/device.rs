@@ -4,6 +4,8 @@
 use super::topics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +24,8 @@ pub struct MqttDevice {
     client: AsyncClient,
     commands: mpsc::Receiver<MqttDeviceCommand>,
     task: tokio::task::JoinHandle<()>,
+    acked: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
 }
 
 /// Why a device could not connect or publish.
@@ -70,12 +74,22 @@ impl MqttDevice {
         let (ready_tx, ready) = oneshot::channel::<Result<(), MqttDeviceError>>();
         let sub = client.clone();
         let filter = topics::device_topic(client_id, topics::COMMANDS);
+        let acked = Arc::new(AtomicU64::new(0));
+        let acks = acked.clone();
+        let written = Arc::new(AtomicU64::new(0));
+        let writes = written.clone();
         let task = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
             loop {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = sub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, Relaxed);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => {
+                        writes.fetch_add(1, Relaxed);
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(r) = ready_tx.take() {
@@ -103,7 +117,7 @@ impl MqttDevice {
             }
         });
         match tokio::time::timeout(Duration::from_secs(10), ready).await {
-            Ok(Ok(Ok(()))) => Ok(MqttDevice { id: client_id.to_string(), client, commands, task }),
+            Ok(Ok(Ok(()))) => Ok(MqttDevice { id: client_id.to_string(), client, commands, task, acked, written }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(MqttDeviceError::Client("connection task ended".into())),
             Err(_) => {
@@ -115,6 +129,16 @@ impl MqttDevice {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Publishes written to the connection so far (QoS 0: all the device can know).
+    pub fn written(&self) -> u64 {
+        self.written.load(Relaxed)
+    }
+
+    /// QoS 1 publishes the gateway has acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Relaxed)
     }
 
     /// Publishes raw bytes on any topic (tests use it for bad input).

@@ -300,6 +300,11 @@ impl Front {
         }
         let user = connect.client_id.clone();
         connect.login = Some(Login::new(user, self.broker.secret.to_string()));
+        // The front enforces the device's keep-alive itself (below), counting only the
+        // time it is willing to read: while it paces a device, the broker would
+        // otherwise see silence and drop the connection. rumqttd refuses 0.
+        let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1_500);
+        connect.keep_alive = u16::MAX;
         let mut hello = BytesMut::new();
         if connect.write(&mut hello).is_err() {
             return;
@@ -377,7 +382,19 @@ impl Front {
                     }
                     out.clear();
                 }
-                match device_r.read_buf(&mut buf).await {
+                let read = device_r.read_buf(&mut buf);
+                let read = if keep_alive.is_zero() {
+                    read.await
+                } else {
+                    match tokio::time::timeout(keep_alive, read).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::debug!("{who:?} silent for 1.5 x its keep-alive; closing");
+                            return;
+                        }
+                    }
+                };
+                match read {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
