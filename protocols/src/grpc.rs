@@ -289,7 +289,7 @@ impl DeviceGateway for Gateway {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
                     Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                        let _ = tx.send(Err(oversized(&gw.rt, s))).await;
                         break;
                     }
                 };
@@ -365,7 +365,7 @@ impl Hub for Gateway {
                 m = values.message() => m,
                 () = closed(self.closing.clone()) => Err(shutting_down()),
             };
-            let Some(v) = next.map_err(|s| with_stored(s, stored))? else { break };
+            let Some(v) = next.map_err(|s| with_stored(oversized(&self.rt, s), stored))? else { break };
             let h = match &twin {
                 Some(h) if h.id().as_str() == v.device_identifier => h,
                 Some(h) => {
@@ -425,6 +425,68 @@ impl Hub for Gateway {
     }
 }
 
+/// tonic refuses a message over the size limit itself, before any handler, with
+/// OUT_OF_RANGE; gRPC's convention (grpc-go, grpc-java) is RESOURCE_EXHAUSTED. This layer
+/// rewrites that answer and counts it as `oversized`. (A client-streaming call meets the
+/// same error inside the handler; see `oversized`.)
+#[derive(Debug, Clone)]
+struct OversizeLayer(TwinRuntime);
+
+impl<S> tower_layer::Layer<S> for OversizeLayer {
+    type Service = Oversize<S>;
+    fn layer(&self, inner: S) -> Oversize<S> {
+        Oversize { inner, rt: self.0.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Oversize<S> {
+    inner: S,
+    rt: TwinRuntime,
+}
+
+const TOO_LARGE: &str = "decoded%20message%20length%20too%20large";
+
+impl<S, B, RB> tower_service::Service<tonic::codegen::http::Request<B>> for Oversize<S>
+where
+    S: tower_service::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let call = self.inner.call(req);
+        let rt = self.rt.clone();
+        Box::pin(async move {
+            let mut resp = call.await?;
+            let h = resp.headers_mut();
+            let too_large = h.get("grpc-status").is_some_and(|s| s == "11")
+                && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains(TOO_LARGE));
+            if too_large {
+                h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
+                rt.env().rejections.reject("oversized", || format!("gRPC message over {MAX_MESSAGE_BYTES} bytes"));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// A too-large message met inside a client stream: RESOURCE_EXHAUSTED, counted.
+fn oversized(rt: &TwinRuntime, s: Status) -> Status {
+    if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
+        rt.env().rejections.reject("oversized", || s.message().to_string());
+        Status::resource_exhausted(s.message().to_string())
+    } else {
+        s
+    }
+}
+
 /// How long `stop` lets calls in flight finish before it drops them.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -461,6 +523,7 @@ impl GrpcGateway {
                 }
             };
             let result = tonic::transport::Server::builder()
+                .layer(OversizeLayer(gw.rt.clone()))
                 .add_service(DeviceGatewayServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .add_service(HubServer::new(gw).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {

@@ -100,7 +100,7 @@ async fn a_device_reports_state_and_receives_and_acks_its_twins_commands() {
 async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, channel, t0, t1) = setup(dir.path()).await;
-    let mut client = DeviceGatewayClient::new(channel);
+    let mut client = DeviceGatewayClient::new(channel.clone());
     let code = |r: Result<tonic::Response<pb::Ack>, tonic::Status>| r.unwrap_err().code();
 
     assert_eq!(code(client.report_state(Request::new(patch(json!({"a": 1})))).await), Code::Unauthenticated);
@@ -122,11 +122,18 @@ async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
         code(client.report_state(authed(pb::StateReport { patch: Some(nan) }, "g-0", &t0)).await),
         Code::InvalidArgument
     );
-    // FIXME(protocol issue): tonic refuses an oversized message itself, with OUT_OF_RANGE
-    // and before our code can count it; grpc-go says RESOURCE_EXHAUSTED. Asserted as is.
+    // Over the 1 MiB limit: RESOURCE_EXHAUSTED (tonic's own OUT_OF_RANGE is rewritten)
+    // and counted, for a unary call and inside a telemetry stream.
     let huge = json!({"blob": "x".repeat(2 << 20)});
-    assert_eq!(code(client.report_state(authed(patch(huge), "g-0", &t0)).await), Code::OutOfRange, "oversized message");
     let r = &p.env().rejections;
+    assert_eq!(code(client.report_state(authed(patch(huge), "g-0", &t0)).await), Code::ResourceExhausted);
+    assert_eq!(r.count("oversized"), 1);
+    let mut device = GrpcDevice::on_channel(channel.clone(), "g-0", &t0);
+    let mut stream = device.telemetry().await.unwrap();
+    let big: Vec<DevicePoint> =
+        (0..100_000).map(|i| DevicePoint { metric: format!("m{i}"), value: 1.0, at_ms: None }).collect();
+    assert_eq!(stream.send(big).await.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(r.count("oversized"), 2);
     assert_eq!((r.count("bad_credentials"), r.count("unknown_device"), r.count("malformed")), (3, 1, 2));
     assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty(), "nothing rejected reached the twin");
 
