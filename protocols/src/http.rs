@@ -159,13 +159,57 @@ async fn alerts(rt: web::Data<TwinRuntime>) -> HttpResponse {
     HttpResponse::Ok().json(rt.alerts().recent())
 }
 
+/// Prometheus text exposition: rejected inputs by reason, twins, storage. (The operator
+/// issue adds actors, mailboxes and request latencies.)
+async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let mut rejected = rt.env().rejections.snapshot();
+    rejected.sort();
+    let rejected: Vec<(String, u64)> = rejected.into_iter().map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n)).collect();
+    family("twinfleet_rejected_total", "counter", "Inputs rejected at the edges (MQTT, gRPC), by reason.", &rejected);
+    family("twinfleet_twins", "gauge", "Twins (DTIs) on this node.", &[(String::new(), rt.twin_count() as u64)]);
+    let s = rt.env().storage.stats();
+    family(
+        "twinfleet_storage_batches_total",
+        "counter",
+        "Write batches submitted.",
+        &[(String::new(), s.batches_submitted)],
+    );
+    family(
+        "twinfleet_storage_commits_total",
+        "counter",
+        "Group commits (flushes).",
+        &[(String::new(), s.groups_committed)],
+    );
+    family(
+        "twinfleet_storage_ops_total",
+        "counter",
+        "Records written or deleted.",
+        &[(String::new(), s.ops_committed)],
+    );
+    family(
+        "twinfleet_storage_flush_microseconds_total",
+        "counter",
+        "Time spent flushing.",
+        &[(String::new(), s.flush_micros_total)],
+    );
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out)
+}
+
 async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(serde_json::json!({"error": "not_found", "message": "no such endpoint"}))
 }
 
 /// Routes of the API, for the server and for in-process tests.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz)).service(
+    cfg.route("/healthz", web::get().to(healthz)).route("/metrics", web::get().to(metrics)).service(
         web::scope("/api/v1")
             .route("/actors", web::get().to(actors))
             .route("/twins/{id}", web::get().to(twin))

@@ -7,6 +7,7 @@ use serde_json::json;
 use std::time::Duration;
 use twinfleet::models::EventKind;
 use twinfleet::{DeviceCommand, Platform};
+use twinfleet_protocols::HttpApi;
 use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
 
 pub fn embedded_config() -> MqttConfig {
@@ -171,6 +172,21 @@ async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
     .await;
     assert!(m1.get().await.unwrap().state.reported.is_empty(), "m-1 was never written");
 
+    // Every reason is a counter in /metrics.
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = http.local_addr();
+    let (status, body) = actix_rt::task::spawn_blocking(move || http_get(addr, "/metrics")).await.unwrap();
+    let text = body.as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 200);
+    for line in [
+        r#"twinfleet_rejected_total{reason="wrong_device"} 2"#,
+        r#"twinfleet_rejected_total{reason="malformed"} 4"#,
+        r#"twinfleet_rejected_total{reason="oversized"} 1"#,
+        r#"twinfleet_rejected_total{reason="unknown_device"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in /metrics:\n{text}");
+    }
+    http.stop().await;
     gw.stop().await;
     p.shutdown().await;
 }
