@@ -111,7 +111,8 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     fleet(&p, "valve", json!({}), "x", 2, |_| vec![]).await;
     let t0 = p.issue_device_token("x-0").await.unwrap();
     let t1 = p.issue_device_token("x-1").await.unwrap();
-    let broker = start_mosquitto(&bin, dir.path(), &[("x-0", &t0), ("x-1", &t1)]);
+    // "ghost" is a broker user without a twin.
+    let broker = start_mosquitto(&bin, dir.path(), &[("x-0", &t0), ("x-1", &t1), ("ghost", "ghost-pw")]);
     let port = broker.port;
     let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
     assert_eq!(addr(gw.operational()), format!("127.0.0.1:{port}"));
@@ -165,6 +166,12 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     .await;
     assert!(x1.get().await.unwrap().state.reported.is_empty(), "x-1 was not written by x-0");
     assert_eq!(p.env().rejections.count("malformed"), 1);
+    // A broker user without a twin is counted as an unknown device by the transformer.
+    publish(port, "ghost", "ghost-pw", "devices/ghost/state", vec![json!({"boo": 1}).to_string()]).await;
+    eventually("the unknown device is counted", || async {
+        (p.env().rejections.count("unknown_device") == 1).then_some(())
+    })
+    .await;
 
     // QoS 1 across a transformer restart: 2,000 points with distinct timestamps, the
     // transformer stopped while they flow and started again; every point arrives.
