@@ -8,6 +8,7 @@
 //! the events and the resulting snapshot; the models never learn how.
 
 pub mod config;
+pub mod domain;
 pub mod ids;
 pub mod policy;
 pub mod telemetry;
@@ -15,6 +16,7 @@ pub mod time;
 pub mod twin;
 
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
+pub use domain::{DomainModel, Edit, PathError, Violation};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
