@@ -172,6 +172,7 @@ async fn fleet() {
                 id: DeviceTypeId::new(t).unwrap(),
                 model: format!("{t}-hw2"),
                 defaults: Default::default(),
+                domain: None,
             })
             .await
             .unwrap(),

@@ -60,6 +60,7 @@ async fn run() {
             id: DeviceTypeId::new("meter").unwrap(),
             model: "m".into(),
             defaults: Default::default(),
+            domain: None,
         })
         .await
         .unwrap();

@@ -143,6 +143,7 @@ async fn platform() {
             id: DeviceTypeId::new("meter").unwrap(),
             model: "m".into(),
             defaults: Default::default(),
+            domain: None,
         })
         .await
         .unwrap();

@@ -21,6 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             id: "sensor".parse()?,
             model: "TH-1".into(),
             defaults: Default::default(),
+            domain: None,
         })
         .await?;
     let fleet = (0..100_000)

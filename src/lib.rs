@@ -11,7 +11,7 @@
 //! use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
 //! let platform = Platform::builder("./twinfleet-data").start().await?;
 //! let sensor = platform.create_device_type(DeviceTypeSpec {
-//!     id: "sensor".parse()?, model: "TH-1".into(), defaults: Default::default(),
+//!     id: "sensor".parse()?, model: "TH-1".into(), defaults: Default::default(), domain: None,
 //! }).await?;
 //! let specs = (0..1000).map(|i| TwinSpec::new(format!("sensor-{i}").parse().unwrap())).collect();
 //! sensor.spawn_fleet(specs).await?;

@@ -240,6 +240,11 @@ impl TypeHandle {
         TypeHandle { ctx }
     }
 
+    /// The type's domain model, if it has one.
+    pub fn domain(&self) -> Option<Arc<twinfleet_models::DomainModel>> {
+        self.ctx.domain.clone()
+    }
+
     pub fn id(&self) -> &DeviceTypeId {
         &self.ctx.device_type
     }

@@ -85,6 +85,10 @@ pub struct DeviceTypeSpec {
     /// Configuration defaults, the bottom layer of every twin of this type.
     #[serde(default)]
     pub defaults: Map<String, Value>,
+    /// The domain model of the type's components (Sartaj et al.), if it has one: the
+    /// component API validates every write against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<twinfleet_models::DomainModel>,
 }
 
 /// A group: what its DTA knows.

@@ -142,6 +142,9 @@ impl TwinRuntime {
     }
 
     pub async fn create_device_type(&self, spec: DeviceTypeSpec) -> Result<TypeHandle, TwinError> {
+        if let Some(domain) = &spec.domain {
+            domain.check().map_err(|e| TwinError::Invalid(format!("domain model of {}: {e}", spec.id)))?;
+        }
         let id = spec.id.clone();
         self.stats.enqueued();
         self.supervisor.send(CreateDeviceType(spec)).await.map_err(|_| TwinError::ShuttingDown)??;

@@ -36,6 +36,7 @@ pub struct TypeContext {
     /// Keys of the packed fleet records, indexed by `TwinSlot::origin`.
     pub(crate) chunks: Mutex<Vec<Vec<u8>>>,
     pub(crate) twins: AtomicUsize,
+    pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
 }
 
 impl TypeContext {
@@ -51,6 +52,7 @@ impl TypeContext {
             tdta: RwLock::new(None),
             chunks: Mutex::new(Vec::new()),
             twins: AtomicUsize::new(0),
+            domain: spec.domain.clone().map(Arc::new),
         })
     }
 
@@ -73,6 +75,7 @@ impl TypeContext {
             id: self.device_type.clone(),
             model: self.model.to_string(),
             defaults: (*self.defaults()).clone(),
+            domain: self.domain.as_deref().cloned(),
         }
     }
 }

@@ -89,7 +89,7 @@ pub enum Rule {
 }
 
 /// One broken constraint.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
     /// Where, as a component path (`medication_plans/0/period_days`).
     pub property: String,
@@ -101,7 +101,7 @@ pub struct Violation {
 }
 
 /// Why a component path cannot be used.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("no component {0:?}")]
     NotFound(String),
@@ -355,7 +355,7 @@ pub fn get_path<'a>(doc: &'a Value, path: &str) -> Result<&'a Value, PathError> 
 }
 
 /// What a write does at a path.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit {
     /// PUT: replace (or create) the value at the path.
     Put(Value),

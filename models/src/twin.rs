@@ -5,6 +5,7 @@
 //! DTI actor persists the events in the twin's journal together with the new snapshot.
 
 use crate::config::merge_patch;
+use crate::domain::{DomainModel, Edit, PathError, Violation, apply_edit, merge_diff};
 use crate::ids::{DeviceTypeId, DtaId, TwinId};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,13 @@ pub enum TwinCommand {
     JoinDta(DtaId),
     LeaveDta(DtaId),
     Archive,
+    /// A write to the twin's components (its desired `components` document), checked
+    /// against the device type's domain model as a whole before anything changes.
+    EditComponents {
+        model: Arc<DomainModel>,
+        path: String,
+        edit: Edit,
+    },
     /// Something happened that is only recorded (a restart, a timeout, an alert).
     Record(EventKind),
 }
@@ -158,6 +166,10 @@ pub enum TwinError {
     NotMember { twin: TwinId, dta: DtaId },
     #[error("a patch must not be empty")]
     EmptyPatch,
+    #[error(transparent)]
+    Component(#[from] PathError),
+    #[error("{} constraint violation(s): {}", .0.len(), .0.iter().map(|v| v.message.as_str()).collect::<Vec<_>>().join("; "))]
+    Violations(Vec<Violation>),
 }
 
 impl TwinState {
@@ -221,6 +233,23 @@ impl TwinState {
                 kinds.push(EventKind::LeftDta { dta });
             }
             TwinCommand::Archive => kinds.push(EventKind::Archived),
+            TwinCommand::EditComponents { model, path, edit } => {
+                let current = self.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Map::new()));
+                let new = apply_edit(&model, &current, &path, edit)?;
+                let violations = model.validate(&new);
+                if !violations.is_empty() {
+                    return Err(TwinError::Violations(violations));
+                }
+                let (Value::Object(old), Value::Object(new)) = (current, new) else {
+                    return Err(TwinError::Component(PathError::Invalid("components must be an object".into())));
+                };
+                let diff = merge_diff(&old, &new);
+                if !diff.is_empty() {
+                    let mut patch = Map::new();
+                    patch.insert("components".into(), Value::Object(diff));
+                    kinds.push(EventKind::DesiredSet { patch });
+                }
+            }
             TwinCommand::Record(kind) => kinds.push(kind),
         }
         Ok(kinds

@@ -15,9 +15,11 @@
 
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::net::SocketAddr;
-use twinfleet_actors::{ActorQuery, TelemetryQuery, TwinError, TwinRuntime, TwinView};
-use twinfleet_models::{Timestamp, TwinEvent};
+use std::sync::Arc;
+use twinfleet_actors::{ActorQuery, TelemetryQuery, TwinError, TwinHandle, TwinRuntime, TwinView};
+use twinfleet_models::{DomainModel, Edit, ModelError, PathError, Timestamp, TwinCommand, TwinEvent};
 
 /// Most events a twin view returns.
 const MAX_EVENTS: usize = 1_000;
@@ -47,6 +49,9 @@ impl HttpError {
             TwinError::MailboxFull(_) => "mailbox_full",
             TwinError::Timeout { .. } => "timeout",
             TwinError::Quarantined { .. } => "quarantined",
+            TwinError::Rejected(ModelError::Violations(_)) => "constraint_violation",
+            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => "not_found",
+            TwinError::Rejected(ModelError::Component(_)) => "invalid",
             TwinError::Rejected(_) | TwinError::Telemetry(_) => "rejected",
             TwinError::InvalidId(_) | TwinError::Invalid(_) => "invalid",
             TwinError::Storage(_) => "storage",
@@ -70,6 +75,8 @@ impl ResponseError for HttpError {
             | TwinError::DeviceUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
             TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => StatusCode::NOT_FOUND,
+            TwinError::Rejected(ModelError::Component(_)) => StatusCode::BAD_REQUEST,
             TwinError::Rejected(_) | TwinError::Telemetry(_) => StatusCode::UNPROCESSABLE_ENTITY,
             TwinError::InvalidId(_) | TwinError::Invalid(_) => StatusCode::BAD_REQUEST,
             TwinError::FaultInjectionDisabled => StatusCode::FORBIDDEN,
@@ -78,12 +85,18 @@ impl ResponseError for HttpError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code())
-            .json(serde_json::json!({"error": self.code(), "message": self.0.to_string()}))
+        let mut body = serde_json::json!({"error": self.code(), "message": self.0.to_string()});
+        if let TwinError::Rejected(ModelError::Violations(v)) = &self.0 {
+            body["violations"] = serde_json::to_value(v).unwrap_or_default();
+        }
+        HttpResponse::build(self.status_code()).json(body)
     }
 }
 
 type Result<T> = std::result::Result<T, HttpError>;
+
+/// Largest JSON body accepted (400 beyond, saying so).
+const MAX_BODY_BYTES: usize = 256 * 1024;
 
 async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
@@ -145,6 +158,72 @@ async fn telemetry(
     };
     let points = h.telemetry_query(query).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "twin": h.id(), "points": points })))
+}
+
+/// The twin's handle and its type's domain model (404 when the type has none).
+fn with_domain(rt: &TwinRuntime, id: &str) -> Result<(TwinHandle, Arc<DomainModel>)> {
+    let h = rt.twin(id)?;
+    let domain = rt.device_type(h.device_type().as_str())?.domain().ok_or_else(|| {
+        TwinError::Rejected(ModelError::Component(PathError::NotFound(format!(
+            "components: device type {} has no domain model",
+            h.device_type()
+        ))))
+    })?;
+    Ok((h, domain))
+}
+
+/// `GET /api/v1/twins/{id}/components[/{path}]`: the twin's components (its desired
+/// `components` document) at `path`.
+async fn get_component(rt: web::Data<TwinRuntime>, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (id, path) = p.into_inner();
+    let (h, _) = with_domain(&rt, &id)?;
+    let view = h.get().await?;
+    let doc = view.state.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+    let v = twinfleet_models::domain::get_path(&doc, &path).map_err(|e| TwinError::Rejected(e.into()))?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+async fn edit_component(
+    rt: web::Data<TwinRuntime>,
+    id: String,
+    path: String,
+    edit: Edit,
+    created: bool,
+) -> Result<HttpResponse> {
+    let (h, model) = with_domain(&rt, &id)?;
+    let seq = h.command(TwinCommand::EditComponents { model, path: path.clone(), edit }).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(HttpResponse::build(status).json(serde_json::json!({"twin": h.id(), "path": path, "seq": seq})))
+}
+
+/// `PUT`: replace (or create) the component or property at `path`.
+async fn put_component(
+    rt: web::Data<TwinRuntime>,
+    p: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    let (id, path) = p.into_inner();
+    edit_component(rt, id, path, Edit::Put(body.into_inner()), false).await
+}
+
+/// `POST`: append an element to the list at `path` (e.g. a medication plan).
+async fn post_component(
+    rt: web::Data<TwinRuntime>,
+    p: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    let (id, path) = p.into_inner();
+    edit_component(rt, id, path, Edit::Append(body.into_inner()), true).await
+}
+
+/// `DELETE`: remove the component or list element at `path`.
+async fn delete_component(rt: web::Data<TwinRuntime>, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (id, path) = p.into_inner();
+    edit_component(rt, id, path, Edit::Delete, false).await
+}
+
+async fn get_components(rt: web::Data<TwinRuntime>, id: web::Path<String>) -> Result<HttpResponse> {
+    get_component(rt, web::Path::from((id.into_inner(), String::new()))).await
 }
 
 async fn device_types(rt: web::Data<TwinRuntime>) -> HttpResponse {
@@ -214,6 +293,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/actors", web::get().to(actors))
             .route("/twins/{id}", web::get().to(twin))
             .route("/twins/{id}/telemetry", web::get().to(telemetry))
+            .route("/twins/{id}/components", web::get().to(get_components))
+            .route("/twins/{id}/components/{path:.*}", web::get().to(get_component))
+            .route("/twins/{id}/components/{path:.*}", web::put().to(put_component))
+            .route("/twins/{id}/components/{path:.*}", web::post().to(post_component))
+            .route("/twins/{id}/components/{path:.*}", web::delete().to(delete_component))
             .route("/device-types", web::get().to(device_types))
             .route("/dtas", web::get().to(dtas))
             .route("/alerts", web::get().to(alerts)),
@@ -235,6 +319,11 @@ impl HttpApi {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_BODY_BYTES)
+                        .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad JSON body: {e}"))).into()),
+                )
                 .app_data(
                     web::QueryConfig::default()
                         .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad query string: {e}"))).into()),

@@ -4,6 +4,7 @@
 
 mod backpressure;
 mod binary;
+mod components;
 mod config_layers;
 mod credentials;
 mod deadlines;

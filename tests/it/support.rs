@@ -62,6 +62,7 @@ pub async fn fleet(
             id: DeviceTypeId::new(ty).unwrap(),
             model: format!("{ty}-hw1"),
             defaults: obj(defaults),
+            domain: None,
         })
         .await
         .expect("device type created");
@@ -98,9 +99,22 @@ where
 
 /// A minimal blocking HTTP/1.1 GET over loopback: (status, body as JSON).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    http_request(addr, "GET", path, None)
+}
+
+/// A minimal blocking HTTP/1.1 request over loopback with an optional JSON body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    match body {
+        Some(b) => write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+        .unwrap(),
+        None => write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap(),
+    }
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");
     let status: u16 = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
