@@ -52,6 +52,10 @@ struct RunArgs {
     /// MQTT provisioning gateway, same forms [default: 127.0.0.1:1884].
     #[arg(long, env = "TWINFLEET_MQTT_PROVISIONING")]
     mqtt_provisioning: Option<String>,
+    /// A directory of device-type model files (`*.json`, e.g. device-types/); each type
+    /// that does not exist yet is created at start.
+    #[arg(long, env = "TWINFLEET_DEVICE_TYPES")]
+    device_types: Option<PathBuf>,
     /// Worker arbiters for the twins [default: one per core].
     #[arg(long, env = "TWINFLEET_ARBITERS")]
     arbiters: Option<usize>,
@@ -74,6 +78,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let device_types = args.device_types.clone();
     let file = match &args.config {
         Some(p) => PartialConfig::load(p).map_err(anyhow::Error::msg)?,
         None => PartialConfig::default(),
@@ -96,14 +101,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    actix_rt::System::new().block_on(serve(cfg))
+    actix_rt::System::new().block_on(serve(cfg, device_types))
 }
 
-async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
+async fn serve(cfg: RunConfig, device_types: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "twinfleet starting");
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
     tracing::info!("data directory: {}", data_dir.display());
     let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
+    if let Some(dir) = &device_types {
+        load_device_types(&platform, dir).await?;
+    }
     let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1)
         .with_context(|| format!("cannot listen on {}", cfg.http))?;
     let grpc = GrpcGateway::start(platform.runtime().clone(), cfg.grpc)
@@ -131,6 +139,30 @@ async fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     mqtt.stop().await;
     platform.shutdown().await;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Creates the device types of `dir/*.json` that do not exist yet (a new device type is a
+/// new model file, not new code). A file that does not parse is an error at start.
+async fn load_device_types(platform: &Platform, dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read device types from {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        let spec: twinfleet::DeviceTypeSpec =
+            serde_json::from_str(&text).with_context(|| format!("device type file {}", f.display()))?;
+        if platform.device_type(spec.id.as_str()).is_ok() {
+            tracing::info!("device type {} exists; {} not applied", spec.id, f.display());
+            continue;
+        }
+        let id = spec.id.clone();
+        platform.create_device_type(spec).await.with_context(|| format!("device type file {}", f.display()))?;
+        tracing::info!("device type {id} created from {}", f.display());
+    }
     Ok(())
 }
 

@@ -152,3 +152,32 @@ fn a_bad_config_file_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("tf.toml") && err.contains("unknown field"), "{err}");
 }
+
+#[test]
+fn device_type_files_are_loaded_at_start_and_their_components_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let types = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-types");
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--mqtt-provisioning",
+            "127.0.0.1:0",
+            "--device-types",
+            types.to_str().unwrap(),
+        ],
+    );
+    let addr = wait_ready(&mut child);
+    let (status, body) = http_get(addr, "/api/v1/device-types");
+    assert_eq!(status, 200);
+    let dispenser = body.as_array().unwrap().iter().find(|t| t["id"] == "medicine-dispenser").expect("loaded");
+    assert_eq!(dispenser["domain"]["root"], "Device");
+    signal(&child, libc::SIGTERM);
+    let (ok, err) = finish(child);
+    assert!(ok && err.contains("device type medicine-dispenser created"), "{err}");
+}
