@@ -23,6 +23,15 @@ fn spawn(dir: &std::path::Path, args: &[&str]) -> Child {
         .expect("twinfleet binary starts")
 }
 
+/// Every listener on an ephemeral port (parallel tests must not collide on the
+/// defaults), then `extra`.
+fn with_ephemeral_ports<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"];
+    args.extend(["--mqtt", "127.0.0.1:0", "--mqtt-provisioning", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Reads stdout until the binary says where it listens.
 fn wait_ready(child: &mut Child) -> SocketAddr {
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -73,19 +82,7 @@ fn run_on_defaults_serves_health_and_the_actor_tree_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     // Default data directory (./twinfleet-data in the working directory); an ephemeral
     // port so that parallel test runs do not collide on 8080.
-    let mut child = spawn(
-        dir.path(),
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtt-provisioning",
-            "127.0.0.1:0",
-        ],
-    );
+    let mut child = spawn(dir.path(), &with_ephemeral_ports(&[]));
     let addr = wait_ready(&mut child);
     assert!(dir.path().join("twinfleet-data/db").is_dir(), "data in ./twinfleet-data");
     let (status, body) = http_get(addr, "/healthz");
@@ -105,37 +102,9 @@ fn run_on_defaults_serves_health_and_the_actor_tree_and_stops_on_ctrl_c() {
 #[test]
 fn a_second_instance_on_the_same_data_dir_is_refused_and_sigterm_stops_the_first() {
     let dir = tempfile::tempdir().unwrap();
-    let mut first = spawn(
-        dir.path(),
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtt-provisioning",
-            "127.0.0.1:0",
-            "--data-dir",
-            "shared",
-        ],
-    );
+    let mut first = spawn(dir.path(), &with_ephemeral_ports(&["--data-dir", "shared"]));
     wait_ready(&mut first);
-    let second = spawn(
-        dir.path(),
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtt-provisioning",
-            "127.0.0.1:0",
-            "--data-dir",
-            "shared",
-        ],
-    );
+    let second = spawn(dir.path(), &with_ephemeral_ports(&["--data-dir", "shared"]));
     let (ok, err) = finish(second);
     assert!(!ok, "second instance must fail");
     assert!(err.contains("already used by another running twinfleet instance"), "{err}");
@@ -157,21 +126,7 @@ fn a_bad_config_file_is_a_clear_error() {
 fn device_type_files_are_loaded_at_start_and_their_components_served() {
     let dir = tempfile::tempdir().unwrap();
     let types = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-types");
-    let mut child = spawn(
-        dir.path(),
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--mqtt",
-            "127.0.0.1:0",
-            "--mqtt-provisioning",
-            "127.0.0.1:0",
-            "--device-types",
-            types.to_str().unwrap(),
-        ],
-    );
+    let mut child = spawn(dir.path(), &with_ephemeral_ports(&["--device-types", types.to_str().unwrap()]));
     let addr = wait_ready(&mut child);
     let (status, body) = http_get(addr, "/api/v1/device-types");
     assert_eq!(status, 200);

@@ -1,0 +1,26 @@
+//! Helpers shared by the ingest benchmarks (a module, not a bench target: no main.rs).
+
+/// An environment variable as a number, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// This process's resident set, in bytes.
+pub fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The `q` quantile of sorted samples.
+pub fn pct<T: Copy + Into<f64>>(sorted: &[T], q: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * q) as usize).map(|v| (*v).into()).unwrap_or(0.0)
+}
