@@ -298,8 +298,15 @@ impl Front {
             self.reject("wrong_device", || format!("{who:?} set a last will on {:?}", will.topic));
             return self.refuse(&mut device, ConnectReturnCode::NotAuthorized).await;
         }
-        let user = connect.client_id.clone();
-        connect.login = Some(Login::new(user, self.broker.secret.to_string()));
+        // On the broker, sessions are named by identity with an `@`, which no twin id
+        // and no transformer id contains, so a device can never take over the
+        // transformer's session by choosing its id. (A `/` separator got the connection
+        // closed by rumqttd 0.20 in our tests.)
+        connect.client_id = match &who {
+            Identity::Device(id) => format!("device@{id}"),
+            Identity::Claimant { ty, id } => format!("provisioning@{ty}@{id}"),
+        };
+        connect.login = Some(Login::new(connect.client_id.clone(), self.broker.secret.to_string()));
         // The front enforces the device's keep-alive itself (below), counting only the
         // time it is willing to read: while it paces a device, the broker would
         // otherwise see silence and drop the connection. rumqttd refuses 0.
