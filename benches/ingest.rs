@@ -9,15 +9,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use twinfleet::models::{DeviceTypeId, TwinId};
-use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
+use twinfleet::Platform;
 use twinfleet_proto::device::{self as pb, device_gateway_client::DeviceGatewayClient};
 use twinfleet_proto::hub::{self, hub_client::HubClient};
 use twinfleet_protocols::GrpcGateway;
 
 // The same allocator as the `twinfleet` binary (see src/main.rs for why).
 mod common;
-use common::{cores, env_or, median, pct, rss};
+use common::{cores, env_or, median, meter_fleet, pct, rss};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,21 +35,8 @@ async fn run() {
     let dir = std::env::temp_dir().join(format!("twinfleet-ingest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let p = Platform::builder(&dir).start().await.unwrap();
-    let ty = p
-        .create_device_type(DeviceTypeSpec {
-            id: DeviceTypeId::new("meter").unwrap(),
-            model: "m".into(),
-            defaults: Default::default(),
-            domain: None,
-        })
-        .await
-        .unwrap();
-    let specs = (0..devices).map(|i| TwinSpec::new(TwinId::new(format!("d-{i:05}")).unwrap())).collect();
-    ty.spawn_fleet(specs).await.unwrap();
-    let mut tokens = Vec::with_capacity(devices);
-    for i in 0..devices {
-        tokens.push(p.issue_device_token(&format!("d-{i:05}")).await.unwrap());
-    }
+    let ids: Vec<String> = (0..devices).map(|i| format!("d-{i:05}")).collect();
+    let tokens = meter_fleet(&p, &ids).await;
     let gw = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {

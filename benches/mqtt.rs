@@ -17,12 +17,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use twinfleet::models::{DeviceTypeId, TwinId};
-use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
+use twinfleet::Platform;
 use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
 
 mod common;
-use common::{cores, env_or, median, pct, rss};
+use common::{cores, env_or, median, meter_fleet, pct, rss};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -119,24 +118,11 @@ async fn platform() {
     let dir = std::env::temp_dir().join(format!("twinfleet-mqtt-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let p = Platform::builder(&dir).start().await.unwrap();
-    let ty = p
-        .create_device_type(DeviceTypeSpec {
-            id: DeviceTypeId::new("meter").unwrap(),
-            model: "m".into(),
-            defaults: Default::default(),
-            domain: None,
-        })
-        .await
-        .unwrap();
-    let mut specs: Vec<TwinSpec> = (0..n).map(|i| TwinSpec::new(TwinId::new(format!("d-{i:05}")).unwrap())).collect();
-    specs.push(TwinSpec::new(TwinId::new("probe").unwrap()));
-    ty.spawn_fleet(specs).await.unwrap();
-    let mut tokens = String::new();
-    for i in 0..n {
-        let id = format!("d-{i:05}");
-        tokens.push_str(&format!("{id} {}\n", p.issue_device_token(&id).await.unwrap()));
-    }
-    let probe_token = p.issue_device_token("probe").await.unwrap();
+    let mut ids: Vec<String> = (0..n).map(|i| format!("d-{i:05}")).collect();
+    ids.push("probe".into());
+    let mut tokens = meter_fleet(&p, &ids).await;
+    let probe_token = tokens.pop().unwrap();
+    let tokens: String = ids.iter().zip(&tokens).map(|(id, t)| format!("{id} {t}\n")).collect();
     let token_file = dir.join("tokens");
     std::fs::write(&token_file, tokens).unwrap();
 

@@ -24,3 +24,21 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn pct<T: Copy + Into<f64>>(sorted: &[T], q: f64) -> f64 {
     sorted.get(((sorted.len() as f64 - 1.0) * q) as usize).map(|v| (*v).into()).unwrap_or(0.0)
 }
+
+/// Device type `meter` and one twin per id, each with a device token (in the same order).
+pub async fn meter_fleet(p: &twinfleet::Platform, ids: &[String]) -> Vec<String> {
+    use twinfleet::models::{DeviceTypeId, TwinId};
+    let spec = twinfleet::DeviceTypeSpec {
+        id: DeviceTypeId::new("meter").unwrap(),
+        model: "m".into(),
+        defaults: Default::default(),
+        domain: None,
+    };
+    let ty = p.create_device_type(spec).await.unwrap();
+    ty.spawn_fleet(ids.iter().map(|id| twinfleet::TwinSpec::new(TwinId::new(id).unwrap())).collect()).await.unwrap();
+    let mut tokens = Vec::with_capacity(ids.len());
+    for id in ids {
+        tokens.push(p.issue_device_token(id).await.unwrap());
+    }
+    tokens
+}

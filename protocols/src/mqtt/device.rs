@@ -187,8 +187,11 @@ impl MqttDevice {
 
     pub async fn disconnect(self) {
         let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.task.abort();
+        // The event loop ends once the DISCONNECT is out (the broker then closes).
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+            task.abort();
+        }
     }
 
     /// Provisions device `id` of type `ty` through the provisioning gateway at `addr`,

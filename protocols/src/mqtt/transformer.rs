@@ -179,28 +179,24 @@ impl Core {
 
     async fn device(&self, id: &str, channel: Channel, payload: &[u8]) -> Result<(), Rejected> {
         let twin = self.rt.twin(id).map_err(|_| ("unknown_device", format!("no twin {id:?}")))?;
-        let json: Value = serde_json::from_slice(payload).map_err(|e| ("malformed", format!("not JSON: {e}")))?;
+        // Each channel parses straight into its own shape: no intermediate JSON tree.
         let done = match channel {
             Channel::Telemetry => {
-                let points = self.points(json)?;
+                let points = self.points(parse(payload, "telemetry")?)?;
                 patiently(self.limit(), || twin.telemetry(points.clone())).await.map(drop)
             }
             Channel::State => {
-                let Value::Object(patch) = json else {
-                    return Err(("malformed", "reported state must be a JSON object".into()));
-                };
+                let patch: Map<String, Value> = parse(payload, "reported state (a JSON object)")?;
                 patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
             }
             Channel::Status => {
-                let Value::Object(status) = json else {
-                    return Err(("malformed", "status must be a JSON object".into()));
-                };
+                let status: Map<String, Value> = parse(payload, "status (a JSON object)")?;
                 let mut patch = Map::new();
                 patch.insert("status".into(), Value::Object(status));
                 patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
             }
             Channel::Acks => {
-                let ack: AckMsg = serde_json::from_value(json).map_err(|e| ("malformed", format!("ack: {e}")))?;
+                let ack: AckMsg = parse(payload, "ack")?;
                 if ack.command_id.is_empty() || ack.command_id.len() > 256 {
                     return Err(("malformed", "command_id must be 1 to 256 bytes".into()));
                 }
@@ -215,8 +211,7 @@ impl Core {
         done.map_err(|e| rejected(&twin, e))
     }
 
-    fn points(&self, json: Value) -> Result<Vec<MetricPoint>, Rejected> {
-        let msg: TelemetryMsg = serde_json::from_value(json).map_err(|e| ("malformed", format!("telemetry: {e}")))?;
+    fn points(&self, msg: TelemetryMsg) -> Result<Vec<MetricPoint>, Rejected> {
         let now = self.rt.env().clock.now();
         let batch_at = msg.ts.map(Timestamp).unwrap_or(now);
         let number = |metric: &str, v: &Value| {
@@ -272,6 +267,11 @@ impl Core {
         }
         self.rt.issue_device_token(id).await.map_err(|e| ("provisioning_failed", e.to_string()))
     }
+}
+
+/// A payload as `T`, or `malformed` saying what was expected.
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, Rejected> {
+    serde_json::from_slice(payload).map_err(|e| ("malformed", format!("{what}: {e}")))
 }
 
 /// A twin error on delivery as a counted reason.
