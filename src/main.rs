@@ -10,6 +10,8 @@ use twinfleet::Platform;
 use twinfleet::config::{PartialConfig, RunConfig, resolve};
 use twinfleet_protocols::{GrpcGateway, HttpApi, MqttConfig, MqttGateway};
 
+mod cli;
+
 // mimalloc instead of glibc malloc: a fleet is millions of small, long-lived allocations
 // made and freed from several arbiter threads, where glibc's arenas spend their time
 // consolidating. Measured with `cargo bench --bench fleet` on 2 cores (BENCHMARKS.md):
@@ -29,6 +31,34 @@ struct Cli {
 enum Command {
     /// Run the platform (embedded storage, HTTP API) until Ctrl-C or SIGTERM.
     Run(RunArgs),
+    /// Twins of a running instance (over its HTTP API).
+    Twins {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::TwinsCommand,
+    },
+    /// One twin of a running instance.
+    Twin {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::TwinCommand,
+    },
+    /// The actor tree of a running instance.
+    Actors {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(flatten)]
+        query: cli::ActorsArgs,
+    },
+    /// Long-running jobs of a running instance.
+    Jobs {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::JobsCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,23 +92,33 @@ struct RunArgs {
     /// Log filter, e.g. `info` or `twinfleet=debug` [default: info].
     #[arg(long, env = "TWINFLEET_LOG")]
     log: Option<String>,
+    /// An API token for the user `admin` (created if missing). Without it, a fresh data
+    /// directory gets a new admin token, printed once.
+    #[arg(long, env = "TWINFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("twinfleet: error: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Twins { client, command } => cli::twins(client, command),
+        Command::Twin { client, command } => cli::twin(client, command),
+        Command::Actors { client, query } => cli::actors(client, query),
+        Command::Jobs { client, command } => cli::jobs(client, command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinfleet: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let device_types = args.device_types.clone();
+    let admin_token = args.admin_token.clone();
     let file = match &args.config {
         Some(p) => PartialConfig::load(p).map_err(anyhow::Error::msg)?,
         None => PartialConfig::default(),
@@ -101,16 +141,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    actix_rt::System::new().block_on(serve(cfg, device_types))
+    actix_rt::System::new().block_on(serve(cfg, device_types, admin_token))
 }
 
-async fn serve(cfg: RunConfig, device_types: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(cfg: RunConfig, device_types: Option<PathBuf>, admin_token: Option<String>) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "twinfleet starting");
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
     tracing::info!("data directory: {}", data_dir.display());
     let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
     if let Some(dir) = &device_types {
         load_device_types(&platform, dir).await?;
+    }
+    let admin_token = admin_token.filter(|t| !t.is_empty());
+    if let Some(token) =
+        platform.bootstrap_admin(admin_token.as_deref()).await.context("cannot set up the admin user")?
+    {
+        println!("twinfleet: created user admin; its API token (shown only now): {token}");
     }
     let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1)
         .with_context(|| format!("cannot listen on {}", cfg.http))?;

@@ -108,6 +108,11 @@ impl Credentials {
         Ok(Credentials { storage, key, cache: Directory::default() })
     }
 
+    /// The installation key (operator API tokens are hashed with it too).
+    pub(crate) fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
     fn hash(&self, token: &str) -> blake3::Hash {
         blake3::keyed_hash(&self.key, token.as_bytes())
     }
@@ -139,6 +144,11 @@ impl Credentials {
         self.storage.submit(b).await?;
         self.cache.remove(&key);
         Ok(())
+    }
+
+    /// Drops a deleted twin's cached hash (its record is deleted with the twin).
+    pub(crate) fn forget(&self, id: &str) {
+        self.cache.remove(id);
     }
 
     /// Checks `token` against the stored hash of `holder`'s token.

@@ -17,9 +17,11 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use twinfleet_models::{
-    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, MetricPoint, Severity, Timestamp, TwinCommand,
-    TwinEvent, TwinId, TwinState, WaitDecision, decode_batch, effective_config, encode_batch, validate_batch,
+    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, Lifecycle, MetricPoint, Severity, Timestamp,
+    TwinCommand, TwinEvent, TwinId, TwinState, WaitDecision, decode_batch, effective_config, encode_batch,
+    validate_batch,
 };
 use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
 
@@ -47,12 +49,43 @@ pub struct TwinSlot {
     pub(crate) origin: u32,
     /// The arbiter the twin runs on (and is restarted on).
     pub(crate) arbiter: u16,
+    /// What listings filter on without asking the actor: set at every start and after
+    /// every change of metadata or lifecycle.
+    archived: AtomicBool,
+    tags: RwLock<Option<Arc<[String]>>>,
 }
 
 impl TwinSlot {
     pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32, arbiter: u16) -> Self {
         let stats = ActorStats::new("dti", id.as_arc().clone(), Some(ty.path.clone()));
-        TwinSlot { id, stats, addr: RwLock::new(None), ty, origin, arbiter }
+        TwinSlot {
+            id,
+            stats,
+            addr: RwLock::new(None),
+            ty,
+            origin,
+            arbiter,
+            archived: AtomicBool::new(false),
+            tags: RwLock::new(None),
+        }
+    }
+
+    fn set_summary(&self, state: &TwinState) {
+        self.archived.store(state.lifecycle == Lifecycle::Archived, Relaxed);
+        let tags = &state.metadata.tags;
+        *self.tags.write() = (!tags.is_empty()).then(|| Arc::from(tags.as_slice()));
+    }
+
+    pub(crate) fn archived(&self) -> bool {
+        self.archived.load(Relaxed)
+    }
+
+    pub(crate) fn has_tag(&self, tag: &str) -> bool {
+        self.tags.read().as_ref().is_some_and(|t| t.iter().any(|x| x == tag))
+    }
+
+    pub(crate) fn tags(&self) -> Vec<String> {
+        self.tags.read().as_deref().map(<[String]>::to_vec).unwrap_or_default()
     }
 
     pub(crate) fn set_addr(&self, addr: Option<Addr<Dti>>) {
@@ -70,7 +103,9 @@ impl TwinSlot {
 pub(crate) enum DtiRequest {
     Get,
     Command(TwinCommand),
-    Events { limit: usize },
+    Events {
+        limit: usize,
+    },
     Join(Arc<ResolvedLayers>),
     Leave(DtaId),
     LayersChanged(Arc<ResolvedLayers>),
@@ -78,6 +113,9 @@ pub(crate) enum DtiRequest {
     TelemetryQuery(TelemetryQuery),
     InjectPanic,
     ToDevice(DeviceCommand),
+    /// Stop for good (the twin is being deleted): answered after everything queued
+    /// before it; nothing is written after the answer.
+    Retire,
 }
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
@@ -174,6 +212,7 @@ impl Dti {
         restart: Option<(String, u32)>,
     ) -> Addr<Dti> {
         let cap = slot.ty.env.settings.dti_mailbox;
+        slot.set_summary(&state);
         let s = slot.clone();
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
@@ -256,6 +295,9 @@ impl Dti {
         let events = self.state.decide(cmd, now)?;
         for e in &events {
             self.state.evolve(e);
+        }
+        if events.iter().any(|e| matches!(e.kind, EventKind::MetadataUpdated { .. } | EventKind::Archived)) {
+            self.slot.set_summary(&self.state);
         }
         let mut batch = WriteBatch::new();
         batch.put(Space::Snapshot, twin_key(&self.slot.id), encode_record(&self.state));
@@ -418,6 +460,13 @@ impl Dti {
                     .map(|()| DtiReply::Ack { seq: self.state.last_seq })
                     .map_err(|reason| TwinError::DeviceUnreachable { id: self.slot.id.to_string(), reason }),
             ),
+            DtiRequest::Retire => {
+                self.disarm_sync(ctx);
+                self.slot.set_addr(None);
+                self.slot.stats.set_status(ActorStatus::Stopped);
+                ctx.stop();
+                Outcome::Now(Ok(DtiReply::Done))
+            }
             DtiRequest::InjectPanic => {
                 if !self.env().settings.allow_fault_injection {
                     return Outcome::Now(Err(TwinError::FaultInjectionDisabled));

@@ -3,9 +3,11 @@
 //! platform; nothing here is a process-wide singleton, so two platforms can run in one
 //! process (tests do).
 
+use crate::access::AccessControl;
 use crate::credentials::Credentials;
 use crate::dta::DtaEntry;
 use crate::dti::TwinSlot;
+use crate::jobs::Jobs;
 use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use parking_lot::RwLock;
@@ -132,6 +134,10 @@ pub struct TwinEnv {
     /// Counted rejections of bad input, shared by every edge.
     pub rejections: Rejections,
     pub(crate) credentials: Credentials,
+    /// Operators: users, groups, API tokens, audit log.
+    pub access: AccessControl,
+    /// Long-running operator jobs.
+    pub jobs: Jobs,
     pub(crate) twins: Directory<TwinId, Arc<TwinSlot>>,
     pub(crate) types: Directory<DeviceTypeId, Arc<TypeContext>>,
     pub(crate) dtas: Directory<DtaId, Arc<DtaEntry>>,
@@ -150,6 +156,8 @@ impl TwinEnv {
     ) -> Result<Arc<Self>, StorageError> {
         let alerts = AlertSink::new(storage.clone());
         let credentials = Credentials::open(storage.clone())?;
+        let access = AccessControl::open(storage.clone(), credentials.key())?;
+        let jobs = Jobs::open(storage.clone(), clock.now())?;
         Ok(Arc::new(TwinEnv {
             storage,
             clock,
@@ -158,6 +166,8 @@ impl TwinEnv {
             settings,
             rejections: Rejections::default(),
             credentials,
+            access,
+            jobs,
             twins: Directory::default(),
             types: Directory::default(),
             dtas: Directory::default(),

@@ -1,7 +1,7 @@
 //! The typed error of every twin operation: each variant says what was wrong and with
 //! which input, so that the HTTP and gRPC edges can map it to a status and a message.
 
-use twinfleet_models::{IdError, ModelError, TelemetryError};
+use twinfleet_models::{Denied, IdError, ModelError, TelemetryError};
 use twinfleet_runtime::{ActorStatus, StorageError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -12,6 +12,14 @@ pub enum TwinError {
     UnknownDeviceType(String),
     #[error("no DTA {0:?}")]
     UnknownDta(String),
+    #[error("no {kind} {id:?}")]
+    Unknown { kind: &'static str, id: String },
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    #[error("forbidden: {0}")]
+    Forbidden(#[from] Denied),
     #[error("{kind} {id:?} already exists")]
     AlreadyExists { kind: &'static str, id: String },
     #[error("{kind} {id:?} is {status:?} and cannot answer now; retry later")]

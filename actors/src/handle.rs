@@ -150,6 +150,15 @@ impl TwinHandle {
         self.request(DtiRequest::ToDevice(cmd)).await.map(|_| ())
     }
 
+    pub(crate) fn slot(&self) -> &Arc<TwinSlot> {
+        &self.slot
+    }
+
+    /// Stops the twin for good, after everything queued before (see `delete_twin`).
+    pub(crate) async fn retire(&self) -> Result<(), TwinError> {
+        self.request(DtiRequest::Retire).await.map(|_| ())
+    }
+
     /// Makes the twin panic (only where the platform allows fault injection).
     pub async fn inject_panic(&self) -> Result<(), TwinError> {
         self.request(DtiRequest::InjectPanic).await.map(|_| ())

@@ -10,23 +10,29 @@
 //! Actix types stay inside this crate: callers get [`TwinHandle`], [`DtaHandle`],
 //! [`TypeHandle`] and [`TwinRuntime`].
 
+pub mod access;
+pub mod catalog;
 pub mod credentials;
 pub mod dta;
 pub mod dti;
 pub mod env;
 pub mod error;
 pub mod handle;
+pub mod jobs;
 pub mod records;
 pub mod restore;
 pub mod supervisor;
 pub mod tdta;
 
+pub use access::{API_TOKEN_PREFIX, AccessControl, AuditEntry, AuditQuery, Group, Principal, TokenInfo, User};
+pub use catalog::{LifecycleFilter, TwinFilter, TwinPage, TwinSummary};
 pub use credentials::{AuthError, CLAIM_PREFIX, TOKEN_PREFIX};
 pub use dta::DtaInfo;
 pub use dti::{LatestPoint, TelemetryQuery, TwinView, WaitView};
 pub use env::{DeviceCommand, DeviceLink, Settings, TwinEnv};
 pub use error::TwinError;
 pub use handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
+pub use jobs::{Generate, Job, JobSpec, JobState, Jobs};
 pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 pub use restore::{QuarantineEntry, RestoreReport};
 pub use supervisor::{ActorPage, ActorQuery, TwinRuntime};

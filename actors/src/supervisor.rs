@@ -98,11 +98,17 @@ impl Handler<CreateDta> for PlatformSupervisor {
     }
 }
 
-/// Which actors to list.
+/// Which actors to list. `mailbox_over` and `restarted` pick troubled actors: given
+/// both, an actor matching either is listed.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActorQuery {
     pub kind: Option<String>,
     pub parent: Option<String>,
+    /// Only actors with more than this many messages waiting.
+    pub mailbox_over: Option<u32>,
+    /// `true`: only actors restarted at least once.
+    pub restarted: Option<bool>,
     #[serde(default)]
     pub offset: usize,
     pub limit: Option<usize>,
@@ -263,13 +269,21 @@ impl TwinRuntime {
     /// The supervision tree, flattened: supervisor, TDTAs, DTAs, then DTIs.
     pub fn actors(&self, q: &ActorQuery) -> ActorPage {
         let limit = q.limit.unwrap_or(100).min(10_000);
-        let keep = |kind: &str, parent: Option<&str>| {
-            q.kind.as_deref().is_none_or(|k| k == kind) && q.parent.as_deref().is_none_or(|p| parent == Some(p))
+        let keep = |s: &ActorStats| {
+            let troubled = match (q.mailbox_over, q.restarted) {
+                (None, None | Some(false)) => true,
+                (over, restarted) => {
+                    over.is_some_and(|n| s.mailbox_depth() > n) || (restarted == Some(true) && s.restarts() > 0)
+                }
+            };
+            q.kind.as_deref().is_none_or(|k| k == s.kind)
+                && q.parent.as_deref().is_none_or(|p| s.parent.as_deref() == Some(p))
+                && troubled
         };
         let mut total = 0;
         let mut out = Vec::new();
         let mut visit = |s: &ActorStats| {
-            if keep(s.kind, s.parent.as_deref()) {
+            if keep(s) {
                 if total >= q.offset && out.len() < limit {
                     out.push(s.view());
                 }
@@ -288,6 +302,50 @@ impl TwinRuntime {
             self.env.twins.iter().for_each(|s| visit(&s.stats));
         }
         ActorPage { total, actors: out }
+    }
+
+    /// One actor: `platform/supervisor`, `tdta/<type>`, `dta/<id>` or `dti/<twin>`.
+    pub fn actor(&self, kind: &str, id: &str) -> Result<ActorView, TwinError> {
+        match kind {
+            "platform" if id == "supervisor" => Ok(self.stats.view()),
+            "tdta" => Ok(self.device_type(id)?.actor()),
+            "dta" => Ok(self.dta(id)?.actor()),
+            "dti" => Ok(self.twin(id)?.actor()),
+            _ => Err(TwinError::Unknown { kind: "actor", id: format!("{kind}/{id}") }),
+        }
+    }
+
+    /// Makes sure an operator can get in. With `token` (from the environment): the user
+    /// `admin` exists (created if needed) and `token` is one of its API tokens. Without:
+    /// on a platform with no users, creates `admin` and returns a new token for it,
+    /// which the caller shows once. Returns `None` when nothing new was issued.
+    pub async fn bootstrap_admin(&self, token: Option<&str>) -> Result<Option<String>, TwinError> {
+        use crate::access::{BOOTSTRAP_ADMIN, User};
+        let access = &self.env.access;
+        let now = self.env.clock.now();
+        let admin = || User {
+            name: BOOTSTRAP_ADMIN.into(),
+            role: twinfleet_models::Role::Admin,
+            groups: vec![],
+            created_at: now,
+        };
+        match token {
+            Some(t) => {
+                if access.user(BOOTSTRAP_ADMIN).is_err() {
+                    access.create_user(admin()).await?;
+                }
+                if !access.knows(t) {
+                    access.add_token(BOOTSTRAP_ADMIN, t, "bootstrap (environment)".into(), now).await?;
+                }
+                Ok(None)
+            }
+            None if access.is_empty() => {
+                access.create_user(admin()).await?;
+                let (t, _) = access.issue_token(BOOTSTRAP_ADMIN, "bootstrap".into(), now).await?;
+                Ok(Some(t))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Waits until every write submitted so far is durable, closes storage, and drops

@@ -37,6 +37,8 @@ pub struct TypeContext {
     pub(crate) chunks: Mutex<Vec<Vec<u8>>>,
     pub(crate) twins: AtomicUsize,
     pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
+    /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
+    pub(crate) fleet_edit: tokio::sync::Mutex<()>,
 }
 
 impl TypeContext {
@@ -53,6 +55,7 @@ impl TypeContext {
             chunks: Mutex::new(Vec::new()),
             twins: AtomicUsize::new(0),
             domain: spec.domain.clone().map(Arc::new),
+            fleet_edit: tokio::sync::Mutex::new(()),
         })
     }
 

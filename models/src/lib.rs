@@ -7,6 +7,7 @@
 //! command and yields events, `evolve(state, event)` applies an event. The actors persist
 //! the events and the resulting snapshot; the models never learn how.
 
+pub mod access;
 pub mod config;
 pub mod domain;
 pub mod ids;
@@ -15,6 +16,7 @@ pub mod telemetry;
 pub mod time;
 pub mod twin;
 
+pub use access::{Access, Action, Denied, Grant, Role, Scope, TwinFacts};
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
 pub use domain::{DomainModel, Edit, PathError, Violation};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};

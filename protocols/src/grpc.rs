@@ -47,8 +47,14 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub fn status(e: TwinError) -> Status {
     let msg = e.to_string();
     match e {
-        TwinError::NotFound(_) | TwinError::UnknownDeviceType(_) | TwinError::UnknownDta(_) => Status::not_found(msg),
+        TwinError::NotFound(_)
+        | TwinError::UnknownDeviceType(_)
+        | TwinError::UnknownDta(_)
+        | TwinError::Unknown { .. } => Status::not_found(msg),
         TwinError::AlreadyExists { .. } => Status::already_exists(msg),
+        TwinError::Conflict(_) => Status::failed_precondition(msg),
+        TwinError::Unauthenticated(_) => Status::unauthenticated(msg),
+        TwinError::Forbidden(_) => Status::permission_denied(msg),
         TwinError::Unavailable { .. }
         | TwinError::Crashed { .. }
         | TwinError::ShuttingDown

@@ -41,6 +41,13 @@ pub enum Space {
     /// Telemetry: key = twin id, 0x00, first point's millis (BE), record id (BE); value =
     /// a packed batch whose points all fall in one clock hour.
     Telemetry = 9,
+    /// Users, groups and API tokens of the operator API: `user/<name>`, `group/<name>`,
+    /// `token/<keyed hash>`.
+    Access = 10,
+    /// The audit log: key = big-endian id (increasing), value = one entry.
+    Audit = 11,
+    /// Long-running jobs of the operator API: key = big-endian job id.
+    Job = 12,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +147,8 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     fn scan_rev(&self, space: Space, prefix: &[u8], limit: usize) -> Result<Vec<Record>, StorageError>;
     /// Records of `space` with `start <= key <= end`, in key order.
     fn scan_range(&self, space: Space, start: &[u8], end: &[u8]) -> Result<Vec<Record>, StorageError>;
+    /// Records of `space` with `start <= key <= end`, newest key first, lazily.
+    fn scan_range_rev(&self, space: Space, start: &[u8], end: &[u8]) -> Records<'_>;
     /// A unique, increasing id (survives restarts).
     fn generate_id(&self) -> Result<u64, StorageError>;
     fn stats(&self) -> StorageStats;
@@ -323,6 +332,17 @@ impl Storage for SledStorage {
             .range(prefixed(space, start)..=prefixed(space, end))
             .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine))
             .collect()
+    }
+
+    fn scan_range_rev(&self, space: Space, start: &[u8], end: &[u8]) -> Records<'_> {
+        match self.tree() {
+            Ok(tree) => Box::new(
+                tree.range(prefixed(space, start)..=prefixed(space, end))
+                    .rev()
+                    .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v.to_vec())).map_err(engine)),
+            ),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
     }
 
     fn generate_id(&self) -> Result<u64, StorageError> {

@@ -1,6 +1,6 @@
 //! The `twinfleet` binary as an operator runs it.
 
-use crate::support::http_get;
+use crate::support::{http_as, http_get};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -32,17 +32,40 @@ fn with_ephemeral_ports<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
-/// Reads stdout until the binary says where it listens.
-fn wait_ready(child: &mut Child) -> SocketAddr {
+/// Reads stdout until the binary says where it listens; returns the address and the
+/// admin token it printed, if it printed one.
+fn wait_ready_with_token(child: &mut Child) -> (SocketAddr, Option<String>) {
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    addr.parse().unwrap()
+    let mut token = None;
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "twinfleet closed stdout before it was ready");
+        if let Some(t) = line.split("(shown only now): ").nth(1) {
+            token = Some(t.trim().to_string());
+            continue;
+        }
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        return (addr.parse().unwrap(), token);
+    }
+}
+
+fn wait_ready(child: &mut Child) -> SocketAddr {
+    wait_ready_with_token(child).0
+}
+
+/// Runs a client subcommand of the binary; returns (success, stdout, stderr).
+fn client(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twinfleet"))
+        .args(args)
+        .env_remove("TWINFLEET_TOKEN")
+        .env_remove("TWINFLEET_API")
+        .output()
+        .expect("twinfleet binary runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -83,14 +106,18 @@ fn run_on_defaults_serves_health_and_the_actor_tree_and_stops_on_ctrl_c() {
     // Default data directory (./twinfleet-data in the working directory); an ephemeral
     // port so that parallel test runs do not collide on 8080.
     let mut child = spawn(dir.path(), &with_ephemeral_ports(&[]));
-    let addr = wait_ready(&mut child);
+    let (addr, token) = wait_ready_with_token(&mut child);
+    let token = token.expect("a fresh data dir prints an admin token");
+    assert!(token.starts_with("tfa_"), "{token}");
     assert!(dir.path().join("twinfleet-data/db").is_dir(), "data in ./twinfleet-data");
     let (status, body) = http_get(addr, "/healthz");
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     let (status, body) = http_get(addr, "/api/v1/actors");
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthenticated")), "no token, no API");
+    let (status, body) = http_as(addr, &token, "GET", "/api/v1/actors", None);
     assert_eq!(status, 200);
     assert_eq!(body["actors"][0]["kind"], "platform");
-    let (status, body) = http_get(addr, "/api/v1/twins/missing");
+    let (status, body) = http_as(addr, &token, "GET", "/api/v1/twins/missing", None);
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
     signal(&child, libc::SIGINT);
     let (ok, err) = finish(child);
@@ -127,12 +154,59 @@ fn device_type_files_are_loaded_at_start_and_their_components_served() {
     let dir = tempfile::tempdir().unwrap();
     let types = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-types");
     let mut child = spawn(dir.path(), &with_ephemeral_ports(&["--device-types", types.to_str().unwrap()]));
-    let addr = wait_ready(&mut child);
-    let (status, body) = http_get(addr, "/api/v1/device-types");
+    let (addr, token) = wait_ready_with_token(&mut child);
+    let (status, body) = http_as(addr, &token.unwrap(), "GET", "/api/v1/device-types", None);
     assert_eq!(status, 200);
     let dispenser = body.as_array().unwrap().iter().find(|t| t["id"] == "medicine-dispenser").expect("loaded");
     assert_eq!(dispenser["domain"]["root"], "Device");
     signal(&child, libc::SIGTERM);
     let (ok, err) = finish(child);
     assert!(ok && err.contains("device type medicine-dispenser created"), "{err}");
+}
+
+#[test]
+fn the_cli_lists_and_shows_twins_of_a_running_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tfa_test-admin-token-0123456789abcdef";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinfleet"))
+        .arg("run")
+        .args(with_ephemeral_ports(&[]))
+        .current_dir(dir.path())
+        .env("TWINFLEET_ADMIN_TOKEN", token)
+        .env_remove("TWINFLEET_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, printed) = wait_ready_with_token(&mut child);
+    assert_eq!(printed, None, "a token from the environment is not printed");
+    let ty = r#"{"id":"valve","model":"V-2"}"#;
+    assert_eq!(http_as(addr, token, "POST", "/api/v1/device-types", Some(ty)).0, 201);
+    for i in 0..3 {
+        let twin = format!(r#"{{"id":"valve-{i}","device_type":"valve","metadata":{{"tags":["north"]}}}}"#);
+        let (s, b) = http_as(addr, token, "POST", "/api/v1/twins", Some(&twin));
+        assert_eq!(s, 201, "{b}");
+    }
+    let api = format!("http://{addr}");
+    let (ok, out, err) = client(&["twins", "list", "--api", &api, "--token", token]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("TYPE") && lines[0].contains("STATE"), "{out}");
+    assert!(lines[1].starts_with("valve-0") && lines[1].contains("valve") && lines[1].contains("active"), "{out}");
+    assert!(out.contains("3 of 3 twins"), "{out}");
+    let (ok, out, _) = client(&["twins", "list", "--api", &api, "--token", token, "--limit", "2", "--json"]);
+    assert!(ok);
+    let page: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!((page["total"].as_u64(), page["next"].as_str()), (Some(3), Some("valve-1")));
+    let (ok, out, _) = client(&["twin", "show", "valve-2", "--api", &api, "--token", token]);
+    assert!(ok && out.contains("valve-2") && out.contains("V-2") && out.contains("north"), "{out}");
+    let (ok, out, _) = client(&["actors", "--kind", "tdta", "--api", &api, "--token", token]);
+    assert!(ok && out.contains("valve") && out.contains("platform/supervisor"), "{out}");
+    let (ok, _, err) = client(&["twins", "list", "--api", &api, "--token", "tfa_wrong-token-000000000000000"]);
+    assert!(!ok && err.contains("401"), "a wrong token is a clear error: {err}");
+    let (ok, _, err) = client(&["twin", "show", "nope", "--api", &api, "--token", token]);
+    assert!(!ok && err.contains("404") && err.contains("nope"), "{err}");
+    signal(&child, libc::SIGTERM);
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
 }

@@ -28,8 +28,11 @@ async fn the_dispensers_constraints_reject_bad_writes_with_422_and_accept_good_o
     ty.spawn_fleet(vec![TwinSpec::new(tid("karie-100"))]).await.unwrap();
     let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     let addr = http.local_addr();
+    let token = admin_token(&p).await;
+    let t = token.clone();
     let req = move |m: &'static str, path: String, body: Option<Value>| {
-        actix_rt::task::spawn_blocking(move || http_request(addr, m, &path, body.map(|b| b.to_string()).as_deref()))
+        let t = t.clone();
+        actix_rt::task::spawn_blocking(move || http_as(addr, &t, m, &path, body.map(|b| b.to_string()).as_deref()))
     };
     let base = "/api/v1/twins/karie-100/components";
 
@@ -129,7 +132,7 @@ async fn the_dispensers_constraints_reject_bad_writes_with_422_and_accept_good_o
     assert_eq!(req("PUT", format!("{base}/settings/nope"), Some(json!(1))).await.unwrap().0, 404);
     assert_eq!(req("GET", format!("{base}/medication_plans/9"), None).await.unwrap().0, 404);
     assert_eq!(req("POST", format!("{base}/settings"), Some(json!({}))).await.unwrap().0, 400);
-    let broken = move || http_request(addr, "PUT", "/api/v1/twins/karie-100/components/settings", Some("{oops"));
+    let broken = move || http_as(addr, &token, "PUT", "/api/v1/twins/karie-100/components/settings", Some("{oops"));
     let (s, b) = actix_rt::task::spawn_blocking(broken).await.unwrap();
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid")), "{b}");
     let huge = json!("x".repeat(300 * 1024));

@@ -20,7 +20,11 @@ async fn twin_view_and_actor_tree_over_http() {
     p.twin("h-1").unwrap().report(obj(json!({"temp": 40}))).await.unwrap();
     let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     let addr = api.local_addr();
-    let get = move |path: &'static str| actix_rt::task::spawn_blocking(move || http_get(addr, path));
+    let token = admin_token(&p).await;
+    let get = move |path: &'static str| {
+        let token = token.clone();
+        actix_rt::task::spawn_blocking(move || http_as(addr, &token, "GET", path, None))
+    };
 
     let (status, twin) = get("/api/v1/twins/h-1?events=5").await.unwrap();
     assert_eq!(status, 200, "{twin}");

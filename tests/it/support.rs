@@ -80,6 +80,11 @@ pub async fn fleet(
     ty
 }
 
+/// The bootstrap admin's API token on a fresh platform.
+pub async fn admin_token(p: &Platform) -> String {
+    p.bootstrap_admin(None).await.expect("bootstrap").expect("a fresh platform issues an admin token")
+}
+
 /// Waits for a condition that another thread makes true (a restart, a flush), polling
 /// it every 10 ms for at most 20 s. Waits on the event, not for a fixed time.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
@@ -102,18 +107,29 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
     http_request(addr, "GET", path, None)
 }
 
-/// A minimal blocking HTTP/1.1 request over loopback with an optional JSON body.
+/// A minimal blocking HTTP/1.1 request over loopback with an optional JSON body and no
+/// credentials.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    http_call(addr, None, method, path, body)
+}
+
+/// Like `http_request`, as the holder of API token `token`.
+pub fn http_as(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    http_call(addr, Some(token), method, path, body)
+}
+
+fn http_call(addr: SocketAddr, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     match body {
         Some(b) => write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
             b.len()
         )
         .unwrap(),
-        None => write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap(),
+        None => write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap(),
     }
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");

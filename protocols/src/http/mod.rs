@@ -1,0 +1,311 @@
+//! The operator HTTP API (actix-web, JSON) under `/api/v1`. Every route is listed in
+//! [`configure`]; the OpenAPI document at `/api/v1/openapi.json` describes them.
+//!
+//! - **Authentication**: every `/api/v1` request but the OpenAPI document carries
+//!   `Authorization: Bearer <API token>`; without a valid one the answer is 401.
+//! - **Authorization**: each handler asks `TwinRuntime::authorize_*` for the caller's role
+//!   and grants; a refusal is 403 and says which role or grant was missing. Lists return
+//!   only what the caller may read.
+//! - **Audit**: every request that is not a read (any method but GET/HEAD) of an
+//!   authenticated caller is recorded (who, method, path, status, when) before the
+//!   answer leaves.
+//! - **Errors** are JSON `{"error": <code>, "message": <what was wrong>}` with a 4xx
+//!   status chosen from the typed `TwinError` (5xx only for storage failures).
+//!
+//! `/healthz` and `/metrics` need no token (bind the API to a private address).
+
+mod admin;
+mod fleet;
+mod twins;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{
+    App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, http::StatusCode, web,
+};
+use std::net::SocketAddr;
+use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinRuntime};
+use twinfleet_models::{ModelError, PathError};
+
+/// A `TwinError` as an HTTP answer.
+#[derive(Debug)]
+pub struct HttpError(pub TwinError);
+
+impl From<TwinError> for HttpError {
+    fn from(e: TwinError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl HttpError {
+    fn code(&self) -> &'static str {
+        match &self.0 {
+            TwinError::NotFound(_)
+            | TwinError::UnknownDeviceType(_)
+            | TwinError::UnknownDta(_)
+            | TwinError::Unknown { .. } => "not_found",
+            TwinError::AlreadyExists { .. } => "already_exists",
+            TwinError::Conflict(_) => "conflict",
+            TwinError::Unauthenticated(_) => "unauthenticated",
+            TwinError::Forbidden(_) => "forbidden",
+            TwinError::Unavailable { .. } | TwinError::Crashed { .. } => "unavailable",
+            TwinError::MailboxFull(_) => "mailbox_full",
+            TwinError::Timeout { .. } => "timeout",
+            TwinError::Quarantined { .. } => "quarantined",
+            TwinError::Rejected(ModelError::Violations(_)) => "constraint_violation",
+            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => "not_found",
+            TwinError::Rejected(ModelError::Component(_)) => "invalid",
+            TwinError::Rejected(_) | TwinError::Telemetry(_) => "rejected",
+            TwinError::InvalidId(_) | TwinError::Invalid(_) => "invalid",
+            TwinError::Storage(_) => "storage",
+            TwinError::FaultInjectionDisabled => "forbidden",
+            TwinError::ShuttingDown => "shutting_down",
+            TwinError::DeviceUnreachable { .. } => "device_unreachable",
+        }
+    }
+}
+
+impl ResponseError for HttpError {
+    fn status_code(&self) -> StatusCode {
+        match &self.0 {
+            TwinError::NotFound(_)
+            | TwinError::UnknownDeviceType(_)
+            | TwinError::UnknownDta(_)
+            | TwinError::Unknown { .. } => StatusCode::NOT_FOUND,
+            TwinError::AlreadyExists { .. } | TwinError::Quarantined { .. } | TwinError::Conflict(_) => {
+                StatusCode::CONFLICT
+            }
+            TwinError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            TwinError::Forbidden(_) => StatusCode::FORBIDDEN,
+            TwinError::Unavailable { .. }
+            | TwinError::Crashed { .. }
+            | TwinError::ShuttingDown
+            | TwinError::DeviceUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => StatusCode::NOT_FOUND,
+            TwinError::Rejected(ModelError::Component(_)) => StatusCode::BAD_REQUEST,
+            TwinError::Rejected(_) | TwinError::Telemetry(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            TwinError::InvalidId(_) | TwinError::Invalid(_) => StatusCode::BAD_REQUEST,
+            TwinError::FaultInjectionDisabled => StatusCode::FORBIDDEN,
+            TwinError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = serde_json::json!({"error": self.code(), "message": self.0.to_string()});
+        if let TwinError::Rejected(ModelError::Violations(v)) = &self.0 {
+            body["violations"] = serde_json::to_value(v).unwrap_or_default();
+        }
+        let mut res = HttpResponse::build(self.status_code());
+        if matches!(self.0, TwinError::Unauthenticated(_)) {
+            res.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        res.json(body)
+    }
+}
+
+/// The authenticated caller of a handler (401 if the middleware found none).
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub Principal);
+
+impl FromRequest for Caller {
+    type Error = HttpError;
+    type Future = std::future::Ready<std::result::Result<Caller, HttpError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(
+            req.extensions()
+                .get::<Principal>()
+                .cloned()
+                .map(Caller)
+                .ok_or_else(|| HttpError(TwinError::Unauthenticated("no API token".into()))),
+        )
+    }
+}
+
+/// Paths readable without a token.
+fn public(path: &str) -> bool {
+    !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json"
+}
+
+/// Authenticates every `/api/v1` request and audits every write.
+async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> std::result::Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if public(req.path()) {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    }
+    let Some(rt) = req.app_data::<web::Data<TwinRuntime>>().cloned() else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    let token = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let principal = match token {
+        None => Err(TwinError::Unauthenticated("send Authorization: Bearer <API token>".into())),
+        Some(t) => rt.env().access.authenticate(t),
+    };
+    let principal = match principal {
+        Ok(p) => p,
+        Err(e) => {
+            rt.env().rejections.reject(if token.is_some() { "bad_api_token" } else { "no_api_token" }, || {
+                format!("{} {}: {e}", req.method(), req.path())
+            });
+            return Ok(req.into_response(HttpError(e).error_response()));
+        }
+    };
+    let write = !matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+    let (action, target) = (req.method().to_string(), req.path().to_string());
+    req.extensions_mut().insert(principal.clone());
+    let res = next.call(req).await?.map_into_boxed_body();
+    if write {
+        let entry = AuditEntry {
+            id: 0,
+            at: rt.env().clock.now(),
+            user: principal.user.to_string(),
+            action,
+            target,
+            status: res.status().as_u16(),
+        };
+        if let Err(e) = rt.env().access.audit(entry).await {
+            // The change itself is durable; say that its audit record is missing.
+            tracing::error!("could not write an audit record: {e}");
+            return Ok(res.into_response(HttpError(e).error_response()));
+        }
+    }
+    Ok(res)
+}
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+/// Largest JSON body accepted (400 beyond, saying so).
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "twins": rt.twin_count(),
+        "device_types": rt.device_types().len(),
+        "dtas": rt.dtas().len(),
+    }))
+}
+
+/// Prometheus text exposition: rejected inputs by reason, twins, storage. (The operator
+/// issue adds actors, mailboxes and request latencies.)
+async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let mut rejected = rt.env().rejections.snapshot();
+    rejected.sort();
+    let rejected: Vec<(String, u64)> = rejected.into_iter().map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n)).collect();
+    family("twinfleet_rejected_total", "counter", "Inputs rejected at the edges (MQTT, gRPC), by reason.", &rejected);
+    family("twinfleet_twins", "gauge", "Twins (DTIs) on this node.", &[(String::new(), rt.twin_count() as u64)]);
+    let s = rt.env().storage.stats();
+    family(
+        "twinfleet_storage_batches_total",
+        "counter",
+        "Write batches submitted.",
+        &[(String::new(), s.batches_submitted)],
+    );
+    family(
+        "twinfleet_storage_commits_total",
+        "counter",
+        "Group commits (flushes).",
+        &[(String::new(), s.groups_committed)],
+    );
+    family(
+        "twinfleet_storage_ops_total",
+        "counter",
+        "Records written or deleted.",
+        &[(String::new(), s.ops_committed)],
+    );
+    family(
+        "twinfleet_storage_flush_microseconds_total",
+        "counter",
+        "Time spent flushing.",
+        &[(String::new(), s.flush_micros_total)],
+    );
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out)
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({"error": "not_found", "message": "no such endpoint"}))
+}
+
+/// Routes of the API, for the server and for in-process tests.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics))
+        .service(web::scope("/api/v1").configure(twins::routes).configure(fleet::routes).configure(admin::routes));
+}
+
+/// A running HTTP API.
+#[derive(Debug)]
+pub struct HttpApi {
+    handle: actix_web::dev::ServerHandle,
+    addr: SocketAddr,
+}
+
+impl HttpApi {
+    /// Binds `addr` and serves the API on `workers` threads. Must be called inside an
+    /// actix system; the server runs until [`HttpApi::stop`].
+    pub fn start(rt: TwinRuntime, addr: SocketAddr, workers: usize) -> std::io::Result<HttpApi> {
+        let data = web::Data::new(rt);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_BODY_BYTES)
+                        .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad JSON body: {e}"))).into()),
+                )
+                .app_data(
+                    web::QueryConfig::default()
+                        .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad query string: {e}"))).into()),
+                )
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad path: {e}"))).into()),
+                )
+                .configure(configure)
+                .default_service(web::to(not_found))
+                .wrap(from_fn(authenticate))
+        })
+        .workers(workers.max(1))
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(addr)?;
+        let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("server bound no address"))?;
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(HttpApi { handle, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish, then returns.
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}

@@ -1,0 +1,291 @@
+//! Twins: list, create, read, change, archive, delete; telemetry; model-generated
+//! component endpoints; device tokens.
+
+use super::{Caller, HttpError, Result};
+use actix_web::{HttpResponse, http::StatusCode, web};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use twinfleet_actors::{TelemetryQuery, TwinError, TwinFilter, TwinHandle, TwinRuntime, TwinSpec, TwinView};
+use twinfleet_models::{
+    Action, DeviceTypeId, DomainModel, DtaId, Edit, Metadata, ModelError, PathError, Timestamp, TwinCommand, TwinEvent,
+    TwinId,
+};
+
+/// Most events a twin view returns.
+const MAX_EVENTS: usize = 1_000;
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/twins", web::get().to(list))
+        .route("/twins", web::post().to(create))
+        .route("/twins/{id}", web::get().to(show))
+        .route("/twins/{id}", web::delete().to(delete))
+        .route("/twins/{id}/desired", web::patch().to(set_desired))
+        .route("/twins/{id}/metadata", web::put().to(set_metadata))
+        .route("/twins/{id}/archive", web::post().to(archive))
+        .route("/twins/{id}/events", web::get().to(events))
+        .route("/twins/{id}/token", web::post().to(issue_token))
+        .route("/twins/{id}/token", web::delete().to(revoke_token))
+        .route("/twins/{id}/telemetry", web::get().to(telemetry))
+        .route("/twins/{id}/components", web::get().to(get_components))
+        .route("/twins/{id}/components/{path:.*}", web::get().to(get_component))
+        .route("/twins/{id}/components/{path:.*}", web::put().to(put_component))
+        .route("/twins/{id}/components/{path:.*}", web::post().to(post_component))
+        .route("/twins/{id}/components/{path:.*}", web::delete().to(delete_component));
+}
+
+/// The twin `id`, if the caller may take `action` on it.
+pub(super) fn twin_for(rt: &TwinRuntime, caller: &Caller, id: &str, action: Action) -> Result<TwinHandle> {
+    let h = rt.twin(id)?;
+    rt.authorize_twin(&caller.0, action, &h)?;
+    Ok(h)
+}
+
+/// `GET /twins?device_type=&group=&state=&status=&tag=&after=&limit=`
+async fn list(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<TwinFilter>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(rt.list_twins(&caller.0, &q)?))
+}
+
+/// A twin to create.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTwin {
+    id: TwinId,
+    device_type: DeviceTypeId,
+    #[serde(default)]
+    serial: String,
+    #[serde(default)]
+    mac: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    dtas: Vec<DtaId>,
+}
+
+/// `POST /twins`: creates one twin (201 with its view). Thousands: `POST /jobs`.
+async fn create(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<CreateTwin>) -> Result<HttpResponse> {
+    let b = body.into_inner();
+    let ty = rt.device_type(b.device_type.as_str())?;
+    rt.authorize_type(&caller.0, Action::Provision, ty.id())?;
+    for d in &b.dtas {
+        rt.dta(d.as_str())?;
+        rt.authorize_dta(&caller.0, Action::Configure, d)?;
+    }
+    let spec = TwinSpec { id: b.id, serial: b.serial, mac: b.mac, metadata: b.metadata, dtas: b.dtas };
+    let h = rt.create_twin(ty.id(), spec).await?;
+    Ok(HttpResponse::Created().json(h.get().await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    /// Journal events to include, newest last (default 20, at most 1,000).
+    events: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct TwinDetail {
+    #[serde(flatten)]
+    view: TwinView,
+    actor: twinfleet_runtime::ActorView,
+    last_events: Vec<TwinEvent>,
+}
+
+/// `GET /twins/{id}`: identity, metadata, reported/desired state, effective
+/// configuration, actor, last events.
+async fn show(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<ShowQuery>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Read)?;
+    let view = h.get().await?;
+    let last_events = h.events(q.events.unwrap_or(20).min(MAX_EVENTS)).await?;
+    Ok(HttpResponse::Ok().json(TwinDetail { view, actor: h.actor(), last_events }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /twins/{id}/events?limit=`: the newest journal events, oldest first.
+async fn events(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<EventsQuery>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Read)?;
+    Ok(HttpResponse::Ok().json(h.events(q.limit.unwrap_or(100).min(MAX_EVENTS)).await?))
+}
+
+/// The answer to a change: the journal position it was stored at.
+fn changed(h: &TwinHandle, seq: u64) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"twin": h.id(), "seq": seq}))
+}
+
+/// `PATCH /twins/{id}/desired`: a JSON merge patch (RFC 7396) of the desired state.
+async fn set_desired(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Map<String, Value>>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Write)?;
+    let seq = h.set_desired(body.into_inner()).await?;
+    Ok(changed(&h, seq))
+}
+
+/// `PUT /twins/{id}/metadata`: replaces location, tags and attributes.
+async fn set_metadata(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Metadata>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    let seq = h.command(TwinCommand::UpdateMetadata(body.into_inner())).await?;
+    Ok(changed(&h, seq))
+}
+
+/// `POST /twins/{id}/archive`: the twin keeps its history and answers reads; writes and
+/// device input are refused (409).
+async fn archive(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    let seq = h.command(TwinCommand::Archive).await?;
+    Ok(changed(&h, seq))
+}
+
+/// `DELETE /twins/{id}`: the twin and everything stored about it (204).
+async fn delete(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Provision)?;
+    rt.delete_twin(h.id().as_str()).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /twins/{id}/token`: a new device token (replacing any earlier one), shown once.
+async fn issue_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    let token = rt.issue_device_token(h.id().as_str()).await?;
+    Ok(HttpResponse::Created().json(serde_json::json!({"twin": h.id(), "token": token})))
+}
+
+/// `DELETE /twins/{id}/token`: the device can no longer connect (204).
+async fn revoke_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    rt.revoke_device_token(h.id().as_str()).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryParams {
+    metric: Option<String>,
+    /// Milliseconds since the epoch; default: 0.
+    from: Option<i64>,
+    /// Milliseconds since the epoch; default: now and later.
+    to: Option<i64>,
+    /// Default 1,000, at most 100,000.
+    limit: Option<usize>,
+}
+
+/// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=`: stored points, newest first.
+async fn telemetry(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<TelemetryParams>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Read)?;
+    let q = q.into_inner();
+    let query = TelemetryQuery {
+        metric: q.metric,
+        from: Timestamp(q.from.unwrap_or(0)),
+        to: Timestamp(q.to.unwrap_or(i64::MAX)),
+        limit: q.limit.unwrap_or(1_000).min(100_000),
+    };
+    let points = h.telemetry_query(query).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "twin": h.id(), "points": points })))
+}
+
+/// The twin's handle and its type's domain model (404 when the type has none).
+fn with_domain(rt: &TwinRuntime, caller: &Caller, id: &str, action: Action) -> Result<(TwinHandle, Arc<DomainModel>)> {
+    let h = twin_for(rt, caller, id, action)?;
+    let domain = rt.device_type(h.device_type().as_str())?.domain().ok_or_else(|| {
+        TwinError::Rejected(ModelError::Component(PathError::NotFound(format!(
+            "components: device type {} has no domain model",
+            h.device_type()
+        ))))
+    })?;
+    Ok((h, domain))
+}
+
+/// `GET /twins/{id}/components[/{path}]`: the twin's components (its desired
+/// `components` document) at `path`.
+async fn get_component(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    p: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, path) = p.into_inner();
+    let (h, _) = with_domain(&rt, &caller, &id, Action::Read)?;
+    let view = h.get().await?;
+    let doc = view.state.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Default::default()));
+    let v = twinfleet_models::domain::get_path(&doc, &path).map_err(|e| TwinError::Rejected(e.into()))?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+async fn get_components(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    get_component(rt, caller, web::Path::from((id.into_inner(), String::new()))).await
+}
+
+async fn edit_component(
+    rt: &TwinRuntime,
+    caller: &Caller,
+    (id, path): (String, String),
+    edit: Edit,
+    created: bool,
+) -> Result<HttpResponse> {
+    let (h, model) = with_domain(rt, caller, &id, Action::Write)?;
+    let seq = h.command(TwinCommand::EditComponents { model, path: path.clone(), edit }).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(HttpResponse::build(status).json(serde_json::json!({"twin": h.id(), "path": path, "seq": seq})))
+}
+
+/// `PUT`: replace (or create) the component or property at `path`.
+async fn put_component(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    p: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    edit_component(&rt, &caller, p.into_inner(), Edit::Put(body.into_inner()), false).await
+}
+
+/// `POST`: append an element to the list at `path` (e.g. a medication plan).
+async fn post_component(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    p: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    edit_component(&rt, &caller, p.into_inner(), Edit::Append(body.into_inner()), true).await
+}
+
+/// `DELETE`: remove the component or list element at `path`.
+async fn delete_component(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    p: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    edit_component(&rt, &caller, p.into_inner(), Edit::Delete, false).await
+}
+
+impl From<twinfleet_models::Denied> for HttpError {
+    fn from(d: twinfleet_models::Denied) -> Self {
+        HttpError(TwinError::Forbidden(d))
+    }
+}

@@ -1,0 +1,294 @@
+//! The client subcommands of `twinfleet`: they talk to a running instance over the
+//! operator API (`--api`, default `http://127.0.0.1:8080`) with an API token
+//! (`--token` or `TWINFLEET_TOKEN`). Output is a table, or the API's JSON with `--json`.
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+/// Where the API is and who is asking.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Base URL of a running instance's HTTP API.
+    #[arg(long, env = "TWINFLEET_API", default_value = "http://127.0.0.1:8080", global = true)]
+    api: String,
+    /// API token (printed by `twinfleet run` on a fresh data dir, or issued with
+    /// `POST /api/v1/users/{name}/tokens`).
+    #[arg(long, env = "TWINFLEET_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TwinsCommand {
+    /// List twins (those the token may read), in id order.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long = "type")]
+    device_type: Option<String>,
+    /// A DTA: its members and those of nested DTAs.
+    #[arg(long)]
+    group: Option<String>,
+    /// `active` or `archived`.
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long)]
+    tag: Option<String>,
+    /// Start after this id (the `next` of a previous page).
+    #[arg(long)]
+    after: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TwinCommand {
+    /// Show one twin: identity, state, configuration, last events.
+    Show { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ActorsArgs {
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    parent: Option<String>,
+    /// Only actors with more than N messages waiting (or restarted, with --restarted).
+    #[arg(long)]
+    mailbox_over: Option<u32>,
+    #[arg(long)]
+    restarted: bool,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Show one job's state and progress.
+    Show { id: u64 },
+    /// List jobs, newest first.
+    List,
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+    json: bool,
+}
+
+impl Client {
+    fn new(a: ClientArgs) -> anyhow::Result<Client> {
+        let Some(token) = a.token else {
+            bail!("no API token: pass --token or set TWINFLEET_TOKEN (twinfleet run prints one on a fresh data dir)")
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Ok(Client { agent, base: a.api.trim_end_matches('/').to_string(), token, json: a.json })
+    }
+
+    /// GETs `path` (with `query` pairs); the JSON body of a 2xx, else the API's error.
+    fn get(&self, path: &str, query: &[(&str, Option<String>)]) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut req = self.agent.get(&url).header("Authorization", &format!("Bearer {}", self.token));
+        for (k, v) in query {
+            if let Some(v) = v {
+                req = req.query(*k, v);
+            }
+        }
+        let mut res = req.call().with_context(|| format!("cannot reach {url}"))?;
+        let status = res.status();
+        let body = res.body_mut().read_to_string().context("cannot read the answer")?;
+        let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        if !status.is_success() {
+            let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
+            bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+        }
+        Ok(value)
+    }
+
+    fn print(&self, v: &Value, table: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            print!("{}", table(v));
+        }
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        out += &line(r.clone());
+    }
+    out
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(Value::Array(a)) => {
+            a.iter().map(|x| x.as_str().map_or(x.to_string(), str::to_string)).collect::<Vec<_>>().join(",")
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+pub fn twins(a: ClientArgs, cmd: TwinsCommand) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let TwinsCommand::List(l) = cmd;
+    let v = c.get(
+        "/twins",
+        &[
+            ("device_type", l.device_type),
+            ("group", l.group),
+            ("state", l.state),
+            ("tag", l.tag),
+            ("after", l.after),
+            ("limit", Some(l.limit.to_string())),
+        ],
+    )?;
+    c.print(&v, |v| {
+        let rows: Vec<Vec<String>> = v["twins"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| vec![s(t, "id"), s(t, "device_type"), s(t, "state"), s(t, "status"), s(t, "tags")])
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = render(&["id", "type", "state", "status", "tags"], &rows);
+        out += &format!("{} of {} twins", rows.len(), s(v, "total"));
+        if let Some(next) = v.get("next").and_then(Value::as_str) {
+            out += &format!("; next page: --after {next}");
+        }
+        out + "\n"
+    });
+    Ok(())
+}
+
+pub fn twin(a: ClientArgs, cmd: TwinCommand) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let TwinCommand::Show { id } = cmd;
+    let v = c.get(&format!("/twins/{id}"), &[("events", Some("10".into()))])?;
+    c.print(&v, |v| {
+        let ident = &v["identity"];
+        let mut out = render(
+            &["field", "value"],
+            &[
+                vec!["id".into(), s(ident, "twin_id")],
+                vec!["type".into(), s(ident, "device_type")],
+                vec!["model".into(), s(ident, "model")],
+                vec!["serial".into(), s(ident, "serial")],
+                vec!["state".into(), s(v, "lifecycle")],
+                vec!["status".into(), s(&v["actor"], "status")],
+                vec!["in sync".into(), s(v, "in_sync")],
+                vec!["tags".into(), s(&v["metadata"], "tags")],
+                vec!["memberships".into(), s(v, "memberships")],
+                vec!["reported".into(), v["reported"].to_string()],
+                vec!["desired".into(), v["desired"].to_string()],
+                vec!["config".into(), v["effective_config"]["values"].to_string()],
+            ],
+        );
+        let events: Vec<Vec<String>> = v["last_events"]
+            .as_array()
+            .map(|a| a.iter().map(|e| vec![s(e, "seq"), s(e, "at"), s(e, "event")]).collect())
+            .unwrap_or_default();
+        if !events.is_empty() {
+            out += "\n";
+            out += &render(&["seq", "at", "event"], &events);
+        }
+        out
+    });
+    Ok(())
+}
+
+pub fn actors(a: ClientArgs, q: ActorsArgs) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let v = c.get(
+        "/actors",
+        &[
+            ("kind", q.kind),
+            ("parent", q.parent),
+            ("mailbox_over", q.mailbox_over.map(|n| n.to_string())),
+            ("restarted", q.restarted.then(|| "true".into())),
+            ("limit", Some(q.limit.to_string())),
+        ],
+    )?;
+    c.print(&v, |v| {
+        let rows: Vec<Vec<String>> = v["actors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        [
+                            "kind",
+                            "id",
+                            "parent",
+                            "status",
+                            "mailbox_depth",
+                            "messages_handled",
+                            "restarts",
+                            "last_error",
+                        ]
+                        .iter()
+                        .map(|k| s(x, k))
+                        .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out =
+            render(&["kind", "id", "parent", "status", "mailbox", "handled", "restarts", "last error"], &rows);
+        out += &format!("{} of {} actors\n", rows.len(), s(v, "total"));
+        out
+    });
+    Ok(())
+}
+
+pub fn jobs(a: ClientArgs, cmd: JobsCommand) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let v = match &cmd {
+        JobsCommand::Show { id } => Value::Array(vec![c.get(&format!("/jobs/{id}"), &[])?]),
+        JobsCommand::List => c.get("/jobs", &[])?,
+    };
+    let v = match cmd {
+        JobsCommand::Show { .. } => v[0].clone(),
+        JobsCommand::List => v,
+    };
+    c.print(&v, |v| {
+        let list = if v.is_array() { v.as_array().cloned().unwrap_or_default() } else { vec![v.clone()] };
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|j| {
+                vec![
+                    s(j, "id"),
+                    s(j, "kind"),
+                    s(j, "state"),
+                    format!("{}/{}", s(j, "done"), s(j, "total")),
+                    s(j, "failed"),
+                    s(j, "created_by"),
+                ]
+            })
+            .collect();
+        render(&["id", "kind", "state", "done", "failed", "by"], &rows)
+    });
+    Ok(())
+}
