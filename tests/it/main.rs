@@ -2,6 +2,7 @@
 //! sled in temporary directories, real HTTP over loopback, and the `twinfleet` binary as
 //! a child process. One test binary split into modules, so that linking happens once.
 
+mod access;
 mod backpressure;
 mod binary;
 mod components;
