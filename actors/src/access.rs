@@ -28,6 +28,7 @@ pub const MIN_TOKEN_LEN: usize = 24;
 pub const BOOTSTRAP_ADMIN: &str = "admin";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct User {
     pub name: String,
     pub role: Role,
@@ -37,6 +38,7 @@ pub struct User {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Group {
     pub name: String,
     #[serde(default)]
@@ -46,6 +48,7 @@ pub struct Group {
 
 /// What is kept of an API token (never the token itself).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     /// The first 12 hex digits of the token's hash: names it for listing and revoking.
     pub id: String,
@@ -68,6 +71,7 @@ pub struct Principal {
 
 /// One audited write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     /// Increasing; a cursor for paging (`before`).
     #[serde(default)]
@@ -85,6 +89,7 @@ pub struct AuditEntry {
 /// Which audit entries to return, newest first.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct AuditQuery {
     pub user: Option<String>,
     /// Only entries whose target starts with this.

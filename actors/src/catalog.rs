@@ -56,6 +56,7 @@ impl TwinFacts for Facts<'_> {
 /// Which twins to list. Filters combine with AND.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct TwinFilter {
     pub device_type: Option<String>,
     /// A DTA: its members and those of DTAs nested under it.
@@ -73,6 +74,7 @@ pub struct TwinFilter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LifecycleFilter {
     Active,
     Archived,
@@ -80,6 +82,7 @@ pub enum LifecycleFilter {
 
 /// One line of a twin listing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TwinSummary {
     pub id: String,
     pub device_type: String,
@@ -92,6 +95,7 @@ pub struct TwinSummary {
 
 /// A page of twins, in id order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TwinPage {
     /// Twins matching the filters (and visible to the caller), all pages together.
     pub total: usize,

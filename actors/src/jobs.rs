@@ -33,6 +33,7 @@ const MAX_ERRORS: usize = 20;
 /// What a job does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobSpec {
     /// Creates twins of one type: those listed, and/or `generate.count` twins named
     /// `{prefix}{n}`.
@@ -62,6 +63,7 @@ pub enum JobSpec {
 /// Twins `{prefix}{start}` .. `{prefix}{start + count - 1}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Generate {
     pub prefix: String,
     pub count: usize,
@@ -76,6 +78,7 @@ pub struct Generate {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum JobState {
     Running,
     Succeeded,
@@ -84,6 +87,7 @@ pub enum JobState {
 
 /// A job as shown to operators.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
     pub id: u64,
     pub kind: String,

@@ -18,6 +18,7 @@ pub const CHUNK: usize = 4096;
 /// How an embedder or operator describes a twin to create.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TwinSpec {
     pub id: TwinId,
     #[serde(default)]
@@ -77,6 +78,7 @@ pub(crate) struct FleetChunk {
 /// A device type: what its TDTA knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceTypeSpec {
     pub id: DeviceTypeId,
     /// The hardware model name.
@@ -84,16 +86,19 @@ pub struct DeviceTypeSpec {
     pub model: String,
     /// Configuration defaults, the bottom layer of every twin of this type.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub defaults: Map<String, Value>,
     /// The domain model of the type's components (Sartaj et al.), if it has one: the
     /// component API validates every write against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub domain: Option<twinfleet_models::DomainModel>,
 }
 
 /// A group: what its DTA knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DtaSpec {
     pub id: DtaId,
     #[serde(default)]

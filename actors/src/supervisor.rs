@@ -102,6 +102,7 @@ impl Handler<CreateDta> for PlatformSupervisor {
 /// both, an actor matching either is listed.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct ActorQuery {
     pub kind: Option<String>,
     pub parent: Option<String>,

@@ -17,6 +17,7 @@ use std::fmt;
 /// A user's role: what kinds of action they may take at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Everything, on every twin, plus users, groups, grants and the audit log.
     Admin,
@@ -84,6 +85,7 @@ impl fmt::Display for Role {
 /// How much a grant gives. `Write` includes `Read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Access {
     Read,
     Write,
@@ -92,6 +94,7 @@ pub enum Access {
 /// What a grant covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Scope {
     /// Every twin, device type and DTA.
     Fleet,
@@ -105,6 +108,7 @@ pub enum Scope {
 /// A group's right on a scope.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Grant {
     pub scope: Scope,
     pub access: Access,

@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 /// One named layer of configuration held by a DTA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigLayer {
     /// Higher priorities win over lower ones.
     pub priority: i32,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub values: Map<String, Value>,
 }
 

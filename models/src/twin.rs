@@ -25,6 +25,7 @@ pub struct Identity {
 
 /// Where the device is and how operators label it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Metadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
@@ -32,6 +33,7 @@ pub struct Metadata {
     pub tags: Vec<String>,
     /// Free-form attributes (e.g. the address of a device-hosted gRPC server).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub attributes: Map<String, Value>,
 }
 
@@ -43,6 +45,7 @@ impl Metadata {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Lifecycle {
     #[default]
     Active,

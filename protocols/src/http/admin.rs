@@ -2,28 +2,14 @@
 //! (admins), except that every user may see themselves (`GET /me`) and manage their own
 //! API tokens.
 
-use super::{Caller, Result};
-use actix_web::{HttpResponse, web};
+use super::{Caller, Errors, Result};
+use actix_web::{delete, get, patch, post, put, HttpResponse, web};
 use serde::Deserialize;
-use twinfleet_actors::{AuditQuery, Group, TwinError, TwinRuntime, User};
+use twinfleet_actors::{AuditEntry, AuditQuery, Group, TokenInfo, TwinError, TwinRuntime, User};
 use twinfleet_models::{Action, Grant, Role};
 
-pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/me", web::get().to(me))
-        .route("/users", web::get().to(users))
-        .route("/users", web::post().to(create_user))
-        .route("/users/{name}", web::get().to(user))
-        .route("/users/{name}", web::patch().to(update_user))
-        .route("/users/{name}", web::delete().to(delete_user))
-        .route("/users/{name}/tokens", web::get().to(tokens))
-        .route("/users/{name}/tokens", web::post().to(issue_token))
-        .route("/users/{name}/tokens/{id}", web::delete().to(revoke_token))
-        .route("/groups", web::get().to(groups))
-        .route("/groups", web::post().to(create_group))
-        .route("/groups/{name}", web::get().to(group))
-        .route("/groups/{name}", web::delete().to(delete_group))
-        .route("/groups/{name}/grants", web::put().to(set_grants))
-        .route("/audit", web::get().to(audit));
+pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(whoami).service(list_users).service(create_user).service(show_user).service(update_user).service(delete_user).service(list_tokens).service(issue_api_token).service(revoke_api_token).service(list_groups).service(create_group).service(show_group).service(delete_group).service(set_grants).service(audit_log);
 }
 
 fn admin(rt: &TwinRuntime, caller: &Caller) -> Result<()> {
@@ -36,7 +22,9 @@ fn admin_or_self(rt: &TwinRuntime, caller: &Caller, name: &str) -> Result<()> {
 }
 
 /// `GET /me`: the caller, their grants and the token used.
-async fn me(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/me")]
+async fn whoami(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     let user = rt.env().access.user(&caller.0.user)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "user": user,
@@ -45,12 +33,14 @@ async fn me(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> 
     })))
 }
 
-async fn users(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = Vec<User>), Errors), security(("bearer" = [])))]
+#[get("/users")]
+async fn list_users(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     Ok(HttpResponse::Ok().json(rt.env().access.users()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
     name: String,
@@ -60,6 +50,8 @@ struct NewUser {
 }
 
 /// `POST /users`: 201 with the user. Issue them a token with `POST /users/{name}/tokens`.
+#[utoipa::path(tag = "admin", responses((status = 201, body = User), Errors), security(("bearer" = [])))]
+#[post("/users")]
 async fn create_user(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<NewUser>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     let b = body.into_inner();
@@ -67,12 +59,14 @@ async fn create_user(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json
     Ok(HttpResponse::Created().json(rt.env().access.create_user(user).await?))
 }
 
-async fn user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = User), Errors), security(("bearer" = [])))]
+#[get("/users/{name}")]
+async fn show_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
     Ok(HttpResponse::Ok().json(rt.env().access.user(&name)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserChange {
     role: Option<Role>,
@@ -80,6 +74,8 @@ struct UserChange {
 }
 
 /// `PATCH /users/{name}`: role and/or groups.
+#[utoipa::path(tag = "admin", responses((status = 200, body = User), Errors), security(("bearer" = [])))]
+#[patch("/users/{name}")]
 async fn update_user(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -92,6 +88,8 @@ async fn update_user(
 }
 
 /// `DELETE /users/{name}`: the user and all their tokens (204).
+#[utoipa::path(tag = "admin", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/users/{name}")]
 async fn delete_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     if *name == *caller.0.user {
@@ -102,21 +100,32 @@ async fn delete_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path
 }
 
 /// `GET /users/{name}/tokens`: ids and descriptions, never the tokens.
-async fn tokens(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = Vec<TokenInfo>), Errors), security(("bearer" = [])))]
+#[get("/users/{name}/tokens")]
+async fn list_tokens(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
     rt.env().access.user(&name)?;
     Ok(HttpResponse::Ok().json(rt.env().access.tokens(&name)))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     #[serde(default)]
     description: String,
 }
 
+/// An API token, shown once, and what is kept of it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct IssuedApiToken {
+    token: String,
+    info: TokenInfo,
+}
+
 /// `POST /users/{name}/tokens`: 201 with the token, shown this once.
-async fn issue_token(
+#[utoipa::path(tag = "admin", responses((status = 201, body = IssuedApiToken), Errors), security(("bearer" = [])))]
+#[post("/users/{name}/tokens")]
+async fn issue_api_token(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     name: web::Path<String>,
@@ -125,10 +134,12 @@ async fn issue_token(
     admin_or_self(&rt, &caller, &name)?;
     let description = body.map(|b| b.into_inner().description).unwrap_or_default();
     let (token, info) = rt.env().access.issue_token(&name, description, rt.env().clock.now()).await?;
-    Ok(HttpResponse::Created().json(serde_json::json!({"token": token, "info": info})))
+    Ok(HttpResponse::Created().json(IssuedApiToken { token, info }))
 }
 
-async fn revoke_token(
+#[utoipa::path(tag = "admin", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/users/{name}/tokens/{id}")]
+async fn revoke_api_token(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     p: web::Path<(String, String)>,
@@ -139,12 +150,14 @@ async fn revoke_token(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn groups(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = Vec<Group>), Errors), security(("bearer" = [])))]
+#[get("/groups")]
+async fn list_groups(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     Ok(HttpResponse::Ok().json(rt.env().access.groups()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewGroup {
     name: String,
@@ -152,6 +165,8 @@ struct NewGroup {
     grants: Vec<Grant>,
 }
 
+#[utoipa::path(tag = "admin", responses((status = 201, body = Group), Errors), security(("bearer" = [])))]
+#[post("/groups")]
 async fn create_group(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<NewGroup>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     let b = body.into_inner();
@@ -159,13 +174,17 @@ async fn create_group(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Jso
     Ok(HttpResponse::Created().json(rt.env().access.create_group(group).await?))
 }
 
-async fn group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = Group), Errors), security(("bearer" = [])))]
+#[get("/groups/{name}")]
+async fn show_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     Ok(HttpResponse::Ok().json(rt.env().access.group(&name)?))
 }
 
 /// `PUT /groups/{name}/grants`: replaces the group's grants; takes effect on the next
 /// request of each member.
+#[utoipa::path(tag = "admin", responses((status = 200, body = Group), Errors), security(("bearer" = [])))]
+#[put("/groups/{name}/grants")]
 async fn set_grants(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -177,6 +196,8 @@ async fn set_grants(
 }
 
 /// `DELETE /groups/{name}`: 409 while users still belong to it.
+#[utoipa::path(tag = "admin", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/groups/{name}")]
 async fn delete_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     rt.env().access.delete_group(&name).await?;
@@ -184,7 +205,9 @@ async fn delete_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Pat
 }
 
 /// `GET /audit?user=&target=&before=&limit=`: audited writes, newest first.
-async fn audit(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AuditQuery>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "admin", responses((status = 200, body = Vec<AuditEntry>), Errors), security(("bearer" = [])))]
+#[get("/audit")]
+async fn audit_log(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AuditQuery>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     Ok(HttpResponse::Ok().json(rt.env().access.audit_log(&q)?))
 }

@@ -2,45 +2,34 @@
 //! actor tree and alerts.
 
 use super::twins::twin_for;
-use super::{Caller, Result};
-use actix_web::{HttpResponse, web};
+use super::{Caller, Errors, Result};
+use actix_web::{delete, get, post, put, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use twinfleet_actors::{ActorQuery, DeviceTypeSpec, DtaSpec, JobSpec, TwinError, TwinRuntime};
+use twinfleet_actors::{ActorQuery, DeviceTypeSpec, DtaSpec, Job, JobSpec, TwinError, TwinRuntime};
 use twinfleet_models::{Action, ConfigLayer};
 
-pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/device-types", web::get().to(device_types))
-        .route("/device-types", web::post().to(create_device_type))
-        .route("/device-types/{id}", web::get().to(device_type))
-        .route("/device-types/{id}/defaults", web::put().to(set_defaults))
-        .route("/device-types/{id}/claim-token", web::post().to(issue_claim_token))
-        .route("/dtas", web::get().to(dtas))
-        .route("/dtas", web::post().to(create_dta))
-        .route("/dtas/{id}", web::get().to(dta))
-        .route("/dtas/{id}/layers/{name}", web::put().to(set_layer))
-        .route("/dtas/{id}/layers/{name}", web::delete().to(remove_layer))
-        .route("/dtas/{id}/members/{twin}", web::put().to(join))
-        .route("/dtas/{id}/members/{twin}", web::delete().to(leave))
-        .route("/jobs", web::get().to(jobs))
-        .route("/jobs", web::post().to(submit_job))
-        .route("/jobs/{id}", web::get().to(job))
-        .route("/actors", web::get().to(actors))
-        .route("/actors/{kind}/{id}", web::get().to(actor))
-        .route("/alerts", web::get().to(alerts));
+pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(list_device_types).service(create_device_type).service(show_device_type).service(set_defaults).service(issue_claim_token).service(list_dtas).service(create_dta).service(show_dta).service(set_layer).service(remove_layer).service(join_dta).service(leave_dta).service(list_jobs).service(submit_job).service(show_job).service(list_actors).service(show_actor).service(list_alerts);
 }
 
 /// `GET /device-types`: every TDTA (any authenticated caller).
-async fn device_types(rt: web::Data<TwinRuntime>, _: Caller) -> HttpResponse {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
+#[get("/device-types")]
+async fn list_device_types(rt: web::Data<TwinRuntime>, _: Caller) -> HttpResponse {
     HttpResponse::Ok().json(rt.device_types())
 }
 
-async fn device_type(rt: web::Data<TwinRuntime>, _: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/device-types/{id}")]
+async fn show_device_type(rt: web::Data<TwinRuntime>, _: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(rt.device_type(&id)?.info()))
 }
 
 /// `POST /device-types`: a new device type from its model file's content (a
 /// `DeviceTypeSpec`, domain model included). Needs `configure` on the fleet.
+#[utoipa::path(tag = "fleet", responses((status = 201, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/device-types")]
 async fn create_device_type(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -52,6 +41,8 @@ async fn create_device_type(
 }
 
 /// `PUT /device-types/{id}/defaults`: the bottom configuration layer of its twins.
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[put("/device-types/{id}/defaults")]
 async fn set_defaults(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -66,6 +57,8 @@ async fn set_defaults(
 
 /// `POST /device-types/{id}/claim-token`: the type's claim token for provisioning
 /// (replacing any earlier one), shown once.
+#[utoipa::path(tag = "fleet", responses((status = 201, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/claim-token")]
 async fn issue_claim_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let ty = rt.device_type(&id)?;
     rt.authorize_type(&caller.0, Action::Configure, ty.id())?;
@@ -74,18 +67,23 @@ async fn issue_claim_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::
 }
 
 /// `GET /dtas`: every DTA (any authenticated caller; members are counted, not listed).
-async fn dtas(rt: web::Data<TwinRuntime>, _: Caller) -> HttpResponse {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
+#[get("/dtas")]
+async fn list_dtas(rt: web::Data<TwinRuntime>, _: Caller) -> HttpResponse {
     HttpResponse::Ok().json(rt.dtas())
 }
 
 /// `POST /dtas`: needs `configure` on the fleet.
+#[utoipa::path(tag = "fleet", responses((status = 201, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/dtas")]
 async fn create_dta(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<DtaSpec>) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Configure)?;
     let d = rt.create_dta(body.into_inner()).await?;
     Ok(HttpResponse::Created().json(d.info()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Page {
     #[serde(default)]
@@ -95,7 +93,9 @@ struct Page {
 
 /// `GET /dtas/{id}?offset=&limit=`: the DTA and a page of its direct members (listing
 /// members needs read access to the DTA).
-async fn dta(
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/dtas/{id}")]
+async fn show_dta(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     id: web::Path<String>,
@@ -109,6 +109,8 @@ async fn dta(
 
 /// `PUT /dtas/{id}/layers/{name}`: sets a configuration layer; answers once every
 /// member has it.
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[put("/dtas/{id}/layers/{name}")]
 async fn set_layer(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -122,6 +124,8 @@ async fn set_layer(
     Ok(HttpResponse::Ok().json(serde_json::json!({"dta": d.id(), "layer": name, "members_reached": reached})))
 }
 
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[delete("/dtas/{id}/layers/{name}")]
 async fn remove_layer(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -138,7 +142,9 @@ async fn remove_layer(
 }
 
 /// `PUT /dtas/{id}/members/{twin}`: needs `configure` on the DTA and `manage` on the twin.
-async fn join(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 204), Errors), security(("bearer" = [])))]
+#[put("/dtas/{id}/members/{twin}")]
+async fn join_dta(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (id, twin) = p.into_inner();
     let d = rt.dta(&id)?;
     rt.authorize_dta(&caller.0, Action::Configure, d.id())?;
@@ -147,7 +153,9 @@ async fn join(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, 
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn leave(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/dtas/{id}/members/{twin}")]
+async fn leave_dta(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (id, twin) = p.into_inner();
     let d = rt.dta(&id)?;
     rt.authorize_dta(&caller.0, Action::Configure, d.id())?;
@@ -157,6 +165,8 @@ async fn leave(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String,
 }
 
 /// `POST /jobs`: checks the job whole, then answers 202 with it while it runs.
+#[utoipa::path(tag = "fleet", responses((status = 202, body = Job), Errors), security(("bearer" = [])))]
+#[post("/jobs")]
 async fn submit_job(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<JobSpec>) -> Result<HttpResponse> {
     let job = rt.submit_job(&caller.0, body.into_inner()).await?;
     Ok(HttpResponse::Accepted().insert_header(("Location", format!("/api/v1/jobs/{}", job.id))).json(job))
@@ -167,19 +177,24 @@ fn job_owner(caller: &Caller) -> Option<&str> {
     (!caller.0.role.allows(Action::Inspect)).then_some(&*caller.0.user)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct JobsQuery {
     limit: Option<usize>,
 }
 
 /// `GET /jobs`: newest first.
-async fn jobs(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<JobsQuery>) -> HttpResponse {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<Job>), Errors), security(("bearer" = [])))]
+#[get("/jobs")]
+async fn list_jobs(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<JobsQuery>) -> HttpResponse {
     HttpResponse::Ok().json(rt.env().jobs.list(job_owner(&caller), q.limit.unwrap_or(100).min(10_000)))
 }
 
 /// `GET /jobs/{id}`: state, progress (`done` of `total`), failures.
-async fn job(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = Job), Errors), security(("bearer" = [])))]
+#[get("/jobs/{id}")]
+async fn show_job(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>) -> Result<HttpResponse> {
     let unknown = || TwinError::Unknown { kind: "job", id: id.to_string() };
     let job = rt.env().jobs.get(*id).ok_or_else(unknown)?;
     if job_owner(&caller).is_some_and(|u| u != job.created_by) {
@@ -191,21 +206,27 @@ async fn job(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>) -> 
 
 /// `GET /actors?kind=&parent=&mailbox_over=&restarted=&offset=&limit=`: the
 /// supervision tree, flattened (needs `inspect`).
-async fn actors(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<ActorQuery>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/actors")]
+async fn list_actors(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<ActorQuery>) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;
     Ok(HttpResponse::Ok().json(rt.actors(&q)))
 }
 
 /// `GET /actors/{kind}/{id}`: one actor (`platform/supervisor`, `tdta/<type>`,
 /// `dta/<id>`, `dti/<twin>`).
-async fn actor(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/actors/{kind}/{id}")]
+async fn show_actor(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;
     let (kind, id) = p.into_inner();
     Ok(HttpResponse::Ok().json(rt.actor(&kind, &id)?))
 }
 
 /// `GET /alerts`: the most recent internal alerts (needs `inspect`).
-async fn alerts(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+#[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
+#[get("/alerts")]
+async fn list_alerts(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;
     Ok(HttpResponse::Ok().json(rt.alerts().recent()))
 }

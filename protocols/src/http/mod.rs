@@ -25,6 +25,7 @@ use actix_web::{
     App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, http::StatusCode, web,
 };
 use std::net::SocketAddr;
+use utoipa_actix_web::AppExt;
 use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinRuntime};
 use twinfleet_models::{ModelError, PathError};
 
@@ -112,6 +113,55 @@ impl ResponseError for HttpError {
         }
         res.json(body)
     }
+}
+
+/// The body of every error answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    /// A stable code: `invalid`, `unauthenticated`, `forbidden`, `not_found`,
+    /// `already_exists`, `conflict`, `archived`, `constraint_violation`, ...
+    error: String,
+    /// What was wrong, for a human.
+    message: String,
+    /// Constraint violations (422 `constraint_violation` only): property, rule, value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    violations: Option<Vec<serde_json::Value>>,
+}
+
+/// The error answers any API route may give.
+#[derive(Debug, utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum Errors {
+    /// Malformed input: bad JSON, an unknown field, a wrong type, a bad id, query or path.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No API token, or an unknown or revoked one.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The caller's role or grants do not allow this.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such twin, device type, DTA, user, group, job, component path or route.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Already exists, archived, quarantined, or still in use.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Well-formed but refused by the twin's rules (constraint violations are listed).
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// The twin's mailbox is full; retry later.
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
+    /// Storage failed.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// The twin is restarting, the device unreachable, or the platform stopping.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+    /// The twin did not answer in time.
+    #[response(status = 504)]
+    Timeout(ErrorBody),
 }
 
 /// The authenticated caller of a handler (401 if the middleware found none).
@@ -252,11 +302,55 @@ async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(serde_json::json!({"error": "not_found", "message": "no such endpoint"}))
 }
 
-/// Routes of the API, for the server and for in-process tests.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/metrics", web::get().to(metrics))
-        .service(web::scope("/api/v1").configure(twins::routes).configure(fleet::routes).configure(admin::routes));
+/// Adds the bearer-token scheme and the document's title.
+struct Document;
+
+impl utoipa::Modify for Document {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        doc.info.title = "twinfleet operator API".into();
+        doc.info.version = env!("CARGO_PKG_VERSION").into();
+        doc.info.description = Some(
+            "Twins, device types (TDTAs), DTAs, jobs, users, groups and the actor tree. Every route needs \
+             `Authorization: Bearer <API token>`."
+                .into(),
+        );
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(modifiers(&Document))]
+struct ApiDoc;
+
+/// The API's routes, described as they are registered (so the document cannot drift).
+fn api_scope() -> utoipa_actix_web::scope::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    utoipa_actix_web::scope("/api/v1").configure(twins::routes).configure(fleet::routes).configure(admin::routes)
+}
+
+/// The OpenAPI 3 document of the API, as JSON.
+pub fn openapi_json() -> String {
+    use utoipa::OpenApi as _;
+    let (_, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).service(api_scope()).split_for_parts();
+    doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+struct OpenApiJson(String);
+
+async fn openapi(doc: web::Data<OpenApiJson>) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(doc.0.clone())
 }
 
 /// A running HTTP API.
@@ -271,9 +365,12 @@ impl HttpApi {
     /// actix system; the server runs until [`HttpApi::stop`].
     pub fn start(rt: TwinRuntime, addr: SocketAddr, workers: usize) -> std::io::Result<HttpApi> {
         let data = web::Data::new(rt);
+        let doc = web::Data::new(OpenApiJson(openapi_json()));
         let server = HttpServer::new(move || {
             App::new()
+                .into_utoipa_app()
                 .app_data(data.clone())
+                .app_data(doc.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(MAX_BODY_BYTES)
@@ -287,8 +384,12 @@ impl HttpApi {
                     web::PathConfig::default()
                         .error_handler(|e, _| HttpError(TwinError::Invalid(format!("bad path: {e}"))).into()),
                 )
-                .configure(configure)
+                .route("/healthz", web::get().to(healthz))
+                .route("/metrics", web::get().to(metrics))
+                .route("/api/v1/openapi.json", web::get().to(openapi))
+                .service(api_scope())
                 .default_service(web::to(not_found))
+                .into_app()
                 .wrap(from_fn(authenticate))
         })
         .workers(workers.max(1))

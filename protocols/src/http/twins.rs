@@ -1,12 +1,12 @@
 //! Twins: list, create, read, change, archive, delete; telemetry; model-generated
 //! component endpoints; device tokens.
 
-use super::{Caller, HttpError, Result};
-use actix_web::{HttpResponse, http::StatusCode, web};
+use super::{Caller, Errors, HttpError, Result};
+use actix_web::{delete, get, patch, post, put, HttpResponse, http::StatusCode, web};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use twinfleet_actors::{TelemetryQuery, TwinError, TwinFilter, TwinHandle, TwinRuntime, TwinSpec, TwinView};
+use twinfleet_actors::{TelemetryQuery, TwinError, TwinFilter, TwinHandle, TwinPage, TwinRuntime, TwinSpec, TwinView};
 use twinfleet_models::{
     Action, DeviceTypeId, DomainModel, DtaId, Edit, Metadata, ModelError, PathError, Timestamp, TwinCommand, TwinEvent,
     TwinId,
@@ -15,23 +15,8 @@ use twinfleet_models::{
 /// Most events a twin view returns.
 const MAX_EVENTS: usize = 1_000;
 
-pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/twins", web::get().to(list))
-        .route("/twins", web::post().to(create))
-        .route("/twins/{id}", web::get().to(show))
-        .route("/twins/{id}", web::delete().to(delete))
-        .route("/twins/{id}/desired", web::patch().to(set_desired))
-        .route("/twins/{id}/metadata", web::put().to(set_metadata))
-        .route("/twins/{id}/archive", web::post().to(archive))
-        .route("/twins/{id}/events", web::get().to(events))
-        .route("/twins/{id}/token", web::post().to(issue_token))
-        .route("/twins/{id}/token", web::delete().to(revoke_token))
-        .route("/twins/{id}/telemetry", web::get().to(telemetry))
-        .route("/twins/{id}/components", web::get().to(get_components))
-        .route("/twins/{id}/components/{path:.*}", web::get().to(get_component))
-        .route("/twins/{id}/components/{path:.*}", web::put().to(put_component))
-        .route("/twins/{id}/components/{path:.*}", web::post().to(post_component))
-        .route("/twins/{id}/components/{path:.*}", web::delete().to(delete_component));
+pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(list_twins).service(create_twin).service(show_twin).service(delete_twin).service(set_desired).service(set_metadata).service(archive_twin).service(twin_events).service(issue_token).service(revoke_token).service(twin_telemetry).service(get_components).service(get_component).service(put_component).service(post_component).service(delete_component);
 }
 
 /// The twin `id`, if the caller may take `action` on it.
@@ -42,12 +27,14 @@ pub(super) fn twin_for(rt: &TwinRuntime, caller: &Caller, id: &str, action: Acti
 }
 
 /// `GET /twins?device_type=&group=&state=&status=&tag=&after=&limit=`
-async fn list(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<TwinFilter>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "twins", responses((status = 200, body = TwinPage), Errors), security(("bearer" = [])))]
+#[get("/twins")]
+async fn list_twins(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<TwinFilter>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(rt.list_twins(&caller.0, &q)?))
 }
 
 /// A twin to create.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTwin {
     id: TwinId,
@@ -63,7 +50,9 @@ struct CreateTwin {
 }
 
 /// `POST /twins`: creates one twin (201 with its view). Thousands: `POST /jobs`.
-async fn create(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<CreateTwin>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "twins", responses((status = 201, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/twins")]
+async fn create_twin(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<CreateTwin>) -> Result<HttpResponse> {
     let b = body.into_inner();
     let ty = rt.device_type(b.device_type.as_str())?;
     rt.authorize_type(&caller.0, Action::Provision, ty.id())?;
@@ -76,7 +65,8 @@ async fn create(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<Crea
     Ok(HttpResponse::Created().json(h.get().await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ShowQuery {
     /// Journal events to include, newest last (default 20, at most 1,000).
@@ -93,7 +83,9 @@ struct TwinDetail {
 
 /// `GET /twins/{id}`: identity, metadata, reported/desired state, effective
 /// configuration, actor, last events.
-async fn show(
+#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}")]
+async fn show_twin(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     id: web::Path<String>,
@@ -105,14 +97,17 @@ async fn show(
     Ok(HttpResponse::Ok().json(TwinDetail { view, actor: h.actor(), last_events }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     limit: Option<usize>,
 }
 
 /// `GET /twins/{id}/events?limit=`: the newest journal events, oldest first.
-async fn events(
+#[utoipa::path(tag = "twins", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/events")]
+async fn twin_events(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     id: web::Path<String>,
@@ -123,11 +118,34 @@ async fn events(
 }
 
 /// The answer to a change: the journal position it was stored at.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Changed {
+    twin: TwinId,
+    seq: u64,
+}
+
 fn changed(h: &TwinHandle, seq: u64) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"twin": h.id(), "seq": seq}))
+    HttpResponse::Ok().json(Changed { twin: h.id().clone(), seq })
+}
+
+/// The answer to a component write.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ComponentChanged {
+    twin: TwinId,
+    path: String,
+    seq: u64,
+}
+
+/// A device token, shown once.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct IssuedToken {
+    twin: TwinId,
+    token: String,
 }
 
 /// `PATCH /twins/{id}/desired`: a JSON merge patch (RFC 7396) of the desired state.
+#[utoipa::path(tag = "twins", responses((status = 200, body = Changed), Errors), security(("bearer" = [])))]
+#[patch("/twins/{id}/desired")]
 async fn set_desired(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -140,6 +158,8 @@ async fn set_desired(
 }
 
 /// `PUT /twins/{id}/metadata`: replaces location, tags and attributes.
+#[utoipa::path(tag = "twins", responses((status = 200, body = Changed), Errors), security(("bearer" = [])))]
+#[put("/twins/{id}/metadata")]
 async fn set_metadata(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -153,34 +173,43 @@ async fn set_metadata(
 
 /// `POST /twins/{id}/archive`: the twin keeps its history and answers reads; writes and
 /// device input are refused (409).
-async fn archive(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "twins", responses((status = 200, body = Changed), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/archive")]
+async fn archive_twin(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     let seq = h.command(TwinCommand::Archive).await?;
     Ok(changed(&h, seq))
 }
 
 /// `DELETE /twins/{id}`: the twin and everything stored about it (204).
-async fn delete(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+#[utoipa::path(tag = "twins", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/twins/{id}")]
+async fn delete_twin(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Provision)?;
     rt.delete_twin(h.id().as_str()).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// `POST /twins/{id}/token`: a new device token (replacing any earlier one), shown once.
+#[utoipa::path(tag = "twins", responses((status = 201, body = IssuedToken), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/token")]
 async fn issue_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     let token = rt.issue_device_token(h.id().as_str()).await?;
-    Ok(HttpResponse::Created().json(serde_json::json!({"twin": h.id(), "token": token})))
+    Ok(HttpResponse::Created().json(IssuedToken { twin: h.id().clone(), token }))
 }
 
 /// `DELETE /twins/{id}/token`: the device can no longer connect (204).
+#[utoipa::path(tag = "twins", responses((status = 204), Errors), security(("bearer" = [])))]
+#[delete("/twins/{id}/token")]
 async fn revoke_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     rt.revoke_device_token(h.id().as_str()).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TelemetryParams {
     metric: Option<String>,
@@ -193,7 +222,9 @@ struct TelemetryParams {
 }
 
 /// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=`: stored points, newest first.
-async fn telemetry(
+#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/telemetry")]
+async fn twin_telemetry(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     id: web::Path<String>,
@@ -225,21 +256,28 @@ fn with_domain(rt: &TwinRuntime, caller: &Caller, id: &str, action: Action) -> R
 
 /// `GET /twins/{id}/components[/{path}]`: the twin's components (its desired
 /// `components` document) at `path`.
+#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/components/{path:.*}")]
 async fn get_component(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     p: web::Path<(String, String)>,
 ) -> Result<HttpResponse> {
-    let (id, path) = p.into_inner();
-    let (h, _) = with_domain(&rt, &caller, &id, Action::Read)?;
+    read_component(&rt, &caller, p.into_inner()).await
+}
+
+async fn read_component(rt: &TwinRuntime, caller: &Caller, (id, path): (String, String)) -> Result<HttpResponse> {
+    let (h, _) = with_domain(rt, caller, &id, Action::Read)?;
     let view = h.get().await?;
     let doc = view.state.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Default::default()));
     let v = twinfleet_models::domain::get_path(&doc, &path).map_err(|e| TwinError::Rejected(e.into()))?;
     Ok(HttpResponse::Ok().json(v))
 }
 
+#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/components")]
 async fn get_components(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
-    get_component(rt, caller, web::Path::from((id.into_inner(), String::new()))).await
+    read_component(&rt, &caller, (id.into_inner(), String::new())).await
 }
 
 async fn edit_component(
@@ -252,10 +290,12 @@ async fn edit_component(
     let (h, model) = with_domain(rt, caller, &id, Action::Write)?;
     let seq = h.command(TwinCommand::EditComponents { model, path: path.clone(), edit }).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(HttpResponse::build(status).json(serde_json::json!({"twin": h.id(), "path": path, "seq": seq})))
+    Ok(HttpResponse::build(status).json(ComponentChanged { twin: h.id().clone(), path, seq }))
 }
 
 /// `PUT`: replace (or create) the component or property at `path`.
+#[utoipa::path(tag = "twins", responses((status = 200, body = ComponentChanged), Errors), security(("bearer" = [])))]
+#[put("/twins/{id}/components/{path:.*}")]
 async fn put_component(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -266,6 +306,8 @@ async fn put_component(
 }
 
 /// `POST`: append an element to the list at `path` (e.g. a medication plan).
+#[utoipa::path(tag = "twins", responses((status = 201, body = ComponentChanged), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/components/{path:.*}")]
 async fn post_component(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
@@ -276,6 +318,8 @@ async fn post_component(
 }
 
 /// `DELETE`: remove the component or list element at `path`.
+#[utoipa::path(tag = "twins", responses((status = 200, body = ComponentChanged), Errors), security(("bearer" = [])))]
+#[delete("/twins/{id}/components/{path:.*}")]
 async fn delete_component(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
