@@ -21,6 +21,7 @@ async fn twin_view_and_actor_tree_over_http() {
     let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     let addr = api.local_addr();
     let token = admin_token(&p).await;
+    let admin = token.clone();
     let get = move |path: &'static str| {
         let token = token.clone();
         actix_rt::task::spawn_blocking(move || http_as(addr, &token, "GET", path, None))
@@ -61,6 +62,17 @@ async fn twin_view_and_actor_tree_over_http() {
     assert_eq!((status, err["error"].as_str()), (400, Some("invalid")), "unknown query fields are refused");
     let (_, dtas) = get("/api/v1/dtas").await.unwrap();
     assert_eq!(dtas[0]["members"], 10);
+    // A known path with another method is 405 and says which methods it has.
+    let (status, err) =
+        actix_rt::task::spawn_blocking(move || http_as(addr, &admin, "PUT", "/api/v1/actors", None)).await.unwrap();
+    assert_eq!((status, err["error"].as_str()), (405, Some("method_not_allowed")), "{err}");
+    // The OpenAPI document needs no token and lists the routes as registered.
+    let (status, doc) = actix_rt::task::spawn_blocking(move || http_get(addr, "/api/v1/openapi.json")).await.unwrap();
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")));
+    for path in ["/api/v1/twins", "/api/v1/twins/{id}/components/{path}", "/api/v1/jobs/{id}", "/api/v1/audit"] {
+        assert!(doc["paths"].get(path).is_some(), "{path} is documented");
+    }
+    assert!(doc["paths"]["/api/v1/twins/{id}/desired"].get("patch").is_some());
     api.stop().await;
     p.shutdown().await;
 }

@@ -3,13 +3,27 @@
 //! API tokens.
 
 use super::{Caller, Errors, Result};
-use actix_web::{delete, get, patch, post, put, HttpResponse, web};
+use actix_web::{HttpResponse, delete, get, patch, post, put, web};
 use serde::Deserialize;
 use twinfleet_actors::{AuditEntry, AuditQuery, Group, TokenInfo, TwinError, TwinRuntime, User};
 use twinfleet_models::{Action, Grant, Role};
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(whoami).service(list_users).service(create_user).service(show_user).service(update_user).service(delete_user).service(list_tokens).service(issue_api_token).service(revoke_api_token).service(list_groups).service(create_group).service(show_group).service(delete_group).service(set_grants).service(audit_log);
+    cfg.service(whoami)
+        .service(list_users)
+        .service(create_user)
+        .service(show_user)
+        .service(update_user)
+        .service(delete_user)
+        .service(list_tokens)
+        .service(issue_api_token)
+        .service(revoke_api_token)
+        .service(list_groups)
+        .service(create_group)
+        .service(show_group)
+        .service(delete_group)
+        .service(set_grants)
+        .service(audit_log);
 }
 
 fn admin(rt: &TwinRuntime, caller: &Caller) -> Result<()> {
@@ -43,6 +57,7 @@ async fn list_users(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpRe
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]+$")]
     name: String,
     role: Role,
     #[serde(default)]
@@ -74,16 +89,23 @@ struct UserChange {
 }
 
 /// `PATCH /users/{name}`: role and/or groups.
-#[utoipa::path(tag = "admin", responses((status = 200, body = User), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "admin", request_body = UserChange, responses((status = 200, body = User), Errors), security(("bearer" = [])))]
 #[patch("/users/{name}")]
 async fn update_user(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     name: web::Path<String>,
-    body: web::Json<UserChange>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    let b = body.into_inner();
+    let body = body.into_inner();
+    if !body.is_object() {
+        return Err(TwinError::Invalid("the body must be a JSON object".into()).into());
+    }
+    let b: UserChange = serde_json::from_value(body).map_err(|e| TwinError::Invalid(format!("bad JSON body: {e}")))?;
+    if b.role.is_some() && name.as_str() == &*caller.0.user {
+        return Err(TwinError::Conflict("you cannot change your own role".into()).into());
+    }
     Ok(HttpResponse::Ok().json(rt.env().access.update_user(&name, b.role, b.groups).await?))
 }
 
@@ -129,10 +151,10 @@ async fn issue_api_token(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
     name: web::Path<String>,
-    body: Option<web::Json<NewToken>>,
+    body: web::Json<NewToken>,
 ) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
-    let description = body.map(|b| b.into_inner().description).unwrap_or_default();
+    let description = body.into_inner().description;
     let (token, info) = rt.env().access.issue_token(&name, description, rt.env().clock.now()).await?;
     Ok(HttpResponse::Created().json(IssuedApiToken { token, info }))
 }
@@ -160,6 +182,7 @@ async fn list_groups(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpR
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewGroup {
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]+$")]
     name: String,
     #[serde(default)]
     grants: Vec<Grant>,

@@ -3,14 +3,31 @@
 
 use super::twins::twin_for;
 use super::{Caller, Errors, Result};
-use actix_web::{delete, get, post, put, HttpResponse, web};
+use actix_web::{HttpResponse, delete, get, post, put, web};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use twinfleet_actors::{ActorQuery, DeviceTypeSpec, DtaSpec, Job, JobSpec, TwinError, TwinRuntime};
 use twinfleet_models::{Action, ConfigLayer};
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(list_device_types).service(create_device_type).service(show_device_type).service(set_defaults).service(issue_claim_token).service(list_dtas).service(create_dta).service(show_dta).service(set_layer).service(remove_layer).service(join_dta).service(leave_dta).service(list_jobs).service(submit_job).service(show_job).service(list_actors).service(show_actor).service(list_alerts);
+    cfg.service(list_device_types)
+        .service(create_device_type)
+        .service(show_device_type)
+        .service(set_defaults)
+        .service(issue_claim_token)
+        .service(list_dtas)
+        .service(create_dta)
+        .service(show_dta)
+        .service(set_layer)
+        .service(remove_layer)
+        .service(join_dta)
+        .service(leave_dta)
+        .service(list_jobs)
+        .service(submit_job)
+        .service(show_job)
+        .service(list_actors)
+        .service(show_actor)
+        .service(list_alerts);
 }
 
 /// `GET /device-types`: every TDTA (any authenticated caller).
@@ -217,7 +234,11 @@ async fn list_actors(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<A
 /// `dta/<id>`, `dti/<twin>`).
 #[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
 #[get("/actors/{kind}/{id}")]
-async fn show_actor(rt: web::Data<TwinRuntime>, caller: Caller, p: web::Path<(String, String)>) -> Result<HttpResponse> {
+async fn show_actor(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    p: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;
     let (kind, id) = p.into_inner();
     Ok(HttpResponse::Ok().json(rt.actor(&kind, &id)?))

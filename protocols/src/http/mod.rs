@@ -25,9 +25,9 @@ use actix_web::{
     App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, http::StatusCode, web,
 };
 use std::net::SocketAddr;
-use utoipa_actix_web::AppExt;
 use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinRuntime};
 use twinfleet_models::{ModelError, PathError};
+use utoipa_actix_web::AppExt;
 
 /// A `TwinError` as an HTTP answer.
 #[derive(Debug)]
@@ -298,7 +298,36 @@ async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out)
 }
 
-async fn not_found() -> HttpResponse {
+/// Every documented path and its methods, to tell "no such endpoint" (404) from "not
+/// with this method" (405).
+struct Routes(Vec<(actix_web::dev::ResourceDef, Vec<String>)>);
+
+impl Routes {
+    fn from_document(json: &str) -> Routes {
+        let doc: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+        let paths = doc["paths"].as_object().cloned().unwrap_or_default();
+        Routes(
+            paths
+                .into_iter()
+                .map(|(path, ops)| {
+                    // The document names the tail parameter `{path}`; it spans segments.
+                    let def = actix_web::dev::ResourceDef::new(path.replace("{path}", "{path:.*}"));
+                    let methods =
+                        ops.as_object().map(|o| o.keys().map(|m| m.to_uppercase()).collect()).unwrap_or_default();
+                    (def, methods)
+                })
+                .collect(),
+        )
+    }
+}
+
+async fn not_found(req: HttpRequest, routes: web::Data<Routes>) -> HttpResponse {
+    if let Some((_, methods)) = routes.0.iter().find(|(def, _)| def.is_match(req.path())) {
+        return HttpResponse::MethodNotAllowed().insert_header(("Allow", methods.join(", "))).json(serde_json::json!({
+            "error": "method_not_allowed",
+            "message": format!("{} is not allowed on {}; allowed: {}", req.method(), req.path(), methods.join(", ")),
+        }));
+    }
     HttpResponse::NotFound().json(serde_json::json!({"error": "not_found", "message": "no such endpoint"}))
 }
 
@@ -324,7 +353,7 @@ impl utoipa::Modify for Document {
 }
 
 #[derive(utoipa::OpenApi)]
-#[openapi(modifiers(&Document))]
+#[openapi(modifiers(&Document), components(schemas(ErrorBody)))]
 struct ApiDoc;
 
 /// The API's routes, described as they are registered (so the document cannot drift).
@@ -365,12 +394,15 @@ impl HttpApi {
     /// actix system; the server runs until [`HttpApi::stop`].
     pub fn start(rt: TwinRuntime, addr: SocketAddr, workers: usize) -> std::io::Result<HttpApi> {
         let data = web::Data::new(rt);
-        let doc = web::Data::new(OpenApiJson(openapi_json()));
+        let json = openapi_json();
+        let routes = web::Data::new(Routes::from_document(&json));
+        let doc = web::Data::new(OpenApiJson(json));
         let server = HttpServer::new(move || {
             App::new()
                 .into_utoipa_app()
                 .app_data(data.clone())
                 .app_data(doc.clone())
+                .app_data(routes.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(MAX_BODY_BYTES)

@@ -2,7 +2,7 @@
 //! component endpoints; device tokens.
 
 use super::{Caller, Errors, HttpError, Result};
-use actix_web::{delete, get, patch, post, put, HttpResponse, http::StatusCode, web};
+use actix_web::{HttpResponse, delete, get, http::StatusCode, patch, post, put, web};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -16,7 +16,22 @@ use twinfleet_models::{
 const MAX_EVENTS: usize = 1_000;
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(list_twins).service(create_twin).service(show_twin).service(delete_twin).service(set_desired).service(set_metadata).service(archive_twin).service(twin_events).service(issue_token).service(revoke_token).service(twin_telemetry).service(get_components).service(get_component).service(put_component).service(post_component).service(delete_component);
+    cfg.service(list_twins)
+        .service(create_twin)
+        .service(show_twin)
+        .service(delete_twin)
+        .service(set_desired)
+        .service(set_metadata)
+        .service(archive_twin)
+        .service(twin_events)
+        .service(issue_token)
+        .service(revoke_token)
+        .service(twin_telemetry)
+        .service(get_components)
+        .service(get_component)
+        .service(put_component)
+        .service(post_component)
+        .service(delete_component);
 }
 
 /// The twin `id`, if the caller may take `action` on it.
