@@ -265,13 +265,9 @@ pub fn actors(a: ClientArgs, q: ActorsArgs) -> anyhow::Result<()> {
 
 pub fn jobs(a: ClientArgs, cmd: JobsCommand) -> anyhow::Result<()> {
     let c = Client::new(a)?;
-    let v = match &cmd {
-        JobsCommand::Show { id } => Value::Array(vec![c.get(&format!("/jobs/{id}"), &[])?]),
-        JobsCommand::List => c.get("/jobs", &[])?,
-    };
     let v = match cmd {
-        JobsCommand::Show { .. } => v[0].clone(),
-        JobsCommand::List => v,
+        JobsCommand::Show { id } => c.get(&format!("/jobs/{id}"), &[])?,
+        JobsCommand::List => c.get("/jobs", &[])?,
     };
     c.print(&v, |v| {
         let list = if v.is_array() { v.as_array().cloned().unwrap_or_default() } else { vec![v.clone()] };

@@ -135,10 +135,6 @@ fn token_key(hash: &blake3::Hash) -> String {
     format!("token/{}", hash.to_hex())
 }
 
-fn storage_err(e: StorageError) -> TwinError {
-    TwinError::Storage(e)
-}
-
 fn unknown(kind: &'static str, id: &str) -> TwinError {
     TwinError::Unknown { kind, id: id.chars().take(128).collect() }
 }
@@ -169,7 +165,7 @@ impl AccessControl {
         let mut next = self.state.lock().clone();
         let mut batch = WriteBatch::new();
         let out = f(&mut next, &mut batch)?;
-        self.storage.submit(batch).await.map_err(storage_err)?;
+        self.storage.submit(batch).await?;
         *self.state.lock() = next;
         Ok(out)
     }
@@ -380,10 +376,10 @@ impl AccessControl {
 
     /// Appends an entry to the audit log; resolves once it is durable.
     pub async fn audit(&self, mut entry: AuditEntry) -> Result<(), TwinError> {
-        entry.id = self.storage.generate_id().map_err(storage_err)?;
+        entry.id = self.storage.generate_id()?;
         let mut b = WriteBatch::new();
         b.put(Space::Audit, entry.id.to_be_bytes().to_vec(), encode_record(&entry));
-        self.storage.submit(b).await.map_err(storage_err)
+        Ok(self.storage.submit(b).await?)
     }
 
     /// Audit entries, newest first.
@@ -395,7 +391,7 @@ impl AccessControl {
         }
         let mut out = Vec::new();
         for row in self.storage.scan_range_rev(Space::Audit, &0u64.to_be_bytes(), &end.to_be_bytes()) {
-            let (_, v) = row.map_err(storage_err)?;
+            let (_, v) = row?;
             let Ok(e) = decode_record::<AuditEntry>(&v) else { continue };
             if q.user.as_ref().is_some_and(|u| *u != e.user)
                 || q.target.as_ref().is_some_and(|t| !e.target.starts_with(t.as_str()))

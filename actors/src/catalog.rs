@@ -14,7 +14,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 use twinfleet_models::access::{access_to_dta, access_to_twin, access_to_type, decide};
 use twinfleet_models::{Access, Action, DeviceTypeId, DtaId, Role, Scope, TwinFacts, TwinId};
-use twinfleet_runtime::{ActorStatus, Space, WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::{Space, WriteBatch, decode_record, encode_record};
 
 /// The DTA `root` and every DTA nested under it.
 fn subtree(env: &TwinEnv, root: &DtaId) -> Vec<DtaId> {
@@ -29,6 +29,15 @@ fn subtree(env: &TwinEnv, root: &DtaId) -> Vec<DtaId> {
         i += 1;
     }
     out
+}
+
+/// Adds the members of `root` and of every DTA nested under it to `into`.
+fn subtree_members(env: &TwinEnv, root: &DtaId, into: &mut HashSet<TwinId>) {
+    for d in subtree(env, root) {
+        if let Some(e) = env.dtas.get(&d) {
+            into.extend(e.members.lock().iter().cloned());
+        }
+    }
 }
 
 fn is_member(env: &TwinEnv, dta: &DtaId, twin: &TwinId) -> bool {
@@ -130,13 +139,7 @@ impl Visible {
                 Scope::DeviceType(t) => {
                     v.types.insert(t.clone());
                 }
-                Scope::Dta(d) => {
-                    for d in subtree(env, d) {
-                        if let Some(e) = env.dtas.get(&d) {
-                            v.members.extend(e.members.lock().iter().cloned());
-                        }
-                    }
-                }
+                Scope::Dta(d) => subtree_members(env, d, &mut v.members),
             }
         }
         v
@@ -145,10 +148,6 @@ impl Visible {
     fn sees(&self, id: &TwinId, ty: &DeviceTypeId) -> bool {
         self.all || self.twins.contains(id) || self.types.contains(ty) || self.members.contains(id)
     }
-}
-
-fn status_name(s: ActorStatus) -> String {
-    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 impl TwinRuntime {
@@ -189,13 +188,8 @@ impl TwinRuntime {
     /// Members of DTA `dta` and of the DTAs nested under it, in id order.
     pub fn group_members(&self, dta: &str) -> Result<Vec<TwinId>, TwinError> {
         let root = self.dta(dta)?.id().clone();
-        let env = self.env();
         let mut set = HashSet::new();
-        for d in subtree(env, &root) {
-            if let Some(e) = env.dtas.get(&d) {
-                set.extend(e.members.lock().iter().cloned());
-            }
-        }
+        subtree_members(self.env(), &root, &mut set);
         let mut v: Vec<TwinId> = set.into_iter().collect();
         v.sort();
         Ok(v)
@@ -218,7 +212,7 @@ impl TwinRuntime {
                 || ty.as_ref().is_some_and(|t| t != sty)
                 || f.state.is_some_and(|s| (s == LifecycleFilter::Archived) != slot.archived())
                 || f.tag.as_deref().is_some_and(|t| !slot.has_tag(t))
-                || f.status.as_deref().is_some_and(|s| status_name(slot.stats.status()) != s)
+                || f.status.as_deref().is_some_and(|s| slot.stats.status().as_str() != s)
             {
                 return;
             }
@@ -247,7 +241,7 @@ impl TwinRuntime {
                 id: s.id.to_string(),
                 device_type: s.ty.device_type.to_string(),
                 state: if s.archived() { "archived" } else { "active" }.into(),
-                status: status_name(s.stats.status()),
+                status: s.stats.status().as_str().into(),
                 tags: s.tags(),
             })
             .collect();

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use twinfleet_models::{Action, DeviceTypeId, DtaId, Metadata, Role, Timestamp, TwinCommand, TwinId};
+use twinfleet_models::{Action, DeviceTypeId, DtaId, Metadata, Timestamp, TwinCommand, TwinId};
 use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
 
 /// Twins created per step of a creation job.
@@ -239,9 +239,7 @@ impl TwinRuntime {
                 }
                 for d in twins.iter().flat_map(|t| t.dtas.iter()).collect::<HashSet<_>>() {
                     self.dta(d.as_str())?;
-                    if p.role != Role::Admin {
-                        self.authorize_dta(p, Action::Configure, d)?;
-                    }
+                    self.authorize_dta(p, Action::Configure, d)?;
                 }
                 Ok(Plan::Create(ty.id().clone(), twins))
             }

@@ -20,6 +20,17 @@ pub enum ActorStatus {
 }
 
 impl ActorStatus {
+    /// The name used in JSON and in filters (`running`, `restarting`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorStatus::Starting => "starting",
+            ActorStatus::Running => "running",
+            ActorStatus::Restarting => "restarting",
+            ActorStatus::Failed => "failed",
+            ActorStatus::Stopped => "stopped",
+        }
+    }
+
     fn from_u8(v: u8) -> Self {
         match v {
             0 => ActorStatus::Starting,

@@ -105,7 +105,6 @@ async fn roles_and_grants_decide_every_read_and_write_and_the_audit_log_shows_th
             _ => 403,
         }
     };
-    let mut checked = 0;
     for (role, token) in &tokens {
         for twin in [own, foreign, via_dta, via_tdta] {
             let ops: [(&str, &'static str, String, Option<Value>); 5] = [
@@ -125,11 +124,9 @@ async fn roles_and_grants_decide_every_read_and_write_and_the_audit_log_shows_th
                 // Without a token, or with a wrong one: 401, whatever the twin.
                 assert_eq!(call(addr, None, method, &path, body.clone()).await.0, 401, "{path}");
                 assert_eq!(call(addr, Some("tfa_not-a-real-token-0000000000"), method, &path, body).await.0, 401);
-                checked += 3;
             }
         }
     }
-    assert!(checked >= 4 * 4 * 5 * 3);
     // The outsider (configurator in "other") sees only pump-1.
     assert_eq!(call(addr, Some(&outsider), "GET", "/api/v1/twins/pump-1", None).await.0, 200);
     for t in [own, via_dta, via_tdta] {
