@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
-use twinfleet_runtime::{ActorStats, ActorView};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView};
 
 /// Awaits an actor's answer with the platform's request deadline.
 async fn deliver<T>(
@@ -66,11 +66,25 @@ impl TwinHandle {
     fn post(&self, req: DtiRequest) -> Result<impl Future<Output = Result<DtiReply, TwinError>> + use<>, TwinError> {
         let stats = &self.slot.stats;
         let Some(request) = self.slot.with_addr(|a| a.send(DtiMsg(req))) else {
-            return Err(TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status: stats.status() });
+            return Err(self.gone());
         };
         stats.enqueued();
         let slot = self.slot.clone();
-        Ok(async move { deliver(request, &slot.stats, &slot.ty.env).await })
+        Ok(async move {
+            match deliver(request, &slot.stats, &slot.ty.env).await {
+                Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
+                r => r,
+            }
+        })
+    }
+
+    /// Why the twin cannot take a request: a retired (deleted) twin is gone for good
+    /// (404), any other state is transient (503).
+    fn gone(&self) -> TwinError {
+        match self.slot.stats.status() {
+            ActorStatus::Stopped => TwinError::NotFound(self.slot.id.to_string()),
+            status => TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status },
+        }
     }
 
     pub(crate) async fn request(&self, req: DtiRequest) -> Result<DtiReply, TwinError> {

@@ -4,7 +4,7 @@
 use crate::support::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
-use twinfleet::DtaSpec;
+use twinfleet::{DtaSpec, TwinError};
 use twinfleet_protocols::HttpApi;
 
 /// One blocking HTTP call off the actix thread.
@@ -168,8 +168,11 @@ async fn roles_and_grants_decide_every_read_and_write_and_the_audit_log_shows_th
     let pump = json!({"id": "pump-new", "device_type": "pump"});
     assert_eq!(call(addr, Some(configurator), "POST", "/api/v1/twins", Some(pump)).await.0, 403, "no grant on pumps");
     assert_eq!(call(addr, Some(&tokens[2].1), "DELETE", "/api/v1/twins/valve-new-1", None).await.0, 403, "maintainer");
+    let held = p.runtime().twin("valve-new-1").unwrap();
     assert_eq!(call(addr, Some(configurator), "DELETE", "/api/v1/twins/valve-new-1", None).await.0, 204);
     assert_eq!(call(addr, Some(admin), "GET", "/api/v1/twins/valve-new-1", None).await.0, 404, "deleted");
+    // A handle taken before the deletion says "not found" too, not "try again later".
+    assert!(matches!(held.get().await, Err(TwinError::NotFound(_))), "a retired twin is gone");
     // Archive: maintainer may, owner may not; an archived twin refuses writes (409).
     assert_eq!(call(addr, Some(owner), "POST", "/api/v1/twins/pump-0/archive", None).await.0, 403);
     assert_eq!(call(addr, Some(&tokens[2].1), "POST", "/api/v1/twins/pump-0/archive", None).await.0, 200);

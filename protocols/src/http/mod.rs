@@ -219,23 +219,39 @@ async fn authenticate(
         }
     };
     let write = !matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
-    let (action, target) = (req.method().to_string(), req.path().to_string());
     req.extensions_mut().insert(principal.clone());
+    if !write {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    }
+    // A client that hangs up must not cut a change in half (a twin retired but still
+    // listed, a record written but not its audit entry): the change and its audit
+    // record run to the end in a task of their own.
+    actix_web::rt::spawn(audited(rt, principal, req, next))
+        .await
+        .unwrap_or_else(|e| Err(actix_web::error::ErrorInternalServerError(format!("the request's task failed: {e}"))))
+}
+
+/// Runs a write and records it in the audit log with its status.
+async fn audited(
+    rt: web::Data<TwinRuntime>,
+    principal: Principal,
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> std::result::Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let (action, target) = (req.method().to_string(), req.path().to_string());
     let res = next.call(req).await?.map_into_boxed_body();
-    if write {
-        let entry = AuditEntry {
-            id: 0,
-            at: rt.env().clock.now(),
-            user: principal.user.to_string(),
-            action,
-            target,
-            status: res.status().as_u16(),
-        };
-        if let Err(e) = rt.env().access.audit(entry).await {
-            // The change itself is durable; say that its audit record is missing.
-            tracing::error!("could not write an audit record: {e}");
-            return Ok(res.into_response(HttpError(e).error_response()));
-        }
+    let entry = AuditEntry {
+        id: 0,
+        at: rt.env().clock.now(),
+        user: principal.user.to_string(),
+        action,
+        target,
+        status: res.status().as_u16(),
+    };
+    if let Err(e) = rt.env().access.audit(entry).await {
+        // The change itself is durable; say that its audit record is missing.
+        tracing::error!("could not write an audit record: {e}");
+        return Ok(res.into_response(HttpError(e).error_response()));
     }
     Ok(res)
 }
