@@ -16,7 +16,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use twinfleet_models::{DeviceTypeId, DtaId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
-use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, SharedClock, Storage, StorageError};
+use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
 /// was 13% of creating a million twins) and still seeded per process, so that crafted
@@ -133,6 +133,8 @@ pub struct TwinEnv {
     pub settings: Settings,
     /// Counted rejections of bad input, shared by every edge.
     pub rejections: Rejections,
+    /// Requests served by the HTTP and gRPC edges, by route and status, with latencies.
+    pub requests: RequestMetrics,
     pub(crate) credentials: Credentials,
     /// Operators: users, groups, API tokens, audit log.
     pub access: AccessControl,
@@ -165,6 +167,7 @@ impl TwinEnv {
             arbiters,
             settings,
             rejections: Rejections::default(),
+            requests: RequestMetrics::default(),
             credentials,
             access,
             jobs,

@@ -35,5 +35,5 @@ pub use handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
 pub use jobs::{Generate, Job, JobSpec, JobState, Jobs};
 pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 pub use restore::{QuarantineEntry, RestoreReport};
-pub use supervisor::{ActorPage, ActorQuery, TwinRuntime};
+pub use supervisor::{ActorPage, ActorQuery, FleetSummary, KindSummary, TwinRuntime};
 pub use tdta::FleetReport;

@@ -122,6 +122,54 @@ pub struct ActorPage {
     pub actors: Vec<ActorView>,
 }
 
+/// Actors of one kind, summed for /metrics.
+#[derive(Debug, Clone)]
+pub struct KindSummary {
+    pub kind: &'static str,
+    /// `(status, actors)` for every status, zeros included.
+    pub by_status: Vec<(ActorStatus, u64)>,
+    pub messages_handled: u64,
+    /// Messages waiting, summed over the kind's actors, and the deepest mailbox.
+    pub mailbox_depth: u64,
+    pub mailbox_depth_max: u64,
+    pub restarts: u64,
+}
+
+impl KindSummary {
+    fn new(kind: &'static str) -> Self {
+        KindSummary {
+            kind,
+            by_status: ActorStatus::ALL.iter().map(|&s| (s, 0)).collect(),
+            messages_handled: 0,
+            mailbox_depth: 0,
+            mailbox_depth_max: 0,
+            restarts: 0,
+        }
+    }
+
+    fn add(&mut self, s: &ActorStats) {
+        let status = s.status();
+        if let Some(n) = self.by_status.iter_mut().find(|(st, _)| *st == status) {
+            n.1 += 1;
+        }
+        self.messages_handled += s.messages_handled();
+        let depth = u64::from(s.mailbox_depth());
+        self.mailbox_depth += depth;
+        self.mailbox_depth_max = self.mailbox_depth_max.max(depth);
+        self.restarts += u64::from(s.restarts());
+    }
+}
+
+/// What /metrics shows about the actors: one pass over every actor's counters (a few
+/// atomic reads each; about 20 ms per million twins), never a message.
+#[derive(Debug, Clone)]
+pub struct FleetSummary {
+    /// `platform`, `tdta`, `dta`, `dti`, in that order.
+    pub kinds: Vec<KindSummary>,
+    /// `(device type, active twins, archived twins)`, sorted by type.
+    pub twins: Vec<(DeviceTypeId, u64, u64)>,
+}
+
 /// The handle to a running set of twins. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct TwinRuntime {
@@ -303,6 +351,33 @@ impl TwinRuntime {
             self.env.twins.iter().for_each(|s| visit(&s.stats));
         }
         ActorPage { total, actors: out }
+    }
+
+    /// Every actor summed by kind, and the twins by device type and lifecycle.
+    pub fn summary(&self) -> FleetSummary {
+        let mut platform = KindSummary::new("platform");
+        platform.add(&self.stats);
+        let mut tdta = KindSummary::new("tdta");
+        let mut twins: Vec<(DeviceTypeId, u64, u64)> = Vec::new();
+        for t in self.env.types.iter() {
+            tdta.add(&t.stats);
+            twins.push((t.device_type.clone(), 0, 0));
+        }
+        twins.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut dta = KindSummary::new("dta");
+        self.env.dtas.iter().for_each(|d| dta.add(&d.stats));
+        let mut dti = KindSummary::new("dti");
+        for slot in self.env.twins.iter() {
+            dti.add(&slot.stats);
+            if let Ok(i) = twins.binary_search_by(|t| t.0.cmp(&slot.ty.device_type)) {
+                if slot.archived() {
+                    twins[i].2 += 1;
+                } else {
+                    twins[i].1 += 1;
+                }
+            }
+        }
+        FleetSummary { kinds: vec![platform, tdta, dta, dti], twins }
     }
 
     /// One actor: `platform/supervisor`, `tdta/<type>`, `dta/<id>` or `dti/<twin>`.

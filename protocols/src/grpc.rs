@@ -33,6 +33,7 @@ use twinfleet_proto::device::{
     self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
 };
 use twinfleet_proto::hub::{self, hub_server::Hub, hub_server::HubServer};
+use twinfleet_runtime::Edge;
 
 /// Acks queued per telemetry stream.
 const TELEMETRY_WINDOW: usize = 8;
@@ -431,29 +432,36 @@ impl Hub for Gateway {
     }
 }
 
-/// tonic refuses a message over the size limit itself, before any handler, with
-/// OUT_OF_RANGE; gRPC's convention (grpc-go, grpc-java) is RESOURCE_EXHAUSTED. This layer
-/// rewrites that answer and counts it as `oversized`. (A client-streaming call meets the
-/// same error inside the handler; see `oversized`.)
+/// Every call passes this layer, which does two things:
+/// - tonic refuses a message over the size limit itself, before any handler, with
+///   OUT_OF_RANGE; gRPC's convention (grpc-go, grpc-java) is RESOURCE_EXHAUSTED. The
+///   layer rewrites that answer and counts it as `oversized`. (A client-streaming call
+///   meets the same error inside the handler; see `oversized`.)
+/// - It counts the call in the request metrics by method path and status code, with the
+///   time until the response headers. A call that fails before its response (every unary
+///   error) carries its code in those headers; a call whose headers went out is counted
+///   `Ok` (a stream that fails later is not seen here). Calls the server does not
+///   implement are counted under the route `unimplemented`, so unknown paths cannot
+///   grow the number of series.
 #[derive(Debug, Clone)]
-struct OversizeLayer(TwinRuntime);
+struct EdgeLayer(TwinRuntime);
 
-impl<S> tower_layer::Layer<S> for OversizeLayer {
-    type Service = Oversize<S>;
-    fn layer(&self, inner: S) -> Oversize<S> {
-        Oversize { inner, rt: self.0.clone() }
+impl<S> tower_layer::Layer<S> for EdgeLayer {
+    type Service = EdgeService<S>;
+    fn layer(&self, inner: S) -> EdgeService<S> {
+        EdgeService { inner, rt: self.0.clone() }
     }
 }
 
 #[derive(Debug, Clone)]
-struct Oversize<S> {
+struct EdgeService<S> {
     inner: S,
     rt: TwinRuntime,
 }
 
 const TOO_LARGE: &str = "decoded%20message%20length%20too%20large";
 
-impl<S, B, RB> tower_service::Service<tonic::codegen::http::Request<B>> for Oversize<S>
+impl<S, B, RB> tower_service::Service<tonic::codegen::http::Request<B>> for EdgeService<S>
 where
     S: tower_service::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<RB>>,
     S::Future: Send + 'static,
@@ -467,6 +475,8 @@ where
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let started = std::time::Instant::now();
+        let path = req.uri().path().to_string();
         let call = self.inner.call(req);
         let rt = self.rt.clone();
         Box::pin(async move {
@@ -478,8 +488,39 @@ where
                 h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
                 rt.env().rejections.reject("oversized", || format!("gRPC message over {MAX_MESSAGE_BYTES} bytes"));
             }
+            let code = h
+                .get("grpc-status")
+                .and_then(|s| s.to_str().ok())
+                .and_then(|s| s.parse::<i32>().ok())
+                .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+            let route = if code == tonic::Code::Unimplemented { "unimplemented" } else { &path };
+            rt.env().requests.record(Edge::Grpc, "POST", route, code_name(code), started.elapsed());
             Ok(resp)
         })
+    }
+}
+
+/// The status code's name as gRPC's own metrics spell it (`OK`, `INVALID_ARGUMENT`).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -529,7 +570,7 @@ impl GrpcGateway {
                 }
             };
             let result = tonic::transport::Server::builder()
-                .layer(OversizeLayer(gw.rt.clone()))
+                .layer(EdgeLayer(gw.rt.clone()))
                 .add_service(DeviceGatewayServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .add_service(HubServer::new(gw).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {

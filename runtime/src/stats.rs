@@ -20,6 +20,14 @@ pub enum ActorStatus {
 }
 
 impl ActorStatus {
+    pub const ALL: [ActorStatus; 5] = [
+        ActorStatus::Starting,
+        ActorStatus::Running,
+        ActorStatus::Restarting,
+        ActorStatus::Failed,
+        ActorStatus::Stopped,
+    ];
+
     /// The name used in JSON and in filters (`running`, `restarting`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -123,6 +131,10 @@ impl ActorStats {
         self.queued.load(Relaxed)
     }
 
+    pub fn messages_handled(&self) -> u64 {
+        self.handled.load(Relaxed)
+    }
+
     pub fn restarts(&self) -> u32 {
         self.restarts.load(Relaxed)
     }
@@ -134,7 +146,7 @@ impl ActorStats {
             parent: self.parent.as_deref().map(str::to_string),
             status: self.status(),
             mailbox_depth: self.mailbox_depth(),
-            messages_handled: self.handled.load(Relaxed),
+            messages_handled: self.messages_handled(),
             restarts: self.restarts(),
             last_error: self.last_error.lock().as_deref().map(str::to_string),
         }

@@ -8,8 +8,8 @@
 //! is bounded: when storage falls behind, `submit` blocks the submitting thread, which is
 //! the back-pressure that slows every producer down instead of growing memory.
 
+use crate::metrics::{Histogram, HistogramView, SIZE_BOUNDS};
 use parking_lot::RwLock;
-use serde::Serialize;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -120,14 +120,18 @@ impl Future for Ticket {
     }
 }
 
-/// Counters of the writer, for benchmarks and (later) /metrics.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// Counters of the writer, for benchmarks and /metrics.
+#[derive(Debug, Clone)]
 pub struct StorageStats {
     pub batches_submitted: u64,
     pub groups_committed: u64,
     pub ops_committed: u64,
     pub flush_micros_total: u64,
     pub flush_micros_max: u64,
+    /// Records per group commit.
+    pub group_ops: HistogramView,
+    /// Time to apply and flush one group commit, in microseconds.
+    pub flush_micros: HistogramView,
 }
 
 /// A stored record: key (without the space prefix) and value.
@@ -183,13 +187,28 @@ struct Pending {
     done: oneshot::Sender<Result<(), StorageError>>,
 }
 
-#[derive(Default)]
 struct Counters {
     submitted: AtomicU64,
     groups: AtomicU64,
     ops: AtomicU64,
     flush_total: AtomicU64,
     flush_max: AtomicU64,
+    group_ops: Histogram,
+    flush: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            submitted: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            flush_total: AtomicU64::new(0),
+            flush_max: AtomicU64::new(0),
+            group_ops: Histogram::new(SIZE_BOUNDS),
+            flush: Histogram::latency(),
+        }
+    }
 }
 
 /// sled with a group-commit writer thread.
@@ -274,6 +293,8 @@ fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: u
         c.ops.fetch_add(ops as u64, Relaxed);
         c.flush_total.fetch_add(micros, Relaxed);
         c.flush_max.fetch_max(micros, Relaxed);
+        c.group_ops.observe(ops as u64);
+        c.flush.observe(micros);
         if let Err(e) = &result {
             tracing::error!(error = %e, ops, "group commit failed; {} callers get the error", group.len());
         }
@@ -357,6 +378,8 @@ impl Storage for SledStorage {
             ops_committed: c.ops.load(Relaxed),
             flush_micros_total: c.flush_total.load(Relaxed),
             flush_micros_max: c.flush_max.load(Relaxed),
+            group_ops: c.group_ops.view(),
+            flush_micros: c.flush.view(),
         }
     }
 

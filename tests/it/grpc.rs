@@ -136,6 +136,12 @@ async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
     assert_eq!(r.count("oversized"), 2);
     assert_eq!((r.count("bad_credentials"), r.count("unknown_device"), r.count("malformed")), (3, 1, 2));
     assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty(), "nothing rejected reached the twin");
+    // Every call is in the request metrics by method path and status code.
+    let routes = p.env().requests.snapshot();
+    let report = routes.iter().find(|r| r.route == "/twinfleet.device.v1.DeviceGateway/ReportState").expect("counted");
+    let statuses: Vec<(&str, u64)> = report.statuses.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    assert_eq!(statuses, vec![("INVALID_ARGUMENT", 3), ("RESOURCE_EXHAUSTED", 1), ("UNAUTHENTICATED", 4)]);
+    assert_eq!(report.latency.count(), 8);
 
     gw.stop().await;
     p.shutdown().await;

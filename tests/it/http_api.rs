@@ -76,3 +76,68 @@ async fn twin_view_and_actor_tree_over_http() {
     api.stop().await;
     p.shutdown().await;
 }
+
+/// The metric `name{labels}` from a Prometheus exposition, if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[actix_rt::test]
+async fn metrics_show_requests_actors_twins_and_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "press", json!({}), "m", 20, |_| vec![]).await;
+    p.twin("m-3").unwrap().command(twinfleet::models::TwinCommand::Archive).await.unwrap();
+    assert!(p.twin("m-4").unwrap().inject_panic().await.is_err());
+    let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = api.local_addr();
+    let token = admin_token(&p).await;
+    let text = actix_rt::task::spawn_blocking(move || {
+        for path in ["/api/v1/twins/m-1", "/api/v1/twins/m-2", "/api/v1/twins/nobody", "/nothing-here"] {
+            http_as(addr, &token, "GET", path, None);
+        }
+        http_request(addr, "GET", "/api/v1/twins", None); // no token: 401
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            // The panicked twin restarts after its backoff (real time here).
+            let (_, body) = http_get(addr, "/metrics");
+            let text = body.as_str().unwrap().to_string();
+            let running = sample(&text, r#"twinfleet_actors{kind="dti",status="running"}"#);
+            if running == Some(20.0) || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let has = |series: &str, want: f64| {
+        assert_eq!(sample(&text, series), Some(want), "{series} in /metrics:\n{text}");
+    };
+    // Requests by route pattern (never the concrete path) and status, with latencies.
+    has(r#"twinfleet_http_requests_total{method="GET",route="/api/v1/twins/{id}",status="200"}"#, 2.0);
+    has(r#"twinfleet_http_requests_total{method="GET",route="/api/v1/twins/{id}",status="404"}"#, 1.0);
+    has(r#"twinfleet_http_requests_total{method="GET",route="/api/v1/twins",status="401"}"#, 1.0);
+    has(r#"twinfleet_http_requests_total{method="GET",route="unmatched",status="404"}"#, 1.0);
+    has(r#"twinfleet_http_requests_seconds_count{method="GET",route="/api/v1/twins/{id}"}"#, 3.0);
+    has(r#"twinfleet_http_requests_seconds_bucket{method="GET",route="/api/v1/twins/{id}",le="+Inf"}"#, 3.0);
+    // Actors by kind and status; restarts; twins by type and lifecycle.
+    has(r#"twinfleet_actors{kind="dti",status="running"}"#, 20.0);
+    has(r#"twinfleet_actors{kind="tdta",status="running"}"#, 1.0);
+    has(r#"twinfleet_actors{kind="dti",status="failed"}"#, 0.0);
+    has(r#"twinfleet_actor_restarts_total{kind="dti"}"#, 1.0);
+    has(r#"twinfleet_actor_restarts_total{kind="tdta"}"#, 0.0);
+    has(r#"twinfleet_twins{device_type="press",state="active"}"#, 19.0);
+    has(r#"twinfleet_twins{device_type="press",state="archived"}"#, 1.0);
+    assert!(sample(&text, r#"twinfleet_actor_messages_handled_total{kind="dti"}"#).unwrap() >= 3.0);
+    assert!(sample(&text, r#"twinfleet_actor_mailbox_depth{kind="dti"}"#).is_some());
+    // Storage: one histogram observation per group commit.
+    let commits = sample(&text, "twinfleet_storage_commits_total").unwrap();
+    assert!(commits > 0.0);
+    has("twinfleet_storage_commit_records_count", commits);
+    has("twinfleet_storage_flush_seconds_count", commits);
+    has(r#"twinfleet_storage_flush_seconds_bucket{le="+Inf"}"#, commits);
+    assert!(text.contains("# TYPE twinfleet_storage_flush_seconds histogram\n"));
+    api.stop().await;
+    p.shutdown().await;
+}

@@ -27,6 +27,7 @@ use actix_web::{
 use std::net::SocketAddr;
 use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinRuntime};
 use twinfleet_models::{ModelError, PathError};
+use twinfleet_runtime::{Edge, Exposition};
 use utoipa_actix_web::AppExt;
 
 /// A `TwinError` as an HTTP answer.
@@ -188,6 +189,44 @@ fn public(path: &str) -> bool {
     !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json"
 }
 
+/// Counts every request by method, route pattern and status, with its latency (until
+/// the handler's answer is ready; streaming a large body is not included).
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> std::result::Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = std::time::Instant::now();
+    let method = method_name(req.method());
+    let requests = req.app_data::<web::Data<TwinRuntime>>().map(|rt| rt.env().requests.clone());
+    let res = next.call(req).await?;
+    if let Some(requests) = requests {
+        let route = res.request().match_pattern();
+        let status = res.status();
+        requests.record(
+            Edge::Http,
+            method,
+            route.as_deref().unwrap_or("unmatched"),
+            status.as_str(),
+            started.elapsed(),
+        );
+    }
+    Ok(res)
+}
+
+fn method_name(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 /// Authenticates every `/api/v1` request and audits every write.
 async fn authenticate(
     req: ServiceRequest,
@@ -272,46 +311,76 @@ async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
 
 /// Prometheus text exposition: rejected inputs by reason, twins, storage. (The operator
 /// issue adds actors, mailboxes and request latencies.)
+/// The Prometheus exposition: edges (rejections, requests), actors, twins, storage.
 async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
+    let env = rt.env();
+    let mut e = Exposition::new();
+
+    e.family("twinfleet_rejected_total", "counter", "Inputs rejected at the edges (MQTT, gRPC, HTTP), by reason.");
+    for (reason, n) in env.rejections.snapshot() {
+        e.sample("twinfleet_rejected_total", &[("reason", reason)], n);
+    }
+
+    let routes = env.requests.snapshot();
+    for (edge, name, what) in [
+        (Edge::Http, "twinfleet_http_requests", "HTTP requests"),
+        (Edge::Grpc, "twinfleet_grpc_requests", "gRPC calls"),
+    ] {
+        let (total, seconds) = (format!("{name}_total"), format!("{name}_seconds"));
+        let code = if edge == Edge::Http { "status" } else { "code" };
+        e.family(&total, "counter", &format!("{what} by method, route and {code}."));
+        for r in routes.iter().filter(|r| r.edge == edge) {
+            for (status, n) in &r.statuses {
+                e.sample(&total, &[("method", r.method), ("route", &r.route), (code, status)], *n);
+            }
         }
-    };
-    let mut rejected = rt.env().rejections.snapshot();
-    rejected.sort();
-    let rejected: Vec<(String, u64)> = rejected.into_iter().map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n)).collect();
-    family("twinfleet_rejected_total", "counter", "Inputs rejected at the edges (MQTT, gRPC), by reason.", &rejected);
-    family("twinfleet_twins", "gauge", "Twins (DTIs) on this node.", &[(String::new(), rt.twin_count() as u64)]);
-    let s = rt.env().storage.stats();
-    family(
-        "twinfleet_storage_batches_total",
-        "counter",
-        "Write batches submitted.",
-        &[(String::new(), s.batches_submitted)],
-    );
-    family(
-        "twinfleet_storage_commits_total",
-        "counter",
-        "Group commits (flushes).",
-        &[(String::new(), s.groups_committed)],
-    );
-    family(
-        "twinfleet_storage_ops_total",
-        "counter",
-        "Records written or deleted.",
-        &[(String::new(), s.ops_committed)],
-    );
-    family(
-        "twinfleet_storage_flush_microseconds_total",
-        "counter",
-        "Time spent flushing.",
-        &[(String::new(), s.flush_micros_total)],
-    );
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out)
+        e.family(&seconds, "histogram", &format!("Latency of {what} until the answer is ready, by method and route."));
+        for r in routes.iter().filter(|r| r.edge == edge) {
+            e.histogram(&seconds, &[("method", r.method), ("route", &r.route)], &r.latency, 1e6);
+        }
+    }
+
+    let summary = rt.summary();
+    e.family("twinfleet_actors", "gauge", "Actors by kind (platform, tdta, dta, dti) and status.");
+    for k in &summary.kinds {
+        for (status, n) in &k.by_status {
+            e.sample("twinfleet_actors", &[("kind", k.kind), ("status", status.as_str())], *n);
+        }
+    }
+    type Field = fn(&twinfleet_actors::KindSummary) -> u64;
+    let per_kind: [(&str, &str, &str, Field); 4] = [
+        ("twinfleet_actor_messages_handled_total", "counter", "Messages handled, by actor kind.", |k| {
+            k.messages_handled
+        }),
+        ("twinfleet_actor_mailbox_depth", "gauge", "Messages waiting in mailboxes, summed by actor kind.", |k| {
+            k.mailbox_depth
+        }),
+        ("twinfleet_actor_mailbox_depth_max", "gauge", "The deepest mailbox of each actor kind.", |k| {
+            k.mailbox_depth_max
+        }),
+        ("twinfleet_actor_restarts_total", "counter", "Restarts after a panic, by actor kind.", |k| k.restarts),
+    ];
+    for (name, kind, help, field) in per_kind {
+        e.family(name, kind, help);
+        for k in &summary.kinds {
+            e.sample(name, &[("kind", k.kind)], field(k));
+        }
+    }
+    e.family("twinfleet_twins", "gauge", "Twins (DTIs) by device type and lifecycle state (active, archived).");
+    for (ty, active, archived) in &summary.twins {
+        e.sample("twinfleet_twins", &[("device_type", ty.as_str()), ("state", "active")], *active);
+        e.sample("twinfleet_twins", &[("device_type", ty.as_str()), ("state", "archived")], *archived);
+    }
+
+    let s = env.storage.stats();
+    e.single("twinfleet_storage_batches_total", "counter", "Write batches submitted.", s.batches_submitted);
+    e.single("twinfleet_storage_commits_total", "counter", "Group commits (apply + flush).", s.groups_committed);
+    e.single("twinfleet_storage_ops_total", "counter", "Records written or deleted.", s.ops_committed);
+    e.family("twinfleet_storage_commit_records", "histogram", "Records per group commit.");
+    e.histogram("twinfleet_storage_commit_records", &[], &s.group_ops, 1.0);
+    e.family("twinfleet_storage_flush_seconds", "histogram", "Time to apply and flush one group commit.");
+    e.histogram("twinfleet_storage_flush_seconds", &[], &s.flush_micros, 1e6);
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(e.finish())
 }
 
 /// Every documented path and its methods, to tell "no such endpoint" (404) from "not
@@ -439,6 +508,7 @@ impl HttpApi {
                 .default_service(web::to(not_found))
                 .into_app()
                 .wrap(from_fn(authenticate))
+                .wrap(from_fn(observe))
         })
         .workers(workers.max(1))
         .disable_signals()
