@@ -374,12 +374,27 @@ impl AccessControl {
         })
     }
 
-    /// Appends an entry to the audit log; resolves once it is durable.
-    pub async fn audit(&self, mut entry: AuditEntry) -> Result<(), TwinError> {
-        entry.id = self.storage.generate_id()?;
+    /// A fresh audit entry id (increasing across restarts).
+    pub fn next_audit_id(&self) -> Result<u64, TwinError> {
+        Ok(self.storage.generate_id()?)
+    }
+
+    /// The batch that stores `entry` under its id: written by [`AccessControl::audit`], or
+    /// in the batch of the change it describes (`TwinHandle::command_with`). Storing an
+    /// entry again under the same id replaces it.
+    pub fn audit_batch(entry: &AuditEntry) -> WriteBatch {
         let mut b = WriteBatch::new();
-        b.put(Space::Audit, entry.id.to_be_bytes().to_vec(), encode_record(&entry));
-        Ok(self.storage.submit(b).await?)
+        b.put(Space::Audit, entry.id.to_be_bytes().to_vec(), encode_record(entry));
+        b
+    }
+
+    /// Appends an entry to the audit log (a new id if its id is 0); resolves once it is
+    /// durable.
+    pub async fn audit(&self, mut entry: AuditEntry) -> Result<(), TwinError> {
+        if entry.id == 0 {
+            entry.id = self.next_audit_id()?;
+        }
+        Ok(self.storage.submit(Self::audit_batch(&entry)).await?)
     }
 
     /// Audit entries, newest first.

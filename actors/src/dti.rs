@@ -102,7 +102,8 @@ impl TwinSlot {
 #[derive(Debug)]
 pub(crate) enum DtiRequest {
     Get,
-    Command(TwinCommand),
+    /// A command, and records to write in the same atomic batch if it is accepted.
+    Command(TwinCommand, WriteBatch),
     Events {
         limit: usize,
     },
@@ -291,6 +292,16 @@ impl Dti {
 
     /// decide → evolve → persist. The returned ticket resolves when the change is durable.
     fn apply(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) -> Result<(u64, Ticket), TwinError> {
+        self.apply_with(cmd, WriteBatch::new(), ctx)
+    }
+
+    /// Decides and applies `cmd`; writes its events, the snapshot and `also` in one batch.
+    fn apply_with(
+        &mut self,
+        cmd: TwinCommand,
+        also: WriteBatch,
+        ctx: &mut Context<Self>,
+    ) -> Result<(u64, Ticket), TwinError> {
         let now = self.env().clock.now();
         let events = self.state.decide(cmd, now)?;
         for e in &events {
@@ -304,6 +315,7 @@ impl Dti {
         for e in &events {
             batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_record(e));
         }
+        batch.append(also);
         let ticket = self.env().storage.submit(batch);
         for e in &events {
             match &e.kind {
@@ -424,7 +436,7 @@ impl Dti {
         };
         match req {
             DtiRequest::Get => Outcome::Now(Ok(DtiReply::View(Box::new(self.view())))),
-            DtiRequest::Command(cmd) => ack(self.apply(cmd, ctx)),
+            DtiRequest::Command(cmd, also) => ack(self.apply_with(cmd, also, ctx)),
             DtiRequest::Events { limit } => Outcome::Later(self.read_events(limit)),
             DtiRequest::Join(resolved) => {
                 let r = self.apply(TwinCommand::JoinDta(resolved.dta.clone()), ctx);

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
-use twinfleet_runtime::{ActorStats, ActorStatus, ActorView};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
 async fn deliver<T>(
@@ -100,7 +100,14 @@ impl TwinHandle {
 
     /// Applies a command; resolves with the journal sequence number once it is durable.
     pub async fn command(&self, cmd: TwinCommand) -> Result<u64, TwinError> {
-        match self.request(DtiRequest::Command(cmd)).await? {
+        self.command_with(cmd, WriteBatch::new()).await
+    }
+
+    /// Like `command`, and writes `also` in the same atomic batch as the change (only if
+    /// the twin accepts the command): a record that describes the change, such as its
+    /// audit entry, is durable exactly when the change is, at the cost of one flush.
+    pub async fn command_with(&self, cmd: TwinCommand, also: WriteBatch) -> Result<u64, TwinError> {
+        match self.request(DtiRequest::Command(cmd, also)).await? {
             DtiReply::Ack { seq } => Ok(seq),
             other => Err(unexpected(other)),
         }
@@ -115,7 +122,7 @@ impl TwinHandle {
         if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
             return Err(TwinError::MailboxFull(self.slot.id.to_string()));
         }
-        let answer = self.post(DtiRequest::Command(cmd))?;
+        let answer = self.post(DtiRequest::Command(cmd, WriteBatch::new()))?;
         Ok(async move {
             match answer.await? {
                 DtiReply::Ack { seq } => Ok(seq),

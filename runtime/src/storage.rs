@@ -77,6 +77,12 @@ impl WriteBatch {
         self
     }
 
+    /// Adds every operation of `other` after this batch's own.
+    pub fn append(&mut self, mut other: WriteBatch) -> &mut Self {
+        self.ops.append(&mut other.ops);
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.ops.len()
     }

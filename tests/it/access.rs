@@ -222,10 +222,17 @@ async fn roles_and_grants_decide_every_read_and_write_and_the_audit_log_shows_th
         })
     };
     assert!(has("PATCH", "/api/v1/twins/pump-0/desired", 200), "{log:?}");
+    // Stored in the batch of the change itself, and only there: one entry per write.
+    let n = log.iter().filter(|e| e["action"] == "PATCH" && e["target"] == "/api/v1/twins/pump-0/desired").count();
+    assert_eq!(n, 1, "{log:?}");
     assert!(has("PATCH", "/api/v1/twins/pump-1/desired", 403));
     assert!(has("POST", "/api/v1/twins/pump-0/archive", 200));
     assert!(log.iter().all(|e| e["user"] == "maintainer"));
     assert!(!log.iter().any(|e| e["action"] == "GET"), "reads are not audited");
+    // A write the twin refused is audited with its refusal.
+    let (_, log) =
+        call(addr, Some(admin), "GET", "/api/v1/audit?user=owner&target=/api/v1/twins/pump-0/desired", None).await;
+    assert_eq!(log.as_array().unwrap().iter().map(|e| e["status"].as_u64()).collect::<Vec<_>>()[0], Some(409), "{log}");
     let (_, page) = call(addr, Some(admin), "GET", "/api/v1/audit?limit=2", None).await;
     let before = page[1]["id"].as_u64().unwrap();
     let (_, older) = call(addr, Some(admin), "GET", &format!("/api/v1/audit?limit=1&before={before}"), None).await;

@@ -25,8 +25,8 @@ use actix_web::{
     App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, http::StatusCode, web,
 };
 use std::net::SocketAddr;
-use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinRuntime};
-use twinfleet_models::{ModelError, PathError};
+use twinfleet_actors::{AccessControl, AuditEntry, Principal, TwinError, TwinHandle, TwinRuntime};
+use twinfleet_models::{ModelError, PathError, TwinCommand};
 use twinfleet_runtime::{Edge, Exposition};
 use utoipa_actix_web::AppExt;
 
@@ -165,23 +165,45 @@ pub(crate) enum Errors {
     Timeout(ErrorBody),
 }
 
-/// The authenticated caller of a handler (401 if the middleware found none).
+/// The authenticated caller of a handler (401 if the middleware found none), and the
+/// audit entry of its request when it writes.
 #[derive(Debug, Clone)]
-pub(crate) struct Caller(pub Principal);
+pub(crate) struct Caller(pub Principal, Option<PendingAudit>);
 
 impl FromRequest for Caller {
     type Error = HttpError;
     type Future = std::future::Ready<std::result::Result<Caller, HttpError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let ext = req.extensions();
         std::future::ready(
-            req.extensions()
-                .get::<Principal>()
+            ext.get::<Principal>()
                 .cloned()
-                .map(Caller)
+                .map(|p| Caller(p, ext.get::<PendingAudit>().cloned()))
                 .ok_or_else(|| HttpError(TwinError::Unauthenticated("no API token".into()))),
         )
     }
+}
+
+impl Caller {
+    /// Sends `cmd` to the twin; if it is accepted, the request's audit entry (with
+    /// `status`, the answer the handler gives on success) is stored in the same batch as
+    /// the change, so the answer waits for one flush, not two.
+    pub(crate) async fn command(&self, h: &TwinHandle, cmd: TwinCommand, status: StatusCode) -> Result<u64> {
+        let Some(audit) = &self.1 else { return Ok(h.command(cmd).await?) };
+        let entry = AuditEntry { status: status.as_u16(), ..audit.entry.clone() };
+        let seq = h.command_with(cmd, AccessControl::audit_batch(&entry)).await?;
+        audit.stored.set(Some(entry.status));
+        Ok(seq)
+    }
+}
+
+/// The audit entry of a write in progress, and the status it was already stored with
+/// (by [`Caller::command`]), if any.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingAudit {
+    entry: AuditEntry,
+    stored: std::rc::Rc<std::cell::Cell<Option<u16>>>,
 }
 
 /// Paths readable without a token.
@@ -277,17 +299,28 @@ async fn audited(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> std::result::Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let (action, target) = (req.method().to_string(), req.path().to_string());
-    let res = next.call(req).await?.map_into_boxed_body();
+    let id = match rt.env().access.next_audit_id() {
+        Ok(id) => id,
+        Err(e) => return Ok(req.into_response(HttpError(e).error_response())),
+    };
     let entry = AuditEntry {
-        id: 0,
+        id,
         at: rt.env().clock.now(),
         user: principal.user.to_string(),
-        action,
-        target,
-        status: res.status().as_u16(),
+        action: req.method().to_string(),
+        target: req.path().to_string(),
+        status: 0,
     };
-    if let Err(e) = rt.env().access.audit(entry).await {
+    let stored = std::rc::Rc::new(std::cell::Cell::new(None));
+    req.extensions_mut().insert(PendingAudit { entry: entry.clone(), stored: stored.clone() });
+    let res = next.call(req).await?.map_into_boxed_body();
+    let status = res.status().as_u16();
+    if stored.get() == Some(status) {
+        return Ok(res); // stored with the change, with this status
+    }
+    // Not stored yet, or stored with another status (the change was accepted but the
+    // answer is an error): store it (again, under the same id) with the real status.
+    if let Err(e) = rt.env().access.audit(AuditEntry { status, ..entry }).await {
         // The change itself is durable; say that its audit record is missing.
         tracing::error!("could not write an audit record: {e}");
         return Ok(res.into_response(HttpError(e).error_response()));

@@ -168,7 +168,7 @@ async fn set_desired(
     body: web::Json<Map<String, Value>>,
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Write)?;
-    let seq = h.set_desired(body.into_inner()).await?;
+    let seq = caller.command(&h, TwinCommand::SetDesired(body.into_inner()), StatusCode::OK).await?;
     Ok(changed(&h, seq))
 }
 
@@ -182,7 +182,7 @@ async fn set_metadata(
     body: web::Json<Metadata>,
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
-    let seq = h.command(TwinCommand::UpdateMetadata(body.into_inner())).await?;
+    let seq = caller.command(&h, TwinCommand::UpdateMetadata(body.into_inner()), StatusCode::OK).await?;
     Ok(changed(&h, seq))
 }
 
@@ -192,7 +192,7 @@ async fn set_metadata(
 #[post("/twins/{id}/archive")]
 async fn archive_twin(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
-    let seq = h.command(TwinCommand::Archive).await?;
+    let seq = caller.command(&h, TwinCommand::Archive, StatusCode::OK).await?;
     Ok(changed(&h, seq))
 }
 
@@ -303,8 +303,8 @@ async fn edit_component(
     created: bool,
 ) -> Result<HttpResponse> {
     let (h, model) = with_domain(rt, caller, &id, Action::Write)?;
-    let seq = h.command(TwinCommand::EditComponents { model, path: path.clone(), edit }).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let seq = caller.command(&h, TwinCommand::EditComponents { model, path: path.clone(), edit }, status).await?;
     Ok(HttpResponse::build(status).json(ComponentChanged { twin: h.id().clone(), path, seq }))
 }
 

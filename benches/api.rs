@@ -1,0 +1,246 @@
+//! Operator API benchmark: desired-state updates through HTTP
+//! (`PATCH /api/v1/twins/{id}/desired` with an admin token), from concurrent keep-alive
+//! clients. Each answer leaves after the change and its audit record are flushed.
+//!
+//! Baselines in the same run: `GET /healthz` (the HTTP stack alone, no storage) and
+//! `set_desired` through `TwinHandle` with as many callers (twin + storage, no HTTP).
+//! Each figure is the median of `TWINFLEET_BENCH_REPEAT` (default 3) runs of 3 s.
+//! `TWINFLEET_BENCH_CLIENTS` (default 64), `TWINFLEET_BENCH_TWINS` (default 10,000),
+//! `TWINFLEET_BENCH_SECTIONS` (default `healthz,handle,patch`; one alone for profiling).
+//! Clients and server share the machine's cores.
+
+mod common;
+
+use common::{cores, env_or, median, pct};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use twinfleet::models::{DeviceTypeId, TwinId};
+use twinfleet::{DeviceTypeSpec, Platform, TwinHandle, TwinSpec};
+use twinfleet_protocols::HttpApi;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const RUN: Duration = Duration::from_secs(3);
+
+fn row(bench: &str, clients: usize, value: &str, extra: &str) {
+    println!("| {bench} | {clients} | {} | {value} | {extra} |", cores());
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    line: String,
+    body: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn { stream: BufReader::new(stream), line: String::new(), body: Vec::new() }
+    }
+
+    /// Sends a whole request and reads the answer; returns its status.
+    async fn call(&mut self, request: &[u8]) -> u16 {
+        self.stream.get_mut().write_all(request).await.unwrap();
+        let mut status = 0;
+        let mut len = 0;
+        loop {
+            self.line.clear();
+            assert!(self.stream.read_line(&mut self.line).await.unwrap() > 0, "connection closed");
+            let l = self.line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if status == 0 {
+                status = l.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
+            } else if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        self.body.resize(len, 0);
+        self.stream.read_exact(&mut self.body).await.unwrap();
+        status
+    }
+}
+
+/// Runs `clients` connections for `RUN`, each sending `request(client, n)` in turn;
+/// returns (requests/s, p50 us, p99 us). Every answer must be `want`.
+async fn http_loop(
+    addr: SocketAddr,
+    clients: usize,
+    want: u16,
+    request: impl Fn(usize, u64) -> Vec<u8> + Clone + 'static,
+) -> (f64, f64, f64) {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Conn::open(addr).await);
+    }
+    let started = Instant::now();
+    let end = started + RUN;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut conn)| {
+            let request = request.clone();
+            actix_rt::spawn(async move {
+                let mut lat = Vec::new();
+                let mut n = 0;
+                while Instant::now() < end {
+                    let req = request(c, n);
+                    let t = Instant::now();
+                    let status = conn.call(&req).await;
+                    assert_eq!(status, want, "{}", String::from_utf8_lossy(&conn.body));
+                    lat.push(t.elapsed().as_micros() as u32);
+                    n += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
+}
+
+/// Runs `callers` tasks calling `set_desired` on their own twins for `RUN`.
+async fn handle_loop(handles: Vec<Vec<TwinHandle>>) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let end = started + RUN;
+    let tasks: Vec<_> = handles
+        .into_iter()
+        .map(|mine| {
+            actix_rt::spawn(async move {
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let h = &mine[n as usize % mine.len()];
+                    let t = Instant::now();
+                    h.set_desired(json!({"setpoint": n}).as_object().unwrap().clone()).await.unwrap();
+                    lat.push(t.elapsed().as_micros() as u32);
+                    n += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
+}
+
+fn report(bench: &str, clients: usize, runs: Vec<(f64, f64, f64)>) {
+    let n = runs.len();
+    let (rates, p50s, p99s): (Vec<f64>, Vec<f64>, Vec<f64>) =
+        runs.into_iter().fold((vec![], vec![], vec![]), |(mut a, mut b, mut c), (r, p50, p99)| {
+            a.push(r);
+            b.push(p50);
+            c.push(p99);
+            (a, b, c)
+        });
+    row(
+        bench,
+        clients,
+        &format!("{:.0} req/s", median(rates)),
+        &format!("p50 {:.0} us, p99 {:.0} us (median of {n})", median(p50s), median(p99s)),
+    );
+}
+
+fn main() {
+    actix_rt::System::new().block_on(run());
+}
+
+async fn run() {
+    let clients = env_or("TWINFLEET_BENCH_CLIENTS", 64) as usize;
+    let twins = env_or("TWINFLEET_BENCH_TWINS", 10_000) as usize;
+    let repeat = env_or("TWINFLEET_BENCH_REPEAT", 3) as usize;
+    let dir = std::env::temp_dir().join(format!("twinfleet-bench-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let ty = p
+        .create_device_type(DeviceTypeSpec {
+            id: DeviceTypeId::new("thermostat").unwrap(),
+            model: "t1".into(),
+            defaults: Default::default(),
+            domain: None,
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..twins).map(|i| format!("t-{i:06}")).collect();
+    ty.spawn_fleet(ids.iter().map(|id| TwinSpec::new(TwinId::new(id).unwrap())).collect()).await.unwrap();
+    let token = p.bootstrap_admin(None).await.unwrap().expect("a fresh platform issues a token");
+    let workers = env_or("TWINFLEET_BENCH_HTTP_WORKERS", cores() as u64) as usize;
+    let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), workers).unwrap();
+    let addr = api.local_addr();
+
+    println!("| benchmark | clients | cores | result | detail |");
+    println!("|---|---|---|---|---|");
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("healthz,handle,patch".into());
+    let section = |name: &str| sections.split(',').any(|s| s == name);
+    if section("healthz") {
+        let healthz = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n".to_vec();
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            let req = healthz.clone();
+            runs.push(http_loop(addr, clients, 200, move |_, _| req.clone()).await);
+        }
+        report("baseline: GET /healthz (HTTP stack, no storage)", clients, runs);
+    }
+
+    // Client c updates twins c, c + clients, c + 2 clients, ... in turn.
+    if section("handle") {
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            let mine: Vec<Vec<TwinHandle>> =
+                (0..clients).map(|c| (c..twins).step_by(clients).map(|i| p.twin(&ids[i]).unwrap()).collect()).collect();
+            runs.push(handle_loop(mine).await);
+        }
+        report("baseline: set_desired via TwinHandle (durable, no HTTP)", clients, runs);
+    }
+    if section("patch") {
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            let (ids, token) = (ids.clone(), token.clone());
+            let per_client = twins / clients;
+            runs.push(
+                http_loop(addr, clients, 200, move |c, n| {
+                    let id = &ids[c + clients * (n as usize % per_client)];
+                    let body = format!("{{\"setpoint\":{n}}}");
+                    format!(
+                        "PATCH /api/v1/twins/{id}/desired HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                })
+                .await,
+            );
+        }
+        report("PATCH /twins/{id}/desired (durable change + audit record)", clients, runs);
+    }
+    let s = p.storage_stats();
+    println!(
+        "\nstorage: {} batches, {} group commits, {:.1} records/commit, {:.0} us/flush on average",
+        s.batches_submitted,
+        s.groups_committed,
+        s.ops_committed as f64 / s.groups_committed.max(1) as f64,
+        s.flush_micros_total as f64 / s.groups_committed.max(1) as f64
+    );
+    api.stop().await;
+    p.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
