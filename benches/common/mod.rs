@@ -1,4 +1,6 @@
-//! Helpers shared by the ingest benchmarks (a module, not a bench target: no main.rs).
+//! Helpers shared by the benchmarks (a module, not a bench target: no main.rs).
+//! Each bench target compiles this module and uses a part of it.
+#![allow(dead_code)]
 
 /// An environment variable as a number, or `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
