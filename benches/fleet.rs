@@ -197,6 +197,21 @@ async fn fleet() {
         std::process::exit(0);
     }
 
+    // What a /metrics scrape costs: one pass over every actor's counters.
+    let mut scrape = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let summary = p.runtime().summary();
+        scrape.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(summary.twins.iter().map(|(_, active, archived)| active + archived).sum::<u64>(), n as u64);
+    }
+    row(
+        "metrics: sum every actor's counters (one /metrics scrape)",
+        n,
+        &format!("{:.1} ms", median(scrape)),
+        "median of 5",
+    );
+
     // Request/reply through the public handle.
     for callers in [1usize, 10_000] {
         let handles: Vec<TwinHandle> =

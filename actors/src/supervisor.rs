@@ -148,10 +148,8 @@ impl KindSummary {
     }
 
     fn add(&mut self, s: &ActorStats) {
-        let status = s.status();
-        if let Some(n) = self.by_status.iter_mut().find(|(st, _)| *st == status) {
-            n.1 += 1;
-        }
+        // `by_status` follows `ActorStatus::ALL`, whose order is the enum's.
+        self.by_status[s.status() as usize].1 += 1;
         self.messages_handled += s.messages_handled();
         let depth = u64::from(s.mailbox_depth());
         self.mailbox_depth += depth;
@@ -161,7 +159,8 @@ impl KindSummary {
 }
 
 /// What /metrics shows about the actors: one pass over every actor's counters (a few
-/// atomic reads each; about 20 ms per million twins), never a message.
+/// atomic reads each, bound by memory latency: ~0.1 s per million twins here), never a
+/// message.
 #[derive(Debug, Clone)]
 pub struct FleetSummary {
     /// `platform`, `tdta`, `dta`, `dti`, in that order.
@@ -358,25 +357,23 @@ impl TwinRuntime {
         let mut platform = KindSummary::new("platform");
         platform.add(&self.stats);
         let mut tdta = KindSummary::new("tdta");
-        let mut twins: Vec<(DeviceTypeId, u64, u64)> = Vec::new();
-        for t in self.env.types.iter() {
-            tdta.add(&t.stats);
-            twins.push((t.device_type.clone(), 0, 0));
-        }
-        twins.sort_by(|a, b| a.0.cmp(&b.0));
+        let types: Vec<Arc<TypeContext>> = self.env.types.iter().map(|t| t.clone()).collect();
+        types.iter().for_each(|t| tdta.add(&t.stats));
         let mut dta = KindSummary::new("dta");
         self.env.dtas.iter().for_each(|d| dta.add(&d.stats));
         let mut dti = KindSummary::new("dti");
+        // (active, archived) per entry of `types`, found by pointer: few types, many twins.
+        let mut counts = vec![(0u64, 0u64); types.len()];
         for slot in self.env.twins.iter() {
             dti.add(&slot.stats);
-            if let Ok(i) = twins.binary_search_by(|t| t.0.cmp(&slot.ty.device_type)) {
-                if slot.archived() {
-                    twins[i].2 += 1;
-                } else {
-                    twins[i].1 += 1;
-                }
+            if let Some(i) = types.iter().position(|t| Arc::ptr_eq(t, &slot.ty)) {
+                let c = &mut counts[i];
+                if slot.archived() { c.1 += 1 } else { c.0 += 1 }
             }
         }
+        let mut twins: Vec<(DeviceTypeId, u64, u64)> =
+            types.iter().zip(counts).map(|(t, (active, archived))| (t.device_type.clone(), active, archived)).collect();
+        twins.sort_by(|a, b| a.0.cmp(&b.0));
         FleetSummary { kinds: vec![platform, tdta, dta, dti], twins }
     }
 

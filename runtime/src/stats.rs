@@ -20,6 +20,7 @@ pub enum ActorStatus {
 }
 
 impl ActorStatus {
+    /// Every status, in declaration order (`ALL[s as usize] == s`).
     pub const ALL: [ActorStatus; 5] = [
         ActorStatus::Starting,
         ActorStatus::Running,

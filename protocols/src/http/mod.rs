@@ -373,7 +373,14 @@ async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
         }
     }
 
-    let summary = rt.summary();
+    // A pass over every actor (~0.1 s per million twins): off the HTTP worker.
+    let summary = {
+        let rt = rt.clone();
+        match web::block(move || rt.summary()).await {
+            Ok(s) => s,
+            Err(e) => return HttpResponse::InternalServerError().body(format!("metrics: {e}")),
+        }
+    };
     e.family("twinfleet_actors", "gauge", "Actors by kind (platform, tdta, dta, dti) and status.");
     for k in &summary.kinds {
         for (status, n) in &k.by_status {
