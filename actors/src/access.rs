@@ -380,9 +380,9 @@ impl AccessControl {
     }
 
     /// The batch that stores `entry` under its id: written by [`AccessControl::audit`], or
-    /// in the batch of the change it describes (`TwinHandle::command_with`). Storing an
-    /// entry again under the same id replaces it.
-    pub fn audit_batch(entry: &AuditEntry) -> WriteBatch {
+    /// in the batch of the change it describes (`TwinHandle::command_audited`). Storing
+    /// an entry again under the same id replaces it.
+    pub(crate) fn audit_batch(entry: &AuditEntry) -> WriteBatch {
         let mut b = WriteBatch::new();
         b.put(Space::Audit, entry.id.to_be_bytes().to_vec(), encode_record(entry));
         b

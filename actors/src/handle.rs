@@ -3,6 +3,7 @@
 //! the actor behind them (they point at the twin's slot, not its mailbox), and put a
 //! deadline on the platform clock on every request.
 
+use crate::access::{AccessControl, AuditEntry};
 use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
 use crate::dti::{DtiMsg, DtiReply, DtiRequest, TelemetryQuery, TwinSlot, TwinView};
 use crate::env::{DeviceCommand, TwinEnv};
@@ -103,10 +104,14 @@ impl TwinHandle {
         self.command_with(cmd, WriteBatch::new()).await
     }
 
-    /// Like `command`, and writes `also` in the same atomic batch as the change (only if
-    /// the twin accepts the command): a record that describes the change, such as its
-    /// audit entry, is durable exactly when the change is, at the cost of one flush.
-    pub async fn command_with(&self, cmd: TwinCommand, also: WriteBatch) -> Result<u64, TwinError> {
+    /// Like `command`, and stores `audit` (its id set) in the same atomic batch as the
+    /// change, only if the twin accepts the command: the change and the entry that
+    /// describes it are durable together, after one flush.
+    pub async fn command_audited(&self, cmd: TwinCommand, audit: &AuditEntry) -> Result<u64, TwinError> {
+        self.command_with(cmd, AccessControl::audit_batch(audit)).await
+    }
+
+    async fn command_with(&self, cmd: TwinCommand, also: WriteBatch) -> Result<u64, TwinError> {
         match self.request(DtiRequest::Command(cmd, also)).await? {
             DtiReply::Ack { seq } => Ok(seq),
             other => Err(unexpected(other)),

@@ -25,7 +25,7 @@ use actix_web::{
     App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, http::StatusCode, web,
 };
 use std::net::SocketAddr;
-use twinfleet_actors::{AccessControl, AuditEntry, Principal, TwinError, TwinHandle, TwinRuntime};
+use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinHandle, TwinRuntime};
 use twinfleet_models::{ModelError, PathError, TwinCommand};
 use twinfleet_runtime::{Edge, Exposition};
 use utoipa_actix_web::AppExt;
@@ -192,7 +192,7 @@ impl Caller {
     pub(crate) async fn command(&self, h: &TwinHandle, cmd: TwinCommand, status: StatusCode) -> Result<u64> {
         let Some(audit) = &self.1 else { return Ok(h.command(cmd).await?) };
         let entry = AuditEntry { status: status.as_u16(), ..audit.entry.clone() };
-        let seq = h.command_with(cmd, AccessControl::audit_batch(&entry)).await?;
+        let seq = h.command_audited(cmd, &entry).await?;
         audit.stored.set(Some(entry.status));
         Ok(seq)
     }
