@@ -104,6 +104,12 @@ async fn http_loop(
             })
         })
         .collect();
+    rate_and_latency(tasks, started).await
+}
+
+/// Waits for tasks that each return their request latencies (µs); returns (requests/s
+/// since `started`, p50 µs, p99 µs).
+async fn rate_and_latency(tasks: Vec<actix_rt::task::JoinHandle<Vec<u32>>>, started: Instant) -> (f64, f64, f64) {
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
@@ -134,29 +140,16 @@ async fn handle_loop(handles: Vec<Vec<TwinHandle>>) -> (f64, f64, f64) {
             })
         })
         .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let secs = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
+    rate_and_latency(tasks, started).await
 }
 
 fn report(bench: &str, clients: usize, runs: Vec<(f64, f64, f64)>) {
-    let n = runs.len();
-    let (rates, p50s, p99s): (Vec<f64>, Vec<f64>, Vec<f64>) =
-        runs.into_iter().fold((vec![], vec![], vec![]), |(mut a, mut b, mut c), (r, p50, p99)| {
-            a.push(r);
-            b.push(p50);
-            c.push(p99);
-            (a, b, c)
-        });
+    let column = |f: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
     row(
         bench,
         clients,
-        &format!("{:.0} req/s", median(rates)),
-        &format!("p50 {:.0} us, p99 {:.0} us (median of {n})", median(p50s), median(p99s)),
+        &format!("{:.0} req/s", column(|r| r.0)),
+        &format!("p50 {:.0} us, p99 {:.0} us (median of {})", column(|r| r.1), column(|r| r.2), runs.len()),
     );
 }
 
