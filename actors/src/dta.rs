@@ -7,7 +7,7 @@
 //! The DTA's data (record, members, resolved layers) lives in its `DtaEntry`, outside
 //! the actor, so that the actor only serializes changes and pushes.
 
-use crate::dti::{DtiRequest, ResolvedLayers};
+use crate::dti::{Join, LayersChanged, Leave, ResolvedLayers};
 use crate::env::{FastSet, TwinEnv};
 use crate::error::TwinError;
 use crate::handle::TwinHandle;
@@ -210,7 +210,7 @@ impl Dta {
             futures::stream::iter(handles)
                 .map(|h| {
                     let r = resolved.clone();
-                    async move { h.request(DtiRequest::LayersChanged(r)).await.is_ok() }
+                    async move { h.request(LayersChanged(r)).await.is_ok() }
                 })
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .filter(|ok| std::future::ready(*ok))
@@ -261,7 +261,7 @@ impl Dta {
                 );
                 let resolved = entry.resolved();
                 Ok(Box::pin(async move {
-                    handle.request(DtiRequest::Join(resolved.clone())).await?;
+                    handle.request(Join(resolved.clone())).await?;
                     entry.members.lock().insert(twin.clone());
                     // A layer change that raced with the join reaches the newcomer too.
                     if entry.resolved().version != resolved.version {
@@ -276,7 +276,7 @@ impl Dta {
                 );
                 let dta = entry.id.clone();
                 Ok(Box::pin(async move {
-                    handle.request(DtiRequest::Leave(dta)).await?;
+                    handle.request(Leave(dta)).await?;
                     entry.members.lock().remove(&twin);
                     Ok(1)
                 }))

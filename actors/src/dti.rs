@@ -1,14 +1,16 @@
-//! The DTI: one actor per device. It owns the twin's state, applies commands through the
-//! pure step functions of `twinfleet-models`, persists each change (snapshot + journal
-//! events, one atomic batch) and answers only after the flush.
+//! The DTI: one actor per device. It owns the twin's state, decides every input through
+//! the pure `TwinState::decide` of `twinfleet-models`, persists the events (snapshot +
+//! journal events, one atomic batch), carries out the decision's effects (arm or cancel
+//! a wait's timer, raise an alert, and, once the batch is durable, deliver commands to
+//! the device) and answers only after the flush. It infers nothing from event kinds.
+//!
+//! Waits live in the twin's state: on start the actor re-arms every stored wait, and a
+//! timer that fires feeds `WaitExpired` back into `decide`.
 //!
 //! Failure: the synchronous part of every handler and timer runs under `catch_unwind`. A
-//! panic stops only this actor; its TDTA is told and restarts it from storage. The
-//! desired-state watchdog: while the reported state does not cover the desired state, the
-//! twin waits with a deadline, re-sends the desired state on expiry with backoff, and
-//! raises an alert when its retries are used up.
+//! panic stops only this actor; its TDTA is told and restarts it from storage.
 
-use crate::env::{DeviceCommand, TwinEnv};
+use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
 use crate::tdta::{ChildFailed, TypeContext};
@@ -19,9 +21,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use twinfleet_models::{
-    Alert, AlertKind, DtaId, EffectiveConfig, EventKind, LayerRef, Lifecycle, MetricPoint, Severity, Timestamp,
-    TwinCommand, TwinEvent, TwinId, TwinState, WaitDecision, decode_batch, effective_config, encode_batch,
-    validate_batch,
+    Alert, CommandId, Decision, DeviceCommand, DtaId, Effect, EffectiveConfig, EventKind, LayerRef, Lifecycle,
+    MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, decode_batch,
+    effective_config, encode_batch, validate_batch,
 };
 use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
 
@@ -98,26 +100,51 @@ impl TwinSlot {
     }
 }
 
-/// A request to a DTI. One closed enum, so every trigger of the actor is listed here.
-#[derive(Debug)]
-pub(crate) enum DtiRequest {
-    Get,
-    /// A command, and records to write in the same atomic batch if it is accepted.
-    Command(TwinCommand, WriteBatch),
-    Events {
-        limit: usize,
-    },
-    Join(Arc<ResolvedLayers>),
-    Leave(DtaId),
-    LayersChanged(Arc<ResolvedLayers>),
-    Telemetry(Vec<MetricPoint>),
-    TelemetryQuery(TelemetryQuery),
-    InjectPanic,
-    ToDevice(DeviceCommand),
-    /// Stop for good (the twin is being deleted): answered after everything queued
-    /// before it; nothing is written after the answer.
-    Retire,
+/// A request to a DTI with its own reply type, so a caller can never get the answer of
+/// another request. Every trigger of the actor is one of the types below that implement
+/// this trait (all in this file), or one of its wait timers.
+pub(crate) trait Request: Send + 'static {
+    type Reply: Send + 'static;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<Self::Reply>;
 }
+
+/// The envelope of a [`Request`] in the actor's mailbox.
+pub(crate) struct Ask<Q>(pub Q);
+
+impl<Q: Request> Message for Ask<Q> {
+    type Result = Result<Q::Reply, TwinError>;
+}
+
+/// The twin's view.
+#[derive(Debug)]
+pub(crate) struct Get;
+/// A command, and records to write in the same atomic batch if it is accepted;
+/// answered with the journal sequence number once durable.
+#[derive(Debug)]
+pub(crate) struct Command(pub TwinCommand, pub WriteBatch);
+/// The last `limit` journal events.
+#[derive(Debug)]
+pub(crate) struct Events(pub usize);
+#[derive(Debug)]
+pub(crate) struct Join(pub Arc<ResolvedLayers>);
+#[derive(Debug)]
+pub(crate) struct Leave(pub DtaId);
+#[derive(Debug)]
+pub(crate) struct LayersChanged(pub Arc<ResolvedLayers>);
+#[derive(Debug)]
+pub(crate) struct Telemetry(pub Vec<MetricPoint>);
+#[derive(Debug)]
+pub(crate) struct QueryTelemetry(pub TelemetryQuery);
+#[derive(Debug)]
+pub(crate) struct InjectPanic;
+/// A command for the device; answered with the id the twin minted for it, once the
+/// transport has it.
+#[derive(Debug)]
+pub(crate) struct ToDevice(pub DeviceCommand);
+/// Stop for good (the twin is being deleted): answered after everything queued before
+/// it; nothing is written after the answer.
+#[derive(Debug)]
+pub(crate) struct Retire;
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
 /// newest first, at most `limit`.
@@ -127,22 +154,6 @@ pub struct TelemetryQuery {
     pub from: Timestamp,
     pub to: Timestamp,
     pub limit: usize,
-}
-
-#[derive(Debug)]
-pub(crate) enum DtiReply {
-    View(Box<TwinView>),
-    Ack { seq: u64 },
-    Events(Vec<TwinEvent>),
-    Points(Vec<MetricPoint>),
-    Stored { points: usize },
-    Done,
-}
-
-pub(crate) struct DtiMsg(pub DtiRequest);
-
-impl Message for DtiMsg {
-    type Result = Result<DtiReply, TwinError>;
 }
 
 /// What a twin shows of itself.
@@ -172,18 +183,13 @@ pub struct WaitView {
     pub deadline: Timestamp,
 }
 
-struct SyncWait {
-    attempt: u32,
-    deadline: Timestamp,
-    timer: SpawnHandle,
-}
-
 pub struct Dti {
     slot: Arc<TwinSlot>,
     state: TwinState,
     /// Resolved layers of each direct membership.
     layers: Vec<Arc<ResolvedLayers>>,
-    sync: Option<SyncWait>,
+    /// The running timer of each armed wait (the waits themselves are in `state`).
+    timers: Vec<(WaitName, u32, SpawnHandle)>,
     /// Set when this incarnation is a restart: recorded in the journal on start.
     restart: Option<(String, u32)>,
     /// Newest value per metric. Boxed on purpose: a twin without telemetry pays 8 bytes
@@ -198,10 +204,24 @@ impl std::fmt::Debug for Dti {
     }
 }
 
-enum Outcome {
-    Now(Result<DtiReply, TwinError>),
-    AfterFlush(Ticket, DtiReply),
-    Later(futures::future::BoxFuture<'static, Result<DtiReply, TwinError>>),
+/// How a request is answered.
+pub(crate) enum Outcome<R> {
+    Now(Result<R, TwinError>),
+    /// Once the ticket's batch is durable; then the deliveries of the same decision are
+    /// carried out and the reply is sent.
+    AfterFlush(Applied, R),
+    Later(futures::future::BoxFuture<'static, Result<R, TwinError>>),
+}
+
+/// A decision that was applied and submitted: durable when `ticket` resolves, and the
+/// commands to hand to the device then.
+pub(crate) struct Applied {
+    seq: u64,
+    ticket: Ticket,
+    deliveries: Vec<(CommandId, DeviceCommand)>,
+    /// Whether an undelivered command fails the request (an operator's command does;
+    /// a desired state does not: its wait retries).
+    must_deliver: bool,
 }
 
 impl Dti {
@@ -217,7 +237,7 @@ impl Dti {
         let s = slot.clone();
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dti { slot: s, state, layers, sync: None, restart, latest: None }
+            Dti { slot: s, state, layers, timers: Vec::new(), restart, latest: None }
         });
         slot.set_addr(Some(addr.clone()));
         addr
@@ -234,7 +254,11 @@ impl Dti {
             state: self.state.clone(),
             effective_config: effective_config(&defaults, layers, &self.state.overrides),
             in_sync: self.state.in_sync(),
-            desired_sync: self.sync.as_ref().map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
+            desired_sync: self
+                .state
+                .waits
+                .get(WaitName::DesiredSync)
+                .map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
             telemetry_latest: self.latest.as_deref().cloned().unwrap_or_default(),
         }
     }
@@ -262,7 +286,10 @@ impl Dti {
     }
 
     /// Reads stored points after a storage barrier (the twin sees its own writes).
-    fn query_telemetry(&self, q: TelemetryQuery) -> futures::future::BoxFuture<'static, Result<DtiReply, TwinError>> {
+    fn query_telemetry(
+        &self,
+        q: TelemetryQuery,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<MetricPoint>, TwinError>> {
         let storage = self.env().storage.clone();
         let barrier = storage.barrier();
         let prefix = journal_prefix(&self.slot.id);
@@ -286,24 +313,17 @@ impl Dti {
             }
             out.sort_by_key(|p| std::cmp::Reverse(p.at));
             out.truncate(q.limit);
-            Ok(DtiReply::Points(out))
+            Ok(out)
         })
     }
 
-    /// decide → evolve → persist. The returned ticket resolves when the change is durable.
-    fn apply(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) -> Result<(u64, Ticket), TwinError> {
-        self.apply_with(cmd, WriteBatch::new(), ctx)
-    }
-
-    /// Decides and applies `cmd`; writes its events, the snapshot and `also` in one batch.
-    fn apply_with(
-        &mut self,
-        cmd: TwinCommand,
-        also: WriteBatch,
-        ctx: &mut Context<Self>,
-    ) -> Result<(u64, Ticket), TwinError> {
-        let now = self.env().clock.now();
-        let events = self.state.decide(cmd, now)?;
+    /// decide → evolve → persist → carry out the effects. Deliveries wait for the
+    /// flush (they come back in [`Applied`]); timers and alerts are carried out now.
+    fn apply(&mut self, cmd: TwinCommand, also: WriteBatch, ctx: &mut Context<Self>) -> Result<Applied, TwinError> {
+        let env = self.slot.ty.env.clone();
+        let now = env.clock.now();
+        let rules = TwinRules { desired_sync: &env.settings.desired_sync, domain: self.slot.ty.domain.as_deref() };
+        let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
         for e in &events {
             self.state.evolve(e);
         }
@@ -311,80 +331,92 @@ impl Dti {
             self.slot.set_summary(&self.state);
         }
         let mut batch = WriteBatch::new();
-        batch.put(Space::Snapshot, twin_key(&self.slot.id), encode_record(&self.state));
+        if !events.is_empty() {
+            batch.put(Space::Snapshot, twin_key(&self.slot.id), encode_record(&self.state));
+        }
         for e in &events {
             batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_record(e));
         }
         batch.append(also);
-        let ticket = self.env().storage.submit(batch);
-        for e in &events {
-            match &e.kind {
-                EventKind::DesiredSet { .. } if !self.state.in_sync() => {
-                    let deadline = self.env().settings.desired_sync.first_deadline(now);
-                    self.arm_sync(ctx, 0, deadline);
-                }
-                EventKind::DesiredSet { .. } | EventKind::InSync => self.disarm_sync(ctx),
-                _ => {}
-            }
-        }
-        Ok((self.state.last_seq, ticket))
+        let ticket = env.storage.submit(batch);
+        let deliveries = self.carry_out(effects, now, ctx);
+        Ok(Applied { seq: self.state.last_seq, ticket, deliveries, must_deliver: false })
     }
 
-    /// Records an event the twin itself observed; durable like any other, unawaited.
-    fn record(&mut self, kind: EventKind, ctx: &mut Context<Self>) {
-        if let Err(e) = self.apply(TwinCommand::Record(kind), ctx) {
-            tracing::warn!(twin = %self.slot.id, error = %e, "could not record an event");
-        }
-    }
-
-    fn arm_sync(&mut self, ctx: &mut Context<Self>, attempt: u32, deadline: Timestamp) {
-        self.disarm_sync(ctx);
-        let cmd = DeviceCommand::ApplyDesired { desired: self.state.desired.clone(), attempt };
-        if let Err(why) = self.env().deliver_to_device(&self.slot.id, &self.state.metadata, cmd) {
-            tracing::debug!(twin = %self.slot.id, attempt, "desired state not delivered: {why}");
-        }
-        let sleep = self.env().clock.sleep_until(deadline);
-        let timer = ctx.spawn(
-            sleep.into_actor(self).map(move |(), act, ctx| act.guarded(ctx, |act, ctx| act.sync_expired(attempt, ctx))),
-        );
-        self.sync = Some(SyncWait { attempt, deadline, timer });
-    }
-
-    fn disarm_sync(&mut self, ctx: &mut Context<Self>) {
-        if let Some(w) = self.sync.take() {
-            ctx.cancel_future(w.timer);
-        }
-    }
-
-    fn sync_expired(&mut self, attempt: u32, ctx: &mut Context<Self>) {
-        match &self.sync {
-            Some(w) if w.attempt == attempt => self.sync = None,
-            _ => return,
-        }
-        if self.state.in_sync() {
-            return;
-        }
-        let now = self.env().clock.now();
-        match self.env().settings.desired_sync.on_expiry(attempt, now) {
-            WaitDecision::Retry { attempt, deadline } => {
-                self.record(EventKind::WaitRetried { wait: "desired_sync".into(), attempt }, ctx);
-                self.arm_sync(ctx, attempt, deadline);
-            }
-            WaitDecision::Alert { attempts } => {
-                let message =
-                    format!("twin {} did not report its desired state after {attempts} attempts", self.slot.id);
-                self.record(
-                    EventKind::AlertRaised { alert: AlertKind::DeadlineExceeded, message: message.clone() },
-                    ctx,
-                );
-                self.env().alerts.raise(Alert {
+    /// Carries out the effects that need no flush first; returns the deliveries.
+    fn carry_out(
+        &mut self,
+        effects: Vec<Effect>,
+        now: Timestamp,
+        ctx: &mut Context<Self>,
+    ) -> Vec<(CommandId, DeviceCommand)> {
+        let mut deliveries = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Deliver { id, command } => deliveries.push((id, command)),
+                Effect::ArmWait { wait, attempt, deadline } => self.arm(ctx, wait, attempt, deadline),
+                Effect::CancelWait { wait } => self.cancel(ctx, wait),
+                Effect::RaiseAlert { kind, severity, message } => self.env().alerts.raise(Alert {
                     at: now,
-                    severity: Severity::Warning,
-                    kind: AlertKind::DeadlineExceeded,
+                    severity,
+                    kind,
                     source: format!("dti/{}", self.slot.id),
                     message,
-                });
+                }),
             }
+        }
+        deliveries
+    }
+
+    /// Hands durable commands to the device transport. A desired state superseded
+    /// meanwhile by a newer one is not sent (the newer command carries it). Returns the
+    /// last delivery error; the desired-state wait retries either way.
+    fn deliver(&self, deliveries: Vec<(CommandId, DeviceCommand)>) -> Result<(), String> {
+        let mut result = Ok(());
+        let current = self.state.waits.get(WaitName::DesiredSync).and_then(|w| w.command);
+        for (id, command) in deliveries {
+            if matches!(command, DeviceCommand::ApplyDesired { .. }) && current != Some(id) {
+                continue;
+            }
+            if let Err(why) = self.env().deliver_to_device(&self.slot.id, &self.state.metadata, id, command) {
+                tracing::debug!(twin = %self.slot.id, command = %id, "command not delivered: {why}");
+                result = Err(why);
+            }
+        }
+        result
+    }
+
+    /// Feeds the twin an input of its own (a restart, an expired wait): durable like
+    /// any other change, unawaited; its deliveries go out after the flush.
+    fn input(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) {
+        match self.apply(cmd, WriteBatch::new(), ctx) {
+            Ok(Applied { deliveries, ticket, .. }) if !deliveries.is_empty() => {
+                ctx.spawn(actix::fut::wrap_future::<_, Self>(ticket).map(move |r, act, ctx| {
+                    act.guarded(ctx, |act, _| match r {
+                        Ok(()) => drop(act.deliver(deliveries)),
+                        Err(e) => tracing::warn!(twin = %act.slot.id, error = %e, "not stored; nothing sent"),
+                    })
+                }));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(twin = %self.slot.id, error = %e, "could not record an event"),
+        }
+    }
+
+    fn arm(&mut self, ctx: &mut Context<Self>, wait: WaitName, attempt: u32, deadline: Timestamp) {
+        self.cancel(ctx, wait);
+        let sleep = self.env().clock.sleep_until(deadline);
+        let timer = ctx.spawn(sleep.into_actor(self).map(move |(), act, ctx| {
+            act.timers.retain(|(w, a, _)| !(*w == wait && *a == attempt));
+            act.guarded(ctx, |act, ctx| act.input(TwinCommand::WaitExpired { wait, attempt }, ctx))
+        }));
+        self.timers.push((wait, attempt, timer));
+    }
+
+    fn cancel(&mut self, ctx: &mut Context<Self>, wait: WaitName) {
+        if let Some(i) = self.timers.iter().position(|(w, _, _)| *w == wait) {
+            let (_, _, timer) = self.timers.swap_remove(i);
+            ctx.cancel_future(timer);
         }
     }
 
@@ -410,7 +442,7 @@ impl Dti {
 
     /// The last `limit` journal events, read after a storage barrier so that they
     /// include every event this twin submitted before (read-your-writes).
-    fn read_events(&self, limit: usize) -> futures::future::BoxFuture<'static, Result<DtiReply, TwinError>> {
+    fn read_events(&self, limit: usize) -> futures::future::BoxFuture<'static, Result<Vec<TwinEvent>, TwinError>> {
         let storage = self.env().storage.clone();
         let barrier = storage.barrier();
         let prefix = journal_prefix(&self.slot.id);
@@ -425,67 +457,132 @@ impl Dti {
                     Err(e) => tracing::warn!(twin = %id, "skipping a corrupt journal entry: {e}"),
                 }
             }
-            Ok(DtiReply::Events(out))
+            Ok(out)
         })
     }
+}
 
-    fn handle_request(&mut self, req: DtiRequest, ctx: &mut Context<Self>) -> Outcome {
-        let ack = |r: Result<(u64, Ticket), TwinError>| match r {
-            Ok((seq, ticket)) => Outcome::AfterFlush(ticket, DtiReply::Ack { seq }),
-            Err(e) => Outcome::Now(Err(e)),
-        };
-        match req {
-            DtiRequest::Get => Outcome::Now(Ok(DtiReply::View(Box::new(self.view())))),
-            DtiRequest::Command(cmd, also) => ack(self.apply_with(cmd, also, ctx)),
-            DtiRequest::Events { limit } => Outcome::Later(self.read_events(limit)),
-            DtiRequest::Join(resolved) => {
-                let r = self.apply(TwinCommand::JoinDta(resolved.dta.clone()), ctx);
-                if r.is_ok() {
-                    self.layers.retain(|l| l.dta != resolved.dta);
-                    self.layers.push(resolved);
-                }
-                ack(r)
-            }
-            DtiRequest::Leave(dta) => {
-                let r = self.apply(TwinCommand::LeaveDta(dta.clone()), ctx);
-                if r.is_ok() {
-                    self.layers.retain(|l| l.dta != dta);
-                }
-                ack(r)
-            }
-            DtiRequest::LayersChanged(resolved) => {
-                if let Some(l) = self.layers.iter_mut().find(|l| l.dta == resolved.dta)
-                    && resolved.version > l.version
-                {
-                    *l = resolved;
-                }
-                Outcome::Now(Ok(DtiReply::Done))
-            }
-            DtiRequest::Telemetry(points) => match self.store_telemetry(points) {
-                Ok((ticket, points)) => Outcome::AfterFlush(ticket, DtiReply::Stored { points }),
-                Err(e) => Outcome::Now(Err(e)),
-            },
-            DtiRequest::TelemetryQuery(q) => Outcome::Later(self.query_telemetry(q)),
-            DtiRequest::ToDevice(cmd) => Outcome::Now(
-                self.env()
-                    .deliver_to_device(&self.slot.id, &self.state.metadata, cmd)
-                    .map(|()| DtiReply::Ack { seq: self.state.last_seq })
-                    .map_err(|reason| TwinError::DeviceUnreachable { id: self.slot.id.to_string(), reason }),
-            ),
-            DtiRequest::Retire => {
-                self.disarm_sync(ctx);
-                self.slot.set_addr(None);
-                self.slot.stats.set_status(ActorStatus::Stopped);
-                ctx.stop();
-                Outcome::Now(Ok(DtiReply::Done))
-            }
-            DtiRequest::InjectPanic => {
-                if !self.env().settings.allow_fault_injection {
-                    return Outcome::Now(Err(TwinError::FaultInjectionDisabled));
-                }
-                panic!("fault injected into twin {}", self.slot.id)
-            }
+/// What an accepted write answers: its journal sequence number.
+fn seq(r: Result<Applied, TwinError>) -> Outcome<u64> {
+    match r {
+        Ok(applied) => {
+            let seq = applied.seq;
+            Outcome::AfterFlush(applied, seq)
         }
+        Err(e) => Outcome::Now(Err(e)),
+    }
+}
+
+impl Request for Get {
+    type Reply = TwinView;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<TwinView> {
+        Outcome::Now(Ok(dti.view()))
+    }
+}
+
+impl Request for Command {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        seq(dti.apply(self.0, self.1, ctx))
+    }
+}
+
+impl Request for Events {
+    type Reply = Vec<TwinEvent>;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Vec<TwinEvent>> {
+        Outcome::Later(dti.read_events(self.0))
+    }
+}
+
+impl Request for Join {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        let resolved = self.0;
+        let r = dti.apply(TwinCommand::JoinDta(resolved.dta.clone()), WriteBatch::new(), ctx);
+        if r.is_ok() {
+            dti.layers.retain(|l| l.dta != resolved.dta);
+            dti.layers.push(resolved);
+        }
+        seq(r)
+    }
+}
+
+impl Request for Leave {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        let r = dti.apply(TwinCommand::LeaveDta(self.0.clone()), WriteBatch::new(), ctx);
+        if r.is_ok() {
+            dti.layers.retain(|l| l.dta != self.0);
+        }
+        seq(r)
+    }
+}
+
+impl Request for LayersChanged {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+        let resolved = self.0;
+        if let Some(l) = dti.layers.iter_mut().find(|l| l.dta == resolved.dta)
+            && resolved.version > l.version
+        {
+            *l = resolved;
+        }
+        Outcome::Now(Ok(()))
+    }
+}
+
+impl Request for Telemetry {
+    type Reply = usize;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
+        match dti.store_telemetry(self.0) {
+            Ok((ticket, points)) => {
+                Outcome::AfterFlush(Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false }, points)
+            }
+            Err(e) => Outcome::Now(Err(e)),
+        }
+    }
+}
+
+impl Request for QueryTelemetry {
+    type Reply = Vec<MetricPoint>;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Vec<MetricPoint>> {
+        Outcome::Later(dti.query_telemetry(self.0))
+    }
+}
+
+impl Request for ToDevice {
+    type Reply = CommandId;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<CommandId> {
+        match dti.apply(TwinCommand::SendToDevice(self.0), WriteBatch::new(), ctx) {
+            Ok(applied) => {
+                let id = applied.deliveries.first().map(|(id, _)| *id).unwrap_or(CommandId(0));
+                Outcome::AfterFlush(Applied { must_deliver: true, ..applied }, id)
+            }
+            Err(e) => Outcome::Now(Err(e)),
+        }
+    }
+}
+
+impl Request for Retire {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
+        for (_, _, timer) in std::mem::take(&mut dti.timers) {
+            ctx.cancel_future(timer);
+        }
+        dti.slot.set_addr(None);
+        dti.slot.stats.set_status(ActorStatus::Stopped);
+        ctx.stop();
+        Outcome::Now(Ok(()))
+    }
+}
+
+impl Request for InjectPanic {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+        if !dti.env().settings.allow_fault_injection {
+            return Outcome::Now(Err(TwinError::FaultInjectionDisabled));
+        }
+        panic!("fault injected into twin {}", dti.slot.id)
     }
 }
 
@@ -496,33 +593,77 @@ impl Actor for Dti {
         self.slot.stats.set_status(ActorStatus::Running);
         self.guarded(ctx, |act, ctx| {
             if let Some((reason, attempt)) = act.restart.take() {
-                act.record(EventKind::Restarted { reason, attempt }, ctx);
+                act.input(TwinCommand::Record(EventKind::Restarted { reason, attempt }), ctx);
             }
-            if !act.state.desired.is_empty() && !act.state.in_sync() {
-                let deadline = act.env().settings.desired_sync.first_deadline(act.env().clock.now());
-                act.arm_sync(ctx, 0, deadline);
-            }
+            // The waits are in the stored state: re-arm their timers (a deadline that
+            // passed while the twin was down fires at once).
+            let rearm = act.state.waits.rearm();
+            let now = act.env().clock.now();
+            act.carry_out(rearm, now, ctx);
         });
     }
 }
 
-impl Handler<DtiMsg> for Dti {
-    type Result = ResponseFuture<Result<DtiReply, TwinError>>;
+impl<Q: Request> Handler<Ask<Q>> for Dti {
+    type Result = Answer<Result<Q::Reply, TwinError>>;
 
-    fn handle(&mut self, DtiMsg(req): DtiMsg, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Ask(req): Ask<Q>, ctx: &mut Context<Self>) -> Self::Result {
         self.slot.stats.dequeued();
-        match panic::catch(|| self.handle_request(req, ctx)) {
-            Ok(Outcome::Now(r)) => Box::pin(std::future::ready(r)),
-            Ok(Outcome::Later(fut)) => fut,
-            Ok(Outcome::AfterFlush(ticket, reply)) => Box::pin(async move {
-                ticket.await?;
-                Ok(reply)
-            }),
+        match panic::catch(|| req.run(self, ctx)) {
+            Ok(Outcome::Now(r)) => Answer::Now(r),
+            Ok(Outcome::Later(fut)) => Answer::Detached(fut),
+            // Without deliveries the answer does not need the actor: it arrives even if
+            // the twin crashes before the flush.
+            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, .. }, reply)) if deliveries.is_empty() => {
+                Answer::Detached(Box::pin(async move {
+                    ticket.await?;
+                    Ok(reply)
+                }))
+            }
+            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, must_deliver, .. }, reply)) => {
+                Answer::OnActor(Box::pin(actix::fut::wrap_future::<_, Self>(ticket).map(move |stored, act, ctx| {
+                    stored?;
+                    let mut delivered = Ok(());
+                    act.guarded(ctx, |act, _| delivered = act.deliver(deliveries));
+                    match delivered {
+                        Err(reason) if must_deliver => {
+                            Err(TwinError::DeviceUnreachable { id: act.slot.id.to_string(), reason })
+                        }
+                        _ => Ok(reply),
+                    }
+                })))
+            }
             Err(message) => {
                 let err = TwinError::Crashed { kind: "twin", id: self.slot.id.to_string(), message: message.clone() };
                 self.crash(ctx, message);
-                Box::pin(std::future::ready(Err(err)))
+                Answer::Now(Err(err))
             }
+        }
+    }
+}
+
+/// How a DTI answers. An immediate answer is sent at once, even by an actor that stops
+/// after a crash; a detached one (a read, a flushed write without deliveries) does not
+/// need the actor to finish; one on the actor (a flushed write with deliveries) finishes
+/// there, so that its deliveries see the twin's state of that moment.
+pub(crate) enum Answer<T> {
+    Now(T),
+    Detached(futures::future::BoxFuture<'static, T>),
+    OnActor(ResponseActFuture<Dti, T>),
+}
+
+impl<M: Message<Result = T>, T: Send + 'static> actix::dev::MessageResponse<Dti, M> for Answer<T> {
+    fn handle(self, ctx: &mut Context<Dti>, tx: Option<actix::dev::OneshotSender<T>>) {
+        let send = |r: T| {
+            if let Some(tx) = tx {
+                // The caller may have given up (its deadline passed): nothing to do.
+                let _ = tx.send(r);
+            }
+        };
+        match self {
+            Answer::Now(r) => send(r),
+            Answer::Detached(fut) => drop(actix_rt::spawn(async move { send(fut.await) })),
+            Answer::OnActor(fut) => drop(ctx.spawn(fut.map(move |r, _, _| send(r)))),
         }
     }
 }

@@ -11,11 +11,11 @@ use crate::jobs::Jobs;
 use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use parking_lot::RwLock;
-use serde_json::{Map, Value};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use twinfleet_models::{DeviceTypeId, DtaId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
+pub use twinfleet_models::DeviceCommand;
+use twinfleet_models::{CommandId, DeviceTypeId, DtaId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
@@ -61,29 +61,6 @@ impl Default for Settings {
     }
 }
 
-/// What a twin asks of its device. The protocol adapters turn this into an MQTT publish
-/// or a gRPC call; until one is attached, commands go nowhere and the twin's watchdog
-/// retries and finally alerts.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DeviceCommand {
-    /// The twin's desired state, from its watchdog (the link names the command).
-    ApplyDesired {
-        desired: Map<String, Value>,
-        attempt: u32,
-    },
-    /// Operator-issued, named by the twin (`TwinHandle::send_to_device`).
-    SetConfiguration {
-        command_id: String,
-        configuration: Map<String, Value>,
-    },
-    InstallApp {
-        command_id: String,
-        app: String,
-        version: String,
-        artifact_url: String,
-    },
-}
-
 /// The twin-to-device direction, implemented by the protocol adapters. Called on the
 /// twin's arbiter; an implementation may spawn work there but must not block.
 pub trait DeviceLink: Send + Sync + Debug + 'static {
@@ -94,10 +71,11 @@ pub trait DeviceLink: Send + Sync + Debug + 'static {
         1
     }
 
-    /// Hands a command to the device's transport. `metadata` is the twin's (a
-    /// request-response device's address lives there). An error means it could not even
-    /// be queued (e.g. the device is offline); the twin's watchdog retries either way.
-    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String>;
+    /// Hands command `id` to the device's transport; the device answers with the same id
+    /// (its decimal form) on any transport. `metadata` is the twin's (a request-response
+    /// device's address lives there). An error means it could not even be queued (e.g.
+    /// the device is offline); the twin's desired-state wait retries either way.
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String>;
 }
 
 /// The device transports attached to a platform, by name ("grpc", "mqtt", ...). A
@@ -106,7 +84,7 @@ pub trait DeviceLink: Send + Sync + Debug + 'static {
 struct DeviceLinks(RwLock<Vec<(&'static str, Arc<dyn DeviceLink>)>>);
 
 impl DeviceLinks {
-    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String> {
         let best = {
             let links = self.0.read();
             links
@@ -117,7 +95,7 @@ impl DeviceLinks {
                 .map(|(_, l)| l.clone())
         };
         match best {
-            Some(link) => link.deliver(twin, metadata, cmd),
+            Some(link) => link.deliver(twin, metadata, id, cmd),
             None if self.0.read().is_empty() => Err("no device transport attached".into()),
             None => Err(format!("no attached transport can reach device {twin}")),
         }
@@ -197,9 +175,10 @@ impl TwinEnv {
         &self,
         twin: &TwinId,
         metadata: &Metadata,
+        id: CommandId,
         cmd: DeviceCommand,
     ) -> Result<(), String> {
-        self.device_links.deliver(twin, metadata, cmd)
+        self.device_links.deliver(twin, metadata, id, cmd)
     }
 
     /// A platform-wide increasing number, to order configuration pushes.

@@ -5,7 +5,10 @@
 
 use crate::access::{AccessControl, AuditEntry};
 use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
-use crate::dti::{DtiMsg, DtiReply, DtiRequest, TelemetryQuery, TwinSlot, TwinView};
+use crate::dti::{
+    Ask, Command, Events, Get, InjectPanic, QueryTelemetry, Request, Retire, Telemetry, TelemetryQuery, ToDevice,
+    TwinSlot, TwinView,
+};
 use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, TwinSpec};
@@ -17,7 +20,7 @@ use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
+use twinfleet_models::{CommandId, ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
@@ -64,9 +67,12 @@ impl TwinHandle {
 
     /// Puts `req` in the mailbox now (or parks it while the mailbox is full) and
     /// returns the future of the answer.
-    fn post(&self, req: DtiRequest) -> Result<impl Future<Output = Result<DtiReply, TwinError>> + use<>, TwinError> {
+    fn post<Q: Request>(
+        &self,
+        req: Q,
+    ) -> Result<impl Future<Output = Result<Q::Reply, TwinError>> + use<Q>, TwinError> {
         let stats = &self.slot.stats;
-        let Some(request) = self.slot.with_addr(|a| a.send(DtiMsg(req))) else {
+        let Some(request) = self.slot.with_addr(|a| a.send(Ask(req))) else {
             return Err(self.gone());
         };
         stats.enqueued();
@@ -88,34 +94,24 @@ impl TwinHandle {
         }
     }
 
-    pub(crate) async fn request(&self, req: DtiRequest) -> Result<DtiReply, TwinError> {
+    pub(crate) async fn request<Q: Request>(&self, req: Q) -> Result<Q::Reply, TwinError> {
         self.post(req)?.await
     }
 
     pub async fn get(&self) -> Result<TwinView, TwinError> {
-        match self.request(DtiRequest::Get).await? {
-            DtiReply::View(v) => Ok(*v),
-            other => Err(unexpected(other)),
-        }
+        self.request(Get).await
     }
 
     /// Applies a command; resolves with the journal sequence number once it is durable.
     pub async fn command(&self, cmd: TwinCommand) -> Result<u64, TwinError> {
-        self.command_with(cmd, WriteBatch::new()).await
+        self.request(Command(cmd, WriteBatch::new())).await
     }
 
     /// Like `command`, and stores `audit` (its id set) in the same atomic batch as the
     /// change, only if the twin accepts the command: the change and the entry that
     /// describes it are durable together, after one flush.
     pub async fn command_audited(&self, cmd: TwinCommand, audit: &AuditEntry) -> Result<u64, TwinError> {
-        self.command_with(cmd, AccessControl::audit_batch(audit)).await
-    }
-
-    async fn command_with(&self, cmd: TwinCommand, also: WriteBatch) -> Result<u64, TwinError> {
-        match self.request(DtiRequest::Command(cmd, also)).await? {
-            DtiReply::Ack { seq } => Ok(seq),
-            other => Err(unexpected(other)),
-        }
+        self.request(Command(cmd, AccessControl::audit_batch(audit))).await
     }
 
     /// Like `command`, but fails at once with `MailboxFull` instead of waiting for room.
@@ -127,13 +123,7 @@ impl TwinHandle {
         if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
             return Err(TwinError::MailboxFull(self.slot.id.to_string()));
         }
-        let answer = self.post(DtiRequest::Command(cmd, WriteBatch::new()))?;
-        Ok(async move {
-            match answer.await? {
-                DtiReply::Ack { seq } => Ok(seq),
-                other => Err(unexpected(other)),
-            }
-        })
+        self.post(Command(cmd, WriteBatch::new()))
     }
 
     pub async fn report(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {
@@ -144,36 +134,36 @@ impl TwinHandle {
         self.command(TwinCommand::SetDesired(patch)).await
     }
 
+    /// Records the device's answer to command `command_id` (its decimal form, as on the
+    /// wire). An id the twin never minted, or no longer awaits, is refused with
+    /// `Rejected(UnmatchedAck)` and changes nothing.
+    pub async fn ack(&self, command_id: String, success: bool, message: String) -> Result<u64, TwinError> {
+        self.command(TwinCommand::Ack { command_id, success, message }).await
+    }
+
     /// The last `limit` journal events, oldest first.
     pub async fn events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
-        match self.request(DtiRequest::Events { limit }).await? {
-            DtiReply::Events(e) => Ok(e),
-            other => Err(unexpected(other)),
-        }
+        self.request(Events(limit)).await
     }
 
     /// Stores a telemetry batch (accepted or rejected whole); resolves with the number
     /// of points once they are durable.
     pub async fn telemetry(&self, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
-        match self.request(DtiRequest::Telemetry(points)).await? {
-            DtiReply::Stored { points } => Ok(points),
-            other => Err(unexpected(other)),
-        }
+        self.request(Telemetry(points)).await
     }
 
     /// Stored points, newest first.
     pub async fn telemetry_query(&self, q: TelemetryQuery) -> Result<Vec<MetricPoint>, TwinError> {
-        match self.request(DtiRequest::TelemetryQuery(q)).await? {
-            DtiReply::Points(p) => Ok(p),
-            other => Err(unexpected(other)),
-        }
+        self.request(QueryTelemetry(q)).await
     }
 
     /// Sends a command to the device through whichever transport reaches it (MQTT
-    /// publish, gRPC command stream or a call to its DeviceControl server). Returns once
-    /// the transport has it; the device's answer arrives as a `command_acked` event.
-    pub async fn send_to_device(&self, cmd: DeviceCommand) -> Result<(), TwinError> {
-        self.request(DtiRequest::ToDevice(cmd)).await.map(|_| ())
+    /// publish, gRPC command stream or a call to its DeviceControl server). The twin
+    /// mints the command's id and journals it (`command_sent`) before the transport gets
+    /// it; resolves with that id once the transport has it. The device's answer arrives
+    /// as a `command_acked` event, over any transport, after a restart too.
+    pub async fn send_to_device(&self, cmd: DeviceCommand) -> Result<CommandId, TwinError> {
+        self.request(ToDevice(cmd)).await
     }
 
     pub(crate) fn slot(&self) -> &Arc<TwinSlot> {
@@ -182,17 +172,13 @@ impl TwinHandle {
 
     /// Stops the twin for good, after everything queued before (see `delete_twin`).
     pub(crate) async fn retire(&self) -> Result<(), TwinError> {
-        self.request(DtiRequest::Retire).await.map(|_| ())
+        self.request(Retire).await
     }
 
     /// Makes the twin panic (only where the platform allows fault injection).
     pub async fn inject_panic(&self) -> Result<(), TwinError> {
-        self.request(DtiRequest::InjectPanic).await.map(|_| ())
+        self.request(InjectPanic).await
     }
-}
-
-fn unexpected(reply: DtiReply) -> TwinError {
-    TwinError::Invalid(format!("unexpected reply {reply:?}"))
 }
 
 /// A handle to one DTA.

@@ -3,13 +3,16 @@
 //! argument, so the actors around it can run on real or virtual time and a test can
 //! replay any sequence of inputs deterministically.
 //!
-//! The shape is the one of a step function: `decide(state, command, now)` validates a
-//! command and yields events, `evolve(state, event)` applies an event. The actors persist
-//! the events and the resulting snapshot; the models never learn how.
+//! The shape is the one of a step function: `decide(state, input, now)` validates an
+//! input and yields a `Decision { events, effects }`, `evolve(state, event)` applies an
+//! event. The actors persist the events and carry out the effects (`effect`); the
+//! models never learn how.
 
 pub mod access;
+pub mod command;
 pub mod config;
 pub mod domain;
+pub mod effect;
 pub mod ids;
 pub mod policy;
 pub mod telemetry;
@@ -17,13 +20,15 @@ pub mod time;
 pub mod twin;
 
 pub use access::{Access, Action, Denied, Grant, Role, Scope, TwinFacts};
+pub use command::{CommandId, CommandKind, Commands, DeviceCommand, PendingCommand, Unmatched};
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
 pub use domain::{DomainModel, Edit, PathError, Violation};
+pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;
 pub use twin::{
     Alert, AlertKind, EventKind, Identity, Lifecycle, Metadata, Severity, TwinCommand, TwinError as ModelError,
-    TwinEvent, TwinState,
+    TwinEvent, TwinRules, TwinState,
 };

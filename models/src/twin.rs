@@ -1,12 +1,21 @@
 //! The state of one DTI and the step functions that change it.
 //!
-//! `TwinState::decide` checks a command against the current state and returns the events
-//! it causes (or a typed error and no events); `TwinState::evolve` applies one event. The
-//! DTI actor persists the events in the twin's journal together with the new snapshot.
+//! `TwinState::decide` checks a command against the current state and returns a
+//! [`Decision`]: the events it causes and the effects to carry out (deliver a command to
+//! the device, arm or cancel a wait, raise an alert), or a typed error and nothing.
+//! `TwinState::evolve` applies one event. The DTI actor persists the events in the twin's
+//! journal and then carries out the effects; it infers nothing from event kinds.
+//!
+//! The desired-state sync is one such machine: a desired state the device does not
+//! report yet is sent as a command the twin names, and a `desired_sync` wait (in the
+//! state, so it survives restarts) retries it with backoff and ends in an alert.
 
+use crate::command::{CommandId, CommandKind, Commands, DeviceCommand, Unmatched};
 use crate::config::merge_patch;
 use crate::domain::{DomainModel, Edit, PathError, Violation, apply_edit, merge_diff};
+use crate::effect::{Decision, Effect, Wait, WaitName, Waits};
 use crate::ids::{DeviceTypeId, DtaId, TwinId};
+use crate::policy::{RetryPolicy, WaitDecision};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -70,6 +79,12 @@ pub struct TwinState {
     pub memberships: Vec<DtaId>,
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// The waits this twin owns (persisted, so a restart re-arms them).
+    #[serde(default, skip_serializing_if = "Waits::is_empty")]
+    pub waits: Waits,
+    /// Command ids minted so far and the commands awaiting the device's answer.
+    #[serde(default, skip_serializing_if = "Commands::is_empty")]
+    pub commands: Commands,
     /// Sequence number of the last event in the journal (0: none yet).
     #[serde(default)]
     pub last_seq: u64,
@@ -77,12 +92,13 @@ pub struct TwinState {
     pub updated_at: Timestamp,
 }
 
-/// What a caller asks of a twin.
+/// What a caller (or the twin's own timer) asks of a twin.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TwinCommand {
     /// The device reported part of its state (a JSON merge patch).
     Report(Map<String, Value>),
-    /// An operator or group wants part of the state changed (a JSON merge patch).
+    /// An operator or group wants part of the state changed (a JSON merge patch). Its
+    /// `components` part is validated against the device type's domain model.
     SetDesired(Map<String, Value>),
     UpdateMetadata(Metadata),
     /// A JSON merge patch on the twin's own configuration overrides.
@@ -93,12 +109,34 @@ pub enum TwinCommand {
     /// A write to the twin's components (its desired `components` document), checked
     /// against the device type's domain model as a whole before anything changes.
     EditComponents {
-        model: Arc<DomainModel>,
         path: String,
         edit: Edit,
     },
-    /// Something happened that is only recorded (a restart, a timeout, an alert).
+    /// Send a command to the device; the twin mints its id.
+    SendToDevice(DeviceCommand),
+    /// The device answered a command (the id as it came over the wire).
+    Ack {
+        command_id: String,
+        success: bool,
+        message: String,
+    },
+    /// The timer of a wait ran out (fed by the actor that armed it).
+    WaitExpired {
+        wait: WaitName,
+        attempt: u32,
+    },
+    /// Something happened that is only recorded (a restart).
     Record(EventKind),
+}
+
+/// What a twin's decisions depend on besides its state: the policies and the device
+/// type's domain model.
+#[derive(Debug, Clone, Copy)]
+pub struct TwinRules<'a> {
+    /// How long the device gets to report the desired state, and the retries.
+    pub desired_sync: &'a RetryPolicy,
+    /// The device type's domain model, validating the `components` document.
+    pub domain: Option<&'a DomainModel>,
 }
 
 /// One entry of a twin's append-only journal: the contextual data of the twin (when,
@@ -118,8 +156,12 @@ pub enum EventKind {
     Reported {
         patch: Map<String, Value>,
     },
+    /// The desired state changed. When the device does not report it yet, the twin
+    /// sends it (command `wait.command`) and waits for it until `wait.deadline`.
     DesiredSet {
         patch: Map<String, Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<Wait>,
     },
     MetadataUpdated {
         metadata: Metadata,
@@ -139,22 +181,32 @@ pub enum EventKind {
         reason: String,
         attempt: u32,
     },
-    /// A wait the twin owns ran past its deadline and was retried.
+    /// A wait the twin owns ran past its deadline and was retried, until `deadline`.
     WaitRetried {
-        wait: String,
+        wait: WaitName,
         attempt: u32,
+        #[serde(default)]
+        deadline: Timestamp,
     },
     /// The reported state now matches the desired state.
     InSync,
+    /// The twin sent a command to its device.
+    CommandSent {
+        command_id: CommandId,
+        command: CommandKind,
+    },
     /// The device acknowledged a command the twin sent it.
     CommandAcked {
         command_id: String,
         success: bool,
         message: String,
     },
+    /// An alert; when it ends a wait (its retries are used up), `wait` names it.
     AlertRaised {
         alert: AlertKind,
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<WaitName>,
     },
 }
 
@@ -173,6 +225,16 @@ pub enum TwinError {
     Component(#[from] PathError),
     #[error("{} constraint violation(s): {}", .0.len(), .0.iter().map(|v| v.message.as_str()).collect::<Vec<_>>().join("; "))]
     Violations(Vec<Violation>),
+    #[error("{}", unmatched_message(.command_id, *.why))]
+    UnmatchedAck { command_id: String, why: Unmatched },
+}
+
+fn unmatched_message(id: &str, why: Unmatched) -> String {
+    let shown: String = id.chars().take(40).collect();
+    match why {
+        Unmatched::Unknown => format!("acknowledgement of command {shown:?}, which this twin never sent"),
+        Unmatched::Stale => format!("acknowledgement of command {shown:?}, which this twin no longer awaits"),
+    }
 }
 
 impl TwinState {
@@ -186,6 +248,8 @@ impl TwinState {
             overrides: Map::new(),
             memberships,
             lifecycle: Lifecycle::Active,
+            waits: Waits::default(),
+            commands: Commands::default(),
             last_seq: 0,
             created_at: now,
             updated_at: now,
@@ -196,15 +260,23 @@ impl TwinState {
         &self.identity.twin_id
     }
 
-    /// Validates `cmd` and returns the events it causes, numbered from `last_seq + 1`.
-    /// Nothing changes until the events are passed to [`TwinState::evolve`].
-    pub fn decide(&self, cmd: TwinCommand, now: Timestamp) -> Result<Vec<TwinEvent>, TwinError> {
+    /// Validates `cmd` and returns the events it causes, numbered from `last_seq + 1`,
+    /// and the effects to carry out once they are stored. Nothing changes until the
+    /// events are passed to [`TwinState::evolve`].
+    pub fn decide(
+        &self,
+        cmd: TwinCommand,
+        now: Timestamp,
+        rules: TwinRules<'_>,
+    ) -> Result<Decision<TwinEvent>, TwinError> {
         let id = self.id();
-        let writable = !matches!(cmd, TwinCommand::Record(_));
+        let writable =
+            !matches!(cmd, TwinCommand::Record(_) | TwinCommand::Ack { .. } | TwinCommand::WaitExpired { .. });
         if writable && self.lifecycle == Lifecycle::Archived {
             return Err(TwinError::Archived(id.clone()));
         }
         let mut kinds = Vec::with_capacity(2);
+        let mut effects = Vec::new();
         match cmd {
             TwinCommand::Report(patch) | TwinCommand::SetDesired(patch) | TwinCommand::SetOverrides(patch)
                 if patch.is_empty() =>
@@ -218,9 +290,30 @@ impl TwinState {
                 kinds.push(EventKind::Reported { patch });
                 if !was_in_sync && !self.desired.is_empty() && covers(&after, &self.desired) {
                     kinds.push(EventKind::InSync);
+                    if self.waits.get(WaitName::DesiredSync).is_some() {
+                        effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
+                    }
                 }
             }
-            TwinCommand::SetDesired(patch) => kinds.push(EventKind::DesiredSet { patch }),
+            TwinCommand::SetDesired(patch) => {
+                if let (Some(model), Some(components)) = (rules.domain, patch.get("components")) {
+                    let current = self.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Map::new()));
+                    let mut doc = Map::new();
+                    doc.insert("components".into(), current);
+                    let mut wrapper = Map::new();
+                    wrapper.insert("components".into(), components.clone());
+                    merge_patch(&mut doc, &wrapper);
+                    let new = doc.remove("components").unwrap_or_else(|| Value::Object(Map::new()));
+                    if !new.is_object() {
+                        return Err(TwinError::Component(PathError::Invalid("components must be an object".into())));
+                    }
+                    let violations = model.validate(&new);
+                    if !violations.is_empty() {
+                        return Err(TwinError::Violations(violations));
+                    }
+                }
+                self.desired_set(patch, now, rules, &mut kinds, &mut effects);
+            }
             TwinCommand::UpdateMetadata(metadata) => kinds.push(EventKind::MetadataUpdated { metadata }),
             TwinCommand::SetOverrides(patch) => kinds.push(EventKind::OverridesSet { patch }),
             TwinCommand::JoinDta(dta) => {
@@ -235,10 +328,19 @@ impl TwinState {
                 }
                 kinds.push(EventKind::LeftDta { dta });
             }
-            TwinCommand::Archive => kinds.push(EventKind::Archived),
-            TwinCommand::EditComponents { model, path, edit } => {
+            TwinCommand::Archive => {
+                kinds.push(EventKind::Archived);
+                effects.extend(self.waits.iter().map(|w| Effect::CancelWait { wait: w.wait }));
+            }
+            TwinCommand::EditComponents { path, edit } => {
+                let Some(model) = rules.domain else {
+                    return Err(TwinError::Component(PathError::Invalid(format!(
+                        "device type {} has no domain model",
+                        self.identity.device_type
+                    ))));
+                };
                 let current = self.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Map::new()));
-                let new = apply_edit(&model, &current, &path, edit)?;
+                let new = apply_edit(model, &current, &path, edit)?;
                 let violations = model.validate(&new);
                 if !violations.is_empty() {
                     return Err(TwinError::Violations(violations));
@@ -250,16 +352,99 @@ impl TwinState {
                 if !diff.is_empty() {
                     let mut patch = Map::new();
                     patch.insert("components".into(), Value::Object(diff));
-                    kinds.push(EventKind::DesiredSet { patch });
+                    self.desired_set(patch, now, rules, &mut kinds, &mut effects);
                 }
             }
+            TwinCommand::SendToDevice(command) => {
+                let command_id = self.commands.next_id();
+                kinds.push(EventKind::CommandSent { command_id, command: command.kind() });
+                effects.push(Effect::Deliver { id: command_id, command });
+            }
+            TwinCommand::Ack { command_id, success, message } => match self.commands.matches(&command_id) {
+                Ok(id) => kinds.push(EventKind::CommandAcked { command_id: id.to_string(), success, message }),
+                Err(why) => return Err(TwinError::UnmatchedAck { command_id, why }),
+            },
+            TwinCommand::WaitExpired { wait, attempt } => match self.waits.get(wait) {
+                // A timer of an attempt that is over (or of a wait that ended) is stale.
+                Some(w) if w.attempt == attempt => match wait {
+                    WaitName::DesiredSync => self.desired_sync_expired(*w, now, rules, &mut kinds, &mut effects),
+                },
+                _ => {}
+            },
             TwinCommand::Record(kind) => kinds.push(kind),
         }
-        Ok(kinds
+        let events = kinds
             .into_iter()
             .enumerate()
             .map(|(i, kind)| TwinEvent { seq: self.last_seq + 1 + i as u64, at: now, kind })
-            .collect())
+            .collect();
+        Ok(Decision { events, effects })
+    }
+
+    /// The desired state changes by `patch`: while the device does not report the
+    /// result, the twin sends it and waits.
+    fn desired_set(
+        &self,
+        patch: Map<String, Value>,
+        now: Timestamp,
+        rules: TwinRules<'_>,
+        kinds: &mut Vec<EventKind>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let mut desired = self.desired.clone();
+        merge_patch(&mut desired, &patch);
+        if desired.is_empty() || covers(&self.reported, &desired) {
+            if self.waits.get(WaitName::DesiredSync).is_some() {
+                effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
+            }
+            kinds.push(EventKind::DesiredSet { patch, wait: None });
+            return;
+        }
+        let id = self.commands.next_id();
+        let deadline = rules.desired_sync.first_deadline(now);
+        let wait = Wait { wait: WaitName::DesiredSync, attempt: 0, deadline, command: Some(id) };
+        kinds.push(EventKind::DesiredSet { patch, wait: Some(wait) });
+        effects.push(Effect::Deliver { id, command: DeviceCommand::ApplyDesired { desired, attempt: 0 } });
+        effects.push(Effect::ArmWait { wait: WaitName::DesiredSync, attempt: 0, deadline });
+    }
+
+    /// The device did not report the desired state in time: retry with backoff, or
+    /// alert once the retries are used up.
+    fn desired_sync_expired(
+        &self,
+        w: Wait,
+        now: Timestamp,
+        rules: TwinRules<'_>,
+        kinds: &mut Vec<EventKind>,
+        effects: &mut Vec<Effect>,
+    ) {
+        if self.in_sync() {
+            kinds.push(EventKind::InSync);
+            return;
+        }
+        match rules.desired_sync.on_expiry(w.attempt, now) {
+            WaitDecision::Retry { attempt, deadline } => {
+                kinds.push(EventKind::WaitRetried { wait: w.wait, attempt, deadline });
+                if let Some(id) = w.command {
+                    let command = DeviceCommand::ApplyDesired { desired: self.desired.clone(), attempt };
+                    effects.push(Effect::Deliver { id, command });
+                }
+                effects.push(Effect::ArmWait { wait: w.wait, attempt, deadline });
+            }
+            WaitDecision::Alert { attempts } => {
+                let message = format!("twin {} did not report its desired state after {attempts} attempts", self.id());
+                kinds.push(EventKind::AlertRaised {
+                    alert: AlertKind::DeadlineExceeded,
+                    message: message.clone(),
+                    wait: Some(w.wait),
+                });
+                effects.push(Effect::RaiseAlert {
+                    kind: AlertKind::DeadlineExceeded,
+                    severity: Severity::Warning,
+                    message,
+                });
+            }
+        }
     }
 
     /// Applies one event. Events come from `decide` or from the journal, so they are
@@ -267,7 +452,20 @@ impl TwinState {
     pub fn evolve(&mut self, event: &TwinEvent) {
         match &event.kind {
             EventKind::Reported { patch } => merge_patch(&mut self.reported, patch),
-            EventKind::DesiredSet { patch } => merge_patch(&mut self.desired, patch),
+            EventKind::DesiredSet { patch, wait } => {
+                merge_patch(&mut self.desired, patch);
+                match wait {
+                    Some(w) => {
+                        if let Some(id) = w.command {
+                            self.commands.sent(id, CommandKind::ApplyDesired, event.at);
+                        }
+                        self.waits.arm(*w);
+                    }
+                    None => {
+                        self.waits.cancel(WaitName::DesiredSync);
+                    }
+                }
+            }
             EventKind::MetadataUpdated { metadata } => self.metadata = metadata.clone(),
             EventKind::OverridesSet { patch } => merge_patch(&mut self.overrides, patch),
             EventKind::JoinedDta { dta } => {
@@ -276,13 +474,30 @@ impl TwinState {
                 }
             }
             EventKind::LeftDta { dta } => self.memberships.retain(|d| d != dta),
-            EventKind::Archived => self.lifecycle = Lifecycle::Archived,
-            EventKind::Created
-            | EventKind::Restarted { .. }
-            | EventKind::WaitRetried { .. }
-            | EventKind::InSync
-            | EventKind::CommandAcked { .. }
-            | EventKind::AlertRaised { .. } => {}
+            EventKind::Archived => {
+                self.lifecycle = Lifecycle::Archived;
+                self.waits = Waits::default();
+            }
+            EventKind::WaitRetried { wait, attempt, deadline } => {
+                if let Some(w) = self.waits.get(*wait).copied() {
+                    self.waits.arm(Wait { attempt: *attempt, deadline: *deadline, ..w });
+                }
+            }
+            EventKind::InSync => {
+                self.waits.cancel(WaitName::DesiredSync);
+            }
+            EventKind::CommandSent { command_id, command } => self.commands.sent(*command_id, *command, event.at),
+            EventKind::CommandAcked { command_id, .. } => {
+                if let Ok(id) = command_id.parse() {
+                    self.commands.acked(id);
+                }
+            }
+            EventKind::AlertRaised { wait, .. } => {
+                if let Some(w) = wait {
+                    self.waits.cancel(*w);
+                }
+            }
+            EventKind::Created | EventKind::Restarted { .. } => {}
         }
         self.last_seq = self.last_seq.max(event.seq);
         self.updated_at = self.updated_at.max(event.at);
@@ -343,6 +558,7 @@ pub struct Alert {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Backoff;
     use serde_json::json;
 
     fn twin() -> TwinState {
@@ -360,10 +576,34 @@ mod tests {
         v.as_object().cloned().unwrap()
     }
 
+    const SYNC: RetryPolicy = RetryPolicy {
+        deadline_ms: 1_000,
+        max_retries: 2,
+        backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
+    };
+
+    fn rules() -> TwinRules<'static> {
+        TwinRules { desired_sync: &SYNC, domain: None }
+    }
+
+    /// decide + evolve, as the actor does; returns the decision.
+    fn run(s: &mut TwinState, cmd: TwinCommand, now: i64) -> Decision<TwinEvent> {
+        let d = s.decide(cmd, Timestamp(now), rules()).unwrap();
+        d.events.iter().for_each(|e| s.evolve(e));
+        d
+    }
+
     fn step(s: &mut TwinState, cmd: TwinCommand, now: i64) -> Vec<TwinEvent> {
-        let evs = s.decide(cmd, Timestamp(now)).unwrap();
-        evs.iter().for_each(|e| s.evolve(e));
-        evs
+        run(s, cmd, now).events
+    }
+
+    fn expire(s: &mut TwinState, now: i64) -> Decision<TwinEvent> {
+        let attempt = s.waits.get(WaitName::DesiredSync).expect("an armed wait").attempt;
+        run(s, TwinCommand::WaitExpired { wait: WaitName::DesiredSync, attempt }, now)
+    }
+
+    fn ack(id: &str) -> TwinCommand {
+        TwinCommand::Ack { command_id: id.into(), success: true, message: String::new() }
     }
 
     #[test]
@@ -392,11 +632,14 @@ mod tests {
         let dta = DtaId::new("g").unwrap();
         step(&mut s, TwinCommand::JoinDta(dta.clone()), 1);
         let before = s.clone();
-        assert!(matches!(s.decide(TwinCommand::JoinDta(dta), Timestamp(2)), Err(TwinError::AlreadyMember { .. })));
-        assert_eq!(s.decide(TwinCommand::Report(Map::new()), Timestamp(2)), Err(TwinError::EmptyPatch));
+        assert!(matches!(
+            s.decide(TwinCommand::JoinDta(dta), Timestamp(2), rules()),
+            Err(TwinError::AlreadyMember { .. })
+        ));
+        assert_eq!(s.decide(TwinCommand::Report(Map::new()), Timestamp(2), rules()), Err(TwinError::EmptyPatch));
         step(&mut s, TwinCommand::Archive, 3);
         assert!(matches!(
-            s.decide(TwinCommand::SetDesired(obj(json!({"a": 1}))), Timestamp(4)),
+            s.decide(TwinCommand::SetDesired(obj(json!({"a": 1}))), Timestamp(4), rules()),
             Err(TwinError::Archived(_))
         ));
         assert_eq!(before.memberships, s.memberships);
@@ -413,10 +656,180 @@ mod tests {
             2,
         ));
         journal.extend(step(&mut s, TwinCommand::Report(obj(json!({"a": {"b": null, "c": 2}}))), 3));
+        journal.extend(step(&mut s, TwinCommand::SetDesired(obj(json!({"a": {"c": 3}}))), 4));
+        journal.extend(expire(&mut s, 1_004).events);
+        journal.extend(step(&mut s, ack("1"), 1_005));
         let mut replayed = twin();
         journal.iter().for_each(|e| replayed.evolve(e));
         assert_eq!(replayed, s);
         let text = serde_json::to_string(&journal[0]).unwrap();
         assert_eq!(text, r#"{"seq":1,"at":1,"event":"reported","patch":{"a":{"b":1}}}"#);
+    }
+
+    // The desired-state machine, on inputs alone.
+
+    #[test]
+    fn a_desired_state_not_reported_yet_is_sent_and_waited_for() {
+        let mut s = twin();
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 100);
+        let wait =
+            Wait { wait: WaitName::DesiredSync, attempt: 0, deadline: Timestamp(1_100), command: Some(CommandId(1)) };
+        assert_eq!(d.events[0].kind, EventKind::DesiredSet { patch: obj(json!({"open": true})), wait: Some(wait) });
+        assert_eq!(
+            d.effects,
+            vec![
+                Effect::Deliver {
+                    id: CommandId(1),
+                    command: DeviceCommand::ApplyDesired { desired: obj(json!({"open": true})), attempt: 0 }
+                },
+                Effect::ArmWait { wait: WaitName::DesiredSync, attempt: 0, deadline: Timestamp(1_100) },
+            ]
+        );
+        assert_eq!(s.waits.get(WaitName::DesiredSync), Some(&wait));
+        assert_eq!(s.commands.pending.len(), 1);
+    }
+
+    #[test]
+    fn a_desired_state_already_reported_needs_no_command() {
+        let mut s = twin();
+        step(&mut s, TwinCommand::Report(obj(json!({"open": true}))), 1);
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 2);
+        assert_eq!(d.events.len(), 1);
+        assert!(d.effects.is_empty(), "{:?}", d.effects);
+        assert!(s.waits.is_empty() && s.commands.is_empty());
+    }
+
+    #[test]
+    fn a_wait_retries_with_backoff_then_alerts_and_stale_timers_do_nothing() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 0);
+        let d = expire(&mut s, 1_000);
+        assert_eq!(
+            d.events[0].kind,
+            EventKind::WaitRetried { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(2_500) }
+        );
+        assert_eq!(
+            d.effects,
+            vec![
+                Effect::Deliver {
+                    id: CommandId(1),
+                    command: DeviceCommand::ApplyDesired { desired: obj(json!({"open": true})), attempt: 1 }
+                },
+                Effect::ArmWait { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(2_500) },
+            ],
+            "a retry re-sends the same command"
+        );
+        // The timer of attempt 0 firing late is stale.
+        let late = run(&mut s, TwinCommand::WaitExpired { wait: WaitName::DesiredSync, attempt: 0 }, 2_000);
+        assert_eq!(late, Decision::default());
+        let d = expire(&mut s, 2_500);
+        assert!(matches!(d.events[0].kind, EventKind::WaitRetried { attempt: 2, deadline: Timestamp(4_500), .. }));
+        let d = expire(&mut s, 4_500);
+        assert!(matches!(
+            &d.events[0].kind,
+            EventKind::AlertRaised { alert: AlertKind::DeadlineExceeded, wait: Some(WaitName::DesiredSync), .. }
+        ));
+        let [Effect::RaiseAlert { kind: AlertKind::DeadlineExceeded, severity: Severity::Warning, message }] =
+            &d.effects[..]
+        else {
+            panic!("{:?}", d.effects)
+        };
+        assert!(message.contains("after 3 attempts"), "{message}");
+        assert!(s.waits.is_empty(), "the wait ends with the alert");
+        assert_eq!(
+            run(&mut s, TwinCommand::WaitExpired { wait: WaitName::DesiredSync, attempt: 2 }, 9_000),
+            Decision::default()
+        );
+    }
+
+    #[test]
+    fn reporting_the_desired_state_cancels_the_wait_and_the_ack_still_matches() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 0);
+        let d = run(&mut s, TwinCommand::Report(obj(json!({"open": true}))), 10);
+        assert_eq!(d.events[1].kind, EventKind::InSync);
+        assert_eq!(d.effects, vec![Effect::CancelWait { wait: WaitName::DesiredSync }]);
+        assert!(s.waits.is_empty());
+        let d = run(&mut s, ack("1"), 20);
+        assert!(
+            matches!(&d.events[0].kind, EventKind::CommandAcked { command_id, success: true, .. } if command_id == "1")
+        );
+        assert!(s.commands.pending.is_empty());
+    }
+
+    #[test]
+    fn a_new_desired_state_supersedes_the_wait_with_a_new_command() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"a": 1}))), 0);
+        expire(&mut s, 1_000);
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"b": 2}))), 1_200);
+        assert!(
+            matches!(&d.effects[0], Effect::Deliver { id: CommandId(2), command: DeviceCommand::ApplyDesired { desired, attempt: 0 } } if desired == &obj(json!({"a": 1, "b": 2})))
+        );
+        assert_eq!(s.waits.get(WaitName::DesiredSync).map(|w| (w.attempt, w.command)), Some((0, Some(CommandId(2)))));
+        // Clearing the desired state ends the wait.
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"a": null, "b": null}))), 1_300);
+        assert_eq!(d.effects, vec![Effect::CancelWait { wait: WaitName::DesiredSync }]);
+        assert!(s.waits.is_empty());
+    }
+
+    #[test]
+    fn acks_are_matched_by_the_ids_the_twin_minted() {
+        let mut s = twin();
+        let install = DeviceCommand::InstallApp { app: "a".into(), version: "1".into(), artifact_url: "u".into() };
+        let d = run(&mut s, TwinCommand::SendToDevice(install.clone()), 1);
+        assert_eq!(d.effects, vec![Effect::Deliver { id: CommandId(1), command: install }]);
+        let unknown = s.decide(ack("2"), Timestamp(2), rules());
+        assert_eq!(unknown, Err(TwinError::UnmatchedAck { command_id: "2".into(), why: Unmatched::Unknown }));
+        run(&mut s, ack("1"), 3);
+        let stale = s.decide(ack("1"), Timestamp(4), rules());
+        assert_eq!(stale, Err(TwinError::UnmatchedAck { command_id: "1".into(), why: Unmatched::Stale }));
+        // Acks are accepted on an archived twin; new commands are not.
+        let d =
+            run(&mut s, TwinCommand::SendToDevice(DeviceCommand::SetConfiguration { configuration: Map::new() }), 5);
+        assert!(matches!(d.effects[0], Effect::Deliver { id: CommandId(2), .. }));
+        run(&mut s, TwinCommand::Archive, 6);
+        run(&mut s, ack("2"), 7);
+        assert!(matches!(
+            s.decide(
+                TwinCommand::SendToDevice(DeviceCommand::SetConfiguration { configuration: Map::new() }),
+                Timestamp(8),
+                rules()
+            ),
+            Err(TwinError::Archived(_))
+        ));
+    }
+
+    #[test]
+    fn archiving_cancels_every_wait() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"a": 1}))), 0);
+        let d = run(&mut s, TwinCommand::Archive, 1);
+        assert_eq!(d.effects, vec![Effect::CancelWait { wait: WaitName::DesiredSync }]);
+        assert!(s.waits.is_empty());
+        assert_eq!(
+            run(&mut s, TwinCommand::WaitExpired { wait: WaitName::DesiredSync, attempt: 0 }, 1_000),
+            Decision::default()
+        );
+    }
+
+    #[test]
+    fn a_restarted_twin_rearms_its_waits_from_the_stored_state() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"a": 1}))), 0);
+        expire(&mut s, 1_000);
+        let stored: TwinState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(stored, s);
+        assert_eq!(
+            stored.waits.rearm(),
+            vec![Effect::ArmWait { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(2_500) }]
+        );
+        // The retry after the restart sends the same command id.
+        let mut s = stored;
+        let d = expire(&mut s, 2_600);
+        assert!(matches!(
+            d.effects[0],
+            Effect::Deliver { id: CommandId(1), command: DeviceCommand::ApplyDesired { attempt: 2, .. } }
+        ));
     }
 }

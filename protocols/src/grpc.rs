@@ -20,14 +20,13 @@ use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use twinfleet_actors::{AuthError, DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime};
-use twinfleet_models::{EventKind, Metadata, MetricPoint, Timestamp, TwinCommand, TwinId};
+use twinfleet_models::{CommandId, Metadata, MetricPoint, ModelError, Timestamp, TwinId, Unmatched};
 use twinfleet_proto::device::device_control_client::DeviceControlClient;
 use twinfleet_proto::device::{
     self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
@@ -63,6 +62,8 @@ pub fn status(e: TwinError) -> Status {
         TwinError::MailboxFull(_) => Status::resource_exhausted(msg),
         TwinError::Timeout { .. } => Status::deadline_exceeded(msg),
         TwinError::Quarantined { .. } => Status::failed_precondition(msg),
+        TwinError::Rejected(ModelError::UnmatchedAck { why: Unmatched::Unknown, .. }) => Status::not_found(msg),
+        TwinError::Rejected(ModelError::UnmatchedAck { why: Unmatched::Stale, .. }) => Status::failed_precondition(msg),
         TwinError::Rejected(_) | TwinError::Telemetry(_) | TwinError::InvalidId(_) | TwinError::Invalid(_) => {
             Status::invalid_argument(msg)
         }
@@ -89,7 +90,6 @@ fn auth_status(e: AuthError) -> Status {
 pub struct GrpcLinks {
     rt: TwinRuntime,
     streams: DashMap<TwinId, mpsc::Sender<Result<pb::Command, Status>>>,
-    next_id: AtomicU64,
 }
 
 /// Deadline of one call to a device-hosted DeviceControl server.
@@ -100,7 +100,7 @@ impl GrpcLinks {
     /// `SetConfiguration`; apps: `InstallApp`), records the device's answer in the twin's
     /// journal, and reports the state the device then returns. Failures are logged; the
     /// twin's watchdog retries desired state.
-    fn call_device(&self, twin: &TwinId, addr: &str, command_id: String, body: pb::command::Body) {
+    fn call_device(&self, twin: &TwinId, addr: &str, command_id: CommandId, body: pb::command::Body) {
         let (rt, twin, addr) = (self.rt.clone(), twin.clone(), addr.to_string());
         actix_rt::spawn(async move {
             let call = async {
@@ -126,8 +126,7 @@ impl GrpcLinks {
             let Ok(handle) = rt.twin(twin.as_str()) else { return };
             match call.await {
                 Ok((reply, state)) => {
-                    let ack = EventKind::CommandAcked { command_id, success: reply.success, message: reply.message };
-                    if let Err(e) = handle.command(TwinCommand::Record(ack)).await {
+                    if let Err(e) = handle.ack(command_id.to_string(), reply.success, reply.message).await {
                         tracing::warn!(%twin, "cannot record the device's answer: {e}");
                     }
                     if !state.is_empty()
@@ -148,32 +147,28 @@ impl DeviceLink for GrpcLinks {
         if stream || metadata.attributes.get("grpc_address").is_some_and(|a| a.is_string()) { 2 } else { 0 }
     }
 
-    fn deliver(&self, twin: &TwinId, metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
-        let (command_id, body) = match cmd {
-            DeviceCommand::ApplyDesired { desired, .. } => (
-                format!("{twin}-{}", self.next_id.fetch_add(1, Relaxed)),
-                pb::command::Body::ApplyDesired(json_to_struct(&desired)),
-            ),
-            DeviceCommand::SetConfiguration { command_id, configuration } => (
-                command_id,
+    fn deliver(&self, twin: &TwinId, metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String> {
+        let body = match cmd {
+            DeviceCommand::ApplyDesired { desired, .. } => pb::command::Body::ApplyDesired(json_to_struct(&desired)),
+            DeviceCommand::SetConfiguration { configuration } => {
                 pb::command::Body::SetConfiguration(pb::SetConfigurationRequest {
                     configuration: Some(json_to_struct(&configuration)),
-                }),
-            ),
-            DeviceCommand::InstallApp { command_id, app, version, artifact_url } => {
-                (command_id, pb::command::Body::InstallApp(pb::InstallAppRequest { app, version, artifact_url }))
+                })
+            }
+            DeviceCommand::InstallApp { app, version, artifact_url } => {
+                pb::command::Body::InstallApp(pb::InstallAppRequest { app, version, artifact_url })
             }
         };
         let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
             return match metadata.attributes.get("grpc_address").and_then(|a| a.as_str()) {
                 Some(addr) => {
-                    self.call_device(twin, addr, command_id, body);
+                    self.call_device(twin, addr, id, body);
                     Ok(())
                 }
                 None => Err(format!("device {twin} has no open gRPC command stream and no grpc_address")),
             };
         };
-        match tx.try_send(Ok(pb::Command { command_id, body: Some(body) })) {
+        match tx.try_send(Ok(pb::Command { command_id: id.to_string(), body: Some(body) })) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(format!("command queue of device {twin} is full")),
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -350,9 +345,14 @@ impl DeviceGateway for Gateway {
         if ack.command_id.is_empty() || ack.command_id.len() > 256 {
             return Err(self.reject("malformed", Status::invalid_argument("command_id must be 1 to 256 bytes")));
         }
-        let event = EventKind::CommandAcked { command_id: ack.command_id, success: ack.success, message: ack.message };
-        let seq = twin.command(TwinCommand::Record(event)).await.map_err(status)?;
-        Ok(Response::new(pb::Ack { seq }))
+        match twin.ack(ack.command_id, ack.success, ack.message).await {
+            Ok(seq) => Ok(Response::new(pb::Ack { seq })),
+            Err(TwinError::Rejected(ModelError::UnmatchedAck { command_id, why })) => {
+                let e = TwinError::Rejected(ModelError::UnmatchedAck { command_id, why });
+                Err(self.reject(why.reason(), status(e)))
+            }
+            Err(e) => Err(status(e)),
+        }
     }
 }
 
@@ -554,7 +554,7 @@ impl GrpcGateway {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new(), next_id: AtomicU64::new(0) });
+        let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new() });
         rt.env().attach_device_link("grpc", links.clone());
         let (closing, closing_rx) = watch::channel(false);
         let gw = Gateway { rt, links: links.clone(), closing: closing_rx };

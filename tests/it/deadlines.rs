@@ -12,8 +12,31 @@ use twinfleet::{DeviceCommand, DeviceLink};
 #[derive(Debug)]
 struct Recorder(mpsc::UnboundedSender<(TwinId, u32)>);
 
+/// Like `Recorder`, with the command id the twin minted.
+#[derive(Debug)]
+struct IdRecorder(mpsc::UnboundedSender<(u32, u64)>);
+
+impl DeviceLink for IdRecorder {
+    fn deliver(
+        &self,
+        _: &TwinId,
+        _: &twinfleet::models::Metadata,
+        id: twinfleet::models::CommandId,
+        cmd: DeviceCommand,
+    ) -> Result<(), String> {
+        let DeviceCommand::ApplyDesired { attempt, .. } = cmd else { return Ok(()) };
+        self.0.send((attempt, id.0)).map_err(|e| e.to_string())
+    }
+}
+
 impl DeviceLink for Recorder {
-    fn deliver(&self, twin: &TwinId, _: &twinfleet::models::Metadata, cmd: DeviceCommand) -> Result<(), String> {
+    fn deliver(
+        &self,
+        twin: &TwinId,
+        _: &twinfleet::models::Metadata,
+        _: twinfleet::models::CommandId,
+        cmd: DeviceCommand,
+    ) -> Result<(), String> {
         let DeviceCommand::ApplyDesired { attempt, .. } = cmd else { return Ok(()) };
         self.0.send((twin.clone(), attempt)).map_err(|e| e.to_string())
     }
@@ -88,5 +111,60 @@ async fn reaching_the_desired_state_disarms_the_deadline() {
     clock.advance(24 * 3_600_000);
     assert!(sent.try_recv().is_err());
     assert!(alerts.try_recv().is_err());
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let mut settings = test_settings();
+    settings.desired_sync = RetryPolicy {
+        deadline_ms: 1_000,
+        max_retries: 2,
+        backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
+    };
+    let p = start(dir.path(), Some(clock.clone()), settings.clone()).await;
+    fleet(&p, "valve", json!({}), "r", 1, |_| vec![]).await;
+    let (tx, mut sent) = mpsc::unbounded_channel();
+    p.env().attach_device_link("test", Arc::new(IdRecorder(tx)));
+    let start_at = twinfleet::Clock::now(&*clock);
+    p.twin("r-0").unwrap().set_desired(obj(json!({"open": true}))).await.unwrap();
+    let (attempt, id) = sent.recv().await.unwrap();
+    assert_eq!(attempt, 0);
+    clock.advance(1_000); // retry 1, next deadline at +2,500
+    assert_eq!(sent.recv().await.unwrap(), (1, id));
+    clock.wait_for_timers(1).await;
+    p.shutdown().await;
+
+    // The wait is in the stored state: the new incarnation re-arms it.
+    let p = start(dir.path(), Some(clock.clone()), settings).await;
+    let (tx, mut sent) = mpsc::unbounded_channel();
+    p.env().attach_device_link("test", Arc::new(IdRecorder(tx)));
+    let mut alerts = p.alerts().subscribe();
+    let twin = p.twin("r-0").unwrap();
+    let view = twin.get().await.unwrap();
+    let wait = view.desired_sync.expect("the wait came back with the twin");
+    assert_eq!((wait.attempt, wait.deadline), (1, start_at + 2_500));
+    clock.wait_for_timers(1).await;
+    assert!(sent.try_recv().is_err(), "nothing is sent before the stored deadline");
+    clock.advance(1_500); // retry 2: the same command, by its stored id
+    assert_eq!(sent.recv().await.unwrap(), (2, id));
+    clock.wait_for_timers(1).await;
+    clock.advance(2_000); // retries used up
+    let alert = alerts.recv().await.unwrap();
+    assert_eq!((alert.kind, alert.source.as_str()), (AlertKind::DeadlineExceeded, "dti/r-0"));
+    let retries: Vec<u32> = twin
+        .events(20)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::WaitRetried { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries, vec![1, 2]);
+    assert!(twin.get().await.unwrap().desired_sync.is_none());
     p.shutdown().await;
 }

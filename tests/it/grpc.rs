@@ -73,14 +73,14 @@ async fn a_device_reports_state_and_receives_and_acks_its_twins_commands() {
 
     // An operator command takes the same way as over MQTT.
     let install = twinfleet::DeviceCommand::InstallApp {
-        command_id: "op-1".into(),
         app: "pump-ctl".into(),
         version: "2.0".into(),
         artifact_url: "https://repo.example/pump-ctl-2.0.bin".into(),
     };
-    twin.send_to_device(install).await.unwrap();
+    let id = twin.send_to_device(install).await.unwrap();
     let cmd = commands.message().await.unwrap().expect("install_app over gRPC");
-    assert_eq!(cmd.command_id, "op-1");
+    assert_eq!(cmd.command_id, id.to_string(), "the twin minted the id: 1 was the desired state, 2 this one");
+    assert_eq!(id.0, 2);
     assert!(matches!(cmd.body, Some(pb::command::Body::InstallApp(ref a)) if a.version == "2.0"), "{cmd:?}");
 
     // Telemetry through the device client: one ack per batch.
@@ -349,6 +349,44 @@ async fn a_device_hosted_device_control_server_is_called_by_its_twin() {
             .any(|e| matches!(&e.kind, EventKind::CommandAcked { success: true, message, .. } if message == "applied")),
         "{events:?}"
     );
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let mut device = GrpcDevice::on_channel(channel, "g-0", &t0);
+    let mut commands = device.commands().await.unwrap();
+    eventually("the command stream is registered", || async { (gw.connected_devices() == 1).then_some(()) }).await;
+    p.twin("g-0").unwrap().set_desired(obj(json!({"rate": 7}))).await.unwrap();
+    let cmd = commands.message().await.unwrap().expect("a command");
+    drop(commands);
+    gw.stop().await;
+    p.shutdown().await;
+
+    // A new process on the same data directory: the twin still knows its command.
+    let p = start(dir.path(), None, test_settings()).await;
+    let gw = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let channel = Channel::from_shared(format!("http://{}", gw.local_addr())).unwrap().connect().await.unwrap();
+    let mut device = GrpcDevice::on_channel(channel, "g-0", &t0);
+    device.ack(&cmd.command_id, true, "applied before the restart").await.unwrap();
+    let twin = p.twin("g-0").unwrap();
+    let acked = twin.events(5).await.unwrap().into_iter().any(|e| {
+        matches!(&e.kind, EventKind::CommandAcked { command_id, success: true, .. } if *command_id == cmd.command_id)
+    });
+    assert!(acked, "the ack is journalled against the command sent before the restart");
+
+    // The same ack again is stale; ids the twin never minted are unknown. Both are
+    // refused with their own status, counted, and change nothing.
+    let before = twin.get().await.unwrap().state.last_seq;
+    assert_eq!(device.ack(&cmd.command_id, true, "again").await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(device.ack("999", true, "").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(device.ack("g-0-3", true, "").await.unwrap_err().code(), Code::NotFound);
+    let r = &p.env().rejections;
+    assert_eq!((r.count("stale_ack"), r.count("unknown_ack")), (1, 2));
+    assert_eq!(twin.get().await.unwrap().state.last_seq, before);
     gw.stop().await;
     p.shutdown().await;
 }

@@ -76,21 +76,61 @@ async fn a_device_over_mqtt_changes_its_twin_and_answers_its_commands() {
 
     // Operator commands take the same way: install an app, set a configuration.
     let install = DeviceCommand::InstallApp {
-        command_id: "op-1".into(),
         app: "flow-ctl".into(),
         version: "1.4.0".into(),
         artifact_url: "https://repo.example/flow-ctl-1.4.0.bin".into(),
     };
-    twin.send_to_device(install).await.unwrap();
+    let id = twin.send_to_device(install).await.unwrap();
     let cmd = device.next_command(Duration::from_secs(10)).await.expect("install_app over MQTT");
-    assert_eq!(cmd.command_id, "op-1");
+    assert_eq!(cmd.command_id, id.to_string());
     assert_eq!(cmd.body["install_app"]["version"], json!("1.4.0"));
-    let set =
-        DeviceCommand::SetConfiguration { command_id: "op-2".into(), configuration: obj(json!({"period_s": 10})) };
-    twin.send_to_device(set).await.unwrap();
+    let set = DeviceCommand::SetConfiguration { configuration: obj(json!({"period_s": 10})) };
+    let id2 = twin.send_to_device(set).await.unwrap();
+    assert_eq!(id2.0, id.0 + 1, "ids are monotonic per twin");
     let cmd = device.next_command(Duration::from_secs(10)).await.expect("set_configuration over MQTT");
     assert_eq!(cmd.body["set_configuration"], json!({"period_s": 10}));
 
+    device.disconnect().await;
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, ops, t0, _) = setup(dir.path()).await;
+    let mut device = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    p.twin("m-0").unwrap().set_desired(obj(json!({"rate": 9}))).await.unwrap();
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("a command over MQTT");
+    device.disconnect().await;
+    gw.stop().await;
+    p.shutdown().await;
+
+    let p = start(dir.path(), None, test_settings()).await;
+    let gw = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let ops = addr(gw.operational());
+    let device = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    device.ack(&cmd.command_id, true, "applied before the restart").await.unwrap();
+    let twin = p.twin("m-0").unwrap();
+    eventually("the ack matches the command sent before the restart", || async {
+        twin.events(5)
+            .await
+            .unwrap()
+            .into_iter()
+            .any(|e| matches!(&e.kind, EventKind::CommandAcked { command_id, .. } if *command_id == cmd.command_id))
+            .then_some(())
+    })
+    .await;
+    let before = twin.get().await.unwrap().state.last_seq;
+    device.ack(&cmd.command_id, true, "a duplicate").await.unwrap();
+    device.ack("12345", true, "never sent").await.unwrap();
+    let r = &p.env().rejections;
+    eventually("unmatched acks are counted", || async {
+        (r.count("stale_ack") == 1 && r.count("unknown_ack") == 1).then_some(())
+    })
+    .await;
+    assert!(device.is_connected(), "an unmatched ack is not a reason to disconnect");
+    assert_eq!(twin.get().await.unwrap().state.last_seq, before, "nothing was journalled");
     device.disconnect().await;
     gw.stop().await;
     p.shutdown().await;

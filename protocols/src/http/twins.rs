@@ -302,9 +302,9 @@ async fn edit_component(
     edit: Edit,
     created: bool,
 ) -> Result<HttpResponse> {
-    let (h, model) = with_domain(rt, caller, &id, Action::Write)?;
+    let (h, _) = with_domain(rt, caller, &id, Action::Write)?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    let seq = caller.command(&h, TwinCommand::EditComponents { model, path: path.clone(), edit }, status).await?;
+    let seq = caller.command(&h, TwinCommand::EditComponents { path: path.clone(), edit }, status).await?;
     Ok(HttpResponse::build(status).json(ComponentChanged { twin: h.id().clone(), path, seq }))
 }
 

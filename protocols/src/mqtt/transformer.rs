@@ -23,11 +23,11 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use twinfleet_actors::{DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime, TwinSpec};
-use twinfleet_models::{DeviceTypeId, EventKind, Metadata, MetricPoint, Timestamp, TwinCommand, TwinId};
+use twinfleet_models::{CommandId, DeviceTypeId, Metadata, MetricPoint, ModelError, Timestamp, TwinId};
 
 /// Messages handled at once by the transformer (and so unacknowledged at most).
 const WINDOW: usize = 1_000;
@@ -200,9 +200,9 @@ impl Core {
                 if ack.command_id.is_empty() || ack.command_id.len() > 256 {
                     return Err(("malformed", "command_id must be 1 to 256 bytes".into()));
                 }
-                let event =
-                    EventKind::CommandAcked { command_id: ack.command_id, success: ack.success, message: ack.message };
-                patiently(self.limit(), || twin.command(TwinCommand::Record(event.clone()))).await.map(drop)
+                patiently(self.limit(), || twin.ack(ack.command_id.clone(), ack.success, ack.message.clone()))
+                    .await
+                    .map(drop)
             }
             Channel::Logs => {
                 return Err(("logs_not_stored", format!("device {id} sent logs; log ingest is not built yet")));
@@ -278,6 +278,7 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T
 fn rejected(twin: &TwinHandle, e: TwinError) -> Rejected {
     let reason = match &e {
         TwinError::Telemetry(t) => t.reason(),
+        TwinError::Rejected(ModelError::UnmatchedAck { why, .. }) => why.reason(),
         TwinError::Rejected(_) | TwinError::Invalid(_) => "rejected",
         TwinError::NotFound(_) => "unknown_device",
         _ => "twin_unavailable",
@@ -290,25 +291,23 @@ fn rejected(twin: &TwinHandle, e: TwinError) -> Rejected {
 #[derive(Debug)]
 pub struct MqttLinks {
     out: AsyncClient,
-    next_id: AtomicU64,
     connected: Arc<AtomicBool>,
 }
 
 impl DeviceLink for MqttLinks {
-    fn deliver(&self, twin: &TwinId, _metadata: &Metadata, cmd: DeviceCommand) -> Result<(), String> {
+    fn deliver(&self, twin: &TwinId, _metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String> {
         if !self.connected.load(Relaxed) {
             return Err("the MQTT transformer is not connected to its broker".into());
         }
         let body = match cmd {
             DeviceCommand::ApplyDesired { desired, .. } => {
-                let command_id = format!("{twin}-m{}", self.next_id.fetch_add(1, Relaxed));
-                serde_json::json!({ "command_id": command_id, "apply_desired": desired })
+                serde_json::json!({ "command_id": id.to_string(), "apply_desired": desired })
             }
-            DeviceCommand::SetConfiguration { command_id, configuration } => {
-                serde_json::json!({ "command_id": command_id, "set_configuration": configuration })
+            DeviceCommand::SetConfiguration { configuration } => {
+                serde_json::json!({ "command_id": id.to_string(), "set_configuration": configuration })
             }
-            DeviceCommand::InstallApp { command_id, app, version, artifact_url } => serde_json::json!({
-                "command_id": command_id,
+            DeviceCommand::InstallApp { app, version, artifact_url } => serde_json::json!({
+                "command_id": id.to_string(),
                 "install_app": { "app": app, "version": version, "artifact_url": artifact_url },
             }),
         };
@@ -396,8 +395,7 @@ impl Transformer {
         let (out, out_events) = AsyncClient::new(options(&spec, format!("{}-out", spec.client_id), true), 4_096);
         let (ingest, ingest_events) = AsyncClient::new(options(&spec, spec.client_id.clone(), false), WINDOW * 4);
         let out_connected = Arc::new(AtomicBool::new(false));
-        let links =
-            Arc::new(MqttLinks { out: out.clone(), next_id: AtomicU64::new(0), connected: out_connected.clone() });
+        let links = Arc::new(MqttLinks { out: out.clone(), connected: out_connected.clone() });
         let core = Arc::new(Core { rt, spec: spec.clone(), out });
         let (closing, closing_rx) = watch::channel(false);
         let broker = spec.broker.to_string();
