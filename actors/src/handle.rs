@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use twinfleet_models::{CommandId, ConfigLayer, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
+use twinfleet_models::{CommandId, ConfigLayer, ModelError, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
@@ -225,6 +225,7 @@ impl DtaHandle {
     /// Sets a layer; resolves once it is durable and has reached every member. Returns
     /// the number of members reached.
     pub async fn set_layer(&self, name: impl Into<String>, layer: ConfigLayer) -> Result<usize, TwinError> {
+        twinfleet_models::limits::check_object(&layer.values).map_err(ModelError::from)?;
         self.ask(DtaRequest::SetLayer { name: name.into(), layer: Some(layer) }).await
     }
 
@@ -285,6 +286,9 @@ impl TypeHandle {
     /// Creates twins of this type, all or nothing; resolves once they all run and their
     /// records are durable.
     pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+        for s in &specs {
+            twinfleet_models::limits::check_object(&s.metadata.attributes).map_err(ModelError::from)?;
+        }
         let addr = self.tdta()?;
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
@@ -292,6 +296,7 @@ impl TypeHandle {
     }
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
+        twinfleet_models::limits::check_object(&defaults).map_err(ModelError::from)?;
         let addr = self.tdta()?;
         deliver(addr.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.env).await
     }

@@ -196,6 +196,7 @@ impl TwinRuntime {
     }
 
     pub async fn create_device_type(&self, spec: DeviceTypeSpec) -> Result<TypeHandle, TwinError> {
+        twinfleet_models::limits::check_object(&spec.defaults).map_err(twinfleet_models::ModelError::from)?;
         if let Some(domain) = &spec.domain {
             domain.check().map_err(|e| TwinError::Invalid(format!("domain model of {}: {e}", spec.id)))?;
         }

@@ -57,9 +57,9 @@ pub enum PropType {
     Number,
     Boolean,
     String,
-    /// `YYYY-MM-DD`.
+    /// `YYYY-MM-DD`, a real calendar date.
     Date,
-    /// `HH:MM` (24 h).
+    /// `HH:MM` or `HH:MM:SS` (24 h).
     Time,
     Enum,
 }
@@ -73,6 +73,9 @@ pub struct Part {
     pub many: bool,
     #[serde(default)]
     pub required: bool,
+    /// For lists: the fewest elements allowed (checked whenever the list is present;
+    /// `required` says whether it must be).
+    pub min_items: Option<usize>,
     /// For lists: the most elements allowed.
     pub max_items: Option<usize>,
 }
@@ -94,7 +97,7 @@ pub struct Violation {
     /// Where, as a component path (`medication_plans/0/period_days`).
     pub property: String,
     /// Which rule: `type`, `min`, `max`, `enum`, `required`, `unknown`, `max_length`,
-    /// `max_items`, `at_least_one_true`, `not_after`, `format`.
+    /// `min_items`, `max_items`, `at_least_one_true`, `not_after`, `format`.
     pub rule: String,
     pub value: Value,
     pub message: String,
@@ -152,6 +155,12 @@ impl DomainModel {
             } else if let Some(part) = class.parts.get(k) {
                 match (part.many, val) {
                     (true, Value::Array(items)) => {
+                        if let Some(min) = part.min_items
+                            && items.len() < min
+                        {
+                            let m = format!("{here} holds at least {min} item(s)");
+                            out.push(violation(&here, "min_items", &Value::from(items.len()), m));
+                        }
                         if let Some(max) = part.max_items
                             && items.len() > max
                         {
@@ -329,15 +338,36 @@ fn digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// A real calendar date `YYYY-MM-DD` (proleptic Gregorian: 2024-02-29 is one,
+/// 2023-02-29 and 2023-02-30 are not).
 fn is_date(s: &str) -> bool {
     let p: Vec<&str> = s.split('-').collect();
-    matches!(p[..], [y, m, d] if y.len() == 4 && m.len() == 2 && d.len() == 2 && digits(y) && digits(m) && digits(d)
-        && (1..=12).contains(&m.parse::<u8>().unwrap_or(0)) && (1..=31).contains(&d.parse::<u8>().unwrap_or(0)))
+    let [y, m, d] = p[..] else { return false };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 || !digits(y) || !digits(m) || !digits(d) {
+        return false;
+    }
+    let (y, m, d) = (y.parse::<u32>().unwrap_or(0), m.parse::<u32>().unwrap_or(0), d.parse::<u32>().unwrap_or(0));
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&d)
 }
 
+/// `HH:MM` or `HH:MM:SS` (24 h; the XML Schema time of the reference model, without
+/// fractions or zone).
 fn is_time(s: &str) -> bool {
-    matches!(s.split_once(':'), Some((h, m)) if h.len() == 2 && m.len() == 2 && digits(h) && digits(m)
-        && h.parse::<u8>().unwrap_or(99) < 24 && m.parse::<u8>().unwrap_or(99) < 60)
+    let p: Vec<&str> = s.split(':').collect();
+    let two = |x: &str, below: u8| x.len() == 2 && digits(x) && x.parse::<u8>().unwrap_or(99) < below;
+    match p[..] {
+        [h, m] => two(h, 24) && two(m, 60),
+        [h, m, sec] => two(h, 24) && two(m, 60) && two(sec, 60),
+        _ => false,
+    }
 }
 
 /// The value at `path` in `doc`.
@@ -516,6 +546,48 @@ mod tests {
             rules(&m.validate(&json!({"plans": [{"period_days": 1.5}]}))),
             [("plans/0/period_days".into(), "type".into())]
         );
+    }
+
+    #[test]
+    fn dates_are_real_calendar_dates_and_times_may_have_seconds() {
+        for ok in ["2024-02-29", "2000-02-29", "2023-12-31", "1999-01-01"] {
+            assert!(is_date(ok), "{ok}");
+        }
+        for bad in [
+            "2023-02-29",
+            "2023-02-30",
+            "1900-02-29",
+            "2023-04-31",
+            "2023-00-10",
+            "2023-13-01",
+            "2023-1-01",
+            "23-01-01",
+            "2023-01-01x",
+        ] {
+            assert!(!is_date(bad), "{bad}");
+        }
+        for ok in ["00:00", "23:59", "09:30:15"] {
+            assert!(is_time(ok), "{ok}");
+        }
+        for bad in ["24:00", "12:60", "12:00:60", "9:00", "12:00:00:00", ""] {
+            assert!(!is_time(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn required_parts_and_minimum_list_sizes_are_enforced() {
+        let m: DomainModel = serde_json::from_value(json!({
+            "root": "Plan",
+            "classes": {
+                "Plan": {"parts": {"times": {"class": "T", "many": true, "required": true, "min_items": 1}}},
+                "T": {"properties": {"at": {"type": "time", "required": true}}}
+            }
+        }))
+        .unwrap();
+        assert!(m.validate(&json!({"times": [{"at": "09:00"}]})).is_empty());
+        assert_eq!(rules(&m.validate(&json!({"times": []}))), [("times".into(), "min_items".into())]);
+        assert_eq!(rules(&m.validate(&json!({}))), [("times".into(), "required".into())]);
+        assert_eq!(rules(&m.validate(&json!({"times": [{}]}))), [("times/0/at".into(), "required".into())]);
     }
 
     #[test]

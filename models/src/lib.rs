@@ -14,6 +14,7 @@ pub mod config;
 pub mod domain;
 pub mod effect;
 pub mod ids;
+pub mod limits;
 pub mod policy;
 pub mod telemetry;
 pub mod time;
@@ -25,6 +26,7 @@ pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_
 pub use domain::{DomainModel, Edit, PathError, Violation};
 pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
+pub use limits::{DocumentError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
 pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;

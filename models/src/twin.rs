@@ -15,6 +15,7 @@ use crate::config::merge_patch;
 use crate::domain::{DomainModel, Edit, PathError, Violation, apply_edit, merge_diff};
 use crate::effect::{Decision, Effect, Wait, WaitName, Waits};
 use crate::ids::{DeviceTypeId, DtaId, TwinId};
+use crate::limits::{self, DocumentError};
 use crate::policy::{RetryPolicy, WaitDecision};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -225,6 +226,8 @@ pub enum TwinError {
     Component(#[from] PathError),
     #[error("{} constraint violation(s): {}", .0.len(), .0.iter().map(|v| v.message.as_str()).collect::<Vec<_>>().join("; "))]
     Violations(Vec<Violation>),
+    #[error(transparent)]
+    Document(#[from] DocumentError),
     #[error("{}", unmatched_message(.command_id, *.why))]
     UnmatchedAck { command_id: String, why: Unmatched },
 }
@@ -274,6 +277,15 @@ impl TwinState {
             !matches!(cmd, TwinCommand::Record(_) | TwinCommand::Ack { .. } | TwinCommand::WaitExpired { .. });
         if writable && self.lifecycle == Lifecycle::Archived {
             return Err(TwinError::Archived(id.clone()));
+        }
+        // Every document that enters the twin is bounded, so whatever is stored can be read.
+        match &cmd {
+            TwinCommand::Report(p) | TwinCommand::SetDesired(p) | TwinCommand::SetOverrides(p) => {
+                limits::check_object(p)?
+            }
+            TwinCommand::UpdateMetadata(m) => limits::check_object(&m.attributes)?,
+            TwinCommand::EditComponents { edit: Edit::Put(v) | Edit::Append(v), .. } => limits::check_value(v)?,
+            _ => {}
         }
         let mut kinds = Vec::with_capacity(2);
         let mut effects = Vec::new();
@@ -798,6 +810,23 @@ mod tests {
             ),
             Err(TwinError::Archived(_))
         ));
+    }
+
+    #[test]
+    fn documents_nested_too_deep_are_refused_before_anything_changes() {
+        let mut deep = json!(1);
+        for _ in 0..crate::MAX_DEPTH {
+            deep = json!({ "x": deep });
+        }
+        let s = twin();
+        for cmd in [
+            TwinCommand::Report(obj(json!({ "a": deep }))),
+            TwinCommand::SetDesired(obj(json!({ "a": deep }))),
+            TwinCommand::SetOverrides(obj(json!({ "a": deep }))),
+        ] {
+            assert_eq!(s.decide(cmd, Timestamp(1), rules()), Err(TwinError::Document(DocumentError::TooDeep)));
+        }
+        assert!(s.decide(TwinCommand::Report(obj(deep)), Timestamp(1), rules()).is_ok(), "exactly the limit is fine");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use twinfleet_actors::{AuthError, DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime};
-use twinfleet_models::{CommandId, Metadata, MetricPoint, ModelError, Timestamp, TwinId, Unmatched};
+use twinfleet_models::{CommandId, Metadata, MetricPoint, ModelError, Timestamp, TwinId};
 use twinfleet_proto::device::device_control_client::DeviceControlClient;
 use twinfleet_proto::device::{
     self as pb, device_gateway_server::DeviceGateway, device_gateway_server::DeviceGatewayServer,
@@ -44,32 +44,9 @@ const COMMAND_QUEUE: usize = 64;
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// A `TwinError` as a gRPC status.
+/// The gRPC status of a twin error (the one classification of `crate::error`).
 pub fn status(e: TwinError) -> Status {
-    let msg = e.to_string();
-    match e {
-        TwinError::NotFound(_)
-        | TwinError::UnknownDeviceType(_)
-        | TwinError::UnknownDta(_)
-        | TwinError::Unknown { .. } => Status::not_found(msg),
-        TwinError::AlreadyExists { .. } => Status::already_exists(msg),
-        TwinError::Conflict(_) => Status::failed_precondition(msg),
-        TwinError::Unauthenticated(_) => Status::unauthenticated(msg),
-        TwinError::Forbidden(_) => Status::permission_denied(msg),
-        TwinError::Unavailable { .. }
-        | TwinError::Crashed { .. }
-        | TwinError::ShuttingDown
-        | TwinError::DeviceUnreachable { .. } => Status::unavailable(msg),
-        TwinError::MailboxFull(_) => Status::resource_exhausted(msg),
-        TwinError::Timeout { .. } => Status::deadline_exceeded(msg),
-        TwinError::Quarantined { .. } => Status::failed_precondition(msg),
-        TwinError::Rejected(ModelError::UnmatchedAck { why: Unmatched::Unknown, .. }) => Status::not_found(msg),
-        TwinError::Rejected(ModelError::UnmatchedAck { why: Unmatched::Stale, .. }) => Status::failed_precondition(msg),
-        TwinError::Rejected(_) | TwinError::Telemetry(_) | TwinError::InvalidId(_) | TwinError::Invalid(_) => {
-            Status::invalid_argument(msg)
-        }
-        TwinError::FaultInjectionDisabled => Status::permission_denied(msg),
-        TwinError::Storage(_) => Status::internal(msg),
-    }
+    crate::error::grpc_status(e)
 }
 
 fn with_stored(s: Status, stored: usize) -> Status {
@@ -347,9 +324,8 @@ impl DeviceGateway for Gateway {
         }
         match twin.ack(ack.command_id, ack.success, ack.message).await {
             Ok(seq) => Ok(Response::new(pb::Ack { seq })),
-            Err(TwinError::Rejected(ModelError::UnmatchedAck { command_id, why })) => {
-                let e = TwinError::Rejected(ModelError::UnmatchedAck { command_id, why });
-                Err(self.reject(why.reason(), status(e)))
+            Err(e @ TwinError::Rejected(ModelError::UnmatchedAck { .. })) => {
+                Err(self.reject(crate::error::classify(&e).reason, status(e)))
             }
             Err(e) => Err(status(e)),
         }

@@ -3,6 +3,7 @@
 //! ([`mqtt`]). Each device transport attaches itself to the twins as a device link.
 
 pub mod device_client;
+pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod json;

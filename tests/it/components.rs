@@ -11,11 +11,13 @@ use twinfleet_protocols::HttpApi;
 
 const DISPENSER: &str = include_str!("../../device-types/medicine-dispenser.json");
 
+const EXAMPLE: &str = include_str!("../../docs/examples/karie-components.json");
+
 fn plan(period_days: i64, doses: i64) -> Value {
     json!({
         "first_dose_date": "2026-12-01",
         "period_days": period_days,
-        "intake_times": [{"time": "09:00", "medication_lines": [{"doses": doses, "current_roll": true}]}]
+        "timings": [{"time": "09:00", "medications": [{"doses": doses, "current_roll": true, "next_roll": false}]}]
     })
 }
 
@@ -36,101 +38,137 @@ async fn the_dispensers_constraints_reject_bad_writes_with_422_and_accept_good_o
     };
     let base = "/api/v1/twins/karie-100/components";
 
-    // Valid writes: a medication plan (POST appends), alarm and display settings (PUT).
-    let (s, b) = req("POST", format!("{base}/medication_plans"), Some(plan(7, 2))).await.unwrap();
+    // The reference model's required attributes: a partial first write is refused.
+    let (s, b) = req("PUT", format!("{base}/settings/alarm"), Some(json!({"volume": 3}))).await.unwrap();
+    assert_eq!(s, 422, "{b}");
+    let v = b["violations"].as_array().unwrap();
+    for required in ["type", "number", "location", "cartridge", "settings/alarm/silent_mode", "settings/display"] {
+        assert!(v.iter().any(|v| v["property"] == required && v["rule"] == "required"), "{required}: {b}");
+    }
+    // The whole document first (docs/examples/karie-components.json), then edits.
+    let example: Value = serde_json::from_str(EXAMPLE).unwrap();
+    let (s, b) = req("PUT", base.to_string(), Some(example.clone())).await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = req("POST", format!("{base}/medicationplan"), Some(plan(7, 2))).await.unwrap();
     assert_eq!(s, 201, "{b}");
-    let (s, b) = req("PUT", format!("{base}/settings/alarm"), Some(json!({"volume": 7, "melody": 2}))).await.unwrap();
+    let (s, b) = req("PUT", format!("{base}/settings/alarm/volume"), Some(json!(5))).await.unwrap();
     assert_eq!(s, 200, "{b}");
     let (s, _) = req("PUT", format!("{base}/settings/display/brightness"), Some(json!(5))).await.unwrap();
     assert_eq!(s, 200);
     let (s, _) = req("PUT", format!("{base}/settings/early_access_to_medication"), Some(json!(300))).await.unwrap();
     assert_eq!(s, 200);
-    let (s, b) = req("GET", format!("{base}/settings"), None).await.unwrap();
-    assert_eq!(
-        (s, &b),
-        (
-            200,
-            &json!({"alarm": {"volume": 7, "melody": 2}, "display": {"brightness": 5}, "early_access_to_medication": 300})
-        )
-    );
+    let (s, b) = req("GET", format!("{base}/settings/alarm"), None).await.unwrap();
+    assert_eq!((s, &b["volume"], &b["melody"]), (200, &json!(5), &json!("chime")));
     let before = req("GET", base.to_string(), None).await.unwrap().1;
 
-    // Every constraint of the paper, and the implied ones: 422, the violation named, nothing written.
-    let cases: Vec<(&str, String, Value, &str, &str)> = vec![
-        ("POST", format!("{base}/medication_plans"), plan(0, 2), "medication_plans/1/period_days", "min"),
-        ("POST", format!("{base}/medication_plans"), plan(29, 2), "medication_plans/1/period_days", "max"),
+    // Every constraint of the paper and of its reference model: 422, the violation
+    // named, nothing written.
+    let line = "medicationplan/0/timings/0/medications/0";
+    let cases: Vec<(&str, String, Option<Value>, &str, &str)> = vec![
+        ("POST", format!("{base}/medicationplan"), Some(plan(0, 2)), "medicationplan/2/period_days", "min"),
+        ("POST", format!("{base}/medicationplan"), Some(plan(29, 2)), "medicationplan/2/period_days", "max"),
         (
             "POST",
-            format!("{base}/medication_plans"),
-            plan(7, 10),
-            "medication_plans/1/intake_times/0/medication_lines/0/doses",
+            format!("{base}/medicationplan"),
+            Some(plan(7, 10)),
+            "medicationplan/2/timings/0/medications/0/doses",
             "max",
         ),
         (
             "PUT",
-            format!("{base}/medication_plans/0/intake_times/0/medication_lines/0/doses"),
-            json!(-1),
-            "medication_plans/0/intake_times/0/medication_lines/0/doses",
+            format!("{base}/{line}/doses"),
+            Some(json!(-1)),
+            "medicationplan/0/timings/0/medications/0/doses",
             "min",
         ),
         (
             "PUT",
             format!("{base}/settings/early_access_to_medication"),
-            json!(0),
+            Some(json!(0)),
             "settings/early_access_to_medication",
             "min",
         ),
         (
             "PUT",
             format!("{base}/settings/early_access_to_medication"),
-            json!(301),
+            Some(json!(301)),
             "settings/early_access_to_medication",
             "max",
         ),
-        ("PUT", format!("{base}/settings/display/brightness"), json!(6), "settings/display/brightness", "max"),
-        ("PUT", format!("{base}/settings/language"), json!("Klingon"), "settings/language", "enum"),
-        ("PUT", format!("{base}/settings/alarm/volume"), json!("loud"), "settings/alarm/volume", "type"),
+        ("PUT", format!("{base}/settings/display/brightness"), Some(json!(6)), "settings/display/brightness", "max"),
+        ("PUT", format!("{base}/settings/alarm/volume"), Some(json!(6)), "settings/alarm/volume", "max"),
+        ("PUT", format!("{base}/settings/alarm/duration"), Some(json!(2)), "settings/alarm/duration", "min"),
+        ("PUT", format!("{base}/settings/language"), Some(json!("Klingon")), "settings/language", "enum"),
+        ("PUT", format!("{base}/settings/alarm/volume"), Some(json!("loud")), "settings/alarm/volume", "type"),
+        ("PUT", format!("{base}/number"), Some(json!(0)), "number", "min"),
         (
             "PUT",
-            format!("{base}/medication_plans/0/intake_times/0/time"),
-            json!("25:00"),
-            "medication_plans/0/intake_times/0/time",
+            format!("{base}/medicationplan/0/timings/0/time"),
+            Some(json!("25:00")),
+            "medicationplan/0/timings/0/time",
             "format",
         ),
         (
             "PUT",
-            format!("{base}/medication_plans/0/intake_times/0/medication_lines/0"),
-            json!({"doses": 1, "current_roll": false, "next_roll": false}),
-            "medication_plans/0/intake_times/0/medication_lines/0/current_roll|next_roll",
+            format!("{base}/medicationplan/0/first_dose_date"),
+            Some(json!("2023-02-30")),
+            "medicationplan/0/first_dose_date",
+            "format",
+        ),
+        (
+            "PUT",
+            format!("{base}/{line}"),
+            Some(json!({"doses": 1, "current_roll": false, "next_roll": false})),
+            "medicationplan/0/timings/0/medications/0/current_roll|next_roll",
             "at_least_one_true",
         ),
         (
             "PUT",
-            format!("{base}/settings/alarm"),
-            json!({"volume": 1, "colour": "red"}),
-            "settings/alarm/colour",
+            format!("{base}/cartridge"),
+            Some(json!({"is_empty": true, "colour": "red"})),
+            "cartridge/colour",
             "unknown",
         ),
         (
             "POST",
-            format!("{base}/medication_plans"),
-            json!({"period_days": 3}),
-            "medication_plans/1/first_dose_date",
+            format!("{base}/medicationplan"),
+            Some(json!({"timings": [{"medications": [{"doses": 1, "current_roll": true, "next_roll": true}]}]})),
+            "medicationplan/2/period_days",
             "required",
         ),
+        // Required attributes cannot be deleted, nor a list emptied below its minimum.
+        ("DELETE", format!("{base}/settings/alarm/volume"), None, "settings/alarm/volume", "required"),
+        ("DELETE", format!("{base}/location"), None, "location", "required"),
+        ("DELETE", format!("{base}/medicationplan/0/timings/0"), None, "medicationplan/0/timings", "min_items"),
     ];
     for (method, path, body, property, rule) in cases {
-        let (s, b) = req(method, path.clone(), Some(body.clone())).await.unwrap();
-        assert_eq!(s, 422, "{method} {path} {body}: {b}");
+        let (s, b) = req(method, path.clone(), body.clone()).await.unwrap();
+        assert_eq!(s, 422, "{method} {path} {body:?}: {b}");
         assert_eq!(b["error"], "constraint_violation");
         let v = b["violations"].as_array().unwrap();
         assert!(v.iter().any(|v| v["property"] == property && v["rule"] == rule), "{method} {path}: {b}");
     }
     assert_eq!(req("GET", base.to_string(), None).await.unwrap().1, before, "no rejected write changed anything");
 
+    // PATCH /desired is validated exactly like a component write.
+    let desired = "/api/v1/twins/karie-100/desired".to_string();
+    for bad in [json!({"settings": {"alarm": {"volume": 99}}}), json!({"settings": {"display": {"brightness": "x"}}})] {
+        let (s, b) = req("PATCH", desired.clone(), Some(json!({"components": bad}))).await.unwrap();
+        assert_eq!((s, b["error"].as_str()), (422, Some("constraint_violation")), "{b}");
+    }
+    let (s, b) = req("PATCH", desired.clone(), Some(json!({"components": null}))).await.unwrap();
+    assert_eq!(s, 422, "removing the whole document leaves its required parts missing: {b}");
+    assert_eq!(req("GET", base.to_string(), None).await.unwrap().1, before, "no rejected PATCH changed anything");
+    let (s, b) = req("PATCH", desired, Some(json!({"components": {"settings": {"alarm": {"volume": 1}}}, "rate": 2})))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = req("PUT", format!("{base}/settings/alarm/volume"), Some(json!(2))).await.unwrap();
+    assert_eq!(s, 200, "a valid component write after a PATCH still works: {b}");
+
     // Unknown paths and bad bodies are 4xx, never 5xx.
     assert_eq!(req("PUT", format!("{base}/settings/nope"), Some(json!(1))).await.unwrap().0, 404);
-    assert_eq!(req("GET", format!("{base}/medication_plans/9"), None).await.unwrap().0, 404);
+    assert_eq!(req("GET", format!("{base}/medicationplan/9"), None).await.unwrap().0, 404);
     assert_eq!(req("POST", format!("{base}/settings"), Some(json!({}))).await.unwrap().0, 400);
     let broken = move || http_as(addr, &token, "PUT", "/api/v1/twins/karie-100/components/settings", Some("{oops"));
     let (s, b) = actix_rt::task::spawn_blocking(broken).await.unwrap();
@@ -142,11 +180,11 @@ async fn the_dispensers_constraints_reject_bad_writes_with_422_and_accept_good_o
     assert_eq!(s, 404, "{b}");
 
     // DELETE removes a medication plan; the writes are journalled as desired-state changes.
-    let (s, _) = req("DELETE", format!("{base}/medication_plans/0"), None).await.unwrap();
+    let (s, _) = req("DELETE", format!("{base}/medicationplan/0"), None).await.unwrap();
     assert_eq!(s, 200);
-    assert_eq!(req("GET", format!("{base}/medication_plans"), None).await.unwrap().1, json!([]));
+    assert_eq!(req("GET", format!("{base}/medicationplan"), None).await.unwrap().1.as_array().unwrap().len(), 1);
     let events = p.twin("karie-100").unwrap().events(50).await.unwrap();
-    assert_eq!(events.iter().filter(|e| matches!(e.kind, EventKind::DesiredSet { .. })).count(), 5);
+    assert_eq!(events.iter().filter(|e| matches!(e.kind, EventKind::DesiredSet { .. })).count(), 8);
 
     http.stop().await;
     p.shutdown().await;

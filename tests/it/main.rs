@@ -4,6 +4,7 @@
 
 mod access;
 mod backpressure;
+mod bad_input;
 mod binary;
 mod components;
 mod config_layers;

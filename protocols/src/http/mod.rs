@@ -26,7 +26,7 @@ use actix_web::{
 };
 use std::net::SocketAddr;
 use twinfleet_actors::{AuditEntry, Principal, TwinError, TwinHandle, TwinRuntime};
-use twinfleet_models::{ModelError, PathError, TwinCommand};
+use twinfleet_models::{ModelError, TwinCommand};
 use twinfleet_runtime::{Edge, Exposition};
 use utoipa_actix_web::AppExt;
 
@@ -48,59 +48,13 @@ impl std::fmt::Display for HttpError {
 
 impl HttpError {
     fn code(&self) -> &'static str {
-        match &self.0 {
-            TwinError::NotFound(_)
-            | TwinError::UnknownDeviceType(_)
-            | TwinError::UnknownDta(_)
-            | TwinError::Unknown { .. } => "not_found",
-            TwinError::AlreadyExists { .. } => "already_exists",
-            TwinError::Conflict(_) => "conflict",
-            TwinError::Unauthenticated(_) => "unauthenticated",
-            TwinError::Forbidden(_) => "forbidden",
-            TwinError::Unavailable { .. } | TwinError::Crashed { .. } => "unavailable",
-            TwinError::MailboxFull(_) => "mailbox_full",
-            TwinError::Timeout { .. } => "timeout",
-            TwinError::Quarantined { .. } => "quarantined",
-            TwinError::Rejected(ModelError::Violations(_)) => "constraint_violation",
-            TwinError::Rejected(ModelError::Archived(_)) => "archived",
-            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => "not_found",
-            TwinError::Rejected(ModelError::Component(_)) => "invalid",
-            TwinError::Rejected(_) | TwinError::Telemetry(_) => "rejected",
-            TwinError::InvalidId(_) | TwinError::Invalid(_) => "invalid",
-            TwinError::Storage(_) => "storage",
-            TwinError::FaultInjectionDisabled => "forbidden",
-            TwinError::ShuttingDown => "shutting_down",
-            TwinError::DeviceUnreachable { .. } => "device_unreachable",
-        }
+        crate::error::classify(&self.0).code
     }
 }
 
 impl ResponseError for HttpError {
     fn status_code(&self) -> StatusCode {
-        match &self.0 {
-            TwinError::NotFound(_)
-            | TwinError::UnknownDeviceType(_)
-            | TwinError::UnknownDta(_)
-            | TwinError::Unknown { .. } => StatusCode::NOT_FOUND,
-            TwinError::AlreadyExists { .. } | TwinError::Quarantined { .. } | TwinError::Conflict(_) => {
-                StatusCode::CONFLICT
-            }
-            TwinError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            TwinError::Forbidden(_) => StatusCode::FORBIDDEN,
-            TwinError::Unavailable { .. }
-            | TwinError::Crashed { .. }
-            | TwinError::ShuttingDown
-            | TwinError::DeviceUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            TwinError::MailboxFull(_) => StatusCode::TOO_MANY_REQUESTS,
-            TwinError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            TwinError::Rejected(ModelError::Component(PathError::NotFound(_))) => StatusCode::NOT_FOUND,
-            TwinError::Rejected(ModelError::Archived(_)) => StatusCode::CONFLICT,
-            TwinError::Rejected(ModelError::Component(_)) => StatusCode::BAD_REQUEST,
-            TwinError::Rejected(_) | TwinError::Telemetry(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            TwinError::InvalidId(_) | TwinError::Invalid(_) => StatusCode::BAD_REQUEST,
-            TwinError::FaultInjectionDisabled => StatusCode::FORBIDDEN,
-            TwinError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        crate::error::classify(&self.0).class.http()
     }
 
     fn error_response(&self) -> HttpResponse {

@@ -29,6 +29,7 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(twin_telemetry)
         .service(get_components)
         .service(get_component)
+        .service(put_components)
         .service(put_component)
         .service(post_component)
         .service(delete_component);
@@ -306,6 +307,19 @@ async fn edit_component(
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     let seq = caller.command(&h, TwinCommand::EditComponents { path: path.clone(), edit }, status).await?;
     Ok(HttpResponse::build(status).json(ComponentChanged { twin: h.id().clone(), path, seq }))
+}
+
+/// `PUT /twins/{id}/components`: replace the whole components document (the first write
+/// of a model with required attributes must be whole).
+#[utoipa::path(tag = "twins", responses((status = 200, body = ComponentChanged), Errors), security(("bearer" = [])))]
+#[put("/twins/{id}/components")]
+async fn put_components(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    edit_component(&rt, &caller, (id.into_inner(), String::new()), Edit::Put(body.into_inner()), false).await
 }
 
 /// `PUT`: replace (or create) the component or property at `path`.

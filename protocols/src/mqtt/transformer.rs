@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use twinfleet_actors::{DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime, TwinSpec};
-use twinfleet_models::{CommandId, DeviceTypeId, Metadata, MetricPoint, ModelError, Timestamp, TwinId};
+use twinfleet_models::{CommandId, DeviceTypeId, Metadata, MetricPoint, Timestamp, TwinId};
 
 /// Messages handled at once by the transformer (and so unacknowledged at most).
 const WINDOW: usize = 1_000;
@@ -276,14 +276,7 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T
 
 /// A twin error on delivery as a counted reason.
 fn rejected(twin: &TwinHandle, e: TwinError) -> Rejected {
-    let reason = match &e {
-        TwinError::Telemetry(t) => t.reason(),
-        TwinError::Rejected(ModelError::UnmatchedAck { why, .. }) => why.reason(),
-        TwinError::Rejected(_) | TwinError::Invalid(_) => "rejected",
-        TwinError::NotFound(_) => "unknown_device",
-        _ => "twin_unavailable",
-    };
-    (reason, format!("twin {}: {e}", twin.id()))
+    (crate::error::classify(&e).reason, format!("twin {}: {e}", twin.id()))
 }
 
 /// The twins' link to their MQTT devices: a QoS 1 publish on `devices/{id}/commands`.
