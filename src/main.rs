@@ -92,10 +92,16 @@ struct RunArgs {
     /// Log filter, e.g. `info` or `twinfleet=debug` [default: info].
     #[arg(long, env = "TWINFLEET_LOG")]
     log: Option<String>,
-    /// An API token for the user `admin` (created if missing). Without it, a fresh data
-    /// directory gets a new admin token, printed once.
+    /// The API token of the user `admin` on a fresh data directory. Without it, a fresh
+    /// data directory gets a new admin token, printed once. Ignored (with a warning) on a
+    /// directory set up before, unless `--rotate-admin-token` is given.
     #[arg(long, env = "TWINFLEET_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Replace the bootstrap admin's token (re-creating the user `admin` if it was
+    /// deleted; earlier bootstrap tokens are revoked): with `--admin-token`, that one,
+    /// else a new one printed once.
+    #[arg(long)]
+    rotate_admin_token: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,8 +123,17 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Everything the server creates (the data directory, sled's files, snapshots made
+    // later) is for its owner only: 0700 directories, 0600 files.
+    #[allow(unsafe_code)]
+    // Safety: umask only swaps the process's file-mode mask; it cannot fail and touches
+    // no memory. It runs before any thread is started.
+    unsafe {
+        libc::umask(0o077);
+    }
     let device_types = args.device_types.clone();
     let admin_token = args.admin_token.clone();
+    let rotate = args.rotate_admin_token;
     let file = match &args.config {
         Some(p) => PartialConfig::load(p).map_err(anyhow::Error::msg)?,
         None => PartialConfig::default(),
@@ -141,11 +156,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    actix_rt::System::new().block_on(serve(cfg, device_types, admin_token))
+    actix_rt::System::new().block_on(serve(cfg, device_types, admin_token, rotate))
 }
 
-async fn serve(cfg: RunConfig, device_types: Option<PathBuf>, admin_token: Option<String>) -> anyhow::Result<()> {
+async fn serve(
+    cfg: RunConfig,
+    device_types: Option<PathBuf>,
+    admin_token: Option<String>,
+    rotate: bool,
+) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "twinfleet starting");
+    // Before anything listens: a SIGINT or SIGTERM from now on means a clean stop, even
+    // one that arrives while the listeners are still starting.
+    let stop = StopSignals::install()?;
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
     tracing::info!("data directory: {}", data_dir.display());
     let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
@@ -153,7 +176,13 @@ async fn serve(cfg: RunConfig, device_types: Option<PathBuf>, admin_token: Optio
         load_device_types(&platform, dir).await?;
     }
     let admin_token = admin_token.filter(|t| !t.is_empty());
-    if let Some(token) =
+    if rotate {
+        let new = platform.rotate_admin_token(admin_token.as_deref()).await.context("cannot rotate the admin token")?;
+        match new {
+            Some(token) => println!("twinfleet: rotated the admin token; the new one (shown only now): {token}"),
+            None => println!("twinfleet: rotated the admin token to the one given"),
+        }
+    } else if let Some(token) =
         platform.bootstrap_admin(admin_token.as_deref()).await.context("cannot set up the admin user")?
     {
         println!("twinfleet: created user admin; its API token (shown only now): {token}");
@@ -178,7 +207,7 @@ async fn serve(cfg: RunConfig, device_types: Option<PathBuf>, admin_token: Optio
         data_dir.display()
     );
 
-    wait_for_stop_signal().await?;
+    stop.wait().await;
     tracing::info!("stopping: HTTP, gRPC and MQTT first, then twins, then a final flush");
     http.stop().await;
     grpc.stop().await;
@@ -212,12 +241,26 @@ async fn load_device_types(platform: &Platform, dir: &std::path::Path) -> anyhow
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => { r.context("cannot wait for Ctrl-C")?; tracing::info!("received Ctrl-C"); }
-        _ = term.recv() => tracing::info!("received SIGTERM"),
+/// SIGINT and SIGTERM, caught from the moment they are installed (a signal that
+/// arrives before `wait` is kept and ends the wait at once).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("received SIGINT (Ctrl-C)"),
+            _ = self.term.recv() => tracing::info!("received SIGTERM"),
+        }
+    }
 }

@@ -105,6 +105,8 @@ struct State {
     groups: BTreeMap<String, Group>,
     /// Keyed hash → token.
     tokens: HashMap<blake3::Hash, TokenInfo>,
+    /// The bootstrap admin was set up once on this data directory (`meta/bootstrapped`).
+    bootstrapped: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -172,6 +174,79 @@ impl AccessControl {
 
     pub fn is_empty(&self) -> bool {
         self.state.lock().users.is_empty()
+    }
+
+    /// Whether this data directory's bootstrap admin was ever set up. Persisted, so that
+    /// deleting every user does not make the directory fresh again.
+    pub fn bootstrapped(&self) -> bool {
+        self.state.lock().bootstrapped
+    }
+
+    /// Sets up the bootstrap admin of a fresh data directory, or rotates its token
+    /// (`rotate`): the user `user` (created, or re-created when rotating), one new token
+    /// (`token`, or a random one that is returned), every earlier bootstrap token of
+    /// that user revoked, and the directory marked as bootstrapped, in one batch.
+    pub(crate) async fn bootstrap(
+        &self,
+        user: User,
+        token: Option<&str>,
+        rotate: bool,
+        now: Timestamp,
+    ) -> Result<Option<String>, TwinError> {
+        let (token, generated) = match token {
+            Some(t) if t.len() < MIN_TOKEN_LEN => {
+                return Err(TwinError::Invalid(format!("an API token needs at least {MIN_TOKEN_LEN} characters")));
+            }
+            Some(t) => (t.to_string(), false),
+            None => {
+                let mut raw = [0u8; 32];
+                getrandom::fill(&mut raw).map_err(|e| TwinError::Invalid(format!("no randomness: {e}")))?;
+                (format!("{API_TOKEN_PREFIX}{}", hex(&raw)), true)
+            }
+        };
+        let hash = self.hash(&token);
+        self.change(|s, b| {
+            if s.bootstrapped && !rotate {
+                return Err(TwinError::Conflict("this data directory's admin was set up already".into()));
+            }
+            if !s.users.contains_key(&user.name) {
+                b.put(Space::Access, user_key(&user.name), encode_record(&user));
+                s.users.insert(user.name.clone(), user.clone());
+            }
+            let old: Vec<blake3::Hash> = s
+                .tokens
+                .iter()
+                .filter(|(h, t)| t.user == user.name && t.description.starts_with(BOOTSTRAP_TOKEN) && **h != hash)
+                .map(|(h, _)| *h)
+                .collect();
+            for h in old {
+                s.tokens.remove(&h);
+                b.delete(Space::Access, token_key(&h));
+            }
+            if let Some(t) = s.tokens.get(&hash)
+                && t.user != user.name
+            {
+                return Err(TwinError::AlreadyExists { kind: "token", id: t.id.clone() });
+            }
+            let description = if rotate { format!("{BOOTSTRAP_TOKEN} (rotated)") } else { BOOTSTRAP_TOKEN.to_string() };
+            let info = TokenInfo {
+                id: hash.to_hex()[..12].to_string(),
+                user: user.name.clone(),
+                description,
+                created_at: now,
+            };
+            b.put(
+                Space::Access,
+                token_key(&hash),
+                encode_record(&TokenRecord { hash: hash.to_hex().to_string(), info: info.clone() }),
+            );
+            s.tokens.insert(hash, info);
+            b.put(Space::Access, BOOTSTRAPPED_KEY.to_vec(), encode_record(&true));
+            s.bootstrapped = true;
+            Ok(())
+        })
+        .await?;
+        Ok(generated.then_some(token))
     }
 
     pub fn users(&self) -> Vec<User> {
@@ -440,11 +515,21 @@ fn load(storage: &dyn Storage) -> Result<State, StorageError> {
         } else if k.starts_with(b"group/") {
             let g: Group = decode_record(&v).map_err(|e| bad(e.to_string()))?;
             s.groups.insert(g.name.clone(), g);
+        } else if &k[..] == BOOTSTRAPPED_KEY {
+            s.bootstrapped = true;
         } else if k.starts_with(b"token/") {
             let t: TokenRecord = decode_record(&v).map_err(|e| bad(e.to_string()))?;
             let h = blake3::Hash::from_hex(&t.hash).map_err(|e| bad(e.to_string()))?;
             s.tokens.insert(h, t.info);
         }
     }
+    // A data directory set up before the marker existed has users: it was bootstrapped.
+    s.bootstrapped |= !s.users.is_empty();
     Ok(s)
 }
+
+/// Marks a data directory whose bootstrap admin was set up; never deleted.
+const BOOTSTRAPPED_KEY: &[u8] = b"meta/bootstrapped";
+
+/// The description of the tokens the bootstrap and its rotations issue.
+const BOOTSTRAP_TOKEN: &str = "bootstrap";

@@ -20,7 +20,9 @@ use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use twinfleet_models::{CommandId, ConfigLayer, ModelError, DeviceTypeId, DtaId, MetricPoint, TwinCommand, TwinEvent, TwinId};
+use twinfleet_models::{
+    CommandId, ConfigLayer, DeviceTypeId, DtaId, MetricPoint, ModelError, TwinCommand, TwinEvent, TwinId,
+};
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.

@@ -389,36 +389,39 @@ impl TwinRuntime {
         }
     }
 
-    /// Makes sure an operator can get in. With `token` (from the environment): the user
-    /// `admin` exists (created if needed) and `token` is one of its API tokens. Without:
-    /// on a platform with no users, creates `admin` and returns a new token for it,
-    /// which the caller shows once. Returns `None` when nothing new was issued.
+    /// Sets up the bootstrap admin, once per data directory: on a fresh one, creates the
+    /// user `admin` with `token` (from the environment) or a new random token, which is
+    /// returned for the caller to show once. On a directory that was set up before it
+    /// does nothing (returns `None`): a token revoked since, or a deleted `admin`, is
+    /// never brought back silently; use [`TwinRuntime::rotate_admin_token`] for that.
     pub async fn bootstrap_admin(&self, token: Option<&str>) -> Result<Option<String>, TwinError> {
-        use crate::access::{BOOTSTRAP_ADMIN, User};
         let access = &self.env.access;
-        let now = self.env.clock.now();
-        let admin = || User {
-            name: BOOTSTRAP_ADMIN.into(),
+        if access.bootstrapped() {
+            if token.is_some_and(|t| !access.knows(t)) {
+                tracing::warn!(
+                    "the admin token given is not (or no longer) valid and is ignored: this data directory was set \
+                     up already; rotate it explicitly (`twinfleet run --rotate-admin-token`) to replace it"
+                );
+            }
+            return Ok(None);
+        }
+        access.bootstrap(self.bootstrap_user(), token, false, self.env.clock.now()).await
+    }
+
+    /// Explicitly replaces the bootstrap admin's token: re-creates the user `admin` if it
+    /// was deleted, revokes its earlier bootstrap tokens and registers `token` (or a new
+    /// random one, returned to be shown once).
+    pub async fn rotate_admin_token(&self, token: Option<&str>) -> Result<Option<String>, TwinError> {
+        tracing::warn!("rotating the bootstrap admin's token: earlier bootstrap tokens are revoked");
+        self.env.access.bootstrap(self.bootstrap_user(), token, true, self.env.clock.now()).await
+    }
+
+    fn bootstrap_user(&self) -> crate::access::User {
+        crate::access::User {
+            name: crate::access::BOOTSTRAP_ADMIN.into(),
             role: twinfleet_models::Role::Admin,
             groups: vec![],
-            created_at: now,
-        };
-        match token {
-            Some(t) => {
-                if access.user(BOOTSTRAP_ADMIN).is_err() {
-                    access.create_user(admin()).await?;
-                }
-                if !access.knows(t) {
-                    access.add_token(BOOTSTRAP_ADMIN, t, "bootstrap (environment)".into(), now).await?;
-                }
-                Ok(None)
-            }
-            None if access.is_empty() => {
-                access.create_user(admin()).await?;
-                let (t, _) = access.issue_token(BOOTSTRAP_ADMIN, "bootstrap".into(), now).await?;
-                Ok(Some(t))
-            }
-            None => Ok(None),
+            created_at: self.env.clock.now(),
         }
     }
 

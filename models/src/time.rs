@@ -23,6 +23,15 @@ impl Timestamp {
         self.0.saturating_sub(earlier.0).max(0) as u64
     }
 
+    /// A Unix time of `seconds` and `nanos` (as in `google.protobuf.Timestamp`), if it is
+    /// one: `nanos` in `0..1_000_000_000` and the milliseconds within `i64`.
+    pub fn from_unix(seconds: i64, nanos: i32) -> Option<Timestamp> {
+        if !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        seconds.checked_mul(1000)?.checked_add(i64::from(nanos) / 1_000_000).map(Timestamp)
+    }
+
     pub fn plus_millis(self, ms: u64) -> Timestamp {
         Timestamp(self.0.saturating_add(ms.min(i64::MAX as u64) as i64))
     }
@@ -45,5 +54,19 @@ impl Sub for Timestamp {
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}ms", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_times_are_checked() {
+        assert_eq!(Timestamp::from_unix(1_700_000_000, 5_000_000), Some(Timestamp(1_700_000_000_005)));
+        assert_eq!(Timestamp::from_unix(i64::MAX, 0), None);
+        assert_eq!(Timestamp::from_unix(i64::MIN / 1000 - 1, 0), None);
+        assert_eq!(Timestamp::from_unix(0, -1), None);
+        assert_eq!(Timestamp::from_unix(0, 1_000_000_000), None);
     }
 }

@@ -215,11 +215,21 @@ impl Gateway {
     }
 
     /// A point as the twin stores it; an unset timestamp means "now".
-    fn point(&self, metric: String, value: f64, ts: Option<prost_types::Timestamp>) -> MetricPoint {
-        let at = ts
-            .map(|t| Timestamp(t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)))
-            .unwrap_or_else(|| self.rt.env().clock.now());
-        MetricPoint { metric, at, value }
+    fn point(&self, metric: String, value: f64, ts: Option<prost_types::Timestamp>) -> Result<MetricPoint, Status> {
+        let at = match ts {
+            Some(t) => self.timestamp(t)?,
+            None => self.rt.env().clock.now(),
+        };
+        Ok(MetricPoint { metric, at, value })
+    }
+
+    /// A protobuf timestamp in milliseconds, refused (INVALID_ARGUMENT, counted) when it
+    /// is out of range.
+    fn timestamp(&self, t: prost_types::Timestamp) -> Result<Timestamp, Status> {
+        Timestamp::from_unix(t.seconds, t.nanos).ok_or_else(|| {
+            let msg = format!("timestamp {}s {}ns is out of range", t.seconds, t.nanos);
+            self.reject("malformed", Status::invalid_argument(msg))
+        })
     }
 
     /// Stores a batch for the Hub, counting a rejected one.
@@ -272,7 +282,21 @@ impl DeviceGateway for Gateway {
                         break;
                     }
                 };
-                let points = batch.points.into_iter().map(|p| gw.point(p.metric, p.value, p.timestamp)).collect();
+                // A point with an impossible timestamp rejects its batch (counted); the
+                // stream goes on.
+                let points: Result<Vec<MetricPoint>, Status> =
+                    batch.points.into_iter().map(|p| gw.point(p.metric, p.value, p.timestamp)).collect();
+                let points = match points {
+                    Ok(p) => p,
+                    Err(s) => {
+                        let ack =
+                            pb::BatchAck { batch_id: batch.batch_id, accepted: 0, error: s.message().to_string() };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 let ack = match twin.telemetry(points).await {
                     Ok(n) => pb::BatchAck { batch_id: batch.batch_id, accepted: n as u32, error: String::new() },
                     Err(TwinError::Telemetry(e)) => {
@@ -365,7 +389,7 @@ impl Hub for Gateway {
                     twin.insert(h)
                 }
             };
-            batch.push(self.point(v.metric_identifier, v.value, v.timestamp));
+            batch.push(self.point(v.metric_identifier, v.value, v.timestamp).map_err(|s| with_stored(s, stored))?);
             if batch.len() >= HUB_BATCH {
                 stored += self.store(h, std::mem::take(&mut batch)).await.map_err(|s| with_stored(s, stored))?;
             }
@@ -400,7 +424,7 @@ impl Hub for Gateway {
         let mut hub_status = serde_json::Map::new();
         hub_status.insert("status".into(), status_name.into());
         if let Some(ts) = body.timestamp {
-            hub_status.insert("timestamp_ms".into(), (ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000).into());
+            hub_status.insert("timestamp_ms".into(), self.timestamp(ts)?.0.into());
         }
         patch.insert("hub_status".into(), hub_status.into());
         twin.report(patch).await.map_err(status)?;
@@ -436,6 +460,8 @@ struct EdgeService<S> {
 }
 
 const TOO_LARGE: &str = "decoded%20message%20length%20too%20large";
+/// How tonic words a protobuf decode error (it answers INTERNAL; it is the client's).
+const UNDECODABLE: &str = "failed%20to%20decode%20Protobuf%20message";
 
 impl<S, B, RB> tower_service::Service<tonic::codegen::http::Request<B>> for EdgeService<S>
 where
@@ -463,6 +489,12 @@ where
             if too_large {
                 h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
                 rt.env().rejections.reject("oversized", || format!("gRPC message over {MAX_MESSAGE_BYTES} bytes"));
+            }
+            let undecodable = h.get("grpc-status").is_some_and(|s| s == "13")
+                && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains(UNDECODABLE));
+            if undecodable {
+                h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("3"));
+                rt.env().rejections.reject("malformed", || format!("{path}: the message is not valid protobuf"));
             }
             let code = h
                 .get("grpc-status")
@@ -500,11 +532,15 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// A too-large message met inside a client stream: RESOURCE_EXHAUSTED, counted.
+/// An error met reading a client stream: a too-large message is RESOURCE_EXHAUSTED and
+/// an undecodable one INVALID_ARGUMENT (tonic says OUT_OF_RANGE and INTERNAL), counted.
 fn oversized(rt: &TwinRuntime, s: Status) -> Status {
     if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
         rt.env().rejections.reject("oversized", || s.message().to_string());
         Status::resource_exhausted(s.message().to_string())
+    } else if s.code() == tonic::Code::Internal && s.message().contains("failed to decode Protobuf message") {
+        rt.env().rejections.reject("malformed", || s.message().to_string());
+        Status::invalid_argument(s.message().to_string())
     } else {
         s
     }

@@ -1,8 +1,9 @@
 //! One running instance per data directory, enforced with an OS file lock on
 //! `<data>/twinfleet.lock`. The lock goes away with the process, even after SIGKILL.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions, Permissions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +27,15 @@ impl DataDirLock {
         let path = dir.join("twinfleet.lock");
         let io = |source| LockError::Io { path: path.clone(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        restrict_dir(dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -44,6 +52,28 @@ impl DataDirLock {
         write!(file, "{}", std::process::id()).map_err(io)?;
         Ok(DataDirLock { _file: file })
     }
+}
+
+/// Makes `dir` readable by its owner only (0700): the data directory holds device and
+/// operator credentials (hashed) and every twin's state.
+pub fn restrict_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+}
+
+/// Gives every directory under `dir` mode 0700 and every file 0600 (what the storage
+/// engine created with the process's umask).
+pub fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    restrict_dir(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            restrict_tree(&entry.path())?;
+        } else if ty.is_file() {
+            std::fs::set_permissions(entry.path(), Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -249,7 +249,10 @@ impl SledStorage {
     /// Opens (or creates) the database under `dir/db`.
     pub fn open(dir: &Path, opts: SledOptions) -> Result<Arc<Self>, StorageError> {
         let path = dir.join("db");
+        remove_partial_snapshots(&path);
         let db = sled::Config::new().path(&path).cache_capacity(opts.cache_bytes).open().map_err(engine)?;
+        crate::lock::restrict_tree(dir)
+            .map_err(|e| StorageError::Engine(format!("cannot restrict the permissions of {}: {e}", dir.display())))?;
         let tree = db.open_tree("twinfleet").map_err(engine)?;
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let counters = Arc::new(Counters::default());
@@ -267,6 +270,26 @@ impl SledStorage {
             writer: parking_lot::Mutex::new(Some(writer)),
             counters,
         }))
+    }
+}
+
+/// Removes `snap.*.generating` files: sled writes a snapshot under that name and renames
+/// it when complete, so one that is left over (a start that failed on a full disk leaves
+/// a zero-byte one) is garbage, but sled would refuse every later start over it
+/// ("Read corrupted data").
+fn remove_partial_snapshots(db: &Path) {
+    let Ok(entries) = std::fs::read_dir(db) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::warn!("removed the partial snapshot {} left by an earlier failure", entry.path().display())
+                }
+                Err(e) => tracing::warn!("cannot remove the partial snapshot {}: {e}", entry.path().display()),
+            }
+        }
     }
 }
 

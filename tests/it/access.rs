@@ -336,3 +336,68 @@ async fn a_ten_thousand_twin_creation_job_reports_progress_and_completes() {
     http.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn the_bootstrap_admin_comes_only_with_a_fresh_data_directory_or_an_explicit_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let given = format!("tfa_{}", "b".repeat(40));
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.bootstrap_admin(Some(&given)).await.unwrap(), None, "the given token is not echoed");
+    let access = &p.env().access;
+    assert!(access.knows(&given));
+    // Another admin revokes the bootstrap token.
+    let id = access.tokens("admin")[0].id.clone();
+    access.revoke_token("admin", &id).await.unwrap();
+    p.shutdown().await;
+
+    // Restarting with the same --admin-token does not bring it back.
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.bootstrap_admin(Some(&given)).await.unwrap(), None);
+    assert!(!p.env().access.knows(&given), "a revoked token never comes back silently");
+    // Nor does a deleted admin, even when no user is left.
+    p.env().access.delete_user("admin").await.unwrap();
+    p.shutdown().await;
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.bootstrap_admin(None).await.unwrap(), None, "no new admin token on a used directory");
+    assert!(p.env().access.user("admin").is_err(), "a deleted admin is not re-created");
+
+    // An explicit rotation brings the admin back with a new token; old ones stay revoked.
+    let new = p.rotate_admin_token(None).await.unwrap().expect("a new token");
+    let access = &p.env().access;
+    assert!(access.knows(&new) && !access.knows(&given));
+    assert_eq!(access.user("admin").unwrap().role, twinfleet::models::Role::Admin);
+    let again = p.rotate_admin_token(Some(&given)).await.unwrap();
+    assert_eq!(again, None);
+    assert!(access.knows(&given) && !access.knows(&new), "a rotation revokes the earlier bootstrap token");
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn authentication_is_decided_on_the_path_the_router_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let admin = admin_token(&p).await;
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = http.local_addr();
+    let r = &p.env().rejections;
+    for spelling in ["/%61pi/v1/users", "/api/v1/%75sers", "/%41PI/v1/users", "/api%2Fv1/users"] {
+        let before = r.count("no_api_token");
+        let (s, _) = call(addr, None, "GET", spelling, None).await;
+        assert_eq!(s, 401, "{spelling} without a token");
+        assert_eq!(r.count("no_api_token"), before + 1, "{spelling} is counted as a request without a token");
+    }
+    // With a token, an encoded write is served, and audited under the routed path.
+    let (s, b) = call(addr, Some(&admin), "POST", "/%61pi/v1/groups", Some(json!({"name": "enc", "grants": []}))).await;
+    assert_eq!(s, 201, "{b}");
+    let (_, log) = call(addr, Some(&admin), "GET", "/api/v1/audit?limit=10", None).await;
+    let entries = log.as_array().expect("the audit log is a list");
+    assert!(
+        entries.iter().any(|e| e["target"] == "/api/v1/groups" && e["action"] == "POST" && e["status"] == 201),
+        "{log}"
+    );
+    // Public paths stay public.
+    assert_eq!(call(addr, None, "GET", "/healthz", None).await.0, 200);
+    assert_eq!(call(addr, None, "GET", "/api/v1/openapi.json", None).await.0, 200);
+    http.stop().await;
+    p.shutdown().await;
+}

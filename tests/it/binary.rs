@@ -210,3 +210,22 @@ fn the_cli_lists_and_shows_twins_of_a_running_instance() {
     let (ok, err) = finish(child);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_stop_signal_right_after_the_api_answers_still_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = format!("127.0.0.1:{port}");
+    let args = ["--http", http.as_str(), "--grpc", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"];
+    let child = spawn(dir.path(), &[&args[..], &["--mqtt-provisioning", "127.0.0.1:0"]].concat());
+    // The moment the HTTP listener accepts, the other listeners are still starting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&http).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the HTTP API never answered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal(&child, libc::SIGTERM);
+    let (ok, err) = finish(child);
+    assert!(ok, "a SIGTERM during start is a clean stop, not a kill; stderr:\n{err}");
+    assert!(err.contains("stopped cleanly"), "{err}");
+}

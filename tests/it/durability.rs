@@ -201,3 +201,46 @@ async fn a_corrupt_record_quarantines_that_twin_and_the_others_start() {
     assert!(matches!(err, TwinError::AlreadyExists { .. }));
     p.shutdown().await;
 }
+
+/// Every file under `dir` with its mode, for the messages below.
+fn modes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = vec![(dir.to_path_buf(), std::fs::metadata(dir).unwrap().permissions().mode() & 0o777)];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(modes(&e.path()));
+        } else {
+            out.push((e.path(), e.metadata().unwrap().permissions().mode() & 0o777));
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn the_data_directory_is_for_its_owner_only() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let p = start(&dir, None, test_settings()).await;
+    fleet(&p, "lamp", json!({}), "l", 10, |_| vec![]).await;
+    p.twin("l-0").unwrap().report(obj(json!({"on": true}))).await.unwrap();
+    p.issue_device_token("l-1").await.unwrap();
+    for (path, mode) in modes(&dir) {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+    }
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_partial_snapshot_left_by_a_failed_start_does_not_block_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "lamp", json!({}), "l", 3, |_| vec![]).await;
+    p.shutdown().await;
+    // What a start on a full disk leaves behind: sled's snapshot, never completed.
+    std::fs::write(dir.path().join("db").join("snap.00000000000000FF.generating"), b"").unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.twin("l-2").unwrap().get().await.unwrap().state.identity.twin_id.as_str(), "l-2");
+    assert!(!dir.path().join("db").join("snap.00000000000000FF.generating").exists());
+    p.shutdown().await;
+}

@@ -390,3 +390,45 @@ async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_refus
     gw.stop().await;
     p.shutdown().await;
 }
+
+/// A message that is not a `StateReport`: field 1 as a varint where a `Struct` belongs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAStateReport {
+    #[prost(uint64, tag = "1")]
+    patch: u64,
+}
+
+#[actix_rt::test]
+async fn impossible_timestamps_and_undecodable_protobuf_are_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, channel, t0, _) = setup(dir.path()).await;
+    let r = &p.env().rejections;
+
+    // A Hub status whose seconds overflow milliseconds (it used to be multiplied unchecked).
+    let mut hub = HubClient::new(channel.clone());
+    for (seconds, nanos) in [(i64::MAX, 0), (0, -5), (1_700_000_000, 2_000_000_000)] {
+        let mut req = Request::new(hub::DeviceStatus {
+            tenant_identifier: String::new(),
+            device_identifier: "g-0".into(),
+            status: hub::Status::Pending as i32,
+            timestamp: Some(prost_types::Timestamp { seconds, nanos }),
+        });
+        req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t0}")).unwrap());
+        let err = hub.send_device_status(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{seconds}s {nanos}ns: {err:?}");
+        assert!(err.message().contains("out of range"), "{err:?}");
+    }
+    assert_eq!(r.count("malformed"), 3);
+
+    // Bytes that do not decode as the call's message: INVALID_ARGUMENT, not INTERNAL.
+    let mut raw = tonic::client::Grpc::new(channel.clone());
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/twinfleet.device.v1.DeviceGateway/ReportState");
+    let codec = tonic_prost::ProstCodec::<NotAStateReport, pb::Ack>::default();
+    let err = raw.unary(authed(NotAStateReport { patch: 7 }, "g-0", &t0), path, codec).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(r.count("malformed"), 4);
+    assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty());
+    gw.stop().await;
+    p.shutdown().await;
+}

@@ -160,9 +160,35 @@ pub(crate) struct PendingAudit {
     stored: std::rc::Rc<std::cell::Cell<Option<u16>>>,
 }
 
-/// Paths readable without a token.
-fn public(path: &str) -> bool {
-    !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json"
+/// Paths readable without a token. Decided on the path the router matches (actix
+/// decodes percent-encoded unreserved characters before routing, so `/%61pi/v1/users`
+/// routes to `/api/v1/users`), fully percent-decoded, so that no spelling of an API path
+/// gets around authentication.
+fn public(routed: &str) -> bool {
+    let path = percent_decode(routed);
+    let api = path.len() >= 4 && path.as_bytes()[..4].eq_ignore_ascii_case(b"/api");
+    !api || path == "/api/v1/openapi.json"
+}
+
+/// `%XX` escapes decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Counts every request by method, route pattern and status, with its latency (until
@@ -208,7 +234,7 @@ async fn authenticate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> std::result::Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    if public(req.path()) {
+    if public(req.match_info().as_str()) {
         return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
     }
     let Some(rt) = req.app_data::<web::Data<TwinRuntime>>().cloned() else {
@@ -262,7 +288,7 @@ async fn audited(
         at: rt.env().clock.now(),
         user: principal.user.to_string(),
         action: req.method().to_string(),
-        target: req.path().to_string(),
+        target: req.match_info().as_str().to_string(),
         status: 0,
     };
     let stored = std::rc::Rc::new(std::cell::Cell::new(None));
