@@ -4,10 +4,15 @@
 //! A job is checked whole before it starts (authorization, unknown or existing ids), so
 //! that it is refused with a clear error rather than failing half-way for a reason known
 //! up front. It then runs in steps; each step is durable before the next begins, and
-//! `done` counts the twins handled. The job record is stored when the job starts and
-//! when it ends; a job that was running when the platform stopped is shown as failed
-//! ("interrupted") after a restart, with the progress it had stored, and what it did
-//! until then stays done.
+//! `done` counts the twins handled.
+//!
+//! Jobs resume: the job's work, resolved at submission (a group's members become the
+//! list of twins), is stored with the job record, and the record is stored again after
+//! every step with its progress. A job that was running when the platform stopped (a
+//! kill, a crash, a shutdown) goes on after the next start. Every step is idempotent on
+//! resume: a twin the job already created, archived or deleted counts as done, so the
+//! outcome reports exactly what the job did, once. Authorization was checked at
+//! submission and is not checked again on resume.
 
 use crate::access::Principal;
 use crate::error::TwinError;
@@ -112,31 +117,46 @@ pub struct Job {
 pub struct Jobs {
     storage: Arc<dyn Storage>,
     jobs: Mutex<BTreeMap<u64, Job>>,
+    /// The resolved work of the jobs that were running at the last stop.
+    work: Mutex<BTreeMap<u64, JobSpec>>,
+}
+
+/// The key of a job's record: its id, big-endian.
+fn job_key(id: u64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
+/// The key of a job's resolved work: the record's key and 0x01.
+fn work_key(id: u64) -> Vec<u8> {
+    let mut k = job_key(id);
+    k.push(1);
+    k
 }
 
 impl Jobs {
-    /// Loads stored jobs; one still running was interrupted by the last stop.
-    pub(crate) fn open(storage: Arc<dyn Storage>, now: Timestamp) -> Result<Self, StorageError> {
+    /// Loads stored jobs; those still running were interrupted by the last stop and are
+    /// resumed by [`TwinRuntime::resume_jobs`] once the twins are back.
+    pub(crate) fn open(storage: Arc<dyn Storage>, _now: Timestamp) -> Result<Self, StorageError> {
         let mut jobs = BTreeMap::new();
-        let mut b = WriteBatch::new();
+        let mut work = BTreeMap::new();
         for row in storage.scan(Space::Job, b"") {
             let (k, v) = row?;
-            let Ok(mut job) = decode_record::<Job>(&v) else {
+            if k.len() == 9 {
+                match decode_record::<JobSpec>(&v) {
+                    Ok(spec) => {
+                        work.insert(u64::from_be_bytes(k[..8].try_into().unwrap_or_default()), spec);
+                    }
+                    Err(e) => tracing::warn!("a job's stored work does not decode: {e}"),
+                }
+                continue;
+            }
+            let Ok(job) = decode_record::<Job>(&v) else {
                 tracing::warn!("skipping a job record that does not decode: {}", String::from_utf8_lossy(&k));
                 continue;
             };
-            if job.state == JobState::Running {
-                job.state = JobState::Failed;
-                job.finished_at = Some(now);
-                job.errors.push("interrupted: the platform stopped while the job ran".into());
-                b.put(Space::Job, k, encode_record(&job));
-            }
             jobs.insert(job.id, job);
         }
-        if !b.is_empty() {
-            drop(storage.submit(b));
-        }
-        Ok(Jobs { storage, jobs: Mutex::new(jobs) })
+        Ok(Jobs { storage, jobs: Mutex::new(jobs), work: Mutex::new(work) })
     }
 
     pub fn get(&self, id: u64) -> Option<Job> {
@@ -157,8 +177,20 @@ impl Jobs {
 
     async fn store(&self, job: &Job) -> Result<(), TwinError> {
         let mut b = WriteBatch::new();
-        b.put(Space::Job, job.id.to_be_bytes().to_vec(), encode_record(job));
+        b.put(Space::Job, job_key(job.id), encode_record(job));
+        if job.state != JobState::Running {
+            b.delete(Space::Job, work_key(job.id));
+        }
         Ok(self.storage.submit(b).await?)
+    }
+
+    /// Stores the job's progress as it is now.
+    async fn checkpoint(&self, id: u64) {
+        if let Some(job) = self.get(id)
+            && let Err(e) = self.store(&job).await
+        {
+            tracing::warn!(job = id, "could not store the job's progress: {e}");
+        }
     }
 }
 
@@ -187,7 +219,18 @@ impl TwinRuntime {
             JobSpec::ArchiveTwins { .. } => "archive_twins",
             JobSpec::DeleteTwins { .. } => "delete_twins",
         };
+        // The work as it was checked, stored to resume from: a group's members are
+        // resolved now; a creation keeps its compact form (`generate`).
+        let stored = matches!(spec, JobSpec::CreateTwins { .. }).then(|| spec.clone());
         let plan = self.plan(p, spec)?;
+        let work = match (&plan, stored) {
+            (Plan::Archive(ids), _) => JobSpec::ArchiveTwins { group: None, twins: ids.clone() },
+            (Plan::Delete(ids), _) => JobSpec::DeleteTwins { group: None, twins: ids.clone() },
+            (Plan::Create(..), Some(w)) => w,
+            (Plan::Create(ty, twins), None) => {
+                JobSpec::CreateTwins { device_type: ty.clone(), twins: twins.clone(), generate: None }
+            }
+        };
         let env = self.env();
         let id = env.storage.generate_id()?;
         let job = Job {
@@ -202,11 +245,57 @@ impl TwinRuntime {
             finished_at: None,
             errors: vec![],
         };
-        env.jobs.store(&job).await?;
+        let mut b = WriteBatch::new();
+        b.put(Space::Job, work_key(id), encode_record(&work));
+        b.put(Space::Job, job_key(id), encode_record(&job));
+        env.storage.submit(b).await?;
         env.jobs.jobs.lock().insert(id, job.clone());
         let rt = self.clone();
-        actix::spawn(async move { rt.run_job(id, plan).await });
+        actix::spawn(async move { rt.run_job(id, plan, false).await });
         Ok(job)
+    }
+
+    /// Resumes every job that was running when the platform last stopped. Called once
+    /// the twins are restored. Returns how many were resumed.
+    pub fn resume_jobs(&self) -> usize {
+        let jobs = &self.env().jobs;
+        let running: Vec<u64> =
+            jobs.jobs.lock().values().filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+        let mut resumed = 0;
+        for id in running {
+            let Some(work) = jobs.work.lock().remove(&id) else {
+                // A record from before work was stored: report what it did, as failed.
+                let now = self.env().clock.now();
+                if let Some(job) = jobs.update(id, |j| {
+                    j.state = JobState::Failed;
+                    j.finished_at = Some(now);
+                    j.errors.push("interrupted: the platform stopped while the job ran".into());
+                }) {
+                    let jobs = self.env().jobs.storage.clone();
+                    let mut b = WriteBatch::new();
+                    b.put(Space::Job, job_key(id), encode_record(&job));
+                    drop(jobs.submit(b));
+                }
+                continue;
+            };
+            let plan = match resolve(work) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!(job = id, "cannot resume: {e}");
+                    continue;
+                }
+            };
+            tracing::info!(job = id, "resuming a job the last stop interrupted");
+            // Progress is counted anew, with what is done already counted as done.
+            jobs.update(id, |j| {
+                j.done = 0;
+                j.failed = 0;
+            });
+            let rt = self.clone();
+            actix::spawn(async move { rt.run_job(id, plan, true).await });
+            resumed += 1;
+        }
+        resumed
     }
 
     fn plan(&self, p: &Principal, spec: JobSpec) -> Result<Plan, TwinError> {
@@ -218,12 +307,7 @@ impl TwinRuntime {
                     if g.count > MAX_JOB_TWINS {
                         return Err(TwinError::Invalid(format!("generate.count is above {MAX_JOB_TWINS}")));
                     }
-                    for n in g.start..g.start.saturating_add(g.count) {
-                        let mut spec = TwinSpec::new(TwinId::new(format!("{}{n}", g.prefix))?);
-                        spec.dtas = g.dtas.clone();
-                        spec.metadata = Metadata { tags: g.tags.clone(), ..Metadata::default() };
-                        twins.push(spec);
-                    }
+                    twins.extend(generated(&g)?);
                 }
                 if twins.is_empty() || twins.len() > MAX_JOB_TWINS {
                     return Err(TwinError::Invalid(format!("a job creates 1 to {MAX_JOB_TWINS} twins")));
@@ -275,17 +359,28 @@ impl TwinRuntime {
         Ok(twins)
     }
 
-    async fn run_job(&self, id: u64, plan: Plan) {
+    async fn run_job(&self, id: u64, plan: Plan, resume: bool) {
         let jobs = &self.env().jobs;
-        match plan {
+        let stopped = match plan {
             Plan::Create(ty, specs) => {
                 let mut specs = specs.into_iter().peekable();
+                let mut stopped = false;
                 while specs.peek().is_some() {
-                    let step: Vec<TwinSpec> = specs.by_ref().take(CREATE_STEP).collect();
+                    let mut step: Vec<TwinSpec> = specs.by_ref().take(CREATE_STEP).collect();
                     let n = step.len();
-                    match self.spawn_fleet(&ty, step).await {
-                        Ok(_) => {
+                    if resume {
+                        // Twins an interrupted run created are done already.
+                        step.retain(|s| self.twin(s.id.as_str()).is_err());
+                    }
+                    let r = if step.is_empty() { Ok(()) } else { self.spawn_fleet(&ty, step).await.map(drop) };
+                    match r {
+                        Ok(()) => {
                             jobs.update(id, |j| j.done += n);
+                            jobs.checkpoint(id).await;
+                        }
+                        Err(e) if stopping(&e) => {
+                            stopped = true;
+                            break;
                         }
                         Err(e) => {
                             // A step is all-or-nothing; the rest is not attempted.
@@ -297,9 +392,15 @@ impl TwinRuntime {
                         }
                     }
                 }
+                stopped
             }
-            Plan::Archive(ids) => self.each_twin(id, ids, false).await,
-            Plan::Delete(ids) => self.each_twin(id, ids, true).await,
+            Plan::Archive(ids) => self.each_twin(id, ids, false, resume).await,
+            Plan::Delete(ids) => self.each_twin(id, ids, true, resume).await,
+        };
+        if stopped {
+            // The platform is stopping: the job stays running and resumes at the next start.
+            tracing::info!(job = id, "the platform stops; the job resumes at the next start");
+            return;
         }
         let now = self.env().clock.now();
         if let Some(job) = jobs.update(id, |j| {
@@ -311,13 +412,18 @@ impl TwinRuntime {
         }
     }
 
-    /// Archives or deletes twins, a few at a time, counting each.
-    async fn each_twin(&self, id: u64, ids: Vec<TwinId>, delete: bool) {
+    /// Archives or deletes twins, a few at a time, counting each; stores the progress
+    /// every `CONCURRENCY` twins. Returns true when it stopped because the platform stops.
+    async fn each_twin(&self, id: u64, ids: Vec<TwinId>, delete: bool, resume: bool) -> bool {
         let jobs = &self.env().jobs;
         let mut work = futures::stream::iter(ids)
             .map(|t| async move {
                 let r = if delete {
-                    self.delete_twin(t.as_str()).await
+                    match self.delete_twin(t.as_str()).await {
+                        // Deleted by the interrupted run.
+                        Err(TwinError::NotFound(_)) if resume => Ok(()),
+                        r => r,
+                    }
                 } else {
                     match self.twin(t.as_str()) {
                         Ok(h) => match h.command(TwinCommand::Archive).await {
@@ -331,7 +437,13 @@ impl TwinRuntime {
                 (t, r)
             })
             .buffer_unordered(CONCURRENCY);
+        let mut handled = 0usize;
         while let Some((t, r)) = work.next().await {
+            if let Err(e) = &r
+                && stopping(e)
+            {
+                return true;
+            }
             jobs.update(id, |j| match r {
                 Ok(()) => j.done += 1,
                 Err(e) => {
@@ -341,6 +453,42 @@ impl TwinRuntime {
                     }
                 }
             });
+            handled += 1;
+            if handled.is_multiple_of(CONCURRENCY) {
+                jobs.checkpoint(id).await;
+            }
         }
+        false
     }
+}
+
+/// Whether an error means the platform is stopping (the job then resumes later).
+fn stopping(e: &TwinError) -> bool {
+    matches!(e, TwinError::ShuttingDown | TwinError::Storage(StorageError::Closed))
+}
+
+/// The plan of stored work, without the checks of a submission (they were made then).
+fn resolve(work: JobSpec) -> Result<Plan, TwinError> {
+    match work {
+        JobSpec::CreateTwins { device_type, mut twins, generate } => {
+            if let Some(g) = generate {
+                twins.extend(generated(&g)?);
+            }
+            Ok(Plan::Create(device_type, twins))
+        }
+        JobSpec::ArchiveTwins { twins, .. } => Ok(Plan::Archive(twins)),
+        JobSpec::DeleteTwins { twins, .. } => Ok(Plan::Delete(twins)),
+    }
+}
+
+/// The twins `generate` names.
+fn generated(g: &Generate) -> Result<Vec<TwinSpec>, TwinError> {
+    (g.start..g.start.saturating_add(g.count))
+        .map(|n| {
+            let mut spec = TwinSpec::new(TwinId::new(format!("{}{n}", g.prefix))?);
+            spec.dtas = g.dtas.clone();
+            spec.metadata = Metadata { tags: g.tags.clone(), ..Metadata::default() };
+            Ok(spec)
+        })
+        .collect()
 }

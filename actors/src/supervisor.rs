@@ -184,7 +184,9 @@ impl TwinRuntime {
         stats.set_status(ActorStatus::Running);
         let supervisor = PlatformSupervisor { env: env.clone(), stats: stats.clone() }.start();
         let report = restore(&env).await?;
-        Ok((TwinRuntime { env, supervisor, stats }, report))
+        let rt = TwinRuntime { env, supervisor, stats };
+        rt.resume_jobs();
+        Ok((rt, report))
     }
 
     pub fn env(&self) -> &Arc<TwinEnv> {

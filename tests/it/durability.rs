@@ -244,3 +244,36 @@ async fn a_partial_snapshot_left_by_a_failed_start_does_not_block_the_next_one()
     assert!(!dir.path().join("db").join("snap.00000000000000FF.generating").exists());
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
+    use twinfleet::{Generate, JobSpec, JobState};
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "crate", json!({}), "seed", 1, |_| vec![]).await;
+    let token = admin_token(&p).await;
+    let admin = p.env().access.authenticate(&token).unwrap();
+    let generate = Generate { prefix: "j-".into(), count: 20_000, start: 0, dtas: vec![], tags: vec![] };
+    let spec = JobSpec::CreateTwins { device_type: "crate".parse().unwrap(), twins: vec![], generate: Some(generate) };
+    let job = p.submit_job(&admin, spec).await.unwrap();
+    // Stop at once: the job is still running (a kill leaves the same records behind).
+    p.shutdown().await;
+
+    let p = start(dir.path(), None, test_settings()).await;
+    let done = eventually("the resumed job finishes", || async {
+        p.env().jobs.get(job.id).filter(|j| j.state != JobState::Running)
+    })
+    .await;
+    assert_eq!((done.state, done.done, done.failed, done.total), (JobState::Succeeded, 20_000, 0, 20_000), "{done:?}");
+    assert!(done.errors.is_empty(), "{done:?}");
+    for i in [0, 9_999, 19_999] {
+        p.twin(&format!("j-{i}")).expect("created once, by the job and its resumption");
+    }
+    assert_eq!(p.device_type("crate").unwrap().info().twins, 20_001);
+    p.shutdown().await;
+
+    // Done is done: a third start does not run it again.
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.env().jobs.get(job.id).unwrap().state, JobState::Succeeded);
+    p.shutdown().await;
+}
