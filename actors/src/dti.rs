@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use twinfleet_models::{
     Alert, CommandId, Decision, DeviceCommand, DtaId, Effect, EffectiveConfig, EventKind, LayerRef, Lifecycle,
-    MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, decode_batch,
-    effective_config, encode_batch, validate_batch,
+    MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
+    encode_batch, validate_batch,
 };
 use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
 
@@ -134,8 +134,6 @@ pub(crate) struct LayersChanged(pub Arc<ResolvedLayers>);
 #[derive(Debug)]
 pub(crate) struct Telemetry(pub Vec<MetricPoint>);
 #[derive(Debug)]
-pub(crate) struct QueryTelemetry(pub TelemetryQuery);
-#[derive(Debug)]
 pub(crate) struct InjectPanic;
 /// A command for the device; answered with the id the twin minted for it, once the
 /// transport has it.
@@ -145,16 +143,6 @@ pub(crate) struct ToDevice(pub DeviceCommand);
 /// it; nothing is written after the answer.
 #[derive(Debug)]
 pub(crate) struct Retire;
-
-/// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
-/// newest first, at most `limit`.
-#[derive(Debug, Clone)]
-pub struct TelemetryQuery {
-    pub metric: Option<String>,
-    pub from: Timestamp,
-    pub to: Timestamp,
-    pub limit: usize,
-}
 
 /// What a twin shows of itself.
 #[derive(Debug, Clone, Serialize)]
@@ -170,7 +158,7 @@ pub struct TwinView {
     pub telemetry_latest: BTreeMap<String, LatestPoint>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct LatestPoint {
     pub at: Timestamp,
     pub value: f64,
@@ -247,7 +235,27 @@ impl Dti {
         &self.slot.ty.env
     }
 
-    fn view(&self) -> TwinView {
+    /// The newest value per metric, read from storage the first time it is needed (it
+    /// survives restarts in its own record).
+    fn latest(&mut self) -> &mut BTreeMap<String, LatestPoint> {
+        let (storage, id) = (&self.slot.ty.env.storage, &self.slot.id);
+        self.latest.get_or_insert_with(|| {
+            let stored = match storage.get(Space::TelemetryLatest, &twin_key(id)) {
+                Ok(Some(bytes)) => decode_record(&bytes).unwrap_or_else(|e| {
+                    tracing::warn!(twin = %id, "the latest telemetry values do not decode ({e}); starting empty");
+                    BTreeMap::new()
+                }),
+                Ok(None) => BTreeMap::new(),
+                Err(e) => {
+                    tracing::warn!(twin = %id, "cannot read the latest telemetry values: {e}");
+                    BTreeMap::new()
+                }
+            };
+            Box::new(stored)
+        })
+    }
+
+    fn view(&mut self) -> TwinView {
         let defaults = self.slot.ty.defaults();
         let layers = self.layers.iter().flat_map(|r| r.layers.iter());
         TwinView {
@@ -259,7 +267,7 @@ impl Dti {
                 .waits
                 .get(WaitName::DesiredSync)
                 .map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
-            telemetry_latest: self.latest.as_deref().cloned().unwrap_or_default(),
+            telemetry_latest: self.latest().clone(),
         }
     }
 
@@ -267,54 +275,24 @@ impl Dti {
     fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
         let env = self.slot.ty.env.clone();
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
-        let latest = self.latest.get_or_insert_with(Default::default);
+        let key = twin_key(&self.slot.id);
+        let latest = self.latest();
         for p in &points {
             let e = latest.entry(p.metric.clone()).or_insert(LatestPoint { at: p.at, value: p.value });
             if p.at >= e.at {
                 *e = LatestPoint { at: p.at, value: p.value };
             }
         }
+        let mut batch = WriteBatch::new();
+        batch.put(Space::TelemetryLatest, key, encode_record(&*latest));
         let n = points.len();
         points.sort_by_key(|p| p.at);
-        let mut batch = WriteBatch::new();
         for hour in points.chunk_by(|a, b| a.at.0.div_euclid(TELEMETRY_SPAN_MS) == b.at.0.div_euclid(TELEMETRY_SPAN_MS))
         {
             let key = telemetry_key(&self.slot.id, hour[0].at.0, env.storage.generate_id()?);
             batch.put(Space::Telemetry, key, encode_batch(hour));
         }
         Ok((env.storage.submit(batch), n))
-    }
-
-    /// Reads stored points after a storage barrier (the twin sees its own writes).
-    fn query_telemetry(
-        &self,
-        q: TelemetryQuery,
-    ) -> futures::future::BoxFuture<'static, Result<Vec<MetricPoint>, TwinError>> {
-        let storage = self.env().storage.clone();
-        let barrier = storage.barrier();
-        let prefix = journal_prefix(&self.slot.id);
-        let start = telemetry_key(&self.slot.id, q.from.0.saturating_sub(TELEMETRY_SPAN_MS - 1), 0);
-        let end = telemetry_key(&self.slot.id, q.to.0, u64::MAX);
-        Box::pin(async move {
-            barrier.await?;
-            let mut out = Vec::new();
-            for row in storage.scan_range(Space::Telemetry, &start, &end)?.into_iter().rev() {
-                let (k, v) = row;
-                debug_assert!(k.starts_with(&prefix));
-                let Some(points) = decode_batch(&v) else { continue };
-                for p in points.into_iter().rev() {
-                    if p.at >= q.from && p.at <= q.to && q.metric.as_ref().is_none_or(|m| *m == p.metric) {
-                        out.push(p);
-                    }
-                }
-                if out.len() >= q.limit {
-                    break;
-                }
-            }
-            out.sort_by_key(|p| std::cmp::Reverse(p.at));
-            out.truncate(q.limit);
-            Ok(out)
-        })
     }
 
     /// decide → evolve → persist → carry out the effects. Deliveries wait for the
@@ -540,13 +518,6 @@ impl Request for Telemetry {
             }
             Err(e) => Outcome::Now(Err(e)),
         }
-    }
-}
-
-impl Request for QueryTelemetry {
-    type Reply = Vec<MetricPoint>;
-    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Vec<MetricPoint>> {
-        Outcome::Later(dti.query_telemetry(self.0))
     }
 }
 

@@ -5,14 +5,12 @@
 
 use crate::access::{AccessControl, AuditEntry};
 use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
-use crate::dti::{
-    Ask, Command, Events, Get, InjectPanic, QueryTelemetry, Request, Retire, Telemetry, TelemetryQuery, ToDevice,
-    TwinSlot, TwinView,
-};
+use crate::dti::{Ask, Command, Events, Get, InjectPanic, Request, Retire, Telemetry, ToDevice, TwinSlot, TwinView};
 use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, TwinSpec};
 use crate::tdta::{FleetReport, SetDefaults, SpawnFleet, TypeContext};
+use crate::telemetry::{TelemetryPage, TelemetryQuery};
 use actix::MailboxError;
 use futures::future::{Either, select};
 use serde::Serialize;
@@ -154,9 +152,22 @@ impl TwinHandle {
         self.request(Telemetry(points)).await
     }
 
-    /// Stored points, newest first.
+    /// Stored points, newest first: the first page of [`TwinHandle::telemetry_page`].
     pub async fn telemetry_query(&self, q: TelemetryQuery) -> Result<Vec<MetricPoint>, TwinError> {
-        self.request(QueryTelemetry(q)).await
+        Ok(self.telemetry_page(q).await?.points)
+    }
+
+    /// One page of stored points, newest first, read from storage on the blocking pool:
+    /// the twin's mailbox and arbiter are not involved, so a long read holds up no
+    /// twin. It sees every point this twin acknowledged before (a storage barrier).
+    pub async fn telemetry_page(&self, q: TelemetryQuery) -> Result<TelemetryPage, TwinError> {
+        let storage = self.slot.ty.env.storage.clone();
+        storage.barrier().await?;
+        let id = self.slot.id.clone();
+        tokio::task::spawn_blocking(move || crate::telemetry::read_page(&*storage, &id, &q))
+            .await
+            .map_err(|e| TwinError::Invalid(format!("telemetry read failed: {e}")))?
+            .map_err(TwinError::from)
     }
 
     /// Sends a command to the device through whichever transport reaches it (MQTT

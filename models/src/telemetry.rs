@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// One measurement of one metric.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricPoint {
     pub metric: String,
     pub at: Timestamp,

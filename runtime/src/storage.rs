@@ -48,6 +48,8 @@ pub enum Space {
     Audit = 11,
     /// Long-running jobs of the operator API: key = big-endian job id.
     Job = 12,
+    /// The newest value of each metric of a twin: key = twin id.
+    TelemetryLatest = 13,
 }
 
 #[derive(Debug, Clone)]

@@ -18,3 +18,4 @@ mod mqtt;
 mod python_hub;
 mod supervision;
 mod support;
+mod telemetry;

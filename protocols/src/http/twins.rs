@@ -229,16 +229,35 @@ async fn revoke_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<
 #[serde(deny_unknown_fields)]
 struct TelemetryParams {
     metric: Option<String>,
-    /// Milliseconds since the epoch; default: 0.
+    /// Milliseconds since the epoch; default: 24 hours before `to`.
     from: Option<i64>,
-    /// Milliseconds since the epoch; default: now and later.
+    /// Milliseconds since the epoch; default: now. A page's `next` is the `to` of the
+    /// page after it.
     to: Option<i64>,
-    /// Default 1,000, at most 100,000.
+    /// Default 1,000, at most 10,000 (a page ends on a whole millisecond, so it may
+    /// hold a few more points).
     limit: Option<usize>,
 }
 
-/// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=`: stored points, newest first.
-#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+/// The range a telemetry query without `from` covers.
+const DEFAULT_TELEMETRY_RANGE_MS: i64 = 24 * 3_600_000;
+/// The largest page.
+const MAX_TELEMETRY_PAGE: usize = 10_000;
+
+/// A page of stored points, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct TelemetryAnswer {
+    twin: TwinId,
+    points: Vec<twinfleet_models::MetricPoint>,
+    /// The `to` of the next page, when there may be more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<Timestamp>,
+}
+
+/// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=`: a page of stored points, newest
+/// first (by default the last 24 hours); `next` continues it. Read from storage, not
+/// through the twin.
+#[utoipa::path(tag = "twins", responses((status = 200, body = TelemetryAnswer), Errors), security(("bearer" = [])))]
 #[get("/twins/{id}/telemetry")]
 async fn twin_telemetry(
     rt: web::Data<TwinRuntime>,
@@ -248,14 +267,19 @@ async fn twin_telemetry(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Read)?;
     let q = q.into_inner();
+    let to = q.to.unwrap_or_else(|| rt.env().clock.now().0);
+    let from = q.from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
+    if from > to {
+        return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());
+    }
     let query = TelemetryQuery {
         metric: q.metric,
-        from: Timestamp(q.from.unwrap_or(0)),
-        to: Timestamp(q.to.unwrap_or(i64::MAX)),
-        limit: q.limit.unwrap_or(1_000).min(100_000),
+        from: Timestamp(from),
+        to: Timestamp(to),
+        limit: q.limit.unwrap_or(1_000).clamp(1, MAX_TELEMETRY_PAGE),
     };
-    let points = h.telemetry_query(query).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "twin": h.id(), "points": points })))
+    let page = h.telemetry_page(query).await?;
+    Ok(HttpResponse::Ok().json(TelemetryAnswer { twin: h.id().clone(), points: page.points, next: page.next }))
 }
 
 /// The twin's handle and its type's domain model (404 when the type has none).

@@ -1,0 +1,92 @@
+//! Telemetry reads: bounded by default, paged exactly, served from storage without the
+//! twin (a twin that cannot answer still has its history read), and the latest values
+//! survive a restart.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use twinfleet::models::{MetricPoint, Timestamp};
+use twinfleet::{ActorStatus, TwinError};
+use twinfleet_protocols::HttpApi;
+
+#[actix_rt::test]
+async fn telemetry_reads_are_bounded_paged_exact_and_do_not_need_the_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    fleet(&p, "meter", json!({}), "t", 1, |_| vec![]).await;
+    let twin = p.twin("t-0").unwrap();
+    let now = twinfleet::Clock::now(&*clock).0;
+    // 3 days of points, one every 10 minutes, two metrics at the same millisecond.
+    let hour = 3_600_000;
+    let mut all = Vec::new();
+    for i in 0..(72 * 6) {
+        let at = Timestamp(now - 3 * 24 * hour + i * 600_000 + 1);
+        all.push(MetricPoint { metric: "temp".into(), at, value: i as f64 });
+        all.push(MetricPoint { metric: "hum".into(), at, value: -(i as f64) });
+    }
+    for chunk in all.chunks(100) {
+        twin.telemetry(chunk.to_vec()).await.unwrap();
+    }
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (addr, token) = (http.local_addr(), admin_token(&p).await);
+    let get = |path: String| {
+        let token = token.clone();
+        actix_rt::task::spawn_blocking(move || http_as(addr, &token, "GET", &path, None))
+    };
+
+    // No range: the last 24 hours only, newest first.
+    let (s, b) = get("/api/v1/twins/t-0/telemetry?limit=10000".into()).await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    let points = b["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2 * 24 * 6, "one day of two metrics");
+    assert!(points.windows(2).all(|w| w[0]["at"].as_i64() >= w[1]["at"].as_i64()), "newest first");
+    assert!(b.get("next").is_none(), "{b}");
+
+    // Paging through everything with `next`: each point exactly once, pages end on whole milliseconds.
+    let mut seen = HashSet::new();
+    let mut to = now;
+    let mut pages = 0;
+    loop {
+        let (s, b) = get(format!("/api/v1/twins/t-0/telemetry?from=0&to={to}&limit=101")).await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        let points = b["points"].as_array().unwrap();
+        assert!(points.len() <= 102, "a page holds its limit and the rest of its last millisecond");
+        for pt in points {
+            assert!(seen.insert((pt["metric"].as_str().unwrap().to_string(), pt["at"].as_i64().unwrap())), "{pt}");
+        }
+        pages += 1;
+        match b.get("next").and_then(Value::as_i64) {
+            Some(n) => to = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), all.len(), "every point once, over {pages} pages");
+    let (s, _) = get("/api/v1/twins/t-0/telemetry?from=10&to=5".into()).await.unwrap();
+    assert_eq!(s, 400);
+
+    // The twin crashed and waits for its restart (virtual time stands still): its
+    // history is still read, from storage.
+    assert!(matches!(twin.inject_panic().await, Err(TwinError::Crashed { .. })));
+    assert_eq!(twin.actor().status, ActorStatus::Restarting);
+    let page = twin
+        .telemetry_page(twinfleet::TelemetryQuery {
+            metric: Some("temp".into()),
+            from: Timestamp(0),
+            to: Timestamp(now),
+            limit: 5,
+        })
+        .await
+        .expect("a read does not need the twin");
+    assert_eq!(page.points.len(), 5);
+    assert_eq!(page.points[0].value, (72 * 6 - 1) as f64);
+    http.stop().await;
+    p.shutdown().await;
+
+    // The latest values come back with the twin.
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    let view = p.twin("t-0").unwrap().get().await.unwrap();
+    assert_eq!(view.telemetry_latest["temp"].value, (72 * 6 - 1) as f64);
+    assert_eq!(view.telemetry_latest["hum"].value, -((72 * 6 - 1) as f64));
+    p.shutdown().await;
+}
