@@ -274,6 +274,7 @@ impl Dti {
     /// Validates a batch and stores it, one record per clock hour it touches.
     fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
         let env = self.slot.ty.env.clone();
+        env.storage.writable()?;
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
         let key = twin_key(&self.slot.id);
         let latest = self.latest();
@@ -299,6 +300,8 @@ impl Dti {
     /// flush (they come back in [`Applied`]); timers and alerts are carried out now.
     fn apply(&mut self, cmd: TwinCommand, also: WriteBatch, ctx: &mut Context<Self>) -> Result<Applied, TwinError> {
         let env = self.slot.ty.env.clone();
+        // A full disk refuses writes before anything changes in memory.
+        env.storage.writable()?;
         let now = env.clock.now();
         let rules = TwinRules { desired_sync: &env.settings.desired_sync, domain: self.slot.ty.domain.as_deref() };
         let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
@@ -586,14 +589,25 @@ impl<Q: Request> Handler<Ask<Q>> for Dti {
             // Without deliveries the answer does not need the actor: it arrives even if
             // the twin crashes before the flush.
             Ok(Outcome::AfterFlush(Applied { ticket, deliveries, .. }, reply)) if deliveries.is_empty() => {
+                let slot = self.slot.clone();
                 Answer::Detached(Box::pin(async move {
-                    ticket.await?;
+                    if let Err(e) = ticket.await {
+                        // The change is in memory but not on disk: start again from storage.
+                        slot.with_addr(|a| a.do_send(Reload(e.to_string())));
+                        return Err(e.into());
+                    }
                     Ok(reply)
                 }))
             }
             Ok(Outcome::AfterFlush(Applied { ticket, deliveries, must_deliver, .. }, reply)) => {
                 Answer::OnActor(Box::pin(actix::fut::wrap_future::<_, Self>(ticket).map(move |stored, act, ctx| {
-                    stored?;
+                    if let Err(e) = stored {
+                        act.crash(
+                            ctx,
+                            format!("a write was refused by storage ({e}); restarting from the stored state"),
+                        );
+                        return Err(e.into());
+                    }
                     let mut delivered = Ok(());
                     act.guarded(ctx, |act, _| delivered = act.deliver(deliveries));
                     match delivered {
@@ -610,6 +624,22 @@ impl<Q: Request> Handler<Ask<Q>> for Dti {
                 Answer::Now(Err(err))
             }
         }
+    }
+}
+
+/// A write of this twin failed after its change was applied in memory: the twin stops
+/// and its TDTA restarts it from the stored state (rare: a full disk refuses writes up
+/// front; only writes already queued when it filled get here).
+pub(crate) struct Reload(pub String);
+
+impl Message for Reload {
+    type Result = ();
+}
+
+impl Handler<Reload> for Dti {
+    type Result = ();
+    fn handle(&mut self, Reload(why): Reload, ctx: &mut Context<Self>) {
+        self.crash(ctx, format!("a write was refused by storage ({why}); restarting from the stored state"));
     }
 }
 

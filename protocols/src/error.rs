@@ -119,6 +119,7 @@ fn storage(e: &StorageError) -> Classified {
     match e {
         StorageError::Closed => c(Class::Unavailable, "shutting_down", "twin_unavailable"),
         StorageError::Engine(_) => c(Class::Internal, "storage", "storage"),
+        StorageError::Full(_) => c(Class::InsufficientStorage, "storage_full", "storage_full"),
     }
 }
 

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The keyspaces of the store.
@@ -92,12 +92,29 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The bytes of keys and values it writes.
+    pub fn bytes(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(_, k, v) => (k.len() + v.len() + 1) as u64,
+                Op::Delete(_, k) => (k.len() + 1) as u64,
+            })
+            .sum()
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     #[error("storage engine error: {0}")]
     Engine(String),
+    /// The disk is full: nothing was written. Reads keep working, and writes resume by
+    /// themselves once space is freed.
+    #[error(
+        "storage is full, nothing was written ({0}); free space on the data directory's disk: writes resume by themselves"
+    )]
+    Full(String),
     #[error("storage is shut down; the write was not applied")]
     Closed,
 }
@@ -170,6 +187,10 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     }
     /// Flushes, stops the writer and refuses further writes.
     fn shutdown(&self);
+    /// Whether writes are accepted now: `Err(Full)` while the disk is full.
+    fn writable(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// Tuning of the sled engine.
@@ -182,11 +203,15 @@ pub struct SledOptions {
     pub queue_capacity: usize,
     /// Most operations one group commit takes.
     pub max_group_ops: usize,
+    /// Free space the disk must keep: below it, writes are refused (`Full`) before sled
+    /// is touched. sled cannot take back a batch it applied but could not flush, so the
+    /// check must come first; the reserve leaves room for sled's own log and snapshots.
+    pub min_free_bytes: u64,
 }
 
 impl Default for SledOptions {
     fn default() -> Self {
-        SledOptions { cache_bytes: 64 << 20, queue_capacity: 4096, max_group_ops: 50_000 }
+        SledOptions { cache_bytes: 64 << 20, queue_capacity: 4096, max_group_ops: 50_000, min_free_bytes: 16 << 20 }
     }
 }
 
@@ -219,11 +244,53 @@ impl Default for Counters {
     }
 }
 
-/// sled with a group-commit writer thread.
-pub struct SledStorage {
+/// The engine and whether it takes writes, shared by the storage and its writer.
+struct Engine {
     /// `None` after shutdown: sled keeps its file lock while any handle lives, so the
     /// engine is dropped here even if other parts still hold the `SledStorage`.
-    engine: RwLock<Option<(sled::Db, sled::Tree)>>,
+    db: RwLock<Option<(sled::Db, sled::Tree)>>,
+    /// `Some(why)` while the disk is full.
+    full: RwLock<Option<String>>,
+    /// sled itself failed a write for lack of space: it refuses every write until it is
+    /// reopened (the reserve check usually refuses first, and sled is left untouched).
+    poisoned: std::sync::atomic::AtomicBool,
+    path: PathBuf,
+    cache_bytes: u64,
+    min_free_bytes: u64,
+}
+
+impl Engine {
+    /// Why the disk cannot take `bytes` more now, if it cannot.
+    fn short_of_space(&self, bytes: u64) -> Option<String> {
+        let free = free_bytes(&self.path)?;
+        (free < self.min_free_bytes.saturating_add(bytes)).then(|| {
+            format!("{} has {free} bytes free, below the reserve of {} bytes", self.path.display(), self.min_free_bytes)
+        })
+    }
+}
+
+/// Free bytes for unprivileged writers on the file system of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    #[allow(unsafe_code)]
+    // Safety: statvfs(3) writes one plain struct that we own; `c` is a valid C string
+    // that outlives the call; the struct is only read when the call succeeded.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then_some(st)
+    }?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// How often a writer whose disk is full checks for free space again.
+const FULL_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The free space a probe must find before the engine is reopened.
+const FULL_PROBE_BYTES: usize = 1 << 20;
+
+/// sled with a group-commit writer thread.
+pub struct SledStorage {
+    engine: Arc<Engine>,
     path: PathBuf,
     tx: RwLock<Option<SyncSender<Pending>>>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -237,7 +304,22 @@ impl fmt::Debug for SledStorage {
 }
 
 fn engine(e: sled::Error) -> StorageError {
-    StorageError::Engine(e.to_string())
+    match &e {
+        sled::Error::Io(io) if is_full(io) => StorageError::Full(io.to_string()),
+        _ => StorageError::Engine(e.to_string()),
+    }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.raw_os_error() == Some(28)
+        || e.get_ref().is_some_and(|inner| inner.to_string().contains("No space left on device"))
+}
+
+fn open_engine(path: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), StorageError> {
+    let db = sled::Config::new().path(path).cache_capacity(cache_bytes).open().map_err(engine)?;
+    let tree = db.open_tree("twinfleet").map_err(engine)?;
+    Ok((db, tree))
 }
 
 fn prefixed(space: Space, key: &[u8]) -> Vec<u8> {
@@ -252,21 +334,28 @@ impl SledStorage {
     pub fn open(dir: &Path, opts: SledOptions) -> Result<Arc<Self>, StorageError> {
         let path = dir.join("db");
         remove_partial_snapshots(&path);
-        let db = sled::Config::new().path(&path).cache_capacity(opts.cache_bytes).open().map_err(engine)?;
+        let (db, tree) = open_engine(&path, opts.cache_bytes)?;
         crate::lock::restrict_tree(dir)
             .map_err(|e| StorageError::Engine(format!("cannot restrict the permissions of {}: {e}", dir.display())))?;
-        let tree = db.open_tree("twinfleet").map_err(engine)?;
+        let engine = Arc::new(Engine {
+            db: RwLock::new(Some((db, tree))),
+            full: RwLock::new(None),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+            path: path.clone(),
+            cache_bytes: opts.cache_bytes,
+            min_free_bytes: opts.min_free_bytes,
+        });
         let (tx, rx) = sync_channel(opts.queue_capacity);
         let counters = Arc::new(Counters::default());
         let writer = {
-            let (db, tree, counters) = (db.clone(), tree.clone(), counters.clone());
+            let (engine, counters) = (engine.clone(), counters.clone());
             std::thread::Builder::new()
                 .name("tf-storage".into())
-                .spawn(move || writer_loop(db, tree, rx, opts.max_group_ops, counters))
+                .spawn(move || writer_loop(&engine, rx, opts.max_group_ops, counters))
                 .map_err(|e| StorageError::Engine(e.to_string()))?
         };
         Ok(Arc::new(SledStorage {
-            engine: RwLock::new(Some((db, tree))),
+            engine,
             path,
             tx: RwLock::new(Some(tx)),
             writer: parking_lot::Mutex::new(Some(writer)),
@@ -295,8 +384,25 @@ fn remove_partial_snapshots(db: &Path) {
     }
 }
 
-fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: usize, c: Arc<Counters>) {
-    while let Ok(first) = rx.recv() {
+fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Counters>) {
+    let mut last_probe = Instant::now();
+    loop {
+        let first = if engine.full.read().is_none() {
+            match rx.recv() {
+                Ok(p) => p,
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(FULL_PROBE_EVERY) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => {
+                    recover(engine);
+                    last_probe = Instant::now();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        };
         let mut group = vec![first];
         let mut ops = group[0].batch.len();
         while ops < max_ops {
@@ -308,6 +414,29 @@ fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: u
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        if engine.full.read().is_some() && last_probe.elapsed() >= FULL_PROBE_EVERY {
+            recover(engine);
+            last_probe = Instant::now();
+        }
+        if engine.full.read().is_none() {
+            let bytes: u64 = group.iter().map(|p| p.batch.bytes()).sum();
+            if let Some(why) = engine.short_of_space(bytes) {
+                tracing::error!(
+                    "the disk is full: {why}; writes are refused, reads go on, writes resume when space is freed"
+                );
+                *engine.full.write() = Some(why);
+                last_probe = Instant::now();
+            }
+        }
+        if let Some(why) = engine.full.read().clone() {
+            // Nothing is attempted while the disk is full; a barrier (an empty batch)
+            // still answers, so reads that wait for one keep working.
+            for p in group {
+                let r = if p.batch.is_empty() { Ok(()) } else { Err(StorageError::Full(why.clone())) };
+                let _ = p.done.send(r);
+            }
+            continue;
+        }
         let mut batch = sled::Batch::default();
         for p in &mut group {
             for op in std::mem::take(&mut p.batch.ops) {
@@ -318,7 +447,10 @@ fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: u
             }
         }
         let started = Instant::now();
-        let result = tree.apply_batch(batch).and_then(|_| db.flush().map(|_| ())).map_err(engine);
+        let result = match engine.db.read().as_ref() {
+            Some((db, tree)) => tree.apply_batch(batch).and_then(|_| db.flush().map(|_| ())).map_err(self::engine),
+            None => Err(StorageError::Closed),
+        };
         let micros = started.elapsed().as_micros() as u64;
         c.groups.fetch_add(1, Relaxed);
         c.ops.fetch_add(ops as u64, Relaxed);
@@ -326,19 +458,70 @@ fn writer_loop(db: sled::Db, tree: sled::Tree, rx: Receiver<Pending>, max_ops: u
         c.flush_max.fetch_max(micros, Relaxed);
         c.group_ops.observe(ops as u64);
         c.flush.observe(micros);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops, "group commit failed; {} callers get the error", group.len());
+        match &result {
+            Err(StorageError::Full(why)) => {
+                tracing::error!(
+                    "the disk is full: {why}; {} write(s) refused, reads go on, writes resume when space is freed",
+                    group.len()
+                );
+                *engine.full.write() = Some(why.clone());
+                engine.poisoned.store(true, Relaxed);
+                last_probe = Instant::now();
+            }
+            Err(e) => tracing::error!(error = %e, ops, "group commit failed; {} callers get the error", group.len()),
+            Ok(()) => {}
         }
         for p in group {
             let _ = p.done.send(result.clone());
         }
     }
-    let _ = db.flush();
+    if let Some((db, _)) = engine.db.read().as_ref() {
+        let _ = db.flush();
+    }
+}
+
+/// While the disk is full: if a probe finds space again, reopens sled (it refuses
+/// writes until reopened) and takes writes again. Reads wait for the moment of the
+/// reopen only.
+fn recover(engine: &Engine) {
+    if engine.short_of_space(FULL_PROBE_BYTES as u64).is_some() {
+        return;
+    }
+    if !engine.poisoned.load(Relaxed) {
+        *engine.full.write() = None;
+        tracing::warn!("space is available again: storage takes writes again");
+        return;
+    }
+    let probe = engine.path.join(".space-probe");
+    let written = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(&vec![0u8; FULL_PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    if written.is_err() {
+        return;
+    }
+    let mut db = engine.db.write();
+    if db.is_none() {
+        return; // shut down meanwhile
+    }
+    drop(db.take());
+    match open_engine(&engine.path, engine.cache_bytes) {
+        Ok(e) => {
+            *db = Some(e);
+            *engine.full.write() = None;
+            engine.poisoned.store(false, Relaxed);
+            tracing::warn!("space is available again: storage takes writes again");
+        }
+        Err(e) => tracing::error!("cannot reopen storage after the disk was full (retrying): {e}"),
+    }
 }
 
 impl SledStorage {
     fn tree(&self) -> Result<sled::Tree, StorageError> {
-        self.engine.read().as_ref().map(|(_, t)| t.clone()).ok_or(StorageError::Closed)
+        self.engine.db.read().as_ref().map(|(_, t)| t.clone()).ok_or(StorageError::Closed)
     }
 }
 
@@ -398,7 +581,7 @@ impl Storage for SledStorage {
     }
 
     fn generate_id(&self) -> Result<u64, StorageError> {
-        self.engine.read().as_ref().ok_or(StorageError::Closed)?.0.generate_id().map_err(engine)
+        self.engine.db.read().as_ref().ok_or(StorageError::Closed)?.0.generate_id().map_err(engine)
     }
 
     fn stats(&self) -> StorageStats {
@@ -419,8 +602,15 @@ impl Storage for SledStorage {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
-        if let Some((db, _)) = self.engine.write().take() {
+        if let Some((db, _)) = self.engine.db.write().take() {
             let _ = db.flush();
+        }
+    }
+
+    fn writable(&self) -> Result<(), StorageError> {
+        match self.engine.full.read().as_ref() {
+            Some(why) => Err(StorageError::Full(why.clone())),
+            None => Ok(()),
         }
     }
 }

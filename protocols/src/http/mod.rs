@@ -66,6 +66,10 @@ impl ResponseError for HttpError {
         if matches!(self.0, TwinError::Unauthenticated(_)) {
             res.insert_header(("WWW-Authenticate", "Bearer"));
         }
+        if matches!(crate::error::classify(&self.0).class, crate::error::Class::InsufficientStorage) {
+            // Writes resume by themselves once space is freed; the storage checks every second.
+            res.insert_header(("Retry-After", "5"));
+        }
         res.json(body)
     }
 }
@@ -314,8 +318,19 @@ type Result<T> = std::result::Result<T, HttpError>;
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
 async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
+    // Degraded storage (a full disk) answers 503: reads still work, writes are refused
+    // until space is freed.
+    let (status, storage, mut res) = match rt.env().storage.writable() {
+        Ok(()) => ("ok", serde_json::json!({"writable": true}), HttpResponse::Ok()),
+        Err(e) => (
+            "degraded",
+            serde_json::json!({"writable": false, "error": e.to_string()}),
+            HttpResponse::ServiceUnavailable(),
+        ),
+    };
+    res.json(serde_json::json!({
+        "status": status,
+        "storage": storage,
         "twins": rt.twin_count(),
         "device_types": rt.device_types().len(),
         "dtas": rt.dtas().len(),
@@ -393,6 +408,13 @@ async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
     }
 
     let s = env.storage.stats();
+    let writable = u64::from(env.storage.writable().is_ok());
+    e.single(
+        "twinfleet_storage_writable",
+        "gauge",
+        "1 while storage takes writes, 0 while the disk is full.",
+        writable,
+    );
     e.single("twinfleet_storage_batches_total", "counter", "Write batches submitted.", s.batches_submitted);
     e.single("twinfleet_storage_commits_total", "counter", "Group commits (apply + flush).", s.groups_committed);
     e.single("twinfleet_storage_ops_total", "counter", "Records written or deleted.", s.ops_committed);

@@ -97,9 +97,12 @@ where
     let mut delay = Duration::from_millis(5);
     loop {
         match f().await {
-            Err(TwinError::MailboxFull(_) | TwinError::Unavailable { .. } | TwinError::Timeout { .. })
-                if start.elapsed() + delay < limit =>
-            {
+            Err(
+                TwinError::MailboxFull(_)
+                | TwinError::Unavailable { .. }
+                | TwinError::Timeout { .. }
+                | TwinError::Storage(twinfleet_runtime::StorageError::Full(_)),
+            ) if start.elapsed() + delay < limit => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
