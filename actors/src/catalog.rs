@@ -293,6 +293,7 @@ impl TwinRuntime {
         b.delete(Space::Snapshot, twin_key(&slot.id));
         b.delete(Space::Credential, twin_key(&slot.id));
         b.delete(Space::TelemetryLatest, twin_key(&slot.id));
+        b.delete(Space::Tail, twin_key(&slot.id));
         let prefix = journal_prefix(&slot.id);
         for space in [Space::Journal, Space::Telemetry] {
             for row in storage.scan(space, &prefix) {

@@ -10,6 +10,7 @@
 //! Failure: the synchronous part of every handler and timer runs under `catch_unwind`. A
 //! panic stops only this actor; its TDTA is told and restarts it from storage.
 
+use crate::codec::{decode_event, encode_event};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
@@ -180,6 +181,10 @@ pub struct Dti {
     timers: Vec<(WaitName, u32, SpawnHandle)>,
     /// Set when this incarnation is a restart: recorded in the journal on start.
     restart: Option<(String, u32)>,
+    /// Journal events after the stored snapshot (its `Tail` marker exists while > 0).
+    pending: u32,
+    /// The timer that writes the snapshot of a twin that went idle.
+    idle: Option<SpawnHandle>,
     /// Newest value per metric. Boxed on purpose: a twin without telemetry pays 8 bytes
     /// instead of 24, and a million idle twins is the common case.
     #[allow(clippy::box_collection)]
@@ -214,18 +219,20 @@ pub(crate) struct Applied {
 
 impl Dti {
     /// Starts the actor on the current arbiter and publishes its address in the slot.
+    /// `tail`: events of the journal were replayed on top of the stored snapshot.
     pub(crate) fn launch(
         slot: Arc<TwinSlot>,
         state: TwinState,
         layers: Vec<Arc<ResolvedLayers>>,
         restart: Option<(String, u32)>,
+        tail: u32,
     ) -> Addr<Dti> {
         let cap = slot.ty.env.settings.dti_mailbox;
         slot.set_summary(&state);
         let s = slot.clone();
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dti { slot: s, state, layers, timers: Vec::new(), restart, latest: None }
+            Dti { slot: s, state, layers, timers: Vec::new(), restart, pending: tail, idle: None, latest: None }
         });
         slot.set_addr(Some(addr.clone()));
         addr
@@ -312,16 +319,69 @@ impl Dti {
             self.slot.set_summary(&self.state);
         }
         let mut batch = WriteBatch::new();
-        if !events.is_empty() {
-            batch.put(Space::Snapshot, twin_key(&self.slot.id), encode_record(&self.state));
-        }
-        for e in &events {
-            batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_record(e));
-        }
+        self.journal(&events, &mut batch, ctx);
         batch.append(also);
         let ticket = env.storage.submit(batch);
         let deliveries = self.carry_out(effects, now, ctx);
         Ok(Applied { seq: self.state.last_seq, ticket, deliveries, must_deliver: false })
+    }
+
+    /// Writes `events` to the journal (binary), with the snapshot every
+    /// `snapshot_every` events; between snapshots the `Tail` marker says a restart must
+    /// replay the journal after the snapshot. Archiving writes the snapshot at once.
+    fn journal(&mut self, events: &[TwinEvent], batch: &mut WriteBatch, ctx: &mut Context<Self>) {
+        if events.is_empty() {
+            return;
+        }
+        let key = twin_key(&self.slot.id);
+        for e in events {
+            batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_event(e));
+        }
+        let settings = &self.slot.ty.env.settings;
+        let archived = events.iter().any(|e| matches!(e.kind, EventKind::Archived));
+        if self.pending + events.len() as u32 >= settings.snapshot_every || archived {
+            batch.put(Space::Snapshot, key.clone(), encode_record(&self.state));
+            if self.pending > 0 {
+                batch.delete(Space::Tail, key);
+            }
+            self.pending = 0;
+            if let Some(t) = self.idle.take() {
+                ctx.cancel_future(t);
+            }
+        } else {
+            if self.pending == 0 {
+                batch.put(Space::Tail, key, Vec::new());
+            }
+            self.pending += events.len() as u32;
+            self.arm_idle_snapshot(ctx);
+        }
+    }
+
+    /// Writes the snapshot `snapshot_idle_ms` after the first event since the last one
+    /// (real time: a storage matter, not a decision of the twin).
+    fn arm_idle_snapshot(&mut self, ctx: &mut Context<Self>) {
+        if self.idle.is_some() {
+            return;
+        }
+        let after = std::time::Duration::from_millis(self.slot.ty.env.settings.snapshot_idle_ms);
+        self.idle = Some(ctx.run_later(after, |act, ctx| {
+            act.idle = None;
+            act.guarded(ctx, |act, _| act.snapshot_now());
+        }));
+    }
+
+    /// Writes the snapshot now if events are pending (unawaited; a failure leaves the
+    /// marker, so a restart still replays the tail).
+    fn snapshot_now(&mut self) {
+        if self.pending == 0 || self.env().storage.writable().is_err() {
+            return;
+        }
+        let key = twin_key(&self.slot.id);
+        let mut batch = WriteBatch::new();
+        batch.put(Space::Snapshot, key.clone(), encode_record(&self.state));
+        batch.delete(Space::Tail, key);
+        self.pending = 0;
+        drop(self.env().storage.submit(batch));
     }
 
     /// Carries out the effects that need no flush first; returns the deliveries.
@@ -433,7 +493,7 @@ impl Dti {
             let rows = storage.scan_rev(Space::Journal, &prefix, limit)?;
             let mut out = Vec::with_capacity(rows.len());
             for (_, v) in rows.into_iter().rev() {
-                match decode_record::<TwinEvent>(&v) {
+                match decode_event(&v) {
                     Ok(e) => out.push(e),
                     Err(e) => tracing::warn!(twin = %id, "skipping a corrupt journal entry: {e}"),
                 }
@@ -543,6 +603,9 @@ impl Request for Retire {
         for (_, _, timer) in std::mem::take(&mut dti.timers) {
             ctx.cancel_future(timer);
         }
+        if let Some(t) = dti.idle.take() {
+            ctx.cancel_future(t);
+        }
         dti.slot.set_addr(None);
         dti.slot.stats.set_status(ActorStatus::Stopped);
         ctx.stop();
@@ -574,6 +637,9 @@ impl Actor for Dti {
             let rearm = act.state.waits.rearm();
             let now = act.env().clock.now();
             act.carry_out(rearm, now, ctx);
+            if act.pending > 0 {
+                act.arm_idle_snapshot(ctx);
+            }
         });
     }
 }

@@ -45,6 +45,12 @@ pub struct Settings {
     pub allow_fault_injection: bool,
     /// What a telemetry batch may contain.
     pub telemetry: TelemetryLimits,
+    /// A twin writes its snapshot after this many journal events (a change writes only
+    /// its events; a restart replays the events after the snapshot).
+    pub snapshot_every: u32,
+    /// ... or this long (real time, ms) after its first event since the last snapshot,
+    /// whichever comes first, so that an idle twin's replay stays empty.
+    pub snapshot_idle_ms: u64,
 }
 
 impl Default for Settings {
@@ -57,6 +63,8 @@ impl Default for Settings {
             request_timeout_ms: 30_000,
             allow_fault_injection: false,
             telemetry: TelemetryLimits::default(),
+            snapshot_every: 64,
+            snapshot_idle_ms: 2_000,
         }
     }
 }

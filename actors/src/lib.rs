@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod catalog;
+mod codec;
 pub mod credentials;
 pub mod dta;
 pub mod dti;

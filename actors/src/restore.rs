@@ -9,7 +9,7 @@ use crate::dti::{NO_ORIGIN, TwinSlot};
 use crate::env::{Directory, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
-use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter};
+use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter, replay_tail};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -66,10 +66,12 @@ struct ChunkOutcome {
 
 /// On an arbiter: decode one fleet record and start its twins, each from its own
 /// snapshot when it has one.
+#[allow(clippy::too_many_arguments)]
 fn restore_chunk(
     env: &TwinEnv,
     ty: &Arc<TypeContext>,
     snapshots: &Directory<TwinId, Vec<u8>>,
+    tails: &Directory<TwinId, ()>,
     key: &[u8],
     bytes: &[u8],
     origin: u32,
@@ -101,15 +103,16 @@ fn restore_chunk(
             },
             None => spec.into_initial_state(&chunk.device_type, &ty.model, chunk.created_at),
         };
-        start_restored(env, ty, state, origin, arbiter, &mut members);
-        out.launched += 1;
+        if start_restored(env, ty, state, origin, arbiter, tails, &mut members, &mut out) {
+            out.launched += 1;
+        }
     }
     members.register(env);
     out
 }
 
 /// On an arbiter: start twins that have a snapshot but no readable fleet record.
-fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>) -> ChunkOutcome {
+fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, tails: &Directory<TwinId, ()>) -> ChunkOutcome {
     let mut out = ChunkOutcome::default();
     let mut members = NewMembers::default();
     for (id, raw) in orphans {
@@ -117,8 +120,9 @@ fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>) -> ChunkOutco
         match decode_record::<TwinState>(&raw) {
             Ok(state) => match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
                 Some(ty) => {
-                    start_restored(env, &ty, state, NO_ORIGIN, 0, &mut members);
-                    out.launched += 1;
+                    if start_restored(env, &ty, state, NO_ORIGIN, 0, tails, &mut members, &mut out) {
+                        out.launched += 1;
+                    }
                 }
                 None => {
                     let reason = format!("unknown device type {}", state.identity.device_type);
@@ -132,19 +136,35 @@ fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>) -> ChunkOutco
     out
 }
 
+/// Starts a restored twin, after replaying its journal tail when it has one (a tail
+/// that does not decode quarantines the twin: its state would be incomplete).
+#[allow(clippy::too_many_arguments)]
 fn start_restored(
     env: &TwinEnv,
     ty: &Arc<TypeContext>,
-    state: TwinState,
+    mut state: TwinState,
     origin: u32,
     arbiter: u16,
+    tails: &Directory<TwinId, ()>,
     members: &mut NewMembers,
-) {
+    out: &mut ChunkOutcome,
+) -> bool {
     let id = state.identity.twin_id.clone();
+    let mut tail = 0;
+    if tails.contains_key(&id) {
+        match replay_tail(&*env.storage, &mut state) {
+            Ok(n) => tail = n,
+            Err(reason) => {
+                out.quarantined.push(("journal", id.as_str().as_bytes().to_vec(), Some(id.to_string()), reason));
+                return false;
+            }
+        }
+    }
     let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
     env.twins.insert(id, slot.clone());
     ty.twins.fetch_add(1, Relaxed);
-    members.launch(env, slot, state);
+    members.launch(env, slot, state, tail);
+    true
 }
 
 pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinError> {
@@ -203,6 +223,15 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
         }
     }
 
+    // Twins with journal events after their snapshot (normally few): replayed on start.
+    let tails: Arc<Directory<TwinId, ()>> = Arc::new(Directory::default());
+    for row in env.storage.scan(Space::Tail, b"") {
+        let (k, _) = row?;
+        if let Some(id) = std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
+            tails.insert(id, ());
+        }
+    }
+
     let n = env.arbiters.len();
     let mut pending = Vec::new();
     let mut next = 0usize;
@@ -218,8 +247,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             c.push(k.clone());
             (c.len() - 1) as u32
         };
-        let (e, s, i) = (env.clone(), snapshots.clone(), next % n);
-        pending.push(on_arbiter(env, i, move || restore_chunk(&e, &ty, &s, &k, &v, origin, i as u16)));
+        let (e, s, t, i) = (env.clone(), snapshots.clone(), tails.clone(), next % n);
+        pending.push(on_arbiter(env, i, move || restore_chunk(&e, &ty, &s, &t, &k, &v, origin, i as u16)));
         next += 1;
     }
     let mut outcomes: Vec<ChunkOutcome> = futures::future::join_all(pending).await.into_iter().flatten().collect();
@@ -228,8 +257,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     let orphans: Vec<(TwinId, Vec<u8>)> = snapshots.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
     snapshots.clear();
     if !orphans.is_empty() {
-        let e = env.clone();
-        if let Some(o) = on_arbiter(env, 0, move || restore_orphans(&e, orphans)).await {
+        let (e, t) = (env.clone(), tails.clone());
+        if let Some(o) = on_arbiter(env, 0, move || restore_orphans(&e, orphans, &t)).await {
             outcomes.push(o);
         }
     }

@@ -88,8 +88,31 @@ pub(crate) fn layers_for(env: &TwinEnv, dtas: &[DtaId]) -> Vec<Arc<ResolvedLayer
     dtas.iter().filter_map(|d| env.dtas.get(d).map(|e| e.resolved())).collect()
 }
 
-/// The last persisted state of a twin: its own snapshot, else its packed fleet record.
-pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
+/// The last persisted state of a twin and the number of journal events replayed onto
+/// it: its own snapshot, else its packed fleet record, then the journal after it.
+pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState, u32), String> {
+    let mut state = load_base(ty, slot)?;
+    let replayed = replay_tail(&*ty.env.storage, &mut state)?;
+    Ok((state, replayed))
+}
+
+/// Applies the journal events after `state.last_seq` (those a snapshot does not cover
+/// yet); returns how many.
+pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut TwinState) -> Result<u32, String> {
+    let id = state.identity.twin_id.clone();
+    let start = crate::records::journal_key(&id, state.last_seq.saturating_add(1));
+    let end = crate::records::journal_key(&id, u64::MAX);
+    let mut n = 0;
+    for (k, v) in storage.scan_range(Space::Journal, &start, &end).map_err(|e| e.to_string())? {
+        let e = crate::codec::decode_event(&v)
+            .map_err(|e| format!("journal entry {}: {e}", String::from_utf8_lossy(&k).replace('\0', "/")))?;
+        state.evolve(&e);
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn load_base(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
     let storage = &ty.env.storage;
     if let Some(bytes) = storage.get(Space::Snapshot, &twin_key(&slot.id)).map_err(|e| e.to_string())? {
         return decode_record(&bytes).map_err(|e| format!("snapshot: {e}"));
@@ -119,14 +142,14 @@ pub(crate) struct NewMembers(FastMap<DtaId, (u64, Vec<TwinId>)>);
 
 impl NewMembers {
     /// Starts one twin on the current arbiter and remembers its memberships.
-    pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState) {
+    pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState, tail: u32) {
         let layers = layers_for(env, &state.memberships);
         for l in &layers {
             let e = self.0.entry(l.dta.clone()).or_insert_with(|| (l.version, Vec::new()));
             e.0 = e.0.min(l.version);
             e.1.push(state.identity.twin_id.clone());
         }
-        Dti::launch(slot, state, layers, None);
+        Dti::launch(slot, state, layers, None, tail);
     }
 
     /// Adds the twins to their DTAs' member sets (one lock per DTA), and has a DTA
@@ -191,7 +214,7 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
         tickets.push(env.storage.submit(batch));
         for (slot, spec) in w.slots.into_iter().zip(w.specs) {
             let state = spec.into_initial_state(&ty.device_type, &ty.model, now);
-            members.launch(env, slot, state);
+            members.launch(env, slot, state, 0);
         }
     }
     members.register(env);
@@ -329,14 +352,14 @@ impl Tdta {
                     load_twin(&ty, &s)
                 };
                 ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
-                    Ok(state) => {
+                    Ok((state, tail)) => {
                         let env = act.ctx.env.clone();
                         let i = slot.arbiter as usize;
                         slot.stats.restarted();
                         tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
                         env.arbiters.run_on(i, move || {
                             let layers = layers_for(&slot.ty.env, &state.memberships);
-                            Dti::launch(slot, state, layers, Some((error, attempt)));
+                            Dti::launch(slot, state, layers, Some((error, attempt)), tail);
                         });
                     }
                     Err(why) => act.give_up(&slot, &format!("cannot reload its state: {why}")),

@@ -50,6 +50,9 @@ pub enum Space {
     Job = 12,
     /// The newest value of each metric of a twin: key = twin id.
     TelemetryLatest = 13,
+    /// Twins whose journal has events after their stored snapshot: key = twin id,
+    /// empty value. Written with the first such event, deleted with the next snapshot.
+    Tail = 14,
 }
 
 #[derive(Debug, Clone)]

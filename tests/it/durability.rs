@@ -179,11 +179,14 @@ async fn a_corrupt_record_quarantines_that_twin_and_the_others_start() {
         p.shutdown().await;
     }
     {
-        // Truncate q-3's snapshot, as a torn write would.
+        // Truncate q-3's journal entry (its change is not in a snapshot yet), as a torn
+        // write would.
         let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
-        let rec = s.get(Space::Snapshot, b"q-3").unwrap().unwrap();
+        let key = [&b"q-3\0"[..], &1u64.to_be_bytes()].concat();
+        let rec = s.get(Space::Journal, &key).unwrap().expect("the change is in the journal");
+        assert!(s.get(Space::Snapshot, b"q-3").unwrap().is_none(), "one change writes no snapshot");
         let mut b = WriteBatch::new();
-        b.put(Space::Snapshot, "q-3", rec[..rec.len() / 2].to_vec());
+        b.put(Space::Journal, key, rec[..rec.len() / 2].to_vec());
         s.submit(b).await.unwrap();
         s.shutdown();
     }
@@ -275,5 +278,51 @@ async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
     // Done is done: a third start does not run it again.
     let p = start(dir.path(), None, test_settings()).await;
     assert_eq!(p.env().jobs.get(job.id).unwrap().state, JobState::Succeeded);
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idle_and_restore_replays_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings();
+    settings.snapshot_every = 4;
+    settings.snapshot_idle_ms = 60_000;
+    let p = start(dir.path(), None, settings.clone()).await;
+    fleet(&p, "gauge", json!({}), "s", 1, |_| vec![]).await;
+    let twin = p.twin("s-0").unwrap();
+    let storage = p.env().storage.clone();
+    let snapshot_seq = |s: &std::sync::Arc<dyn Storage>| {
+        s.get(Space::Snapshot, b"s-0")
+            .unwrap()
+            .map(|b| twinfleet_runtime::decode_record::<twinfleet::models::TwinState>(&b).unwrap().last_seq)
+    };
+    for n in 1..=3 {
+        twin.report(obj(json!({ "n": n }))).await.unwrap();
+    }
+    assert_eq!(snapshot_seq(&storage), None, "three changes wrote three events and no snapshot");
+    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_some(), "the tail marker says a restart must replay");
+    twin.report(obj(json!({ "n": 4 }))).await.unwrap();
+    assert_eq!(snapshot_seq(&storage), Some(4), "the fourth event brings the snapshot");
+    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_none());
+    for n in 5..=6 {
+        twin.report(obj(json!({ "n": n }))).await.unwrap();
+    }
+    p.shutdown().await;
+
+    // Restore: snapshot (4 events) + the journal's tail (2 events).
+    let p = start(dir.path(), None, settings.clone()).await;
+    let view = p.twin("s-0").unwrap().get().await.unwrap();
+    assert_eq!((view.state.reported["n"].as_i64(), view.state.last_seq), (Some(6), 6));
+    let events = p.twin("s-0").unwrap().events(10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    p.shutdown().await;
+
+    // An idle twin writes its snapshot by itself.
+    settings.snapshot_idle_ms = 20;
+    let p = start(dir.path(), None, settings).await;
+    let storage = p.env().storage.clone();
+    eventually("the idle twin writes its snapshot", || async { (snapshot_seq(&storage) == Some(6)).then_some(()) })
+        .await;
+    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_none());
     p.shutdown().await;
 }

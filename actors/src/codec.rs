@@ -1,0 +1,496 @@
+//! The binary encoding of journal events: what every change of a twin writes, so it is
+//! small and cheap (no JSON text). An event is `[0x02][CRC32 of the body, LE][body]`;
+//! the body is the sequence number and time as varints, a kind tag, and the kind's
+//! fields, JSON documents (patches, attributes) in a compact binary form of their own.
+//! Journal entries written before (JSON, `encode_record`'s format 1) still decode.
+//!
+//! The encoding belongs to storage, not to the domain: `twinfleet-models` defines the
+//! events, this module how they lie on disk.
+
+use serde_json::{Map, Number, Value};
+use twinfleet_models::{
+    AlertKind, CommandId, CommandKind, DtaId, EventKind, Metadata, Timestamp, TwinEvent, Wait, WaitName,
+};
+use twinfleet_runtime::{CodecError, decode_record};
+
+const FORMAT_BINARY_EVENT: u8 = 2;
+
+/// Encodes one journal event.
+pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
+    let mut w = Vec::with_capacity(32);
+    varint(&mut w, e.seq);
+    varint(&mut w, zigzag(e.at.0));
+    match &e.kind {
+        EventKind::Created => w.push(0),
+        EventKind::Reported { patch } => {
+            w.push(1);
+            object(&mut w, patch);
+        }
+        EventKind::DesiredSet { patch, wait } => {
+            w.push(2);
+            object(&mut w, patch);
+            match wait {
+                None => w.push(0),
+                Some(x) => {
+                    w.push(1);
+                    wait_full(&mut w, x);
+                }
+            }
+        }
+        EventKind::MetadataUpdated { metadata } => {
+            w.push(3);
+            match &metadata.location {
+                None => w.push(0),
+                Some(l) => {
+                    w.push(1);
+                    string(&mut w, l);
+                }
+            }
+            varint(&mut w, metadata.tags.len() as u64);
+            for t in &metadata.tags {
+                string(&mut w, t);
+            }
+            object(&mut w, &metadata.attributes);
+        }
+        EventKind::OverridesSet { patch } => {
+            w.push(4);
+            object(&mut w, patch);
+        }
+        EventKind::JoinedDta { dta } => {
+            w.push(5);
+            string(&mut w, dta.as_str());
+        }
+        EventKind::LeftDta { dta } => {
+            w.push(6);
+            string(&mut w, dta.as_str());
+        }
+        EventKind::Archived => w.push(7),
+        EventKind::Restarted { reason, attempt } => {
+            w.push(8);
+            string(&mut w, reason);
+            varint(&mut w, u64::from(*attempt));
+        }
+        EventKind::WaitRetried { wait, attempt, deadline } => {
+            w.push(9);
+            w.push(wait_tag(*wait));
+            varint(&mut w, u64::from(*attempt));
+            varint(&mut w, zigzag(deadline.0));
+        }
+        EventKind::InSync => w.push(10),
+        EventKind::CommandSent { command_id, command } => {
+            w.push(11);
+            varint(&mut w, command_id.0);
+            w.push(command_tag(*command));
+        }
+        EventKind::CommandAcked { command_id, success, message } => {
+            w.push(12);
+            string(&mut w, command_id);
+            w.push(u8::from(*success));
+            string(&mut w, message);
+        }
+        EventKind::AlertRaised { alert, message, wait } => {
+            w.push(13);
+            w.push(alert_tag(alert));
+            string(&mut w, message);
+            match wait {
+                None => w.push(0),
+                Some(x) => {
+                    w.push(1);
+                    w.push(wait_tag(*x));
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(w.len() + 5);
+    out.push(FORMAT_BINARY_EVENT);
+    out.extend_from_slice(&crc32fast::hash(&w).to_le_bytes());
+    out.extend_from_slice(&w);
+    out
+}
+
+/// Decodes a journal entry in either format.
+pub(crate) fn decode_event(bytes: &[u8]) -> Result<TwinEvent, CodecError> {
+    match bytes.first() {
+        Some(&FORMAT_BINARY_EVENT) => {
+            if bytes.len() < 5 {
+                return Err(CodecError::Truncated { len: bytes.len() });
+            }
+            let body = &bytes[5..];
+            let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+            let computed = crc32fast::hash(body);
+            if computed != stored {
+                return Err(CodecError::Checksum { stored, computed });
+            }
+            let mut r = Reader(body);
+            let e = r.event().ok_or_else(|| CodecError::Body("a binary journal event does not decode".into()))?;
+            if !r.0.is_empty() {
+                return Err(CodecError::Body("trailing bytes after a journal event".into()));
+            }
+            Ok(e)
+        }
+        _ => decode_record(bytes),
+    }
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn varint(w: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        w.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    w.push(v as u8);
+}
+
+fn string(w: &mut Vec<u8>, s: &str) {
+    varint(w, s.len() as u64);
+    w.extend_from_slice(s.as_bytes());
+}
+
+fn object(w: &mut Vec<u8>, m: &Map<String, Value>) {
+    varint(w, m.len() as u64);
+    for (k, v) in m {
+        string(w, k);
+        value(w, v);
+    }
+}
+
+/// JSON values: 0 null, 1 false, 2 true, 3 unsigned, 4 negative (zigzag), 5 float
+/// (8 bytes LE), 6 string, 7 array, 8 object.
+fn value(w: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => w.push(0),
+        Value::Bool(b) => w.push(1 + u8::from(*b)),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                w.push(3);
+                varint(w, u);
+            } else if let Some(i) = n.as_i64() {
+                w.push(4);
+                varint(w, zigzag(i));
+            } else {
+                w.push(5);
+                w.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+            }
+        }
+        Value::String(s) => {
+            w.push(6);
+            string(w, s);
+        }
+        Value::Array(a) => {
+            w.push(7);
+            varint(w, a.len() as u64);
+            for x in a {
+                value(w, x);
+            }
+        }
+        Value::Object(m) => {
+            w.push(8);
+            object(w, m);
+        }
+    }
+}
+
+fn wait_full(w: &mut Vec<u8>, x: &Wait) {
+    w.push(wait_tag(x.wait));
+    varint(w, u64::from(x.attempt));
+    varint(w, zigzag(x.deadline.0));
+    match x.command {
+        None => w.push(0),
+        Some(c) => {
+            w.push(1);
+            varint(w, c.0);
+        }
+    }
+}
+
+fn wait_tag(w: WaitName) -> u8 {
+    match w {
+        WaitName::DesiredSync => 0,
+    }
+}
+
+fn command_tag(c: CommandKind) -> u8 {
+    match c {
+        CommandKind::ApplyDesired => 0,
+        CommandKind::SetConfiguration => 1,
+        CommandKind::InstallApp => 2,
+    }
+}
+
+fn alert_tag(a: &AlertKind) -> u8 {
+    match a {
+        AlertKind::ActorFailed => 0,
+        AlertKind::DeadlineExceeded => 1,
+        AlertKind::Quarantined => 2,
+    }
+}
+
+/// Reads the body; `None` when it ends early or holds something impossible.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(*b)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        let n = usize::try_from(self.varint()?).ok()?;
+        // A length can never exceed what is left: refuse it before allocating.
+        (n <= self.0.len()).then_some(n)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = self.len()?;
+        let (s, rest) = self.0.split_at(n);
+        self.0 = rest;
+        String::from_utf8(s.to_vec()).ok()
+    }
+
+    fn object(&mut self, depth: usize) -> Option<Map<String, Value>> {
+        let n = self.len()?;
+        let mut m = Map::new();
+        for _ in 0..n {
+            let k = self.string()?;
+            let v = self.value(depth + 1)?;
+            m.insert(k, v);
+        }
+        Some(m)
+    }
+
+    fn value(&mut self, depth: usize) -> Option<Value> {
+        // Documents are bounded on input (`limits::MAX_DEPTH`); a deeper one is corrupt.
+        if depth > 2 * twinfleet_models::MAX_DEPTH {
+            return None;
+        }
+        Some(match self.byte()? {
+            0 => Value::Null,
+            1 => Value::Bool(false),
+            2 => Value::Bool(true),
+            3 => Value::Number(self.varint()?.into()),
+            4 => Value::Number(unzigzag(self.varint()?).into()),
+            5 => {
+                let (b, rest) = self.0.split_at_checked(8)?;
+                self.0 = rest;
+                Value::Number(Number::from_f64(f64::from_le_bytes(b.try_into().ok()?))?)
+            }
+            6 => Value::String(self.string()?),
+            7 => {
+                let n = self.len()?;
+                let mut a = Vec::with_capacity(n);
+                for _ in 0..n {
+                    a.push(self.value(depth + 1)?);
+                }
+                Value::Array(a)
+            }
+            8 => Value::Object(self.object(depth + 1)?),
+            _ => return None,
+        })
+    }
+
+    fn wait_name(&mut self) -> Option<WaitName> {
+        match self.byte()? {
+            0 => Some(WaitName::DesiredSync),
+            _ => None,
+        }
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.varint()?).ok()
+    }
+
+    fn time(&mut self) -> Option<Timestamp> {
+        Some(Timestamp(unzigzag(self.varint()?)))
+    }
+
+    fn dta(&mut self) -> Option<DtaId> {
+        DtaId::new(self.string()?).ok()
+    }
+
+    fn event(&mut self) -> Option<TwinEvent> {
+        let seq = self.varint()?;
+        let at = self.time()?;
+        let kind = match self.byte()? {
+            0 => EventKind::Created,
+            1 => EventKind::Reported { patch: self.object(0)? },
+            2 => {
+                let patch = self.object(0)?;
+                let wait = match self.byte()? {
+                    0 => None,
+                    1 => {
+                        let wait = self.wait_name()?;
+                        let attempt = self.u32()?;
+                        let deadline = self.time()?;
+                        let command = match self.byte()? {
+                            0 => None,
+                            1 => Some(CommandId(self.varint()?)),
+                            _ => return None,
+                        };
+                        Some(Wait { wait, attempt, deadline, command })
+                    }
+                    _ => return None,
+                };
+                EventKind::DesiredSet { patch, wait }
+            }
+            3 => {
+                let location = match self.byte()? {
+                    0 => None,
+                    1 => Some(self.string()?),
+                    _ => return None,
+                };
+                let n = self.len()?;
+                let mut tags = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tags.push(self.string()?);
+                }
+                let attributes = self.object(0)?;
+                EventKind::MetadataUpdated { metadata: Metadata { location, tags, attributes } }
+            }
+            4 => EventKind::OverridesSet { patch: self.object(0)? },
+            5 => EventKind::JoinedDta { dta: self.dta()? },
+            6 => EventKind::LeftDta { dta: self.dta()? },
+            7 => EventKind::Archived,
+            8 => EventKind::Restarted { reason: self.string()?, attempt: self.u32()? },
+            9 => EventKind::WaitRetried { wait: self.wait_name()?, attempt: self.u32()?, deadline: self.time()? },
+            10 => EventKind::InSync,
+            11 => {
+                let command_id = CommandId(self.varint()?);
+                let command = match self.byte()? {
+                    0 => CommandKind::ApplyDesired,
+                    1 => CommandKind::SetConfiguration,
+                    2 => CommandKind::InstallApp,
+                    _ => return None,
+                };
+                EventKind::CommandSent { command_id, command }
+            }
+            12 => EventKind::CommandAcked {
+                command_id: self.string()?,
+                success: self.byte()? != 0,
+                message: self.string()?,
+            },
+            13 => {
+                let alert = match self.byte()? {
+                    0 => AlertKind::ActorFailed,
+                    1 => AlertKind::DeadlineExceeded,
+                    2 => AlertKind::Quarantined,
+                    _ => return None,
+                };
+                let message = self.string()?;
+                let wait = match self.byte()? {
+                    0 => None,
+                    1 => Some(self.wait_name()?),
+                    _ => return None,
+                };
+                EventKind::AlertRaised { alert, message, wait }
+            }
+            _ => return None,
+        };
+        Some(TwinEvent { seq, at, kind })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use twinfleet_runtime::encode_record;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    fn every_kind() -> Vec<EventKind> {
+        let wait =
+            Wait { wait: WaitName::DesiredSync, attempt: 2, deadline: Timestamp(-5), command: Some(CommandId(9)) };
+        vec![
+            EventKind::Created,
+            EventKind::Reported {
+                patch: obj(json!({"a": null, "b": true, "c": false, "n": 5, "neg": -7, "f": 2.5, "s": "é",
+                                  "arr": [1, [2, {"x": "y"}]], "o": {"deep": {"er": [null]}}, "big": u64::MAX, "min": i64::MIN})),
+            },
+            EventKind::DesiredSet { patch: obj(json!({"rate": 5})), wait: Some(wait) },
+            EventKind::DesiredSet { patch: obj(json!({"rate": null})), wait: None },
+            EventKind::MetadataUpdated {
+                metadata: Metadata {
+                    location: Some("hall 3".into()),
+                    tags: vec!["a".into(), "b".into()],
+                    attributes: obj(json!({"grpc_address": "127.0.0.1:1"})),
+                },
+            },
+            EventKind::MetadataUpdated { metadata: Metadata::default() },
+            EventKind::OverridesSet { patch: obj(json!({"k": [1.5]})) },
+            EventKind::JoinedDta { dta: DtaId::new("ward-1").unwrap() },
+            EventKind::LeftDta { dta: DtaId::new("ward-1").unwrap() },
+            EventKind::Archived,
+            EventKind::Restarted { reason: "boom".into(), attempt: 3 },
+            EventKind::WaitRetried { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(1_700_000_000_000) },
+            EventKind::InSync,
+            EventKind::CommandSent { command_id: CommandId(u64::MAX), command: CommandKind::InstallApp },
+            EventKind::CommandAcked { command_id: "17".into(), success: true, message: "ok".into() },
+            EventKind::AlertRaised {
+                alert: AlertKind::DeadlineExceeded,
+                message: "late".into(),
+                wait: Some(WaitName::DesiredSync),
+            },
+            EventKind::AlertRaised { alert: AlertKind::Quarantined, message: String::new(), wait: None },
+        ]
+    }
+
+    #[test]
+    fn every_event_kind_round_trips() {
+        for (i, kind) in every_kind().into_iter().enumerate() {
+            let e = TwinEvent { seq: i as u64 + 1, at: Timestamp(1_700_000_000_000 + i as i64), kind };
+            let bytes = encode_event(&e);
+            assert_eq!(decode_event(&bytes).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn the_binary_form_is_small_and_the_json_form_still_reads() {
+        let e = TwinEvent {
+            seq: 42,
+            at: Timestamp(1_700_000_000_000),
+            kind: EventKind::DesiredSet { patch: obj(json!({"rate": 5})), wait: None },
+        };
+        let bin = encode_event(&e);
+        let json = encode_record(&e);
+        assert!(bin.len() * 3 < json.len(), "{} vs {} bytes", bin.len(), json.len());
+        assert_eq!(decode_event(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn damage_is_detected_not_misread() {
+        let e = TwinEvent { seq: 1, at: Timestamp(1), kind: EventKind::Reported { patch: obj(json!({"a": "b"})) } };
+        let mut bytes = encode_event(&e);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        assert!(matches!(decode_event(&bytes), Err(CodecError::Checksum { .. })));
+        assert!(decode_event(&bytes[..3]).is_err());
+        // A body with a huge length prefix is refused before allocating.
+        let mut body = vec![1u8, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        let mut forged = vec![FORMAT_BINARY_EVENT];
+        forged.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        forged.append(&mut body);
+        assert!(decode_event(&forged).is_err());
+    }
+}
