@@ -170,6 +170,7 @@ async fn run() {
             model: "t1".into(),
             defaults: Default::default(),
             domain: None,
+            journal: Default::default(),
         })
         .await
         .unwrap();

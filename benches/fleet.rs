@@ -173,6 +173,7 @@ async fn fleet() {
                 model: format!("{t}-hw2"),
                 defaults: Default::default(),
                 domain: None,
+                journal: Default::default(),
             })
             .await
             .unwrap(),

@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: "TH-1".into(),
             defaults: Default::default(),
             domain: None,
+            journal: Default::default(),
         })
         .await?;
     let fleet = (0..100_000)

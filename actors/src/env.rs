@@ -51,6 +51,9 @@ pub struct Settings {
     /// ... or this long (real time, ms) after its first event since the last snapshot,
     /// whichever comes first, so that an idle twin's replay stays empty.
     pub snapshot_idle_ms: u64,
+    /// How often (real time, ms) the journals of device types with a retention are
+    /// compacted; 0 turns the periodic pass off (`TwinRuntime::compact_journals` runs one).
+    pub compaction_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -65,6 +68,7 @@ impl Default for Settings {
             telemetry: TelemetryLimits::default(),
             snapshot_every: 64,
             snapshot_idle_ms: 2_000,
+            compaction_interval_ms: 60_000,
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod catalog;
 mod codec;
+pub mod compaction;
 pub mod credentials;
 pub mod dta;
 pub mod dti;
@@ -28,6 +29,7 @@ pub mod telemetry;
 
 pub use access::{API_TOKEN_PREFIX, AccessControl, AuditEntry, AuditQuery, Group, Principal, TokenInfo, User};
 pub use catalog::{LifecycleFilter, TwinFilter, TwinPage, TwinSummary};
+pub use compaction::CompactionReport;
 pub use credentials::{AuthError, CLAIM_PREFIX, TOKEN_PREFIX};
 pub use dta::DtaInfo;
 pub use dti::{LatestPoint, TwinView, WaitView};

@@ -93,6 +93,9 @@ pub struct DeviceTypeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub domain: Option<twinfleet_models::DomainModel>,
+    /// How much of each twin's journal is kept (default: all of it).
+    #[serde(default, skip_serializing_if = "twinfleet_models::JournalRetention::is_unbounded")]
+    pub journal: twinfleet_models::JournalRetention,
 }
 
 /// A group: what its DTA knows.

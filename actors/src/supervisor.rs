@@ -184,6 +184,7 @@ impl TwinRuntime {
         stats.set_status(ActorStatus::Running);
         let supervisor = PlatformSupervisor { env: env.clone(), stats: stats.clone() }.start();
         let report = restore(&env).await?;
+        crate::compaction::start_compactor(&env);
         let rt = TwinRuntime { env, supervisor, stats };
         rt.resume_jobs();
         Ok((rt, report))

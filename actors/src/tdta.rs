@@ -37,6 +37,7 @@ pub struct TypeContext {
     pub(crate) chunks: Mutex<Vec<Vec<u8>>>,
     pub(crate) twins: AtomicUsize,
     pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
+    pub(crate) journal: twinfleet_models::JournalRetention,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
 }
@@ -55,6 +56,7 @@ impl TypeContext {
             chunks: Mutex::new(Vec::new()),
             twins: AtomicUsize::new(0),
             domain: spec.domain.clone().map(Arc::new),
+            journal: spec.journal,
             fleet_edit: tokio::sync::Mutex::new(()),
         })
     }
@@ -79,6 +81,7 @@ impl TypeContext {
             model: self.model.to_string(),
             defaults: (*self.defaults()).clone(),
             domain: self.domain.as_deref().cloned(),
+            journal: self.journal,
         }
     }
 }

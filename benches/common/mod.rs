@@ -35,6 +35,7 @@ pub async fn meter_fleet(p: &twinfleet::Platform, ids: &[String]) -> Vec<String>
         model: "m".into(),
         defaults: Default::default(),
         domain: None,
+        journal: Default::default(),
     };
     let ty = p.create_device_type(spec).await.unwrap();
     ty.spawn_fleet(ids.iter().map(|id| twinfleet::TwinSpec::new(TwinId::new(id).unwrap())).collect()).await.unwrap();

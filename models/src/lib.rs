@@ -16,6 +16,7 @@ pub mod effect;
 pub mod ids;
 pub mod limits;
 pub mod policy;
+pub mod retention;
 pub mod telemetry;
 pub mod time;
 pub mod twin;
@@ -28,6 +29,7 @@ pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use limits::{DocumentError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
 pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
+pub use retention::JournalRetention;
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;
 pub use twin::{

@@ -326,3 +326,47 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
     assert!(storage.get(Space::Tail, b"s-0").unwrap().is_none());
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn journal_retention_drops_old_events_but_never_the_unsnapshotted_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let mut settings = test_settings();
+    settings.snapshot_every = 8;
+    settings.snapshot_idle_ms = 3_600_000;
+    settings.compaction_interval_ms = 0;
+    let p = start(dir.path(), Some(clock.clone()), settings.clone()).await;
+    let spec = twinfleet::DeviceTypeSpec {
+        id: "counter".parse().unwrap(),
+        model: "C-1".into(),
+        defaults: Default::default(),
+        domain: None,
+        journal: twinfleet::models::JournalRetention { keep_events: Some(5), max_age_ms: Some(3_600_000) },
+    };
+    p.create_device_type(spec).await.unwrap().spawn_fleet(vec![twinfleet::TwinSpec::new(tid("c-0"))]).await.unwrap();
+    fleet(&p, "keeper", json!({}), "k", 1, |_| vec![]).await;
+    let (twin, keeper) = (p.twin("c-0").unwrap(), p.twin("k-0").unwrap());
+    for n in 1..=20 {
+        twin.report(obj(json!({ "n": n }))).await.unwrap();
+        keeper.report(obj(json!({ "n": n }))).await.unwrap();
+    }
+    // Snapshot at 16; 17..20 are the tail. Keep 5 would drop 1..15: all covered.
+    let r = p.compact_journals().await.unwrap();
+    assert_eq!((r.twins, r.events_deleted), (1, 15), "only the type with a retention is compacted");
+    let seqs = |evs: Vec<twinfleet::models::TwinEvent>| evs.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(twin.events(100).await.unwrap()), (16..=20).collect::<Vec<_>>());
+    assert_eq!(keeper.events(100).await.unwrap().len(), 20, "unbounded journals are untouched");
+
+    // Old events go by age too, except the tail the snapshot does not cover yet.
+    clock.advance(2 * 3_600_000);
+    twin.report(obj(json!({ "n": 21 }))).await.unwrap();
+    let r = p.compact_journals().await.unwrap();
+    assert_eq!(r.events_deleted, 1, "16 is covered and old; 17..20 are old but only in the tail");
+    assert_eq!(seqs(twin.events(100).await.unwrap()), (17..=21).collect::<Vec<_>>());
+    p.shutdown().await;
+
+    let p = start(dir.path(), Some(clock), settings).await;
+    let view = p.twin("c-0").unwrap().get().await.unwrap();
+    assert_eq!((view.state.reported["n"].as_i64(), view.state.last_seq), (Some(21), 21), "snapshot + tail intact");
+    p.shutdown().await;
+}

@@ -63,6 +63,7 @@ pub async fn fleet(
             model: format!("{ty}-hw1"),
             defaults: obj(defaults),
             domain: None,
+            journal: Default::default(),
         })
         .await
         .expect("device type created");

@@ -1,0 +1,64 @@
+//! How much of a twin's journal its device type keeps: the last `keep_events` events
+//! and/or those younger than `max_age_ms`. An event is dropped when either bound says
+//! so; the newest event is always kept, and so is every event a snapshot does not cover
+//! yet (the caller passes only covered ones).
+
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JournalRetention {
+    /// Keep at most this many events per twin (the newest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_events: Option<u64>,
+    /// Drop events older than this (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+}
+
+impl JournalRetention {
+    /// Keeps everything (the default).
+    pub fn is_unbounded(&self) -> bool {
+        self.keep_events.is_none() && self.max_age_ms.is_none()
+    }
+
+    /// Of a twin's journal, oldest first as `(seq, at)`, how many of the oldest events
+    /// to drop at `now`.
+    pub fn expired(&self, journal: &[(u64, Timestamp)], now: Timestamp) -> usize {
+        let n = journal.len();
+        if n <= 1 {
+            return 0;
+        }
+        let by_count = self.keep_events.map_or(0, |keep| n.saturating_sub(keep.max(1) as usize));
+        let by_age = self.max_age_ms.map_or(0, |age| {
+            let cutoff = Timestamp(now.0.saturating_sub(age.min(i64::MAX as u64) as i64));
+            journal.iter().take_while(|(_, at)| *at < cutoff).count()
+        });
+        by_count.max(by_age).min(n - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(ats: &[i64]) -> Vec<(u64, Timestamp)> {
+        ats.iter().enumerate().map(|(i, at)| (i as u64 + 1, Timestamp(*at))).collect()
+    }
+
+    #[test]
+    fn count_and_age_each_drop_the_oldest_and_the_newest_stays() {
+        let j = journal(&[10, 20, 30, 40, 50]);
+        assert_eq!(JournalRetention::default().expired(&j, Timestamp(1_000)), 0);
+        assert_eq!(JournalRetention { keep_events: Some(2), max_age_ms: None }.expired(&j, Timestamp(60)), 3);
+        assert_eq!(JournalRetention { keep_events: None, max_age_ms: Some(25) }.expired(&j, Timestamp(60)), 3);
+        assert_eq!(JournalRetention { keep_events: Some(4), max_age_ms: Some(15) }.expired(&j, Timestamp(60)), 4);
+        assert_eq!(JournalRetention { keep_events: Some(0), max_age_ms: Some(0) }.expired(&j, Timestamp(1_000)), 4);
+        assert_eq!(
+            JournalRetention { keep_events: Some(1), max_age_ms: None }.expired(&journal(&[5]), Timestamp(9)),
+            0
+        );
+    }
+}
