@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{cores, env_or, median, pct};
+use common::{cores, disk_write_bytes, env_or, median, pct};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -116,8 +116,29 @@ async fn rate_and_latency(tasks: Vec<actix_rt::task::JoinHandle<Vec<u32>>>, star
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_unstable();
+    DONE.fetch_add(all.len() as u64, std::sync::atomic::Ordering::Relaxed);
     (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
 }
+
+/// Requests completed, for the bytes-per-change figures.
+static DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs `section` and prints the bytes it wrote per completed request: logical (keys and
+/// values committed) and on the device (`/proc/self/io`).
+async fn measured<F: std::future::Future<Output = ()>>(p: &Platform, label: &str, section: F) {
+    let (s0, d0) = (p.storage_stats().bytes_committed, disk_write_bytes());
+    let n0 = DONE.load(std::sync::atomic::Ordering::Relaxed);
+    section.await;
+    let n = (DONE.load(std::sync::atomic::Ordering::Relaxed) - n0).max(1) as f64;
+    let (s1, d1) = (p.storage_stats().bytes_committed, disk_write_bytes());
+    BYTES.lock().unwrap().push(format!(
+        "{label}: {:.0} bytes committed and {:.0} bytes written to the device per change",
+        (s1 - s0) as f64 / n,
+        (d1 - d0) as f64 / n
+    ));
+}
+
+static BYTES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Runs `callers` tasks calling `set_desired` on their own twins for `RUN`.
 async fn handle_loop(handles: Vec<Vec<TwinHandle>>) -> (f64, f64, f64) {
@@ -197,34 +218,44 @@ async fn run() {
 
     // Client c updates twins c, c + clients, c + 2 clients, ... in turn.
     if section("handle") {
-        let mut runs = Vec::new();
-        for _ in 0..repeat {
-            let mine: Vec<Vec<TwinHandle>> =
-                (0..clients).map(|c| (c..twins).step_by(clients).map(|i| p.twin(&ids[i]).unwrap()).collect()).collect();
-            runs.push(handle_loop(mine).await);
-        }
-        report("baseline: set_desired via TwinHandle (durable, no HTTP)", clients, runs);
+        measured(&p, "set_desired via TwinHandle", async {
+            let mut runs = Vec::new();
+            for _ in 0..repeat {
+                let mine: Vec<Vec<TwinHandle>> = (0..clients)
+                    .map(|c| (c..twins).step_by(clients).map(|i| p.twin(&ids[i]).unwrap()).collect())
+                    .collect();
+                runs.push(handle_loop(mine).await);
+            }
+            report("baseline: set_desired via TwinHandle (durable, no HTTP)", clients, runs);
+        })
+        .await;
     }
     if section("patch") {
-        let mut runs = Vec::new();
-        for _ in 0..repeat {
-            let (ids, token) = (ids.clone(), token.clone());
-            let per_client = twins / clients;
-            runs.push(
-                http_loop(addr, clients, 200, move |c, n| {
-                    let id = &ids[c + clients * (n as usize % per_client)];
-                    let body = format!("{{\"setpoint\":{n}}}");
-                    format!(
+        measured(&p, "PATCH /desired (change + audit entry)", async {
+            let mut runs = Vec::new();
+            for _ in 0..repeat {
+                let (ids, token) = (ids.clone(), token.clone());
+                let per_client = twins / clients;
+                runs.push(
+                    http_loop(addr, clients, 200, move |c, n| {
+                        let id = &ids[c + clients * (n as usize % per_client)];
+                        let body = format!("{{\"setpoint\":{n}}}");
+                        format!(
                         "PATCH /api/v1/twins/{id}/desired HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\
                      Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                         body.len()
                     )
                     .into_bytes()
-                })
-                .await,
-            );
-        }
-        report("PATCH /twins/{id}/desired (durable change + audit record)", clients, runs);
+                    })
+                    .await,
+                );
+            }
+            report("PATCH /twins/{id}/desired (durable change + audit record)", clients, runs);
+        })
+        .await;
+    }
+    for line in BYTES.lock().unwrap().iter() {
+        println!("\n{line}");
     }
     let s = p.storage_stats();
     println!(

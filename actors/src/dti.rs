@@ -101,6 +101,35 @@ impl TwinSlot {
     }
 }
 
+/// The newest value of each metric.
+pub(crate) type Latest = BTreeMap<String, LatestPoint>;
+
+/// How a DTI starts, besides its state.
+#[derive(Debug, Default)]
+pub(crate) struct Start {
+    /// Set when this incarnation is a restart: recorded in the journal on start.
+    pub restart: Option<(String, u32)>,
+    /// Journal events replayed on top of the stored snapshot.
+    pub tail: u32,
+    /// The latest telemetry values, as stored.
+    pub latest: Option<Box<Latest>>,
+}
+
+impl Start {
+    /// The stored latest values of a twin, if it has any (a decode failure is logged
+    /// and starts empty: they are a cache of the telemetry records).
+    pub(crate) fn decode_latest(id: &TwinId, raw: Option<&[u8]>) -> Option<Box<Latest>> {
+        let raw = raw?;
+        match decode_record::<Latest>(raw) {
+            Ok(l) => Some(Box::new(l)),
+            Err(e) => {
+                tracing::warn!(twin = %id, "the latest telemetry values do not decode ({e}); starting without them");
+                None
+            }
+        }
+    }
+}
+
 /// A request to a DTI with its own reply type, so a caller can never get the answer of
 /// another request. Every trigger of the actor is one of the types below that implement
 /// this trait (all in this file), or one of its wait timers.
@@ -219,20 +248,19 @@ pub(crate) struct Applied {
 
 impl Dti {
     /// Starts the actor on the current arbiter and publishes its address in the slot.
-    /// `tail`: events of the journal were replayed on top of the stored snapshot.
     pub(crate) fn launch(
         slot: Arc<TwinSlot>,
         state: TwinState,
         layers: Vec<Arc<ResolvedLayers>>,
-        restart: Option<(String, u32)>,
-        tail: u32,
+        start: Start,
     ) -> Addr<Dti> {
         let cap = slot.ty.env.settings.dti_mailbox;
         slot.set_summary(&state);
         let s = slot.clone();
+        let Start { restart, tail, latest } = start;
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dti { slot: s, state, layers, timers: Vec::new(), restart, pending: tail, idle: None, latest: None }
+            Dti { slot: s, state, layers, timers: Vec::new(), restart, pending: tail, idle: None, latest }
         });
         slot.set_addr(Some(addr.clone()));
         addr
@@ -242,27 +270,7 @@ impl Dti {
         &self.slot.ty.env
     }
 
-    /// The newest value per metric, read from storage the first time it is needed (it
-    /// survives restarts in its own record).
-    fn latest(&mut self) -> &mut BTreeMap<String, LatestPoint> {
-        let (storage, id) = (&self.slot.ty.env.storage, &self.slot.id);
-        self.latest.get_or_insert_with(|| {
-            let stored = match storage.get(Space::TelemetryLatest, &twin_key(id)) {
-                Ok(Some(bytes)) => decode_record(&bytes).unwrap_or_else(|e| {
-                    tracing::warn!(twin = %id, "the latest telemetry values do not decode ({e}); starting empty");
-                    BTreeMap::new()
-                }),
-                Ok(None) => BTreeMap::new(),
-                Err(e) => {
-                    tracing::warn!(twin = %id, "cannot read the latest telemetry values: {e}");
-                    BTreeMap::new()
-                }
-            };
-            Box::new(stored)
-        })
-    }
-
-    fn view(&mut self) -> TwinView {
+    fn view(&self) -> TwinView {
         let defaults = self.slot.ty.defaults();
         let layers = self.layers.iter().flat_map(|r| r.layers.iter());
         TwinView {
@@ -274,7 +282,7 @@ impl Dti {
                 .waits
                 .get(WaitName::DesiredSync)
                 .map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
-            telemetry_latest: self.latest().clone(),
+            telemetry_latest: self.latest.as_deref().cloned().unwrap_or_default(),
         }
     }
 
@@ -284,7 +292,7 @@ impl Dti {
         env.storage.writable()?;
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
         let key = twin_key(&self.slot.id);
-        let latest = self.latest();
+        let latest = self.latest.get_or_insert_with(Default::default);
         for p in &points {
             let e = latest.entry(p.metric.clone()).or_insert(LatestPoint { at: p.at, value: p.value });
             if p.at >= e.at {

@@ -5,7 +5,7 @@
 //! untouched on disk, while everything else starts.
 
 use crate::dta::DtaEntry;
-use crate::dti::{NO_ORIGIN, TwinSlot};
+use crate::dti::{NO_ORIGIN, Start, TwinSlot};
 use crate::env::{Directory, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
@@ -72,6 +72,7 @@ fn restore_chunk(
     ty: &Arc<TypeContext>,
     snapshots: &Directory<TwinId, Vec<u8>>,
     tails: &Directory<TwinId, ()>,
+    latest: &Directory<TwinId, Vec<u8>>,
     key: &[u8],
     bytes: &[u8],
     origin: u32,
@@ -103,7 +104,7 @@ fn restore_chunk(
             },
             None => spec.into_initial_state(&chunk.device_type, &ty.model, chunk.created_at),
         };
-        if start_restored(env, ty, state, origin, arbiter, tails, &mut members, &mut out) {
+        if start_restored(env, ty, state, origin, arbiter, (tails, latest), &mut members, &mut out) {
             out.launched += 1;
         }
     }
@@ -112,7 +113,7 @@ fn restore_chunk(
 }
 
 /// On an arbiter: start twins that have a snapshot but no readable fleet record.
-fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, tails: &Directory<TwinId, ()>) -> ChunkOutcome {
+fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, stored: Stored<'_>) -> ChunkOutcome {
     let mut out = ChunkOutcome::default();
     let mut members = NewMembers::default();
     for (id, raw) in orphans {
@@ -120,7 +121,7 @@ fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, tails: &Direc
         match decode_record::<TwinState>(&raw) {
             Ok(state) => match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
                 Some(ty) => {
-                    if start_restored(env, &ty, state, NO_ORIGIN, 0, tails, &mut members, &mut out) {
+                    if start_restored(env, &ty, state, NO_ORIGIN, 0, stored, &mut members, &mut out) {
                         out.launched += 1;
                     }
                 }
@@ -145,7 +146,7 @@ fn start_restored(
     mut state: TwinState,
     origin: u32,
     arbiter: u16,
-    tails: &Directory<TwinId, ()>,
+    (tails, latest): Stored<'_>,
     members: &mut NewMembers,
     out: &mut ChunkOutcome,
 ) -> bool {
@@ -163,9 +164,14 @@ fn start_restored(
     let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
     env.twins.insert(id, slot.clone());
     ty.twins.fetch_add(1, Relaxed);
-    members.launch(env, slot, state, tail);
+    let latest = Start::decode_latest(&slot.id, latest.remove(&slot.id).map(|(_, raw)| raw).as_deref());
+    members.launch(env, slot, state, Start { restart: None, tail, latest });
     true
 }
+
+/// What restore read ahead for the twins: who has a journal tail, and the stored latest
+/// telemetry values.
+type Stored<'a> = (&'a Directory<TwinId, ()>, &'a Directory<TwinId, Vec<u8>>);
 
 pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinError> {
     let started = Instant::now();
@@ -232,6 +238,15 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
         }
     }
 
+    // The latest telemetry values of the twins that have any, in one sequential pass.
+    let latest: Arc<Directory<TwinId, Vec<u8>>> = Arc::new(Directory::default());
+    for row in env.storage.scan(Space::TelemetryLatest, b"") {
+        let (k, v) = row?;
+        if let Some(id) = std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
+            latest.insert(id, v);
+        }
+    }
+
     let n = env.arbiters.len();
     let mut pending = Vec::new();
     let mut next = 0usize;
@@ -247,8 +262,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             c.push(k.clone());
             (c.len() - 1) as u32
         };
-        let (e, s, t, i) = (env.clone(), snapshots.clone(), tails.clone(), next % n);
-        pending.push(on_arbiter(env, i, move || restore_chunk(&e, &ty, &s, &t, &k, &v, origin, i as u16)));
+        let (e, s, t, l, i) = (env.clone(), snapshots.clone(), tails.clone(), latest.clone(), next % n);
+        pending.push(on_arbiter(env, i, move || restore_chunk(&e, &ty, &s, &t, &l, &k, &v, origin, i as u16)));
         next += 1;
     }
     let mut outcomes: Vec<ChunkOutcome> = futures::future::join_all(pending).await.into_iter().flatten().collect();
@@ -257,8 +272,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     let orphans: Vec<(TwinId, Vec<u8>)> = snapshots.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
     snapshots.clear();
     if !orphans.is_empty() {
-        let (e, t) = (env.clone(), tails.clone());
-        if let Some(o) = on_arbiter(env, 0, move || restore_orphans(&e, orphans, &t)).await {
+        let (e, t, l) = (env.clone(), tails.clone(), latest.clone());
+        if let Some(o) = on_arbiter(env, 0, move || restore_orphans(&e, orphans, (&t, &l))).await {
             outcomes.push(o);
         }
     }

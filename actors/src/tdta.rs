@@ -5,7 +5,7 @@
 //! raised.
 
 use crate::dta::DtaEntry;
-use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, TwinSlot};
+use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, Start, TwinSlot};
 use crate::env::{FastMap, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{CHUNK, DeviceTypeSpec, FleetChunk, FleetChunkRef, TwinSpec, fleet_key, twin_key};
@@ -145,14 +145,14 @@ pub(crate) struct NewMembers(FastMap<DtaId, (u64, Vec<TwinId>)>);
 
 impl NewMembers {
     /// Starts one twin on the current arbiter and remembers its memberships.
-    pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState, tail: u32) {
+    pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState, start: Start) {
         let layers = layers_for(env, &state.memberships);
         for l in &layers {
             let e = self.0.entry(l.dta.clone()).or_insert_with(|| (l.version, Vec::new()));
             e.0 = e.0.min(l.version);
             e.1.push(state.identity.twin_id.clone());
         }
-        Dti::launch(slot, state, layers, None, tail);
+        Dti::launch(slot, state, layers, start);
     }
 
     /// Adds the twins to their DTAs' member sets (one lock per DTA), and has a DTA
@@ -217,7 +217,7 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
         tickets.push(env.storage.submit(batch));
         for (slot, spec) in w.slots.into_iter().zip(w.specs) {
             let state = spec.into_initial_state(&ty.device_type, &ty.model, now);
-            members.launch(env, slot, state, 0);
+            members.launch(env, slot, state, Start::default());
         }
     }
     members.register(env);
@@ -357,12 +357,14 @@ impl Tdta {
                 ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
                     Ok((state, tail)) => {
                         let env = act.ctx.env.clone();
+                        let raw = env.storage.get(Space::TelemetryLatest, &twin_key(&slot.id)).ok().flatten();
+                        let latest = Start::decode_latest(&slot.id, raw.as_deref());
                         let i = slot.arbiter as usize;
                         slot.stats.restarted();
                         tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
                         env.arbiters.run_on(i, move || {
                             let layers = layers_for(&slot.ty.env, &state.memberships);
-                            Dti::launch(slot, state, layers, Some((error, attempt)), tail);
+                            Dti::launch(slot, state, layers, Start { restart: Some((error, attempt)), tail, latest });
                         });
                     }
                     Err(why) => act.give_up(&slot, &format!("cannot reload its state: {why}")),

@@ -154,6 +154,8 @@ pub struct StorageStats {
     pub batches_submitted: u64,
     pub groups_committed: u64,
     pub ops_committed: u64,
+    /// Bytes of keys and values committed (the logical size; sled's log adds its own).
+    pub bytes_committed: u64,
     pub flush_micros_total: u64,
     pub flush_micros_max: u64,
     /// Records per group commit.
@@ -227,6 +229,7 @@ struct Counters {
     submitted: AtomicU64,
     groups: AtomicU64,
     ops: AtomicU64,
+    bytes: AtomicU64,
     flush_total: AtomicU64,
     flush_max: AtomicU64,
     group_ops: Histogram,
@@ -239,6 +242,7 @@ impl Default for Counters {
             submitted: AtomicU64::new(0),
             groups: AtomicU64::new(0),
             ops: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             flush_total: AtomicU64::new(0),
             flush_max: AtomicU64::new(0),
             group_ops: Histogram::new(SIZE_BOUNDS),
@@ -441,6 +445,7 @@ fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Co
             continue;
         }
         let mut batch = sled::Batch::default();
+        c.bytes.fetch_add(group.iter().map(|p| p.batch.bytes()).sum::<u64>(), Relaxed);
         for p in &mut group {
             for op in std::mem::take(&mut p.batch.ops) {
                 match op {
@@ -593,6 +598,7 @@ impl Storage for SledStorage {
             batches_submitted: c.submitted.load(Relaxed),
             groups_committed: c.groups.load(Relaxed),
             ops_committed: c.ops.load(Relaxed),
+            bytes_committed: c.bytes.load(Relaxed),
             flush_micros_total: c.flush_total.load(Relaxed),
             flush_micros_max: c.flush_max.load(Relaxed),
             group_ops: c.group_ops.view(),
