@@ -12,13 +12,14 @@
 //! - The **audit log** records every write through the API: who, what, when, outcome.
 
 use crate::error::TwinError;
+use crate::spaces;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use twinfleet_models::access::check_name;
 use twinfleet_models::{Grant, Role, Timestamp};
-use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::{Storage, StorageError, WriteBatch, decode_record, encode_record};
 
 /// Prefix of every API token.
 pub const API_TOKEN_PREFIX: &str = "tfa_";
@@ -210,7 +211,7 @@ impl AccessControl {
                 return Err(TwinError::Conflict("this data directory's admin was set up already".into()));
             }
             if !s.users.contains_key(&user.name) {
-                b.put(Space::Access, user_key(&user.name), encode_record(&user));
+                b.put(spaces::ACCESS, user_key(&user.name), encode_record(&user));
                 s.users.insert(user.name.clone(), user.clone());
             }
             let old: Vec<blake3::Hash> = s
@@ -221,7 +222,7 @@ impl AccessControl {
                 .collect();
             for h in old {
                 s.tokens.remove(&h);
-                b.delete(Space::Access, token_key(&h));
+                b.delete(spaces::ACCESS, token_key(&h));
             }
             if let Some(t) = s.tokens.get(&hash)
                 && t.user != user.name
@@ -236,12 +237,12 @@ impl AccessControl {
                 created_at: now,
             };
             b.put(
-                Space::Access,
+                spaces::ACCESS,
                 token_key(&hash),
                 encode_record(&TokenRecord { hash: hash.to_hex().to_string(), info: info.clone() }),
             );
             s.tokens.insert(hash, info);
-            b.put(Space::Access, BOOTSTRAPPED_KEY.to_vec(), encode_record(&true));
+            b.put(spaces::ACCESS, BOOTSTRAPPED_KEY.to_vec(), encode_record(&true));
             s.bootstrapped = true;
             Ok(())
         })
@@ -272,7 +273,7 @@ impl AccessControl {
                 return Err(TwinError::AlreadyExists { kind: "user", id: user.name.clone() });
             }
             check_groups(s, &user.groups)?;
-            b.put(Space::Access, user_key(&user.name), encode_record(&user));
+            b.put(spaces::ACCESS, user_key(&user.name), encode_record(&user));
             s.users.insert(user.name.clone(), user.clone());
             Ok(user)
         })
@@ -297,7 +298,7 @@ impl AccessControl {
             if let Some(g) = groups {
                 u.groups = g;
             }
-            b.put(Space::Access, user_key(name), encode_record(&*u));
+            b.put(spaces::ACCESS, user_key(name), encode_record(&*u));
             Ok(u.clone())
         })
         .await
@@ -307,11 +308,11 @@ impl AccessControl {
     pub async fn delete_user(&self, name: &str) -> Result<(), TwinError> {
         self.change(|s, b| {
             s.users.remove(name).ok_or_else(|| unknown("user", name))?;
-            b.delete(Space::Access, user_key(name));
+            b.delete(spaces::ACCESS, user_key(name));
             s.tokens.retain(|h, t| {
                 let keep = t.user != name;
                 if !keep {
-                    b.delete(Space::Access, token_key(h));
+                    b.delete(spaces::ACCESS, token_key(h));
                 }
                 keep
             });
@@ -326,7 +327,7 @@ impl AccessControl {
             if s.groups.contains_key(&group.name) {
                 return Err(TwinError::AlreadyExists { kind: "group", id: group.name.clone() });
             }
-            b.put(Space::Access, group_key(&group.name), encode_record(&group));
+            b.put(spaces::ACCESS, group_key(&group.name), encode_record(&group));
             s.groups.insert(group.name.clone(), group.clone());
             Ok(group)
         })
@@ -337,7 +338,7 @@ impl AccessControl {
         self.change(|s, b| {
             let g = s.groups.get_mut(name).ok_or_else(|| unknown("group", name))?;
             g.grants = grants;
-            b.put(Space::Access, group_key(name), encode_record(&*g));
+            b.put(spaces::ACCESS, group_key(name), encode_record(&*g));
             Ok(g.clone())
         })
         .await
@@ -353,7 +354,7 @@ impl AccessControl {
                 return Err(TwinError::Conflict(format!("group {name:?} still has members (e.g. user {:?})", u.name)));
             }
             s.groups.remove(name);
-            b.delete(Space::Access, group_key(name));
+            b.delete(spaces::ACCESS, group_key(name));
             Ok(())
         })
         .await
@@ -395,7 +396,7 @@ impl AccessControl {
             let info =
                 TokenInfo { id: hash.to_hex()[..12].to_string(), user: user.to_string(), description, created_at: now };
             let rec = TokenRecord { hash: hash.to_hex().to_string(), info: info.clone() };
-            b.put(Space::Access, token_key(&hash), encode_record(&rec));
+            b.put(spaces::ACCESS, token_key(&hash), encode_record(&rec));
             s.tokens.insert(hash, info.clone());
             Ok(info)
         })
@@ -417,7 +418,7 @@ impl AccessControl {
                 .map(|(h, _)| h)
                 .ok_or_else(|| unknown("token", id))?;
             s.tokens.remove(&hash);
-            b.delete(Space::Access, token_key(&hash));
+            b.delete(spaces::ACCESS, token_key(&hash));
             Ok(())
         })
         .await
@@ -459,7 +460,7 @@ impl AccessControl {
     /// an entry again under the same id replaces it.
     pub(crate) fn audit_batch(entry: &AuditEntry) -> WriteBatch {
         let mut b = WriteBatch::new();
-        b.put(Space::Audit, entry.id.to_be_bytes().to_vec(), encode_record(entry));
+        b.put(spaces::AUDIT, entry.id.to_be_bytes().to_vec(), encode_record(entry));
         b
     }
 
@@ -480,7 +481,7 @@ impl AccessControl {
             return Ok(vec![]);
         }
         let mut out = Vec::new();
-        for row in self.storage.scan_range_rev(Space::Audit, &0u64.to_be_bytes(), &end.to_be_bytes()) {
+        for row in self.storage.scan_range_rev(spaces::AUDIT, &0u64.to_be_bytes(), &end.to_be_bytes()) {
             let (_, v) = row?;
             let Ok(e) = decode_record::<AuditEntry>(&v) else { continue };
             if q.user.as_ref().is_some_and(|u| *u != e.user)
@@ -506,7 +507,7 @@ fn check_groups(s: &State, groups: &[String]) -> Result<(), TwinError> {
 
 fn load(storage: &dyn Storage) -> Result<State, StorageError> {
     let mut s = State::default();
-    for row in storage.scan(Space::Access, b"") {
+    for row in storage.scan(spaces::ACCESS, b"") {
         let (k, v) = row?;
         let bad = |e: String| StorageError::Engine(format!("access record {}: {e}", String::from_utf8_lossy(&k)));
         if k.starts_with(b"user/") {

@@ -8,20 +8,21 @@ use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::handle::TwinHandle;
 use crate::records::{FleetChunk, FleetChunkRef, journal_prefix, twin_key};
+use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use serde::{Deserialize, Serialize};
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 use twinfleet_models::access::{access_to_dta, access_to_twin, access_to_type, decide};
 use twinfleet_models::{Access, Action, DeviceTypeId, DtaId, Role, Scope, TwinFacts, TwinId};
-use twinfleet_runtime::{Space, WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
 
 /// The DTA `root` and every DTA nested under it.
 fn subtree(env: &TwinEnv, root: &DtaId) -> Vec<DtaId> {
     let mut out = vec![root.clone()];
     let mut i = 0;
     while i < out.len() {
-        if let Some(e) = env.dtas.get(&out[i]) {
+        if let Some(e) = env.directory.dtas.get(&out[i]) {
             let mut children: Vec<DtaId> = e.children.lock().iter().cloned().collect();
             children.retain(|c| !out.contains(c));
             out.extend(children);
@@ -34,14 +35,14 @@ fn subtree(env: &TwinEnv, root: &DtaId) -> Vec<DtaId> {
 /// Adds the members of `root` and of every DTA nested under it to `into`.
 fn subtree_members(env: &TwinEnv, root: &DtaId, into: &mut HashSet<TwinId>) {
     for d in subtree(env, root) {
-        if let Some(e) = env.dtas.get(&d) {
+        if let Some(e) = env.directory.dtas.get(&d) {
             into.extend(e.members.lock().iter().cloned());
         }
     }
 }
 
 fn is_member(env: &TwinEnv, dta: &DtaId, twin: &TwinId) -> bool {
-    env.dtas.get(dta).is_some_and(|e| e.members.lock().contains(twin))
+    env.directory.dtas.get(dta).is_some_and(|e| e.members.lock().contains(twin))
 }
 
 struct Facts<'a> {
@@ -229,14 +230,14 @@ impl TwinRuntime {
             }
         };
         match &group {
-            Some(members) => members.iter().filter_map(|id| env.twins.get(id)).for_each(|s| consider(&s)),
-            None => env.twins.iter().for_each(|s| consider(&s)),
+            Some(members) => members.iter().filter_map(|id| env.directory.twins.get(id)).for_each(|s| consider(&s)),
+            None => env.directory.twins.iter().for_each(|s| consider(&s)),
         }
         let ids = heap.into_sorted_vec();
         let next = (after_cursor > ids.len()).then(|| ids.last().map(|id| id.to_string())).flatten();
         let twins: Vec<TwinSummary> = ids
             .iter()
-            .filter_map(|id| env.twins.get(id))
+            .filter_map(|id| env.directory.twins.get(id))
             .map(|s| TwinSummary {
                 id: s.id.to_string(),
                 device_type: s.ty.device_type.to_string(),
@@ -257,7 +258,7 @@ impl TwinRuntime {
         let slot = h.slot().clone();
         // Concurrent deletions of twins sharing a fleet record take turns.
         let _edit = slot.ty.fleet_edit.lock().await;
-        if env.twins.get(id).is_none_or(|s| !Arc::ptr_eq(&s, &slot)) {
+        if env.directory.twins.get(id).is_none_or(|s| !Arc::ptr_eq(&s, &slot)) {
             return Err(TwinError::NotFound(id.to_string()));
         }
         match h.retire().await {
@@ -267,8 +268,8 @@ impl TwinRuntime {
             }
             Err(e) => return Err(e),
         }
-        env.twins.remove(id);
-        for d in env.dtas.iter() {
+        env.directory.remove_twin(&slot.id);
+        for d in env.directory.dtas.iter() {
             d.members.lock().remove(&slot.id);
         }
         slot.ty.twins.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -277,7 +278,7 @@ impl TwinRuntime {
         if slot.origin != crate::dti::NO_ORIGIN {
             let key = slot.ty.chunks.lock().get(slot.origin as usize).cloned();
             if let Some(key) = key
-                && let Some(bytes) = storage.get(Space::Fleet, &key)?
+                && let Some(bytes) = storage.get(spaces::FLEET, &key)?
             {
                 let mut chunk: FleetChunk = decode_record(&bytes)
                     .map_err(|e| TwinError::Invalid(format!("fleet record of twin {id} does not decode: {e}")))?;
@@ -287,15 +288,15 @@ impl TwinRuntime {
                     created_at: chunk.created_at,
                     twins: &chunk.twins,
                 };
-                b.put(Space::Fleet, key, encode_record(&rec));
+                b.put(spaces::FLEET, key, encode_record(&rec));
             }
         }
-        b.delete(Space::Snapshot, twin_key(&slot.id));
-        b.delete(Space::Credential, twin_key(&slot.id));
-        b.delete(Space::TelemetryLatest, twin_key(&slot.id));
-        b.delete(Space::Tail, twin_key(&slot.id));
+        b.delete(spaces::SNAPSHOT, twin_key(&slot.id));
+        b.delete(spaces::CREDENTIAL, twin_key(&slot.id));
+        b.delete(spaces::TELEMETRY_LATEST, twin_key(&slot.id));
+        b.delete(spaces::TAIL, twin_key(&slot.id));
         let prefix = journal_prefix(&slot.id);
-        for space in [Space::Journal, Space::Telemetry] {
+        for space in [spaces::JOURNAL, spaces::TELEMETRY] {
             for row in storage.scan(space, &prefix) {
                 b.delete(space, row?.0);
             }

@@ -9,12 +9,13 @@ use crate::codec::decode_event;
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{journal_prefix, twin_key};
+use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use serde::Serialize;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use twinfleet_models::{JournalRetention, TwinId, TwinState};
-use twinfleet_runtime::{Space, StorageError, WriteBatch, decode_record};
+use twinfleet_runtime::{StorageError, WriteBatch, decode_record};
 
 /// Deletes per write batch of a pass.
 const DELETE_BATCH: usize = 10_000;
@@ -73,6 +74,7 @@ fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     let now = env.clock.now();
     let mut report = CompactionReport::default();
     let bounded: Vec<(TwinId, JournalRetention)> = env
+        .directory
         .twins
         .iter()
         .filter(|e| !e.value().ty.journal.is_unbounded())
@@ -82,7 +84,7 @@ fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     for (id, retention) in bounded {
         let mut journal = Vec::new();
         let mut keys = Vec::new();
-        for row in env.storage.scan(Space::Journal, &journal_prefix(&id)) {
+        for row in env.storage.scan(spaces::JOURNAL, &journal_prefix(&id)) {
             let (k, v) = row?;
             if let Ok(e) = decode_event(&v) {
                 journal.push((e.seq, e.at));
@@ -91,16 +93,16 @@ fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
         }
         report.twins += 1;
         // Read after the scan: without a marker now, a snapshot covers every event seen.
-        let covered = match env.storage.get(Space::Tail, &twin_key(&id))? {
+        let covered = match env.storage.get(spaces::TAIL, &twin_key(&id))? {
             None => u64::MAX,
-            Some(_) => match env.storage.get(Space::Snapshot, &twin_key(&id))? {
+            Some(_) => match env.storage.get(spaces::SNAPSHOT, &twin_key(&id))? {
                 Some(b) => decode_record::<TwinState>(&b).map(|s| s.last_seq).unwrap_or(0),
                 None => 0,
             },
         };
         let n = retention.expired(&journal, now).min(journal.iter().take_while(|(seq, _)| *seq <= covered).count());
         for k in keys.into_iter().take(n) {
-            batch.delete(Space::Journal, k);
+            batch.delete(spaces::JOURNAL, k);
         }
         report.events_deleted += n;
         if batch.len() >= DELETE_BATCH {

@@ -10,10 +10,11 @@
 
 use crate::env::Directory;
 use crate::error::TwinError;
+use crate::spaces;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use twinfleet_models::Timestamp;
-use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::{Storage, StorageError, WriteBatch, decode_record, encode_record};
 
 const KEY_RECORD: &[u8] = b"device-credential-key";
 /// Prefix of every device token, so that a leaked one is recognisable in logs and scans.
@@ -90,7 +91,7 @@ fn hex(bytes: &[u8]) -> String {
 impl Credentials {
     /// Loads the installation key, creating it on first start.
     pub(crate) fn open(storage: Arc<dyn Storage>) -> Result<Self, StorageError> {
-        let key = match storage.get(Space::Meta, KEY_RECORD)? {
+        let key = match storage.get(spaces::META, KEY_RECORD)? {
             Some(k) if k.len() == 32 => k.try_into().expect("length checked"),
             Some(k) => {
                 return Err(StorageError::Engine(format!("device credential key has {} bytes, not 32", k.len())));
@@ -99,7 +100,7 @@ impl Credentials {
                 let mut key = [0u8; 32];
                 getrandom::fill(&mut key).map_err(|e| StorageError::Engine(format!("no randomness: {e}")))?;
                 let mut b = WriteBatch::new();
-                b.put(Space::Meta, KEY_RECORD, key.to_vec());
+                b.put(spaces::META, KEY_RECORD, key.to_vec());
                 // Durable before any token: tokens are written after it, in order.
                 drop(storage.submit(b));
                 key
@@ -127,7 +128,7 @@ impl Credentials {
         let key = holder.key();
         let mut b = WriteBatch::new();
         b.put(
-            Space::Credential,
+            spaces::CREDENTIAL,
             key.as_str(),
             encode_record(&CredentialRecord { hash: hash.to_hex().to_string(), issued_at: now }),
         );
@@ -140,7 +141,7 @@ impl Credentials {
     pub(crate) async fn revoke(&self, holder: Holder<'_>) -> Result<(), TwinError> {
         let key = holder.key();
         let mut b = WriteBatch::new();
-        b.delete(Space::Credential, key.as_str());
+        b.delete(spaces::CREDENTIAL, key.as_str());
         self.storage.submit(b).await?;
         self.cache.remove(&key);
         Ok(())
@@ -163,7 +164,7 @@ impl Credentials {
                 let key = holder.key();
                 let raw = self
                     .storage
-                    .get(Space::Credential, key.as_bytes())
+                    .get(spaces::CREDENTIAL, key.as_bytes())
                     .map_err(|e| AuthError::Storage(e.to_string()))?
                     .ok_or_else(|| AuthError::NoCredential(key.clone()))?;
                 let rec: CredentialRecord = decode_record(&raw).map_err(|e| AuthError::Storage(e.to_string()))?;

@@ -12,6 +12,7 @@ use crate::env::{FastSet, TwinEnv};
 use crate::error::TwinError;
 use crate::handle::TwinHandle;
 use crate::records::DtaSpec;
+use crate::spaces;
 use actix::prelude::*;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -19,7 +20,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use twinfleet_models::{Alert, AlertKind, ConfigLayer, DtaId, LayerRef, Severity, TwinId};
-use twinfleet_runtime::{ActorStats, ActorStatus, Space, WriteBatch, encode_record, panic};
+use twinfleet_runtime::{ActorStats, ActorStatus, WriteBatch, encode_record, panic};
 
 /// Members pushed to concurrently by one layer change.
 const PUSH_CONCURRENCY: usize = 512;
@@ -53,7 +54,7 @@ impl DtaEntry {
     pub(crate) fn new(spec: DtaSpec, env: Arc<TwinEnv>) -> Arc<Self> {
         let stats = ActorStats::new("dta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor")));
         let parent_resolved: HashMap<DtaId, Arc<ResolvedLayers>> =
-            spec.parents.iter().filter_map(|p| env.dtas.get(p).map(|e| (p.clone(), e.resolved()))).collect();
+            spec.parents.iter().filter_map(|p| env.directory.dtas.get(p).map(|e| (p.clone(), e.resolved()))).collect();
         let entry = Arc::new(DtaEntry {
             id: spec.id.clone(),
             stats,
@@ -75,9 +76,9 @@ impl DtaEntry {
         let parents = spec.parents.clone();
         let entry = DtaEntry::new(spec, env.clone());
         Dta::launch(entry.clone());
-        env.dtas.insert(id.clone(), entry);
+        env.directory.add_dta(id.clone(), entry);
         for p in parents {
-            if let Some(pe) = env.dtas.get(&p) {
+            if let Some(pe) = env.directory.dtas.get(&p) {
                 pe.children.lock().insert(id.clone());
             }
         }
@@ -194,7 +195,7 @@ impl Dta {
         let env = entry.env.clone();
         if only.is_none() {
             for child in entry.children.lock().iter() {
-                if let Some(c) = env.dtas.get(child).and_then(|c| c.addr()) {
+                if let Some(c) = env.directory.dtas.get(child).and_then(|c| c.addr()) {
                     // Nesting is shallow and changes are rare; this ignores the bound.
                     c.do_send(DtaMsg(DtaRequest::ParentChanged(resolved.clone())));
                 }
@@ -205,7 +206,7 @@ impl Dta {
             None => entry.members.lock().iter().cloned().collect(),
         };
         let handles: Vec<TwinHandle> =
-            ids.iter().filter_map(|id| env.twins.get(id).map(|s| TwinHandle::new(s.clone()))).collect();
+            ids.iter().filter_map(|id| env.directory.twins.get(id).map(|s| TwinHandle::new(s.clone()))).collect();
         async move {
             futures::stream::iter(handles)
                 .map(|h| {
@@ -242,7 +243,7 @@ impl Dta {
                     }
                 }
                 let mut b = WriteBatch::new();
-                b.put(Space::Dta, entry.id.as_str(), encode_record(&next));
+                b.put(spaces::DTA, entry.id.as_str(), encode_record(&next));
                 let ticket = env.storage.submit(b);
                 *entry.record.write() = next;
                 entry.recompute();
@@ -252,12 +253,16 @@ impl Dta {
                     Ok(push.await)
                 }))
             }
-            DtaRequest::Join(twin) | DtaRequest::Leave(twin) if !env.twins.contains_key(&twin) => {
+            DtaRequest::Join(twin) | DtaRequest::Leave(twin) if !env.directory.twins.contains_key(&twin) => {
                 Err(TwinError::NotFound(twin.to_string()))
             }
             DtaRequest::Join(twin) => {
                 let handle = TwinHandle::new(
-                    env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
+                    env.directory
+                        .twins
+                        .get(&twin)
+                        .map(|s| s.clone())
+                        .ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
                 );
                 let resolved = entry.resolved();
                 Ok(Box::pin(async move {
@@ -272,7 +277,11 @@ impl Dta {
             }
             DtaRequest::Leave(twin) => {
                 let handle = TwinHandle::new(
-                    env.twins.get(&twin).map(|s| s.clone()).ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
+                    env.directory
+                        .twins
+                        .get(&twin)
+                        .map(|s| s.clone())
+                        .ok_or_else(|| TwinError::NotFound(twin.to_string()))?,
                 );
                 let dta = entry.id.clone();
                 Ok(Box::pin(async move {

@@ -14,6 +14,7 @@ use crate::codec::{decode_event, encode_event};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
+use crate::spaces;
 use crate::tdta::{ChildFailed, TypeContext};
 use actix::prelude::*;
 use parking_lot::RwLock;
@@ -26,7 +27,7 @@ use twinfleet_models::{
     MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
     encode_batch, validate_batch,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
+use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, panic};
 
 /// Marks a twin that has no packed fleet record to fall back to.
 pub(crate) const NO_ORIGIN: u32 = u32::MAX;
@@ -300,13 +301,13 @@ impl Dti {
             }
         }
         let mut batch = WriteBatch::new();
-        batch.put(Space::TelemetryLatest, key, encode_record(&*latest));
+        batch.put(spaces::TELEMETRY_LATEST, key, encode_record(&*latest));
         let n = points.len();
         points.sort_by_key(|p| p.at);
         for hour in points.chunk_by(|a, b| a.at.0.div_euclid(TELEMETRY_SPAN_MS) == b.at.0.div_euclid(TELEMETRY_SPAN_MS))
         {
             let key = telemetry_key(&self.slot.id, hour[0].at.0, env.storage.generate_id()?);
-            batch.put(Space::Telemetry, key, encode_batch(hour));
+            batch.put(spaces::TELEMETRY, key, encode_batch(hour));
         }
         Ok((env.storage.submit(batch), n))
     }
@@ -343,14 +344,14 @@ impl Dti {
         }
         let key = twin_key(&self.slot.id);
         for e in events {
-            batch.put(Space::Journal, journal_key(&self.slot.id, e.seq), encode_event(e));
+            batch.put(spaces::JOURNAL, journal_key(&self.slot.id, e.seq), encode_event(e));
         }
         let settings = &self.slot.ty.env.settings;
         let archived = events.iter().any(|e| matches!(e.kind, EventKind::Archived));
         if self.pending + events.len() as u32 >= settings.snapshot_every || archived {
-            batch.put(Space::Snapshot, key.clone(), encode_record(&self.state));
+            batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
             if self.pending > 0 {
-                batch.delete(Space::Tail, key);
+                batch.delete(spaces::TAIL, key);
             }
             self.pending = 0;
             if let Some(t) = self.idle.take() {
@@ -358,7 +359,7 @@ impl Dti {
             }
         } else {
             if self.pending == 0 {
-                batch.put(Space::Tail, key, Vec::new());
+                batch.put(spaces::TAIL, key, Vec::new());
             }
             self.pending += events.len() as u32;
             self.arm_idle_snapshot(ctx);
@@ -386,8 +387,8 @@ impl Dti {
         }
         let key = twin_key(&self.slot.id);
         let mut batch = WriteBatch::new();
-        batch.put(Space::Snapshot, key.clone(), encode_record(&self.state));
-        batch.delete(Space::Tail, key);
+        batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
+        batch.delete(spaces::TAIL, key);
         self.pending = 0;
         drop(self.env().storage.submit(batch));
     }
@@ -498,7 +499,7 @@ impl Dti {
         let id = self.slot.id.clone();
         Box::pin(async move {
             barrier.await?;
-            let rows = storage.scan_rev(Space::Journal, &prefix, limit)?;
+            let rows = storage.scan_rev(spaces::JOURNAL, &prefix, limit)?;
             let mut out = Vec::with_capacity(rows.len());
             for (_, v) in rows.into_iter().rev() {
                 match decode_event(&v) {

@@ -5,17 +5,15 @@
 
 use crate::access::AccessControl;
 use crate::credentials::Credentials;
-use crate::dta::DtaEntry;
-use crate::dti::TwinSlot;
+use crate::directory::TwinDirectory;
 use crate::jobs::Jobs;
-use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 pub use twinfleet_models::DeviceCommand;
-use twinfleet_models::{CommandId, DeviceTypeId, DtaId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
+use twinfleet_models::{CommandId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage, StorageError};
 
 /// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
@@ -130,11 +128,8 @@ pub struct TwinEnv {
     pub access: AccessControl,
     /// Long-running operator jobs.
     pub jobs: Jobs,
-    pub(crate) twins: Directory<TwinId, Arc<TwinSlot>>,
-    pub(crate) types: Directory<DeviceTypeId, Arc<TypeContext>>,
-    pub(crate) dtas: Directory<DtaId, Arc<DtaEntry>>,
-    /// Records that failed to decode at start: twin id → reason.
-    pub(crate) quarantine: Directory<String, String>,
+    /// Twins, device types, DTAs and quarantine; written only by `directory`.
+    pub(crate) directory: TwinDirectory,
     device_links: DeviceLinks,
     versions: AtomicU64,
 }
@@ -161,10 +156,7 @@ impl TwinEnv {
             credentials,
             access,
             jobs,
-            twins: Directory::default(),
-            types: Directory::default(),
-            dtas: Directory::default(),
-            quarantine: Directory::default(),
+            directory: TwinDirectory::default(),
             device_links: DeviceLinks::default(),
             versions: AtomicU64::new(1),
         }))

@@ -17,6 +17,7 @@
 use crate::access::Principal;
 use crate::error::TwinError;
 use crate::records::TwinSpec;
+use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use twinfleet_models::{Action, DeviceTypeId, DtaId, Metadata, Timestamp, TwinCommand, TwinId};
-use twinfleet_runtime::{Space, Storage, StorageError, WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::{Storage, StorageError, WriteBatch, decode_record, encode_record};
 
 /// Twins created per step of a creation job.
 const CREATE_STEP: usize = 1_000;
@@ -139,7 +140,7 @@ impl Jobs {
     pub(crate) fn open(storage: Arc<dyn Storage>, _now: Timestamp) -> Result<Self, StorageError> {
         let mut jobs = BTreeMap::new();
         let mut work = BTreeMap::new();
-        for row in storage.scan(Space::Job, b"") {
+        for row in storage.scan(spaces::JOB, b"") {
             let (k, v) = row?;
             if k.len() == 9 {
                 match decode_record::<JobSpec>(&v) {
@@ -177,9 +178,9 @@ impl Jobs {
 
     async fn store(&self, job: &Job) -> Result<(), TwinError> {
         let mut b = WriteBatch::new();
-        b.put(Space::Job, job_key(job.id), encode_record(job));
+        b.put(spaces::JOB, job_key(job.id), encode_record(job));
         if job.state != JobState::Running {
-            b.delete(Space::Job, work_key(job.id));
+            b.delete(spaces::JOB, work_key(job.id));
         }
         Ok(self.storage.submit(b).await?)
     }
@@ -246,8 +247,8 @@ impl TwinRuntime {
             errors: vec![],
         };
         let mut b = WriteBatch::new();
-        b.put(Space::Job, work_key(id), encode_record(&work));
-        b.put(Space::Job, job_key(id), encode_record(&job));
+        b.put(spaces::JOB, work_key(id), encode_record(&work));
+        b.put(spaces::JOB, job_key(id), encode_record(&job));
         env.storage.submit(b).await?;
         env.jobs.jobs.lock().insert(id, job.clone());
         let rt = self.clone();
@@ -273,7 +274,7 @@ impl TwinRuntime {
                 }) {
                     let jobs = self.env().jobs.storage.clone();
                     let mut b = WriteBatch::new();
-                    b.put(Space::Job, job_key(id), encode_record(&job));
+                    b.put(spaces::JOB, job_key(id), encode_record(&job));
                     drop(jobs.submit(b));
                 }
                 continue;

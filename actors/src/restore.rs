@@ -9,13 +9,14 @@ use crate::dti::{NO_ORIGIN, Start, TwinSlot};
 use crate::env::{Directory, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
+use crate::spaces;
 use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter, replay_tail};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use twinfleet_models::{Alert, AlertKind, DtaId, Severity, TwinId, TwinState};
-use twinfleet_runtime::{Space, decode_record};
+use twinfleet_runtime::decode_record;
 
 /// Individual alerts raised for quarantined records before they are summarized.
 const ALERT_LIMIT: usize = 100;
@@ -42,7 +43,7 @@ fn quarantine(env: &TwinEnv, report: &mut RestoreReport, space: &str, key: &[u8]
     let record = format!("{space}/{}", String::from_utf8_lossy(key).replace('\0', "/"));
     tracing::error!(%record, "quarantined a record that does not decode: {reason}");
     if let Some(t) = twin {
-        env.quarantine.insert(t.to_string(), reason.clone());
+        env.directory.quarantine(t.to_string(), reason.clone());
     }
     if report.quarantined.len() < ALERT_LIMIT {
         env.alerts.raise(Alert {
@@ -119,7 +120,7 @@ fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, stored: Store
     for (id, raw) in orphans {
         let key = id.as_str().as_bytes().to_vec();
         match decode_record::<TwinState>(&raw) {
-            Ok(state) => match env.types.get(&state.identity.device_type).map(|t| t.clone()) {
+            Ok(state) => match env.directory.types.get(&state.identity.device_type).map(|t| t.clone()) {
                 Some(ty) => {
                     if start_restored(env, &ty, state, NO_ORIGIN, 0, stored, &mut members, &mut out) {
                         out.launched += 1;
@@ -162,7 +163,7 @@ fn start_restored(
         }
     }
     let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
-    env.twins.insert(id, slot.clone());
+    env.directory.restore_twin(slot.clone());
     ty.twins.fetch_add(1, Relaxed);
     let latest = Start::decode_latest(&slot.id, latest.remove(&slot.id).map(|(_, raw)| raw).as_deref());
     members.launch(env, slot, state, Start { restart: None, tail, latest });
@@ -177,13 +178,13 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     let started = Instant::now();
     let mut report = RestoreReport::default();
 
-    for row in env.storage.scan(Space::DeviceType, b"") {
+    for row in env.storage.scan(spaces::DEVICE_TYPE, b"") {
         let (k, v) = row?;
         match decode_record::<DeviceTypeSpec>(&v) {
             Ok(spec) => {
                 let ctx = TypeContext::new(&spec, env.clone());
                 Tdta::launch(ctx.clone());
-                env.types.insert(spec.id.clone(), ctx);
+                env.directory.restore_type(ctx);
                 report.device_types += 1;
             }
             Err(e) => quarantine(env, &mut report, "device_type", &k, None, e.to_string()),
@@ -191,7 +192,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     }
 
     let mut pending = Vec::new();
-    for row in env.storage.scan(Space::Dta, b"") {
+    for row in env.storage.scan(spaces::DTA, b"") {
         let (k, v) = row?;
         match decode_record::<DtaSpec>(&v) {
             Ok(spec) => pending.push(spec),
@@ -200,7 +201,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     }
     // Parents first; a DTA whose parent is gone (quarantined) starts without it.
     while !pending.is_empty() {
-        let known = |p: &DtaId| env.dtas.contains_key(p) || !pending.iter().any(|s: &DtaSpec| &s.id == p);
+        let known = |p: &DtaId| env.directory.dtas.contains_key(p) || !pending.iter().any(|s: &DtaSpec| &s.id == p);
         let (ready, rest): (Vec<DtaSpec>, Vec<DtaSpec>) =
             pending.iter().cloned().partition(|s| s.parents.iter().all(known));
         if ready.is_empty() {
@@ -219,7 +220,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     // Snapshots stay raw here: the arbiters decode them, in parallel, as they meet
     // their twins in the fleet records.
     let snapshots: Arc<Directory<TwinId, Vec<u8>>> = Arc::new(Directory::default());
-    for row in env.storage.scan(Space::Snapshot, b"") {
+    for row in env.storage.scan(spaces::SNAPSHOT, b"") {
         let (k, v) = row?;
         match std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
             Some(id) => {
@@ -231,7 +232,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
 
     // Twins with journal events after their snapshot (normally few): replayed on start.
     let tails: Arc<Directory<TwinId, ()>> = Arc::new(Directory::default());
-    for row in env.storage.scan(Space::Tail, b"") {
+    for row in env.storage.scan(spaces::TAIL, b"") {
         let (k, _) = row?;
         if let Some(id) = std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
             tails.insert(id, ());
@@ -240,7 +241,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
 
     // The latest telemetry values of the twins that have any, in one sequential pass.
     let latest: Arc<Directory<TwinId, Vec<u8>>> = Arc::new(Directory::default());
-    for row in env.storage.scan(Space::TelemetryLatest, b"") {
+    for row in env.storage.scan(spaces::TELEMETRY_LATEST, b"") {
         let (k, v) = row?;
         if let Some(id) = std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
             latest.insert(id, v);
@@ -250,10 +251,10 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     let n = env.arbiters.len();
     let mut pending = Vec::new();
     let mut next = 0usize;
-    for row in env.storage.scan(Space::Fleet, b"") {
+    for row in env.storage.scan(spaces::FLEET, b"") {
         let (k, v) = row?;
         let type_id = k.split(|b| *b == 0).next().and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("");
-        let Some(ty) = env.types.get(type_id).map(|t| t.clone()) else {
+        let Some(ty) = env.directory.types.get(type_id).map(|t| t.clone()) else {
             quarantine(env, &mut report, "fleet", &k, None, format!("unknown device type {type_id:?}"));
             continue;
         };

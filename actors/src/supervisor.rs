@@ -11,13 +11,13 @@ use crate::error::TwinError;
 use crate::handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
 use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 use crate::restore::{RestoreReport, restore};
+use crate::spaces;
 use crate::tdta::{FleetReport, Tdta, TypeContext};
 use actix::prelude::*;
-use dashmap::mapref::entry::Entry;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use twinfleet_models::{DeviceTypeId, DtaId};
-use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, AlertSink, Space, WriteBatch, encode_record};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, AlertSink, WriteBatch, encode_record};
 
 #[derive(Debug)]
 struct CreateDeviceType(DeviceTypeSpec);
@@ -49,22 +49,19 @@ impl Handler<CreateDeviceType> for PlatformSupervisor {
     fn handle(&mut self, CreateDeviceType(spec): CreateDeviceType, _: &mut Context<Self>) -> Self::Result {
         self.stats.dequeued();
         let env = self.env.clone();
-        let ctx = match env.types.entry(spec.id.clone()) {
-            Entry::Occupied(_) => {
-                return Box::pin(std::future::ready(Err(TwinError::AlreadyExists {
-                    kind: "device type",
-                    id: spec.id.to_string(),
-                })));
-            }
-            Entry::Vacant(v) => v.insert(TypeContext::new(&spec, env.clone())).clone(),
+        let Some(ctx) = env.directory.add_type(spec.id.clone(), || TypeContext::new(&spec, env.clone())) else {
+            return Box::pin(std::future::ready(Err(TwinError::AlreadyExists {
+                kind: "device type",
+                id: spec.id.to_string(),
+            })));
         };
         let mut b = WriteBatch::new();
-        b.put(Space::DeviceType, spec.id.as_str(), encode_record(&spec));
+        b.put(spaces::DEVICE_TYPE, spec.id.as_str(), encode_record(&spec));
         let ticket = env.storage.submit(b);
         Tdta::launch(ctx);
         Box::pin(async move {
             if let Err(e) = ticket.await {
-                env.types.remove(&spec.id);
+                env.directory.remove_type(&spec.id);
                 return Err(e.into());
             }
             Ok(())
@@ -79,10 +76,10 @@ impl Handler<CreateDta> for PlatformSupervisor {
         self.stats.dequeued();
         let env = self.env.clone();
         let check = || {
-            if env.dtas.contains_key(&spec.id) {
+            if env.directory.dtas.contains_key(&spec.id) {
                 return Err(TwinError::AlreadyExists { kind: "DTA", id: spec.id.to_string() });
             }
-            if let Some(p) = spec.parents.iter().find(|p| !env.dtas.contains_key(*p)) {
+            if let Some(p) = spec.parents.iter().find(|p| !env.directory.dtas.contains_key(*p)) {
                 return Err(TwinError::UnknownDta(p.to_string()));
             }
             Ok(())
@@ -91,7 +88,7 @@ impl Handler<CreateDta> for PlatformSupervisor {
             return Box::pin(std::future::ready(Err(e)));
         }
         let mut b = WriteBatch::new();
-        b.put(Space::Dta, spec.id.as_str(), encode_record(&spec));
+        b.put(spaces::DTA, spec.id.as_str(), encode_record(&spec));
         let ticket = env.storage.submit(b);
         DtaEntry::start(spec, &env);
         Box::pin(async move { ticket.await.map_err(TwinError::from) })
@@ -270,7 +267,7 @@ impl TwinRuntime {
     /// The credential mapper: the twin a device may speak for, given the id and token it
     /// presents. Every failure is counted in `rejections` and logged at a limited rate.
     pub fn authenticate_device(&self, device_id: &str, token: &str) -> Result<TwinHandle, AuthError> {
-        let result = match self.env.twins.get(device_id).map(|s| TwinHandle::new(s.clone())) {
+        let result = match self.env.directory.twins.get(device_id).map(|s| TwinHandle::new(s.clone())) {
             None => Err(AuthError::UnknownDevice(device_id.chars().take(64).collect())),
             Some(h) => self.env.credentials.verify(Holder::Device(h.id().as_str()), token).map(|()| h),
         };
@@ -281,21 +278,27 @@ impl TwinRuntime {
     }
 
     pub fn twin(&self, id: &str) -> Result<TwinHandle, TwinError> {
-        if let Some(slot) = self.env.twins.get(id) {
+        if let Some(slot) = self.env.directory.twins.get(id) {
             return Ok(TwinHandle::new(slot.clone()));
         }
-        match self.env.quarantine.get(id) {
+        match self.env.directory.quarantine.get(id) {
             Some(reason) => Err(TwinError::Quarantined { id: id.to_string(), reason: reason.clone() }),
             None => Err(TwinError::NotFound(id.to_string())),
         }
     }
 
     pub fn dta(&self, id: &str) -> Result<DtaHandle, TwinError> {
-        self.env.dtas.get(id).map(|e| DtaHandle::new(e.clone())).ok_or_else(|| TwinError::UnknownDta(id.to_string()))
+        self.env
+            .directory
+            .dtas
+            .get(id)
+            .map(|e| DtaHandle::new(e.clone()))
+            .ok_or_else(|| TwinError::UnknownDta(id.to_string()))
     }
 
     pub fn device_type(&self, id: &str) -> Result<TypeHandle, TwinError> {
         self.env
+            .directory
             .types
             .get(id)
             .map(|c| TypeHandle::new(c.clone()))
@@ -303,19 +306,19 @@ impl TwinRuntime {
     }
 
     pub fn device_types(&self) -> Vec<TypeInfo> {
-        let mut v: Vec<TypeInfo> = self.env.types.iter().map(|c| TypeHandle::new(c.clone()).info()).collect();
+        let mut v: Vec<TypeInfo> = self.env.directory.types.iter().map(|c| TypeHandle::new(c.clone()).info()).collect();
         v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
         v
     }
 
     pub fn dtas(&self) -> Vec<DtaInfo> {
-        let mut v: Vec<DtaInfo> = self.env.dtas.iter().map(|e| e.info()).collect();
+        let mut v: Vec<DtaInfo> = self.env.directory.dtas.iter().map(|e| e.info()).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
     pub fn twin_count(&self) -> usize {
-        self.env.twins.len()
+        self.env.directory.twins.len()
     }
 
     /// The supervision tree, flattened: supervisor, TDTAs, DTAs, then DTIs.
@@ -343,15 +346,15 @@ impl TwinRuntime {
             }
         };
         visit(&self.stats);
-        let mut types: Vec<Arc<TypeContext>> = self.env.types.iter().map(|c| c.clone()).collect();
+        let mut types: Vec<Arc<TypeContext>> = self.env.directory.types.iter().map(|c| c.clone()).collect();
         types.sort_by(|a, b| a.device_type.cmp(&b.device_type));
         types.iter().for_each(|t| visit(&t.stats));
         let mut dtas: Vec<(DtaId, Arc<DtaEntry>)> =
-            self.env.dtas.iter().map(|e| (e.key().clone(), e.clone())).collect();
+            self.env.directory.dtas.iter().map(|e| (e.key().clone(), e.clone())).collect();
         dtas.sort_by(|a, b| a.0.cmp(&b.0));
         dtas.iter().for_each(|(_, e)| visit(&e.stats));
         if q.kind.as_deref().is_none_or(|k| k == "dti") {
-            self.env.twins.iter().for_each(|s| visit(&s.stats));
+            self.env.directory.twins.iter().for_each(|s| visit(&s.stats));
         }
         ActorPage { total, actors: out }
     }
@@ -361,14 +364,14 @@ impl TwinRuntime {
         let mut platform = KindSummary::new("platform");
         platform.add(&self.stats);
         let mut tdta = KindSummary::new("tdta");
-        let types: Vec<Arc<TypeContext>> = self.env.types.iter().map(|t| t.clone()).collect();
+        let types: Vec<Arc<TypeContext>> = self.env.directory.types.iter().map(|t| t.clone()).collect();
         types.iter().for_each(|t| tdta.add(&t.stats));
         let mut dta = KindSummary::new("dta");
-        self.env.dtas.iter().for_each(|d| dta.add(&d.stats));
+        self.env.directory.dtas.iter().for_each(|d| dta.add(&d.stats));
         let mut dti = KindSummary::new("dti");
         // (active, archived) per entry of `types`, found by pointer: few types, many twins.
         let mut counts = vec![(0u64, 0u64); types.len()];
-        for slot in self.env.twins.iter() {
+        for slot in self.env.directory.twins.iter() {
             dti.add(&slot.stats);
             if let Some(i) = types.iter().position(|t| Arc::ptr_eq(t, &slot.ty)) {
                 let c = &mut counts[i];
@@ -436,15 +439,13 @@ impl TwinRuntime {
             tracing::error!("final flush failed: {e}");
         }
         self.env.storage.shutdown();
-        for t in self.env.types.iter() {
+        for t in self.env.directory.types.iter() {
             t.stop();
         }
-        for d in self.env.dtas.iter() {
+        for d in self.env.directory.dtas.iter() {
             d.stop();
         }
-        self.env.twins.clear();
-        self.env.types.clear();
-        self.env.dtas.clear();
+        self.env.directory.clear();
         self.stats.set_status(ActorStatus::Stopped);
     }
 }

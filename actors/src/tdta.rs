@@ -9,8 +9,8 @@ use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, Start, TwinSlot};
 use crate::env::{FastMap, TwinEnv};
 use crate::error::TwinError;
 use crate::records::{CHUNK, DeviceTypeSpec, FleetChunk, FleetChunkRef, TwinSpec, fleet_key, twin_key};
+use crate::spaces;
 use actix::prelude::*;
-use dashmap::mapref::entry::Entry;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use twinfleet_models::{
     Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, Timestamp, TwinId, TwinState,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, Space, Ticket, WriteBatch, decode_record, encode_record, panic};
+use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, panic};
 
 /// What a TDTA and its DTIs share; outlives restarts of the TDTA actor.
 #[derive(Debug)]
@@ -88,7 +88,7 @@ impl TypeContext {
 
 /// The layers each DTA currently hands out, for twins about to start.
 pub(crate) fn layers_for(env: &TwinEnv, dtas: &[DtaId]) -> Vec<Arc<ResolvedLayers>> {
-    dtas.iter().filter_map(|d| env.dtas.get(d).map(|e| e.resolved())).collect()
+    dtas.iter().filter_map(|d| env.directory.dtas.get(d).map(|e| e.resolved())).collect()
 }
 
 /// The last persisted state of a twin and the number of journal events replayed onto
@@ -106,7 +106,7 @@ pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut 
     let start = crate::records::journal_key(&id, state.last_seq.saturating_add(1));
     let end = crate::records::journal_key(&id, u64::MAX);
     let mut n = 0;
-    for (k, v) in storage.scan_range(Space::Journal, &start, &end).map_err(|e| e.to_string())? {
+    for (k, v) in storage.scan_range(spaces::JOURNAL, &start, &end).map_err(|e| e.to_string())? {
         let e = crate::codec::decode_event(&v)
             .map_err(|e| format!("journal entry {}: {e}", String::from_utf8_lossy(&k).replace('\0', "/")))?;
         state.evolve(&e);
@@ -117,14 +117,14 @@ pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut 
 
 fn load_base(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
     let storage = &ty.env.storage;
-    if let Some(bytes) = storage.get(Space::Snapshot, &twin_key(&slot.id)).map_err(|e| e.to_string())? {
+    if let Some(bytes) = storage.get(spaces::SNAPSHOT, &twin_key(&slot.id)).map_err(|e| e.to_string())? {
         return decode_record(&bytes).map_err(|e| format!("snapshot: {e}"));
     }
     if slot.origin == NO_ORIGIN {
         return Err("no snapshot and no fleet record".into());
     }
     let key = ty.chunks.lock().get(slot.origin as usize).cloned().ok_or("fleet record index out of range")?;
-    let bytes = storage.get(Space::Fleet, &key).map_err(|e| e.to_string())?.ok_or("fleet record missing")?;
+    let bytes = storage.get(spaces::FLEET, &key).map_err(|e| e.to_string())?.ok_or("fleet record missing")?;
     let chunk: FleetChunk = decode_record(&bytes).map_err(|e| format!("fleet record: {e}"))?;
     let spec = chunk.twins.iter().find(|s| s.id == slot.id).ok_or("twin missing from its fleet record")?;
     Ok(spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at))
@@ -159,7 +159,7 @@ impl NewMembers {
     /// re-push its layers to them if they changed since the twins started.
     pub(crate) fn register(self, env: &TwinEnv) {
         for (dta, (version, ids)) in self.0 {
-            if let Some(entry) = env.dtas.get(&dta) {
+            if let Some(entry) = env.directory.dtas.get(&dta) {
                 let entry: Arc<DtaEntry> = entry.clone();
                 entry.add_members(ids.iter().cloned());
                 if entry.resolved().version != version {
@@ -189,17 +189,11 @@ where
 fn reserve(env: &TwinEnv, ty: &Arc<TypeContext>, arbiter: u16, works: &mut [ChunkWork]) -> Option<TwinId> {
     for w in works {
         for spec in &w.specs {
-            if env.quarantine.contains_key(spec.id.as_str()) {
+            let slot = Arc::new(TwinSlot::new(spec.id.clone(), ty.clone(), w.origin, arbiter));
+            if !env.directory.reserve_twin(&slot) {
                 return Some(spec.id.clone());
             }
-            match env.twins.entry(spec.id.clone()) {
-                Entry::Vacant(v) => {
-                    let slot = Arc::new(TwinSlot::new(spec.id.clone(), ty.clone(), w.origin, arbiter));
-                    v.insert(slot.clone());
-                    w.slots.push(slot);
-                }
-                Entry::Occupied(_) => return Some(spec.id.clone()),
-            }
+            w.slots.push(slot);
         }
     }
     None
@@ -213,7 +207,7 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
     for w in works {
         let record = FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: &w.specs };
         let mut batch = WriteBatch::new();
-        batch.put(Space::Fleet, w.key, encode_record(&record));
+        batch.put(spaces::FLEET, w.key, encode_record(&record));
         tickets.push(env.storage.submit(batch));
         for (slot, spec) in w.slots.into_iter().zip(w.specs) {
             let state = spec.into_initial_state(&ty.device_type, &ty.model, now);
@@ -285,7 +279,7 @@ impl Tdta {
         let env = self.ctx.env.clone();
         let ty = self.ctx.clone();
         let distinct: HashSet<&DtaId> = specs.iter().flat_map(|s| s.dtas.iter()).collect();
-        if let Some(d) = distinct.into_iter().find(|d| !env.dtas.contains_key(*d)) {
+        if let Some(d) = distinct.into_iter().find(|d| !env.directory.dtas.contains_key(*d)) {
             return Err(TwinError::UnknownDta(d.to_string()));
         }
         let now = env.clock.now();
@@ -321,7 +315,7 @@ impl Tdta {
                 futures::future::join_all(reserved).await.into_iter().map(|r| r.unwrap_or_default()).collect();
             if let Some(id) = reserved.iter().find_map(|(_, c)| c.clone()) {
                 for slot in reserved.iter().flat_map(|(w, _)| w.iter()).flat_map(|w| w.slots.iter()) {
-                    env.twins.remove_if(&slot.id, |_, v| Arc::ptr_eq(v, slot));
+                    env.directory.release_twin(slot);
                 }
                 return Err(TwinError::AlreadyExists { kind: "twin", id: id.to_string() });
             }
@@ -357,7 +351,7 @@ impl Tdta {
                 ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
                     Ok((state, tail)) => {
                         let env = act.ctx.env.clone();
-                        let raw = env.storage.get(Space::TelemetryLatest, &twin_key(&slot.id)).ok().flatten();
+                        let raw = env.storage.get(spaces::TELEMETRY_LATEST, &twin_key(&slot.id)).ok().flatten();
                         let latest = Start::decode_latest(&slot.id, raw.as_deref());
                         let i = slot.arbiter as usize;
                         slot.stats.restarted();
@@ -440,7 +434,7 @@ impl Handler<SetDefaults> for Tdta {
             let mut spec = ctx.spec();
             spec.defaults = defaults.clone();
             let mut b = WriteBatch::new();
-            b.put(Space::DeviceType, ctx.device_type.as_str(), encode_record(&spec));
+            b.put(spaces::DEVICE_TYPE, ctx.device_type.as_str(), encode_record(&spec));
             Ok(ctx.env.storage.submit(b))
         });
         Box::pin(async move {

@@ -8,9 +8,10 @@
 //! millisecond is in it), so `next` (that millisecond minus one) continues exactly.
 
 use crate::records::{TELEMETRY_SPAN_MS, telemetry_key};
+use crate::spaces;
 use serde::Serialize;
 use twinfleet_models::{MetricPoint, Timestamp, TwinId, decode_batch};
-use twinfleet_runtime::{Space, Storage, StorageError};
+use twinfleet_runtime::{Storage, StorageError};
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
 /// newest first, at most `limit` (plus the rest of the oldest millisecond returned).
@@ -42,7 +43,7 @@ pub(crate) fn read_page(storage: &dyn Storage, id: &TwinId, q: &TelemetryQuery) 
     let mut out: Vec<MetricPoint> = Vec::new();
     let mut hour: Option<i64> = None;
     let mut more = false;
-    for row in storage.scan_range_rev(Space::Telemetry, &start, &end) {
+    for row in storage.scan_range_rev(spaces::TELEMETRY, &start, &end) {
         let (k, v) = row?;
         let first = i64::from_be_bytes(k[prefix_len..prefix_len + 8].try_into().unwrap_or_default()) ^ i64::MIN;
         if hour.is_some_and(|h| h != hour_of(first)) && out.len() >= limit {

@@ -40,7 +40,7 @@ impl AlertSink {
         let mut key = alert.at.0.to_be_bytes().to_vec();
         key.extend_from_slice(&seq.to_be_bytes());
         let mut b = WriteBatch::new();
-        b.put(Space::Alert, key, encode_record(&alert));
+        b.put(Space::ALERT, key, encode_record(&alert));
         // Alerts are best effort durable: nobody waits on the flush.
         drop(self.inner.storage.submit(b));
         {

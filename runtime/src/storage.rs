@@ -21,38 +21,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// The keyspaces of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Space {
-    Meta = 0,
-    DeviceType = 1,
-    Dta = 2,
-    /// Packed initial records of twins created in bulk (thousands per record).
-    Fleet = 3,
-    /// One snapshot per twin that changed since it was created.
-    Snapshot = 4,
-    /// Per-twin journal: key = twin id, 0x00, big-endian sequence number.
-    Journal = 5,
-    Alert = 6,
-    // 7 is unused: a quarantined record stays where it is (see actors::restore).
-    /// Device credentials: twin id → keyed hash of its token.
-    Credential = 8,
-    /// Telemetry: key = twin id, 0x00, first point's millis (BE), record id (BE); value =
-    /// a packed batch whose points all fall in one clock hour.
-    Telemetry = 9,
-    /// Users, groups and API tokens of the operator API: `user/<name>`, `group/<name>`,
-    /// `token/<keyed hash>`.
-    Access = 10,
-    /// The audit log: key = big-endian id (increasing), value = one entry.
-    Audit = 11,
-    /// Long-running jobs of the operator API: key = big-endian job id.
-    Job = 12,
-    /// The newest value of each metric of a twin: key = twin id.
-    TelemetryLatest = 13,
-    /// Twins whose journal has events after their stored snapshot: key = twin id,
-    /// empty value. Written with the first such event, deleted with the next snapshot.
-    Tail = 14,
+/// A keyspace: the one-byte prefix of every key written under it, so that a batch
+/// touching several keyspaces is one atomic sled batch. The runtime knows no domain:
+/// each layer declares the keyspaces it owns (the twins' are in `twinfleet_actors::spaces`);
+/// the runtime declares only its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Space(pub u8);
+
+impl Space {
+    /// Alerts of the platform (`AlertSink`): key = millis BE, seq BE.
+    pub const ALERT: Space = Space(6);
 }
 
 #[derive(Debug, Clone)]
@@ -331,7 +309,7 @@ fn open_engine(path: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), 
 
 fn prefixed(space: Space, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(space as u8);
+    k.push(space.0);
     k.extend_from_slice(key);
     k
 }
@@ -634,6 +612,9 @@ impl Drop for SledStorage {
 mod tests {
     use super::*;
 
+    const SNAPSHOT: Space = Space(4);
+    const JOURNAL: Space = Space(5);
+
     #[tokio::test]
     async fn batches_are_durable_and_spaces_are_separate() {
         let dir = tempfile::tempdir().unwrap();
@@ -642,7 +623,7 @@ mod tests {
             let mut tickets = vec![];
             for i in 0..100u32 {
                 let mut b = WriteBatch::new();
-                b.put(Space::Journal, format!("t\0{i:04}"), vec![i as u8]).put(Space::Snapshot, "t", vec![i as u8]);
+                b.put(JOURNAL, format!("t\0{i:04}"), vec![i as u8]).put(SNAPSHOT, "t", vec![i as u8]);
                 tickets.push(s.submit(b));
             }
             for t in tickets {
@@ -653,10 +634,10 @@ mod tests {
             assert!(matches!(s.submit(WriteBatch::new()).await, Err(StorageError::Closed)));
         }
         let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
-        assert_eq!(s.get(Space::Snapshot, b"t").unwrap(), Some(vec![99]));
-        assert_eq!(s.scan(Space::Journal, b"t\0").count(), 100);
-        assert_eq!(s.scan(Space::Snapshot, b"").count(), 1);
-        let last = s.scan_rev(Space::Journal, b"t\0", 2).unwrap();
+        assert_eq!(s.get(SNAPSHOT, b"t").unwrap(), Some(vec![99]));
+        assert_eq!(s.scan(JOURNAL, b"t\0").count(), 100);
+        assert_eq!(s.scan(SNAPSHOT, b"").count(), 1);
+        let last = s.scan_rev(JOURNAL, b"t\0", 2).unwrap();
         assert_eq!(last[0].1, vec![99]);
         assert_eq!(last[1].1, vec![98]);
     }

@@ -11,7 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use twinfleet::TwinError;
 use twinfleet::models::{AlertKind, EventKind};
-use twinfleet_runtime::{SledOptions, SledStorage, Space, Storage, WriteBatch};
+use twinfleet_actors::spaces;
+use twinfleet_runtime::{SledOptions, SledStorage, Storage, WriteBatch};
 
 const CHILD_ENV: &str = "TWINFLEET_TEST_CRASH_CHILD_DIR";
 const WRITERS: usize = 32;
@@ -183,10 +184,10 @@ async fn a_corrupt_record_quarantines_that_twin_and_the_others_start() {
         // write would.
         let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
         let key = [&b"q-3\0"[..], &1u64.to_be_bytes()].concat();
-        let rec = s.get(Space::Journal, &key).unwrap().expect("the change is in the journal");
-        assert!(s.get(Space::Snapshot, b"q-3").unwrap().is_none(), "one change writes no snapshot");
+        let rec = s.get(spaces::JOURNAL, &key).unwrap().expect("the change is in the journal");
+        assert!(s.get(spaces::SNAPSHOT, b"q-3").unwrap().is_none(), "one change writes no snapshot");
         let mut b = WriteBatch::new();
-        b.put(Space::Journal, key, rec[..rec.len() / 2].to_vec());
+        b.put(spaces::JOURNAL, key, rec[..rec.len() / 2].to_vec());
         s.submit(b).await.unwrap();
         s.shutdown();
     }
@@ -292,7 +293,7 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
     let twin = p.twin("s-0").unwrap();
     let storage = p.env().storage.clone();
     let snapshot_seq = |s: &std::sync::Arc<dyn Storage>| {
-        s.get(Space::Snapshot, b"s-0")
+        s.get(spaces::SNAPSHOT, b"s-0")
             .unwrap()
             .map(|b| twinfleet_runtime::decode_record::<twinfleet::models::TwinState>(&b).unwrap().last_seq)
     };
@@ -300,10 +301,10 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
         twin.report(obj(json!({ "n": n }))).await.unwrap();
     }
     assert_eq!(snapshot_seq(&storage), None, "three changes wrote three events and no snapshot");
-    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_some(), "the tail marker says a restart must replay");
+    assert!(storage.get(spaces::TAIL, b"s-0").unwrap().is_some(), "the tail marker says a restart must replay");
     twin.report(obj(json!({ "n": 4 }))).await.unwrap();
     assert_eq!(snapshot_seq(&storage), Some(4), "the fourth event brings the snapshot");
-    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_none());
+    assert!(storage.get(spaces::TAIL, b"s-0").unwrap().is_none());
     for n in 5..=6 {
         twin.report(obj(json!({ "n": n }))).await.unwrap();
     }
@@ -323,7 +324,7 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
     let storage = p.env().storage.clone();
     eventually("the idle twin writes its snapshot", || async { (snapshot_seq(&storage) == Some(6)).then_some(()) })
         .await;
-    assert!(storage.get(Space::Tail, b"s-0").unwrap().is_none());
+    assert!(storage.get(spaces::TAIL, b"s-0").unwrap().is_none());
     p.shutdown().await;
 }
 

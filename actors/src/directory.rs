@@ -1,0 +1,130 @@
+//! The directory of a platform: every twin's slot, every device type's context, every
+//! DTA's entry, and the ids of quarantined twins. This module is their only writer:
+//! the maps are `Entries`, which the rest of the crate can read (get, iterate, count)
+//! but not change, so every change of the directory is one of the functions below.
+
+use crate::dta::DtaEntry;
+use crate::dti::TwinSlot;
+use crate::env::FastHash;
+use crate::tdta::TypeContext;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::Ref;
+use std::borrow::Borrow;
+use std::hash::Hash;
+use std::sync::Arc;
+use twinfleet_models::{DeviceTypeId, DtaId, TwinId};
+
+/// A concurrent map that only this module writes.
+#[derive(Debug)]
+pub(crate) struct Entries<K: Eq + Hash, V>(DashMap<K, V, FastHash>);
+
+impl<K: Eq + Hash, V> Default for Entries<K, V> {
+    fn default() -> Self {
+        Entries(DashMap::default())
+    }
+}
+
+impl<K: Eq + Hash, V> Entries<K, V> {
+    pub(crate) fn get<Q>(&self, k: &Q) -> Option<Ref<'_, K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.0.get(k)
+    }
+
+    pub(crate) fn contains_key<Q>(&self, k: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.0.contains_key(k)
+    }
+
+    pub(crate) fn iter(&self) -> dashmap::iter::Iter<'_, K, V, FastHash> {
+        self.0.iter()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// What the directory holds.
+#[derive(Debug, Default)]
+pub(crate) struct TwinDirectory {
+    pub(crate) twins: Entries<TwinId, Arc<TwinSlot>>,
+    pub(crate) types: Entries<DeviceTypeId, Arc<TypeContext>>,
+    pub(crate) dtas: Entries<DtaId, Arc<DtaEntry>>,
+    /// Records that failed to decode at start: twin id → reason.
+    pub(crate) quarantine: Entries<String, String>,
+}
+
+impl TwinDirectory {
+    /// Adds a device type unless one of that id exists; returns it, or `None` if taken.
+    pub(crate) fn add_type(
+        &self,
+        id: DeviceTypeId,
+        make: impl FnOnce() -> Arc<TypeContext>,
+    ) -> Option<Arc<TypeContext>> {
+        match self.types.0.entry(id) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(v) => Some(v.insert(make()).clone()),
+        }
+    }
+
+    /// Puts a restored device type in place.
+    pub(crate) fn restore_type(&self, ctx: Arc<TypeContext>) {
+        self.types.0.insert(ctx.device_type.clone(), ctx);
+    }
+
+    /// Takes back a device type whose creation was not stored.
+    pub(crate) fn remove_type(&self, id: &DeviceTypeId) {
+        self.types.0.remove(id);
+    }
+
+    pub(crate) fn add_dta(&self, id: DtaId, entry: Arc<DtaEntry>) {
+        self.dtas.0.insert(id, entry);
+    }
+
+    pub(crate) fn quarantine(&self, twin: String, reason: String) {
+        self.quarantine.0.insert(twin, reason);
+    }
+
+    /// Puts a restored twin in place.
+    pub(crate) fn restore_twin(&self, slot: Arc<TwinSlot>) {
+        self.twins.0.insert(slot.id.clone(), slot);
+    }
+
+    /// Reserves `id` for a new twin: false when the id exists or is quarantined.
+    pub(crate) fn reserve_twin(&self, slot: &Arc<TwinSlot>) -> bool {
+        if self.quarantine.contains_key(slot.id.as_str()) {
+            return false;
+        }
+        match self.twins.0.entry(slot.id.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(slot.clone());
+                true
+            }
+            Entry::Occupied(_) => false,
+        }
+    }
+
+    /// Releases a reservation (only that slot, not a twin that took the id since).
+    pub(crate) fn release_twin(&self, slot: &Arc<TwinSlot>) {
+        self.twins.0.remove_if(&slot.id, |_, v| Arc::ptr_eq(v, slot));
+    }
+
+    /// Removes a deleted twin.
+    pub(crate) fn remove_twin(&self, id: &TwinId) {
+        self.twins.0.remove(id);
+    }
+
+    /// Forgets everything (the platform stops).
+    pub(crate) fn clear(&self) {
+        self.twins.0.clear();
+        self.types.0.clear();
+        self.dtas.0.clear();
+    }
+}

@@ -1,0 +1,35 @@
+//! The keyspaces of the twins' data, declared by the layer that owns them (the runtime
+//! stores prefixed keys and knows none of these). Numbers are on disk: never reuse one.
+
+use twinfleet_runtime::Space;
+
+/// Installation secrets (the key of device-token hashes).
+pub const META: Space = Space(0);
+/// Device type id → `DeviceTypeSpec`.
+pub const DEVICE_TYPE: Space = Space(1);
+/// DTA id → `DtaSpec`.
+pub const DTA: Space = Space(2);
+/// Packed initial records of twins created in bulk (thousands per record).
+pub const FLEET: Space = Space(3);
+/// Twin id → its snapshot, written every `snapshot_every` events or when idle.
+pub const SNAPSHOT: Space = Space(4);
+/// Per-twin journal: key = twin id, 0x00, big-endian seq; a binary event (`codec`).
+pub const JOURNAL: Space = Space(5);
+// 6 is the runtime's `Space::ALERT`; 7 is unused (a quarantined record stays where it is).
+/// Device credentials: twin id → keyed hash of its token.
+pub const CREDENTIAL: Space = Space(8);
+/// Telemetry: key = twin id, 0x00, first point's millis (BE), record id (BE); value =
+/// a packed batch whose points all fall in one clock hour.
+pub const TELEMETRY: Space = Space(9);
+/// Users, groups and API tokens of the operator API: `user/<name>`, `group/<name>`,
+/// `token/<keyed hash>`, `meta/bootstrapped`.
+pub const ACCESS: Space = Space(10);
+/// The audit log: key = big-endian id (increasing), value = one entry.
+pub const AUDIT: Space = Space(11);
+/// Long-running jobs: key = big-endian job id (the job), + 0x01 (its resolved work).
+pub const JOB: Space = Space(12);
+/// The newest value of each metric of a twin: key = twin id.
+pub const TELEMETRY_LATEST: Space = Space(13);
+/// Twins whose journal has events after their stored snapshot: key = twin id, empty
+/// value. Written with the first such event, deleted with the next snapshot.
+pub const TAIL: Space = Space(14);
