@@ -296,11 +296,15 @@ impl TwinState {
                 return Err(TwinError::EmptyPatch);
             }
             TwinCommand::Report(patch) => {
-                let was_in_sync = self.in_sync();
-                let mut after = self.reported.clone();
-                merge_patch(&mut after, &patch);
+                // Only a twin that waits for its desired state needs the state after the
+                // patch (a copy of the reported state): most reports skip it.
+                let reaches_sync = !self.desired.is_empty() && !self.in_sync() && {
+                    let mut after = self.reported.clone();
+                    merge_patch(&mut after, &patch);
+                    covers(&after, &self.desired)
+                };
                 kinds.push(EventKind::Reported { patch });
-                if !was_in_sync && !self.desired.is_empty() && covers(&after, &self.desired) {
+                if reaches_sync {
                     kinds.push(EventKind::InSync);
                     if self.waits.get(WaitName::DesiredSync).is_some() {
                         effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
