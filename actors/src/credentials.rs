@@ -8,8 +8,8 @@
 //! ~23 ms per check here). Verified hashes are cached in memory, so authentication does
 //! not read storage on the hot path. Comparison is constant-time.
 
-use crate::env::Directory;
 use crate::error::TwinError;
+use crate::maps::Directory;
 use crate::spaces;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 
 use crate::dta::DtaEntry;
 use crate::dti::TwinSlot;
-use crate::env::FastHash;
+use crate::maps::FastHash;
 use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;

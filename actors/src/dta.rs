@@ -10,7 +10,7 @@
 use crate::dti::{Join, LayersChanged, Leave, ResolvedLayers};
 use crate::env::{FastSet, TwinEnv};
 use crate::error::TwinError;
-use crate::handle::TwinHandle;
+use crate::handle::{TwinHandle, deliver};
 use crate::records::DtaSpec;
 use crate::spaces;
 use actix::prelude::*;
@@ -19,8 +19,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use twinfleet_models::{Alert, AlertKind, ConfigLayer, DtaId, LayerRef, Severity, TwinId};
-use twinfleet_runtime::{ActorStats, ActorStatus, WriteBatch, encode_record, panic};
+use twinfleet_models::{Alert, AlertKind, ConfigLayer, DtaId, LayerRef, ModelError, Severity, TwinId};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch, encode_record, panic};
 
 /// Members pushed to concurrently by one layer change.
 const PUSH_CONCURRENCY: usize = 512;
@@ -341,5 +341,66 @@ impl Handler<DtaMsg> for Dta {
                 Box::pin(std::future::ready(Err(TwinError::Crashed { kind: "dta", id: e.id.to_string(), message })))
             }
         }
+    }
+}
+
+/// A handle to one DTA.
+#[derive(Debug, Clone)]
+pub struct DtaHandle {
+    entry: Arc<DtaEntry>,
+}
+
+impl DtaHandle {
+    pub(crate) fn new(entry: Arc<DtaEntry>) -> Self {
+        DtaHandle { entry }
+    }
+
+    pub fn id(&self) -> &DtaId {
+        &self.entry.id
+    }
+
+    pub fn info(&self) -> DtaInfo {
+        self.entry.info()
+    }
+
+    pub fn actor(&self) -> ActorView {
+        self.entry.stats.view()
+    }
+
+    /// Member ids in order, a page at a time.
+    pub fn members(&self, offset: usize, limit: usize) -> Vec<TwinId> {
+        let mut ids: Vec<TwinId> = self.entry.members.lock().iter().cloned().collect();
+        ids.sort();
+        ids.into_iter().skip(offset).take(limit).collect()
+    }
+
+    async fn ask(&self, req: DtaRequest) -> Result<usize, TwinError> {
+        let stats = &self.entry.stats;
+        let addr = self.entry.addr().ok_or_else(|| TwinError::Unavailable {
+            kind: "dta",
+            id: self.entry.id.to_string(),
+            status: stats.status(),
+        })?;
+        stats.enqueued();
+        deliver(addr.send(DtaMsg(req)), stats, &self.entry.env).await
+    }
+
+    /// Sets a layer; resolves once it is durable and has reached every member. Returns
+    /// the number of members reached.
+    pub async fn set_layer(&self, name: impl Into<String>, layer: ConfigLayer) -> Result<usize, TwinError> {
+        twinfleet_models::limits::check_object(&layer.values).map_err(ModelError::from)?;
+        self.ask(DtaRequest::SetLayer { name: name.into(), layer: Some(layer) }).await
+    }
+
+    pub async fn remove_layer(&self, name: impl Into<String>) -> Result<usize, TwinError> {
+        self.ask(DtaRequest::SetLayer { name: name.into(), layer: None }).await
+    }
+
+    pub async fn join(&self, twin: &TwinId) -> Result<(), TwinError> {
+        self.ask(DtaRequest::Join(twin.clone())).await.map(|_| ())
+    }
+
+    pub async fn leave(&self, twin: &TwinId) -> Result<(), TwinError> {
+        self.ask(DtaRequest::Leave(twin.clone())).await.map(|_| ())
     }
 }

@@ -7,7 +7,6 @@ use crate::access::AccessControl;
 use crate::credentials::Credentials;
 use crate::directory::TwinDirectory;
 use crate::jobs::Jobs;
-use dashmap::DashMap;
 use parking_lot::RwLock;
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -16,14 +15,7 @@ pub use twinfleet_models::DeviceCommand;
 use twinfleet_models::{CommandId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage, StorageError};
 
-/// The hasher of every twin-keyed map: much faster than SipHash on short ids (SipHash
-/// was 13% of creating a million twins) and still seeded per process, so that crafted
-/// ids cannot flood one bucket.
-pub(crate) type FastHash = foldhash::fast::RandomState;
-/// A concurrent directory keyed by ids.
-pub(crate) type Directory<K, V> = DashMap<K, V, FastHash>;
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, FastHash>;
-pub(crate) type FastSet<K> = std::collections::HashSet<K, FastHash>;
+pub(crate) use crate::maps::{Directory, FastMap, FastSet};
 
 /// Tunables of the twin actors.
 #[derive(Debug, Clone)]

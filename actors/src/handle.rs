@@ -1,30 +1,24 @@
-//! Typed handles: the only way embedders and the protocol edges talk to twins. They
-//! wrap actix addresses so that the actor crate could be swapped, survive restarts of
-//! the actor behind them (they point at the twin's slot, not its mailbox), and put a
-//! deadline on the platform clock on every request.
+//! The typed handle of a twin (`TwinHandle`; the DTA's and the device type's handles live
+//! with their actors, in `dta` and `tdta`): the only way embedders and the protocol edges
+//! talk to twins. Handles wrap actix addresses so that the actor crate could be
+//! swapped, survive restarts of the actor behind them (they point at the twin's slot,
+//! not its mailbox), and put a deadline on the platform clock on every request.
 
 use crate::access::{AccessControl, AuditEntry};
-use crate::dta::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
 use crate::dti::{Ask, Command, Events, Get, InjectPanic, Request, Retire, Telemetry, ToDevice, TwinSlot, TwinView};
 use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
-use crate::records::{DeviceTypeSpec, TwinSpec};
-use crate::tdta::{FleetReport, SetDefaults, SpawnFleet, TypeContext};
 use crate::telemetry::{TelemetryPage, TelemetryQuery};
 use actix::MailboxError;
 use futures::future::{Either, select};
-use serde::Serialize;
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use twinfleet_models::{
-    CommandId, ConfigLayer, DeviceTypeId, DtaId, MetricPoint, ModelError, TwinCommand, TwinEvent, TwinId,
-};
+use twinfleet_models::{CommandId, DeviceTypeId, MetricPoint, TwinCommand, TwinEvent, TwinId};
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
-async fn deliver<T>(
+pub(crate) async fn deliver<T>(
     request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>>,
     stats: &ActorStats,
     env: &TwinEnv,
@@ -191,138 +185,5 @@ impl TwinHandle {
     /// Makes the twin panic (only where the platform allows fault injection).
     pub async fn inject_panic(&self) -> Result<(), TwinError> {
         self.request(InjectPanic).await
-    }
-}
-
-/// A handle to one DTA.
-#[derive(Debug, Clone)]
-pub struct DtaHandle {
-    entry: Arc<DtaEntry>,
-}
-
-impl DtaHandle {
-    pub(crate) fn new(entry: Arc<DtaEntry>) -> Self {
-        DtaHandle { entry }
-    }
-
-    pub fn id(&self) -> &DtaId {
-        &self.entry.id
-    }
-
-    pub fn info(&self) -> DtaInfo {
-        self.entry.info()
-    }
-
-    pub fn actor(&self) -> ActorView {
-        self.entry.stats.view()
-    }
-
-    /// Member ids in order, a page at a time.
-    pub fn members(&self, offset: usize, limit: usize) -> Vec<TwinId> {
-        let mut ids: Vec<TwinId> = self.entry.members.lock().iter().cloned().collect();
-        ids.sort();
-        ids.into_iter().skip(offset).take(limit).collect()
-    }
-
-    async fn ask(&self, req: DtaRequest) -> Result<usize, TwinError> {
-        let stats = &self.entry.stats;
-        let addr = self.entry.addr().ok_or_else(|| TwinError::Unavailable {
-            kind: "dta",
-            id: self.entry.id.to_string(),
-            status: stats.status(),
-        })?;
-        stats.enqueued();
-        deliver(addr.send(DtaMsg(req)), stats, &self.entry.env).await
-    }
-
-    /// Sets a layer; resolves once it is durable and has reached every member. Returns
-    /// the number of members reached.
-    pub async fn set_layer(&self, name: impl Into<String>, layer: ConfigLayer) -> Result<usize, TwinError> {
-        twinfleet_models::limits::check_object(&layer.values).map_err(ModelError::from)?;
-        self.ask(DtaRequest::SetLayer { name: name.into(), layer: Some(layer) }).await
-    }
-
-    pub async fn remove_layer(&self, name: impl Into<String>) -> Result<usize, TwinError> {
-        self.ask(DtaRequest::SetLayer { name: name.into(), layer: None }).await
-    }
-
-    pub async fn join(&self, twin: &TwinId) -> Result<(), TwinError> {
-        self.ask(DtaRequest::Join(twin.clone())).await.map(|_| ())
-    }
-
-    pub async fn leave(&self, twin: &TwinId) -> Result<(), TwinError> {
-        self.ask(DtaRequest::Leave(twin.clone())).await.map(|_| ())
-    }
-}
-
-/// What a TDTA shows of itself.
-#[derive(Debug, Clone, Serialize)]
-pub struct TypeInfo {
-    #[serde(flatten)]
-    pub spec: DeviceTypeSpec,
-    pub twins: usize,
-    pub fleet_records: usize,
-}
-
-/// A handle to one TDTA (device type).
-#[derive(Debug, Clone)]
-pub struct TypeHandle {
-    ctx: Arc<TypeContext>,
-}
-
-impl TypeHandle {
-    pub(crate) fn new(ctx: Arc<TypeContext>) -> Self {
-        TypeHandle { ctx }
-    }
-
-    /// The type's domain model, if it has one.
-    pub fn domain(&self) -> Option<Arc<twinfleet_models::DomainModel>> {
-        self.ctx.domain.clone()
-    }
-
-    pub fn id(&self) -> &DeviceTypeId {
-        &self.ctx.device_type
-    }
-
-    pub fn info(&self) -> TypeInfo {
-        TypeInfo {
-            spec: self.ctx.spec(),
-            twins: self.ctx.twins.load(Relaxed),
-            fleet_records: self.ctx.chunks.lock().len(),
-        }
-    }
-
-    pub fn actor(&self) -> ActorView {
-        self.ctx.stats.view()
-    }
-
-    /// Creates twins of this type, all or nothing; resolves once they all run and their
-    /// records are durable.
-    pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
-        for s in &specs {
-            twinfleet_models::limits::check_object(&s.metadata.attributes).map_err(ModelError::from)?;
-        }
-        let addr = self.tdta()?;
-        // Creating a large fleet takes longer than an ordinary request: no deadline here
-        // beyond the storage's own back-pressure.
-        addr.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
-    }
-
-    pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
-        twinfleet_models::limits::check_object(&defaults).map_err(ModelError::from)?;
-        let addr = self.tdta()?;
-        deliver(addr.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.env).await
-    }
-
-    /// The TDTA's address, counting the message about to be sent.
-    fn tdta(&self) -> Result<actix::Addr<crate::tdta::Tdta>, TwinError> {
-        let stats = &self.ctx.stats;
-        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
-            kind: "tdta",
-            id: self.ctx.device_type.to_string(),
-            status: stats.status(),
-        })?;
-        stats.enqueued();
-        Ok(addr)
     }
 }

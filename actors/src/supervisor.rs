@@ -5,14 +5,16 @@
 //! DTAs are persisted before they are announced; creating an existing one is refused.
 
 use crate::credentials::{AuthError, Holder};
+use crate::dta::DtaHandle;
 use crate::dta::{DtaEntry, DtaInfo};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
-use crate::handle::{DtaHandle, TwinHandle, TypeHandle, TypeInfo};
+use crate::handle::TwinHandle;
 use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 use crate::restore::{RestoreReport, restore};
 use crate::spaces;
 use crate::tdta::{FleetReport, Tdta, TypeContext};
+use crate::tdta::{TypeHandle, TypeInfo};
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

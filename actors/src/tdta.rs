@@ -8,6 +8,7 @@ use crate::dta::DtaEntry;
 use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, Start, TwinSlot};
 use crate::env::{FastMap, TwinEnv};
 use crate::error::TwinError;
+use crate::handle::deliver;
 use crate::records::{CHUNK, DeviceTypeSpec, FleetChunk, FleetChunkRef, TwinSpec, fleet_key, twin_key};
 use crate::spaces;
 use actix::prelude::*;
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use twinfleet_models::{
     Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, Timestamp, TwinId, TwinState,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, panic};
+use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, Ticket, WriteBatch, decode_record, encode_record, panic};
 
 /// What a TDTA and its DTIs share; outlives restarts of the TDTA actor.
 #[derive(Debug)]
@@ -454,5 +455,78 @@ impl Handler<ChildFailed> for Tdta {
             self.restart_child(msg.slot, msg.error, ctx);
             Ok(())
         });
+    }
+}
+
+/// What a TDTA shows of itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeInfo {
+    #[serde(flatten)]
+    pub spec: DeviceTypeSpec,
+    pub twins: usize,
+    pub fleet_records: usize,
+}
+
+/// A handle to one TDTA (device type).
+#[derive(Debug, Clone)]
+pub struct TypeHandle {
+    ctx: Arc<TypeContext>,
+}
+
+impl TypeHandle {
+    pub(crate) fn new(ctx: Arc<TypeContext>) -> Self {
+        TypeHandle { ctx }
+    }
+
+    /// The type's domain model, if it has one.
+    pub fn domain(&self) -> Option<Arc<twinfleet_models::DomainModel>> {
+        self.ctx.domain.clone()
+    }
+
+    pub fn id(&self) -> &DeviceTypeId {
+        &self.ctx.device_type
+    }
+
+    pub fn info(&self) -> TypeInfo {
+        TypeInfo {
+            spec: self.ctx.spec(),
+            twins: self.ctx.twins.load(Relaxed),
+            fleet_records: self.ctx.chunks.lock().len(),
+        }
+    }
+
+    pub fn actor(&self) -> ActorView {
+        self.ctx.stats.view()
+    }
+
+    /// Creates twins of this type, all or nothing; resolves once they all run and their
+    /// records are durable.
+    pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+        for s in &specs {
+            twinfleet_models::limits::check_object(&s.metadata.attributes)
+                .map_err(twinfleet_models::ModelError::from)?;
+        }
+        let addr = self.tdta()?;
+        // Creating a large fleet takes longer than an ordinary request: no deadline here
+        // beyond the storage's own back-pressure.
+        addr.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
+    }
+
+    pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
+        twinfleet_models::limits::check_object(&defaults).map_err(twinfleet_models::ModelError::from)?;
+        let addr = self.tdta()?;
+        deliver(addr.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.env).await
+    }
+
+    /// The TDTA's address, counting the message about to be sent.
+    fn tdta(&self) -> Result<actix::Addr<crate::tdta::Tdta>, TwinError> {
+        let stats = &self.ctx.stats;
+        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
+            kind: "tdta",
+            id: self.ctx.device_type.to_string(),
+            status: stats.status(),
+        })?;
+        stats.enqueued();
+        Ok(addr)
     }
 }
