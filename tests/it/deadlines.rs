@@ -8,51 +8,41 @@ use tokio::sync::mpsc;
 use twinfleet::models::{AlertKind, Backoff, EventKind, RetryPolicy, TwinId};
 use twinfleet::{DeviceCommand, DeviceLink};
 
-/// A device transport that records what twins send.
+/// A device transport that records the desired states twins send: (twin, attempt,
+/// command id).
 #[derive(Debug)]
-struct Recorder(mpsc::UnboundedSender<(TwinId, u32)>);
-
-/// Like `Recorder`, with the command id the twin minted.
-#[derive(Debug)]
-struct IdRecorder(mpsc::UnboundedSender<(u32, u64)>);
-
-impl DeviceLink for IdRecorder {
-    fn deliver(
-        &self,
-        _: &TwinId,
-        _: &twinfleet::models::Metadata,
-        id: twinfleet::models::CommandId,
-        cmd: DeviceCommand,
-    ) -> Result<(), String> {
-        let DeviceCommand::ApplyDesired { attempt, .. } = cmd else { return Ok(()) };
-        self.0.send((attempt, id.0)).map_err(|e| e.to_string())
-    }
-}
+struct Recorder(mpsc::UnboundedSender<(TwinId, u32, u64)>);
 
 impl DeviceLink for Recorder {
     fn deliver(
         &self,
         twin: &TwinId,
         _: &twinfleet::models::Metadata,
-        _: twinfleet::models::CommandId,
+        id: twinfleet::models::CommandId,
         cmd: DeviceCommand,
     ) -> Result<(), String> {
         let DeviceCommand::ApplyDesired { attempt, .. } = cmd else { return Ok(()) };
-        self.0.send((twin.clone(), attempt)).map_err(|e| e.to_string())
+        self.0.send((twin.clone(), attempt, id.0)).map_err(|e| e.to_string())
     }
 }
 
-#[actix_rt::test]
-async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = virtual_clock();
+/// Test settings with a short desired-state policy: 1 s per attempt, 2 retries after
+/// 500 ms and 1,000 ms of backoff.
+fn short_sync() -> twinfleet::Settings {
     let mut settings = test_settings();
     settings.desired_sync = RetryPolicy {
         deadline_ms: 1_000,
         max_retries: 2,
         backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
     };
-    let p = start(dir.path(), Some(clock.clone()), settings).await;
+    settings
+}
+
+#[actix_rt::test]
+async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), short_sync()).await;
     fleet(&p, "valve", json!({}), "v", 2, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
     p.env().attach_device_link("test", Arc::new(Recorder(tx)));
@@ -60,18 +50,19 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
 
     let twin = p.twin("v-0").unwrap();
     twin.set_desired(obj(json!({"open": true}))).await.unwrap();
-    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 0));
+    let (twin_id, attempt, first) = sent.recv().await.unwrap();
+    assert_eq!((twin_id, attempt), (tid("v-0"), 0));
     let start = twinfleet::Clock::now(&*clock);
 
     clock.advance(999);
     assert!(sent.try_recv().is_err(), "nothing before the deadline");
     clock.advance(1); // deadline 1: retry 1, next deadline after 500 ms backoff + 1000 ms
-    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 1));
+    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 1, first), "a retry re-sends the same command");
     clock.wait_for_timers(1).await;
     assert_eq!(twin.get().await.unwrap().desired_sync.unwrap().deadline, start + 2_500);
 
     clock.advance(1_500); // deadline 2: retry 2, backoff 1000 ms + 1000 ms
-    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 2));
+    assert_eq!(sent.recv().await.unwrap(), (tid("v-0"), 2, first));
     clock.wait_for_timers(1).await;
     clock.advance(2_000); // deadline 3: retries used up
     let alert = alerts.recv().await.unwrap();
@@ -118,29 +109,24 @@ async fn reaching_the_desired_state_disarms_the_deadline() {
 async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let clock = virtual_clock();
-    let mut settings = test_settings();
-    settings.desired_sync = RetryPolicy {
-        deadline_ms: 1_000,
-        max_retries: 2,
-        backoff: Backoff { initial_ms: 500, factor: 2, max_ms: 10_000 },
-    };
+    let settings = short_sync();
     let p = start(dir.path(), Some(clock.clone()), settings.clone()).await;
     fleet(&p, "valve", json!({}), "r", 1, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(IdRecorder(tx)));
+    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
     let start_at = twinfleet::Clock::now(&*clock);
     p.twin("r-0").unwrap().set_desired(obj(json!({"open": true}))).await.unwrap();
-    let (attempt, id) = sent.recv().await.unwrap();
+    let (_, attempt, id) = sent.recv().await.unwrap();
     assert_eq!(attempt, 0);
     clock.advance(1_000); // retry 1, next deadline at +2,500
-    assert_eq!(sent.recv().await.unwrap(), (1, id));
+    assert_eq!(sent.recv().await.unwrap(), (tid("r-0"), 1, id));
     clock.wait_for_timers(1).await;
     p.shutdown().await;
 
     // The wait is in the stored state: the new incarnation re-arms it.
     let p = start(dir.path(), Some(clock.clone()), settings).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(IdRecorder(tx)));
+    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
     let twin = p.twin("r-0").unwrap();
     let view = twin.get().await.unwrap();
@@ -149,7 +135,7 @@ async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
     clock.wait_for_timers(1).await;
     assert!(sent.try_recv().is_err(), "nothing is sent before the stored deadline");
     clock.advance(1_500); // retry 2: the same command, by its stored id
-    assert_eq!(sent.recv().await.unwrap(), (2, id));
+    assert_eq!(sent.recv().await.unwrap(), (tid("r-0"), 2, id));
     clock.wait_for_timers(1).await;
     clock.advance(2_000); // retries used up
     let alert = alerts.recv().await.unwrap();
