@@ -1,120 +1,23 @@
-//! What every actor of a platform shares: storage, clock, alerts, the arbiter pool, the
-//! directories of twins, device types and DTAs, and the settings. One `TwinEnv` per
-//! platform; nothing here is a process-wide singleton, so two platforms can run in one
-//! process (tests do).
+//! A platform's environment: its infrastructure (`context::Infra`, which `TwinEnv`
+//! dereferences to), its services (operators' access, device credentials, jobs) and its
+//! directory of twins, device types and DTAs. One `TwinEnv` per platform; nothing here
+//! is a process-wide singleton, so two platforms can run in one process (tests do).
 
 use crate::access::AccessControl;
+pub use crate::context::{DeviceLink, Infra, Settings};
 use crate::credentials::Credentials;
 use crate::directory::TwinDirectory;
 use crate::jobs::Jobs;
-use parking_lot::RwLock;
-use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 pub use twinfleet_models::DeviceCommand;
-use twinfleet_models::{CommandId, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
-use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage, StorageError};
+use twinfleet_runtime::{ArbiterPool, SharedClock, Storage, StorageError};
 
 pub(crate) use crate::maps::{Directory, FastMap, FastSet};
 
-/// Tunables of the twin actors.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Bounded mailbox of each DTI. A sender awaiting `send` parks while it is full
-    /// (back-pressure); `try_*` calls get `TwinError::MailboxFull`.
-    pub dti_mailbox: usize,
-    /// Bounded mailbox of each TDTA and DTA.
-    pub aggregate_mailbox: usize,
-    /// How supervisors restart failed children.
-    pub restart: RestartPolicy,
-    /// How long a twin waits for its device to report the desired state, and retries.
-    pub desired_sync: RetryPolicy,
-    /// Deadline of a request made through a handle, on the platform clock.
-    pub request_timeout_ms: u64,
-    /// Accept `inject_panic` requests (tests and chaos drills only).
-    pub allow_fault_injection: bool,
-    /// What a telemetry batch may contain.
-    pub telemetry: TelemetryLimits,
-    /// A twin writes its snapshot after this many journal events (a change writes only
-    /// its events; a restart replays the events after the snapshot).
-    pub snapshot_every: u32,
-    /// ... or this long (real time, ms) after its first event since the last snapshot,
-    /// whichever comes first, so that an idle twin's replay stays empty.
-    pub snapshot_idle_ms: u64,
-    /// How often (real time, ms) the journals of device types with a retention are
-    /// compacted; 0 turns the periodic pass off (`TwinRuntime::compact_journals` runs one).
-    pub compaction_interval_ms: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            dti_mailbox: 32,
-            aggregate_mailbox: 256,
-            restart: RestartPolicy::default(),
-            desired_sync: RetryPolicy::default(),
-            request_timeout_ms: 30_000,
-            allow_fault_injection: false,
-            telemetry: TelemetryLimits::default(),
-            snapshot_every: 64,
-            snapshot_idle_ms: 2_000,
-            compaction_interval_ms: 60_000,
-        }
-    }
-}
-
-/// The twin-to-device direction, implemented by the protocol adapters. Called on the
-/// twin's arbiter; an implementation may spawn work there but must not block.
-pub trait DeviceLink: Send + Sync + Debug + 'static {
-    /// How well this transport can reach the device now: 0 = not at all; higher wins.
-    /// gRPC answers 2 for a device with an open command stream or a `grpc_address`;
-    /// MQTT answers 1 for every device (the broker holds commands for offline devices).
-    fn preference(&self, _twin: &TwinId, _metadata: &Metadata) -> u8 {
-        1
-    }
-
-    /// Hands command `id` to the device's transport; the device answers with the same id
-    /// (its decimal form) on any transport. `metadata` is the twin's (a request-response
-    /// device's address lives there). An error means it could not even be queued (e.g.
-    /// the device is offline); the twin's desired-state wait retries either way.
-    fn deliver(&self, twin: &TwinId, metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String>;
-}
-
-/// The device transports attached to a platform, by name ("grpc", "mqtt", ...). A
-/// command goes to the one with the highest preference for that twin.
-#[derive(Debug, Default)]
-struct DeviceLinks(RwLock<Vec<(&'static str, Arc<dyn DeviceLink>)>>);
-
-impl DeviceLinks {
-    fn deliver(&self, twin: &TwinId, metadata: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String> {
-        let best = {
-            let links = self.0.read();
-            links
-                .iter()
-                .map(|(_, l)| (l.preference(twin, metadata), l))
-                .filter(|(p, _)| *p > 0)
-                .max_by_key(|(p, _)| *p)
-                .map(|(_, l)| l.clone())
-        };
-        match best {
-            Some(link) => link.deliver(twin, metadata, id, cmd),
-            None if self.0.read().is_empty() => Err("no device transport attached".into()),
-            None => Err(format!("no attached transport can reach device {twin}")),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct TwinEnv {
-    pub storage: Arc<dyn Storage>,
-    pub clock: SharedClock,
-    pub alerts: AlertSink,
-    pub arbiters: Arc<ArbiterPool>,
-    pub settings: Settings,
-    /// Counted rejections of bad input, shared by every edge.
-    pub rejections: Rejections,
-    /// Requests served by the HTTP and gRPC edges, by route and status, with latencies.
-    pub requests: RequestMetrics,
+    /// Storage, clock, alerts, arbiters, counters, device transports, settings.
+    infra: Infra,
     pub(crate) credentials: Credentials,
     /// Operators: users, groups, API tokens, audit log.
     pub access: AccessControl,
@@ -122,8 +25,13 @@ pub struct TwinEnv {
     pub jobs: Jobs,
     /// Twins, device types, DTAs and quarantine; written only by `directory`.
     pub(crate) directory: TwinDirectory,
-    device_links: DeviceLinks,
-    versions: AtomicU64,
+}
+
+impl std::ops::Deref for TwinEnv {
+    type Target = Infra;
+    fn deref(&self) -> &Infra {
+        &self.infra
+    }
 }
 
 impl TwinEnv {
@@ -133,52 +41,15 @@ impl TwinEnv {
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
     ) -> Result<Arc<Self>, StorageError> {
-        let alerts = AlertSink::new(storage.clone());
         let credentials = Credentials::open(storage.clone())?;
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone(), clock.now())?;
         Ok(Arc::new(TwinEnv {
-            storage,
-            clock,
-            alerts,
-            arbiters,
-            settings,
-            rejections: Rejections::default(),
-            requests: RequestMetrics::default(),
+            infra: Infra::new(storage, clock, arbiters, settings),
             credentials,
             access,
             jobs,
             directory: TwinDirectory::default(),
-            device_links: DeviceLinks::default(),
-            versions: AtomicU64::new(1),
         }))
-    }
-
-    /// Attaches a device transport under `name`, replacing one of the same name.
-    pub fn attach_device_link(&self, name: &'static str, link: Arc<dyn DeviceLink>) {
-        let mut links = self.device_links.0.write();
-        links.retain(|(n, _)| *n != name);
-        links.push((name, link));
-    }
-
-    /// Detaches the transport `name` (its commands fail, watchdogs retry).
-    pub fn detach_device_link(&self, name: &str) {
-        self.device_links.0.write().retain(|(n, _)| *n != name);
-    }
-
-    /// Hands a twin's command to the best attached transport.
-    pub(crate) fn deliver_to_device(
-        &self,
-        twin: &TwinId,
-        metadata: &Metadata,
-        id: CommandId,
-        cmd: DeviceCommand,
-    ) -> Result<(), String> {
-        self.device_links.deliver(twin, metadata, id, cmd)
-    }
-
-    /// A platform-wide increasing number, to order configuration pushes.
-    pub(crate) fn next_version(&self) -> u64 {
-        self.versions.fetch_add(1, Ordering::Relaxed)
     }
 }
