@@ -61,16 +61,26 @@ pub fn restrict_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Gives every directory under `dir` mode 0700 and every file 0600 (what the storage
-/// engine created with the process's umask).
+/// engine created with the process's umask). A file that vanishes meanwhile is skipped:
+/// sled renames and removes its snapshot files in the background.
 pub fn restrict_tree(dir: &Path) -> std::io::Result<()> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     restrict_dir(dir)?;
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            restrict_tree(&entry.path())?;
-        } else if ty.is_file() {
-            std::fs::set_permissions(entry.path(), Permissions::from_mode(0o600))?;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let r = match entry.file_type() {
+            Ok(ty) if ty.is_dir() => restrict_tree(&entry.path()),
+            Ok(ty) if ty.is_file() => std::fs::set_permissions(entry.path(), Permissions::from_mode(0o600)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Err(e) if !gone(&e) => return Err(e),
+            _ => {}
         }
     }
     Ok(())
