@@ -209,6 +209,9 @@ impl TwinRuntime {
     }
 
     pub async fn create_dta(&self, spec: DtaSpec) -> Result<DtaHandle, TwinError> {
+        for layer in spec.layers.values() {
+            twinfleet_models::limits::check_object(&layer.values).map_err(twinfleet_models::ModelError::from)?;
+        }
         let id = spec.id.clone();
         self.stats.enqueued();
         self.supervisor.send(CreateDta(spec)).await.map_err(|_| TwinError::ShuttingDown)??;

@@ -56,6 +56,20 @@ async fn documents_nested_too_deep_are_refused_on_every_edge_and_the_twin_restar
     let view = p.twin("d-0").unwrap().get().await.unwrap();
     assert_eq!(view.state.reported.keys().collect::<Vec<_>>(), ["ok"]);
     assert!(view.state.desired.is_empty());
+    // The documents of groups and device types are bounded the same way.
+    let mut layers = std::collections::BTreeMap::new();
+    layers.insert("deep".to_string(), twinfleet::models::ConfigLayer { priority: 1, values: obj(too_deep.clone()) });
+    let dta = twinfleet::DtaSpec { id: "g".parse().unwrap(), name: String::new(), parents: vec![], layers };
+    assert!(matches!(p.create_dta(dta).await, Err(twinfleet::TwinError::Rejected(_))));
+    let ty = twinfleet::DeviceTypeSpec {
+        id: "deep".parse().unwrap(),
+        model: String::new(),
+        defaults: obj(too_deep.clone()),
+        domain: None,
+        journal: Default::default(),
+    };
+    assert!(matches!(p.create_device_type(ty).await, Err(twinfleet::TwinError::Rejected(_))));
+
     device.disconnect().await;
     mqtt.stop().await;
     grpc.stop().await;
