@@ -1,0 +1,167 @@
+//! Every request a DTI takes, each with its own reply type, and how the actor runs it.
+
+use super::*;
+
+/// A request to a DTI with its own reply type, so a caller can never get the answer of
+/// another request. Every trigger of the actor is one of the types below that implement
+/// this trait (all in this module), or one of its wait timers.
+pub(crate) trait Request: Send + 'static {
+    type Reply: Send + 'static;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<Self::Reply>;
+}
+
+/// The envelope of a [`Request`] in the actor's mailbox.
+pub(crate) struct Ask<Q>(pub Q);
+
+impl<Q: Request> Message for Ask<Q> {
+    type Result = Result<Q::Reply, TwinError>;
+}
+
+/// The twin's view.
+#[derive(Debug)]
+pub(crate) struct Get;
+/// A command, and records to write in the same atomic batch if it is accepted;
+/// answered with the journal sequence number once durable.
+#[derive(Debug)]
+pub(crate) struct Command(pub TwinCommand, pub WriteBatch);
+/// The last `limit` journal events.
+#[derive(Debug)]
+pub(crate) struct Events(pub usize);
+#[derive(Debug)]
+pub(crate) struct Join(pub Arc<ResolvedLayers>);
+#[derive(Debug)]
+pub(crate) struct Leave(pub DtaId);
+#[derive(Debug)]
+pub(crate) struct LayersChanged(pub Arc<ResolvedLayers>);
+#[derive(Debug)]
+pub(crate) struct Telemetry(pub Vec<MetricPoint>);
+#[derive(Debug)]
+pub(crate) struct InjectPanic;
+/// A command for the device; answered with the id the twin minted for it, once the
+/// transport has it.
+#[derive(Debug)]
+pub(crate) struct ToDevice(pub DeviceCommand);
+/// Stop for good (the twin is being deleted): answered after everything queued before
+/// it; nothing is written after the answer.
+#[derive(Debug)]
+pub(crate) struct Retire;
+
+/// What an accepted write answers: its journal sequence number.
+fn seq(r: Result<Applied, TwinError>) -> Outcome<u64> {
+    match r {
+        Ok(applied) => {
+            let seq = applied.seq;
+            Outcome::AfterFlush(applied, seq)
+        }
+        Err(e) => Outcome::Now(Err(e)),
+    }
+}
+
+impl Request for Get {
+    type Reply = TwinView;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<TwinView> {
+        Outcome::Now(Ok(dti.view()))
+    }
+}
+
+impl Request for Command {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        seq(dti.apply(self.0, self.1, ctx))
+    }
+}
+
+impl Request for Events {
+    type Reply = Vec<TwinEvent>;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Vec<TwinEvent>> {
+        Outcome::Later(dti.read_events(self.0))
+    }
+}
+
+impl Request for Join {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        let resolved = self.0;
+        let r = dti.apply(TwinCommand::JoinDta(resolved.dta.clone()), WriteBatch::new(), ctx);
+        if r.is_ok() {
+            dti.layers.retain(|l| l.dta != resolved.dta);
+            dti.layers.push(resolved);
+        }
+        seq(r)
+    }
+}
+
+impl Request for Leave {
+    type Reply = u64;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
+        let r = dti.apply(TwinCommand::LeaveDta(self.0.clone()), WriteBatch::new(), ctx);
+        if r.is_ok() {
+            dti.layers.retain(|l| l.dta != self.0);
+        }
+        seq(r)
+    }
+}
+
+impl Request for LayersChanged {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+        let resolved = self.0;
+        if let Some(l) = dti.layers.iter_mut().find(|l| l.dta == resolved.dta)
+            && resolved.version > l.version
+        {
+            *l = resolved;
+        }
+        Outcome::Now(Ok(()))
+    }
+}
+
+impl Request for Telemetry {
+    type Reply = usize;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
+        match dti.store_telemetry(self.0) {
+            Ok((ticket, points)) => {
+                Outcome::AfterFlush(Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false }, points)
+            }
+            Err(e) => Outcome::Now(Err(e)),
+        }
+    }
+}
+
+impl Request for ToDevice {
+    type Reply = CommandId;
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<CommandId> {
+        match dti.apply(TwinCommand::SendToDevice(self.0), WriteBatch::new(), ctx) {
+            Ok(applied) => {
+                let id = applied.deliveries.first().map(|(id, _)| *id).unwrap_or(CommandId(0));
+                Outcome::AfterFlush(Applied { must_deliver: true, ..applied }, id)
+            }
+            Err(e) => Outcome::Now(Err(e)),
+        }
+    }
+}
+
+impl Request for Retire {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
+        for (_, _, timer) in std::mem::take(&mut dti.timers) {
+            ctx.cancel_future(timer);
+        }
+        if let Some(t) = dti.idle.take() {
+            ctx.cancel_future(t);
+        }
+        dti.slot.set_addr(None);
+        dti.slot.stats.set_status(ActorStatus::Stopped);
+        ctx.stop();
+        Outcome::Now(Ok(()))
+    }
+}
+
+impl Request for InjectPanic {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+        if !dti.env().settings.allow_fault_injection {
+            return Outcome::Now(Err(TwinError::FaultInjectionDisabled));
+        }
+        panic!("fault injected into twin {}", dti.slot.id)
+    }
+}

@@ -1,0 +1,133 @@
+//! What the directory, the handles and operators see of a twin without asking its actor:
+//! its slot, how it starts, and its view.
+
+use super::*;
+
+/// Marks a twin that has no packed fleet record to fall back to.
+pub(crate) const NO_ORIGIN: u32 = u32::MAX;
+
+/// The configuration layers a DTA hands to its members: its own and its ancestors'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedLayers {
+    pub dta: DtaId,
+    /// Newer pushes carry larger versions; a twin ignores an older one arriving late.
+    pub version: u64,
+    pub layers: Vec<LayerRef>,
+}
+
+/// The stable home of a twin in the directory. The actor behind it comes and goes with
+/// restarts; handles keep pointing at the slot.
+#[derive(Debug)]
+pub struct TwinSlot {
+    pub(crate) id: TwinId,
+    pub(crate) stats: ActorStats,
+    addr: RwLock<Option<Addr<Dti>>>,
+    pub(crate) ty: Arc<TypeContext>,
+    /// Index of the packed fleet record this twin was created from, or `NO_ORIGIN`.
+    pub(crate) origin: u32,
+    /// The arbiter the twin runs on (and is restarted on).
+    pub(crate) arbiter: u16,
+    /// What listings filter on without asking the actor: set at every start and after
+    /// every change of metadata or lifecycle.
+    archived: AtomicBool,
+    tags: RwLock<Option<Arc<[String]>>>,
+}
+
+impl TwinSlot {
+    pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32, arbiter: u16) -> Self {
+        let stats = ActorStats::new("dti", id.as_arc().clone(), Some(ty.path.clone()));
+        TwinSlot {
+            id,
+            stats,
+            addr: RwLock::new(None),
+            ty,
+            origin,
+            arbiter,
+            archived: AtomicBool::new(false),
+            tags: RwLock::new(None),
+        }
+    }
+
+    pub(super) fn set_summary(&self, state: &TwinState) {
+        self.archived.store(state.lifecycle == Lifecycle::Archived, Relaxed);
+        let tags = &state.metadata.tags;
+        *self.tags.write() = (!tags.is_empty()).then(|| Arc::from(tags.as_slice()));
+    }
+
+    pub(crate) fn archived(&self) -> bool {
+        self.archived.load(Relaxed)
+    }
+
+    pub(crate) fn has_tag(&self, tag: &str) -> bool {
+        self.tags.read().as_ref().is_some_and(|t| t.iter().any(|x| x == tag))
+    }
+
+    pub(crate) fn tags(&self) -> Vec<String> {
+        self.tags.read().as_deref().map(<[String]>::to_vec).unwrap_or_default()
+    }
+
+    pub(crate) fn set_addr(&self, addr: Option<Addr<Dti>>) {
+        *self.addr.write() = addr;
+    }
+
+    /// Runs `f` with the live address, without cloning it (an `Addr` clone allocates).
+    pub(crate) fn with_addr<R>(&self, f: impl FnOnce(&Addr<Dti>) -> R) -> Option<R> {
+        self.addr.read().as_ref().map(f)
+    }
+}
+
+/// The newest value of each metric.
+pub(crate) type Latest = BTreeMap<String, LatestPoint>;
+
+/// How a DTI starts, besides its state.
+#[derive(Debug, Default)]
+pub(crate) struct Start {
+    /// Set when this incarnation is a restart: recorded in the journal on start.
+    pub restart: Option<(String, u32)>,
+    /// Journal events replayed on top of the stored snapshot.
+    pub tail: u32,
+    /// The latest telemetry values, as stored.
+    pub latest: Option<Box<Latest>>,
+}
+
+impl Start {
+    /// The stored latest values of a twin, if it has any (a decode failure is logged
+    /// and starts empty: they are a cache of the telemetry records).
+    pub(crate) fn decode_latest(id: &TwinId, raw: Option<&[u8]>) -> Option<Box<Latest>> {
+        let raw = raw?;
+        match decode_record::<Latest>(raw) {
+            Ok(l) => Some(Box::new(l)),
+            Err(e) => {
+                tracing::warn!(twin = %id, "the latest telemetry values do not decode ({e}); starting without them");
+                None
+            }
+        }
+    }
+}
+
+/// What a twin shows of itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TwinView {
+    #[serde(flatten)]
+    pub state: TwinState,
+    pub effective_config: EffectiveConfig,
+    pub in_sync: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired_sync: Option<WaitView>,
+    /// The newest value of each metric the device sent: `metric → {at, value}`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub telemetry_latest: BTreeMap<String, LatestPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct LatestPoint {
+    pub at: Timestamp,
+    pub value: f64,
+}
+
+/// A wait the twin owns, as shown to operators.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WaitView {
+    pub attempt: u32,
+    pub deadline: Timestamp,
+}
