@@ -26,6 +26,17 @@ impl DeviceLink for Recorder {
     }
 }
 
+/// The attempts of the journal's `wait_retried` events, in order.
+fn retries(events: &[twinfleet::models::TwinEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::WaitRetried { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Test settings with a short desired-state policy: 1 s per attempt, 2 retries after
 /// 500 ms and 1,000 ms of backoff.
 fn short_sync() -> twinfleet::Settings {
@@ -70,14 +81,7 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
     assert!(alert.message.contains("after 3 attempts"), "{}", alert.message);
 
     let events = twin.events(20).await.unwrap();
-    let retries: Vec<u32> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::WaitRetried { attempt, .. } => Some(*attempt),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(retries, vec![1, 2]);
+    assert_eq!(retries(&events), vec![1, 2]);
     assert!(events.iter().any(|e| matches!(e.kind, EventKind::AlertRaised { .. })));
     assert!(sent.try_recv().is_err(), "no retry after the alert");
     p.shutdown().await;
@@ -140,17 +144,7 @@ async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
     clock.advance(2_000); // retries used up
     let alert = alerts.recv().await.unwrap();
     assert_eq!((alert.kind, alert.source.as_str()), (AlertKind::DeadlineExceeded, "dti/r-0"));
-    let retries: Vec<u32> = twin
-        .events(20)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::WaitRetried { attempt, .. } => Some(*attempt),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(retries, vec![1, 2]);
+    assert_eq!(retries(&twin.events(20).await.unwrap()), vec![1, 2]);
     assert!(twin.get().await.unwrap().desired_sync.is_none());
     p.shutdown().await;
 }
