@@ -43,7 +43,7 @@ impl TwinEnv {
     ) -> Result<Arc<Self>, StorageError> {
         let credentials = Credentials::open(storage.clone())?;
         let access = AccessControl::open(storage.clone(), credentials.key())?;
-        let jobs = Jobs::open(storage.clone(), clock.now())?;
+        let jobs = Jobs::open(storage.clone())?;
         Ok(Arc::new(TwinEnv {
             infra: Infra::new(storage, clock, arbiters, settings),
             credentials,

@@ -137,7 +137,7 @@ fn work_key(id: u64) -> Vec<u8> {
 impl Jobs {
     /// Loads stored jobs; those still running were interrupted by the last stop and are
     /// resumed by [`TwinRuntime::resume_jobs`] once the twins are back.
-    pub(crate) fn open(storage: Arc<dyn Storage>, _now: Timestamp) -> Result<Self, StorageError> {
+    pub(crate) fn open(storage: Arc<dyn Storage>) -> Result<Self, StorageError> {
         let mut jobs = BTreeMap::new();
         let mut work = BTreeMap::new();
         for row in storage.scan(spaces::JOB, b"") {
@@ -222,15 +222,12 @@ impl TwinRuntime {
         };
         // The work as it was checked, stored to resume from: a group's members are
         // resolved now; a creation keeps its compact form (`generate`).
-        let stored = matches!(spec, JobSpec::CreateTwins { .. }).then(|| spec.clone());
+        let submitted = spec.clone();
         let plan = self.plan(p, spec)?;
-        let work = match (&plan, stored) {
-            (Plan::Archive(ids), _) => JobSpec::ArchiveTwins { group: None, twins: ids.clone() },
-            (Plan::Delete(ids), _) => JobSpec::DeleteTwins { group: None, twins: ids.clone() },
-            (Plan::Create(..), Some(w)) => w,
-            (Plan::Create(ty, twins), None) => {
-                JobSpec::CreateTwins { device_type: ty.clone(), twins: twins.clone(), generate: None }
-            }
+        let work = match &plan {
+            Plan::Archive(ids) => JobSpec::ArchiveTwins { group: None, twins: ids.clone() },
+            Plan::Delete(ids) => JobSpec::DeleteTwins { group: None, twins: ids.clone() },
+            Plan::Create(..) => submitted,
         };
         let env = self.env();
         let id = env.storage.generate_id()?;
@@ -272,10 +269,9 @@ impl TwinRuntime {
                     j.finished_at = Some(now);
                     j.errors.push("interrupted: the platform stopped while the job ran".into());
                 }) {
-                    let jobs = self.env().jobs.storage.clone();
                     let mut b = WriteBatch::new();
                     b.put(spaces::JOB, job_key(id), encode_record(&job));
-                    drop(jobs.submit(b));
+                    drop(jobs.storage.submit(b));
                 }
                 continue;
             };

@@ -234,8 +234,10 @@ struct Engine {
     /// `None` after shutdown: sled keeps its file lock while any handle lives, so the
     /// engine is dropped here even if other parts still hold the `SledStorage`.
     db: RwLock<Option<(sled::Db, sled::Tree)>>,
-    /// `Some(why)` while the disk is full.
+    /// `Some(why)` while the disk is full; `is_full` mirrors it so that the check every
+    /// write makes is one atomic load, not a lock.
     full: RwLock<Option<String>>,
+    is_full: std::sync::atomic::AtomicBool,
     /// sled itself failed a write for lack of space: it refuses every write until it is
     /// reopened (the reserve check usually refuses first, and sled is left untouched).
     poisoned: std::sync::atomic::AtomicBool,
@@ -245,6 +247,11 @@ struct Engine {
 }
 
 impl Engine {
+    fn set_full(&self, why: Option<String>) {
+        self.is_full.store(why.is_some(), Relaxed);
+        *self.full.write() = why;
+    }
+
     /// Why the disk cannot take `bytes` more now, if it cannot.
     fn short_of_space(&self, bytes: u64) -> Option<String> {
         let free = free_bytes(&self.path)?;
@@ -325,6 +332,7 @@ impl SledStorage {
         let engine = Arc::new(Engine {
             db: RwLock::new(Some((db, tree))),
             full: RwLock::new(None),
+            is_full: std::sync::atomic::AtomicBool::new(false),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             path: path.clone(),
             cache_bytes: opts.cache_bytes,
@@ -409,7 +417,7 @@ fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Co
                 tracing::error!(
                     "the disk is full: {why}; writes are refused, reads go on, writes resume when space is freed"
                 );
-                *engine.full.write() = Some(why);
+                engine.set_full(Some(why));
                 last_probe = Instant::now();
             }
         }
@@ -450,7 +458,7 @@ fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Co
                     "the disk is full: {why}; {} write(s) refused, reads go on, writes resume when space is freed",
                     group.len()
                 );
-                *engine.full.write() = Some(why.clone());
+                engine.set_full(Some(why.clone()));
                 engine.poisoned.store(true, Relaxed);
                 last_probe = Instant::now();
             }
@@ -474,7 +482,7 @@ fn recover(engine: &Engine) {
         return;
     }
     if !engine.poisoned.load(Relaxed) {
-        *engine.full.write() = None;
+        engine.set_full(None);
         tracing::warn!("space is available again: storage takes writes again");
         return;
     }
@@ -497,7 +505,7 @@ fn recover(engine: &Engine) {
     match open_engine(&engine.path, engine.cache_bytes) {
         Ok(e) => {
             *db = Some(e);
-            *engine.full.write() = None;
+            engine.set_full(None);
             engine.poisoned.store(false, Relaxed);
             tracing::warn!("space is available again: storage takes writes again");
         }
@@ -595,6 +603,9 @@ impl Storage for SledStorage {
     }
 
     fn writable(&self) -> Result<(), StorageError> {
+        if !self.engine.is_full.load(Relaxed) {
+            return Ok(());
+        }
         match self.engine.full.read().as_ref() {
             Some(why) => Err(StorageError::Full(why.clone())),
             None => Ok(()),

@@ -9,7 +9,6 @@ use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 use twinfleet_protocols::HttpApi;
 
 /// A tmpfs of `mib` MiB, unmounted on drop.
@@ -133,7 +132,6 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself() {
         p.shutdown().await;
     }
     std::fs::remove_file(&filler).unwrap();
-    std::thread::sleep(Duration::from_millis(10));
     let p = start(&data, None, test_settings()).await;
     assert_eq!(p.twin("f-1").unwrap().get().await.unwrap().state.desired["speed"], json!(42));
     p.shutdown().await;
