@@ -142,7 +142,7 @@ impl Platform {
     }
 
     pub fn storage_stats(&self) -> StorageStats {
-        self.runtime.env().storage.stats()
+        self.runtime.storage().stats()
     }
 
     /// Stops the twins, flushes everything acknowledged or submitted, releases the data

@@ -10,7 +10,6 @@ use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{journal_prefix, twin_key};
 use crate::spaces;
-use crate::supervisor::TwinRuntime;
 use serde::Serialize;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -26,16 +25,6 @@ pub struct CompactionReport {
     /// Twins whose journals were looked at (those of types with a retention).
     pub twins: usize,
     pub events_deleted: usize,
-}
-
-impl TwinRuntime {
-    /// Runs one compaction pass now (on the blocking pool) and reports what it did.
-    pub async fn compact_journals(&self) -> Result<CompactionReport, TwinError> {
-        let env = self.env().clone();
-        tokio::task::spawn_blocking(move || compact(&env))
-            .await
-            .map_err(|e| TwinError::Invalid(format!("compaction failed: {e}")))?
-    }
 }
 
 /// Starts the periodic pass; the thread ends once the platform is gone.
@@ -70,7 +59,7 @@ pub(crate) fn start_compactor(env: &Arc<TwinEnv>) {
     }
 }
 
-fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
+pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     let now = env.clock.now();
     let mut report = CompactionReport::default();
     let bounded: Vec<(TwinId, JournalRetention)> = env

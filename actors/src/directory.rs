@@ -3,10 +3,10 @@
 //! the maps are `Entries`, which the rest of the crate can read (get, iterate, count)
 //! but not change, so every change of the directory is one of the functions below.
 
-use crate::dta::DtaEntry;
 use crate::dti::TwinSlot;
+use crate::dti::TypeContext;
+use crate::group::DtaEntry;
 use crate::maps::FastHash;
-use crate::tdta::TypeContext;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::Ref;

@@ -8,191 +8,60 @@
 //! the actor, so that the actor only serializes changes and pushes.
 
 use crate::dti::{Join, LayersChanged, Leave, ResolvedLayers};
-use crate::env::{FastSet, TwinEnv};
+use crate::env::TwinEnv;
 use crate::error::TwinError;
+use crate::group::{DtaEntry, DtaInfo, DtaMsg, DtaRequest};
 use crate::handle::{TwinHandle, deliver};
 use crate::records::DtaSpec;
 use crate::spaces;
 use actix::prelude::*;
 use futures::StreamExt;
-use parking_lot::{Mutex, RwLock};
-use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use twinfleet_models::{Alert, AlertKind, ConfigLayer, DtaId, LayerRef, ModelError, Severity, TwinId};
-use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch, encode_record, panic};
+use twinfleet_models::{Alert, AlertKind, ConfigLayer, DtaId, ModelError, Severity, TwinId};
+use twinfleet_runtime::{ActorView, WriteBatch, encode_record, panic};
 
 /// Members pushed to concurrently by one layer change.
 const PUSH_CONCURRENCY: usize = 512;
 
-#[derive(Debug)]
-pub struct DtaEntry {
-    pub(crate) id: DtaId,
-    pub(crate) stats: ActorStats,
-    pub(crate) env: Arc<TwinEnv>,
-    record: RwLock<DtaSpec>,
-    resolved: RwLock<Arc<ResolvedLayers>>,
-    parent_resolved: Mutex<HashMap<DtaId, Arc<ResolvedLayers>>>,
-    pub(crate) members: Mutex<FastSet<TwinId>>,
-    pub(crate) children: Mutex<HashSet<DtaId>>,
-    addr: RwLock<Option<Addr<Dta>>>,
-}
-
-/// What a DTA shows of itself.
-#[derive(Debug, Clone, Serialize)]
-pub struct DtaInfo {
-    pub id: DtaId,
-    pub name: String,
-    pub parents: Vec<DtaId>,
-    pub children: Vec<DtaId>,
-    pub layers: BTreeMap<String, ConfigLayer>,
-    pub members: usize,
-    pub version: u64,
-}
-
-impl DtaEntry {
-    pub(crate) fn new(spec: DtaSpec, env: Arc<TwinEnv>) -> Arc<Self> {
-        let stats = ActorStats::new("dta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor")));
-        let parent_resolved: HashMap<DtaId, Arc<ResolvedLayers>> =
-            spec.parents.iter().filter_map(|p| env.directory.dtas.get(p).map(|e| (p.clone(), e.resolved()))).collect();
-        let entry = Arc::new(DtaEntry {
-            id: spec.id.clone(),
-            stats,
-            resolved: RwLock::new(Arc::new(ResolvedLayers { dta: spec.id.clone(), version: 0, layers: vec![] })),
-            record: RwLock::new(spec),
-            parent_resolved: Mutex::new(parent_resolved),
-            members: Mutex::new(FastSet::default()),
-            children: Mutex::new(HashSet::new()),
-            addr: RwLock::new(None),
-            env,
-        });
-        entry.recompute();
-        entry
-    }
-
-    /// Creates the entry, starts its actor, registers it and links it to its parents.
-    pub(crate) fn start(spec: DtaSpec, env: &Arc<TwinEnv>) {
-        let id = spec.id.clone();
-        let parents = spec.parents.clone();
-        let entry = DtaEntry::new(spec, env.clone());
-        Dta::launch(entry.clone());
-        env.directory.add_dta(id.clone(), entry);
-        for p in parents {
-            if let Some(pe) = env.directory.dtas.get(&p) {
-                pe.children.lock().insert(id.clone());
-            }
+/// Creates a DTA's entry, starts its actor, registers it and links it to its parents.
+pub(crate) fn start(spec: DtaSpec, env: &Arc<TwinEnv>) {
+    let id = spec.id.clone();
+    let parents = spec.parents.clone();
+    let parent_resolved: HashMap<DtaId, Arc<ResolvedLayers>> =
+        parents.iter().filter_map(|p| env.directory.dtas.get(p).map(|e| (p.clone(), e.resolved()))).collect();
+    let entry = DtaEntry::new(spec, env.infra().clone(), parent_resolved);
+    Dta::launch(entry.clone(), env.clone());
+    env.directory.add_dta(id.clone(), entry);
+    for p in parents {
+        if let Some(pe) = env.directory.dtas.get(&p) {
+            pe.children.lock().insert(id.clone());
         }
     }
-
-    pub(crate) fn resolved(&self) -> Arc<ResolvedLayers> {
-        self.resolved.read().clone()
-    }
-
-    pub(crate) fn add_members(&self, ids: impl ExactSizeIterator<Item = TwinId>) {
-        let mut m = self.members.lock();
-        m.reserve(ids.len());
-        m.extend(ids);
-    }
-
-    /// Has the actor push the current layers to `ids`.
-    pub(crate) fn refresh(&self, ids: Vec<TwinId>) {
-        if let Some(a) = self.addr.read().as_ref() {
-            a.do_send(DtaMsg(DtaRequest::Push(Some(ids))));
-        }
-    }
-
-    pub(crate) fn info(&self) -> DtaInfo {
-        let r = self.record.read();
-        let mut children: Vec<DtaId> = self.children.lock().iter().cloned().collect();
-        children.sort();
-        DtaInfo {
-            id: r.id.clone(),
-            name: r.name.clone(),
-            parents: r.parents.clone(),
-            children,
-            layers: r.layers.clone(),
-            members: self.members.lock().len(),
-            version: self.resolved().version,
-        }
-    }
-
-    /// Drops the DTA's address; the actor stops once no message is in flight.
-    pub(crate) fn stop(&self) {
-        self.addr.write().take();
-        self.stats.set_status(ActorStatus::Stopped);
-    }
-
-    pub(crate) fn addr(&self) -> Option<Addr<Dta>> {
-        self.addr.read().clone()
-    }
-
-    /// Own layers plus every ancestor's, under a new version.
-    fn recompute(&self) -> Arc<ResolvedLayers> {
-        let r = self.record.read();
-        let mut layers: Vec<LayerRef> = r
-            .layers
-            .iter()
-            .map(|(name, l)| LayerRef {
-                dta: r.id.clone(),
-                name: Arc::from(name.as_str()),
-                priority: l.priority,
-                values: Arc::new(l.values.clone()),
-            })
-            .collect();
-        for p in &r.parents {
-            if let Some(pr) = self.parent_resolved.lock().get(p) {
-                layers.extend(pr.layers.iter().cloned());
-            }
-        }
-        let resolved = Arc::new(ResolvedLayers { dta: r.id.clone(), version: self.env.next_version(), layers });
-        *self.resolved.write() = resolved.clone();
-        resolved
-    }
-}
-
-#[derive(Debug)]
-pub(crate) enum DtaRequest {
-    SetLayer {
-        name: String,
-        layer: Option<ConfigLayer>,
-    },
-    Join(TwinId),
-    Leave(TwinId),
-    ParentChanged(Arc<ResolvedLayers>),
-    /// Push the current layers to these members (all when `None`).
-    Push(Option<Vec<TwinId>>),
-}
-
-pub(crate) struct DtaMsg(pub DtaRequest);
-
-impl Message for DtaMsg {
-    /// Members the change reached.
-    type Result = Result<usize, TwinError>;
 }
 
 #[derive(Debug)]
 pub struct Dta {
     entry: Arc<DtaEntry>,
+    env: Arc<TwinEnv>,
 }
 
 impl Dta {
-    pub(crate) fn launch(entry: Arc<DtaEntry>) -> Addr<Dta> {
-        let cap = entry.env.settings.aggregate_mailbox;
+    fn launch(entry: Arc<DtaEntry>, env: Arc<TwinEnv>) {
+        let cap = env.settings.aggregate_mailbox;
         let e = entry.clone();
         let addr = Dta::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dta { entry: e }
+            Dta { entry: e, env }
         });
-        *entry.addr.write() = Some(addr.clone());
-        entry.stats.set_status(ActorStatus::Running);
-        addr
+        entry.attach(addr.recipient());
     }
 
     /// Pushes the current layers to members (all, or `only`) and to nested DTAs.
     fn push(&self, only: Option<Vec<TwinId>>) -> impl Future<Output = usize> + use<> {
         let entry = &self.entry;
         let resolved = entry.resolved();
-        let env = entry.env.clone();
+        let env = self.env.clone();
         if only.is_none() {
             for child in entry.children.lock().iter() {
                 if let Some(c) = env.directory.dtas.get(child).and_then(|c| c.addr()) {
@@ -225,13 +94,13 @@ impl Dta {
         req: DtaRequest,
     ) -> Result<futures::future::BoxFuture<'static, Result<usize, TwinError>>, TwinError> {
         let entry = self.entry.clone();
-        let env = entry.env.clone();
+        let env = self.env.clone();
         match req {
             DtaRequest::SetLayer { name, layer } => {
                 if name.is_empty() || name.len() > 128 {
                     return Err(TwinError::Invalid(format!("layer name {name:?} must be 1 to 128 bytes")));
                 }
-                let mut next = entry.record.read().clone();
+                let mut next = entry.record();
                 match layer {
                     Some(l) => {
                         next.layers.insert(name, l);
@@ -245,7 +114,7 @@ impl Dta {
                 let mut b = WriteBatch::new();
                 b.put(spaces::DTA, entry.id.as_str(), encode_record(&next));
                 let ticket = env.storage.submit(b);
-                *entry.record.write() = next;
+                entry.set_record(next);
                 entry.recompute();
                 let push = self.push(None);
                 Ok(Box::pin(async move {
@@ -291,17 +160,7 @@ impl Dta {
                 }))
             }
             DtaRequest::ParentChanged(parent) => {
-                let newer = {
-                    let mut pr = entry.parent_resolved.lock();
-                    match pr.get(&parent.dta) {
-                        Some(old) if old.version >= parent.version => false,
-                        _ => {
-                            pr.insert(parent.dta.clone(), parent);
-                            true
-                        }
-                    }
-                };
-                if !newer {
+                if !entry.parent_changed(parent) {
                     return Ok(Box::pin(std::future::ready(Ok(0))));
                 }
                 entry.recompute();
@@ -331,8 +190,8 @@ impl Handler<DtaMsg> for Dta {
             Err(message) => {
                 let e = &self.entry;
                 e.stats.record_error(&message);
-                e.env.alerts.raise(Alert {
-                    at: e.env.clock.now(),
+                e.infra.alerts.raise(Alert {
+                    at: e.infra.clock.now(),
                     severity: Severity::Critical,
                     kind: AlertKind::ActorFailed,
                     source: format!("dta/{}", e.id),
@@ -382,7 +241,7 @@ impl DtaHandle {
             status: stats.status(),
         })?;
         stats.enqueued();
-        deliver(addr.send(DtaMsg(req)), stats, &self.entry.env).await
+        deliver(addr.send(DtaMsg(req)), stats, &self.entry.infra).await
     }
 
     /// Sets a layer; resolves once it is durable and has reached every member. Returns

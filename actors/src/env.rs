@@ -4,20 +4,17 @@
 //! is a process-wide singleton, so two platforms can run in one process (tests do).
 
 use crate::access::AccessControl;
-pub use crate::context::{DeviceLink, Infra, Settings};
+use crate::context::{Infra, Settings};
 use crate::credentials::Credentials;
 use crate::directory::TwinDirectory;
 use crate::jobs::Jobs;
 use std::sync::Arc;
-pub use twinfleet_models::DeviceCommand;
 use twinfleet_runtime::{ArbiterPool, SharedClock, Storage, StorageError};
-
-pub(crate) use crate::maps::{Directory, FastMap, FastSet};
 
 #[derive(Debug)]
 pub struct TwinEnv {
     /// Storage, clock, alerts, arbiters, counters, device transports, settings.
-    infra: Infra,
+    infra: Arc<Infra>,
     pub(crate) credentials: Credentials,
     /// Operators: users, groups, API tokens, audit log.
     pub access: AccessControl,
@@ -35,6 +32,11 @@ impl std::ops::Deref for TwinEnv {
 }
 
 impl TwinEnv {
+    /// The infrastructure alone, as the twins hold it.
+    pub(crate) fn infra(&self) -> &Arc<Infra> {
+        &self.infra
+    }
+
     pub fn new(
         storage: Arc<dyn Storage>,
         clock: SharedClock,
@@ -45,7 +47,7 @@ impl TwinEnv {
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone())?;
         Ok(Arc::new(TwinEnv {
-            infra: Infra::new(storage, clock, arbiters, settings),
+            infra: Arc::new(Infra::new(storage, clock, arbiters, settings)),
             credentials,
             access,
             jobs,

@@ -5,8 +5,8 @@
 //! not its mailbox), and put a deadline on the platform clock on every request.
 
 use crate::access::{AccessControl, AuditEntry};
+use crate::context::Infra;
 use crate::dti::{Ask, Command, Events, Get, InjectPanic, Request, Retire, Telemetry, ToDevice, TwinSlot, TwinView};
-use crate::env::{DeviceCommand, TwinEnv};
 use crate::error::TwinError;
 use crate::telemetry::{TelemetryPage, TelemetryQuery};
 use actix::MailboxError;
@@ -14,17 +14,17 @@ use futures::future::{Either, select};
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
-use twinfleet_models::{CommandId, DeviceTypeId, MetricPoint, TwinCommand, TwinEvent, TwinId};
+use twinfleet_models::{CommandId, DeviceCommand, DeviceTypeId, MetricPoint, TwinCommand, TwinEvent, TwinId};
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
 pub(crate) async fn deliver<T>(
     request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>>,
     stats: &ActorStats,
-    env: &TwinEnv,
+    infra: &Infra,
 ) -> Result<T, TwinError> {
-    let ms = env.settings.request_timeout_ms;
-    let deadline = env.clock.sleep(ms);
+    let ms = infra.settings.request_timeout_ms;
+    let deadline = infra.clock.sleep(ms);
     match select(std::pin::pin!(request), deadline).await {
         Either::Left((Ok(r), _)) => r,
         Either::Left((Err(_), _)) => {
@@ -72,7 +72,7 @@ impl TwinHandle {
         stats.enqueued();
         let slot = self.slot.clone();
         Ok(async move {
-            match deliver(request, &slot.stats, &slot.ty.env).await {
+            match deliver(request, &slot.stats, &slot.ty.infra).await {
                 Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
                 r => r,
             }
@@ -114,7 +114,7 @@ impl TwinHandle {
         &self,
         cmd: TwinCommand,
     ) -> Result<impl Future<Output = Result<u64, TwinError>> + use<>, TwinError> {
-        if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.env.settings.dti_mailbox {
+        if self.slot.stats.mailbox_depth() as usize >= self.slot.ty.infra.settings.dti_mailbox {
             return Err(TwinError::MailboxFull(self.slot.id.to_string()));
         }
         self.post(Command(cmd, WriteBatch::new()))
@@ -155,7 +155,7 @@ impl TwinHandle {
     /// the twin's mailbox and arbiter are not involved, so a long read holds up no
     /// twin. It sees every point this twin acknowledged before (a storage barrier).
     pub async fn telemetry_page(&self, q: TelemetryQuery) -> Result<TelemetryPage, TwinError> {
-        let storage = self.slot.ty.env.storage.clone();
+        let storage = self.slot.ty.infra.storage.clone();
         storage.barrier().await?;
         let id = self.slot.id.clone();
         tokio::task::spawn_blocking(move || crate::telemetry::read_page(&*storage, &id, &q))

@@ -2,10 +2,10 @@
 //! parent and trouble, one actor's statistics, and the per-kind summary `/metrics` sums
 //! from the counters every actor keeps (no actor is messaged).
 
-use crate::dta::DtaEntry;
+use crate::dti::TypeContext;
 use crate::error::TwinError;
+use crate::group::DtaEntry;
 use crate::supervisor::TwinRuntime;
-use crate::tdta::TypeContext;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use twinfleet_models::{DeviceTypeId, DtaId};

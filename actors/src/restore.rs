@@ -4,13 +4,13 @@
 //! quarantined: reported (alert, restore report, `Quarantined` on access) and left
 //! untouched on disk, while everything else starts.
 
-use crate::dta::DtaEntry;
-use crate::dti::{NO_ORIGIN, Start, TwinSlot};
-use crate::env::{Directory, TwinEnv};
+use crate::dti::{NO_ORIGIN, Start, TwinSlot, TypeContext, replay_tail};
+use crate::env::TwinEnv;
 use crate::error::TwinError;
+use crate::maps::Directory;
 use crate::records::{DeviceTypeSpec, DtaSpec, FleetChunk};
 use crate::spaces;
-use crate::tdta::{NewMembers, Tdta, TypeContext, on_arbiter, replay_tail};
+use crate::tdta::{NewMembers, Tdta, on_arbiter};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -182,8 +182,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
         let (k, v) = row?;
         match decode_record::<DeviceTypeSpec>(&v) {
             Ok(spec) => {
-                let ctx = TypeContext::new(&spec, env.clone());
-                Tdta::launch(ctx.clone());
+                let ctx = TypeContext::new(&spec, env.infra().clone());
+                Tdta::launch(ctx.clone(), env.clone());
                 env.directory.restore_type(ctx);
                 report.device_types += 1;
             }
@@ -211,7 +211,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             break;
         }
         for spec in ready {
-            DtaEntry::start(spec, env);
+            crate::dta::start(spec, env);
             report.dtas += 1;
         }
         pending = rest;

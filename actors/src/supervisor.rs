@@ -4,21 +4,29 @@
 //! The supervisor creates TDTAs and DTAs; TDTAs supervise their DTIs. Device types and
 //! DTAs are persisted before they are announced; creating an existing one is refused.
 
+use crate::access::AccessControl;
+use crate::context::{DeviceLink, Settings};
 use crate::credentials::{AuthError, Holder};
 use crate::dta::DtaHandle;
-use crate::dta::{DtaEntry, DtaInfo};
+use crate::dti::{FleetReport, TypeContext};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
+use crate::group::DtaInfo;
 use crate::handle::TwinHandle;
+use crate::jobs::Jobs;
 use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 use crate::restore::{RestoreReport, restore};
 use crate::spaces;
-use crate::tdta::{FleetReport, Tdta, TypeContext};
+use crate::tdta::Tdta;
 use crate::tdta::{TypeHandle, TypeInfo};
 use actix::prelude::*;
 use std::sync::Arc;
 use twinfleet_models::DeviceTypeId;
-use twinfleet_runtime::{ActorStats, ActorStatus, AlertSink, WriteBatch, encode_record};
+use twinfleet_models::Timestamp;
+use twinfleet_runtime::{
+    ActorStats, ActorStatus, AlertSink, Rejections, RequestMetrics, SharedClock, Storage, StorageError, StorageStats,
+    WriteBatch, encode_record,
+};
 
 #[derive(Debug)]
 struct CreateDeviceType(DeviceTypeSpec);
@@ -50,7 +58,7 @@ impl Handler<CreateDeviceType> for PlatformSupervisor {
     fn handle(&mut self, CreateDeviceType(spec): CreateDeviceType, _: &mut Context<Self>) -> Self::Result {
         self.stats.dequeued();
         let env = self.env.clone();
-        let Some(ctx) = env.directory.add_type(spec.id.clone(), || TypeContext::new(&spec, env.clone())) else {
+        let Some(ctx) = env.directory.add_type(spec.id.clone(), || TypeContext::new(&spec, env.infra().clone())) else {
             return Box::pin(std::future::ready(Err(TwinError::AlreadyExists {
                 kind: "device type",
                 id: spec.id.to_string(),
@@ -59,7 +67,7 @@ impl Handler<CreateDeviceType> for PlatformSupervisor {
         let mut b = WriteBatch::new();
         b.put(spaces::DEVICE_TYPE, spec.id.as_str(), encode_record(&spec));
         let ticket = env.storage.submit(b);
-        Tdta::launch(ctx);
+        Tdta::launch(ctx, env.clone());
         Box::pin(async move {
             if let Err(e) = ticket.await {
                 env.directory.remove_type(&spec.id);
@@ -91,7 +99,7 @@ impl Handler<CreateDta> for PlatformSupervisor {
         let mut b = WriteBatch::new();
         b.put(spaces::DTA, spec.id.as_str(), encode_record(&spec));
         let ticket = env.storage.submit(b);
-        DtaEntry::start(spec, &env);
+        crate::dta::start(spec, &env);
         Box::pin(async move { ticket.await.map_err(TwinError::from) })
     }
 }
@@ -118,12 +126,81 @@ impl TwinRuntime {
         Ok((rt, report))
     }
 
-    pub fn env(&self) -> &Arc<TwinEnv> {
+    /// Runs one journal compaction pass now (on the blocking pool) and reports what it
+    /// did; the periodic pass (`compaction`) runs the same.
+    pub async fn compact_journals(&self) -> Result<crate::CompactionReport, TwinError> {
+        let env = self.env.clone();
+        tokio::task::spawn_blocking(move || crate::compaction::compact(&env))
+            .await
+            .map_err(|e| TwinError::Invalid(format!("compaction failed: {e}")))?
+    }
+
+    pub(crate) fn env(&self) -> &Arc<TwinEnv> {
         &self.env
     }
 
+    // The narrow handles the edges (and embedders) use: one service or one piece of
+    // infrastructure each, never the platform's whole environment.
+
     pub fn alerts(&self) -> &AlertSink {
         &self.env.alerts
+    }
+
+    /// Operators: users, groups, API tokens, audit log.
+    pub fn access(&self) -> &AccessControl {
+        &self.env.access
+    }
+
+    /// Long-running operator jobs (submit them with [`TwinRuntime::submit_job`]).
+    pub fn jobs(&self) -> &Jobs {
+        &self.env.jobs
+    }
+
+    /// Counted rejections of bad input, shared by every edge.
+    pub fn rejections(&self) -> &Rejections {
+        &self.env.rejections
+    }
+
+    /// Requests served by the HTTP and gRPC edges.
+    pub fn requests(&self) -> &RequestMetrics {
+        &self.env.requests
+    }
+
+    /// The platform clock (virtual in tests).
+    pub fn clock(&self) -> &SharedClock {
+        &self.env.clock
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.env.clock.now()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.env.settings
+    }
+
+    /// Whether storage takes writes now (`Full` while the disk is full).
+    pub fn storage_writable(&self) -> Result<(), StorageError> {
+        self.env.storage.writable()
+    }
+
+    pub fn storage_stats(&self) -> StorageStats {
+        self.env.storage.stats()
+    }
+
+    /// The raw store, for tools and tests that inspect records; twins and edges never
+    /// write through it.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.env.storage
+    }
+
+    /// Attaches a device transport under `name` (see [`DeviceLink`]).
+    pub fn attach_device_link(&self, name: &'static str, link: Arc<dyn DeviceLink>) {
+        self.env.attach_device_link(name, link);
+    }
+
+    pub fn detach_device_link(&self, name: &str) {
+        self.env.detach_device_link(name);
     }
 
     pub async fn create_device_type(&self, spec: DeviceTypeSpec) -> Result<TypeHandle, TwinError> {

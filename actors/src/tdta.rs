@@ -4,131 +4,31 @@
 //! backoff, and after too many failures in a window it is marked failed and an alert is
 //! raised.
 
-use crate::dta::DtaEntry;
-use crate::dti::{Dti, NO_ORIGIN, ResolvedLayers, Start, TwinSlot};
-use crate::env::{FastMap, TwinEnv};
+use crate::dti::{
+    ChildFailed, Dti, FleetReport, ResolvedLayers, SetDefaults, SpawnFleet, Start, TdtaPorts, TwinSlot, TypeContext,
+    load_twin,
+};
+use crate::env::TwinEnv;
 use crate::error::TwinError;
+use crate::group::DtaEntry;
 use crate::handle::deliver;
-use crate::records::{CHUNK, DeviceTypeSpec, FleetChunk, FleetChunkRef, TwinSpec, fleet_key, twin_key};
+use crate::maps::FastMap;
+use crate::records::{CHUNK, DeviceTypeSpec, FleetChunkRef, TwinSpec, fleet_key, twin_key};
 use crate::spaces;
 use actix::prelude::*;
-use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use twinfleet_models::{
     Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, Timestamp, TwinId, TwinState,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, Ticket, WriteBatch, decode_record, encode_record, panic};
-
-/// What a TDTA and its DTIs share; outlives restarts of the TDTA actor.
-#[derive(Debug)]
-pub struct TypeContext {
-    pub(crate) device_type: DeviceTypeId,
-    pub(crate) model: Arc<str>,
-    /// `tdta/<id>`: the parent of every DTI of this type in the actor tree.
-    pub(crate) path: Arc<str>,
-    pub(crate) env: Arc<TwinEnv>,
-    pub(crate) stats: ActorStats,
-    defaults: RwLock<Arc<Map<String, Value>>>,
-    tdta: RwLock<Option<Addr<Tdta>>>,
-    /// Keys of the packed fleet records, indexed by `TwinSlot::origin`.
-    pub(crate) chunks: Mutex<Vec<Vec<u8>>>,
-    pub(crate) twins: AtomicUsize,
-    pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
-    pub(crate) journal: twinfleet_models::JournalRetention,
-    /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
-    pub(crate) fleet_edit: tokio::sync::Mutex<()>,
-}
-
-impl TypeContext {
-    pub(crate) fn new(spec: &DeviceTypeSpec, env: Arc<TwinEnv>) -> Arc<Self> {
-        let path: Arc<str> = Arc::from(format!("tdta/{}", spec.id));
-        Arc::new(TypeContext {
-            device_type: spec.id.clone(),
-            model: Arc::from(spec.model.as_str()),
-            stats: ActorStats::new("tdta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor"))),
-            path,
-            env,
-            defaults: RwLock::new(Arc::new(spec.defaults.clone())),
-            tdta: RwLock::new(None),
-            chunks: Mutex::new(Vec::new()),
-            twins: AtomicUsize::new(0),
-            domain: spec.domain.clone().map(Arc::new),
-            journal: spec.journal,
-            fleet_edit: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    pub(crate) fn defaults(&self) -> Arc<Map<String, Value>> {
-        self.defaults.read().clone()
-    }
-
-    /// Drops the TDTA's address; the actor stops once no message is in flight.
-    pub(crate) fn stop(&self) {
-        self.tdta.write().take();
-        self.stats.set_status(ActorStatus::Stopped);
-    }
-
-    pub(crate) fn tdta(&self) -> Option<Addr<Tdta>> {
-        self.tdta.read().clone()
-    }
-
-    pub(crate) fn spec(&self) -> DeviceTypeSpec {
-        DeviceTypeSpec {
-            id: self.device_type.clone(),
-            model: self.model.to_string(),
-            defaults: (*self.defaults()).clone(),
-            domain: self.domain.as_deref().cloned(),
-            journal: self.journal,
-        }
-    }
-}
+use twinfleet_runtime::{ActorStatus, ActorView, Ticket, WriteBatch, encode_record, panic};
 
 /// The layers each DTA currently hands out, for twins about to start.
 pub(crate) fn layers_for(env: &TwinEnv, dtas: &[DtaId]) -> Vec<Arc<ResolvedLayers>> {
     dtas.iter().filter_map(|d| env.directory.dtas.get(d).map(|e| e.resolved())).collect()
-}
-
-/// The last persisted state of a twin and the number of journal events replayed onto
-/// it: its own snapshot, else its packed fleet record, then the journal after it.
-pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState, u32), String> {
-    let mut state = load_base(ty, slot)?;
-    let replayed = replay_tail(&*ty.env.storage, &mut state)?;
-    Ok((state, replayed))
-}
-
-/// Applies the journal events after `state.last_seq` (those a snapshot does not cover
-/// yet); returns how many.
-pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut TwinState) -> Result<u32, String> {
-    let id = state.identity.twin_id.clone();
-    let start = crate::records::journal_key(&id, state.last_seq.saturating_add(1));
-    let end = crate::records::journal_key(&id, u64::MAX);
-    let mut n = 0;
-    for (k, v) in storage.scan_range(spaces::JOURNAL, &start, &end).map_err(|e| e.to_string())? {
-        let e = crate::codec::decode_event(&v)
-            .map_err(|e| format!("journal entry {}: {e}", String::from_utf8_lossy(&k).replace('\0', "/")))?;
-        state.evolve(&e);
-        n += 1;
-    }
-    Ok(n)
-}
-
-fn load_base(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
-    let storage = &ty.env.storage;
-    if let Some(bytes) = storage.get(spaces::SNAPSHOT, &twin_key(&slot.id)).map_err(|e| e.to_string())? {
-        return decode_record(&bytes).map_err(|e| format!("snapshot: {e}"));
-    }
-    if slot.origin == NO_ORIGIN {
-        return Err("no snapshot and no fleet record".into());
-    }
-    let key = ty.chunks.lock().get(slot.origin as usize).cloned().ok_or("fleet record index out of range")?;
-    let bytes = storage.get(spaces::FLEET, &key).map_err(|e| e.to_string())?.ok_or("fleet record missing")?;
-    let chunk: FleetChunk = decode_record(&bytes).map_err(|e| format!("fleet record: {e}"))?;
-    let spec = chunk.twins.iter().find(|s| s.id == slot.id).ok_or("twin missing from its fleet record")?;
-    Ok(spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at))
 }
 
 /// A batch of twins travelling to an arbiter: one packed fleet record's worth.
@@ -219,65 +119,34 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
     tickets
 }
 
-/// Creates twins of this type. All-or-nothing: an existing or duplicate id, or an
-/// unknown DTA, rejects the whole request and creates nothing.
-#[derive(Debug)]
-pub struct SpawnFleet(pub Vec<TwinSpec>);
-
-/// What a fleet creation did.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct FleetReport {
-    pub created: usize,
-    /// Packed records written.
-    pub records: usize,
-}
-
-impl Message for SpawnFleet {
-    type Result = Result<FleetReport, TwinError>;
-}
-
-#[derive(Debug)]
-pub(crate) struct SetDefaults(pub Map<String, Value>);
-
-impl Message for SetDefaults {
-    type Result = Result<(), TwinError>;
-}
-
-/// Sent by a DTI that crashed.
-#[derive(Debug)]
-pub(crate) struct ChildFailed {
-    pub slot: Arc<TwinSlot>,
-    pub error: String,
-}
-
-impl Message for ChildFailed {
-    type Result = ();
-}
-
 #[derive(Debug)]
 pub struct Tdta {
     ctx: Arc<TypeContext>,
+    env: Arc<TwinEnv>,
     restarts: HashMap<TwinId, RestartTracker>,
 }
 
 impl Tdta {
-    pub(crate) fn launch(ctx: Arc<TypeContext>) -> Addr<Tdta> {
-        let cap = ctx.env.settings.aggregate_mailbox;
+    /// Starts the TDTA of `ctx` and publishes its ports in the context.
+    pub(crate) fn launch(ctx: Arc<TypeContext>, env: Arc<TwinEnv>) {
+        let cap = env.settings.aggregate_mailbox;
         let c = ctx.clone();
         let addr = Tdta::create(move |actx| {
             actx.set_mailbox_capacity(cap);
-            Tdta { ctx: c, restarts: HashMap::new() }
+            Tdta { ctx: c, env, restarts: HashMap::new() }
         });
-        *ctx.tdta.write() = Some(addr.clone());
-        ctx.stats.set_status(ActorStatus::Running);
-        addr
+        ctx.attach(TdtaPorts {
+            failed: addr.clone().recipient(),
+            spawn: addr.clone().recipient(),
+            defaults: addr.recipient(),
+        });
     }
 
     fn spawn_fleet(
         &mut self,
         specs: Vec<TwinSpec>,
     ) -> Result<impl Future<Output = Result<FleetReport, TwinError>> + use<>, TwinError> {
-        let env = self.ctx.env.clone();
+        let env = self.env.clone();
         let ty = self.ctx.clone();
         let distinct: HashSet<&DtaId> = specs.iter().flat_map(|s| s.dtas.iter()).collect();
         if let Some(d) = distinct.into_iter().find(|d| !env.directory.dtas.contains_key(*d)) {
@@ -336,29 +205,31 @@ impl Tdta {
     }
 
     fn restart_child(&mut self, slot: Arc<TwinSlot>, error: String, ctx: &mut Context<Self>) {
-        let env = self.ctx.env.clone();
+        let env = self.env.clone();
         let now = env.clock.now();
         let decision = self.restarts.entry(slot.id.clone()).or_default().on_failure(&env.settings.restart, now);
         match decision {
             RestartDecision::Restart { after_ms, attempt } => {
                 let ty = self.ctx.clone();
                 let s = slot.clone();
+                let env = env.clone();
                 let load = async move {
-                    ty.env.clock.sleep(after_ms).await;
+                    env.clock.sleep(after_ms).await;
                     // Writes the twin submitted before it crashed are applied first.
-                    ty.env.storage.barrier().await.map_err(|e| e.to_string())?;
+                    env.storage.barrier().await.map_err(|e| e.to_string())?;
                     load_twin(&ty, &s)
                 };
                 ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
                     Ok((state, tail)) => {
-                        let env = act.ctx.env.clone();
+                        let env = act.env.clone();
                         let raw = env.storage.get(spaces::TELEMETRY_LATEST, &twin_key(&slot.id)).ok().flatten();
                         let latest = Start::decode_latest(&slot.id, raw.as_deref());
                         let i = slot.arbiter as usize;
                         slot.stats.restarted();
                         tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
+                        let e = env.clone();
                         env.arbiters.run_on(i, move || {
-                            let layers = layers_for(&slot.ty.env, &state.memberships);
+                            let layers = layers_for(&e, &state.memberships);
                             Dti::launch(slot, state, layers, Start { restart: Some((error, attempt)), tail, latest });
                         });
                     }
@@ -381,7 +252,7 @@ impl Tdta {
         slot.stats.set_status(ActorStatus::Failed);
         slot.stats.record_error(why);
         slot.set_addr(None);
-        let env = &self.ctx.env;
+        let env = &self.env;
         env.alerts.raise(Alert {
             at: env.clock.now(),
             severity: Severity::Critical,
@@ -403,8 +274,8 @@ fn guarded<T>(ctx: &TypeContext, f: impl FnOnce() -> Result<T, TwinError>) -> Re
     ctx.stats.dequeued();
     panic::catch(f).unwrap_or_else(|message| {
         ctx.stats.record_error(&message);
-        ctx.env.alerts.raise(Alert {
-            at: ctx.env.clock.now(),
+        ctx.infra.alerts.raise(Alert {
+            at: ctx.infra.clock.now(),
             severity: Severity::Critical,
             kind: AlertKind::ActorFailed,
             source: ctx.path.to_string(),
@@ -436,11 +307,11 @@ impl Handler<SetDefaults> for Tdta {
             spec.defaults = defaults.clone();
             let mut b = WriteBatch::new();
             b.put(spaces::DEVICE_TYPE, ctx.device_type.as_str(), encode_record(&spec));
-            Ok(ctx.env.storage.submit(b))
+            Ok(ctx.infra.storage.submit(b))
         });
         Box::pin(async move {
             r?.await?;
-            *ctx.defaults.write() = Arc::new(defaults);
+            ctx.set_defaults(defaults);
             Ok(())
         })
     }
@@ -509,17 +380,17 @@ impl TypeHandle {
         let addr = self.tdta()?;
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
-        addr.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
+        addr.spawn.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
     }
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
         twinfleet_models::limits::check_object(&defaults).map_err(twinfleet_models::ModelError::from)?;
         let addr = self.tdta()?;
-        deliver(addr.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.env).await
+        deliver(addr.defaults.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.infra).await
     }
 
     /// The TDTA's address, counting the message about to be sent.
-    fn tdta(&self) -> Result<actix::Addr<crate::tdta::Tdta>, TwinError> {
+    fn tdta(&self) -> Result<TdtaPorts, TwinError> {
         let stats = &self.ctx.stats;
         let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
             kind: "tdta",

@@ -7,9 +7,9 @@
 //! to arm or cancel its timer, so after a restart the actor re-arms every wait the state
 //! holds and the machine goes on where it stopped.
 
+use crate::alert::{AlertKind, Severity};
 use crate::command::{CommandId, DeviceCommand};
 use crate::time::Timestamp;
-use crate::twin::{AlertKind, Severity};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 

@@ -9,6 +9,7 @@
 //! models never learn how.
 
 pub mod access;
+pub mod alert;
 pub mod command;
 pub mod config;
 pub mod domain;
@@ -22,6 +23,7 @@ pub mod time;
 pub mod twin;
 
 pub use access::{Access, Action, Denied, Grant, Role, Scope, TwinFacts};
+pub use alert::{Alert, AlertKind, Severity};
 pub use command::{CommandId, CommandKind, Commands, DeviceCommand, PendingCommand, Unmatched};
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
 pub use domain::{DomainModel, Edit, PathError, Violation};
@@ -33,6 +35,5 @@ pub use retention::JournalRetention;
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;
 pub use twin::{
-    Alert, AlertKind, EventKind, Identity, Lifecycle, Metadata, Severity, TwinCommand, TwinError as ModelError,
-    TwinEvent, TwinRules, TwinState,
+    EventKind, Identity, Lifecycle, Metadata, TwinCommand, TwinError as ModelError, TwinEvent, TwinRules, TwinState,
 };

@@ -10,6 +10,7 @@
 //! report yet is sent as a command the twin names, and a `desired_sync` wait (in the
 //! state, so it survives restarts) retries it with backoff and ends in an alert.
 
+use crate::alert::{AlertKind, Severity};
 use crate::command::{CommandId, CommandKind, Commands, DeviceCommand, Unmatched};
 use crate::config::merge_patch;
 use crate::domain::{DomainModel, Edit, PathError, Violation, apply_edit, merge_diff};
@@ -539,36 +540,6 @@ fn same(h: &Value, w: &Value) -> bool {
         (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(h, w)| same(h, w)),
         (h, w) => h == w,
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    Info,
-    Warning,
-    Critical,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
-    /// A supervised actor failed too often and is no longer restarted.
-    ActorFailed,
-    /// A wait ran past its deadline and its retries.
-    DeadlineExceeded,
-    /// A stored record could not be decoded; the twin was quarantined.
-    Quarantined,
-}
-
-/// An internal alert event. The monitoring issue turns these into notifications.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    pub at: Timestamp,
-    pub severity: Severity,
-    pub kind: AlertKind,
-    /// The actor that raised it, as `kind/id`.
-    pub source: String,
-    pub message: String,
 }
 
 #[cfg(test)]

@@ -343,7 +343,7 @@ async fn the_bootstrap_admin_comes_only_with_a_fresh_data_directory_or_an_explic
     let given = format!("tfa_{}", "b".repeat(40));
     let p = start(dir.path(), None, test_settings()).await;
     assert_eq!(p.bootstrap_admin(Some(&given)).await.unwrap(), None, "the given token is not echoed");
-    let access = &p.env().access;
+    let access = &p.access();
     assert!(access.knows(&given));
     // Another admin revokes the bootstrap token.
     let id = access.tokens("admin")[0].id.clone();
@@ -353,17 +353,17 @@ async fn the_bootstrap_admin_comes_only_with_a_fresh_data_directory_or_an_explic
     // Restarting with the same --admin-token does not bring it back.
     let p = start(dir.path(), None, test_settings()).await;
     assert_eq!(p.bootstrap_admin(Some(&given)).await.unwrap(), None);
-    assert!(!p.env().access.knows(&given), "a revoked token never comes back silently");
+    assert!(!p.access().knows(&given), "a revoked token never comes back silently");
     // Nor does a deleted admin, even when no user is left.
-    p.env().access.delete_user("admin").await.unwrap();
+    p.access().delete_user("admin").await.unwrap();
     p.shutdown().await;
     let p = start(dir.path(), None, test_settings()).await;
     assert_eq!(p.bootstrap_admin(None).await.unwrap(), None, "no new admin token on a used directory");
-    assert!(p.env().access.user("admin").is_err(), "a deleted admin is not re-created");
+    assert!(p.access().user("admin").is_err(), "a deleted admin is not re-created");
 
     // An explicit rotation brings the admin back with a new token; old ones stay revoked.
     let new = p.rotate_admin_token(None).await.unwrap().expect("a new token");
-    let access = &p.env().access;
+    let access = &p.access();
     assert!(access.knows(&new) && !access.knows(&given));
     assert_eq!(access.user("admin").unwrap().role, twinfleet::models::Role::Admin);
     let again = p.rotate_admin_token(Some(&given)).await.unwrap();
@@ -379,7 +379,7 @@ async fn authentication_is_decided_on_the_path_the_router_matches() {
     let admin = admin_token(&p).await;
     let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     let addr = http.local_addr();
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     for spelling in ["/%61pi/v1/users", "/api/v1/%75sers", "/%41PI/v1/users", "/api%2Fv1/users"] {
         let before = r.count("no_api_token");
         let (s, _) = call(addr, None, "GET", spelling, None).await;

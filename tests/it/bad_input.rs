@@ -26,7 +26,7 @@ async fn documents_nested_too_deep_are_refused_on_every_edge_and_the_twin_restar
     let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
     let grpc = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
     let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     let too_deep = json!({ "x": nested(MAX_DEPTH) }); // MAX_DEPTH + 1 levels
     let deepest = nested(MAX_DEPTH - 1); // inside {"ok": ...}: exactly MAX_DEPTH levels
 

@@ -26,7 +26,7 @@ async fn device_tokens_authenticate_only_their_own_twin() {
         let other = p.issue_device_token("c-1").await.unwrap();
         assert!(p.authenticate_device("c-0", &other).is_err(), "a token speaks for its own twin only");
         assert!(matches!(p.issue_device_token("nobody").await, Err(TwinError::NotFound(_))));
-        let r = &p.env().rejections;
+        let r = &p.rejections();
         assert_eq!((r.count("bad_credentials"), r.count("no_credential"), r.count("unknown_device")), (2, 1, 1));
         p.shutdown().await;
         (token, old)

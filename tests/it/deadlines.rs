@@ -56,7 +56,7 @@ async fn a_deadline_fires_a_retry_and_then_an_alert_on_virtual_time() {
     let p = start(dir.path(), Some(clock.clone()), short_sync()).await;
     fleet(&p, "valve", json!({}), "v", 2, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
+    p.attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
 
     let twin = p.twin("v-0").unwrap();
@@ -94,7 +94,7 @@ async fn reaching_the_desired_state_disarms_the_deadline() {
     let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
     fleet(&p, "valve", json!({}), "w", 1, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
+    p.attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
     let twin = p.twin("w-0").unwrap();
     twin.set_desired(obj(json!({"open": true}))).await.unwrap();
@@ -117,7 +117,7 @@ async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
     let p = start(dir.path(), Some(clock.clone()), settings.clone()).await;
     fleet(&p, "valve", json!({}), "r", 1, |_| vec![]).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
+    p.attach_device_link("test", Arc::new(Recorder(tx)));
     let start_at = twinfleet::Clock::now(&*clock);
     p.twin("r-0").unwrap().set_desired(obj(json!({"open": true}))).await.unwrap();
     let (_, attempt, id) = sent.recv().await.unwrap();
@@ -130,7 +130,7 @@ async fn a_pending_wait_survives_a_restart_and_still_retries_then_alerts() {
     // The wait is in the stored state: the new incarnation re-arms it.
     let p = start(dir.path(), Some(clock.clone()), settings).await;
     let (tx, mut sent) = mpsc::unbounded_channel();
-    p.env().attach_device_link("test", Arc::new(Recorder(tx)));
+    p.attach_device_link("test", Arc::new(Recorder(tx)));
     let mut alerts = p.alerts().subscribe();
     let twin = p.twin("r-0").unwrap();
     let view = twin.get().await.unwrap();

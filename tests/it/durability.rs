@@ -256,7 +256,7 @@ async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
     let p = start(dir.path(), None, test_settings()).await;
     fleet(&p, "crate", json!({}), "seed", 1, |_| vec![]).await;
     let token = admin_token(&p).await;
-    let admin = p.env().access.authenticate(&token).unwrap();
+    let admin = p.access().authenticate(&token).unwrap();
     let generate = Generate { prefix: "j-".into(), count: 20_000, start: 0, dtas: vec![], tags: vec![] };
     let spec = JobSpec::CreateTwins { device_type: "crate".parse().unwrap(), twins: vec![], generate: Some(generate) };
     let job = p.submit_job(&admin, spec).await.unwrap();
@@ -265,7 +265,7 @@ async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
 
     let p = start(dir.path(), None, test_settings()).await;
     let done = eventually("the resumed job finishes", || async {
-        p.env().jobs.get(job.id).filter(|j| j.state != JobState::Running)
+        p.jobs().get(job.id).filter(|j| j.state != JobState::Running)
     })
     .await;
     assert_eq!((done.state, done.done, done.failed, done.total), (JobState::Succeeded, 20_000, 0, 20_000), "{done:?}");
@@ -278,7 +278,7 @@ async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
 
     // Done is done: a third start does not run it again.
     let p = start(dir.path(), None, test_settings()).await;
-    assert_eq!(p.env().jobs.get(job.id).unwrap().state, JobState::Succeeded);
+    assert_eq!(p.jobs().get(job.id).unwrap().state, JobState::Succeeded);
     p.shutdown().await;
 }
 
@@ -291,7 +291,7 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
     let p = start(dir.path(), None, settings.clone()).await;
     fleet(&p, "gauge", json!({}), "s", 1, |_| vec![]).await;
     let twin = p.twin("s-0").unwrap();
-    let storage = p.env().storage.clone();
+    let storage = p.storage().clone();
     let snapshot_seq = |s: &std::sync::Arc<dyn Storage>| {
         s.get(spaces::SNAPSHOT, b"s-0")
             .unwrap()
@@ -321,7 +321,7 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
     // An idle twin writes its snapshot by itself.
     settings.snapshot_idle_ms = 20;
     let p = start(dir.path(), None, settings).await;
-    let storage = p.env().storage.clone();
+    let storage = p.storage().clone();
     eventually("the idle twin writes its snapshot", || async { (snapshot_seq(&storage) == Some(6)).then_some(()) })
         .await;
     assert!(storage.get(spaces::TAIL, b"s-0").unwrap().is_none());

@@ -125,7 +125,7 @@ async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
     // Over the 1 MiB limit: RESOURCE_EXHAUSTED (tonic's own OUT_OF_RANGE is rewritten)
     // and counted, for a unary call and inside a telemetry stream.
     let huge = json!({"blob": "x".repeat(2 << 20)});
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     assert_eq!(code(client.report_state(authed(patch(huge), "g-0", &t0)).await), Code::ResourceExhausted);
     assert_eq!(r.count("oversized"), 1);
     let mut device = GrpcDevice::on_channel(channel.clone(), "g-0", &t0);
@@ -137,7 +137,7 @@ async fn bad_credentials_and_bad_input_get_typed_statuses_and_are_counted() {
     assert_eq!((r.count("bad_credentials"), r.count("unknown_device"), r.count("malformed")), (3, 1, 2));
     assert!(p.twin("g-0").unwrap().get().await.unwrap().state.reported.is_empty(), "nothing rejected reached the twin");
     // Every call is in the request metrics by method path and status code.
-    let routes = p.env().requests.snapshot();
+    let routes = p.requests().snapshot();
     let report = routes.iter().find(|r| r.route == "/twinfleet.device.v1.DeviceGateway/ReportState").expect("counted");
     let statuses: Vec<(&str, u64)> = report.statuses.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     assert_eq!(statuses, vec![("INVALID_ARGUMENT", 3), ("RESOURCE_EXHAUSTED", 1), ("UNAUTHENTICATED", 4)]);
@@ -192,7 +192,7 @@ async fn telemetry_batches_are_acked_after_they_are_stored_and_bad_ones_are_refu
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, channel, t0, _) = setup(dir.path()).await;
     let mut client = DeviceGatewayClient::new(channel);
-    let now = twinfleet::Clock::now(&*p.env().clock).0;
+    let now = p.now().0;
     let batches = vec![
         pb::TelemetryBatch {
             batch_id: 1,
@@ -209,7 +209,7 @@ async fn telemetry_batches_are_acked_after_they_are_stored_and_bad_ones_are_refu
     }
     assert_eq!(got.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(), vec![(1, 10), (2, 0), (3, 0), (4, 2)]);
     assert!(got[1].2.contains("point 0 (temp)"), "{got:?}");
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     assert_eq!((r.count("not_finite"), r.count("future_timestamp")), (1, 1));
 
     let twin = p.twin("g-0").unwrap();
@@ -236,7 +236,7 @@ async fn hub_value_streams_land_in_the_named_twin_and_cannot_speak_for_another()
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, channel, t0, _) = setup(dir.path()).await;
     let mut hub = HubClient::new(channel);
-    let now = twinfleet::Clock::now(&*p.env().clock).0;
+    let now = p.now().0;
     let value = |device: &str, i: i64| hub::NumericScalarValues {
         tenant_identifier: "acme".into(),
         device_identifier: device.into(),
@@ -271,7 +271,7 @@ async fn hub_value_streams_land_in_the_named_twin_and_cannot_speak_for_another()
     // A stream authenticated as g-0 cannot slip in a value for g-1.
     let err = hub.send_numeric_scalar_values(with_token(vec![value("g-0", 1), value("g-1", 2)])).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert_eq!(p.env().rejections.count("wrong_device"), 1);
+    assert_eq!(p.rejections().count("wrong_device"), 1);
     let err =
         hub.send_numeric_scalar_values(Request::new(tokio_stream::iter(vec![value("g-0", 1)]))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -384,7 +384,7 @@ async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_refus
     assert_eq!(device.ack(&cmd.command_id, true, "again").await.unwrap_err().code(), Code::FailedPrecondition);
     assert_eq!(device.ack("999", true, "").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(device.ack("g-0-3", true, "").await.unwrap_err().code(), Code::NotFound);
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     assert_eq!((r.count("stale_ack"), r.count("unknown_ack")), (1, 2));
     assert_eq!(twin.get().await.unwrap().state.last_seq, before);
     gw.stop().await;
@@ -402,7 +402,7 @@ struct NotAStateReport {
 async fn impossible_timestamps_and_undecodable_protobuf_are_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, channel, t0, _) = setup(dir.path()).await;
-    let r = &p.env().rejections;
+    let r = &p.rejections();
 
     // A Hub status whose seconds overflow milliseconds (it used to be multiplied unchecked).
     let mut hub = HubClient::new(channel.clone());

@@ -51,7 +51,7 @@ async fn twin_view_and_actor_tree_over_http() {
     assert_eq!((status, err["error"].as_str()), (400, Some("invalid")));
     let (status, _) = get("/api/v1/nothing-here").await.unwrap();
     assert_eq!(status, 404);
-    let now = twinfleet::Clock::now(&*p.env().clock);
+    let now = p.now();
     let points = vec![twinfleet::models::MetricPoint { metric: "load".into(), at: now, value: 0.75 }];
     p.twin("h-2").unwrap().telemetry(points).await.unwrap();
     let (status, t) = get("/api/v1/twins/h-2/telemetry?metric=load&limit=5").await.unwrap();

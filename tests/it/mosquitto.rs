@@ -165,17 +165,17 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     })
     .await;
     assert!(x1.get().await.unwrap().state.reported.is_empty(), "x-1 was not written by x-0");
-    assert_eq!(p.env().rejections.count("malformed"), 1);
+    assert_eq!(p.rejections().count("malformed"), 1);
     // A broker user without a twin is counted as an unknown device by the transformer.
     publish(port, "ghost", "ghost-pw", "devices/ghost/state", vec![json!({"boo": 1}).to_string()]).await;
     eventually("the unknown device is counted", || async {
-        (p.env().rejections.count("unknown_device") == 1).then_some(())
+        (p.rejections().count("unknown_device") == 1).then_some(())
     })
     .await;
 
     // QoS 1 across a transformer restart: 2,000 points with distinct timestamps, the
     // transformer stopped while they flow and started again; every point arrives.
-    let base = p.env().clock.now().0 - 10_000_000;
+    let base = p.now().0 - 10_000_000;
     let lines: Vec<String> =
         (0..2_000).map(|i| json!({"ts": base + i, "values": {"seq": i as f64}}).to_string()).collect();
     let token = t1.clone();

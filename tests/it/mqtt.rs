@@ -72,7 +72,7 @@ async fn a_device_over_mqtt_changes_its_twin_and_answers_its_commands() {
         (acked && twin.get().await.unwrap().in_sync).then_some(())
     })
     .await;
-    assert_eq!(p.env().rejections.snapshot().iter().map(|(_, n)| n).sum::<u64>(), 0, "nothing was rejected");
+    assert_eq!(p.rejections().snapshot().iter().map(|(_, n)| n).sum::<u64>(), 0, "nothing was rejected");
 
     // Operator commands take the same way: install an app, set a configuration.
     let install = DeviceCommand::InstallApp {
@@ -124,7 +124,7 @@ async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_count
     let before = twin.get().await.unwrap().state.last_seq;
     device.ack(&cmd.command_id, true, "a duplicate").await.unwrap();
     device.ack("12345", true, "never sent").await.unwrap();
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     eventually("unmatched acks are counted", || async {
         (r.count("stale_ack") == 1 && r.count("unknown_ack") == 1).then_some(())
     })
@@ -140,7 +140,7 @@ async fn an_ack_after_a_restart_matches_its_command_and_unmatched_acks_are_count
 async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, ops, t0, t1) = setup(dir.path()).await;
-    let r = &p.env().rejections;
+    let r = &p.rejections();
     let (m0, m1) = (p.twin("m-0").unwrap(), p.twin("m-1").unwrap());
 
     // Who may connect: the wrong token, an unknown device, another device's token, a
@@ -166,7 +166,7 @@ async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
 
     // Bad payloads on its own topics: each counted, the connection stays, nothing lands.
     let dev = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
-    let future = p.env().clock.now().0 + 3_600_000;
+    let future = p.now().0 + 3_600_000;
     let bad: [(&str, Vec<u8>, &str); 7] = [
         ("devices/m-0/state", b"{not json".to_vec(), "malformed"),
         ("devices/m-0/state", b"[1, 2]".to_vec(), "malformed"),

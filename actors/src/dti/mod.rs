@@ -11,11 +11,10 @@
 //! panic stops only this actor; its TDTA is told and restarts it from storage.
 
 use crate::codec::{decode_event, encode_event};
-use crate::env::TwinEnv;
+use crate::context::Infra;
 use crate::error::TwinError;
-use crate::records::{TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
+use crate::records::{FleetChunk, TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
 use crate::spaces;
-use crate::tdta::{ChildFailed, TypeContext};
 use actix::prelude::*;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -29,8 +28,12 @@ use twinfleet_models::{
 };
 use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, panic};
 
+mod kind;
 mod requests;
 mod slot;
+
+pub use kind::FleetReport;
+pub(crate) use kind::*;
 
 pub(crate) use requests::{
     Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Request, Retire, Telemetry, ToDevice,
@@ -90,7 +93,7 @@ impl Dti {
         layers: Vec<Arc<ResolvedLayers>>,
         start: Start,
     ) -> Addr<Dti> {
-        let cap = slot.ty.env.settings.dti_mailbox;
+        let cap = slot.ty.infra.settings.dti_mailbox;
         slot.set_summary(&state);
         let s = slot.clone();
         let Start { restart, tail, latest } = start;
@@ -102,8 +105,8 @@ impl Dti {
         addr
     }
 
-    fn env(&self) -> &TwinEnv {
-        &self.slot.ty.env
+    fn env(&self) -> &Infra {
+        &self.slot.ty.infra
     }
 
     fn view(&self) -> TwinView {
@@ -124,7 +127,7 @@ impl Dti {
 
     /// Validates a batch and stores it, one record per clock hour it touches.
     fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
-        let env = self.slot.ty.env.clone();
+        let env = self.slot.ty.infra.clone();
         env.storage.writable()?;
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
         let key = twin_key(&self.slot.id);
@@ -150,7 +153,7 @@ impl Dti {
     /// decide → evolve → persist → carry out the effects. Deliveries wait for the
     /// flush (they come back in [`Applied`]); timers and alerts are carried out now.
     fn apply(&mut self, cmd: TwinCommand, also: WriteBatch, ctx: &mut Context<Self>) -> Result<Applied, TwinError> {
-        let env = self.slot.ty.env.clone();
+        let env = self.slot.ty.infra.clone();
         // A full disk refuses writes before anything changes in memory.
         env.storage.writable()?;
         let now = env.clock.now();
@@ -181,7 +184,7 @@ impl Dti {
         for e in events {
             batch.put(spaces::JOURNAL, journal_key(&self.slot.id, e.seq), encode_event(e));
         }
-        let settings = &self.slot.ty.env.settings;
+        let settings = &self.slot.ty.infra.settings;
         let archived = events.iter().any(|e| matches!(e.kind, EventKind::Archived));
         if self.pending + events.len() as u32 >= settings.snapshot_every || archived {
             batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
@@ -207,7 +210,7 @@ impl Dti {
         if self.idle.is_some() {
             return;
         }
-        let after = std::time::Duration::from_millis(self.slot.ty.env.settings.snapshot_idle_ms);
+        let after = std::time::Duration::from_millis(self.slot.ty.infra.settings.snapshot_idle_ms);
         self.idle = Some(ctx.run_later(after, |act, ctx| {
             act.idle = None;
             act.guarded(ctx, |act, _| act.snapshot_now());
@@ -321,7 +324,7 @@ impl Dti {
         if let Some(tdta) = self.slot.ty.tdta() {
             // Failures are rare and must not be lost, so this one message ignores the
             // mailbox bound.
-            tdta.do_send(ChildFailed { slot: self.slot.clone(), error: message });
+            tdta.failed.do_send(ChildFailed { slot: self.slot.clone(), error: message });
         }
     }
 

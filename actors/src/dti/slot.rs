@@ -131,3 +131,42 @@ pub struct WaitView {
     pub attempt: u32,
     pub deadline: Timestamp,
 }
+
+/// The last persisted state of a twin and the number of journal events replayed onto
+/// it: its own snapshot, else its packed fleet record, then the journal after it.
+pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState, u32), String> {
+    let mut state = load_base(ty, slot)?;
+    let replayed = replay_tail(&*ty.infra.storage, &mut state)?;
+    Ok((state, replayed))
+}
+
+/// Applies the journal events after `state.last_seq` (those a snapshot does not cover
+/// yet); returns how many.
+pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut TwinState) -> Result<u32, String> {
+    let id = state.identity.twin_id.clone();
+    let start = crate::records::journal_key(&id, state.last_seq.saturating_add(1));
+    let end = crate::records::journal_key(&id, u64::MAX);
+    let mut n = 0;
+    for (k, v) in storage.scan_range(spaces::JOURNAL, &start, &end).map_err(|e| e.to_string())? {
+        let e = crate::codec::decode_event(&v)
+            .map_err(|e| format!("journal entry {}: {e}", String::from_utf8_lossy(&k).replace('\0', "/")))?;
+        state.evolve(&e);
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn load_base(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
+    let storage = &ty.infra.storage;
+    if let Some(bytes) = storage.get(spaces::SNAPSHOT, &twin_key(&slot.id)).map_err(|e| e.to_string())? {
+        return decode_record(&bytes).map_err(|e| format!("snapshot: {e}"));
+    }
+    if slot.origin == NO_ORIGIN {
+        return Err("no snapshot and no fleet record".into());
+    }
+    let key = ty.chunks.lock().get(slot.origin as usize).cloned().ok_or("fleet record index out of range")?;
+    let bytes = storage.get(spaces::FLEET, &key).map_err(|e| e.to_string())?.ok_or("fleet record missing")?;
+    let chunk: FleetChunk = decode_record(&bytes).map_err(|e| format!("fleet record: {e}"))?;
+    let spec = chunk.twins.iter().find(|s| s.id == slot.id).ok_or("twin missing from its fleet record")?;
+    Ok(spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at))
+}

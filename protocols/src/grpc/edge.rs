@@ -60,13 +60,13 @@ where
                 && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains(TOO_LARGE));
             if too_large {
                 h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
-                rt.env().rejections.reject("oversized", || format!("gRPC message over {MAX_MESSAGE_BYTES} bytes"));
+                rt.rejections().reject("oversized", || format!("gRPC message over {MAX_MESSAGE_BYTES} bytes"));
             }
             let undecodable = h.get("grpc-status").is_some_and(|s| s == "13")
                 && h.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| m.contains(UNDECODABLE));
             if undecodable {
                 h.insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("3"));
-                rt.env().rejections.reject("malformed", || format!("{path}: the message is not valid protobuf"));
+                rt.rejections().reject("malformed", || format!("{path}: the message is not valid protobuf"));
             }
             let code = h
                 .get("grpc-status")
@@ -74,7 +74,7 @@ where
                 .and_then(|s| s.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from_i32);
             let route = if code == tonic::Code::Unimplemented { "unimplemented" } else { &path };
-            rt.env().requests.record(Edge::Grpc, "POST", route, code_name(code), started.elapsed());
+            rt.requests().record(Edge::Grpc, "POST", route, code_name(code), started.elapsed());
             Ok(resp)
         })
     }

@@ -95,7 +95,7 @@ impl Gateway {
 
     fn authenticate_as<T>(&self, req: &Request<T>, device_id: &str) -> Result<TwinHandle, Status> {
         let token = Self::token(req).inspect_err(|_| {
-            self.rt.env().rejections.reject("bad_credentials", || format!("device {device_id:?}: no usable token"));
+            self.rt.rejections().reject("bad_credentials", || format!("device {device_id:?}: no usable token"));
         })?;
         self.rt.authenticate_device(device_id, token).map_err(auth_status)
     }
@@ -126,7 +126,7 @@ impl Gateway {
     fn point(&self, metric: String, value: f64, ts: Option<prost_types::Timestamp>) -> Result<MetricPoint, Status> {
         let at = match ts {
             Some(t) => self.timestamp(t)?,
-            None => self.rt.env().clock.now(),
+            None => self.rt.now(),
         };
         Ok(MetricPoint { metric, at, value })
     }
@@ -145,7 +145,7 @@ impl Gateway {
         match twin.telemetry(points).await {
             Ok(n) => Ok(n),
             Err(TwinError::Telemetry(e)) => {
-                self.rt.env().rejections.reject(e.reason(), || format!("device {}: {e}", twin.id()));
+                self.rt.rejections().reject(e.reason(), || format!("device {}: {e}", twin.id()));
                 Err(Status::invalid_argument(e.to_string()))
             }
             Err(e) => Err(status(e)),
@@ -153,7 +153,7 @@ impl Gateway {
     }
 
     fn reject(&self, reason: &'static str, s: Status) -> Status {
-        self.rt.env().rejections.reject(reason, || s.message().to_string());
+        self.rt.rejections().reject(reason, || s.message().to_string());
         s
     }
 }
@@ -162,10 +162,10 @@ impl Gateway {
 /// an undecodable one INVALID_ARGUMENT (tonic says OUT_OF_RANGE and INTERNAL), counted.
 fn oversized(rt: &TwinRuntime, s: Status) -> Status {
     if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
-        rt.env().rejections.reject("oversized", || s.message().to_string());
+        rt.rejections().reject("oversized", || s.message().to_string());
         Status::resource_exhausted(s.message().to_string())
     } else if s.code() == tonic::Code::Internal && s.message().contains("failed to decode Protobuf message") {
-        rt.env().rejections.reject("malformed", || s.message().to_string());
+        rt.rejections().reject("malformed", || s.message().to_string());
         Status::invalid_argument(s.message().to_string())
     } else {
         s
@@ -193,7 +193,7 @@ impl GrpcGateway {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new() });
-        rt.env().attach_device_link("grpc", links.clone());
+        rt.attach_device_link("grpc", links.clone());
         let (closing, closing_rx) = watch::channel(false);
         let gw = Gateway { rt, links: links.clone(), closing: closing_rx };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -237,7 +237,7 @@ impl GrpcGateway {
     /// finish for at most 5 s, then drops whatever is left.
     pub async fn stop(mut self) {
         // The link holds the runtime, whose environment holds the link: break the cycle.
-        self.links.rt.env().detach_device_link("grpc");
+        self.links.rt.detach_device_link("grpc");
         self.links.streams.clear();
         let _ = self.closing.send(true);
         if let Some(s) = self.stop.take() {

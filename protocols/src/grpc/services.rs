@@ -52,7 +52,7 @@ impl DeviceGateway for Gateway {
                 let ack = match twin.telemetry(points).await {
                     Ok(n) => pb::BatchAck { batch_id: batch.batch_id, accepted: n as u32, error: String::new() },
                     Err(TwinError::Telemetry(e)) => {
-                        gw.rt.env().rejections.reject(e.reason(), || format!("device {}: {e}", twin.id()));
+                        gw.rt.rejections().reject(e.reason(), || format!("device {}: {e}", twin.id()));
                         pb::BatchAck { batch_id: batch.batch_id, accepted: 0, error: e.to_string() }
                     }
                     Err(e) => {

@@ -39,7 +39,7 @@ fn admin_or_self(rt: &TwinRuntime, caller: &Caller, name: &str) -> Result<()> {
 #[utoipa::path(tag = "admin", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
 #[get("/me")]
 async fn whoami(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
-    let user = rt.env().access.user(&caller.0.user)?;
+    let user = rt.access().user(&caller.0.user)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "user": user,
         "grants": &*caller.0.grants,
@@ -51,7 +51,7 @@ async fn whoami(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpRespon
 #[get("/users")]
 async fn list_users(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.users()))
+    Ok(HttpResponse::Ok().json(rt.access().users()))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -70,15 +70,15 @@ struct NewUser {
 async fn create_user(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<NewUser>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     let b = body.into_inner();
-    let user = User { name: b.name, role: b.role, groups: b.groups, created_at: rt.env().clock.now() };
-    Ok(HttpResponse::Created().json(rt.env().access.create_user(user).await?))
+    let user = User { name: b.name, role: b.role, groups: b.groups, created_at: rt.now() };
+    Ok(HttpResponse::Created().json(rt.access().create_user(user).await?))
 }
 
 #[utoipa::path(tag = "admin", responses((status = 200, body = User), Errors), security(("bearer" = [])))]
 #[get("/users/{name}")]
 async fn show_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.user(&name)?))
+    Ok(HttpResponse::Ok().json(rt.access().user(&name)?))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -106,7 +106,7 @@ async fn update_user(
     if b.role.is_some() && name.as_str() == &*caller.0.user {
         return Err(TwinError::Conflict("you cannot change your own role".into()).into());
     }
-    Ok(HttpResponse::Ok().json(rt.env().access.update_user(&name, b.role, b.groups).await?))
+    Ok(HttpResponse::Ok().json(rt.access().update_user(&name, b.role, b.groups).await?))
 }
 
 /// `DELETE /users/{name}`: the user and all their tokens (204).
@@ -117,7 +117,7 @@ async fn delete_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path
     if *name == *caller.0.user {
         return Err(TwinError::Conflict("you cannot delete yourself".into()).into());
     }
-    rt.env().access.delete_user(&name).await?;
+    rt.access().delete_user(&name).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -126,8 +126,8 @@ async fn delete_user(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path
 #[get("/users/{name}/tokens")]
 async fn list_tokens(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
-    rt.env().access.user(&name)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.tokens(&name)))
+    rt.access().user(&name)?;
+    Ok(HttpResponse::Ok().json(rt.access().tokens(&name)))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -155,7 +155,7 @@ async fn issue_api_token(
 ) -> Result<HttpResponse> {
     admin_or_self(&rt, &caller, &name)?;
     let description = body.into_inner().description;
-    let (token, info) = rt.env().access.issue_token(&name, description, rt.env().clock.now()).await?;
+    let (token, info) = rt.access().issue_token(&name, description, rt.now()).await?;
     Ok(HttpResponse::Created().json(IssuedApiToken { token, info }))
 }
 
@@ -168,7 +168,7 @@ async fn revoke_api_token(
 ) -> Result<HttpResponse> {
     let (name, id) = p.into_inner();
     admin_or_self(&rt, &caller, &name)?;
-    rt.env().access.revoke_token(&name, &id).await?;
+    rt.access().revoke_token(&name, &id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -176,7 +176,7 @@ async fn revoke_api_token(
 #[get("/groups")]
 async fn list_groups(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.groups()))
+    Ok(HttpResponse::Ok().json(rt.access().groups()))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -193,15 +193,15 @@ struct NewGroup {
 async fn create_group(rt: web::Data<TwinRuntime>, caller: Caller, body: web::Json<NewGroup>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
     let b = body.into_inner();
-    let group = Group { name: b.name, grants: b.grants, created_at: rt.env().clock.now() };
-    Ok(HttpResponse::Created().json(rt.env().access.create_group(group).await?))
+    let group = Group { name: b.name, grants: b.grants, created_at: rt.now() };
+    Ok(HttpResponse::Created().json(rt.access().create_group(group).await?))
 }
 
 #[utoipa::path(tag = "admin", responses((status = 200, body = Group), Errors), security(("bearer" = [])))]
 #[get("/groups/{name}")]
 async fn show_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.group(&name)?))
+    Ok(HttpResponse::Ok().json(rt.access().group(&name)?))
 }
 
 /// `PUT /groups/{name}/grants`: replaces the group's grants; takes effect on the next
@@ -215,7 +215,7 @@ async fn set_grants(
     body: web::Json<Vec<Grant>>,
 ) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.set_grants(&name, body.into_inner()).await?))
+    Ok(HttpResponse::Ok().json(rt.access().set_grants(&name, body.into_inner()).await?))
 }
 
 /// `DELETE /groups/{name}`: 409 while users still belong to it.
@@ -223,7 +223,7 @@ async fn set_grants(
 #[delete("/groups/{name}")]
 async fn delete_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Path<String>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    rt.env().access.delete_group(&name).await?;
+    rt.access().delete_group(&name).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -232,5 +232,5 @@ async fn delete_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Pat
 #[get("/audit")]
 async fn audit_log(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AuditQuery>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;
-    Ok(HttpResponse::Ok().json(rt.env().access.audit_log(&q)?))
+    Ok(HttpResponse::Ok().json(rt.access().audit_log(&q)?))
 }

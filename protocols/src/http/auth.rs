@@ -83,7 +83,7 @@ pub(super) async fn observe(
 ) -> std::result::Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = std::time::Instant::now();
     let method = method_name(req.method());
-    let requests = req.app_data::<web::Data<TwinRuntime>>().map(|rt| rt.env().requests.clone());
+    let requests = req.app_data::<web::Data<TwinRuntime>>().map(|rt| rt.requests().clone());
     let res = next.call(req).await?;
     if let Some(requests) = requests {
         let route = res.request().match_pattern();
@@ -132,12 +132,12 @@ pub(super) async fn authenticate(
         .map(str::trim);
     let principal = match token {
         None => Err(TwinError::Unauthenticated("send Authorization: Bearer <API token>".into())),
-        Some(t) => rt.env().access.authenticate(t),
+        Some(t) => rt.access().authenticate(t),
     };
     let principal = match principal {
         Ok(p) => p,
         Err(e) => {
-            rt.env().rejections.reject(if token.is_some() { "bad_api_token" } else { "no_api_token" }, || {
+            rt.rejections().reject(if token.is_some() { "bad_api_token" } else { "no_api_token" }, || {
                 format!("{} {}: {e}", req.method(), req.path())
             });
             return Ok(req.into_response(HttpError(e).error_response()));
@@ -163,13 +163,13 @@ async fn audited(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> std::result::Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let id = match rt.env().access.next_audit_id() {
+    let id = match rt.access().next_audit_id() {
         Ok(id) => id,
         Err(e) => return Ok(req.into_response(HttpError(e).error_response())),
     };
     let entry = AuditEntry {
         id,
-        at: rt.env().clock.now(),
+        at: rt.now(),
         user: principal.user.to_string(),
         action: req.method().to_string(),
         target: req.match_info().as_str().to_string(),
@@ -184,7 +184,7 @@ async fn audited(
     }
     // Not stored yet, or stored with another status (the change was accepted but the
     // answer is an error): store it (again, under the same id) with the real status.
-    if let Err(e) = rt.env().access.audit(AuditEntry { status, ..entry }).await {
+    if let Err(e) = rt.access().audit(AuditEntry { status, ..entry }).await {
         // The change itself is durable; say that its audit record is missing.
         tracing::error!("could not write an audit record: {e}");
         return Ok(res.into_response(HttpError(e).error_response()));

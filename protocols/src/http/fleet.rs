@@ -205,7 +205,7 @@ struct JobsQuery {
 #[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<Job>), Errors), security(("bearer" = [])))]
 #[get("/jobs")]
 async fn list_jobs(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<JobsQuery>) -> HttpResponse {
-    HttpResponse::Ok().json(rt.env().jobs.list(job_owner(&caller), q.limit.unwrap_or(100).min(10_000)))
+    HttpResponse::Ok().json(rt.jobs().list(job_owner(&caller), q.limit.unwrap_or(100).min(10_000)))
 }
 
 /// `GET /jobs/{id}`: state, progress (`done` of `total`), failures.
@@ -213,7 +213,7 @@ async fn list_jobs(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<Job
 #[get("/jobs/{id}")]
 async fn show_job(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>) -> Result<HttpResponse> {
     let unknown = || TwinError::Unknown { kind: "job", id: id.to_string() };
-    let job = rt.env().jobs.get(*id).ok_or_else(unknown)?;
+    let job = rt.jobs().get(*id).ok_or_else(unknown)?;
     if job_owner(&caller).is_some_and(|u| u != job.created_by) {
         // Not the caller's: as if it did not exist.
         return Err(unknown().into());

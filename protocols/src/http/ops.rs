@@ -5,7 +5,7 @@ use super::*;
 pub(super) async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
     // Degraded storage (a full disk) answers 503: reads still work, writes are refused
     // until space is freed.
-    let (status, storage, mut res) = match rt.env().storage.writable() {
+    let (status, storage, mut res) = match rt.storage_writable() {
         Ok(()) => ("ok", serde_json::json!({"writable": true}), HttpResponse::Ok()),
         Err(e) => (
             "degraded",
@@ -26,15 +26,14 @@ pub(super) async fn healthz(rt: web::Data<TwinRuntime>) -> HttpResponse {
 /// issue adds actors, mailboxes and request latencies.)
 /// The Prometheus exposition: edges (rejections, requests), actors, twins, storage.
 pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
-    let env = rt.env();
     let mut e = Exposition::new();
 
     e.family("twinfleet_rejected_total", "counter", "Inputs rejected at the edges (MQTT, gRPC, HTTP), by reason.");
-    for (reason, n) in env.rejections.snapshot() {
+    for (reason, n) in rt.rejections().snapshot() {
         e.sample("twinfleet_rejected_total", &[("reason", reason)], n);
     }
 
-    let routes = env.requests.snapshot();
+    let routes = rt.requests().snapshot();
     for (edge, name, what) in [
         (Edge::Http, "twinfleet_http_requests", "HTTP requests"),
         (Edge::Grpc, "twinfleet_grpc_requests", "gRPC calls"),
@@ -92,8 +91,8 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
         e.sample("twinfleet_twins", &[("device_type", ty.as_str()), ("state", "archived")], *archived);
     }
 
-    let s = env.storage.stats();
-    let writable = u64::from(env.storage.writable().is_ok());
+    let s = rt.storage_stats();
+    let writable = u64::from(rt.storage_writable().is_ok());
     e.single(
         "twinfleet_storage_writable",
         "gauge",

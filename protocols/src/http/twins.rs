@@ -267,7 +267,7 @@ async fn twin_telemetry(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Read)?;
     let q = q.into_inner();
-    let to = q.to.unwrap_or_else(|| rt.env().clock.now().0);
+    let to = q.to.unwrap_or_else(|| rt.now().0);
     let from = q.from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
     if from > to {
         return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());

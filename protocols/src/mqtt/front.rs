@@ -201,7 +201,7 @@ impl Front {
     }
 
     fn reject(&self, reason: &'static str, detail: impl FnOnce() -> String) {
-        self.rt.env().rejections.reject(reason, detail);
+        self.rt.rejections().reject(reason, detail);
     }
 
     /// Reads one whole packet into `buf` (which may already hold some bytes).

@@ -195,7 +195,7 @@ impl MqttGateway {
         {
             return Err(std::io::Error::other("the embedded MQTT broker did not accept the transformer within 10 s"));
         }
-        rt.env().attach_device_link("mqtt", links);
+        rt.attach_device_link("mqtt", links);
         Ok(MqttGateway {
             operational,
             provisioning,
@@ -228,7 +228,7 @@ impl MqttGateway {
     /// keeps for the next start). The embedded rumqttd itself cannot be stopped and
     /// lives until the process ends.
     pub async fn stop(mut self) {
-        self.rt.env().detach_device_link("mqtt");
+        self.rt.detach_device_link("mqtt");
         let _ = self.closing.send(true);
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

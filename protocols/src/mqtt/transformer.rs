@@ -158,7 +158,7 @@ struct Core {
 
 impl Core {
     fn limit(&self) -> Duration {
-        Duration::from_millis(self.rt.env().settings.request_timeout_ms)
+        Duration::from_millis(self.rt.settings().request_timeout_ms)
     }
 
     /// Handles one message; returns it for the ack.
@@ -175,7 +175,7 @@ impl Core {
             }
         };
         if let Err((reason, detail)) = result {
-            self.rt.env().rejections.reject(reason, || format!("MQTT {}: {detail}", p.topic));
+            self.rt.rejections().reject(reason, || format!("MQTT {}: {detail}", p.topic));
         }
         p
     }
@@ -215,7 +215,7 @@ impl Core {
     }
 
     fn points(&self, msg: TelemetryMsg) -> Result<Vec<MetricPoint>, Rejected> {
-        let now = self.rt.env().clock.now();
+        let now = self.rt.now();
         let batch_at = msg.ts.map(Timestamp).unwrap_or(now);
         let number = |metric: &str, v: &Value| {
             v.as_f64().ok_or_else(|| ("wrong_type", format!("metric {metric:?} is {v}, not a number")))

@@ -1,0 +1,141 @@
+//! A device type as its twins and handles see it: the context a TDTA and its DTIs share
+//! (identity, defaults, domain model, retention, the index of packed fleet records), and
+//! the messages a TDTA answers. The TDTA actor itself lives in `tdta`, above this
+//! module; a twin reaches it only through these ports.
+
+use super::TwinSlot;
+use crate::context::Infra;
+use crate::error::TwinError;
+use crate::records::{DeviceTypeSpec, TwinSpec};
+use actix::prelude::*;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use twinfleet_models::DeviceTypeId;
+use twinfleet_runtime::{ActorStats, ActorStatus};
+
+/// What a TDTA and its DTIs share; outlives restarts of the TDTA actor.
+#[derive(Debug)]
+pub struct TypeContext {
+    pub(crate) device_type: DeviceTypeId,
+    pub(crate) model: Arc<str>,
+    /// `tdta/<id>`: the parent of every DTI of this type in the actor tree.
+    pub(crate) path: Arc<str>,
+    pub(crate) infra: Arc<Infra>,
+    pub(crate) stats: ActorStats,
+    defaults: RwLock<Arc<Map<String, Value>>>,
+    /// The messages its TDTA answers, while it runs.
+    tdta: RwLock<Option<TdtaPorts>>,
+    /// Keys of the packed fleet records, indexed by `TwinSlot::origin`.
+    pub(crate) chunks: Mutex<Vec<Vec<u8>>>,
+    pub(crate) twins: AtomicUsize,
+    pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
+    pub(crate) journal: twinfleet_models::JournalRetention,
+    /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
+    pub(crate) fleet_edit: tokio::sync::Mutex<()>,
+}
+
+impl TypeContext {
+    pub(crate) fn new(spec: &DeviceTypeSpec, infra: Arc<Infra>) -> Arc<Self> {
+        let path: Arc<str> = Arc::from(format!("tdta/{}", spec.id));
+        Arc::new(TypeContext {
+            device_type: spec.id.clone(),
+            model: Arc::from(spec.model.as_str()),
+            stats: ActorStats::new("tdta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor"))),
+            path,
+            infra,
+            defaults: RwLock::new(Arc::new(spec.defaults.clone())),
+            tdta: RwLock::new(None),
+            chunks: Mutex::new(Vec::new()),
+            twins: AtomicUsize::new(0),
+            domain: spec.domain.clone().map(Arc::new),
+            journal: spec.journal,
+            fleet_edit: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn defaults(&self) -> Arc<Map<String, Value>> {
+        self.defaults.read().clone()
+    }
+
+    /// Drops the TDTA's address; the actor stops once no message is in flight.
+    pub(crate) fn stop(&self) {
+        self.tdta.write().take();
+        self.stats.set_status(ActorStatus::Stopped);
+    }
+
+    /// Publishes the ports of the TDTA that now runs this type.
+    pub(crate) fn attach(&self, ports: TdtaPorts) {
+        *self.tdta.write() = Some(ports);
+        self.stats.set_status(ActorStatus::Running);
+    }
+
+    pub(crate) fn tdta(&self) -> Option<TdtaPorts> {
+        self.tdta.read().clone()
+    }
+
+    pub(crate) fn set_defaults(&self, defaults: Map<String, Value>) {
+        *self.defaults.write() = Arc::new(defaults);
+    }
+
+    pub(crate) fn spec(&self) -> DeviceTypeSpec {
+        DeviceTypeSpec {
+            id: self.device_type.clone(),
+            model: self.model.to_string(),
+            defaults: (*self.defaults()).clone(),
+            domain: self.domain.as_deref().cloned(),
+            journal: self.journal,
+        }
+    }
+}
+
+/// Creates twins of this type. All-or-nothing: an existing or duplicate id, or an
+/// unknown DTA, rejects the whole request and creates nothing.
+#[derive(Debug)]
+pub struct SpawnFleet(pub Vec<TwinSpec>);
+
+/// What a fleet creation did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FleetReport {
+    pub created: usize,
+    /// Packed records written.
+    pub records: usize,
+}
+
+impl Message for SpawnFleet {
+    type Result = Result<FleetReport, TwinError>;
+}
+
+#[derive(Debug)]
+pub(crate) struct SetDefaults(pub Map<String, Value>);
+
+impl Message for SetDefaults {
+    type Result = Result<(), TwinError>;
+}
+
+/// Sent by a DTI that crashed.
+#[derive(Debug)]
+pub(crate) struct ChildFailed {
+    pub slot: Arc<TwinSlot>,
+    pub error: String,
+}
+
+impl Message for ChildFailed {
+    type Result = ();
+}
+
+/// Where a type's TDTA takes its messages.
+#[derive(Clone)]
+pub(crate) struct TdtaPorts {
+    pub failed: Recipient<ChildFailed>,
+    pub spawn: Recipient<SpawnFleet>,
+    pub defaults: Recipient<SetDefaults>,
+}
+
+impl std::fmt::Debug for TdtaPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TdtaPorts")
+    }
+}
