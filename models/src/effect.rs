@@ -39,6 +39,9 @@ pub enum Effect {
     CancelWait { wait: WaitName },
     /// Raise an operator-visible alert.
     RaiseAlert { kind: AlertKind, severity: Severity, message: String },
+    /// Store the whole state with this decision's events (a state that will not change
+    /// again soon, e.g. an archived twin, should not wait for the next snapshot).
+    Snapshot,
 }
 
 /// The waits a machine can own. Closed, so every timer of a twin is listed here.

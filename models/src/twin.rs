@@ -348,6 +348,7 @@ impl TwinState {
             TwinCommand::Archive => {
                 kinds.push(EventKind::Archived);
                 effects.extend(self.waits.iter().map(|w| Effect::CancelWait { wait: w.wait }));
+                effects.push(Effect::Snapshot);
             }
             TwinCommand::EditComponents { path, edit } => {
                 let Some(model) = rules.domain else {
@@ -809,7 +810,7 @@ mod tests {
         let mut s = twin();
         run(&mut s, TwinCommand::SetDesired(obj(json!({"a": 1}))), 0);
         let d = run(&mut s, TwinCommand::Archive, 1);
-        assert_eq!(d.effects, vec![Effect::CancelWait { wait: WaitName::DesiredSync }]);
+        assert_eq!(d.effects, vec![Effect::CancelWait { wait: WaitName::DesiredSync }, Effect::Snapshot]);
         assert!(s.waits.is_empty());
         assert_eq!(
             run(&mut s, TwinCommand::WaitExpired { wait: WaitName::DesiredSync, attempt: 0 }, 1_000),

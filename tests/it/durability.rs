@@ -264,6 +264,8 @@ async fn a_job_interrupted_by_a_stop_resumes_and_reports_exactly_what_it_did() {
     p.shutdown().await;
 
     let p = start(dir.path(), None, test_settings()).await;
+    let restored = p.restore_report().twins;
+    assert!(restored < 20_001, "the stop interrupted the job: it had created {} of 20,000 twins", restored - 1);
     let done = eventually("the resumed job finishes", || async {
         p.jobs().get(job.id).filter(|j| j.state != JobState::Running)
     })

@@ -162,11 +162,10 @@ impl Dti {
         for e in &events {
             self.state.evolve(e);
         }
-        if events.iter().any(|e| matches!(e.kind, EventKind::MetadataUpdated { .. } | EventKind::Archived)) {
-            self.slot.set_summary(&self.state);
-        }
+        self.slot.refresh_summary(&self.state);
         let mut batch = WriteBatch::new();
-        self.journal(&events, &mut batch, ctx);
+        let snapshot = effects.contains(&Effect::Snapshot);
+        self.journal(&events, snapshot, &mut batch, ctx);
         batch.append(also);
         let ticket = env.storage.submit(batch);
         let deliveries = self.carry_out(effects, now, ctx);
@@ -175,8 +174,9 @@ impl Dti {
 
     /// Writes `events` to the journal (binary), with the snapshot every
     /// `snapshot_every` events; between snapshots the `Tail` marker says a restart must
-    /// replay the journal after the snapshot. Archiving writes the snapshot at once.
-    fn journal(&mut self, events: &[TwinEvent], batch: &mut WriteBatch, ctx: &mut Context<Self>) {
+    /// replay the journal after the snapshot. `snapshot` (the decision's
+    /// `Effect::Snapshot`) writes it at once.
+    fn journal(&mut self, events: &[TwinEvent], snapshot: bool, batch: &mut WriteBatch, ctx: &mut Context<Self>) {
         if events.is_empty() {
             return;
         }
@@ -185,8 +185,7 @@ impl Dti {
             batch.put(spaces::JOURNAL, journal_key(&self.slot.id, e.seq), encode_event(e));
         }
         let settings = &self.slot.ty.infra.settings;
-        let archived = events.iter().any(|e| matches!(e.kind, EventKind::Archived));
-        if self.pending + events.len() as u32 >= settings.snapshot_every || archived {
+        if self.pending + events.len() as u32 >= settings.snapshot_every || snapshot {
             batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
             if self.pending > 0 {
                 batch.delete(spaces::TAIL, key);
@@ -251,6 +250,8 @@ impl Dti {
                     source: format!("dti/{}", self.slot.id),
                     message,
                 }),
+                // Written with the decision's events (`journal`).
+                Effect::Snapshot => {}
             }
         }
         deliveries

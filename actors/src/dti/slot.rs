@@ -54,6 +54,20 @@ impl TwinSlot {
         *self.tags.write() = (!tags.is_empty()).then(|| Arc::from(tags.as_slice()));
     }
 
+    /// Updates the summary if the state's lifecycle or tags differ from it (read from
+    /// the state, not inferred from event kinds).
+    pub(super) fn refresh_summary(&self, state: &TwinState) {
+        let archived = state.lifecycle == Lifecycle::Archived;
+        let tags = &state.metadata.tags;
+        let same_tags = match self.tags.read().as_deref() {
+            None => tags.is_empty(),
+            Some(t) => t == tags.as_slice(),
+        };
+        if archived != self.archived() || !same_tags {
+            self.set_summary(state);
+        }
+    }
+
     pub(crate) fn archived(&self) -> bool {
         self.archived.load(Relaxed)
     }
