@@ -14,6 +14,79 @@ use twinfleet_models::{
 use twinfleet_runtime::{CodecError, decode_record};
 
 const FORMAT_BINARY_EVENT: u8 = 2;
+/// A journal record holding the events of one snapshot interval, each encoded as above.
+const FORMAT_CHUNK: u8 = 3;
+
+/// The events of a twin since its last snapshot, encoded, in order: what the twin writes
+/// as one journal record with its next snapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub first_seq: u64,
+    /// `[FORMAT_CHUNK]` then, per event, `[u32 LE length][encoded event]`.
+    bytes: Vec<u8>,
+    pub events: u32,
+}
+
+impl Chunk {
+    pub(crate) fn new(first_seq: u64) -> Self {
+        Chunk { first_seq, bytes: vec![FORMAT_CHUNK], events: 0 }
+    }
+
+    pub(crate) fn push(&mut self, encoded: &[u8]) {
+        self.bytes.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(encoded);
+        self.events += 1;
+    }
+
+    /// The journal record.
+    pub(crate) fn record(&self) -> Vec<u8> {
+        self.bytes.clone()
+    }
+
+    /// This interval's events followed by `later`'s.
+    pub(crate) fn joined(mut self, later: Chunk) -> Chunk {
+        self.bytes.extend_from_slice(&later.bytes[1..]);
+        self.events += later.events;
+        self
+    }
+}
+
+/// Decodes a journal record: one event (formats 1 and 2) or a chunk of them (format 3).
+pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<TwinEvent>, CodecError> {
+    if bytes.first() != Some(&FORMAT_CHUNK) {
+        return decode_event(bytes).map(|e| vec![e]);
+    }
+    let mut rest = &bytes[1..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let Some(len) = rest.get(..4).map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize) else {
+            return Err(CodecError::Truncated { len: bytes.len() });
+        };
+        let Some(event) = rest.get(4..4 + len) else {
+            return Err(CodecError::Truncated { len: bytes.len() });
+        };
+        out.push(decode_event(event)?);
+        rest = &rest[4 + len..];
+    }
+    Ok(out)
+}
+
+/// One event in a page of the journal's write-ahead pages: `[u16 LE id length][twin
+/// id][encoded event]`.
+pub(crate) fn page_item(twin: &str, encoded: &[u8]) -> Vec<u8> {
+    let mut item = Vec::with_capacity(2 + twin.len() + encoded.len());
+    item.extend_from_slice(&(twin.len() as u16).to_le_bytes());
+    item.extend_from_slice(twin.as_bytes());
+    item.extend_from_slice(encoded);
+    item
+}
+
+/// The twin id and the encoded event of a page item.
+pub(crate) fn split_page_item(item: &[u8]) -> Option<(&str, &[u8])> {
+    let n = u16::from_le_bytes([*item.first()?, *item.get(1)?]) as usize;
+    let id = std::str::from_utf8(item.get(2..2 + n)?).ok()?;
+    Some((id, &item[2 + n..]))
+}
 
 /// Encodes one journal event.
 pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
@@ -492,5 +565,26 @@ mod tests {
         forged.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         forged.append(&mut body);
         assert!(decode_event(&forged).is_err());
+    }
+
+    #[test]
+    fn a_chunk_holds_the_events_of_an_interval_and_a_page_item_names_its_twin() {
+        let events: Vec<TwinEvent> =
+            (1..=3).map(|seq| TwinEvent { seq, at: Timestamp(seq as i64 * 10), kind: EventKind::Archived }).collect();
+        let mut chunk = Chunk::new(1);
+        for e in &events {
+            chunk.push(&encode_event(e));
+        }
+        assert_eq!(chunk.events, 3);
+        assert_eq!(decode_journal(&chunk.record()).unwrap(), events);
+        assert_eq!(decode_journal(&encode_event(&events[0])).unwrap(), vec![events[0].clone()], "one event");
+        let item = page_item("twin-1", &encode_event(&events[1]));
+        let (id, e) = split_page_item(&item).unwrap();
+        assert_eq!((id, decode_event(e).unwrap()), ("twin-1", events[1].clone()));
+        let mut cut = Chunk::new(1);
+        cut.push(&encode_event(&events[0]));
+        let mut bytes = cut.record();
+        bytes.truncate(bytes.len() - 1);
+        assert!(decode_journal(&bytes).is_err(), "a cut chunk is an error, not fewer events");
     }
 }

@@ -1,11 +1,16 @@
 //! Journal retention: a pass over the journals of every twin whose device type bounds
-//! its journal (`DeviceTypeSpec::journal`), dropping the oldest events the retention
-//! allows. It runs on a thread of its own, every `Settings::compaction_interval_ms`,
-//! and deletes in bounded batches through the group-commit writer, so it never holds a
-//! twin up. It never drops an event a snapshot does not cover yet (a restart replays
-//! those), nor a twin's newest event.
+//! its journal (`DeviceTypeSpec::journal`), dropping the oldest history records the
+//! retention allows (a record holds one snapshot interval, so up to `snapshot_every`
+//! events more than the retention may stay). It runs on a thread of its own, every
+//! `Settings::compaction_interval_ms`, and deletes in bounded batches through the
+//! group-commit writer, so it never holds a twin up. It never drops an event a
+//! snapshot does not cover yet (a restart replays those), nor a twin's newest event.
+//!
+//! The same thread deletes the journal pages no twin needs any more, every
+//! [`PAGE_GC_MS`]: those older than the oldest page a `TAIL` marker names.
 
-use crate::codec::decode_event;
+use crate::codec::decode_journal;
+use crate::dti::tail_page;
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::records::{journal_prefix, twin_key};
@@ -13,11 +18,13 @@ use crate::spaces;
 use serde::Serialize;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use twinfleet_models::{JournalRetention, TwinId, TwinState};
+use twinfleet_models::{JournalRetention, Timestamp, TwinId, TwinState};
 use twinfleet_runtime::{StorageError, WriteBatch, decode_record};
 
 /// Deletes per write batch of a pass.
 const DELETE_BATCH: usize = 10_000;
+/// How often (real time) dead journal pages are deleted.
+pub(crate) const PAGE_GC_MS: u64 = 2_000;
 
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -25,22 +32,31 @@ pub struct CompactionReport {
     /// Twins whose journals were looked at (those of types with a retention).
     pub twins: usize,
     pub events_deleted: usize,
+    /// Journal pages deleted because no twin needs them any more.
+    pub pages_deleted: usize,
 }
 
-/// Starts the periodic pass; the thread ends once the platform is gone.
+/// Starts the periodic passes; the thread ends once the platform is gone.
 pub(crate) fn start_compactor(env: &Arc<TwinEnv>) {
     let every = env.settings.compaction_interval_ms;
-    if every == 0 {
-        return;
-    }
     let weak: Weak<TwinEnv> = Arc::downgrade(env);
     let spawned = std::thread::Builder::new().name("tf-compaction".into()).spawn(move || {
-        let mut waited = 0u64;
+        let (mut waited, mut since_gc) = (0u64, 0u64);
+        let tick = if every == 0 { PAGE_GC_MS } else { every.min(1_000) };
         loop {
-            std::thread::sleep(Duration::from_millis(1_000.min(every)));
-            waited += 1_000.min(every);
+            std::thread::sleep(Duration::from_millis(tick));
+            waited += tick;
+            since_gc += tick;
             let Some(env) = weak.upgrade() else { return };
-            if waited < every {
+            if since_gc >= PAGE_GC_MS {
+                since_gc = 0;
+                match collect_pages(&env) {
+                    Ok(_) => {}
+                    Err(TwinError::Storage(StorageError::Closed)) => return,
+                    Err(e) => tracing::warn!("deleting dead journal pages failed: {e}"),
+                }
+            }
+            if every == 0 || waited < every {
                 continue;
             }
             waited = 0;
@@ -59,25 +75,60 @@ pub(crate) fn start_compactor(env: &Arc<TwinEnv>) {
     }
 }
 
+/// Deletes the journal pages older than the oldest page a `TAIL` marker names (every
+/// page, up to the newest one seen first, when no marker names one). The newest page
+/// is read before the markers: a page committed later is newer, and one committed
+/// earlier came with its marker in the same atomic batch.
+pub(crate) fn collect_pages(env: &TwinEnv) -> Result<usize, TwinError> {
+    let page_id = |k: &[u8]| k.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+    let Some(newest) = env.storage.scan_rev(spaces::JOURNAL_PAGE, b"", 1)?.first().map(|(k, _)| page_id(k)) else {
+        return Ok(0);
+    };
+    let mut keep_from = newest.saturating_add(1);
+    for row in env.storage.scan(spaces::TAIL, b"") {
+        let (_, v) = row?;
+        if let Some(p) = tail_page(&v) {
+            keep_from = keep_from.min(p);
+        }
+    }
+    let mut deleted = 0;
+    let mut batch = WriteBatch::new();
+    for row in env.storage.scan(spaces::JOURNAL_PAGE, b"") {
+        let (k, _) = row?;
+        if page_id(&k) >= keep_from {
+            break;
+        }
+        batch.delete(spaces::JOURNAL_PAGE, k);
+        deleted += 1;
+        if batch.len() >= DELETE_BATCH {
+            futures::executor::block_on(env.storage.submit(std::mem::take(&mut batch)))?;
+        }
+    }
+    if !batch.is_empty() {
+        futures::executor::block_on(env.storage.submit(batch))?;
+    }
+    Ok(deleted)
+}
+
 pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     let now = env.clock.now();
     let mut report = CompactionReport::default();
-    let bounded: Vec<(TwinId, JournalRetention)> = env
+    let bounded: Vec<(TwinId, JournalRetention, u64)> = env
         .directory
         .twins
         .iter()
         .filter(|e| !e.value().ty.journal.is_unbounded())
-        .map(|e| (e.key().clone(), e.value().ty.journal))
+        .map(|e| (e.key().clone(), e.value().ty.journal, e.value().last_seq()))
         .collect();
     let mut batch = WriteBatch::new();
-    for (id, retention) in bounded {
+    for (id, retention, last_seq) in bounded {
         let mut journal = Vec::new();
-        let mut keys = Vec::new();
+        let mut records = Vec::new();
         for row in env.storage.scan(spaces::JOURNAL, &journal_prefix(&id)) {
             let (k, v) = row?;
-            if let Ok(e) = decode_event(&v) {
-                journal.push((e.seq, e.at));
-                keys.push(k);
+            if let Ok(events) = decode_journal(&v) {
+                journal.extend(events.iter().map(|e| (e.seq, e.at)));
+                records.push((k, events.len()));
             }
         }
         report.twins += 1;
@@ -89,11 +140,22 @@ pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
                 None => 0,
             },
         };
-        let n = retention.expired(&journal, now).min(journal.iter().take_while(|(seq, _)| *seq <= covered).count());
-        for k in keys.into_iter().take(n) {
+        // The events after the history (only in the pages yet) are the newest: they
+        // count towards `keep_events` and are never dropped.
+        let newest = journal.last().map_or(0, |(seq, _)| *seq);
+        let counted: Vec<(u64, Timestamp)> =
+            journal.iter().copied().chain((newest + 1..=last_seq).map(|seq| (seq, now))).collect();
+        let n = retention.expired(&counted, now).min(journal.iter().take_while(|(seq, _)| *seq <= covered).count());
+        // Whole records only: those whose every event is among the `n` oldest.
+        let mut dropped = 0;
+        for (k, events) in records {
+            if dropped + events > n {
+                break;
+            }
+            dropped += events;
             batch.delete(spaces::JOURNAL, k);
         }
-        report.events_deleted += n;
+        report.events_deleted += dropped;
         if batch.len() >= DELETE_BATCH {
             futures::executor::block_on(env.storage.submit(std::mem::take(&mut batch)))?;
         }
@@ -101,5 +163,6 @@ pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     if !batch.is_empty() {
         futures::executor::block_on(env.storage.submit(batch))?;
     }
+    report.pages_deleted = collect_pages(env)?;
     Ok(report)
 }

@@ -4,7 +4,8 @@
 //! quarantined: reported (alert, restore report, `Quarantined` on access) and left
 //! untouched on disk, while everything else starts.
 
-use crate::dti::{NO_ORIGIN, Start, TwinSlot, TypeContext, replay_tail};
+use crate::codec::split_page_item;
+use crate::dti::{NO_ORIGIN, Start, Tail, TwinSlot, TypeContext, replay_legacy, tail_page};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
 use crate::maps::Directory;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use twinfleet_models::{Alert, AlertKind, DtaId, Severity, TwinId, TwinState};
-use twinfleet_runtime::decode_record;
+use twinfleet_runtime::{decode_record, page_items, page_key};
 
 /// Individual alerts raised for quarantined records before they are summarized.
 const ALERT_LIMIT: usize = 100;
@@ -72,7 +73,7 @@ fn restore_chunk(
     env: &TwinEnv,
     ty: &Arc<TypeContext>,
     snapshots: &Directory<TwinId, Vec<u8>>,
-    tails: &Directory<TwinId, ()>,
+    tails: &Tails,
     latest: &Directory<TwinId, Vec<u8>>,
     key: &[u8],
     bytes: &[u8],
@@ -152,27 +153,30 @@ fn start_restored(
     out: &mut ChunkOutcome,
 ) -> bool {
     let id = state.identity.twin_id.clone();
-    let mut tail = 0;
-    if tails.contains_key(&id) {
-        match replay_tail(&*env.storage, &mut state) {
-            Ok(n) => tail = n,
-            Err(reason) => {
-                out.quarantined.push(("journal", id.as_str().as_bytes().to_vec(), Some(id.to_string()), reason));
-                return false;
-            }
+    let mut tail = Tail::default();
+    if let Some((_, paged)) = tails.remove(&id) {
+        let replayed = paged.and_then(|paged| {
+            tail.events = replay_legacy(&*env.storage, &mut state)?;
+            tail.apply_paged(&mut state, paged.iter().map(Vec::as_slice))
+        });
+        if let Err(reason) = replayed {
+            out.quarantined.push(("journal", id.as_str().as_bytes().to_vec(), Some(id.to_string()), reason));
+            return false;
         }
     }
     let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
     env.directory.restore_twin(slot.clone());
     ty.twins.fetch_add(1, Relaxed);
     let latest = Start::decode_latest(&slot.id, latest.remove(&slot.id).map(|(_, raw)| raw).as_deref());
-    members.launch(env, slot, state, Start { restart: None, tail, latest });
+    members.launch(env, slot, state, Start { restart: None, tail: tail.events, latest, chunk: tail.chunk });
     true
 }
 
-/// What restore read ahead for the twins: who has a journal tail, and the stored latest
+/// What restore read ahead for the twins: who has a journal tail (with its events from
+/// the journal pages, encoded, or why they cannot be read), and the stored latest
 /// telemetry values.
-type Stored<'a> = (&'a Directory<TwinId, ()>, &'a Directory<TwinId, Vec<u8>>);
+type Stored<'a> = (&'a Tails, &'a Directory<TwinId, Vec<u8>>);
+type Tails = Directory<TwinId, Result<Vec<Vec<u8>>, String>>;
 
 pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinError> {
     let started = Instant::now();
@@ -230,14 +234,43 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
         }
     }
 
-    // Twins with journal events after their snapshot (normally few): replayed on start.
-    let tails: Arc<Directory<TwinId, ()>> = Arc::new(Directory::default());
+    // Twins with journal events after their snapshot (normally few): replayed on start,
+    // from the journal pages their markers name (one pass over the pages still kept).
+    let tails: Arc<Tails> = Arc::new(Directory::default());
+    let from_page: Directory<TwinId, u64> = Directory::default();
     for row in env.storage.scan(spaces::TAIL, b"") {
-        let (k, _) = row?;
+        let (k, v) = row?;
         if let Some(id) = std::str::from_utf8(&k).ok().and_then(|s| TwinId::new(s).ok()) {
-            tails.insert(id, ());
+            if let Some(page) = tail_page(&v) {
+                from_page.insert(id.clone(), page);
+            }
+            tails.insert(id, Ok(Vec::new()));
         }
     }
+    if let Some(first) = from_page.iter().map(|e| *e.value()).min() {
+        for (k, v) in env.storage.scan_range(spaces::JOURNAL_PAGE, &page_key(first), &page_key(u64::MAX))? {
+            let page = k.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            for item in page_items(&v) {
+                let Some((id, event)) = item.ok().and_then(split_page_item) else {
+                    // Whose events follow is unknown: every twin that may have some
+                    // there is quarantined rather than started without them.
+                    let why = format!("journal page {page} does not parse");
+                    tracing::error!("{why}");
+                    for e in from_page.iter().filter(|e| *e.value() <= page) {
+                        tails.insert(e.key().clone(), Err(why.clone()));
+                    }
+                    break;
+                };
+                if from_page.get(id).is_some_and(|from| page >= *from)
+                    && let Some(mut events) = tails.get_mut(id)
+                    && let Ok(events) = events.as_mut()
+                {
+                    events.push(event.to_vec());
+                }
+            }
+        }
+    }
+    drop(from_page);
 
     // The latest telemetry values of the twins that have any, in one sequential pass.
     let latest: Arc<Directory<TwinId, Vec<u8>>> = Arc::new(Directory::default());

@@ -13,7 +13,9 @@ pub const DTA: Space = Space(2);
 pub const FLEET: Space = Space(3);
 /// Twin id → its snapshot, written every `snapshot_every` events or when idle.
 pub const SNAPSHOT: Space = Space(4);
-/// Per-twin journal: key = twin id, 0x00, big-endian seq; a binary event (`codec`).
+/// Per-twin journal: key = twin id, 0x00, big-endian seq of the record's first event;
+/// value = the events of one snapshot interval (`codec::Chunk`), written with the
+/// snapshot that covers them (older data directories: one event per record).
 pub const JOURNAL: Space = Space(5);
 // 6 is the runtime's `Space::ALERT`; 7 is unused (a quarantined record stays where it is).
 /// Device credentials: twin id → keyed hash of its token.
@@ -30,6 +32,12 @@ pub const AUDIT: Space = Space(11);
 pub const JOB: Space = Space(12);
 /// The newest value of each metric of a twin: key = twin id.
 pub const TELEMETRY_LATEST: Space = Space(13);
-/// Twins whose journal has events after their stored snapshot: key = twin id, empty
-/// value. Written with the first such event, deleted with the next snapshot.
+/// Twins whose journal has events after their stored snapshot: key = twin id, value =
+/// the id of the journal page holding the first such event (empty in data directories
+/// of before the pages: the events are then per-event `JOURNAL` records). Written with
+/// the first such event, deleted with the next snapshot.
 pub const TAIL: Space = Space(14);
+/// The journal's write-ahead pages: key = page id (big-endian, commit order), value =
+/// the events of every twin in one group commit that are not in a snapshot yet
+/// (`codec::page_item`). A page is deleted once no `TAIL` names it or an older one.
+pub const JOURNAL_PAGE: Space = Space(15);

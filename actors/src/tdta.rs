@@ -230,7 +230,12 @@ impl Tdta {
                         let e = env.clone();
                         env.arbiters.run_on(i, move || {
                             let layers = layers_for(&e, &state.memberships);
-                            Dti::launch(slot, state, layers, Start { restart: Some((error, attempt)), tail, latest });
+                            Dti::launch(
+                                slot,
+                                state,
+                                layers,
+                                Start { restart: Some((error, attempt)), tail: tail.events, latest, chunk: tail.chunk },
+                            );
                         });
                     }
                     Err(why) => act.give_up(&slot, &format!("cannot reload its state: {why}")),

@@ -26,4 +26,6 @@ pub use lock::{DataDirLock, LockError};
 pub use metrics::{Edge, Exposition, Histogram, HistogramView, RequestMetrics};
 pub use rejections::Rejections;
 pub use stats::{ActorStats, ActorStatus, ActorView};
-pub use storage::{SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch};
+pub use storage::{
+    SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch, page_items, page_key,
+};

@@ -37,6 +37,40 @@ impl Space {
 enum Op {
     Put(Space, Vec<u8>, Vec<u8>),
     Delete(Space, Vec<u8>),
+    /// One item of the commit's page in this space (`WriteBatch::pack`).
+    Pack(Space, Vec<u8>),
+    /// A put whose value is the id of the commit's page in the second space.
+    PutPageId(Space, Vec<u8>, Space),
+}
+
+/// The items of one page (`WriteBatch::pack`), in the order they were packed. A page
+/// that does not parse yields one error and stops.
+pub fn page_items(page: &[u8]) -> impl Iterator<Item = Result<&[u8], StorageError>> {
+    let mut rest = page;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let item = rest.get(..4).and_then(|len| {
+            let n = u32::from_le_bytes(len.try_into().ok()?) as usize;
+            rest.get(4..4 + n).map(|item| (item, 4 + n))
+        });
+        match item {
+            Some((item, used)) => {
+                rest = &rest[used..];
+                Some(Ok(item))
+            }
+            None => {
+                rest = &[];
+                Some(Err(StorageError::Engine("a page is cut short".into())))
+            }
+        }
+    })
+}
+
+/// The key of a page: its id, big-endian (pages sort in commit order).
+pub fn page_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
 }
 
 /// Writes that become durable together.
@@ -57,6 +91,23 @@ impl WriteBatch {
 
     pub fn delete(&mut self, space: Space, key: impl Into<Vec<u8>>) -> &mut Self {
         self.ops.push(Op::Delete(space, key.into()));
+        self
+    }
+
+    /// Appends `item` to the page of the group commit this batch lands in: one record
+    /// in `space` (key: a fresh increasing page id, [`page_key`]) holds the items of
+    /// every batch of that commit, so many small appends of many writers cost one
+    /// record. Read them back with [`page_items`]; the page id is what
+    /// [`WriteBatch::put_page_id`] stores.
+    pub fn pack(&mut self, space: Space, item: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Pack(space, item));
+        self
+    }
+
+    /// Puts `key` in `space` with the id of this commit's page in `page_space` as its
+    /// value (8 bytes, big-endian), atomically with that page.
+    pub fn put_page_id(&mut self, space: Space, key: impl Into<Vec<u8>>, page_space: Space) -> &mut Self {
+        self.ops.push(Op::PutPageId(space, key.into(), page_space));
         self
     }
 
@@ -81,6 +132,8 @@ impl WriteBatch {
             .map(|op| match op {
                 Op::Put(_, k, v) => (k.len() + v.len() + 1) as u64,
                 Op::Delete(_, k) => (k.len() + 1) as u64,
+                Op::Pack(_, item) => (item.len() + 4) as u64,
+                Op::PutPageId(_, k, _) => (k.len() + 9) as u64,
             })
             .sum()
     }
@@ -314,6 +367,23 @@ fn open_engine(path: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), 
     Ok((db, tree))
 }
 
+/// The pages of one group commit: per space, its id and its items.
+#[derive(Default)]
+struct Pages(Vec<(Space, (u64, Vec<u8>))>);
+
+impl Pages {
+    fn page(&mut self, db: &sled::Db, space: Space) -> Result<&mut (u64, Vec<u8>), sled::Error> {
+        let i = match self.0.iter().position(|(s, _)| *s == space) {
+            Some(i) => i,
+            None => {
+                self.0.push((space, (db.generate_id()?, Vec::new())));
+                self.0.len() - 1
+            }
+        };
+        Ok(&mut self.0[i].1)
+    }
+}
+
 fn prefixed(space: Space, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(space.0);
@@ -432,19 +502,42 @@ fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Co
         }
         let mut batch = sled::Batch::default();
         c.bytes.fetch_add(group.iter().map(|p| p.batch.bytes()).sum::<u64>(), Relaxed);
-        for p in &mut group {
-            for op in std::mem::take(&mut p.batch.ops) {
-                match op {
-                    Op::Put(s, k, v) => batch.insert(prefixed(s, &k), v),
-                    Op::Delete(s, k) => batch.remove(prefixed(s, &k)),
+        let started = Instant::now();
+        let db = engine.db.read();
+        let result = match db.as_ref() {
+            Some((db, tree)) => {
+                let mut pages = Pages::default();
+                let mut failed = None;
+                for p in &mut group {
+                    for op in std::mem::take(&mut p.batch.ops) {
+                        match op {
+                            Op::Put(s, k, v) => batch.insert(prefixed(s, &k), v),
+                            Op::Delete(s, k) => batch.remove(prefixed(s, &k)),
+                            Op::Pack(s, item) => match pages.page(db, s) {
+                                Ok(page) => {
+                                    page.1.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                                    page.1.extend_from_slice(&item);
+                                }
+                                Err(e) => failed = Some(e),
+                            },
+                            Op::PutPageId(s, k, page_space) => match pages.page(db, page_space) {
+                                Ok(page) => batch.insert(prefixed(s, &k), page_key(page.0).to_vec()),
+                                Err(e) => failed = Some(e),
+                            },
+                        }
+                    }
+                }
+                for (s, (id, bytes)) in pages.0 {
+                    batch.insert(prefixed(s, &page_key(id)), bytes);
+                }
+                match failed {
+                    Some(e) => Err(self::engine(e)),
+                    None => tree.apply_batch(batch).and_then(|_| db.flush().map(|_| ())).map_err(self::engine),
                 }
             }
-        }
-        let started = Instant::now();
-        let result = match engine.db.read().as_ref() {
-            Some((db, tree)) => tree.apply_batch(batch).and_then(|_| db.flush().map(|_| ())).map_err(self::engine),
             None => Err(StorageError::Closed),
         };
+        drop(db);
         let micros = started.elapsed().as_micros() as u64;
         c.groups.fetch_add(1, Relaxed);
         c.ops.fetch_add(ops as u64, Relaxed);
@@ -651,5 +744,42 @@ mod tests {
         let last = s.scan_rev(JOURNAL, b"t\0", 2).unwrap();
         assert_eq!(last[0].1, vec![99]);
         assert_eq!(last[1].1, vec![98]);
+    }
+
+    #[tokio::test]
+    async fn packed_items_of_one_commit_share_one_page_whose_id_is_stored_with_them() {
+        const PAGE: Space = Space(20);
+        const MARK: Space = Space(21);
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
+        let mut tickets = vec![];
+        for i in 0..200u32 {
+            let mut b = WriteBatch::new();
+            b.pack(PAGE, format!("item-{i}").into_bytes());
+            if i % 50 == 0 {
+                b.put_page_id(MARK, format!("m{i}"), PAGE);
+            }
+            tickets.push(s.submit(b));
+        }
+        for t in tickets {
+            t.await.unwrap();
+        }
+        let pages: Vec<(Vec<u8>, Vec<u8>)> = s.scan(PAGE, b"").map(Result::unwrap).collect();
+        assert!(!pages.is_empty() && pages.len() <= 200);
+        let items: Vec<String> = pages
+            .iter()
+            .flat_map(|(_, v)| {
+                page_items(v).map(|i| String::from_utf8(i.unwrap().to_vec()).unwrap()).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(items, (0..200).map(|i| format!("item-{i}")).collect::<Vec<_>>(), "every item, in order");
+        for i in [0, 50, 100, 150] {
+            let id = s.get(MARK, format!("m{i}").as_bytes()).unwrap().unwrap();
+            let page = s.get(PAGE, &id).unwrap().expect("the page the mark names exists");
+            let want = format!("item-{i}");
+            assert!(page_items(&page).any(|it| it.unwrap() == want.as_bytes()), "item {i} is in its mark's page");
+        }
+        assert_eq!(page_items(&[5, 0, 0, 0, 1]).collect::<Vec<_>>().len(), 1);
+        assert!(page_items(&[5, 0, 0, 0, 1]).next().unwrap().is_err(), "a page cut short is an error");
     }
 }

@@ -180,14 +180,23 @@ async fn a_corrupt_record_quarantines_that_twin_and_the_others_start() {
         p.shutdown().await;
     }
     {
-        // Truncate q-3's journal entry (its change is not in a snapshot yet), as a torn
-        // write would.
+        // Truncate q-3's event in its journal page (its change is not in a snapshot
+        // yet), as a torn write would.
         let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
-        let key = [&b"q-3\0"[..], &1u64.to_be_bytes()].concat();
-        let rec = s.get(spaces::JOURNAL, &key).unwrap().expect("the change is in the journal");
         assert!(s.get(spaces::SNAPSHOT, b"q-3").unwrap().is_none(), "one change writes no snapshot");
+        let page = s.get(spaces::TAIL, b"q-3").unwrap().expect("the tail marker names the change's page");
+        let rec = s.get(spaces::JOURNAL_PAGE, &page).unwrap().expect("the change is in a journal page");
+        let mut rewritten = Vec::new();
+        for item in twinfleet_runtime::page_items(&rec) {
+            let mut item = item.unwrap().to_vec();
+            if item[2..].starts_with(b"q-3") {
+                item.truncate(item.len() - 3);
+            }
+            rewritten.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            rewritten.extend_from_slice(&item);
+        }
         let mut b = WriteBatch::new();
-        b.put(spaces::JOURNAL, key, rec[..rec.len() / 2].to_vec());
+        b.put(spaces::JOURNAL_PAGE, page, rewritten);
         s.submit(b).await.unwrap();
         s.shutdown();
     }
@@ -322,11 +331,29 @@ async fn a_change_writes_its_event_the_snapshot_comes_every_n_events_or_when_idl
 
     // An idle twin writes its snapshot by itself.
     settings.snapshot_idle_ms = 20;
-    let p = start(dir.path(), None, settings).await;
+    let p = start(dir.path(), None, settings.clone()).await;
     let storage = p.storage().clone();
     eventually("the idle twin writes its snapshot", || async { (snapshot_seq(&storage) == Some(6)).then_some(()) })
         .await;
     assert!(storage.get(spaces::TAIL, b"s-0").unwrap().is_none());
+    // The pages that held 5 and 6 are no longer needed: a pass (this one, or the
+    // background one every 2 s) deletes them.
+    p.compact_journals().await.unwrap();
+    assert_eq!(storage.scan(spaces::JOURNAL_PAGE, b"").count(), 0, "no page is left that no twin needs");
+    let events = p.twin("s-0").unwrap().events(10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6], "history is whole");
+    p.shutdown().await;
+
+    // A pending tail keeps its pages: a restart after the pass still replays it.
+    settings.snapshot_idle_ms = 60_000;
+    let p = start(dir.path(), None, settings.clone()).await;
+    p.twin("s-0").unwrap().report(obj(json!({ "n": 7 }))).await.unwrap();
+    let r = p.compact_journals().await.unwrap();
+    assert_eq!(r.pages_deleted, 0, "the page of 7 is named by the tail marker");
+    p.shutdown().await;
+    let p = start(dir.path(), None, settings).await;
+    let view = p.twin("s-0").unwrap().get().await.unwrap();
+    assert_eq!((view.state.reported["n"].as_i64(), view.state.last_seq), (Some(7), 7));
     p.shutdown().await;
 }
 
@@ -353,18 +380,20 @@ async fn journal_retention_drops_old_events_but_never_the_unsnapshotted_tail() {
         twin.report(obj(json!({ "n": n }))).await.unwrap();
         keeper.report(obj(json!({ "n": n }))).await.unwrap();
     }
-    // Snapshot at 16; 17..20 are the tail. Keep 5 would drop 1..15: all covered.
+    // Snapshots at 8 and 16, each with its interval's history record (1..8, 9..16);
+    // 17..20 are the tail. Keep 5 would drop 1..15, all covered: whole records only, so
+    // 1..8 go and 9..16 stay (a record holds one snapshot interval).
     let r = p.compact_journals().await.unwrap();
-    assert_eq!((r.twins, r.events_deleted), (1, 15), "only the type with a retention is compacted");
+    assert_eq!((r.twins, r.events_deleted), (1, 8), "only the type with a retention is compacted");
     let seqs = |evs: Vec<twinfleet::models::TwinEvent>| evs.iter().map(|e| e.seq).collect::<Vec<_>>();
-    assert_eq!(seqs(twin.events(100).await.unwrap()), (16..=20).collect::<Vec<_>>());
+    assert_eq!(seqs(twin.events(100).await.unwrap()), (9..=20).collect::<Vec<_>>());
     assert_eq!(keeper.events(100).await.unwrap().len(), 20, "unbounded journals are untouched");
 
     // Old events go by age too, except the tail the snapshot does not cover yet.
     clock.advance(2 * 3_600_000);
     twin.report(obj(json!({ "n": 21 }))).await.unwrap();
     let r = p.compact_journals().await.unwrap();
-    assert_eq!(r.events_deleted, 1, "16 is covered and old; 17..20 are old but only in the tail");
+    assert_eq!(r.events_deleted, 8, "9..16 are covered and old; 17..20 are old but only in the tail");
     assert_eq!(seqs(twin.events(100).await.unwrap()), (17..=21).collect::<Vec<_>>());
     p.shutdown().await;
 

@@ -10,7 +10,7 @@
 //! Failure: the synchronous part of every handler and timer runs under `catch_unwind`. A
 //! panic stops only this actor; its TDTA is told and restarts it from storage.
 
-use crate::codec::{decode_event, encode_event};
+use crate::codec::{Chunk, decode_event, decode_journal, encode_event, page_item, split_page_item};
 use crate::context::Infra;
 use crate::error::TwinError;
 use crate::records::{FleetChunk, TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
@@ -20,13 +20,15 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use twinfleet_models::{
     Alert, CommandId, Decision, DeviceCommand, DtaId, Effect, EffectiveConfig, EventKind, LayerRef, Lifecycle,
     MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
     encode_batch, validate_batch,
 };
-use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, panic};
+use twinfleet_runtime::{
+    ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_items, page_key, panic,
+};
 
 mod kind;
 mod requests;
@@ -51,6 +53,11 @@ pub struct Dti {
     restart: Option<(String, u32)>,
     /// Journal events after the stored snapshot (its `Tail` marker exists while > 0).
     pending: u32,
+    /// The paged ones among them, encoded: the history record the next snapshot writes.
+    chunk: Option<Box<Chunk>>,
+    /// The last snapshot written and its history record, until its batch is known to
+    /// be durable (see `journal`).
+    unconfirmed: Option<Box<(u64, Chunk)>>,
     /// The timer that writes the snapshot of a twin that went idle.
     idle: Option<SpawnHandle>,
     /// Newest value per metric. Boxed on purpose: a twin without telemetry pays 8 bytes
@@ -83,6 +90,23 @@ pub(crate) struct Applied {
     /// Whether an undelivered command fails the request (an operator's command does;
     /// a desired state does not: its wait retries).
     must_deliver: bool,
+    /// The `last_seq` of the snapshot in the batch, if it holds one.
+    snapshot: Option<u64>,
+}
+
+impl Applied {
+    /// Awaits the batch; records a durable snapshot in the slot.
+    async fn stored(
+        ticket: Ticket,
+        snapshot: Option<u64>,
+        slot: &TwinSlot,
+    ) -> Result<(), twinfleet_runtime::StorageError> {
+        ticket.await?;
+        if let Some(seq) = snapshot {
+            slot.snapshot_stored(seq);
+        }
+        Ok(())
+    }
 }
 
 impl Dti {
@@ -95,11 +119,23 @@ impl Dti {
     ) -> Addr<Dti> {
         let cap = slot.ty.infra.settings.dti_mailbox;
         slot.set_summary(&state);
+        slot.set_last_seq(state.last_seq);
         let s = slot.clone();
-        let Start { restart, tail, latest } = start;
+        let Start { restart, tail, latest, chunk } = start;
         let addr = Dti::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            Dti { slot: s, state, layers, timers: Vec::new(), restart, pending: tail, idle: None, latest }
+            Dti {
+                slot: s,
+                state,
+                layers,
+                timers: Vec::new(),
+                restart,
+                pending: tail,
+                chunk,
+                unconfirmed: None,
+                idle: None,
+                latest,
+            }
         });
         slot.set_addr(Some(addr.clone()));
         addr
@@ -163,44 +199,85 @@ impl Dti {
             self.state.evolve(e);
         }
         self.slot.refresh_summary(&self.state);
+        self.slot.set_last_seq(self.state.last_seq);
         let mut batch = WriteBatch::new();
-        let snapshot = effects.contains(&Effect::Snapshot);
-        self.journal(&events, snapshot, &mut batch, ctx);
+        let snapshot = self.journal(&events, effects.contains(&Effect::Snapshot), &mut batch, ctx);
         batch.append(also);
         let ticket = env.storage.submit(batch);
         let deliveries = self.carry_out(effects, now, ctx);
-        Ok(Applied { seq: self.state.last_seq, ticket, deliveries, must_deliver: false })
+        Ok(Applied { seq: self.state.last_seq, ticket, deliveries, must_deliver: false, snapshot })
     }
 
-    /// Writes `events` to the journal (binary), with the snapshot every
-    /// `snapshot_every` events; between snapshots the `Tail` marker says a restart must
-    /// replay the journal after the snapshot. `snapshot` (the decision's
-    /// `Effect::Snapshot`) writes it at once.
-    fn journal(&mut self, events: &[TwinEvent], snapshot: bool, batch: &mut WriteBatch, ctx: &mut Context<Self>) {
+    /// Writes `events` to the journal. Between snapshots each event is an item of the
+    /// group commit's journal page (one record for the events of every twin in that
+    /// commit), and the `Tail` marker names the page of the first one, so a restart
+    /// replays the pages from there. Every `snapshot_every` events, when idle, or when
+    /// the decision asks (`snapshot`), the batch holds the snapshot and the interval's
+    /// events as one history record (`codec::Chunk`), and no page item. Returns the
+    /// snapshot's `last_seq` when the batch holds one.
+    ///
+    /// Until a snapshot's batch is known to be durable, every batch holds a snapshot
+    /// (with the unconfirmed interval's events too): had that batch failed while a later
+    /// one landed, a new marker would name a later page than the first event the stored
+    /// snapshot lacks.
+    fn journal(
+        &mut self,
+        events: &[TwinEvent],
+        snapshot: bool,
+        batch: &mut WriteBatch,
+        ctx: &mut Context<Self>,
+    ) -> Option<u64> {
         if events.is_empty() {
-            return;
+            return None;
+        }
+        if self.unconfirmed.as_ref().is_some_and(|u| self.slot.is_snapshot_stored(u.0)) {
+            self.unconfirmed = None;
+        }
+        let every = self.slot.ty.infra.settings.snapshot_every;
+        let snap = snapshot || self.unconfirmed.is_some() || self.pending + events.len() as u32 >= every;
+        let paged = self.chunk.is_some();
+        let id = self.slot.id.as_str();
+        let chunk = self.chunk.get_or_insert_with(|| Box::new(Chunk::new(events[0].seq)));
+        for e in events {
+            let encoded = encode_event(e);
+            if !snap {
+                batch.pack(spaces::JOURNAL_PAGE, page_item(id, &encoded));
+            }
+            chunk.push(&encoded);
         }
         let key = twin_key(&self.slot.id);
-        for e in events {
-            batch.put(spaces::JOURNAL, journal_key(&self.slot.id, e.seq), encode_event(e));
-        }
-        let settings = &self.slot.ty.infra.settings;
-        if self.pending + events.len() as u32 >= settings.snapshot_every || snapshot {
-            batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
-            if self.pending > 0 {
-                batch.delete(spaces::TAIL, key);
-            }
-            self.pending = 0;
+        if snap {
+            self.write_snapshot(batch);
             if let Some(t) = self.idle.take() {
                 ctx.cancel_future(t);
             }
+            Some(self.state.last_seq)
         } else {
-            if self.pending == 0 {
-                batch.put(spaces::TAIL, key, Vec::new());
+            if !paged {
+                batch.put_page_id(spaces::TAIL, key, spaces::JOURNAL_PAGE);
             }
             self.pending += events.len() as u32;
             self.arm_idle_snapshot(ctx);
+            None
         }
+    }
+
+    /// Puts the snapshot, the history record of the events since the last stored one,
+    /// and the marker's removal in `batch`; keeps the record until the batch is durable.
+    fn write_snapshot(&mut self, batch: &mut WriteBatch) {
+        let key = twin_key(&self.slot.id);
+        let chunk = match (self.unconfirmed.take(), self.chunk.take()) {
+            (Some(u), Some(c)) => Some(u.1.joined(*c)),
+            (Some(u), None) => Some(u.1),
+            (None, c) => c.map(|c| *c),
+        };
+        if let Some(chunk) = &chunk {
+            batch.put(spaces::JOURNAL, journal_key(&self.slot.id, chunk.first_seq), chunk.record());
+        }
+        batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
+        batch.delete(spaces::TAIL, key);
+        self.pending = 0;
+        self.unconfirmed = chunk.map(|c| Box::new((self.state.last_seq, c)));
     }
 
     /// Writes the snapshot `snapshot_idle_ms` after the first event since the last one
@@ -212,22 +289,31 @@ impl Dti {
         let after = std::time::Duration::from_millis(self.slot.ty.infra.settings.snapshot_idle_ms);
         self.idle = Some(ctx.run_later(after, |act, ctx| {
             act.idle = None;
-            act.guarded(ctx, |act, _| act.snapshot_now());
+            act.guarded(ctx, |act, ctx| act.snapshot_now(ctx));
         }));
     }
 
-    /// Writes the snapshot now if events are pending (unawaited; a failure leaves the
-    /// marker, so a restart still replays the tail).
-    fn snapshot_now(&mut self) {
+    /// Writes the snapshot now if events are pending. A refused write restarts the twin
+    /// from storage (the marker and the pages are still there).
+    fn snapshot_now(&mut self, ctx: &mut Context<Self>) {
         if self.pending == 0 || self.env().storage.writable().is_err() {
             return;
         }
-        let key = twin_key(&self.slot.id);
         let mut batch = WriteBatch::new();
-        batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
-        batch.delete(spaces::TAIL, key);
-        self.pending = 0;
-        drop(self.env().storage.submit(batch));
+        self.write_snapshot(&mut batch);
+        let seq = self.state.last_seq;
+        let ticket = self.env().storage.submit(batch);
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(ticket).map(move |r, act, ctx| match r {
+            Ok(()) => {
+                act.slot.snapshot_stored(seq);
+                if act.unconfirmed.as_ref().is_some_and(|u| u.0 == seq) {
+                    act.unconfirmed = None;
+                }
+            }
+            Err(e) => {
+                act.crash(ctx, format!("a snapshot was refused by storage ({e}); restarting from the stored state"))
+            }
+        }));
     }
 
     /// Carries out the effects that need no flush first; returns the deliveries.
@@ -279,10 +365,15 @@ impl Dti {
     /// any other change, unawaited; its deliveries go out after the flush.
     fn input(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) {
         match self.apply(cmd, WriteBatch::new(), ctx) {
-            Ok(Applied { deliveries, ticket, .. }) if !deliveries.is_empty() => {
+            Ok(Applied { deliveries, ticket, snapshot, .. }) if !deliveries.is_empty() || snapshot.is_some() => {
                 ctx.spawn(actix::fut::wrap_future::<_, Self>(ticket).map(move |r, act, ctx| {
                     act.guarded(ctx, |act, _| match r {
-                        Ok(()) => drop(act.deliver(deliveries)),
+                        Ok(()) => {
+                            if let Some(seq) = snapshot {
+                                act.slot.snapshot_stored(seq);
+                            }
+                            drop(act.deliver(deliveries))
+                        }
                         Err(e) => tracing::warn!(twin = %act.slot.id, error = %e, "not stored; nothing sent"),
                     })
                 }));
@@ -329,24 +420,28 @@ impl Dti {
         }
     }
 
-    /// The last `limit` journal events, read after a storage barrier so that they
-    /// include every event this twin submitted before (read-your-writes).
+    /// The last `limit` journal events: the stored history records, read after a
+    /// storage barrier (so they include every batch this twin submitted before), and the
+    /// events since the last snapshot, which only the pages and this twin hold.
     fn read_events(&self, limit: usize) -> futures::future::BoxFuture<'static, Result<Vec<TwinEvent>, TwinError>> {
         let storage = self.env().storage.clone();
         let barrier = storage.barrier();
         let prefix = journal_prefix(&self.slot.id);
         let id = self.slot.id.clone();
+        let memory: Vec<Vec<u8>> =
+            self.unconfirmed.iter().map(|u| u.1.record()).chain(self.chunk.iter().map(|c| c.record())).collect();
         Box::pin(async move {
             barrier.await?;
             let rows = storage.scan_rev(spaces::JOURNAL, &prefix, limit)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for (_, v) in rows.into_iter().rev() {
-                match decode_event(&v) {
-                    Ok(e) => out.push(e),
+            let mut events = BTreeMap::new();
+            for v in rows.iter().map(|(_, v)| v).chain(memory.iter()) {
+                match decode_journal(v) {
+                    Ok(es) => events.extend(es.into_iter().map(|e| (e.seq, e))),
                     Err(e) => tracing::warn!(twin = %id, "skipping a corrupt journal entry: {e}"),
                 }
             }
-            Ok(out)
+            let skip = events.len().saturating_sub(limit);
+            Ok(events.into_values().skip(skip).collect())
         })
     }
 }
@@ -382,10 +477,10 @@ impl<Q: Request> Handler<Ask<Q>> for Dti {
             Ok(Outcome::Later(fut)) => Answer::Detached(fut),
             // Without deliveries the answer does not need the actor: it arrives even if
             // the twin crashes before the flush.
-            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, .. }, reply)) if deliveries.is_empty() => {
+            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, snapshot, .. }, reply)) if deliveries.is_empty() => {
                 let slot = self.slot.clone();
                 Answer::Detached(Box::pin(async move {
-                    if let Err(e) = ticket.await {
+                    if let Err(e) = Applied::stored(ticket, snapshot, &slot).await {
                         // The change is in memory but not on disk: start again from storage.
                         slot.with_addr(|a| a.do_send(Reload(e.to_string())));
                         return Err(e.into());
@@ -393,8 +488,10 @@ impl<Q: Request> Handler<Ask<Q>> for Dti {
                     Ok(reply)
                 }))
             }
-            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, must_deliver, .. }, reply)) => {
-                Answer::OnActor(Box::pin(actix::fut::wrap_future::<_, Self>(ticket).map(move |stored, act, ctx| {
+            Ok(Outcome::AfterFlush(Applied { ticket, deliveries, must_deliver, snapshot, .. }, reply)) => {
+                let slot = self.slot.clone();
+                let stored = async move { Applied::stored(ticket, snapshot, &slot).await };
+                Answer::OnActor(Box::pin(actix::fut::wrap_future::<_, Self>(stored).map(move |stored, act, ctx| {
                     if let Err(e) = stored {
                         act.crash(
                             ctx,

@@ -119,9 +119,10 @@ impl Request for Telemetry {
     type Reply = usize;
     fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
         match dti.store_telemetry(self.0) {
-            Ok((ticket, points)) => {
-                Outcome::AfterFlush(Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false }, points)
-            }
+            Ok((ticket, points)) => Outcome::AfterFlush(
+                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot: None },
+                points,
+            ),
             Err(e) => Outcome::Now(Err(e)),
         }
     }

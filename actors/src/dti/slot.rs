@@ -31,6 +31,12 @@ pub struct TwinSlot {
     /// every change of metadata or lifecycle.
     archived: AtomicBool,
     tags: RwLock<Option<Arc<[String]>>>,
+    /// The `last_seq` of the newest snapshot known to be durable (set as tickets of
+    /// batches holding a snapshot resolve; see `Dti::journal`).
+    snapshot_stored: AtomicU64,
+    /// The twin's `last_seq`, for journal retention (which counts the events only the
+    /// pages hold yet).
+    last_seq: AtomicU64,
 }
 
 impl TwinSlot {
@@ -45,6 +51,8 @@ impl TwinSlot {
             arbiter,
             archived: AtomicBool::new(false),
             tags: RwLock::new(None),
+            snapshot_stored: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
         }
     }
 
@@ -66,6 +74,23 @@ impl TwinSlot {
         if archived != self.archived() || !same_tags {
             self.set_summary(state);
         }
+    }
+
+    /// Records that the snapshot at `seq` is durable.
+    pub(crate) fn snapshot_stored(&self, seq: u64) {
+        self.snapshot_stored.fetch_max(seq, Relaxed);
+    }
+
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq.load(Relaxed)
+    }
+
+    pub(super) fn set_last_seq(&self, seq: u64) {
+        self.last_seq.store(seq, Relaxed);
+    }
+
+    pub(crate) fn is_snapshot_stored(&self, seq: u64) -> bool {
+        self.snapshot_stored.load(Relaxed) >= seq
     }
 
     pub(crate) fn archived(&self) -> bool {
@@ -100,6 +125,9 @@ pub(crate) struct Start {
     pub restart: Option<(String, u32)>,
     /// Journal events replayed on top of the stored snapshot.
     pub tail: u32,
+    /// Those of them that came from the journal pages: the history record the next
+    /// snapshot writes.
+    pub chunk: Option<Box<Chunk>>,
     /// The latest telemetry values, as stored.
     pub latest: Option<Box<Latest>>,
 }
@@ -146,26 +174,86 @@ pub struct WaitView {
     pub deadline: Timestamp,
 }
 
-/// The last persisted state of a twin and the number of journal events replayed onto
-/// it: its own snapshot, else its packed fleet record, then the journal after it.
-pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState, u32), String> {
+/// The last persisted state of a twin and how it got there: its own snapshot, else its
+/// packed fleet record, then the journal events after it (`Tail`).
+pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState, Tail), String> {
+    let storage = &*ty.infra.storage;
     let mut state = load_base(ty, slot)?;
-    let replayed = replay_tail(&*ty.infra.storage, &mut state)?;
-    Ok((state, replayed))
+    let mut tail = Tail::default();
+    let key = twin_key(&slot.id);
+    if let Some(marker) = storage.get(spaces::TAIL, &key).map_err(|e| e.to_string())? {
+        tail.events = replay_legacy(storage, &mut state)?;
+        if let Some(page) = tail_page(&marker) {
+            let mut events = Vec::new();
+            for (_, v) in storage
+                .scan_range(spaces::JOURNAL_PAGE, &page_key(page), &page_key(u64::MAX))
+                .map_err(|e| e.to_string())?
+            {
+                for item in page_items(&v) {
+                    let item = item.map_err(|e| format!("journal page: {e}"))?;
+                    if let Some((id, event)) = split_page_item(item)
+                        && id == slot.id.as_str()
+                    {
+                        events.push(event.to_vec());
+                    }
+                }
+            }
+            tail.apply_paged(&mut state, events.iter().map(Vec::as_slice))?;
+        }
+    }
+    Ok((state, tail))
 }
 
-/// Applies the journal events after `state.last_seq` (those a snapshot does not cover
-/// yet); returns how many.
-pub(crate) fn replay_tail(storage: &dyn twinfleet_runtime::Storage, state: &mut TwinState) -> Result<u32, String> {
+/// The journal events a twin replayed on top of its stored state.
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    pub events: u32,
+    /// The paged ones, as the history record of the next snapshot.
+    pub chunk: Option<Box<Chunk>>,
+}
+
+impl Tail {
+    /// Applies the encoded events of the journal pages that come after `state.last_seq`,
+    /// in order, keeping them for the next history record.
+    pub(crate) fn apply_paged<'a>(
+        &mut self,
+        state: &mut TwinState,
+        events: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), String> {
+        for bytes in events {
+            let e = decode_event(bytes).map_err(|e| format!("journal page item: {e}"))?;
+            if e.seq <= state.last_seq {
+                continue;
+            }
+            state.evolve(&e);
+            self.chunk.get_or_insert_with(|| Box::new(Chunk::new(e.seq))).push(bytes);
+            self.events += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The page a `TAIL` marker names (`None` for a marker of before the pages).
+pub(crate) fn tail_page(marker: &[u8]) -> Option<u64> {
+    marker.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// Applies the per-event journal records after `state.last_seq` (data directories of
+/// before the pages; newer records are chunks that a snapshot covers); returns how many.
+pub(crate) fn replay_legacy(storage: &dyn twinfleet_runtime::Storage, state: &mut TwinState) -> Result<u32, String> {
     let id = state.identity.twin_id.clone();
     let start = crate::records::journal_key(&id, state.last_seq.saturating_add(1));
     let end = crate::records::journal_key(&id, u64::MAX);
     let mut n = 0;
     for (k, v) in storage.scan_range(spaces::JOURNAL, &start, &end).map_err(|e| e.to_string())? {
-        let e = crate::codec::decode_event(&v)
+        let events = decode_journal(&v)
             .map_err(|e| format!("journal entry {}: {e}", String::from_utf8_lossy(&k).replace('\0', "/")))?;
-        state.evolve(&e);
-        n += 1;
+        for e in events {
+            if e.seq > state.last_seq {
+                state.evolve(&e);
+                n += 1;
+            }
+        }
     }
     Ok(n)
 }
