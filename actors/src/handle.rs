@@ -72,7 +72,14 @@ impl TwinHandle {
         stats.enqueued();
         let slot = self.slot.clone();
         Ok(async move {
-            match deliver(request, &slot.stats, &slot.ty.infra).await {
+            let answered = async {
+                match request.await {
+                    Ok(Ok(answered)) => Ok(answered.finish(&slot).await),
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(e) => Err(e),
+                }
+            };
+            match deliver(answered, &slot.stats, &slot.ty.infra).await {
                 Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
                 r => r,
             }

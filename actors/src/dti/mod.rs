@@ -38,7 +38,7 @@ pub use kind::FleetReport;
 pub(crate) use kind::*;
 
 pub(crate) use requests::{
-    Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Request, Retire, Telemetry, ToDevice,
+    Answered, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Request, Retire, Telemetry, ToDevice,
 };
 pub use slot::*;
 
@@ -203,7 +203,8 @@ impl Dti {
         let mut batch = WriteBatch::new();
         let snapshot = self.journal(&events, effects.contains(&Effect::Snapshot), &mut batch, ctx);
         batch.append(also);
-        let ticket = env.storage.submit(batch);
+        // A decision without events writes nothing (a report of what is already known).
+        let ticket = if batch.is_empty() { Ticket::ready(Ok(())) } else { env.storage.submit(batch) };
         let deliveries = self.carry_out(effects, now, ctx);
         Ok(Applied { seq: self.state.last_seq, ticket, deliveries, must_deliver: false, snapshot })
     }
@@ -468,25 +469,17 @@ impl Actor for Dti {
 }
 
 impl<Q: Request> Handler<Ask<Q>> for Dti {
-    type Result = Answer<Result<Q::Reply, TwinError>>;
+    type Result = Answer<Result<Answered<Q::Reply>, TwinError>>;
 
     fn handle(&mut self, Ask(req): Ask<Q>, ctx: &mut Context<Self>) -> Self::Result {
         self.slot.stats.dequeued();
         match panic::catch(|| req.run(self, ctx)) {
-            Ok(Outcome::Now(r)) => Answer::Now(r),
-            Ok(Outcome::Later(fut)) => Answer::Detached(fut),
-            // Without deliveries the answer does not need the actor: it arrives even if
-            // the twin crashes before the flush.
+            Ok(Outcome::Now(r)) => Answer::Now(r.map(Answered::Ready)),
+            Ok(Outcome::Later(fut)) => Answer::Detached(Box::pin(async move { fut.await.map(Answered::Ready) })),
+            // Without deliveries the answer does not need the actor: the caller awaits
+            // the flush (it arrives even if the twin crashes before the flush).
             Ok(Outcome::AfterFlush(Applied { ticket, deliveries, snapshot, .. }, reply)) if deliveries.is_empty() => {
-                let slot = self.slot.clone();
-                Answer::Detached(Box::pin(async move {
-                    if let Err(e) = Applied::stored(ticket, snapshot, &slot).await {
-                        // The change is in memory but not on disk: start again from storage.
-                        slot.with_addr(|a| a.do_send(Reload(e.to_string())));
-                        return Err(e.into());
-                    }
-                    Ok(reply)
-                }))
+                Answer::Now(Ok(Answered::AfterFlush { ticket, snapshot, reply }))
             }
             Ok(Outcome::AfterFlush(Applied { ticket, deliveries, must_deliver, snapshot, .. }, reply)) => {
                 let slot = self.slot.clone();
@@ -505,7 +498,7 @@ impl<Q: Request> Handler<Ask<Q>> for Dti {
                         Err(reason) if must_deliver => {
                             Err(TwinError::DeviceUnreachable { id: act.slot.id.to_string(), reason })
                         }
-                        _ => Ok(reply),
+                        _ => Ok(Answered::Ready(reply)),
                     }
                 })))
             }
@@ -535,7 +528,8 @@ impl Handler<Reload> for Dti {
 }
 
 /// How a DTI answers. An immediate answer is sent at once, even by an actor that stops
-/// after a crash; a detached one (a read, a flushed write without deliveries) does not
+/// after a crash (a write without deliveries answers at once with its ticket); a
+/// detached one (a read) does not
 /// need the actor to finish; one on the actor (a flushed write with deliveries) finishes
 /// there, so that its deliveries see the twin's state of that moment.
 pub(crate) enum Answer<T> {

@@ -14,7 +14,32 @@ pub(crate) trait Request: Send + 'static {
 pub(crate) struct Ask<Q>(pub Q);
 
 impl<Q: Request> Message for Ask<Q> {
-    type Result = Result<Q::Reply, TwinError>;
+    type Result = Result<Answered<Q::Reply>, TwinError>;
+}
+
+/// What the actor hands back: the reply, or the reply once the batch behind `ticket`
+/// is durable. The caller awaits that flush itself, so the storage writer wakes the
+/// caller directly instead of the twin's arbiter and then the caller.
+pub(crate) enum Answered<R> {
+    Ready(R),
+    AfterFlush { ticket: Ticket, snapshot: Option<u64>, reply: R },
+}
+
+impl<R> Answered<R> {
+    /// The reply, once durable. A refused write restarts the twin from storage (the
+    /// change is in its memory but not on disk).
+    pub(crate) async fn finish(self, slot: &TwinSlot) -> Result<R, TwinError> {
+        match self {
+            Answered::Ready(r) => Ok(r),
+            Answered::AfterFlush { ticket, snapshot, reply } => match Applied::stored(ticket, snapshot, slot).await {
+                Ok(()) => Ok(reply),
+                Err(e) => {
+                    slot.with_addr(|a| a.do_send(Reload(e.to_string())));
+                    Err(e.into())
+                }
+            },
+        }
+    }
 }
 
 /// The twin's view.
