@@ -249,9 +249,11 @@ impl Dti {
         let key = twin_key(&self.slot.id);
         if snap {
             self.write_snapshot(batch);
+            // The idle timer now only lets go of the unconfirmed record once it is durable.
             if let Some(t) = self.idle.take() {
                 ctx.cancel_future(t);
             }
+            self.arm_idle_snapshot(ctx);
             Some(self.state.last_seq)
         } else {
             if !paged {
@@ -295,8 +297,12 @@ impl Dti {
     }
 
     /// Writes the snapshot now if events are pending. A refused write restarts the twin
-    /// from storage (the marker and the pages are still there).
+    /// from storage (the marker and the pages are still there). Also lets go of the last
+    /// snapshot's history record once that is durable.
     fn snapshot_now(&mut self, ctx: &mut Context<Self>) {
+        if self.unconfirmed.as_ref().is_some_and(|u| self.slot.is_snapshot_stored(u.0)) {
+            self.unconfirmed = None;
+        }
         if self.pending == 0 || self.env().storage.writable().is_err() {
             return;
         }
