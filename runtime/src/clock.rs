@@ -39,6 +39,11 @@ impl Clock for SystemClock {
         let ms = deadline.since(self.now());
         Box::pin(tokio::time::sleep(Duration::from_millis(ms)))
     }
+
+    /// Without reading the clock (every request's deadline is one of these).
+    fn sleep(&self, ms: u64) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_millis(ms)))
+    }
 }
 
 /// A clock that stands still until told to move.
