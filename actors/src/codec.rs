@@ -17,35 +17,62 @@ const FORMAT_BINARY_EVENT: u8 = 2;
 /// A journal record holding the events of one snapshot interval, each encoded as above.
 const FORMAT_CHUNK: u8 = 3;
 
+/// The most bytes of events one history record holds (sled keeps values inline in
+/// leaves of 16 entries and writes a leaf past 128 KiB as a blob file of its own).
+const CHUNK_PART_BYTES: usize = 2048;
+
 /// The events of a twin since its last snapshot, encoded, in order: what the twin writes
-/// as one journal record with its next snapshot.
+/// as history records (one per part of at most `CHUNK_PART_BYTES`) with its next
+/// snapshot.
 #[derive(Debug, Clone)]
 pub(crate) struct Chunk {
-    pub first_seq: u64,
     /// `[FORMAT_CHUNK]` then, per event, `[u32 LE length][encoded event]`.
     bytes: Vec<u8>,
+    /// Where each part starts: its first event's seq and its offset in `bytes`.
+    parts: Vec<(u64, usize)>,
     pub events: u32,
 }
 
 impl Chunk {
     pub(crate) fn new(first_seq: u64) -> Self {
-        Chunk { first_seq, bytes: vec![FORMAT_CHUNK], events: 0 }
+        Chunk { bytes: vec![FORMAT_CHUNK], parts: vec![(first_seq, 1)], events: 0 }
     }
 
-    pub(crate) fn push(&mut self, encoded: &[u8]) {
+    pub(crate) fn push(&mut self, seq: u64, encoded: &[u8]) {
+        let start = self.parts.last().map_or(1, |p| p.1);
+        let used = self.bytes.len() - start;
+        if used > 0 && used + 4 + encoded.len() > CHUNK_PART_BYTES {
+            self.parts.push((seq, self.bytes.len()));
+        }
         self.bytes.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
         self.bytes.extend_from_slice(encoded);
         self.events += 1;
     }
 
-    /// The journal record.
+    /// All the events as one record (what a read decodes).
     pub(crate) fn record(&self) -> Vec<u8> {
         self.bytes.clone()
     }
 
+    /// The history records to store: per part, its first seq and its record.
+    pub(crate) fn records(&self) -> Vec<(u64, Vec<u8>)> {
+        (0..self.parts.len())
+            .map(|i| {
+                let (seq, start) = self.parts[i];
+                let end = self.parts.get(i + 1).map_or(self.bytes.len(), |p| p.1);
+                let mut rec = Vec::with_capacity(1 + end - start);
+                rec.push(FORMAT_CHUNK);
+                rec.extend_from_slice(&self.bytes[start..end]);
+                (seq, rec)
+            })
+            .collect()
+    }
+
     /// This interval's events followed by `later`'s.
     pub(crate) fn joined(mut self, later: Chunk) -> Chunk {
+        let shift = self.bytes.len() - 1;
         self.bytes.extend_from_slice(&later.bytes[1..]);
+        self.parts.extend(later.parts.into_iter().map(|(seq, at)| (seq, at + shift)));
         self.events += later.events;
         self
     }
@@ -573,7 +600,7 @@ mod tests {
             (1..=3).map(|seq| TwinEvent { seq, at: Timestamp(seq as i64 * 10), kind: EventKind::Archived }).collect();
         let mut chunk = Chunk::new(1);
         for e in &events {
-            chunk.push(&encode_event(e));
+            chunk.push(e.seq, &encode_event(e));
         }
         assert_eq!(chunk.events, 3);
         assert_eq!(decode_journal(&chunk.record()).unwrap(), events);
@@ -582,9 +609,26 @@ mod tests {
         let (id, e) = split_page_item(&item).unwrap();
         assert_eq!((id, decode_event(e).unwrap()), ("twin-1", events[1].clone()));
         let mut cut = Chunk::new(1);
-        cut.push(&encode_event(&events[0]));
+        cut.push(1, &encode_event(&events[0]));
         let mut bytes = cut.record();
         bytes.truncate(bytes.len() - 1);
         assert!(decode_journal(&bytes).is_err(), "a cut chunk is an error, not fewer events");
+
+        // Many events are stored in parts of bounded size, each starting at its first seq.
+        let many: Vec<TwinEvent> =
+            (1..=1000).map(|seq| TwinEvent { seq, at: Timestamp(seq as i64), kind: EventKind::Archived }).collect();
+        let (mut a, mut b) = (Chunk::new(1), Chunk::new(501));
+        for e in &many {
+            if e.seq <= 500 { a.push(e.seq, &encode_event(e)) } else { b.push(e.seq, &encode_event(e)) }
+        }
+        let records = a.joined(b).records();
+        assert!(records.len() > 2 && records.iter().all(|(_, r)| r.len() <= CHUNK_PART_BYTES + 1));
+        let mut seen = Vec::new();
+        for (first, r) in &records {
+            let events = decode_journal(r).unwrap();
+            assert_eq!(events[0].seq, *first);
+            seen.extend(events);
+        }
+        assert_eq!(seen, many);
     }
 }

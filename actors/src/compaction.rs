@@ -80,7 +80,7 @@ pub(crate) fn start_compactor(env: &Arc<TwinEnv>) {
 /// is read before the markers: a page committed later is newer, and one committed
 /// earlier came with its marker in the same atomic batch.
 pub(crate) fn collect_pages(env: &TwinEnv) -> Result<usize, TwinError> {
-    let page_id = |k: &[u8]| k.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+    let page_id = |k: &[u8]| twinfleet_runtime::page_id(k).unwrap_or(u64::MAX);
     let Some(newest) = env.storage.scan_rev(spaces::JOURNAL_PAGE, b"", 1)?.first().map(|(k, _)| page_id(k)) else {
         return Ok(0);
     };

@@ -74,7 +74,10 @@ impl TwinHandle {
         Ok(async move {
             let answered = async {
                 match request.await {
-                    Ok(Ok(answered)) => Ok(answered.finish(&slot).await),
+                    Ok(Ok(answered)) => match answered.finish(&slot) {
+                        Ok(reply) => Ok(Ok(reply)),
+                        Err(flushed) => Ok(flushed.await),
+                    },
                     Ok(Err(e)) => Ok(Err(e)),
                     Err(e) => Err(e),
                 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use twinfleet_models::{Alert, AlertKind, DtaId, Severity, TwinId, TwinState};
-use twinfleet_runtime::{decode_record, page_items, page_key};
+use twinfleet_runtime::{decode_record, page_id, page_items, page_key};
 
 /// Individual alerts raised for quarantined records before they are summarized.
 const ALERT_LIMIT: usize = 100;
@@ -249,7 +249,7 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     }
     if let Some(first) = from_page.iter().map(|e| *e.value()).min() {
         for (k, v) in env.storage.scan_range(spaces::JOURNAL_PAGE, &page_key(first), &page_key(u64::MAX))? {
-            let page = k.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let page = page_id(&k).unwrap_or(0);
             for item in page_items(&v) {
                 let Some((id, event)) = item.ok().and_then(split_page_item) else {
                     // Whose events follow is unknown: every twin that may have some

@@ -27,5 +27,6 @@ pub use metrics::{Edge, Exposition, Histogram, HistogramView, RequestMetrics};
 pub use rejections::Rejections;
 pub use stats::{ActorStats, ActorStatus, ActorView};
 pub use storage::{
-    SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch, page_items, page_key,
+    PAGE_PART_BYTES, SledOptions, SledStorage, Space, Storage, StorageError, StorageStats, Ticket, WriteBatch, page_id,
+    page_items, page_key,
 };

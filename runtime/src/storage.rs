@@ -68,10 +68,23 @@ pub fn page_items(page: &[u8]) -> impl Iterator<Item = Result<&[u8], StorageErro
     })
 }
 
-/// The key of a page: its id, big-endian (pages sort in commit order).
+/// The start of a page's keys: its id, big-endian (pages sort in commit order). A
+/// page is stored in parts of at most [`PAGE_PART_BYTES`] (key: id, then the part's
+/// number as u16 BE): sled keeps values inline in leaves of up to 16 entries and writes
+/// a leaf whose serialized size passes 128 KiB as a blob file of its own, so large
+/// values in one leaf multiply what reaches the disk.
 pub fn page_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
+
+/// The id of the page a stored key belongs to.
+pub fn page_id(key: &[u8]) -> Option<u64> {
+    key.get(..8)?.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// The most bytes of items one stored part of a page holds (an item larger than this
+/// gets a part of its own).
+pub const PAGE_PART_BYTES: usize = 2048;
 
 /// Writes that become durable together.
 #[derive(Debug, Clone, Default)]
@@ -367,20 +380,37 @@ fn open_engine(path: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), 
     Ok((db, tree))
 }
 
-/// The pages of one group commit: per space, its id and its items.
+/// One page of a group commit: its id and its parts.
+struct Page {
+    id: u64,
+    parts: Vec<Vec<u8>>,
+}
+
+/// The pages of one group commit, one per space.
 #[derive(Default)]
-struct Pages(Vec<(Space, (u64, Vec<u8>))>);
+struct Pages(Vec<(Space, Page)>);
 
 impl Pages {
-    fn page(&mut self, db: &sled::Db, space: Space) -> Result<&mut (u64, Vec<u8>), sled::Error> {
+    fn page(&mut self, db: &sled::Db, space: Space) -> Result<&mut Page, sled::Error> {
         let i = match self.0.iter().position(|(s, _)| *s == space) {
             Some(i) => i,
             None => {
-                self.0.push((space, (db.generate_id()?, Vec::new())));
+                self.0.push((space, Page { id: db.generate_id()?, parts: vec![Vec::new()] }));
                 self.0.len() - 1
             }
         };
         Ok(&mut self.0[i].1)
+    }
+
+    /// Appends an item to the page's last part, or to a new part once that is full.
+    fn push(parts: &mut Vec<Vec<u8>>, item: &[u8]) {
+        let last = parts.last().map_or(0, Vec::len);
+        if last > 0 && last + 4 + item.len() > PAGE_PART_BYTES {
+            parts.push(Vec::with_capacity(PAGE_PART_BYTES));
+        }
+        let part = parts.last_mut().expect("a page has a part");
+        part.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        part.extend_from_slice(item);
     }
 }
 
@@ -514,21 +544,22 @@ fn writer_loop(engine: &Engine, rx: Receiver<Pending>, max_ops: usize, c: Arc<Co
                             Op::Put(s, k, v) => batch.insert(prefixed(s, &k), v),
                             Op::Delete(s, k) => batch.remove(prefixed(s, &k)),
                             Op::Pack(s, item) => match pages.page(db, s) {
-                                Ok(page) => {
-                                    page.1.extend_from_slice(&(item.len() as u32).to_le_bytes());
-                                    page.1.extend_from_slice(&item);
-                                }
+                                Ok(page) => Pages::push(&mut page.parts, &item),
                                 Err(e) => failed = Some(e),
                             },
                             Op::PutPageId(s, k, page_space) => match pages.page(db, page_space) {
-                                Ok(page) => batch.insert(prefixed(s, &k), page_key(page.0).to_vec()),
+                                Ok(page) => batch.insert(prefixed(s, &k), page_key(page.id).to_vec()),
                                 Err(e) => failed = Some(e),
                             },
                         }
                     }
                 }
-                for (s, (id, bytes)) in pages.0 {
-                    batch.insert(prefixed(s, &page_key(id)), bytes);
+                for (s, Page { id, parts }) in pages.0 {
+                    for (n, bytes) in parts.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
+                        let mut key = page_key(id).to_vec();
+                        key.extend_from_slice(&(n as u16).to_be_bytes());
+                        batch.insert(prefixed(s, &key), bytes);
+                    }
                 }
                 match failed {
                     Some(e) => Err(self::engine(e)),
@@ -775,10 +806,21 @@ mod tests {
         assert_eq!(items, (0..200).map(|i| format!("item-{i}")).collect::<Vec<_>>(), "every item, in order");
         for i in [0, 50, 100, 150] {
             let id = s.get(MARK, format!("m{i}").as_bytes()).unwrap().unwrap();
-            let page = s.get(PAGE, &id).unwrap().expect("the page the mark names exists");
+            let next = page_key(page_id(&id).unwrap() + 1);
+            let parts = s.scan_range(PAGE, &id, &next).unwrap();
+            assert!(!parts.is_empty(), "the page the mark names exists");
             let want = format!("item-{i}");
-            assert!(page_items(&page).any(|it| it.unwrap() == want.as_bytes()), "item {i} is in its mark's page");
+            let found = parts.iter().any(|(_, v)| page_items(v).any(|it| it.unwrap() == want.as_bytes()));
+            assert!(found, "item {i} is in its mark's page");
         }
+        // A large commit is stored in parts of bounded size.
+        let mut b = WriteBatch::new();
+        for i in 0..100u32 {
+            b.pack(PAGE, vec![i as u8; 100]);
+        }
+        s.submit(b).await.unwrap();
+        let biggest = s.scan(PAGE, b"").map(|r| r.unwrap().1.len()).max().unwrap();
+        assert!(biggest <= PAGE_PART_BYTES, "parts stay within {PAGE_PART_BYTES} bytes: {biggest}");
         assert_eq!(page_items(&[5, 0, 0, 0, 1]).collect::<Vec<_>>().len(), 1);
         assert!(page_items(&[5, 0, 0, 0, 1]).next().unwrap().is_err(), "a page cut short is an error");
     }

@@ -244,7 +244,7 @@ impl Dti {
             if !snap {
                 batch.pack(spaces::JOURNAL_PAGE, page_item(id, &encoded));
             }
-            chunk.push(&encoded);
+            chunk.push(e.seq, &encoded);
         }
         let key = twin_key(&self.slot.id);
         if snap {
@@ -274,8 +274,8 @@ impl Dti {
             (Some(u), None) => Some(u.1),
             (None, c) => c.map(|c| *c),
         };
-        if let Some(chunk) = &chunk {
-            batch.put(spaces::JOURNAL, journal_key(&self.slot.id, chunk.first_seq), chunk.record());
+        for (first, record) in chunk.iter().flat_map(Chunk::records) {
+            batch.put(spaces::JOURNAL, journal_key(&self.slot.id, first), record);
         }
         batch.put(spaces::SNAPSHOT, key.clone(), encode_record(&self.state));
         batch.delete(spaces::TAIL, key);

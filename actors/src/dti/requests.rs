@@ -25,19 +25,29 @@ pub(crate) enum Answered<R> {
     AfterFlush { ticket: Ticket, snapshot: Option<u64>, reply: R },
 }
 
-impl<R> Answered<R> {
-    /// The reply, once durable. A refused write restarts the twin from storage (the
-    /// change is in its memory but not on disk).
-    pub(crate) async fn finish(self, slot: &TwinSlot) -> Result<R, TwinError> {
+impl<R: Send + 'static> Answered<R> {
+    /// The reply, or the future of the reply once durable. A refused write restarts
+    /// the twin from storage (the change is in its memory but not on disk). The flush is
+    /// awaited in a future of its own, so a caller's future does not carry a large reply
+    /// (a twin's view) across that await.
+    pub(crate) fn finish(
+        self,
+        slot: &Arc<TwinSlot>,
+    ) -> Result<R, futures::future::BoxFuture<'static, Result<R, TwinError>>> {
         match self {
             Answered::Ready(r) => Ok(r),
-            Answered::AfterFlush { ticket, snapshot, reply } => match Applied::stored(ticket, snapshot, slot).await {
-                Ok(()) => Ok(reply),
-                Err(e) => {
-                    slot.with_addr(|a| a.do_send(Reload(e.to_string())));
-                    Err(e.into())
-                }
-            },
+            Answered::AfterFlush { ticket, snapshot, reply } => {
+                let slot = slot.clone();
+                Err(Box::pin(async move {
+                    match Applied::stored(ticket, snapshot, &slot).await {
+                        Ok(()) => Ok(reply),
+                        Err(e) => {
+                            slot.with_addr(|a| a.do_send(Reload(e.to_string())));
+                            Err(e.into())
+                        }
+                    }
+                }))
+            }
         }
     }
 }

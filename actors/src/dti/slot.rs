@@ -226,7 +226,7 @@ impl Tail {
                 continue;
             }
             state.evolve(&e);
-            self.chunk.get_or_insert_with(|| Box::new(Chunk::new(e.seq))).push(bytes);
+            self.chunk.get_or_insert_with(|| Box::new(Chunk::new(e.seq))).push(e.seq, bytes);
             self.events += 1;
         }
         Ok(())
