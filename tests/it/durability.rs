@@ -403,3 +403,43 @@ async fn journal_retention_drops_old_events_but_never_the_unsnapshotted_tail() {
     assert_eq!((view.state.reported["n"].as_i64(), view.state.last_seq), (Some(21), 21), "snapshot + tail intact");
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_data_directory_of_before_the_journal_pages_restores_its_per_event_tail() {
+    use twinfleet::models::{Timestamp, TwinEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "valve", json!({}), "v", 1, |_| vec![]).await;
+    p.shutdown().await;
+    {
+        // What an older version left: a per-event journal record (JSON, format 1)
+        // after the stored state, and an empty tail marker.
+        let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
+        let event =
+            TwinEvent { seq: 1, at: Timestamp(1_000), kind: EventKind::Reported { patch: obj(json!({"open": true})) } };
+        let mut b = WriteBatch::new();
+        b.put(spaces::JOURNAL, [&b"v-0\0"[..], &1u64.to_be_bytes()].concat(), twinfleet_runtime::encode_record(&event));
+        b.put(spaces::TAIL, "v-0", Vec::new());
+        s.submit(b).await.unwrap();
+        s.shutdown();
+    }
+    let p = start(dir.path(), None, test_settings()).await;
+    assert!(p.restore_report().quarantined.is_empty(), "{:?}", p.restore_report().quarantined);
+    let twin = p.twin("v-0").unwrap();
+    let view = twin.get().await.unwrap();
+    assert_eq!(
+        (view.state.reported["open"].clone(), view.state.last_seq),
+        (json!(true), 1),
+        "the old tail is replayed"
+    );
+    // A change now goes to the pages; both survive the next restart, in order.
+    twin.report(obj(json!({"open": false}))).await.unwrap();
+    p.shutdown().await;
+    let p = start(dir.path(), None, test_settings()).await;
+    let twin = p.twin("v-0").unwrap();
+    let view = twin.get().await.unwrap();
+    assert_eq!((view.state.reported["open"].clone(), view.state.last_seq), (json!(false), 2));
+    let seqs: Vec<u64> = twin.events(10).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    p.shutdown().await;
+}
