@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{cores, disk_write_bytes, env_or, median, pct};
+use common::{cores, device_write_bytes, disk_write_bytes, env_or, median, pct};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -125,14 +125,19 @@ static DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0)
 
 /// Runs `section` and prints the bytes it wrote per completed request: logical (keys and
 /// values committed) and on the device (`/proc/self/io`).
-async fn measured<F: std::future::Future<Output = ()>>(p: &Platform, label: &str, section: F) {
-    let (s0, d0) = (p.storage_stats().bytes_committed, disk_write_bytes());
+async fn measured<F: std::future::Future<Output = ()>>(p: &Platform, dir: &std::path::Path, label: &str, section: F) {
+    let (s0, d0, b0) = (p.storage_stats().bytes_committed, disk_write_bytes(), device_write_bytes(dir));
     let n0 = DONE.load(std::sync::atomic::Ordering::Relaxed);
     section.await;
     let n = (DONE.load(std::sync::atomic::Ordering::Relaxed) - n0).max(1) as f64;
-    let (s1, d1) = (p.storage_stats().bytes_committed, disk_write_bytes());
+    let (s1, d1, b1) = (p.storage_stats().bytes_committed, disk_write_bytes(), device_write_bytes(dir));
+    let device = match (b0, b1) {
+        (Some(b0), Some(b1)) => format!("{:.0}", (b1 - b0) as f64 / n),
+        _ => "? (not a block device)".into(),
+    };
     BYTES.lock().unwrap().push(format!(
-        "{label}: {:.0} bytes committed and {:.0} bytes written to the device per change",
+        "{label}: {:.0} bytes committed, {device} bytes written to the block device (every process) and {:.0} \
+         bytes by /proc/self/io write_bytes per change",
         (s1 - s0) as f64 / n,
         (d1 - d0) as f64 / n
     ));
@@ -218,7 +223,7 @@ async fn run() {
 
     // Client c updates twins c, c + clients, c + 2 clients, ... in turn.
     if section("handle") {
-        measured(&p, "set_desired via TwinHandle", async {
+        measured(&p, &dir, "set_desired via TwinHandle", async {
             let mut runs = Vec::new();
             for _ in 0..repeat {
                 let mine: Vec<Vec<TwinHandle>> = (0..clients)
@@ -231,7 +236,7 @@ async fn run() {
         .await;
     }
     if section("patch") {
-        measured(&p, "PATCH /desired (change + audit entry)", async {
+        measured(&p, &dir, "PATCH /desired (change + audit entry)", async {
             let mut runs = Vec::new();
             for _ in 0..repeat {
                 let (ids, token) = (ids.clone(), token.clone());

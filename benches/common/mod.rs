@@ -24,6 +24,19 @@ pub fn disk_write_bytes() -> u64 {
     io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Bytes written to the block device that holds `path`, by every process (its
+/// `/sys/dev/block/MAJ:MIN/stat` sectors written × 512), or `None` when `path` is not on
+/// a block device (tmpfs, overlay). What `write_bytes` misses: that counts a page each
+/// time a write dirties it again, so many small flushes to the same log pages count
+/// many times what reaches the device.
+pub fn device_write_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_whitespace().nth(6)?.parse::<u64>().ok().map(|sectors| sectors * 512)
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
