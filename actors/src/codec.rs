@@ -115,6 +115,20 @@ pub(crate) fn split_page_item(item: &[u8]) -> Option<(&str, &[u8])> {
     Some((id, &item[2 + n..]))
 }
 
+/// The (twin id, encoded event) items of one stored page part, in order. A part that
+/// does not parse yields one error and stops: whose events follow is unknown.
+pub(crate) fn page_events(part: &[u8]) -> impl Iterator<Item = Result<(&str, &[u8]), String>> {
+    let mut broken = false;
+    twinfleet_runtime::page_items(part).map_while(move |item| {
+        if broken {
+            return None;
+        }
+        let parsed = item.ok().and_then(split_page_item);
+        broken = parsed.is_none();
+        Some(parsed.ok_or_else(|| "a journal page does not parse".to_string()))
+    })
+}
+
 /// Encodes one journal event.
 pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
     let mut w = Vec::with_capacity(32);
@@ -608,6 +622,17 @@ mod tests {
         let item = page_item("twin-1", &encode_event(&events[1]));
         let (id, e) = split_page_item(&item).unwrap();
         assert_eq!((id, decode_event(e).unwrap()), ("twin-1", events[1].clone()));
+        // A stored part: the good item, then one too short to name its twin, then a
+        // good one that is no longer read.
+        let mut part = Vec::new();
+        for it in [&item[..], &[7u8][..], &item[..]] {
+            part.extend_from_slice(&(it.len() as u32).to_le_bytes());
+            part.extend_from_slice(it);
+        }
+        let read: Vec<_> = page_events(&part).collect();
+        assert_eq!(read.len(), 2, "stops at the item that does not parse");
+        assert_eq!(read[0].as_ref().unwrap().0, "twin-1");
+        assert!(read[1].is_err());
         let mut cut = Chunk::new(1);
         cut.push(1, &encode_event(&events[0]));
         let mut bytes = cut.record();

@@ -4,7 +4,7 @@
 //! quarantined: reported (alert, restore report, `Quarantined` on access) and left
 //! untouched on disk, while everything else starts.
 
-use crate::codec::split_page_item;
+use crate::codec::page_events;
 use crate::dti::{NO_ORIGIN, Start, Tail, TwinSlot, TypeContext, replay_legacy, tail_page};
 use crate::env::TwinEnv;
 use crate::error::TwinError;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use twinfleet_models::{Alert, AlertKind, DtaId, Severity, TwinId, TwinState};
-use twinfleet_runtime::{decode_record, page_id, page_items, page_key};
+use twinfleet_runtime::{decode_record, page_id, page_key};
 
 /// Individual alerts raised for quarantined records before they are summarized.
 const ALERT_LIMIT: usize = 100;
@@ -250,8 +250,8 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
     if let Some(first) = from_page.iter().map(|e| *e.value()).min() {
         for (k, v) in env.storage.scan_range(spaces::JOURNAL_PAGE, &page_key(first), &page_key(u64::MAX))? {
             let page = page_id(&k).unwrap_or(0);
-            for item in page_items(&v) {
-                let Some((id, event)) = item.ok().and_then(split_page_item) else {
+            for item in page_events(&v) {
+                let Ok((id, event)) = item else {
                     // Whose events follow is unknown: every twin that may have some
                     // there is quarantined rather than started without them.
                     let why = format!("journal page {page} does not parse");

@@ -10,7 +10,7 @@
 //! Failure: the synchronous part of every handler and timer runs under `catch_unwind`. A
 //! panic stops only this actor; its TDTA is told and restarts it from storage.
 
-use crate::codec::{Chunk, decode_event, decode_journal, encode_event, page_item, split_page_item};
+use crate::codec::{Chunk, decode_event, decode_journal, encode_event, page_events, page_item};
 use crate::context::Infra;
 use crate::error::TwinError;
 use crate::records::{FleetChunk, TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
@@ -26,9 +26,7 @@ use twinfleet_models::{
     MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
     encode_batch, validate_batch,
 };
-use twinfleet_runtime::{
-    ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_items, page_key, panic,
-};
+use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_key, panic};
 
 mod kind;
 mod requests;

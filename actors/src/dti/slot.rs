@@ -189,11 +189,9 @@ pub(crate) fn load_twin(ty: &TypeContext, slot: &TwinSlot) -> Result<(TwinState,
                 .scan_range(spaces::JOURNAL_PAGE, &page_key(page), &page_key(u64::MAX))
                 .map_err(|e| e.to_string())?
             {
-                for item in page_items(&v) {
-                    let item = item.map_err(|e| format!("journal page: {e}"))?;
-                    if let Some((id, event)) = split_page_item(item)
-                        && id == slot.id.as_str()
-                    {
+                for item in page_events(&v) {
+                    let (id, event) = item?;
+                    if id == slot.id.as_str() {
                         events.push(event.to_vec());
                     }
                 }
