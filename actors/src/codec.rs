@@ -327,6 +327,7 @@ fn wait_full(w: &mut Vec<u8>, x: &Wait) {
 fn wait_tag(w: WaitName) -> u8 {
     match w {
         WaitName::DesiredSync => 0,
+        WaitName::Restart => 1,
     }
 }
 
@@ -425,6 +426,7 @@ impl Reader<'_> {
     fn wait_name(&mut self) -> Option<WaitName> {
         match self.byte()? {
             0 => Some(WaitName::DesiredSync),
+            1 => Some(WaitName::Restart),
             _ => None,
         }
     }

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use twinfleet_models::{
-    Alert, AlertKind, DeviceTypeId, DtaId, RestartDecision, RestartTracker, Severity, Timestamp, TwinId, TwinState,
+    Alert, AlertKind, DeviceTypeId, DtaId, Effect, RestartTracker, Severity, Timestamp, TwinId, TwinState, WaitName,
 };
 use twinfleet_runtime::{ActorStatus, ActorView, Ticket, WriteBatch, encode_record, panic};
 
@@ -204,67 +204,86 @@ impl Tdta {
         })
     }
 
+    /// Feeds a child's failure to its restart machine and carries out what it decides:
+    /// a restart when the backoff wait expires, or an alert once it gives up.
     fn restart_child(&mut self, slot: Arc<TwinSlot>, error: String, ctx: &mut Context<Self>) {
-        let env = self.env.clone();
-        let now = env.clock.now();
-        let decision = self.restarts.entry(slot.id.clone()).or_default().on_failure(&env.settings.restart, now);
-        match decision {
-            RestartDecision::Restart { after_ms, attempt } => {
-                let ty = self.ctx.clone();
-                let s = slot.clone();
-                let env = env.clone();
-                let load = async move {
-                    env.clock.sleep(after_ms).await;
-                    // Writes the twin submitted before it crashed are applied first.
-                    env.storage.barrier().await.map_err(|e| e.to_string())?;
-                    load_twin(&ty, &s)
-                };
-                ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
-                    Ok((state, tail)) => {
-                        let env = act.env.clone();
-                        let raw = env.storage.get(spaces::TELEMETRY_LATEST, &twin_key(&slot.id)).ok().flatten();
-                        let latest = Start::decode_latest(&slot.id, raw.as_deref());
-                        let i = slot.arbiter as usize;
-                        slot.stats.restarted();
-                        tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
-                        let e = env.clone();
-                        env.arbiters.run_on(i, move || {
-                            let layers = layers_for(&e, &state.memberships);
-                            Dti::launch(
-                                slot,
-                                state,
-                                layers,
-                                Start { restart: Some((error, attempt)), tail: tail.events, latest, chunk: tail.chunk },
-                            );
-                        });
-                    }
-                    Err(why) => act.give_up(&slot, &format!("cannot reload its state: {why}")),
-                }));
+        let now = self.env.clock.now();
+        let tracker = self.restarts.entry(slot.id.clone()).or_default();
+        let effects = tracker.on_failure(&self.env.settings.restart, now, &error);
+        let given_up = tracker.given_up();
+        for effect in effects {
+            match effect {
+                Effect::ArmWait { wait: WaitName::Restart, attempt, deadline } => {
+                    self.restart_at(slot.clone(), error.clone(), attempt, deadline, ctx)
+                }
+                Effect::RaiseAlert { kind, severity, message } => self.alert_given_up(&slot, kind, severity, message),
+                other => tracing::error!(twin = %slot.id, ?other, "a supervisor cannot carry out this effect"),
             }
-            RestartDecision::GiveUp { failures_in_window } => {
-                self.give_up(
-                    &slot,
-                    &format!(
-                        "{failures_in_window} failures within {} ms; last: {error}",
-                        env.settings.restart.window_ms
-                    ),
-                );
-            }
+        }
+        if given_up {
+            self.stop_restarting(&slot);
         }
     }
 
-    fn give_up(&self, slot: &TwinSlot, why: &str) {
-        slot.stats.set_status(ActorStatus::Failed);
-        slot.stats.record_error(why);
-        slot.set_addr(None);
-        let env = &self.env;
-        env.alerts.raise(Alert {
-            at: env.clock.now(),
-            severity: Severity::Critical,
-            kind: AlertKind::ActorFailed,
+    /// Restarts the twin from its last persisted state once `deadline` has passed.
+    fn restart_at(
+        &self,
+        slot: Arc<TwinSlot>,
+        error: String,
+        attempt: u32,
+        deadline: Timestamp,
+        ctx: &mut Context<Self>,
+    ) {
+        let ty = self.ctx.clone();
+        let s = slot.clone();
+        let env = self.env.clone();
+        let load = async move {
+            env.clock.sleep_until(deadline).await;
+            // Writes the twin submitted before it crashed are applied first.
+            env.storage.barrier().await.map_err(|e| e.to_string())?;
+            load_twin(&ty, &s)
+        };
+        ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
+            Ok((state, tail)) => {
+                let env = act.env.clone();
+                let raw = env.storage.get(spaces::TELEMETRY_LATEST, &twin_key(&slot.id)).ok().flatten();
+                let latest = Start::decode_latest(&slot.id, raw.as_deref());
+                let i = slot.arbiter as usize;
+                slot.stats.restarted();
+                tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");
+                let e = env.clone();
+                env.arbiters.run_on(i, move || {
+                    let layers = layers_for(&e, &state.memberships);
+                    Dti::launch(
+                        slot,
+                        state,
+                        layers,
+                        Start { restart: Some((error, attempt)), tail: tail.events, latest, chunk: tail.chunk },
+                    );
+                });
+            }
+            Err(why) => {
+                let message = format!("cannot reload its state: {why}");
+                act.alert_given_up(&slot, AlertKind::ActorFailed, Severity::Critical, message);
+                act.stop_restarting(&slot);
+            }
+        }));
+    }
+
+    fn alert_given_up(&self, slot: &TwinSlot, kind: AlertKind, severity: Severity, why: String) {
+        slot.stats.record_error(&why);
+        self.env.alerts.raise(Alert {
+            at: self.env.clock.now(),
+            severity,
+            kind,
             source: format!("dti/{}", slot.id),
             message: format!("twin {} is no longer restarted: {why}", slot.id),
         });
+    }
+
+    fn stop_restarting(&self, slot: &TwinSlot) {
+        slot.stats.set_status(ActorStatus::Failed);
+        slot.set_addr(None);
     }
 }
 

@@ -51,12 +51,16 @@ pub enum Effect {
 pub enum WaitName {
     /// The device has not yet reported the twin's desired state.
     DesiredSync,
+    /// A supervisor's backoff before it restarts a crashed child (held by the
+    /// supervisor's [`crate::RestartTracker`], not by a twin's state).
+    Restart,
 }
 
 impl WaitName {
     pub fn as_str(self) -> &'static str {
         match self {
             WaitName::DesiredSync => "desired_sync",
+            WaitName::Restart => "restart",
         }
     }
 }

@@ -30,7 +30,7 @@ pub use domain::{DomainModel, Edit, PathError, Violation};
 pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use limits::{DocumentError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
-pub use policy::{Backoff, RestartDecision, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
+pub use policy::{Backoff, RestartEvent, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
 pub use retention::JournalRetention;
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;

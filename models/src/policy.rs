@@ -2,6 +2,8 @@
 //! to give up restarting a twin, when a wait that ran past its deadline is retried and
 //! when it becomes an alert. The actors own the timers; these types only decide.
 
+use crate::alert::{AlertKind, Severity};
+use crate::effect::{Decision, Effect, WaitName};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -49,41 +51,79 @@ impl Default for RestartPolicy {
     }
 }
 
-/// What a supervisor does about one failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartDecision {
-    /// Restart after this many milliseconds; `attempt` counts failures in the window.
-    Restart { after_ms: u64, attempt: u32 },
-    /// Too many failures in the window: mark the child failed and raise an alert.
-    GiveUp { failures_in_window: u32 },
+/// What happened to one supervised child, journaled into its [`RestartTracker`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestartEvent {
+    /// The child failed at `at`; failures before `forget_before` leave the window.
+    Failed { at: Timestamp, forget_before: Timestamp },
+    /// Too many failures in the window: the supervisor no longer restarts the child.
+    GaveUp { at: Timestamp },
 }
 
-/// The failure history of one child, kept by its supervisor.
+/// The failure history of one child, kept by its supervisor: a state machine of the
+/// `decide`/`evolve` shape. A failure decides either a restart (an
+/// [`Effect::ArmWait`] of [`WaitName::Restart`] whose deadline is the backoff; the
+/// supervisor restarts the child when it expires) or, past `max_restarts` within the
+/// window, giving up (a [`RestartEvent::GaveUp`] and an [`Effect::RaiseAlert`]).
+/// A child given up on decides nothing more.
 #[derive(Debug, Clone, Default)]
 pub struct RestartTracker {
     failures: VecDeque<Timestamp>,
+    given_up: bool,
 }
 
 impl RestartTracker {
-    pub fn on_failure(&mut self, policy: &RestartPolicy, now: Timestamp) -> RestartDecision {
-        while let Some(first) = self.failures.front() {
-            if now.since(*first) > policy.window_ms {
-                self.failures.pop_front();
-            } else {
-                break;
+    /// What the supervisor does about a failure of the child at `now` (`error` names it).
+    pub fn decide(&self, policy: &RestartPolicy, now: Timestamp, error: &str) -> Decision<RestartEvent> {
+        if self.given_up {
+            return Decision::default();
+        }
+        let forget_before = Timestamp(now.0.saturating_sub(policy.window_ms as i64));
+        let n = self.failures.iter().filter(|t| **t >= forget_before).count() as u32 + 1;
+        let failed = RestartEvent::Failed { at: now, forget_before };
+        if n > policy.max_restarts {
+            Decision {
+                events: vec![failed, RestartEvent::GaveUp { at: now }],
+                effects: vec![Effect::RaiseAlert {
+                    kind: AlertKind::ActorFailed,
+                    severity: Severity::Critical,
+                    message: format!("{n} failures within {} ms; last: {error}", policy.window_ms),
+                }],
+            }
+        } else {
+            let deadline = now.plus_millis(policy.backoff.delay_ms(n - 1));
+            Decision {
+                events: vec![failed],
+                effects: vec![Effect::ArmWait { wait: WaitName::Restart, attempt: n, deadline }],
             }
         }
-        self.failures.push_back(now);
-        let n = self.failures.len() as u32;
-        if n > policy.max_restarts {
-            RestartDecision::GiveUp { failures_in_window: n }
-        } else {
-            RestartDecision::Restart { after_ms: policy.backoff.delay_ms(n - 1), attempt: n }
+    }
+
+    pub fn evolve(&mut self, event: &RestartEvent) {
+        match event {
+            RestartEvent::Failed { at, forget_before } => {
+                while self.failures.front().is_some_and(|t| t < forget_before) {
+                    self.failures.pop_front();
+                }
+                self.failures.push_back(*at);
+            }
+            RestartEvent::GaveUp { .. } => self.given_up = true,
         }
+    }
+
+    /// Decides and applies a failure in one step, for a supervisor that journals nothing.
+    pub fn on_failure(&mut self, policy: &RestartPolicy, now: Timestamp, error: &str) -> Vec<Effect> {
+        let Decision { events, effects } = self.decide(policy, now, error);
+        events.iter().for_each(|e| self.evolve(e));
+        effects
     }
 
     pub fn failures_in_window(&self) -> usize {
         self.failures.len()
+    }
+
+    pub fn given_up(&self) -> bool {
+        self.given_up
     }
 }
 
@@ -146,18 +186,39 @@ mod tests {
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
     }
 
+    fn arm(attempt: u32, deadline: i64) -> Vec<Effect> {
+        vec![Effect::ArmWait { wait: WaitName::Restart, attempt, deadline: Timestamp(deadline) }]
+    }
+
     #[test]
     fn restarts_give_up_after_max_in_window_and_forget_old_failures() {
         let p = RestartPolicy { max_restarts: 2, window_ms: 1_000, backoff: Backoff::default() };
         let mut t = RestartTracker::default();
-        assert_eq!(t.on_failure(&p, Timestamp(0)), RestartDecision::Restart { after_ms: 100, attempt: 1 });
-        assert_eq!(t.on_failure(&p, Timestamp(10)), RestartDecision::Restart { after_ms: 200, attempt: 2 });
-        assert_eq!(t.on_failure(&p, Timestamp(20)), RestartDecision::GiveUp { failures_in_window: 3 });
+        assert_eq!(t.on_failure(&p, Timestamp(0), "boom"), arm(1, 100));
+        assert_eq!(t.on_failure(&p, Timestamp(10), "boom"), arm(2, 210));
+        let d = t.decide(&p, Timestamp(20), "boom");
+        assert_eq!(d.events.last(), Some(&RestartEvent::GaveUp { at: Timestamp(20) }));
+        assert!(matches!(&d.effects[..], [Effect::RaiseAlert { kind: AlertKind::ActorFailed, message, .. }]
+            if message == "3 failures within 1000 ms; last: boom"));
+        d.events.iter().for_each(|e| t.evolve(e));
+        assert!(t.given_up());
+        // A child given up on decides nothing more.
+        assert_eq!(t.decide(&p, Timestamp(30), "boom"), Decision::default());
         // Far later the window is empty again.
         let mut t = RestartTracker::default();
-        t.on_failure(&p, Timestamp(0));
-        t.on_failure(&p, Timestamp(10));
-        assert_eq!(t.on_failure(&p, Timestamp(5_000)), RestartDecision::Restart { after_ms: 100, attempt: 1 });
+        t.on_failure(&p, Timestamp(0), "boom");
+        t.on_failure(&p, Timestamp(10), "boom");
+        assert_eq!(t.on_failure(&p, Timestamp(5_000), "boom"), arm(1, 5_100));
+        assert_eq!(t.failures_in_window(), 1);
+    }
+
+    #[test]
+    fn deciding_alone_changes_nothing() {
+        let p = RestartPolicy { max_restarts: 1, window_ms: 1_000, backoff: Backoff::default() };
+        let t = RestartTracker::default();
+        let first = t.decide(&p, Timestamp(0), "x");
+        assert_eq!(t.decide(&p, Timestamp(0), "x"), first);
+        assert_eq!(t.failures_in_window(), 0);
     }
 
     #[test]
