@@ -65,3 +65,48 @@ pub async fn meter_fleet(p: &twinfleet::Platform, ids: &[String]) -> Vec<String>
     }
     tokens
 }
+
+/// Sensor-like values: an ARMA(4,3) process around `mean` with Gaussian innovations of
+/// `sigma`, rounded to 2 decimals as a sensor reports them (the humidity model of
+/// Bigler 2025, section 9, has orders p = 4, q = 3). Deterministic from `seed`.
+pub struct Arma {
+    rng: u64,
+    mean: f64,
+    sigma: f64,
+    x: [f64; 4],
+    e: [f64; 3],
+}
+
+impl Arma {
+    const PHI: [f64; 4] = [0.55, 0.2, 0.1, 0.05];
+    const THETA: [f64; 3] = [0.4, 0.2, 0.1];
+
+    pub fn new(seed: u64, mean: f64, sigma: f64) -> Arma {
+        Arma { rng: seed | 1, mean, sigma, x: [0.0; 4], e: [0.0; 3] }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        ((self.rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// The next reading, rounded to 2 decimals.
+    pub fn next_value(&mut self) -> f64 {
+        let eps = self.gauss() * self.sigma;
+        let ar: f64 = Self::PHI.iter().zip(&self.x).map(|(p, x)| p * x).sum();
+        let ma: f64 = Self::THETA.iter().zip(&self.e).map(|(t, e)| t * e).sum();
+        let x = ar + ma + eps;
+        self.x.rotate_right(1);
+        self.x[0] = x;
+        self.e.rotate_right(1);
+        self.e[0] = eps;
+        ((self.mean + x) * 100.0).round() / 100.0
+    }
+}

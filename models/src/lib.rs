@@ -18,6 +18,7 @@ pub mod ids;
 pub mod limits;
 pub mod policy;
 pub mod retention;
+pub mod series;
 pub mod telemetry;
 pub mod time;
 pub mod twin;
