@@ -32,9 +32,8 @@ fn main() {
     let n = env_or("TWINFLEET_BENCH_POINTS", 86_400) as i64;
     let chunk = env_or("TWINFLEET_BENCH_CHUNK", 7_200) as usize;
     let start = 1_764_547_200_000i64; // 2025-12-01T00:00:00Z
-    let series = |f: &mut dyn FnMut(i64) -> f64| -> Vec<(i64, f64)> {
-        (0..n).map(|i| (start + i * 1_000, f(i))).collect()
-    };
+    let series =
+        |f: &mut dyn FnMut(i64) -> f64| -> Vec<(i64, f64)> { (0..n).map(|i| (start + i * 1_000, f(i))).collect() };
     println!("| benchmark | cores | bytes/point | detail |");
     println!("|---|---|---|---|");
     let cases: Vec<(&str, Vec<(i64, f64)>)> = vec![

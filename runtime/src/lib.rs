@@ -15,6 +15,7 @@ pub mod lock;
 pub mod metrics;
 pub mod panic;
 pub mod rejections;
+pub mod series;
 pub mod stats;
 pub mod storage;
 

@@ -110,7 +110,7 @@ const MAX_DECIMAL: f64 = 9_007_199_254_740_992.0; // 2^53
 /// `value` as `n / 10^scale` exactly (bit for bit), if it is one.
 fn as_decimal(value: f64, scale: u8) -> Option<i64> {
     let n = (value * POW10[scale as usize]).round();
-    if !(n.abs() < MAX_DECIMAL) {
+    if n.is_nan() || n.abs() >= MAX_DECIMAL {
         return None;
     }
     // From the integer, as the decoder computes it (so -0.0 is no decimal: its integer 0
@@ -182,7 +182,15 @@ impl ChunkEncoder {
         w.bits(at as u64, 64);
         w.bits(value.to_bits(), 64);
         w.bit(true);
-        ChunkEncoder { w, count: 1, first: at, last: at, delta: 0, value, mode: Mode::Float { leading: 64, trailing: 0 } }
+        ChunkEncoder {
+            w,
+            count: 1,
+            first: at,
+            last: at,
+            delta: 0,
+            value,
+            mode: Mode::Float { leading: 64, trailing: 0 },
+        }
     }
 
     pub fn push(&mut self, at: i64, value: f64) {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// into one strictly increasing stream. Where several streams hold the same timestamp,
 /// the point of the stream given **last** wins (streams are given oldest write first),
 /// and the others are skipped: the policy "last write wins per timestamp".
+#[derive(Debug)]
 pub struct Merge<I: Iterator<Item = (i64, f64)>> {
     heads: Vec<(Option<(i64, f64)>, I)>,
 }
@@ -67,6 +68,7 @@ pub struct Bucket {
 
 /// Folds a sorted stream into buckets of `width_ms`, aligned to multiples of the width
 /// since the epoch. Empty buckets are not produced.
+#[derive(Debug)]
 pub struct Downsample<I: Iterator<Item = (i64, f64)>> {
     points: std::iter::Peekable<I>,
     width: i64,

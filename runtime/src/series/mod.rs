@@ -1,0 +1,880 @@
+//! The series store: metric history, apart from sled (which keeps twin state).
+//!
+//! - **Write-ahead log.** [`SeriesStore::submit`] queues the points of any number of
+//!   series; a writer thread appends everything queued at once as one WAL record and
+//!   syncs it (one fsync covers many twins, as sled's group commit does), and only then
+//!   resolves the callers' tickets and adds the points to the heads. A point is
+//!   acknowledged only once its WAL record is on disk.
+//! - **Heads.** Each series has a head chunk in memory, compressed as it fills
+//!   ([`twinfleet_models::series::codec`]); a head is sealed when it holds
+//!   `head_points` points or the next point belongs to a later partition.
+//! - **Checkpoints.** When the WAL has grown past `checkpoint_wal_bytes` (or on
+//!   [`SeriesStore::checkpoint`] and at shutdown) every head is sealed, the sealed chunks
+//!   are written as one immutable segment file per namespace and time partition
+//!   (`series/<namespace>/<partition start>/<seq>.seg`, see `segment`), and the WAL is
+//!   started afresh. A crash replays the WAL into the heads.
+//! - **Namespaces and partitions.** A namespace (the platform uses the device type) has
+//!   its own partitions of `partition_ms` (default one day); retention drops whole
+//!   partitions of a namespace ([`SeriesStore::drop_before`]).
+//! - **Order and duplicates** (the policy, per series): a point later than the series'
+//!   newest is appended; one at the same timestamp with the same value is a duplicate
+//!   (a redelivery) and is dropped; any other point at or before the newest (a late
+//!   point, or a new value for a stored timestamp) goes to the series' *late head*, a
+//!   second chunk sealed like the first. Queries merge a series' chunks in time order,
+//!   and where two chunks hold the same timestamp the later write wins. A point older
+//!   than what retention dropped is refused as expired.
+//! - **Queries** ([`SeriesStore::points`]) stream one partition at a time, decode one
+//!   cluster of overlapping chunks at a time, and never touch the twins.
+
+mod segment;
+
+use parking_lot::Mutex;
+use segment::{ChunkRef, Cursor, Sealed, Segment};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use tokio::sync::oneshot;
+use twinfleet_models::series::codec::{ChunkEncoder, decode};
+use twinfleet_models::series::query::Merge;
+
+/// Tuning of a series store.
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesOptions {
+    /// Width of a time partition (the unit retention drops), ms.
+    pub partition_ms: i64,
+    /// Points a head chunk holds before it is sealed.
+    pub head_points: u32,
+    /// WAL size past which the writer seals every head into segments and starts a new
+    /// WAL.
+    pub checkpoint_wal_bytes: u64,
+    /// Points queued for the writer at most (callers wait beyond).
+    pub queue_batches: usize,
+}
+
+impl Default for SeriesOptions {
+    fn default() -> Self {
+        SeriesOptions {
+            partition_ms: 86_400_000,
+            head_points: 7_200,
+            checkpoint_wal_bytes: 64 << 20,
+            queue_batches: 4_096,
+        }
+    }
+}
+
+/// Why the series store refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeriesError {
+    #[error("history storage failed, the points were not stored: {0}")]
+    Io(String),
+    #[error("history storage is full, the points were not stored ({0}); free space on the data directory's disk")]
+    Full(String),
+    #[error("history storage is shut down; the points were not stored")]
+    Closed,
+    #[error("a namespace or series name must be 1 to 200 bytes")]
+    BadName,
+}
+
+fn io(e: std::io::Error) -> SeriesError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        SeriesError::Full(e.to_string())
+    } else {
+        SeriesError::Io(e.to_string())
+    }
+}
+
+/// The points of one series in one submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesPoints {
+    pub namespace: String,
+    pub key: String,
+    pub points: Vec<(i64, f64)>,
+}
+
+/// Resolves once the submitted points are in the WAL, on disk.
+#[derive(Debug)]
+pub struct SeriesTicket(oneshot::Receiver<Result<(), SeriesError>>);
+
+impl std::future::Future for SeriesTicket {
+    type Output = Result<(), SeriesError>;
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll(cx).map(|r| r.unwrap_or(Err(SeriesError::Closed)))
+    }
+}
+
+impl SeriesTicket {
+    /// Waits on the calling thread (for code outside an async runtime).
+    pub fn wait(self) -> Result<(), SeriesError> {
+        self.0.blocking_recv().unwrap_or(Err(SeriesError::Closed))
+    }
+}
+
+/// Counters of the store, for /metrics and the benchmarks.
+#[derive(Debug, Default)]
+pub struct SeriesCounters {
+    pub points: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub late: AtomicU64,
+    pub expired: AtomicU64,
+    pub groups: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub segment_bytes: AtomicU64,
+    pub corrupt_segments: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+    pub wal_records_replayed: AtomicU64,
+    pub partitions_dropped: AtomicU64,
+}
+
+enum Pending {
+    Write { batch: Vec<SeriesPoints>, done: oneshot::Sender<Result<(), SeriesError>> },
+    Checkpoint { done: oneshot::Sender<Result<(), SeriesError>> },
+}
+
+struct Head {
+    enc: ChunkEncoder,
+    partition: i64,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Heads {
+    main: Option<Head>,
+    late: Option<Head>,
+}
+
+/// One namespace: its partitions' segments, chunks sealed since the last checkpoint,
+/// the heads, and how far retention has dropped.
+#[derive(Default)]
+struct Namespace {
+    segments: BTreeMap<i64, Vec<Arc<Segment>>>,
+    sealed: BTreeMap<i64, Vec<Arc<Sealed>>>,
+    heads: HashMap<String, Heads>,
+    dropped_before: i64,
+}
+
+struct Inner {
+    spaces: HashMap<String, Namespace>,
+    seq: u64,
+}
+
+/// The series store of one data directory.
+pub struct SeriesStore {
+    dir: PathBuf,
+    opts: SeriesOptions,
+    inner: Mutex<Inner>,
+    tx: Mutex<Option<SyncSender<Pending>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub counters: SeriesCounters,
+}
+
+fn path_name(ns: &str) -> String {
+    let safe = ns.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) && !ns.starts_with('.');
+    if safe { ns.to_string() } else { format!("~{}", ns.bytes().map(|b| format!("{b:02x}")).collect::<String>()) }
+}
+
+fn ns_from_path(name: &str) -> Option<String> {
+    match name.strip_prefix('~') {
+        None => Some(name.to_string()),
+        Some(hex) => {
+            let bytes: Option<Vec<u8>> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+            String::from_utf8(bytes?).ok()
+        }
+    }
+}
+
+const WAL_MAGIC: &[u8; 8] = b"TFWAL001";
+
+impl SeriesStore {
+    /// Opens (or creates) the store in `dir`: reads every segment's index (a segment that
+    /// does not check is reported, counted and skipped) and replays the WAL into the
+    /// heads (a torn record at its end, from a crash mid-write, is cut off).
+    pub fn open(dir: &Path, opts: SeriesOptions) -> Result<Arc<SeriesStore>, SeriesError> {
+        std::fs::create_dir_all(dir.join("wal")).map_err(io)?;
+        let store = Arc::new(SeriesStore {
+            dir: dir.to_path_buf(),
+            opts,
+            inner: Mutex::new(Inner { spaces: HashMap::new(), seq: 0 }),
+            tx: Mutex::new(None),
+            writer: Mutex::new(None),
+            counters: SeriesCounters::default(),
+        });
+        store.load_segments()?;
+        let wal = store.replay_wal()?;
+        let (tx, rx) = sync_channel(opts.queue_batches.max(1));
+        let s = store.clone();
+        let handle =
+            std::thread::Builder::new().name("tf-series".into()).spawn(move || s.writer_loop(rx, wal)).map_err(io)?;
+        *store.tx.lock() = Some(tx);
+        *store.writer.lock() = Some(handle);
+        Ok(store)
+    }
+
+    fn load_segments(&self) -> Result<(), SeriesError> {
+        let mut inner = self.inner.lock();
+        let Ok(spaces) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        for ns_dir in spaces.flatten() {
+            let name = ns_dir.file_name().to_string_lossy().to_string();
+            if name == "wal" || !ns_dir.path().is_dir() {
+                continue;
+            }
+            let Some(ns) = ns_from_path(&name) else { continue };
+            for part in std::fs::read_dir(ns_dir.path()).map_err(io)?.flatten() {
+                let Ok(start) = part.file_name().to_string_lossy().parse::<i64>() else { continue };
+                let mut files: Vec<PathBuf> = std::fs::read_dir(part.path())
+                    .map_err(io)?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                    .collect();
+                files.sort();
+                for f in files {
+                    match Segment::open(&f) {
+                        Ok(seg) => {
+                            let max = seg.index.values().flatten().map(|r| r.seq).max().unwrap_or(0);
+                            inner.seq = inner.seq.max(max + 1);
+                            inner
+                                .spaces
+                                .entry(ns.clone())
+                                .or_default()
+                                .segments
+                                .entry(start)
+                                .or_default()
+                                .push(Arc::new(seg));
+                        }
+                        Err(why) => {
+                            self.counters.corrupt_segments.fetch_add(1, Relaxed);
+                            tracing::error!(segment = %f.display(), "history segment skipped: {why}; its partition's other segments and the WAL are still served");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wal_files(&self) -> Vec<(u64, PathBuf)> {
+        let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(self.dir.join("wal"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().strip_suffix(".wal")?.parse().ok()?;
+                        Some((n, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Replays every WAL file into the heads; returns the open WAL to append to.
+    fn replay_wal(&self) -> Result<Wal, SeriesError> {
+        let files = self.wal_files();
+        let mut last_gen = 0;
+        for (gen_no, path) in &files {
+            last_gen = *gen_no;
+            let data = std::fs::read(path).map_err(io)?;
+            let mut pos = WAL_MAGIC.len();
+            if data.len() < pos || &data[..pos] != WAL_MAGIC {
+                tracing::error!(wal = %path.display(), "not a WAL file; skipped");
+                continue;
+            }
+            loop {
+                let mut c = Cursor(&data[pos..]);
+                let (Some(len), Some(crc)) = (c.u32(), c.u32()) else { break };
+                let Some(body) = c.take(len as usize) else { break };
+                if crc32fast::hash(body) != crc {
+                    break;
+                }
+                match decode_wal_record(body) {
+                    Some(batch) => self.apply(&batch),
+                    None => break,
+                }
+                self.counters.wal_records_replayed.fetch_add(1, Relaxed);
+                pos += 8 + len as usize;
+            }
+            if pos < data.len() {
+                tracing::warn!(wal = %path.display(), bytes = data.len() - pos, "the WAL ends in a torn or unreadable record (a crash mid-write); it is cut off, nothing acknowledged is in it");
+                let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+                f.set_len(pos as u64).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+        }
+        // Appends go to a fresh file; the replayed ones stay until the next checkpoint.
+        Wal::create(&self.dir.join("wal"), last_gen + 1)
+    }
+
+    /// Queues points for the WAL; the ticket resolves once they are on disk. Blocks while
+    /// the writer's queue is full (back-pressure).
+    pub fn submit(&self, batch: Vec<SeriesPoints>) -> SeriesTicket {
+        let (done, rx) = oneshot::channel();
+        if batch
+            .iter()
+            .any(|s| s.namespace.is_empty() || s.namespace.len() > 200 || s.key.is_empty() || s.key.len() > 200)
+        {
+            let _ = done.send(Err(SeriesError::BadName));
+            return SeriesTicket(rx);
+        }
+        let tx = self.tx.lock().clone();
+        match tx {
+            Some(tx) => {
+                if let Err(e) = tx.send(Pending::Write { batch, done })
+                    && let Pending::Write { done, .. } = e.0
+                {
+                    let _ = done.send(Err(SeriesError::Closed));
+                }
+            }
+            None => {
+                let _ = done.send(Err(SeriesError::Closed));
+            }
+        }
+        SeriesTicket(rx)
+    }
+
+    fn writer_loop(self: Arc<Self>, rx: Receiver<Pending>, mut wal: Wal) {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(p) => p,
+                None => match rx.recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut group = match first {
+                Pending::Checkpoint { done } => {
+                    let _ = done.send(self.checkpoint_with(&mut wal));
+                    continue;
+                }
+                Pending::Write { batch, done } => vec![(batch, done)],
+            };
+            let mut points: usize = group[0].0.iter().map(|s| s.points.len()).sum();
+            while points < 1_000_000 {
+                match rx.try_recv() {
+                    Ok(Pending::Write { batch, done }) => {
+                        points += batch.iter().map(|s| s.points.len()).sum::<usize>();
+                        group.push((batch, done));
+                    }
+                    Ok(checkpoint) => {
+                        next = Some(checkpoint);
+                        break;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let mut body = Vec::with_capacity(points * 16 + 64);
+            let series: usize = group.iter().map(|p| p.0.len()).sum();
+            body.extend_from_slice(&(series as u32).to_le_bytes());
+            for (batch, _) in &group {
+                for s in batch {
+                    encode_series(&mut body, s);
+                }
+            }
+            let result = wal.append(&body);
+            match &result {
+                Ok(()) => {
+                    self.counters.groups.fetch_add(1, Relaxed);
+                    self.counters.wal_bytes.fetch_add(body.len() as u64 + 8, Relaxed);
+                    for (batch, _) in &group {
+                        self.apply(batch);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "history WAL append failed; {} submissions get the error", group.len())
+                }
+            }
+            for (_, done) in group {
+                let _ = done.send(result.clone());
+            }
+            if wal.bytes >= self.opts.checkpoint_wal_bytes
+                && let Err(e) = self.checkpoint_with(&mut wal)
+            {
+                tracing::error!(error = %e, "history checkpoint failed; the WAL keeps every point and it is retried");
+            }
+        }
+        if let Err(e) = self.checkpoint_with(&mut wal) {
+            tracing::error!(error = %e, "history checkpoint at shutdown failed; the WAL replays at the next start");
+        }
+    }
+
+    fn partition_of(&self, t: i64) -> i64 {
+        t.div_euclid(self.opts.partition_ms).saturating_mul(self.opts.partition_ms)
+    }
+
+    /// Adds durable points to the heads, by the order and duplicate policy.
+    fn apply(&self, batch: &[SeriesPoints]) {
+        let mut inner = self.inner.lock();
+        let Inner { spaces, seq } = &mut *inner;
+        let (mut added, mut dups, mut late, mut expired) = (0u64, 0u64, 0u64, 0u64);
+        for s in batch {
+            let ns = spaces.entry(s.namespace.clone()).or_default();
+            let dropped_before = ns.dropped_before;
+            if !ns.heads.contains_key(&s.key) {
+                ns.heads.insert(s.key.clone(), Heads::default());
+            }
+            for &(t, v) in &s.points {
+                if t < dropped_before {
+                    expired += 1;
+                    continue;
+                }
+                let p = self.partition_of(t);
+                let heads = ns.heads.get_mut(&s.key).expect("inserted above");
+                let newest = heads.main.as_ref().map(|h| (h.enc.last_at(), h.enc.last_value()));
+                let slot = match newest {
+                    Some((last, value)) if t == last && value.to_bits() == v.to_bits() => {
+                        dups += 1;
+                        continue;
+                    }
+                    Some((last, _)) if t <= last => {
+                        late += 1;
+                        &mut heads.late
+                    }
+                    _ => &mut heads.main,
+                };
+                added += 1;
+                match slot {
+                    Some(h) if h.partition == p && t > h.enc.last_at() && h.enc.count() < self.opts.head_points => {
+                        h.enc.push(t, v)
+                    }
+                    _ => {
+                        if let Some(old) = slot.take() {
+                            let sealed = seal(&s.key, old);
+                            ns.sealed.entry(sealed.0).or_default().push(Arc::new(sealed.1));
+                        }
+                        *slot = Some(Head { enc: ChunkEncoder::new(t, v), partition: p, seq: *seq });
+                        *seq += 1;
+                    }
+                }
+            }
+        }
+        let c = &self.counters;
+        c.points.fetch_add(added, Relaxed);
+        c.duplicates.fetch_add(dups, Relaxed);
+        c.late.fetch_add(late, Relaxed);
+        c.expired.fetch_add(expired, Relaxed);
+    }
+
+    /// Seals every head and writes everything sealed as segments, then starts a new WAL
+    /// (asks the writer thread, which owns the WAL, and waits for it).
+    pub fn checkpoint(&self) -> Result<(), SeriesError> {
+        let (done, rx) = oneshot::channel();
+        let tx = self.tx.lock().clone().ok_or(SeriesError::Closed)?;
+        tx.send(Pending::Checkpoint { done }).map_err(|_| SeriesError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(SeriesError::Closed))
+    }
+
+    fn checkpoint_with(&self, wal: &mut Wal) -> Result<(), SeriesError> {
+        // Take what is to be written; heads start afresh.
+        let work: Vec<(String, i64, Vec<Arc<Sealed>>)> = {
+            let mut inner = self.inner.lock();
+            let mut work = Vec::new();
+            for (name, ns) in inner.spaces.iter_mut() {
+                for (key, heads) in ns.heads.iter_mut() {
+                    for h in [heads.main.take(), heads.late.take()].into_iter().flatten() {
+                        let (p, s) = seal(key, h);
+                        ns.sealed.entry(p).or_default().push(Arc::new(s));
+                    }
+                }
+                ns.heads.clear();
+                for (p, chunks) in &ns.sealed {
+                    work.push((name.clone(), *p, chunks.clone()));
+                }
+            }
+            work
+        };
+        let mut written = Vec::new();
+        for (ns, p, chunks) in work {
+            let dir = self.dir.join(path_name(&ns)).join(p.to_string());
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            let first_seq = chunks.iter().map(|c| c.seq).min().unwrap_or(0);
+            let path = dir.join(format!("{first_seq:020}.seg"));
+            let owned: Vec<Sealed> = chunks.iter().map(|c| (**c).clone()).collect();
+            segment::write(&path, &owned).map_err(io)?;
+            self.counters.segment_bytes.fetch_add(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0), Relaxed);
+            let seg = Segment::open(&path).map_err(SeriesError::Io)?;
+            written.push((ns, p, chunks.len(), Arc::new(seg)));
+        }
+        {
+            let mut inner = self.inner.lock();
+            for (ns, p, n, seg) in written {
+                let space = inner.spaces.entry(ns).or_default();
+                if let Some(s) = space.sealed.get_mut(&p) {
+                    s.drain(..n.min(s.len()));
+                    if s.is_empty() {
+                        space.sealed.remove(&p);
+                    }
+                }
+                if p + self.opts.partition_ms > space.dropped_before {
+                    space.segments.entry(p).or_default().push(seg);
+                }
+            }
+        }
+        // Everything the WAL held is now in segments: start a new one, drop the old.
+        let next = Wal::create(&self.dir.join("wal"), wal.gen_no + 1)?;
+        let old = std::mem::replace(wal, next);
+        for (g, path) in self.wal_files() {
+            if g <= old.gen_no {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        self.counters.checkpoints.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Drops the partitions of `namespace` that end at or before `cutoff` (ms), with their
+    /// files; later points older than `cutoff` are refused as expired. Returns the number
+    /// of partitions dropped.
+    pub fn drop_before(&self, namespace: &str, cutoff: i64) -> usize {
+        let width = self.opts.partition_ms;
+        // Whole partitions only: the one holding `cutoff` stays.
+        let cutoff = self.partition_of(cutoff);
+        let mut inner = self.inner.lock();
+        let ns = inner.spaces.entry(namespace.to_string()).or_default();
+        ns.dropped_before = ns.dropped_before.max(cutoff);
+        let gone: Vec<i64> =
+            ns.segments.keys().chain(ns.sealed.keys()).copied().filter(|p| p + width <= cutoff).collect();
+        ns.segments.retain(|p, _| p + width > cutoff);
+        ns.sealed.retain(|p, _| p + width > cutoff);
+        for heads in ns.heads.values_mut() {
+            for h in [&mut heads.main, &mut heads.late] {
+                if h.as_ref().is_some_and(|h| h.partition + width <= cutoff) {
+                    *h = None;
+                }
+            }
+        }
+        drop(inner);
+        let mut parts: Vec<i64> = gone;
+        parts.sort();
+        parts.dedup();
+        // On disk too (a partition may only exist there if it was written before this run).
+        let dir = self.dir.join(path_name(namespace));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if let Ok(p) = e.file_name().to_string_lossy().parse::<i64>()
+                    && p + width <= cutoff
+                {
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::error!(partition = %e.path().display(), error = %err, "a dropped history partition could not be removed");
+                    }
+                    if !parts.contains(&p) {
+                        parts.push(p);
+                    }
+                }
+            }
+        }
+        self.counters.partitions_dropped.fetch_add(parts.len() as u64, Relaxed);
+        parts.len()
+    }
+
+    /// The points of one series with `from <= t <= to`, in time order (last write wins on
+    /// equal timestamps), streamed one partition and one cluster of overlapping chunks at
+    /// a time. A chunk that does not check is counted, reported and skipped.
+    pub fn points(self: &Arc<Self>, namespace: &str, key: &str, from: i64, to: i64) -> Points {
+        let partitions: Vec<i64> = {
+            let inner = self.inner.lock();
+            match inner.spaces.get(namespace) {
+                None => Vec::new(),
+                Some(ns) => {
+                    let lo = self.partition_of(from);
+                    let mut ps: Vec<i64> = ns
+                        .segments
+                        .range(lo..=to)
+                        .map(|(p, _)| *p)
+                        .chain(ns.sealed.range(lo..=to).map(|(p, _)| *p))
+                        .collect();
+                    if let Some(h) = ns.heads.get(key) {
+                        ps.extend([&h.main, &h.late].into_iter().flatten().map(|h| h.partition));
+                    }
+                    ps.retain(|p| *p >= lo && *p <= to);
+                    ps.sort();
+                    ps.dedup();
+                    ps
+                }
+            }
+        };
+        Points {
+            store: self.clone(),
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+            from,
+            to,
+            partitions: partitions.into_iter().rev().collect(),
+            chunks: Vec::new(),
+            current: Vec::new().into_iter(),
+        }
+    }
+
+    /// The chunks of one series in one partition, as sources to read, by first timestamp.
+    fn chunks_of(&self, namespace: &str, key: &str, p: i64) -> Vec<Source> {
+        let inner = self.inner.lock();
+        let Some(ns) = inner.spaces.get(namespace) else { return Vec::new() };
+        let mut out = Vec::new();
+        for seg in ns.segments.get(&p).into_iter().flatten() {
+            for r in seg.index.get(key).into_iter().flatten() {
+                out.push(Source::Segment(seg.clone(), *r));
+            }
+        }
+        for s in ns.sealed.get(&p).into_iter().flatten() {
+            if s.key == key {
+                out.push(Source::Memory(s.clone()));
+            }
+        }
+        if let Some(h) = ns.heads.get(key) {
+            for h in [&h.main, &h.late].into_iter().flatten() {
+                if h.partition == p {
+                    out.push(Source::Memory(Arc::new(Sealed {
+                        key: key.to_string(),
+                        first: h.enc.first_at(),
+                        last: h.enc.last_at(),
+                        count: h.enc.count(),
+                        seq: h.seq,
+                        bytes: h.enc.bytes().to_vec(),
+                    })));
+                }
+            }
+        }
+        out.sort_by_key(|s| std::cmp::Reverse((s.first(), s.seq())));
+        out
+    }
+
+    /// Stops the writer after what is queued, with a last checkpoint.
+    pub fn shutdown(&self) {
+        self.tx.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Heads and sealed chunks not yet in segments, in bytes (memory of the store).
+    pub fn memory_bytes(&self) -> usize {
+        let inner = self.inner.lock();
+        inner
+            .spaces
+            .values()
+            .map(|ns| {
+                ns.heads
+                    .values()
+                    .map(|h| {
+                        [&h.main, &h.late].into_iter().flatten().map(|h| h.enc.byte_len() + 96).sum::<usize>() + 64
+                    })
+                    .sum::<usize>()
+                    + ns.sealed.values().flatten().map(|s| s.bytes.len() + 64).sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+impl std::fmt::Debug for SeriesStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeriesStore").field("dir", &self.dir).field("opts", &self.opts).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Points {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Points")
+            .field("key", &self.key)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SeriesStore {
+    fn drop(&mut self) {
+        self.tx.lock().take();
+    }
+}
+
+fn seal(key: &str, h: Head) -> (i64, Sealed) {
+    (
+        h.partition,
+        Sealed {
+            key: key.to_string(),
+            first: h.enc.first_at(),
+            last: h.enc.last_at(),
+            count: h.enc.count(),
+            seq: h.seq,
+            bytes: h.enc.bytes().to_vec(),
+        },
+    )
+}
+
+enum Source {
+    Segment(Arc<Segment>, ChunkRef),
+    Memory(Arc<Sealed>),
+}
+
+impl Source {
+    fn first(&self) -> i64 {
+        match self {
+            Source::Segment(_, r) => r.first,
+            Source::Memory(s) => s.first,
+        }
+    }
+    fn last(&self) -> i64 {
+        match self {
+            Source::Segment(_, r) => r.last,
+            Source::Memory(s) => s.last,
+        }
+    }
+    fn seq(&self) -> u64 {
+        match self {
+            Source::Segment(_, r) => r.seq,
+            Source::Memory(s) => s.seq,
+        }
+    }
+    fn points(&self) -> Result<Vec<(i64, f64)>, String> {
+        let (bytes, count) = match self {
+            Source::Segment(seg, r) => (seg.read(r)?, r.count),
+            Source::Memory(s) => (s.bytes.clone(), s.count),
+        };
+        decode(&bytes, count).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+    }
+}
+
+/// A streaming query (see [`SeriesStore::points`]).
+pub struct Points {
+    store: Arc<SeriesStore>,
+    namespace: String,
+    key: String,
+    from: i64,
+    to: i64,
+    /// Partitions still to read, the next one last.
+    partitions: Vec<i64>,
+    /// Chunks of the current partition still to read, the next one last.
+    chunks: Vec<Source>,
+    current: std::vec::IntoIter<(i64, f64)>,
+}
+
+impl Points {
+    /// Decodes the next cluster of overlapping chunks, merged.
+    fn next_cluster(&mut self) -> bool {
+        loop {
+            if self.chunks.is_empty() {
+                let Some(p) = self.partitions.pop() else { return false };
+                self.chunks = self.store.chunks_of(&self.namespace, &self.key, p);
+                self.chunks.retain(|c| c.last() >= self.from && c.first() <= self.to);
+                continue;
+            }
+            let mut cluster = vec![self.chunks.pop().expect("not empty")];
+            let mut end = cluster[0].last();
+            while self.chunks.last().is_some_and(|c| c.first() <= end) {
+                let c = self.chunks.pop().expect("checked");
+                end = end.max(c.last());
+                cluster.push(c);
+            }
+            cluster.sort_by_key(|c| c.seq());
+            let mut streams = Vec::new();
+            for c in &cluster {
+                match c.points() {
+                    Ok(p) => streams.push(p.into_iter()),
+                    Err(why) => {
+                        self.store.counters.corrupt_chunks.fetch_add(1, Relaxed);
+                        tracing::error!(series = %self.key, "a history chunk is skipped: {why}");
+                    }
+                }
+            }
+            let (from, to) = (self.from, self.to);
+            let merged: Vec<(i64, f64)> = Merge::new(streams).filter(|(t, _)| *t >= from && *t <= to).collect();
+            if !merged.is_empty() {
+                self.current = merged.into_iter();
+                return true;
+            }
+        }
+    }
+}
+
+impl Iterator for Points {
+    type Item = (i64, f64);
+
+    fn next(&mut self) -> Option<(i64, f64)> {
+        loop {
+            if let Some(p) = self.current.next() {
+                return Some(p);
+            }
+            if !self.next_cluster() {
+                return None;
+            }
+        }
+    }
+}
+
+fn encode_series(b: &mut Vec<u8>, s: &SeriesPoints) {
+    for name in [&s.namespace, &s.key] {
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.extend_from_slice(&(s.points.len() as u32).to_le_bytes());
+    for (t, v) in &s.points {
+        b.extend_from_slice(&t.to_le_bytes());
+        b.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+}
+
+fn decode_wal_record(body: &[u8]) -> Option<Vec<SeriesPoints>> {
+    let mut c = Cursor(body);
+    let n = c.u32()?;
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let namespace = c.string()?;
+        let key = c.string()?;
+        let count = c.u32()? as usize;
+        if c.0.len() < count * 16 {
+            return None;
+        }
+        let points =
+            (0..count).map(|_| Some((c.u64()? as i64, f64::from_bits(c.u64()?)))).collect::<Option<Vec<_>>>()?;
+        out.push(SeriesPoints { namespace, key, points });
+    }
+    Some(out)
+}
+
+/// The WAL file being appended to.
+struct Wal {
+    file: File,
+    gen_no: u64,
+    bytes: u64,
+}
+
+impl Wal {
+    fn create(dir: &Path, gen_no: u64) -> Result<Wal, SeriesError> {
+        let path = dir.join(format!("{gen_no:020}.wal"));
+        let mut file = OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(io)?;
+        file.write_all(WAL_MAGIC).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(Wal { file, gen_no, bytes: WAL_MAGIC.len() as u64 })
+    }
+
+    /// Appends one record and syncs it. A failed append is cut off again, so the file
+    /// never holds a half record before later ones.
+    fn append(&mut self, body: &[u8]) -> Result<(), SeriesError> {
+        let mut rec = Vec::with_capacity(body.len() + 8);
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        rec.extend_from_slice(body);
+        let r = self.file.write_all(&rec).and_then(|_| self.file.sync_data());
+        match r {
+            Ok(()) => {
+                self.bytes += rec.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.bytes);
+                use std::io::Seek;
+                let _ = self.file.seek(std::io::SeekFrom::Start(self.bytes));
+                Err(io(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+use super::*;
+
+fn opts() -> SeriesOptions {
+    SeriesOptions { partition_ms: 10_000, head_points: 50, checkpoint_wal_bytes: u64::MAX, queue_batches: 64 }
+}
+
+fn put(store: &SeriesStore, ns: &str, key: &str, points: Vec<(i64, f64)>) {
+    store.submit(vec![SeriesPoints { namespace: ns.into(), key: key.into(), points }]).wait().unwrap();
+}
+
+fn all(store: &Arc<SeriesStore>, ns: &str, key: &str) -> Vec<(i64, f64)> {
+    store.points(ns, key, i64::MIN, i64::MAX).collect()
+}
+
+/// Copies a data directory as it is now, as a crash would leave it (nothing flushed
+/// beyond what the store synced itself).
+fn crash_copy(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+            crash_copy(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn points_over_several_partitions_survive_checkpoints_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let expect: Vec<(i64, f64)> = (0..1_000).map(|i| (i * 137, (i % 17) as f64 / 4.0)).collect();
+    {
+        let s = SeriesStore::open(dir.path(), opts()).unwrap();
+        for c in expect.chunks(33) {
+            put(&s, "thermostat", "t1/temp", c.to_vec());
+        }
+        put(&s, "thermostat", "t2/temp", vec![(5, 1.0)]);
+        assert_eq!(all(&s, "thermostat", "t1/temp"), expect, "from the heads and sealed chunks");
+        s.checkpoint().unwrap();
+        assert_eq!(all(&s, "thermostat", "t1/temp"), expect, "from segments");
+        put(&s, "thermostat", "t1/temp", vec![(200_000, 9.0)]);
+        s.shutdown();
+    }
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    let mut with_last = expect.clone();
+    with_last.push((200_000, 9.0));
+    assert_eq!(all(&s, "thermostat", "t1/temp"), with_last);
+    assert_eq!(all(&s, "thermostat", "t2/temp"), vec![(5, 1.0)]);
+    // A range inside: several partitions (10 s each), ends included.
+    let range: Vec<_> = s.points("thermostat", "t1/temp", 13_700, 54_800).collect();
+    assert_eq!(range, expect.iter().copied().filter(|(t, _)| (13_700..=54_800).contains(t)).collect::<Vec<_>>());
+    assert!(all(&s, "meter", "t1/temp").is_empty(), "namespaces are apart");
+    let parts = std::fs::read_dir(dir.path().join("thermostat")).unwrap().count();
+    assert!(parts >= 13, "{parts} partition directories");
+}
+
+#[test]
+fn acknowledged_points_replay_from_the_wal_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    let expect: Vec<(i64, f64)> = (0..500).map(|i| (i * 1_000, 20.0 + (i % 9) as f64 / 100.0)).collect();
+    for c in expect.chunks(10) {
+        put(&s, "valve", "v/pressure", c.to_vec());
+    }
+    crash_copy(dir.path(), crashed.path());
+    // A torn record at the end, as a crash mid-append leaves it.
+    let wal = std::fs::read_dir(crashed.path().join("wal")).unwrap().flatten().map(|e| e.path()).max().unwrap();
+    let mut f = OpenOptions::new().append(true).open(&wal).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+    drop(f);
+    let r = SeriesStore::open(crashed.path(), opts()).unwrap();
+    assert_eq!(all(&r, "valve", "v/pressure"), expect);
+    assert_eq!(r.counters.wal_records_replayed.load(Relaxed), 50);
+    // Appending after the replay works, and both survive a clean restart.
+    put(&r, "valve", "v/pressure", vec![(600_000, 1.5)]);
+    r.shutdown();
+    let r = SeriesStore::open(crashed.path(), opts()).unwrap();
+    assert_eq!(all(&r, "valve", "v/pressure").len(), 501);
+    s.shutdown();
+}
+
+#[test]
+fn late_points_merge_in_order_duplicates_are_dropped_and_the_last_write_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    put(&s, "ns", "k", vec![(1_000, 1.0), (2_000, 2.0), (4_000, 4.0)]);
+    put(&s, "ns", "k", vec![(4_000, 4.0)]); // a redelivery
+    put(&s, "ns", "k", vec![(3_000, 3.0), (2_000, 20.0)]); // late, and a new value for 2 s
+    put(&s, "ns", "k", vec![(5_000, 5.0)]);
+    let want = vec![(1_000, 1.0), (2_000, 20.0), (3_000, 3.0), (4_000, 4.0), (5_000, 5.0)];
+    assert_eq!(all(&s, "ns", "k"), want);
+    assert_eq!(s.counters.duplicates.load(Relaxed), 1);
+    assert_eq!(s.counters.late.load(Relaxed), 2);
+    s.checkpoint().unwrap();
+    assert_eq!(all(&s, "ns", "k"), want, "the same from segments");
+    // After the checkpoint the newer value still wins over the older one.
+    put(&s, "ns", "k", vec![(3_000, 30.0)]);
+    s.checkpoint().unwrap();
+    s.shutdown();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(all(&s, "ns", "k")[2], (3_000, 30.0));
+    assert_eq!(all(&s, "ns", "k").len(), 5);
+}
+
+#[test]
+fn retention_drops_whole_partitions_and_refuses_older_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    put(&s, "ns", "k", (0..40).map(|i| (i * 1_000, i as f64)).collect());
+    put(&s, "other", "k", vec![(1_000, 1.0)]);
+    s.checkpoint().unwrap();
+    put(&s, "ns", "k", vec![(40_000, 40.0)]);
+    // 25 s: partitions [0, 10 s) and [10 s, 20 s) go; [20 s, 30 s) holds the cutoff and stays.
+    assert_eq!(s.drop_before("ns", 25_000), 2);
+    assert!(!dir.path().join("ns").join("0").exists());
+    assert!(!dir.path().join("ns").join("10000").exists());
+    let left = all(&s, "ns", "k");
+    assert_eq!(left.first(), Some(&(20_000, 20.0)));
+    assert_eq!(left.len(), 21);
+    put(&s, "ns", "k", vec![(19_999, 1.0), (20_000, 2.0)]);
+    assert_eq!(s.counters.expired.load(Relaxed), 1);
+    assert_eq!(all(&s, "other", "k"), vec![(1_000, 1.0)], "another namespace keeps its partitions");
+    s.shutdown();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(all(&s, "ns", "k").first(), Some(&(20_000, 2.0)));
+}
+
+#[test]
+fn a_corrupt_segment_is_skipped_and_the_rest_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SeriesStore::open(dir.path(), opts()).unwrap();
+        put(&s, "ns", "k", (0..30).map(|i| (i * 1_000, i as f64)).collect());
+        s.checkpoint().unwrap();
+        put(&s, "ns", "k", vec![(35_000, 35.0)]); // in the WAL only
+        // No shutdown checkpoint: as after a crash (the writer thread is left idle).
+        std::mem::forget(s);
+    }
+    // Truncate the middle partition's segment, garble a chunk of the first.
+    let seg = |p: &str| std::fs::read_dir(dir.path().join("ns").join(p)).unwrap().flatten().next().unwrap().path();
+    let mid = seg("10000");
+    let len = std::fs::metadata(&mid).unwrap().len();
+    OpenOptions::new().write(true).open(&mid).unwrap().set_len(len - 3).unwrap();
+    let first = seg("0");
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[12] ^= 0xFF;
+    std::fs::write(&first, bytes).unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.counters.corrupt_segments.load(Relaxed), 1);
+    let got = all(&s, "ns", "k");
+    assert_eq!(s.counters.corrupt_chunks.load(Relaxed), 1);
+    let want: Vec<(i64, f64)> = (20..30).map(|i| (i * 1_000, i as f64)).chain([(35_000, 35.0)]).collect();
+    assert_eq!(got, want, "the third partition and the WAL's point");
+}
+
+#[test]
+fn bad_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    let r = s.submit(vec![SeriesPoints { namespace: String::new(), key: "k".into(), points: vec![(1, 1.0)] }]).wait();
+    assert_eq!(r, Err(SeriesError::BadName));
+    // A namespace that is no safe file name still works, under an escaped directory.
+    put(&s, "a/../b", "k", vec![(1, 1.0)]);
+    s.checkpoint().unwrap();
+    s.shutdown();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(all(&s, "a/../b", "k"), vec![(1, 1.0)]);
+}
