@@ -167,7 +167,7 @@ pub struct SeriesStore {
     dir: PathBuf,
     opts: SeriesOptions,
     inner: Mutex<Inner>,
-    tx: Mutex<Option<SyncSender<Pending>>>,
+    tx: parking_lot::RwLock<Option<SyncSender<Pending>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub counters: SeriesCounters,
 }
@@ -200,7 +200,7 @@ impl SeriesStore {
             dir: dir.to_path_buf(),
             opts,
             inner: Mutex::new(Inner { spaces: HashMap::new(), seq: 0 }),
-            tx: Mutex::new(None),
+            tx: parking_lot::RwLock::new(None),
             writer: Mutex::new(None),
             counters: SeriesCounters::default(),
         });
@@ -210,7 +210,7 @@ impl SeriesStore {
         let s = store.clone();
         let handle =
             std::thread::Builder::new().name("tf-series".into()).spawn(move || s.writer_loop(rx, wal)).map_err(io)?;
-        *store.tx.lock() = Some(tx);
+        *store.tx.write() = Some(tx);
         *store.writer.lock() = Some(handle);
         Ok(store)
     }
@@ -321,8 +321,7 @@ impl SeriesStore {
             let _ = done.send(Err(SeriesError::BadName));
             return SeriesTicket(rx);
         }
-        let tx = self.tx.lock().clone();
-        match tx {
+        match &*self.tx.read() {
             Some(tx) => {
                 if let Err(e) = tx.send(Pending::Write { batch, done })
                     && let Pending::Write { done, .. } = e.0
@@ -464,7 +463,7 @@ impl SeriesStore {
     /// (asks the writer thread, which owns the WAL, and waits for it).
     pub fn checkpoint(&self) -> Result<(), SeriesError> {
         let (done, rx) = oneshot::channel();
-        let tx = self.tx.lock().clone().ok_or(SeriesError::Closed)?;
+        let tx = self.tx.read().clone().ok_or(SeriesError::Closed)?;
         tx.send(Pending::Checkpoint { done }).map_err(|_| SeriesError::Closed)?;
         rx.blocking_recv().unwrap_or(Err(SeriesError::Closed))
     }
@@ -645,7 +644,7 @@ impl SeriesStore {
 
     /// Stops the writer after what is queued, with a last checkpoint.
     pub fn shutdown(&self) {
-        self.tx.lock().take();
+        self.tx.write().take();
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
@@ -688,7 +687,7 @@ impl std::fmt::Debug for Points {
 
 impl Drop for SeriesStore {
     fn drop(&mut self) {
-        self.tx.lock().take();
+        self.tx.write().take();
     }
 }
 
