@@ -27,6 +27,7 @@ pub mod config;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use twinfleet_runtime::series::{SeriesOptions, SeriesStore};
 use twinfleet_runtime::{
     ArbiterPool, DataDirLock, LockError, SharedClock, SledOptions, SledStorage, StorageError, SystemClock,
 };
@@ -90,9 +91,11 @@ impl PlatformBuilder {
     pub async fn start(self) -> Result<Platform, PlatformError> {
         let lock = DataDirLock::acquire(&self.data_dir)?;
         let storage = SledStorage::open(&self.data_dir, self.sled)?;
+        let series =
+            SeriesStore::open(&self.data_dir.join("series"), SeriesOptions::default()).map_err(StorageError::from)?;
         let arbiters = Arc::new(ArbiterPool::new(self.arbiters));
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let env = twinfleet_actors::TwinEnv::new(storage, clock, arbiters.clone(), self.settings)?;
+        let env = twinfleet_actors::TwinEnv::new(storage, series, clock, arbiters.clone(), self.settings)?;
         let (runtime, report) = TwinRuntime::start(env).await?;
         tracing::info!(
             twins = report.twins,

@@ -10,6 +10,7 @@ use crate::handle::TwinHandle;
 use crate::records::{FleetChunk, FleetChunkRef, journal_prefix, twin_key};
 use crate::spaces;
 use crate::supervisor::TwinRuntime;
+use crate::telemetry::series_key;
 use serde::{Deserialize, Serialize};
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
@@ -301,7 +302,12 @@ impl TwinRuntime {
                 b.delete(space, row?.0);
             }
         }
+        // History: every metric series of the twin (a twin re-created with this id
+        // starts without it). `TELEMETRY` above is where data directories of before the
+        // series store kept it.
+        let history = env.series.delete_series(slot.ty.device_type.as_str(), &series_key(slot.id.as_str(), ""));
         storage.submit(b).await?;
+        history.await.map_err(twinfleet_runtime::StorageError::from)?;
         env.credentials.forget(slot.id.as_str());
         Ok(())
     }

@@ -8,6 +8,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use twinfleet_models::{CommandId, DeviceCommand, Metadata, RestartPolicy, RetryPolicy, TelemetryLimits, TwinId};
+use twinfleet_runtime::series::SeriesStore;
 use twinfleet_runtime::{AlertSink, ArbiterPool, Rejections, RequestMetrics, SharedClock, Storage};
 
 /// Tunables of the twin actors.
@@ -101,6 +102,9 @@ impl DeviceLinks {
 #[derive(Debug)]
 pub struct Infra {
     pub storage: Arc<dyn Storage>,
+    /// Metric history (see `twinfleet_runtime::series`): namespace = device type,
+    /// series = [`crate::telemetry::series_key`].
+    pub series: Arc<SeriesStore>,
     pub clock: SharedClock,
     pub alerts: AlertSink,
     pub arbiters: Arc<ArbiterPool>,
@@ -116,6 +120,7 @@ pub struct Infra {
 impl Infra {
     pub(crate) fn new(
         storage: Arc<dyn Storage>,
+        series: Arc<SeriesStore>,
         clock: SharedClock,
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
@@ -123,6 +128,7 @@ impl Infra {
         Infra {
             alerts: AlertSink::new(storage.clone()),
             storage,
+            series,
             clock,
             arbiters,
             settings,

@@ -9,6 +9,7 @@ use crate::credentials::Credentials;
 use crate::directory::TwinDirectory;
 use crate::jobs::Jobs;
 use std::sync::Arc;
+use twinfleet_runtime::series::SeriesStore;
 use twinfleet_runtime::{ArbiterPool, SharedClock, Storage, StorageError};
 
 #[derive(Debug)]
@@ -39,6 +40,7 @@ impl TwinEnv {
 
     pub fn new(
         storage: Arc<dyn Storage>,
+        series: Arc<SeriesStore>,
         clock: SharedClock,
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
@@ -47,7 +49,7 @@ impl TwinEnv {
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone())?;
         Ok(Arc::new(TwinEnv {
-            infra: Arc::new(Infra::new(storage, clock, arbiters, settings)),
+            infra: Arc::new(Infra::new(storage, series, clock, arbiters, settings)),
             credentials,
             access,
             jobs,

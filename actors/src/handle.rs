@@ -163,12 +163,14 @@ impl TwinHandle {
 
     /// One page of stored points, newest first, read from storage on the blocking pool:
     /// the twin's mailbox and arbiter are not involved, so a long read holds up no
-    /// twin. It sees every point this twin acknowledged before (a storage barrier).
+    /// twin. It sees every point this twin acknowledged before (a point is in the
+    /// series store's heads before its write is acknowledged).
     pub async fn telemetry_page(&self, q: TelemetryQuery) -> Result<TelemetryPage, TwinError> {
-        let storage = self.slot.ty.infra.storage.clone();
-        storage.barrier().await?;
+        let infra = &self.slot.ty.infra;
+        let (storage, series) = (infra.storage.clone(), infra.series.clone());
+        let ns = self.slot.ty.device_type.to_string();
         let id = self.slot.id.clone();
-        tokio::task::spawn_blocking(move || crate::telemetry::read_page(&*storage, &id, &q))
+        tokio::task::spawn_blocking(move || crate::telemetry::read_page(&series, &*storage, &ns, &id, &q))
             .await
             .map_err(|e| TwinError::Invalid(format!("telemetry read failed: {e}")))?
             .map_err(TwinError::from)

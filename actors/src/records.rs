@@ -136,14 +136,3 @@ pub(crate) fn fleet_key(device_type: &DeviceTypeId, chunk_id: u64) -> Vec<u8> {
     k.extend_from_slice(&chunk_id.to_be_bytes());
     k
 }
-
-/// An hour, the span of one stored telemetry record.
-pub(crate) const TELEMETRY_SPAN_MS: i64 = 3_600_000;
-
-pub(crate) fn telemetry_key(id: &TwinId, first_ms: i64, record: u64) -> Vec<u8> {
-    let mut k = journal_prefix(id);
-    // Offset so that negative millis still sort in order as unsigned big-endian bytes.
-    k.extend_from_slice(&((first_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(&record.to_be_bytes());
-    k
-}

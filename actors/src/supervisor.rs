@@ -376,6 +376,11 @@ impl TwinRuntime {
             tracing::error!("final flush failed: {e}");
         }
         self.env.storage.shutdown();
+        // The last checkpoint of the history (blocking: seals the heads into segments).
+        let series = self.env.series.clone();
+        if tokio::task::spawn_blocking(move || series.shutdown()).await.is_err() {
+            tracing::error!("the history store did not shut down cleanly; its WAL replays at the next start");
+        }
         for t in self.env.directory.types.iter() {
             t.stop();
         }

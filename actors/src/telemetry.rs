@@ -1,17 +1,23 @@
-//! Reading a twin's stored telemetry, off the twin: a query goes straight to storage on
-//! the blocking pool (never through the twin's mailbox, never on an arbiter thread), in
-//! pages of at most `limit` points, newest first.
+//! Reading a twin's stored telemetry, off the twin: a query goes straight to the series
+//! store on the blocking pool (never through the twin's mailbox, never on an arbiter
+//! thread), in pages of at most `limit` points, newest first.
 //!
-//! Records hold the points of one clock hour each, so hours are disjoint: a page reads
-//! whole hours, newest first, until it has `limit` points, and keeps at most one hour in
-//! memory beyond that. A page ends on a millisecond boundary (every point of its oldest
-//! millisecond is in it), so `next` (that millisecond minus one) continues exactly.
+//! Each metric of a twin is one series of its device type's namespace
+//! ([`series_key`]). A page without a metric merges the twin's metrics (those its
+//! latest values name) newest first. A page ends on a millisecond boundary (every
+//! point of its oldest millisecond is in it), so `next` (that millisecond minus one)
+//! continues exactly. The series streams decode one chunk cluster at a time, so a page
+//! holds at most `limit` points plus one cluster per metric, whatever the range.
 
-use crate::records::{TELEMETRY_SPAN_MS, telemetry_key};
+use crate::records::twin_key;
 use crate::spaces;
 use serde::Serialize;
-use twinfleet_models::{MetricPoint, Timestamp, TwinId, decode_batch};
-use twinfleet_runtime::{Storage, StorageError};
+use serde::de::IgnoredAny;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use twinfleet_models::{MetricPoint, Timestamp, TwinId};
+use twinfleet_runtime::series::{Points, SeriesStore};
+use twinfleet_runtime::{Storage, StorageError, decode_record};
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
 /// newest first, at most `limit` (plus the rest of the oldest millisecond returned).
@@ -33,37 +39,49 @@ pub struct TelemetryPage {
     pub next: Option<Timestamp>,
 }
 
+/// The series of one metric of one twin (a space is in neither a twin id nor a metric).
+pub(crate) fn series_key(twin: &str, metric: &str) -> String {
+    format!("{twin} {metric}")
+}
+
 /// Reads one page. Blocking: call it on the blocking pool.
-pub(crate) fn read_page(storage: &dyn Storage, id: &TwinId, q: &TelemetryQuery) -> Result<TelemetryPage, StorageError> {
+pub(crate) fn read_page(
+    series: &Arc<SeriesStore>,
+    storage: &dyn Storage,
+    namespace: &str,
+    id: &TwinId,
+    q: &TelemetryQuery,
+) -> Result<TelemetryPage, StorageError> {
     let limit = q.limit.max(1);
-    let hour_of = |ms: i64| ms.div_euclid(TELEMETRY_SPAN_MS);
-    let start = telemetry_key(id, hour_of(q.from.0).saturating_mul(TELEMETRY_SPAN_MS), 0);
-    let end = telemetry_key(id, q.to.0, u64::MAX);
-    let prefix_len = start.len() - 16;
+    let metrics: Vec<String> = match &q.metric {
+        Some(m) => vec![m.clone()],
+        None => storage
+            .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
+            .and_then(|raw| decode_record::<BTreeMap<String, IgnoredAny>>(&raw).ok())
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default(),
+    };
+    let mut streams: Vec<(String, std::iter::Peekable<Points>)> = metrics
+        .into_iter()
+        .map(|m| {
+            let s = series.points_rev(namespace, &series_key(id.as_str(), &m), q.from.0, q.to.0).peekable();
+            (m, s)
+        })
+        .collect();
     let mut out: Vec<MetricPoint> = Vec::new();
-    let mut hour: Option<i64> = None;
     let mut more = false;
-    for row in storage.scan_range_rev(spaces::TELEMETRY, &start, &end) {
-        let (k, v) = row?;
-        let first = i64::from_be_bytes(k[prefix_len..prefix_len + 8].try_into().unwrap_or_default()) ^ i64::MIN;
-        if hour.is_some_and(|h| h != hour_of(first)) && out.len() >= limit {
+    loop {
+        // The newest head among the metrics.
+        let best =
+            streams.iter_mut().enumerate().filter_map(|(i, (_, s))| s.peek().map(|p| (i, p.0))).max_by_key(|(_, t)| *t);
+        let Some((i, t)) = best else { break };
+        if out.len() >= limit && out.last().is_some_and(|p| p.at.0 != t) {
             more = true;
             break;
         }
-        hour = Some(hour_of(first));
-        let Some(points) = decode_batch(&v) else { continue };
-        out.extend(
-            points
-                .into_iter()
-                .filter(|p| p.at >= q.from && p.at <= q.to && q.metric.as_ref().is_none_or(|m| *m == p.metric)),
-        );
-    }
-    out.sort_by_key(|p| std::cmp::Reverse(p.at));
-    if out.len() > limit {
-        let boundary = out[limit - 1].at;
-        let keep = out.iter().take_while(|p| p.at >= boundary).count();
-        out.truncate(keep);
-        more = true;
+        let (metric, s) = &mut streams[i];
+        let (at, value) = s.next().expect("peeked");
+        out.push(MetricPoint { metric: metric.clone(), at: Timestamp(at), value });
     }
     let next = match out.last() {
         Some(last) if more && last.at > q.from => Some(Timestamp(last.at.0 - 1)),

@@ -174,11 +174,30 @@ pub struct Ticket(TicketInner);
 enum TicketInner {
     Waiting(oneshot::Receiver<Result<(), StorageError>>),
     Done(Option<Result<(), StorageError>>),
+    /// Both a storage write and a history write (see [`Ticket::and_series`]).
+    Joined(Box<Ticket>, Option<crate::series::SeriesTicket>),
 }
 
 impl Ticket {
     pub fn ready(r: Result<(), StorageError>) -> Ticket {
         Ticket(TicketInner::Done(Some(r)))
+    }
+
+    /// A ticket that resolves once this write and the history write `series` are both
+    /// durable; the first error wins.
+    pub fn and_series(self, series: crate::series::SeriesTicket) -> Ticket {
+        Ticket(TicketInner::Joined(Box::new(self), Some(series)))
+    }
+}
+
+impl From<crate::series::SeriesError> for StorageError {
+    fn from(e: crate::series::SeriesError) -> Self {
+        use crate::series::SeriesError as S;
+        match e {
+            S::Full(why) => StorageError::Full(why),
+            S::Closed => StorageError::Closed,
+            other => StorageError::Engine(other.to_string()),
+        }
     }
 }
 
@@ -188,6 +207,19 @@ impl Future for Ticket {
         match &mut self.get_mut().0 {
             TicketInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(StorageError::Closed))),
             TicketInner::Done(r) => Poll::Ready(r.take().unwrap_or(Err(StorageError::Closed))),
+            TicketInner::Joined(first, series) => {
+                if let Some(s) = series {
+                    match Pin::new(s).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => {
+                            *series = None;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        Poll::Ready(Ok(())) => *series = None,
+                    }
+                }
+                Pin::new(&mut **first).poll(cx)
+            }
         }
     }
 }

@@ -13,8 +13,9 @@
 use crate::codec::{Chunk, decode_event, decode_journal, encode_event, page_events, page_item};
 use crate::context::Infra;
 use crate::error::TwinError;
-use crate::records::{FleetChunk, TELEMETRY_SPAN_MS, journal_key, journal_prefix, telemetry_key, twin_key};
+use crate::records::{FleetChunk, journal_key, journal_prefix, twin_key};
 use crate::spaces;
+use crate::telemetry::series_key;
 use actix::prelude::*;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -24,8 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use twinfleet_models::{
     Alert, CommandId, Decision, DeviceCommand, DtaId, Effect, EffectiveConfig, EventKind, LayerRef, Lifecycle,
     MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
-    encode_batch, validate_batch,
+    validate_batch,
 };
+use twinfleet_runtime::series::SeriesPoints;
 use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_key, panic};
 
 mod kind;
@@ -175,13 +177,20 @@ impl Dti {
         let mut batch = WriteBatch::new();
         batch.put(spaces::TELEMETRY_LATEST, key, encode_record(&*latest));
         let n = points.len();
-        points.sort_by_key(|p| p.at);
-        for hour in points.chunk_by(|a, b| a.at.0.div_euclid(TELEMETRY_SPAN_MS) == b.at.0.div_euclid(TELEMETRY_SPAN_MS))
-        {
-            let key = telemetry_key(&self.slot.id, hour[0].at.0, env.storage.generate_id()?);
-            batch.put(spaces::TELEMETRY, key, encode_batch(hour));
-        }
-        Ok((env.storage.submit(batch), n))
+        // One series per metric, points in the order they came (the store sorts late
+        // ones out, see `twinfleet_runtime::series`).
+        points.sort_by(|a, b| a.metric.cmp(&b.metric));
+        let ns = self.slot.ty.device_type.to_string();
+        let series: Vec<SeriesPoints> = points
+            .chunk_by(|a, b| a.metric == b.metric)
+            .map(|m| SeriesPoints {
+                namespace: ns.clone(),
+                key: series_key(self.slot.id.as_str(), &m[0].metric),
+                points: m.iter().map(|p| (p.at.0, p.value)).collect(),
+            })
+            .collect();
+        let history = env.series.submit(series);
+        Ok((env.storage.submit(batch).and_series(history), n))
     }
 
     /// decide → evolve → persist → carry out the effects. Deliveries wait for the

@@ -33,6 +33,7 @@ use segment::{ChunkRef, Cursor, Sealed, Segment};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -133,6 +134,38 @@ pub struct SeriesCounters {
 enum Pending {
     Write { batch: Vec<SeriesPoints>, done: oneshot::Sender<Result<(), SeriesError>> },
     Checkpoint { done: oneshot::Sender<Result<(), SeriesError>> },
+    Delete { namespace: String, prefix: String, done: oneshot::Sender<Result<(), SeriesError>> },
+}
+
+/// A deletion of every series of a namespace whose key starts with `prefix`: chunks
+/// written before it (`seq` below) and WAL records before its position are skipped.
+#[derive(Debug, Clone)]
+struct Tombstone {
+    namespace: String,
+    prefix: String,
+    seq: u64,
+    wal: (u64, u64),
+}
+
+impl Tombstone {
+    fn covers(&self, namespace: &str, key: &str) -> bool {
+        self.namespace == namespace && key.starts_with(&self.prefix)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        for s in [&self.namespace, &self.prefix] {
+            body.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            body.extend_from_slice(s.as_bytes());
+        }
+        for v in [self.seq, self.wal.0, self.wal.1] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut rec = (body.len() as u32).to_le_bytes().to_vec();
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        rec
+    }
 }
 
 struct Head {
@@ -160,6 +193,7 @@ struct Namespace {
 struct Inner {
     spaces: HashMap<String, Namespace>,
     seq: u64,
+    tombstones: Vec<Tombstone>,
 }
 
 /// The series store of one data directory.
@@ -190,20 +224,28 @@ fn ns_from_path(name: &str) -> Option<String> {
 
 const WAL_MAGIC: &[u8; 8] = b"TFWAL001";
 
+/// Creates `dir` and its missing parents with mode 0700.
+fn mkdir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 impl SeriesStore {
     /// Opens (or creates) the store in `dir`: reads every segment's index (a segment that
     /// does not check is reported, counted and skipped) and replays the WAL into the
     /// heads (a torn record at its end, from a crash mid-write, is cut off).
     pub fn open(dir: &Path, opts: SeriesOptions) -> Result<Arc<SeriesStore>, SeriesError> {
-        std::fs::create_dir_all(dir.join("wal")).map_err(io)?;
+        // Owner only, as the rest of the data directory (0700 directories, 0600 files).
+        mkdir(&dir.join("wal")).map_err(io)?;
+        crate::lock::restrict_tree(dir).map_err(io)?;
         let store = Arc::new(SeriesStore {
             dir: dir.to_path_buf(),
             opts,
-            inner: Mutex::new(Inner { spaces: HashMap::new(), seq: 0 }),
+            inner: Mutex::new(Inner { spaces: HashMap::new(), seq: 0, tombstones: Vec::new() }),
             tx: parking_lot::RwLock::new(None),
             writer: Mutex::new(None),
             counters: SeriesCounters::default(),
         });
+        store.load_tombstones()?;
         store.load_segments()?;
         let wal = store.replay_wal()?;
         let (tx, rx) = sync_channel(opts.queue_batches.max(1));
@@ -213,6 +255,35 @@ impl SeriesStore {
         *store.tx.write() = Some(tx);
         *store.writer.lock() = Some(handle);
         Ok(store)
+    }
+
+    fn load_tombstones(&self) -> Result<(), SeriesError> {
+        let data = match std::fs::read(self.dir.join("tombstones")) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut inner = self.inner.lock();
+        let mut c = Cursor(&data);
+        while let (Some(len), Some(crc)) = (c.u32(), c.u32()) {
+            let Some(body) = c.take(len as usize) else { break };
+            if crc32fast::hash(body) != crc {
+                break;
+            }
+            let mut b = Cursor(body);
+            let t = (|| {
+                Some(Tombstone {
+                    namespace: b.string()?,
+                    prefix: b.string()?,
+                    seq: b.u64()?,
+                    wal: (b.u64()?, b.u64()?),
+                })
+            })();
+            let Some(t) = t else { break };
+            inner.seq = inner.seq.max(t.seq + 1);
+            inner.tombstones.push(t);
+        }
+        Ok(())
     }
 
     fn load_segments(&self) -> Result<(), SeriesError> {
@@ -293,7 +364,14 @@ impl SeriesStore {
                     break;
                 }
                 match decode_wal_record(body) {
-                    Some(batch) => self.apply(&batch),
+                    Some(mut batch) => {
+                        let at = (*gen_no, pos as u64);
+                        let inner = self.inner.lock();
+                        batch
+                            .retain(|s| !inner.tombstones.iter().any(|t| at < t.wal && t.covers(&s.namespace, &s.key)));
+                        drop(inner);
+                        self.apply(&batch)
+                    }
                     None => break,
                 }
                 self.counters.wal_records_replayed.fetch_add(1, Relaxed);
@@ -351,6 +429,10 @@ impl SeriesStore {
                     let _ = done.send(self.checkpoint_with(&mut wal));
                     continue;
                 }
+                Pending::Delete { namespace, prefix, done } => {
+                    let _ = done.send(self.delete_with(&wal, namespace, prefix));
+                    continue;
+                }
                 Pending::Write { batch, done } => vec![(batch, done)],
             };
             let mut points: usize = group[0].0.iter().map(|s| s.points.len()).sum();
@@ -360,8 +442,8 @@ impl SeriesStore {
                         points += batch.iter().map(|s| s.points.len()).sum::<usize>();
                         group.push((batch, done));
                     }
-                    Ok(checkpoint) => {
-                        next = Some(checkpoint);
+                    Ok(other) => {
+                        next = Some(other);
                         break;
                     }
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -409,7 +491,7 @@ impl SeriesStore {
     /// Adds durable points to the heads, by the order and duplicate policy.
     fn apply(&self, batch: &[SeriesPoints]) {
         let mut inner = self.inner.lock();
-        let Inner { spaces, seq } = &mut *inner;
+        let Inner { spaces, seq, .. } = &mut *inner;
         let (mut added, mut dups, mut late, mut expired) = (0u64, 0u64, 0u64, 0u64);
         for s in batch {
             let ns = spaces.entry(s.namespace.clone()).or_default();
@@ -490,7 +572,7 @@ impl SeriesStore {
         let mut written = Vec::new();
         for (ns, p, chunks) in work {
             let dir = self.dir.join(path_name(&ns)).join(p.to_string());
-            std::fs::create_dir_all(&dir).map_err(io)?;
+            mkdir(&dir).map_err(io)?;
             let first_seq = chunks.iter().map(|c| c.seq).min().unwrap_or(0);
             let path = dir.join(format!("{first_seq:020}.seg"));
             let owned: Vec<Sealed> = chunks.iter().map(|c| (**c).clone()).collect();
@@ -523,6 +605,39 @@ impl SeriesStore {
             }
         }
         self.counters.checkpoints.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Deletes every series of `namespace` whose key starts with `prefix` (a twin's
+    /// series: `"<twin id> "`), durably: what was stored before is never read again, also
+    /// not from the WAL after a crash; points submitted afterwards start new series.
+    pub fn delete_series(&self, namespace: &str, prefix: &str) -> SeriesTicket {
+        let (done, rx) = oneshot::channel();
+        match &*self.tx.read() {
+            Some(tx) => {
+                let _ = tx.send(Pending::Delete { namespace: namespace.into(), prefix: prefix.into(), done });
+            }
+            None => {
+                let _ = done.send(Err(SeriesError::Closed));
+            }
+        }
+        SeriesTicket(rx)
+    }
+
+    fn delete_with(&self, wal: &Wal, namespace: String, prefix: String) -> Result<(), SeriesError> {
+        let mut inner = self.inner.lock();
+        let t = Tombstone { namespace, prefix, seq: inner.seq, wal: (wal.gen_no, wal.bytes) };
+        let mut f =
+            OpenOptions::new().create(true).append(true).mode(0o600).open(self.dir.join("tombstones")).map_err(io)?;
+        f.write_all(&t.encode()).and_then(|_| f.sync_data()).map_err(io)?;
+        inner.seq += 1;
+        if let Some(ns) = inner.spaces.get_mut(&t.namespace) {
+            ns.heads.retain(|k, _| !k.starts_with(&t.prefix));
+            for chunks in ns.sealed.values_mut() {
+                chunks.retain(|c| !c.key.starts_with(&t.prefix));
+            }
+        }
+        inner.tombstones.push(t);
         Ok(())
     }
 
@@ -575,6 +690,15 @@ impl SeriesStore {
     /// equal timestamps), streamed one partition and one cluster of overlapping chunks at
     /// a time. A chunk that does not check is counted, reported and skipped.
     pub fn points(self: &Arc<Self>, namespace: &str, key: &str, from: i64, to: i64) -> Points {
+        self.query(namespace, key, from, to, false)
+    }
+
+    /// As [`SeriesStore::points`], newest first.
+    pub fn points_rev(self: &Arc<Self>, namespace: &str, key: &str, from: i64, to: i64) -> Points {
+        self.query(namespace, key, from, to, true)
+    }
+
+    fn query(self: &Arc<Self>, namespace: &str, key: &str, from: i64, to: i64, descending: bool) -> Points {
         let partitions: Vec<i64> = {
             let inner = self.inner.lock();
             match inner.spaces.get(namespace) {
@@ -603,7 +727,8 @@ impl SeriesStore {
             key: key.to_string(),
             from,
             to,
-            partitions: partitions.into_iter().rev().collect(),
+            partitions: if descending { partitions } else { partitions.into_iter().rev().collect() },
+            descending,
             chunks: Vec::new(),
             current: Vec::new().into_iter(),
         }
@@ -613,9 +738,11 @@ impl SeriesStore {
     fn chunks_of(&self, namespace: &str, key: &str, p: i64) -> Vec<Source> {
         let inner = self.inner.lock();
         let Some(ns) = inner.spaces.get(namespace) else { return Vec::new() };
+        let deleted_before =
+            inner.tombstones.iter().filter(|t| t.covers(namespace, key)).map(|t| t.seq).max().unwrap_or(0);
         let mut out = Vec::new();
         for seg in ns.segments.get(&p).into_iter().flatten() {
-            for r in seg.index.get(key).into_iter().flatten() {
+            for r in seg.index.get(key).into_iter().flatten().filter(|r| r.seq >= deleted_before) {
                 out.push(Source::Segment(seg.clone(), *r));
             }
         }
@@ -747,6 +874,7 @@ pub struct Points {
     to: i64,
     /// Partitions still to read, the next one last.
     partitions: Vec<i64>,
+    descending: bool,
     /// Chunks of the current partition still to read, the next one last.
     chunks: Vec<Source>,
     current: std::vec::IntoIter<(i64, f64)>,
@@ -760,14 +888,27 @@ impl Points {
                 let Some(p) = self.partitions.pop() else { return false };
                 self.chunks = self.store.chunks_of(&self.namespace, &self.key, p);
                 self.chunks.retain(|c| c.last() >= self.from && c.first() <= self.to);
+                if self.descending {
+                    // The chunk that ends last is read first.
+                    self.chunks.sort_by_key(|c| (c.last(), c.seq()));
+                }
                 continue;
             }
             let mut cluster = vec![self.chunks.pop().expect("not empty")];
-            let mut end = cluster[0].last();
-            while self.chunks.last().is_some_and(|c| c.first() <= end) {
-                let c = self.chunks.pop().expect("checked");
-                end = end.max(c.last());
-                cluster.push(c);
+            if self.descending {
+                let mut start = cluster[0].first();
+                while self.chunks.last().is_some_and(|c| c.last() >= start) {
+                    let c = self.chunks.pop().expect("checked");
+                    start = start.min(c.first());
+                    cluster.push(c);
+                }
+            } else {
+                let mut end = cluster[0].last();
+                while self.chunks.last().is_some_and(|c| c.first() <= end) {
+                    let c = self.chunks.pop().expect("checked");
+                    end = end.max(c.last());
+                    cluster.push(c);
+                }
             }
             cluster.sort_by_key(|c| c.seq());
             let mut streams = Vec::new();
@@ -781,7 +922,10 @@ impl Points {
                 }
             }
             let (from, to) = (self.from, self.to);
-            let merged: Vec<(i64, f64)> = Merge::new(streams).filter(|(t, _)| *t >= from && *t <= to).collect();
+            let mut merged: Vec<(i64, f64)> = Merge::new(streams).filter(|(t, _)| *t >= from && *t <= to).collect();
+            if self.descending {
+                merged.reverse();
+            }
             if !merged.is_empty() {
                 self.current = merged.into_iter();
                 return true;
@@ -845,7 +989,8 @@ struct Wal {
 impl Wal {
     fn create(dir: &Path, gen_no: u64) -> Result<Wal, SeriesError> {
         let path = dir.join(format!("{gen_no:020}.wal"));
-        let mut file = OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(io)?;
+        let mut file =
+            OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&path).map_err(io)?;
         file.write_all(WAL_MAGIC).map_err(io)?;
         file.sync_all().map_err(io)?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"TFSEG001";
@@ -116,7 +116,7 @@ pub(crate) fn write(path: &Path, chunks: &[Sealed]) -> std::io::Result<()> {
     put_u32(&mut data, crc32fast::hash(&index));
     data.extend_from_slice(END);
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
     f.write_all(&data)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)?;

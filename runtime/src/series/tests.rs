@@ -51,6 +51,9 @@ fn points_over_several_partitions_survive_checkpoints_and_reopening() {
     let range: Vec<_> = s.points("thermostat", "t1/temp", 13_700, 54_800).collect();
     assert_eq!(range, expect.iter().copied().filter(|(t, _)| (13_700..=54_800).contains(t)).collect::<Vec<_>>());
     assert!(all(&s, "meter", "t1/temp").is_empty(), "namespaces are apart");
+    let mut rev: Vec<_> = s.points_rev("thermostat", "t1/temp", 13_700, 54_800).collect();
+    rev.reverse();
+    assert_eq!(rev, range, "newest first, the same points");
     let parts = std::fs::read_dir(dir.path().join("thermostat")).unwrap().count();
     assert!(parts >= 13, "{parts} partition directories");
 }
@@ -91,6 +94,8 @@ fn late_points_merge_in_order_duplicates_are_dropped_and_the_last_write_wins() {
     put(&s, "ns", "k", vec![(5_000, 5.0)]);
     let want = vec![(1_000, 1.0), (2_000, 20.0), (3_000, 3.0), (4_000, 4.0), (5_000, 5.0)];
     assert_eq!(all(&s, "ns", "k"), want);
+    let rev: Vec<_> = s.points_rev("ns", "k", i64::MIN, i64::MAX).collect();
+    assert_eq!(rev, want.iter().rev().copied().collect::<Vec<_>>());
     assert_eq!(s.counters.duplicates.load(Relaxed), 1);
     assert_eq!(s.counters.late.load(Relaxed), 2);
     s.checkpoint().unwrap();
@@ -167,4 +172,31 @@ fn bad_names_are_refused() {
     s.shutdown();
     let s = SeriesStore::open(dir.path(), opts()).unwrap();
     assert_eq!(all(&s, "a/../b", "k"), vec![(1, 1.0)]);
+}
+
+#[test]
+fn a_deleted_series_never_comes_back_from_segments_or_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    put(&s, "ns", "twin-1 temp", vec![(1_000, 1.0)]);
+    s.checkpoint().unwrap(); // in a segment
+    put(&s, "ns", "twin-1 temp", vec![(2_000, 2.0)]); // in the WAL and a head
+    put(&s, "ns", "twin-1 humidity", vec![(2_000, 50.0)]);
+    put(&s, "ns", "twin-10 temp", vec![(2_000, 9.0)]);
+    s.delete_series("ns", "twin-1 ").wait().unwrap();
+    assert!(all(&s, "ns", "twin-1 temp").is_empty());
+    assert!(all(&s, "ns", "twin-1 humidity").is_empty());
+    assert_eq!(all(&s, "ns", "twin-10 temp"), vec![(2_000, 9.0)], "another twin whose id shares the prefix");
+    // A re-created twin of the same id starts empty.
+    put(&s, "ns", "twin-1 temp", vec![(3_000, 3.0)]);
+    assert_eq!(all(&s, "ns", "twin-1 temp"), vec![(3_000, 3.0)]);
+    crash_copy(dir.path(), crashed.path());
+    let r = SeriesStore::open(crashed.path(), opts()).unwrap();
+    assert_eq!(all(&r, "ns", "twin-1 temp"), vec![(3_000, 3.0)], "after a crash: the WAL replays only what came after");
+    assert!(all(&r, "ns", "twin-1 humidity").is_empty());
+    r.shutdown();
+    s.shutdown();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(all(&s, "ns", "twin-1 temp"), vec![(3_000, 3.0)], "after a clean restart");
 }
