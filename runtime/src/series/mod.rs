@@ -754,14 +754,7 @@ impl SeriesStore {
         if let Some(h) = ns.heads.get(key) {
             for h in [&h.main, &h.late].into_iter().flatten() {
                 if h.partition == p {
-                    out.push(Source::Memory(Arc::new(Sealed {
-                        key: key.to_string(),
-                        first: h.enc.first_at(),
-                        last: h.enc.last_at(),
-                        count: h.enc.count(),
-                        seq: h.seq,
-                        bytes: h.enc.bytes().to_vec(),
-                    })));
+                    out.push(Source::Memory(Arc::new(h.sealed(key))));
                 }
             }
         }
@@ -819,17 +812,21 @@ impl Drop for SeriesStore {
 }
 
 fn seal(key: &str, h: Head) -> (i64, Sealed) {
-    (
-        h.partition,
+    (h.partition, h.sealed(key))
+}
+
+impl Head {
+    /// The head as a sealed chunk (a copy of its stream as it stands).
+    fn sealed(&self, key: &str) -> Sealed {
         Sealed {
             key: key.to_string(),
-            first: h.enc.first_at(),
-            last: h.enc.last_at(),
-            count: h.enc.count(),
-            seq: h.seq,
-            bytes: h.enc.bytes().to_vec(),
-        },
-    )
+            first: self.enc.first_at(),
+            last: self.enc.last_at(),
+            count: self.enc.count(),
+            seq: self.seq,
+            bytes: self.enc.bytes().to_vec(),
+        }
+    }
 }
 
 enum Source {
