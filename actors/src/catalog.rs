@@ -270,6 +270,7 @@ impl TwinRuntime {
             Err(e) => return Err(e),
         }
         env.directory.remove_twin(&slot.id);
+        env.sessions.close(slot.id.as_str(), "twin deleted");
         for d in env.directory.dtas.iter() {
             d.members.lock().remove(&slot.id);
         }

@@ -191,10 +191,12 @@ pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
             varint(&mut w, zigzag(deadline.0));
         }
         EventKind::InSync => w.push(10),
-        EventKind::CommandSent { command_id, command } => {
-            w.push(11);
+        EventKind::CommandSent { command_id, command, body } => {
+            // 11: without arguments (journals from before they were kept).
+            w.push(14);
             varint(&mut w, command_id.0);
             w.push(command_tag(*command));
+            object(&mut w, body);
         }
         EventKind::CommandAcked { command_id, success, message } => {
             w.push(12);
@@ -489,7 +491,7 @@ impl Reader<'_> {
             8 => EventKind::Restarted { reason: self.string()?, attempt: self.u32()? },
             9 => EventKind::WaitRetried { wait: self.wait_name()?, attempt: self.u32()?, deadline: self.time()? },
             10 => EventKind::InSync,
-            11 => {
+            tag @ (11 | 14) => {
                 let command_id = CommandId(self.varint()?);
                 let command = match self.byte()? {
                     0 => CommandKind::ApplyDesired,
@@ -497,7 +499,8 @@ impl Reader<'_> {
                     2 => CommandKind::InstallApp,
                     _ => return None,
                 };
-                EventKind::CommandSent { command_id, command }
+                let body = if tag == 14 { self.object(0)? } else { Map::new() };
+                EventKind::CommandSent { command_id, command, body }
             }
             12 => EventKind::CommandAcked {
                 command_id: self.string()?,
@@ -561,7 +564,16 @@ mod tests {
             EventKind::Restarted { reason: "boom".into(), attempt: 3 },
             EventKind::WaitRetried { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(1_700_000_000_000) },
             EventKind::InSync,
-            EventKind::CommandSent { command_id: CommandId(u64::MAX), command: CommandKind::InstallApp },
+            EventKind::CommandSent {
+                command_id: CommandId(u64::MAX),
+                command: CommandKind::InstallApp,
+                body: Map::new(),
+            },
+            EventKind::CommandSent {
+                command_id: CommandId(3),
+                command: CommandKind::SetConfiguration,
+                body: serde_json::from_value(serde_json::json!({"rate": 5, "mode": "eco"})).unwrap(),
+            },
             EventKind::CommandAcked { command_id: "17".into(), success: true, message: "ok".into() },
             EventKind::AlertRaised {
                 alert: AlertKind::DeadlineExceeded,

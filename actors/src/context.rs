@@ -113,6 +113,8 @@ pub struct Infra {
     pub rejections: Rejections,
     /// Requests served by the HTTP and gRPC edges, by route and status, with latencies.
     pub requests: RequestMetrics,
+    /// Open device sessions of every gateway (closed on credential changes).
+    pub sessions: Arc<crate::sessions::DeviceSessions>,
     device_links: DeviceLinks,
     versions: AtomicU64,
 }
@@ -134,6 +136,7 @@ impl Infra {
             settings,
             rejections: Rejections::default(),
             requests: RequestMetrics::default(),
+            sessions: Default::default(),
             device_links: DeviceLinks::default(),
             versions: AtomicU64::new(1),
         }

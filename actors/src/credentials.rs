@@ -55,6 +55,8 @@ pub enum AuthError {
     NoCredential(String),
     #[error("wrong token for device {0:?}")]
     BadToken(String),
+    #[error("device {0:?} is archived")]
+    Archived(String),
     #[error("credential store unavailable: {0}")]
     Storage(String),
 }
@@ -66,6 +68,7 @@ impl AuthError {
             AuthError::UnknownDevice(_) => "unknown_device",
             AuthError::NoCredential(_) => "no_credential",
             AuthError::BadToken(_) => "bad_credentials",
+            AuthError::Archived(_) => "archived_device",
             AuthError::Storage(_) => "credential_store",
         }
     }

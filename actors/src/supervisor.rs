@@ -162,6 +162,12 @@ impl TwinRuntime {
     }
 
     /// Requests served by the HTTP and gRPC edges.
+    /// Open device sessions of every gateway; a gateway registers each authenticated
+    /// connection or stream here and ends it when the platform closes it.
+    pub fn sessions(&self) -> &Arc<crate::sessions::DeviceSessions> {
+        &self.env.sessions
+    }
+
     pub fn requests(&self) -> &RequestMetrics {
         &self.env.requests
     }
@@ -243,24 +249,32 @@ impl TwinRuntime {
     /// Only its keyed hash is stored: show it to the operator once.
     pub async fn issue_device_token(&self, id: &str) -> Result<String, TwinError> {
         let twin = self.twin(id)?;
-        self.env.credentials.issue(Holder::Device(twin.id().as_str()), self.env.clock.now()).await
+        let token = self.env.credentials.issue(Holder::Device(twin.id().as_str()), self.env.clock.now()).await?;
+        self.env.sessions.close(twin.id().as_str(), "token re-issued");
+        Ok(token)
     }
 
     pub async fn revoke_device_token(&self, id: &str) -> Result<(), TwinError> {
         let twin = self.twin(id)?;
-        self.env.credentials.revoke(Holder::Device(twin.id().as_str())).await
+        self.env.credentials.revoke(Holder::Device(twin.id().as_str())).await?;
+        self.env.sessions.close(twin.id().as_str(), "token revoked");
+        Ok(())
     }
 
     /// Issues the claim token of device type `ty`, replacing any earlier one: whoever
     /// holds it may provision new devices of that type (MQTT provisioning gateway).
     pub async fn issue_claim_token(&self, ty: &str) -> Result<String, TwinError> {
         let ty = self.device_type(ty)?;
-        self.env.credentials.issue(Holder::Claim(ty.id().as_str()), self.env.clock.now()).await
+        let token = self.env.credentials.issue(Holder::Claim(ty.id().as_str()), self.env.clock.now()).await?;
+        self.env.sessions.close(&crate::sessions::claim_holder(ty.id().as_str()), "claim token re-issued");
+        Ok(token)
     }
 
     pub async fn revoke_claim_token(&self, ty: &str) -> Result<(), TwinError> {
         let ty = self.device_type(ty)?;
-        self.env.credentials.revoke(Holder::Claim(ty.id().as_str())).await
+        self.env.credentials.revoke(Holder::Claim(ty.id().as_str())).await?;
+        self.env.sessions.close(&crate::sessions::claim_holder(ty.id().as_str()), "claim token revoked");
+        Ok(())
     }
 
     /// Checks a claim token of device type `ty`; failures are counted like device ones.
@@ -280,6 +294,7 @@ impl TwinRuntime {
     pub fn authenticate_device(&self, device_id: &str, token: &str) -> Result<TwinHandle, AuthError> {
         let result = match self.env.directory.twins.get(device_id).map(|s| TwinHandle::new(s.clone())) {
             None => Err(AuthError::UnknownDevice(device_id.chars().take(64).collect())),
+            Some(h) if h.slot().archived() => Err(AuthError::Archived(h.id().to_string())),
             Some(h) => self.env.credentials.verify(Holder::Device(h.id().as_str()), token).map(|()| h),
         };
         if let Err(e) = &result {

@@ -64,6 +64,38 @@ pub enum DeviceCommand {
 }
 
 impl DeviceCommand {
+    /// What a pending command keeps to be sent again: its arguments, except for a
+    /// desired state (the twin's current desired state is sent instead).
+    pub fn body(&self) -> Map<String, Value> {
+        match self {
+            DeviceCommand::ApplyDesired { .. } => Map::new(),
+            DeviceCommand::SetConfiguration { configuration } => configuration.clone(),
+            DeviceCommand::InstallApp { app, version, artifact_url } => [
+                ("app".to_string(), Value::from(app.as_str())),
+                ("version".to_string(), Value::from(version.as_str())),
+                ("artifact_url".to_string(), Value::from(artifact_url.as_str())),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    /// The command a pending one stands for (`desired`: the twin's desired state now).
+    /// `None` for an install whose arguments were not kept (a journal from before they
+    /// were).
+    pub fn from_pending(p: &PendingCommand, desired: &Map<String, Value>, attempt: u32) -> Option<DeviceCommand> {
+        let text = |k: &str| p.body.get(k).and_then(Value::as_str).map(String::from);
+        Some(match p.kind {
+            CommandKind::ApplyDesired => DeviceCommand::ApplyDesired { desired: desired.clone(), attempt },
+            CommandKind::SetConfiguration => DeviceCommand::SetConfiguration { configuration: p.body.clone() },
+            CommandKind::InstallApp => DeviceCommand::InstallApp {
+                app: text("app")?,
+                version: text("version")?,
+                artifact_url: text("artifact_url")?,
+            },
+        })
+    }
+
     pub fn kind(&self) -> CommandKind {
         match self {
             DeviceCommand::ApplyDesired { .. } => CommandKind::ApplyDesired,
@@ -83,19 +115,24 @@ pub enum CommandKind {
 }
 
 /// A command sent and not yet acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingCommand {
     pub id: CommandId,
     pub kind: CommandKind,
     pub sent_at: Timestamp,
+    /// Its arguments ([`DeviceCommand::body`]), to send it again to a device that
+    /// reconnects.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub body: Map<String, Value>,
 }
 
 /// How many unacknowledged commands a twin remembers; the oldest is dropped beyond.
 pub const MAX_PENDING_COMMANDS: usize = 16;
 
 /// The command ids a twin minted and the commands it still awaits an answer to.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Commands {
     /// The last id minted (0: none yet; the first command is 1).
@@ -146,10 +183,10 @@ impl Commands {
         }
     }
 
-    pub(crate) fn sent(&mut self, id: CommandId, kind: CommandKind, at: Timestamp) {
+    pub(crate) fn sent(&mut self, id: CommandId, kind: CommandKind, body: Map<String, Value>, at: Timestamp) {
         self.last_id = self.last_id.max(id.0);
         if !self.pending.iter().any(|p| p.id == id) {
-            self.pending.push(PendingCommand { id, kind, sent_at: at });
+            self.pending.push(PendingCommand { id, kind, sent_at: at, body });
         }
         if self.pending.len() > MAX_PENDING_COMMANDS {
             let excess = self.pending.len() - MAX_PENDING_COMMANDS;
@@ -179,8 +216,8 @@ mod tests {
     fn acks_match_pending_commands_only() {
         let mut c = Commands::default();
         assert_eq!(c.matches("1"), Err(Unmatched::Unknown));
-        c.sent(c.next_id(), CommandKind::InstallApp, Timestamp(1));
-        c.sent(c.next_id(), CommandKind::ApplyDesired, Timestamp(2));
+        c.sent(c.next_id(), CommandKind::InstallApp, Map::new(), Timestamp(1));
+        c.sent(c.next_id(), CommandKind::ApplyDesired, Map::new(), Timestamp(2));
         assert_eq!(c.matches("2"), Ok(CommandId(2)));
         c.acked(CommandId(2));
         assert_eq!(c.matches("2"), Err(Unmatched::Stale));
@@ -194,7 +231,7 @@ mod tests {
     fn only_the_newest_pending_commands_are_kept() {
         let mut c = Commands::default();
         for i in 0..(MAX_PENDING_COMMANDS as i64 + 4) {
-            c.sent(c.next_id(), CommandKind::SetConfiguration, Timestamp(i));
+            c.sent(c.next_id(), CommandKind::SetConfiguration, Map::new(), Timestamp(i));
         }
         assert_eq!(c.pending.len(), MAX_PENDING_COMMANDS);
         assert_eq!(c.matches("1"), Err(Unmatched::Stale));

@@ -129,6 +129,9 @@ pub enum TwinCommand {
     },
     /// Something happened that is only recorded (a restart).
     Record(EventKind),
+    /// The device (re)connected: send it again every command it has not answered yet,
+    /// under the same ids (the desired state as it is now). Records nothing.
+    Resend,
 }
 
 /// What a twin's decisions depend on besides its state: the policies and the device
@@ -196,6 +199,9 @@ pub enum EventKind {
     CommandSent {
         command_id: CommandId,
         command: CommandKind,
+        /// The command's arguments ([`DeviceCommand::body`]), to send it again.
+        #[serde(default, skip_serializing_if = "Map::is_empty")]
+        body: Map<String, Value>,
     },
     /// The device acknowledged a command the twin sent it.
     CommandAcked {
@@ -375,7 +381,7 @@ impl TwinState {
             }
             TwinCommand::SendToDevice(command) => {
                 let command_id = self.commands.next_id();
-                kinds.push(EventKind::CommandSent { command_id, command: command.kind() });
+                kinds.push(EventKind::CommandSent { command_id, command: command.kind(), body: command.body() });
                 effects.push(Effect::Deliver { id: command_id, command });
             }
             TwinCommand::Ack { command_id, success, message } => match self.commands.matches(&command_id) {
@@ -392,6 +398,23 @@ impl TwinState {
                 _ => {}
             },
             TwinCommand::Record(kind) => kinds.push(kind),
+            TwinCommand::Resend => {
+                let sync = self.waits.get(WaitName::DesiredSync);
+                for p in &self.commands.pending {
+                    let attempt = match p.kind {
+                        // Only the desired state the sync still waits for (an older one
+                        // is superseded by it).
+                        CommandKind::ApplyDesired => match sync {
+                            Some(w) if w.command == Some(p.id) => w.attempt,
+                            _ => continue,
+                        },
+                        _ => 0,
+                    };
+                    if let Some(command) = DeviceCommand::from_pending(p, &self.desired, attempt) {
+                        effects.push(Effect::Deliver { id: p.id, command });
+                    }
+                }
+            }
         }
         let events = kinds
             .into_iter()
@@ -477,7 +500,7 @@ impl TwinState {
                 match wait {
                     Some(w) => {
                         if let Some(id) = w.command {
-                            self.commands.sent(id, CommandKind::ApplyDesired, event.at);
+                            self.commands.sent(id, CommandKind::ApplyDesired, Map::new(), event.at);
                         }
                         self.waits.arm(*w);
                     }
@@ -506,7 +529,9 @@ impl TwinState {
             EventKind::InSync => {
                 self.waits.cancel(WaitName::DesiredSync);
             }
-            EventKind::CommandSent { command_id, command } => self.commands.sent(*command_id, *command, event.at),
+            EventKind::CommandSent { command_id, command, body } => {
+                self.commands.sent(*command_id, *command, body.clone(), event.at)
+            }
             EventKind::CommandAcked { command_id, .. } => {
                 if let Ok(id) = command_id.parse() {
                     self.commands.acked(id);
@@ -788,6 +813,32 @@ mod tests {
             ),
             Err(TwinError::Archived(_))
         ));
+    }
+
+    #[test]
+    fn a_reconnecting_device_is_sent_only_what_it_has_not_answered() {
+        let mut s = twin();
+        let install = DeviceCommand::InstallApp { app: "a".into(), version: "1".into(), artifact_url: "u".into() };
+        let config = DeviceCommand::SetConfiguration { configuration: obj(json!({"rate": 5})) };
+        run(&mut s, TwinCommand::SendToDevice(install.clone()), 1); // id 1
+        run(&mut s, TwinCommand::SendToDevice(config.clone()), 2); // id 2
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 3); // id 3
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"speed": 2}))), 4); // id 4 supersedes 3
+        run(&mut s, ack("2"), 5);
+        let d = run(&mut s, TwinCommand::Resend, 6);
+        assert!(d.events.is_empty(), "resending records nothing");
+        let desired = DeviceCommand::ApplyDesired { desired: obj(json!({"open": true, "speed": 2})), attempt: 0 };
+        assert_eq!(
+            d.effects,
+            vec![
+                Effect::Deliver { id: CommandId(1), command: install },
+                Effect::Deliver { id: CommandId(4), command: desired },
+            ]
+        );
+        // Once answered and in sync, nothing is left to send.
+        run(&mut s, ack("1"), 7);
+        run(&mut s, TwinCommand::Report(obj(json!({"open": true, "speed": 2}))), 8);
+        assert_eq!(run(&mut s, TwinCommand::Resend, 9).effects, vec![]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! MQTT on the embedded gateway (rumqttd behind twinfleet's front) with rumqttc devices
+//! MQTT on the embedded gateway (twinfleet serves the sessions) with rumqttc devices
 //! over loopback: state, telemetry, commands and acks, provisioning, and every kind of
 //! bad input, including a device trying to speak as another.
 
@@ -231,17 +231,68 @@ async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
     p.shutdown().await;
 }
 
+/// Sends `bytes` on a fresh connection and returns what the gateway answers before it
+/// closes (or within 3 s).
+async fn raw(ops: &str, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(ops).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got)).await;
+    got
+}
+
+/// A CONNECT of protocol `level` for `id` with password `token` (`flags` added).
+fn connect_packet(level: u8, id: &str, token: &str, extra_flags: u8) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b1100_0010 | extra_flags, 0, 30];
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    for field in [id, id, token] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
 #[actix_rt::test]
-async fn the_embedded_broker_refuses_clients_that_skip_the_front() {
+async fn the_gateway_speaks_mqtt_3_and_5_and_closes_only_bad_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, gw, _, t0, _) = setup(dir.path()).await;
-    let broker = gw.embedded_broker().unwrap();
-    let internal = broker.addr.to_string();
-    let e = MqttDevice::connect(&internal, "m-0", &t0).await.unwrap_err();
-    assert!(e.to_string().contains("refused"), "{e}");
-    // It is listening: the refusal is the credentials (the secret opens it).
-    let insider = MqttDevice::connect_with(&internal, "insider", "insider", &broker.secret, 8).await;
-    assert!(insider.is_ok(), "the broker accepts its secret: {insider:?}");
+    let (p, gw, ops, t0, _) = setup(dir.path()).await;
+    let r = &p.rejections();
+    // A half-sent CONNECT holds nobody up.
+    let mut half = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half, &connect_packet(4, "m-0", &t0, 0)[..7]).await.unwrap();
+
+    // MQTT 3.1.1 and 5 both get a CONNACK (5: with its properties) that accepts.
+    let v4 = raw(&ops, &connect_packet(4, "m-0", &t0, 0)).await;
+    assert_eq!(&v4[..4], &[0x20, 0x02, 0x00, 0x00], "3.1.1 CONNACK accepts: {v4:?}");
+    let v5 = raw(&ops, &connect_packet(5, "m-0", &t0, 0)).await;
+    assert_eq!((v5[0], v5[3]), (0x20, 0x00), "5 CONNACK accepts: {v5:?}");
+    // MQTT 5 with a wrong token: refused with 5's own code (0x87 not authorized).
+    let bad = raw(&ops, &connect_packet(5, "m-0", "tfd_wrong", 0)).await;
+    assert_eq!((bad[0], bad[3]), (0x20, 0x87), "{bad:?}");
+    // Protocol level 3 (MQTT 3.1): return code 0x01, then closed.
+    assert_eq!(raw(&ops, &connect_packet(3, "m-0", &t0, 0)).await, vec![0x20, 0x02, 0x00, 0x01]);
+    assert_eq!(r.count("unsupported_protocol"), 1);
+    // The reserved flag bit: closed without a CONNACK.
+    assert!(raw(&ops, &connect_packet(4, "m-0", &t0, 1)).await.is_empty());
+    // A PUBLISH before CONNECT, and a remaining length of ~256 MB: closed, counted.
+    assert!(raw(&ops, &[0x30, 0x05, 0x00, 0x01, b'x', b'{', b'}']).await.is_empty());
+    assert!(raw(&ops, &[0x10, 0xFF, 0xFF, 0xFF, 0x7F]).await.is_empty());
+    assert_eq!((r.count("malformed"), r.count("oversized")), (2, 1));
+
+    // Meanwhile a real device works, and the twin never saw any of it.
+    let dev = MqttDevice::connect(&ops, "m-0", &t0).await.unwrap();
+    dev.report(json!({"fine": true})).await.unwrap();
+    let twin = p.twin("m-0").unwrap();
+    eventually("the good device is served", || async {
+        twin.get().await.unwrap().state.reported.contains_key("fine").then_some(())
+    })
+    .await;
+    drop(half);
     gw.stop().await;
     p.shutdown().await;
 }

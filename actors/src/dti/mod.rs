@@ -164,6 +164,9 @@ impl Dti {
     /// Validates a batch and stores it, one record per clock hour it touches.
     fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
         let env = self.slot.ty.infra.clone();
+        if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
+            return Err(TwinError::Rejected(twinfleet_models::ModelError::Archived(self.slot.id.clone())));
+        }
         env.storage.writable()?;
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
         let key = twin_key(&self.slot.id);

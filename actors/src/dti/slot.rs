@@ -71,6 +71,10 @@ impl TwinSlot {
             None => tags.is_empty(),
             Some(t) => t == tags.as_slice(),
         };
+        if archived && !self.archived() {
+            // An archived twin accepts nothing from its device: end its sessions now.
+            self.ty.infra.sessions.close(self.id.as_str(), "twin archived");
+        }
         if archived != self.archived() || !same_tags {
             self.set_summary(state);
         }

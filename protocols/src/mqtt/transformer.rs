@@ -15,19 +15,17 @@
 //! dashmap). On the embedded gateway the front has already checked that the sender is
 //! that device; on an external broker, its ACL must (PROTOCOL.md).
 
-use super::front::Pacer;
-use super::topics::{self, Channel, Parsed};
+use super::ingest::{Ingest, Refused};
+use super::topics::{self, Parsed};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
-use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use twinfleet_actors::{DeviceCommand, DeviceLink, TwinError, TwinHandle, TwinRuntime, TwinSpec};
-use twinfleet_models::{CommandId, DeviceTypeId, Metadata, MetricPoint, Timestamp, TwinId};
+use twinfleet_actors::{DeviceCommand, DeviceLink, TwinRuntime};
+use twinfleet_models::{CommandId, Metadata, TwinId};
 
 /// Messages handled at once by the transformer (and so unacknowledged at most).
 const WINDOW: usize = 1_000;
@@ -80,206 +78,48 @@ pub(crate) struct TransformerSpec {
     pub client_id: String,
     pub devices: bool,
     pub provisioning: bool,
-    /// Embedded gateway only: tell the fronts what has been handled.
-    pub pacer: Option<Arc<Pacer>>,
     /// Where provisioned devices are told to connect.
     pub operational: String,
     pub max_payload: usize,
 }
 
-/// Retries with backoff while the twin is busy or briefly away, for at most `limit`.
-async fn patiently<T, F, Fut>(limit: Duration, mut f: F) -> Result<T, TwinError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, TwinError>>,
-{
-    let start = tokio::time::Instant::now();
-    let mut delay = Duration::from_millis(5);
-    loop {
-        match f().await {
-            Err(
-                TwinError::MailboxFull(_)
-                | TwinError::Unavailable { .. }
-                | TwinError::Timeout { .. }
-                | TwinError::Storage(twinfleet_runtime::StorageError::Full(_)),
-            ) if start.elapsed() + delay < limit => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            r => return r,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TelemetryMsg {
-    ts: Option<i64>,
-    #[serde(default)]
-    values: Map<String, Value>,
-    #[serde(default)]
-    points: Vec<PointMsg>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PointMsg {
-    metric: String,
-    value: Value,
-    ts: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckMsg {
-    command_id: String,
-    success: bool,
-    #[serde(default)]
-    message: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProvisionMsg {
-    claim_token: String,
-    #[serde(default)]
-    metadata: Metadata,
-}
-
-/// Why a message was not delivered: the reason counted, and the detail logged.
-type Rejected = (&'static str, String);
-
 #[derive(Debug)]
 struct Core {
-    rt: TwinRuntime,
+    ingest: Ingest,
     spec: TransformerSpec,
     out: AsyncClient,
 }
 
 impl Core {
-    fn limit(&self) -> Duration {
-        Duration::from_millis(self.rt.settings().request_timeout_ms)
-    }
-
     /// Handles one message; returns it for the ack.
     async fn handle(self: Arc<Self>, p: Publish) -> Publish {
         let result = if p.payload.len() > self.spec.max_payload {
-            Err(("oversized", format!("{} bytes on {} (limit {})", p.payload.len(), p.topic, self.spec.max_payload)))
+            Err(Refused::new(
+                "oversized",
+                format!("{} bytes on {} (limit {})", p.payload.len(), p.topic, self.spec.max_payload),
+            ))
         } else {
             match topics::parse(&p.topic) {
-                Some(Parsed::Device { id, channel }) if self.spec.devices => self.device(id, channel, &p.payload).await,
+                Some(Parsed::Device { id, channel }) if self.spec.devices => match self.ingest.rt.twin(id) {
+                    Ok(twin) => self.ingest.device(&twin, channel, &p.payload).await,
+                    Err(_) => Err(Refused::new("unknown_device", format!("no twin {id:?}"))),
+                },
                 Some(Parsed::Provisioning { ty, id }) if self.spec.provisioning => {
-                    self.provision(ty, id, &p.payload).await
+                    let (body, result) = self.ingest.provision(ty, id, &p.payload).await;
+                    let topic = topics::provisioning_response(ty, id);
+                    if let Err(e) = self.out.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await {
+                        tracing::warn!("cannot answer the provisioning request of {id}: {e}");
+                    }
+                    result
                 }
-                _ => Err(("unknown_topic", format!("nothing listens on {:?}", p.topic))),
+                _ => Err(Refused::new("unknown_topic", format!("nothing listens on {:?}", p.topic))),
             }
         };
-        if let Err((reason, detail)) = result {
-            self.rt.rejections().reject(reason, || format!("MQTT {}: {detail}", p.topic));
+        if let Err(r) = result {
+            self.ingest.rt.rejections().reject(r.reason, || format!("MQTT {}: {}", p.topic, r.detail));
         }
         p
     }
-
-    async fn device(&self, id: &str, channel: Channel, payload: &[u8]) -> Result<(), Rejected> {
-        let twin = self.rt.twin(id).map_err(|_| ("unknown_device", format!("no twin {id:?}")))?;
-        // Each channel parses straight into its own shape: no intermediate JSON tree.
-        let done = match channel {
-            Channel::Telemetry => {
-                let points = self.points(parse(payload, "telemetry")?)?;
-                patiently(self.limit(), || twin.telemetry(points.clone())).await.map(drop)
-            }
-            Channel::State => {
-                let patch: Map<String, Value> = parse(payload, "reported state (a JSON object)")?;
-                patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
-            }
-            Channel::Status => {
-                let status: Map<String, Value> = parse(payload, "status (a JSON object)")?;
-                let mut patch = Map::new();
-                patch.insert("status".into(), Value::Object(status));
-                patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
-            }
-            Channel::Acks => {
-                let ack: AckMsg = parse(payload, "ack")?;
-                if ack.command_id.is_empty() || ack.command_id.len() > 256 {
-                    return Err(("malformed", "command_id must be 1 to 256 bytes".into()));
-                }
-                patiently(self.limit(), || twin.ack(ack.command_id.clone(), ack.success, ack.message.clone()))
-                    .await
-                    .map(drop)
-            }
-            Channel::Logs => {
-                return Err(("logs_not_stored", format!("device {id} sent logs; log ingest is not built yet")));
-            }
-        };
-        done.map_err(|e| rejected(&twin, e))
-    }
-
-    fn points(&self, msg: TelemetryMsg) -> Result<Vec<MetricPoint>, Rejected> {
-        let now = self.rt.now();
-        let batch_at = msg.ts.map(Timestamp).unwrap_or(now);
-        let number = |metric: &str, v: &Value| {
-            v.as_f64().ok_or_else(|| ("wrong_type", format!("metric {metric:?} is {v}, not a number")))
-        };
-        let mut points = Vec::with_capacity(msg.values.len() + msg.points.len());
-        for (metric, v) in &msg.values {
-            points.push(MetricPoint { value: number(metric, v)?, metric: metric.clone(), at: batch_at });
-        }
-        for p in msg.points {
-            let value = number(&p.metric, &p.value)?;
-            points.push(MetricPoint { metric: p.metric, value, at: p.ts.map(Timestamp).unwrap_or(batch_at) });
-        }
-        Ok(points)
-    }
-
-    /// A device asks to be created, presenting its type's claim token; it gets its own
-    /// device token back (once) on its response topic.
-    async fn provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<(), Rejected> {
-        let result = self.try_provision(ty, id, payload).await;
-        let body = match &result {
-            Ok(token) => serde_json::json!({
-                "ok": true, "device_id": id, "token": token, "operational": self.spec.operational,
-            }),
-            Err((_, why)) => serde_json::json!({ "ok": false, "error": why }),
-        };
-        let topic = topics::provisioning_response(ty, id);
-        if let Err(e) = self.out.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await {
-            tracing::warn!("cannot answer the provisioning request of {id}: {e}");
-        }
-        result.map(drop)
-    }
-
-    async fn try_provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<String, Rejected> {
-        let msg: ProvisionMsg =
-            serde_json::from_slice(payload).map_err(|e| ("malformed", format!("provisioning request: {e}")))?;
-        self.rt
-            .authenticate_claim(ty, &msg.claim_token)
-            .map_err(|e| (e.reason(), format!("provisioning {id} as {ty}: {e}")))?;
-        let twin_id = TwinId::new(id).map_err(|e| ("malformed", e.to_string()))?;
-        let ty_id = DeviceTypeId::new(ty).map_err(|e| ("malformed", e.to_string()))?;
-        let mut spec = TwinSpec::new(twin_id);
-        spec.metadata = msg.metadata;
-        match self.rt.create_twin(&ty_id, spec).await {
-            Ok(_) => {}
-            Err(TwinError::AlreadyExists { .. }) => {
-                return Err((
-                    "already_provisioned",
-                    format!("device {id} already exists; an operator can issue it a new token"),
-                ));
-            }
-            Err(e) => return Err(("provisioning_failed", e.to_string())),
-        }
-        self.rt.issue_device_token(id).await.map_err(|e| ("provisioning_failed", e.to_string()))
-    }
-}
-
-/// A payload as `T`, or `malformed` saying what was expected.
-fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, Rejected> {
-    serde_json::from_slice(payload).map_err(|e| ("malformed", format!("{what}: {e}")))
-}
-
-/// A twin error on delivery as a counted reason.
-fn rejected(twin: &TwinHandle, e: TwinError) -> Rejected {
-    (crate::error::classify(&e).reason, format!("twin {}: {e}", twin.id()))
 }
 
 /// The twins' link to their MQTT devices: a QoS 1 publish on `devices/{id}/commands`.
@@ -295,25 +135,9 @@ impl DeviceLink for MqttLinks {
         if !self.connected.load(Relaxed) {
             return Err("the MQTT transformer is not connected to its broker".into());
         }
-        let body = match cmd {
-            DeviceCommand::ApplyDesired { desired, .. } => {
-                serde_json::json!({ "command_id": id.to_string(), "apply_desired": desired })
-            }
-            DeviceCommand::SetConfiguration { configuration } => {
-                serde_json::json!({ "command_id": id.to_string(), "set_configuration": configuration })
-            }
-            DeviceCommand::InstallApp { app, version, artifact_url } => serde_json::json!({
-                "command_id": id.to_string(),
-                "install_app": { "app": app, "version": version, "artifact_url": artifact_url },
-            }),
-        };
+        let body = super::gateway::command_payload(id, cmd);
         self.out
-            .try_publish(
-                topics::device_topic(twin.as_str(), topics::COMMANDS),
-                QoS::AtLeastOnce,
-                false,
-                body.to_string(),
-            )
+            .try_publish(topics::device_topic(twin.as_str(), topics::COMMANDS), QoS::AtLeastOnce, false, body)
             .map_err(|e| format!("cannot queue the MQTT command for {twin}: {e}"))
     }
 }
@@ -322,8 +146,8 @@ impl DeviceLink for MqttLinks {
 #[derive(Debug)]
 pub(crate) struct Transformer {
     pub links: Arc<MqttLinks>,
-    /// Turns true once the ingest connection is subscribed.
-    pub subscribed: watch::Receiver<bool>,
+    /// Whether it serves device topics (not only provisioning).
+    pub devices: bool,
     closing: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -392,11 +216,12 @@ impl Transformer {
         let (ingest, ingest_events) = AsyncClient::new(options(&spec, spec.client_id.clone(), false), WINDOW * 4);
         let out_connected = Arc::new(AtomicBool::new(false));
         let links = Arc::new(MqttLinks { out: out.clone(), connected: out_connected.clone() });
-        let core = Arc::new(Core { rt, spec: spec.clone(), out });
+        let shared = Ingest { rt, operational: spec.operational.clone() };
+        let core = Arc::new(Core { ingest: shared, spec: spec.clone(), out });
         let (closing, closing_rx) = watch::channel(false);
         let broker = spec.broker.to_string();
         let (work_tx, work_rx) = mpsc::channel(WINDOW);
-        let (subscribed_tx, subscribed) = watch::channel(false);
+        let subscribed_tx = watch::channel(false).0;
 
         let mut filters: Vec<String> = Vec::new();
         if spec.devices {
@@ -441,13 +266,13 @@ impl Transformer {
                 let c = closing_rx;
                 async move {
                     tokio::select! {
-                        () = work(core, ingest, work_rx, spec.pacer) => {}
+                        () = work(core, ingest, work_rx) => {}
                         () = stop(c) => {}
                     }
                 }
             }),
         ];
-        Transformer { links, subscribed, closing, tasks }
+        Transformer { links, devices: spec.devices, closing, tasks }
     }
 
     /// Disconnects; what was not acknowledged is redelivered to the next transformer.
@@ -461,7 +286,7 @@ impl Transformer {
 
 /// Handles up to `WINDOW` messages at once and acknowledges them in arrival order, each
 /// only once it is handled.
-async fn work(core: Arc<Core>, acks: AsyncClient, mut rx: mpsc::Receiver<Publish>, pacer: Option<Arc<Pacer>>) {
+async fn work(core: Arc<Core>, acks: AsyncClient, mut rx: mpsc::Receiver<Publish>) {
     let mut pipeline = FuturesOrdered::new();
     loop {
         tokio::select! {
@@ -470,11 +295,6 @@ async fn work(core: Arc<Core>, acks: AsyncClient, mut rx: mpsc::Receiver<Publish
                 let p: Publish = p;
                 if p.qos != QoS::AtMostOnce && acks.ack(&p).await.is_err() {
                     return;
-                }
-                if let Some(pacer) = &pacer
-                    && p.topic.starts_with("devices/")
-                {
-                    pacer.release(1);
                 }
             }
             m = rx.recv(), if pipeline.len() < WINDOW => match m {

@@ -1,0 +1,202 @@
+//! What every MQTT path does with a device's message once it knows who sent it: parse
+//! the payload of its channel straight into the twin's own message and hand it to the
+//! twin, or answer a provisioning request. The embedded gateway ([`super::gateway`]) and
+//! the transformer of an external broker ([`super::transformer`]) share it.
+
+use super::topics::Channel;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::time::Duration;
+use twinfleet_actors::{TwinError, TwinHandle, TwinRuntime, TwinSpec};
+use twinfleet_models::{DeviceTypeId, Metadata, MetricPoint, Timestamp, TwinId};
+
+/// Retries with backoff while the twin is busy or briefly away, for at most `limit`.
+async fn patiently<T, F, Fut>(limit: Duration, mut f: F) -> Result<T, TwinError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, TwinError>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        match f().await {
+            Err(
+                TwinError::MailboxFull(_)
+                | TwinError::Unavailable { .. }
+                | TwinError::Timeout { .. }
+                | TwinError::Storage(twinfleet_runtime::StorageError::Full(_)),
+            ) if start.elapsed() + delay < limit => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryMsg {
+    ts: Option<i64>,
+    #[serde(default)]
+    values: Map<String, Value>,
+    #[serde(default)]
+    points: Vec<PointMsg>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointMsg {
+    metric: String,
+    value: Value,
+    ts: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckMsg {
+    command_id: String,
+    success: bool,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionMsg {
+    claim_token: String,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+/// Why a message was not taken: the reason counted, the detail logged, and whether the
+/// device should send it again later (busy, storage full) rather than never.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    pub reason: &'static str,
+    pub detail: String,
+    pub retry: bool,
+}
+
+impl Refused {
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Refused { reason, detail: detail.into(), retry: false }
+    }
+}
+
+/// A payload as `T`, or `malformed` saying what was expected.
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, Refused> {
+    serde_json::from_slice(payload).map_err(|e| Refused::new("malformed", format!("{what}: {e}")))
+}
+
+/// A twin error on delivery as a counted reason.
+fn refused(twin: &TwinHandle, e: TwinError) -> Refused {
+    use crate::error::Class;
+    let k = crate::error::classify(&e);
+    let retry = matches!(k.class, Class::Busy | Class::Unavailable | Class::Timeout | Class::InsufficientStorage);
+    Refused { reason: k.reason, detail: format!("twin {}: {e}", twin.id()), retry }
+}
+
+/// The shared handling of device messages.
+#[derive(Debug, Clone)]
+pub(crate) struct Ingest {
+    pub rt: TwinRuntime,
+    /// Where provisioned devices are told to connect.
+    pub operational: String,
+}
+
+impl Ingest {
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.rt.settings().request_timeout_ms)
+    }
+
+    /// Hands a device's message on `channel` to its twin; resolves once the twin has it
+    /// (durably, for telemetry and state).
+    pub async fn device(&self, twin: &TwinHandle, channel: Channel, payload: &[u8]) -> Result<(), Refused> {
+        // Each channel parses straight into its own shape: no intermediate JSON tree.
+        let done = match channel {
+            Channel::Telemetry => {
+                let points = self.points(parse(payload, "telemetry")?)?;
+                patiently(self.limit(), || twin.telemetry(points.clone())).await.map(drop)
+            }
+            Channel::State => {
+                let patch: Map<String, Value> = parse(payload, "reported state (a JSON object)")?;
+                patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
+            }
+            Channel::Status => {
+                let status: Map<String, Value> = parse(payload, "status (a JSON object)")?;
+                let mut patch = Map::new();
+                patch.insert("status".into(), Value::Object(status));
+                patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
+            }
+            Channel::Acks => {
+                let ack: AckMsg = parse(payload, "ack")?;
+                if ack.command_id.is_empty() || ack.command_id.len() > 256 {
+                    return Err(Refused::new("malformed", "command_id must be 1 to 256 bytes"));
+                }
+                patiently(self.limit(), || twin.ack(ack.command_id.clone(), ack.success, ack.message.clone()))
+                    .await
+                    .map(drop)
+            }
+            Channel::Logs => {
+                return Err(Refused::new(
+                    "logs_not_stored",
+                    format!("device {} sent logs; log ingest is not built yet", twin.id()),
+                ));
+            }
+        };
+        done.map_err(|e| refused(twin, e))
+    }
+
+    fn points(&self, msg: TelemetryMsg) -> Result<Vec<MetricPoint>, Refused> {
+        let now = self.rt.now();
+        let batch_at = msg.ts.map(Timestamp).unwrap_or(now);
+        let number = |metric: &str, v: &Value| {
+            v.as_f64().ok_or_else(|| Refused::new("wrong_type", format!("metric {metric:?} is {v}, not a number")))
+        };
+        let mut points = Vec::with_capacity(msg.values.len() + msg.points.len());
+        for (metric, v) in &msg.values {
+            points.push(MetricPoint { value: number(metric, v)?, metric: metric.clone(), at: batch_at });
+        }
+        for p in msg.points {
+            let value = number(&p.metric, &p.value)?;
+            points.push(MetricPoint { metric: p.metric, value, at: p.ts.map(Timestamp).unwrap_or(batch_at) });
+        }
+        Ok(points)
+    }
+
+    /// A device asks to be created, presenting its type's claim token. Returns the
+    /// answer for its response topic (with its own device token, shown this once).
+    pub async fn provision(&self, ty: &str, id: &str, payload: &[u8]) -> (Value, Result<(), Refused>) {
+        let result = self.try_provision(ty, id, payload).await;
+        let body = match &result {
+            Ok(token) => serde_json::json!({
+                "ok": true, "device_id": id, "token": token, "operational": self.operational,
+            }),
+            Err(r) => serde_json::json!({ "ok": false, "error": r.detail }),
+        };
+        (body, result.map(drop))
+    }
+
+    async fn try_provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<String, Refused> {
+        let msg: ProvisionMsg = parse(payload, "provisioning request")?;
+        self.rt
+            .authenticate_claim(ty, &msg.claim_token)
+            .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {ty}: {e}")))?;
+        let twin_id = TwinId::new(id).map_err(|e| Refused::new("malformed", e.to_string()))?;
+        let ty_id = DeviceTypeId::new(ty).map_err(|e| Refused::new("malformed", e.to_string()))?;
+        let mut spec = TwinSpec::new(twin_id);
+        spec.metadata = msg.metadata;
+        match self.rt.create_twin(&ty_id, spec).await {
+            Ok(_) => {}
+            Err(TwinError::AlreadyExists { .. }) => {
+                return Err(Refused::new(
+                    "already_provisioned",
+                    format!("device {id} already exists; an operator can issue it a new token"),
+                ));
+            }
+            Err(e) => return Err(Refused::new("provisioning_failed", e.to_string())),
+        }
+        self.rt.issue_device_token(id).await.map_err(|e| Refused::new("provisioning_failed", e.to_string()))
+    }
+}
