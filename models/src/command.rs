@@ -194,6 +194,12 @@ impl Commands {
         }
     }
 
+    /// Forgets the pending commands of `kind` (a newer one replaces them; an ack of one
+    /// of them is then stale).
+    pub(crate) fn superseded(&mut self, kind: CommandKind) {
+        self.pending.retain(|p| p.kind != kind);
+    }
+
     pub(crate) fn acked(&mut self, id: CommandId) {
         self.pending.retain(|p| p.id != id);
     }

@@ -500,6 +500,8 @@ impl TwinState {
                 match wait {
                     Some(w) => {
                         if let Some(id) = w.command {
+                            // The new desired state supersedes what earlier ones asked.
+                            self.commands.superseded(CommandKind::ApplyDesired);
                             self.commands.sent(id, CommandKind::ApplyDesired, Map::new(), event.at);
                         }
                         self.waits.arm(*w);

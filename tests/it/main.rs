@@ -18,6 +18,7 @@ mod layers;
 mod mosquitto;
 mod mqtt;
 mod python_hub;
+mod sessions;
 mod supervision;
 mod support;
 mod telemetry;

@@ -78,6 +78,12 @@ async fn closed(mut closing: watch::Receiver<bool>) {
     let _ = closing.wait_for(|c| *c).await;
 }
 
+/// The platform ended the device's session (its token was revoked or re-issued, its
+/// twin archived or deleted).
+fn session_ended(reason: &str) -> Status {
+    Status::unauthenticated(format!("session ended: {reason}"))
+}
+
 fn shutting_down() -> Status {
     Status::unavailable("the gateway is shutting down; reconnect later")
 }

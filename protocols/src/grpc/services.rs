@@ -15,6 +15,7 @@ impl DeviceGateway for Gateway {
         req: Request<tonic::Streaming<pb::TelemetryBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         let twin = self.authenticate(&req)?;
+        let session = self.rt.sessions().open(twin.id().as_str());
         let mut batches = req.into_inner();
         let (tx, rx) = mpsc::channel(TELEMETRY_WINDOW);
         let gw = self.clone();
@@ -25,6 +26,7 @@ impl DeviceGateway for Gateway {
                 let next = tokio::select! {
                     m = batches.message() => m,
                     () = closed(gw.closing.clone()) => Err(shutting_down()),
+                    reason = session.closed() => Err(session_ended(reason)),
                 };
                 let batch = match next {
                     Ok(Some(b)) => b,
@@ -86,9 +88,32 @@ impl DeviceGateway for Gateway {
 
     async fn commands(&self, req: Request<pb::CommandsRequest>) -> Result<Response<CommandStream>, Status> {
         let twin = self.authenticate(&req)?;
+        let twin_id = twin.id().clone();
+        let session = self.rt.sessions().open(twin.id().as_str());
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         // A newer stream replaces an older one of the same device.
-        self.links.streams.insert(twin.id().clone(), tx);
+        self.links.streams.insert(twin.id().clone(), tx.clone());
+        let links = self.links.clone();
+        tokio::spawn(async move {
+            // The stream lives until the device drops it or the platform ends the session;
+            // then what the twin still waits for goes out on the device's next stream.
+            tokio::select! {
+                () = tx.closed() => {}
+                reason = session.closed() => {
+                    let _ = tx.try_send(Err(session_ended(reason)));
+                }
+            }
+            links.streams.remove_if(twin.id(), |_, t| t.same_channel(&tx));
+        });
+        // What the device has not answered yet, under the same ids.
+        let again = self.rt.twin(twin_id.as_str());
+        tokio::spawn(async move {
+            if let Ok(t) = again
+                && let Err(e) = t.command(twinfleet_models::TwinCommand::Resend).await
+            {
+                tracing::debug!(twin = %t.id(), "pending commands not sent again: {e}");
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -117,12 +142,20 @@ impl Hub for Gateway {
         let token = Self::token(&req)?.to_string();
         let mut values = req.into_inner();
         let mut twin: Option<TwinHandle> = None;
+        let mut session: Option<twinfleet_actors::Session> = None;
         let mut batch = Vec::new();
         let mut stored = 0usize;
         loop {
+            let ended = async {
+                match &session {
+                    Some(s) => s.closed().await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 m = values.message() => m,
                 () = closed(self.closing.clone()) => Err(shutting_down()),
+                reason = ended => Err(session_ended(reason)),
             };
             let Some(v) = next.map_err(|s| with_stored(oversized(&self.rt, s), stored))? else { break };
             let h = match &twin {
@@ -138,6 +171,7 @@ impl Hub for Gateway {
                 None => {
                     let h = self.rt.authenticate_device(&v.device_identifier, &token).map_err(auth_status)?;
                     self.check_tenant(&h, &v.tenant_identifier).await?;
+                    session = Some(self.rt.sessions().open(h.id().as_str()));
                     twin.insert(h)
                 }
             };

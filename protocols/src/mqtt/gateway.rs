@@ -108,11 +108,11 @@ pub struct EmbeddedLinks(Arc<Gateway>);
 
 impl DeviceLink for EmbeddedLinks {
     fn deliver(&self, twin: &TwinId, _: &Metadata, id: CommandId, cmd: DeviceCommand) -> Result<(), String> {
-        let Some(conn) = self.0.conns.get(twin.as_str()).map(|c| c.clone()) else {
-            return Err(format!("device {twin} is not connected; its twin sends the command when it is"));
-        };
+        // An offline (or not yet subscribed) device's command is held by its twin, as
+        // pending, and sent when the device subscribes: accepted, like a broker would.
+        let Some(conn) = self.0.conns.get(twin.as_str()).map(|c| c.clone()) else { return Ok(()) };
         if !conn.subscribed.load(Relaxed) {
-            return Err(format!("device {twin} has not subscribed to its commands yet"));
+            return Ok(());
         }
         conn.out
             .try_send(Outgoing { payload: command_payload(id, cmd) })
