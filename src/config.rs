@@ -9,7 +9,7 @@
 //! | MQTT operational gateway | `--mqtt` | `TWINFLEET_MQTT` | `mqtt` | `127.0.0.1:1883` (embedded) |
 //! | MQTT provisioning gateway | `--mqtt-provisioning` | `TWINFLEET_MQTT_PROVISIONING` | `mqtt_provisioning` | `127.0.0.1:1884` (embedded) |
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
-//! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info,rumqttd=warn` |
+//! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
 //!
 //! An MQTT gateway is either `host:port`, a listener of the embedded broker, or
@@ -23,8 +23,8 @@ use twinfleet_protocols::mqtt::{DEFAULT_MQTT, DEFAULT_MQTT_PROVISIONING, Endpoin
 pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_GRPC: &str = "127.0.0.1:50051";
-/// rumqttd logs every connection at info level; keep its warnings and errors only.
-pub const DEFAULT_LOG: &str = "info,rumqttd=warn";
+/// The default log filter.
+pub const DEFAULT_LOG: &str = "info";
 
 /// Settings given in one place (the TOML file, or flags and environment), each optional.
 /// In the file, unknown keys are an error, so that a typo does not go unnoticed.

@@ -17,6 +17,7 @@ mod http_api;
 mod layers;
 mod mosquitto;
 mod mqtt;
+mod mqtt_clients;
 mod python_hub;
 mod sessions;
 mod supervision;
