@@ -1,5 +1,6 @@
 //! End-to-end telemetry ingest over MQTT on the embedded gateway: device (rumqttc) →
-//! front → rumqttd → transformer → DTI → stored durably.
+//! twinfleet's gateway session → DTI → stored durably (PUBACK after the WAL and sled
+//! sync).
 //!
 //! The devices run in a child process (this binary re-run with `TWINFLEET_MQTT_DEVICES`),
 //! so that the platform's memory per connection is measured on its own. Each device
@@ -8,8 +9,8 @@
 //! probe device in the platform's process that publishes one message at a time and
 //! waits until its twin holds it (publish → stored → visible), sampled during the load.
 //!
-//! Each device costs the platform three sockets (device ↔ front, front ↔ rumqttd, and
-//! rumqttd's end); where the open-files limit is below 3 × devices, lower the count.
+//! Each device costs the platform one socket; where the open-files limit is below the
+//! device count (plus a few hundred), lower the count.
 //!
 //! `cargo bench --bench mqtt`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
 //! `TWINFLEET_BENCH_SECONDS` (default 5), `TWINFLEET_BENCH_REPEAT` (default 3).
@@ -158,7 +159,7 @@ async fn platform() {
     println!("| benchmark | devices | cores | points/s (median) | msgs/s | latency p50 / p99 | detail |");
     println!("|---|---|---|---|---|---|---|");
     println!(
-        "| MQTT connections | {n} | {} | | | | connected in {connect_secs:.1} s; platform +{:.1} KiB/device (front + rumqttd + twin side), device side +{:.1} KiB/device (rumqttc client) |",
+        "| MQTT connections | {n} | {} | | | | connected in {connect_secs:.1} s; platform +{:.1} KiB/device (gateway session + twin side), device side +{:.1} KiB/device (rumqttc client) |",
         cores(),
         platform_side as f64 / n as f64 / 1024.0,
         device_side as f64 / n as f64 / 1024.0

@@ -97,7 +97,8 @@ async fn mosquitto_pub_and_sub_devices_of_both_protocol_versions_work_end_to_end
             c
         };
         let publish = |topic: &str, message: &str| {
-            let out = client("mosquitto_pub").args(["-t", &format!("devices/{device}/{topic}"), "-m", message]).output();
+            let out =
+                client("mosquitto_pub").args(["-t", &format!("devices/{device}/{topic}"), "-m", message]).output();
             let out = out.unwrap();
             assert!(out.status.success(), "mosquitto_pub {version}: {}", String::from_utf8_lossy(&out.stderr));
         };
