@@ -168,6 +168,11 @@ impl TwinRuntime {
         &self.env.sessions
     }
 
+    /// The metric history store.
+    pub fn series(&self) -> &Arc<twinfleet_runtime::series::SeriesStore> {
+        &self.env.series
+    }
+
     pub fn requests(&self) -> &RequestMetrics {
         &self.env.requests
     }

@@ -14,6 +14,7 @@ mod durability;
 mod full_disk;
 mod grpc;
 mod http_api;
+mod ingest_crash;
 mod layers;
 mod mosquitto;
 mod mqtt;

@@ -226,6 +226,10 @@ async fn bad_mqtt_input_is_rejected_counted_and_never_reaches_a_twin() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in /metrics:\n{text}");
     }
+    // The open sessions and the series store are there too.
+    for family in ["twinfleet_device_sessions ", "twinfleet_series_points_total ", "twinfleet_series_commits_total "] {
+        assert!(text.lines().any(|l| l.starts_with(family)), "{family} not in /metrics:\n{text}");
+    }
     http.stop().await;
     gw.stop().await;
     p.shutdown().await;

@@ -106,5 +106,59 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
     e.histogram("twinfleet_storage_commit_records", &[], &s.group_ops, 1.0);
     e.family("twinfleet_storage_flush_seconds", "histogram", "Time to apply and flush one group commit.");
     e.histogram("twinfleet_storage_flush_seconds", &[], &s.flush_micros, 1e6);
+    e.single(
+        "twinfleet_device_sessions",
+        "gauge",
+        "Open device sessions on every gateway (MQTT connections, gRPC streams).",
+        rt.sessions().total() as u64,
+    );
+    let c = &rt.series().counters;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let series: [(&str, &str, &str, u64); 10] = [
+        ("twinfleet_series_points_total", "counter", "Metric points written to the series store.", load(&c.points)),
+        (
+            "twinfleet_series_duplicates_total",
+            "counter",
+            "Points that replaced one of the same time.",
+            load(&c.duplicates),
+        ),
+        ("twinfleet_series_late_total", "counter", "Points older than their series' newest.", load(&c.late)),
+        (
+            "twinfleet_series_expired_total",
+            "counter",
+            "Points refused as older than what retention dropped.",
+            load(&c.expired),
+        ),
+        ("twinfleet_series_commits_total", "counter", "WAL group commits.", load(&c.groups)),
+        ("twinfleet_series_wal_bytes_total", "counter", "Bytes appended to the write-ahead log.", load(&c.wal_bytes)),
+        (
+            "twinfleet_series_segment_bytes_total",
+            "counter",
+            "Bytes written to sealed segment files.",
+            load(&c.segment_bytes),
+        ),
+        (
+            "twinfleet_series_corrupt_segments_total",
+            "counter",
+            "Segment files skipped as corrupt.",
+            load(&c.corrupt_segments),
+        ),
+        ("twinfleet_series_corrupt_chunks_total", "counter", "Chunks skipped as corrupt.", load(&c.corrupt_chunks)),
+        (
+            "twinfleet_series_partitions_dropped_total",
+            "counter",
+            "Partitions dropped by retention.",
+            load(&c.partitions_dropped),
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        e.single(name, kind, help, v);
+    }
+    e.single(
+        "twinfleet_series_memory_bytes",
+        "gauge",
+        "Memory of the series store's heads.",
+        rt.series().memory_bytes() as u64,
+    );
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(e.finish())
 }
