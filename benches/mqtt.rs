@@ -13,7 +13,8 @@
 //! device count (plus a few hundred), lower the count.
 //!
 //! `cargo bench --bench mqtt`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
-//! `TWINFLEET_BENCH_SECONDS` (default 5), `TWINFLEET_BENCH_REPEAT` (default 3).
+//! `TWINFLEET_BENCH_SECONDS` (default 5), `TWINFLEET_BENCH_REPEAT` (default 3),
+//! `TWINFLEET_BENCH_QOS` (`0` or `1`: only that section).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -99,7 +100,7 @@ async fn devices(addr: String) {
         let count = |d: &MqttDevice| if qos == QoS::AtLeastOnce { d.acked() } else { d.written() };
         let mut last = u64::MAX;
         loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(4)).await;
             let now: u64 = devs.iter().map(|d| count(d)).sum::<u64>() - before_run;
             if now == last {
                 break;
@@ -167,14 +168,19 @@ async fn platform() {
 
     let probe = MqttDevice::connect(&addr.to_string(), "probe", &probe_token).await.unwrap();
     let probe_twin = p.twin("probe").unwrap();
+    let only = std::env::var("TWINFLEET_BENCH_QOS").ok();
+    let series_points = || p.runtime().series().counters.points.load(std::sync::atomic::Ordering::Relaxed);
     for (qos, name) in [(QoS::AtMostOnce, "MQTT QoS 0"), (QoS::AtLeastOnce, "MQTT QoS 1")] {
+        if only.as_deref().is_some_and(|q| q != if qos == QoS::AtLeastOnce { "1" } else { "0" }) {
+            continue;
+        }
         let mut rates = Vec::new();
         let mut msg_rates = Vec::new();
         let mut lat = Vec::new();
         let mut sent_total = 0u64;
         let mut stored_total = 0u64;
         for _ in 0..repeat {
-            let ops0 = p.storage_stats().ops_committed;
+            let ops0 = series_points();
             writeln!(to_child, "GO {} {secs}", if qos == QoS::AtLeastOnce { 1 } else { 0 }).unwrap();
             let t0 = Instant::now();
             let window = Duration::from_secs(secs);
@@ -195,7 +201,7 @@ async fn platform() {
                 }
                 lat.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
-            let ops_in_window = p.storage_stats().ops_committed - ops0;
+
             let el = t0.elapsed().as_secs_f64();
             let (line, rest) = actix_rt::task::spawn_blocking(move || {
                 let l = from_child.next().unwrap().unwrap();
@@ -207,11 +213,11 @@ async fn platform() {
             let sent: u64 = line.strip_prefix("SENT ").unwrap().parse().unwrap();
             // Drain: wait until storage has not moved for 3 s (longer than the fronts'
             // pacing recheck), so the next run starts clean and the tally is complete.
-            let mut last = p.storage_stats().ops_committed;
+            let mut last = series_points();
             let mut last_change = Instant::now();
             loop {
                 actix_rt::time::sleep(Duration::from_secs(3)).await;
-                let now = p.storage_stats().ops_committed;
+                let now = series_points();
                 if now == last {
                     break;
                 }
@@ -222,12 +228,14 @@ async fn platform() {
             // last record (devices write faster than the platform stores; what they
             // wrote waits in socket buffers and is stored after the window).
             let busy = (last_change - t0).as_secs_f64().max(el);
-            // One stored record per telemetry message (all its points share a timestamp),
-            // minus the probe's messages.
-            let stored = (last - ops0).saturating_sub(seq);
+            // Points written to the series store, minus the probe's (one per message).
+            let stored = (last - ops0).saturating_sub(seq) / POINTS_PER_MESSAGE as u64;
             sent_total += sent;
             stored_total += stored;
-            let _ = ops_in_window;
+            let refused = p.rejections().snapshot();
+            if !refused.is_empty() {
+                eprintln!("{name}: refused so far {refused:?}; open sessions {}", p.runtime().sessions().total());
+            }
             rates.push(stored as f64 * POINTS_PER_MESSAGE as f64 / busy);
             msg_rates.push(stored as f64 / busy);
         }

@@ -28,8 +28,8 @@ use super::topics::{self, Identity, Parsed};
 use super::wire::{self, BadHello, Hello, Incoming, Refusal, Version};
 use bytes::BytesMut;
 use dashmap::DashMap;
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use rumqttc::mqttbytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -453,6 +453,13 @@ impl Served<'_> {
                 Some((qos, pkid, result, reply)) = pipeline.next(), if !pipeline.is_empty() => {
                     if let Err(end) = self.handled(qos, pkid, result, reply) {
                         return self.close(wr, wire::DISCONNECT_SERVER_BUSY, end).await;
+                    }
+                    // A group commit answers many messages at once: acknowledge all that
+                    // are done in one write.
+                    while let Some(Some((qos, pkid, result, reply))) = pipeline.next().now_or_never() {
+                        if let Err(end) = self.handled(qos, pkid, result, reply) {
+                            return self.close(wr, wire::DISCONNECT_SERVER_BUSY, end).await;
+                        }
                     }
                 }
                 Some(cmd) = commands.recv(), if self.inflight < RECEIVE_MAX as usize => {

@@ -186,12 +186,12 @@ struct Heads {
 struct Namespace {
     segments: BTreeMap<i64, Vec<Arc<Segment>>>,
     sealed: BTreeMap<i64, Vec<Arc<Sealed>>>,
-    heads: HashMap<String, Heads>,
+    heads: HashMap<String, Heads, foldhash::fast::RandomState>,
     dropped_before: i64,
 }
 
 struct Inner {
-    spaces: HashMap<String, Namespace>,
+    spaces: HashMap<String, Namespace, foldhash::fast::RandomState>,
     seq: u64,
     tombstones: Vec<Tombstone>,
 }
@@ -240,7 +240,7 @@ impl SeriesStore {
         let store = Arc::new(SeriesStore {
             dir: dir.to_path_buf(),
             opts,
-            inner: Mutex::new(Inner { spaces: HashMap::new(), seq: 0, tombstones: Vec::new() }),
+            inner: Mutex::new(Inner { spaces: HashMap::default(), seq: 0, tombstones: Vec::new() }),
             tx: parking_lot::RwLock::new(None),
             writer: Mutex::new(None),
             counters: SeriesCounters::default(),
@@ -494,18 +494,23 @@ impl SeriesStore {
         let Inner { spaces, seq, .. } = &mut *inner;
         let (mut added, mut dups, mut late, mut expired) = (0u64, 0u64, 0u64, 0u64);
         for s in batch {
-            let ns = spaces.entry(s.namespace.clone()).or_default();
+            // Lookups without allocating for the namespaces and series that exist.
+            if !spaces.contains_key(&s.namespace) {
+                spaces.insert(s.namespace.clone(), Namespace::default());
+            }
+            let ns = spaces.get_mut(&s.namespace).expect("inserted above");
             let dropped_before = ns.dropped_before;
             if !ns.heads.contains_key(&s.key) {
                 ns.heads.insert(s.key.clone(), Heads::default());
             }
+            let Namespace { heads: all_heads, sealed: all_sealed, .. } = ns;
+            let heads = all_heads.get_mut(&s.key).expect("inserted above");
             for &(t, v) in &s.points {
                 if t < dropped_before {
                     expired += 1;
                     continue;
                 }
                 let p = self.partition_of(t);
-                let heads = ns.heads.get_mut(&s.key).expect("inserted above");
                 let newest = heads.main.as_ref().map(|h| (h.enc.last_at(), h.enc.last_value()));
                 let slot = match newest {
                     Some((last, value)) if t == last && value.to_bits() == v.to_bits() => {
@@ -526,7 +531,7 @@ impl SeriesStore {
                     _ => {
                         if let Some(old) = slot.take() {
                             let sealed = seal(&s.key, old);
-                            ns.sealed.entry(sealed.0).or_default().push(Arc::new(sealed.1));
+                            all_sealed.entry(sealed.0).or_default().push(Arc::new(sealed.1));
                         }
                         *slot = Some(Head { enc: ChunkEncoder::new(t, v), partition: p, seq: *seq });
                         *seq += 1;
@@ -575,8 +580,7 @@ impl SeriesStore {
             mkdir(&dir).map_err(io)?;
             let first_seq = chunks.iter().map(|c| c.seq).min().unwrap_or(0);
             let path = dir.join(format!("{first_seq:020}.seg"));
-            let owned: Vec<Sealed> = chunks.iter().map(|c| (**c).clone()).collect();
-            segment::write(&path, &owned).map_err(io)?;
+            segment::write(&path, &chunks).map_err(io)?;
             self.counters.segment_bytes.fetch_add(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0), Relaxed);
             let seg = Segment::open(&path).map_err(SeriesError::Io)?;
             written.push((ns, p, chunks.len(), Arc::new(seg)));

@@ -92,13 +92,17 @@ impl Cursor<'_> {
 
 /// Writes `chunks` as the segment `path` (through a temporary name, then fsync and
 /// rename, so a crash leaves either the whole segment or none).
-pub(crate) fn write(path: &Path, chunks: &[Sealed]) -> std::io::Result<()> {
-    let mut data = MAGIC.to_vec();
-    let mut index = Vec::new();
+pub(crate) fn write<C: std::ops::Deref<Target = Sealed>>(path: &Path, chunks: &[C]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    // Streamed: the chunks are not copied into one buffer of the file's size.
+    let mut out = std::io::BufWriter::with_capacity(256 << 10, f);
+    out.write_all(MAGIC)?;
+    let mut offset = MAGIC.len() as u64;
+    let mut index = Vec::with_capacity(4 + chunks.len() * 64);
     put_u32(&mut index, chunks.len() as u32);
     for c in chunks {
-        let offset = data.len() as u64;
-        data.extend_from_slice(&c.bytes);
+        out.write_all(&c.bytes)?;
         put_u16(&mut index, c.key.len() as u16);
         index.extend_from_slice(c.key.as_bytes());
         put_u64(&mut index, c.first as u64);
@@ -108,16 +112,16 @@ pub(crate) fn write(path: &Path, chunks: &[Sealed]) -> std::io::Result<()> {
         put_u64(&mut index, offset);
         put_u32(&mut index, c.bytes.len() as u32);
         put_u32(&mut index, crc32fast::hash(&c.bytes));
+        offset += c.bytes.len() as u64;
     }
-    let index_offset = data.len() as u64;
-    data.extend_from_slice(&index);
-    put_u64(&mut data, index_offset);
-    put_u32(&mut data, index.len() as u32);
-    put_u32(&mut data, crc32fast::hash(&index));
-    data.extend_from_slice(END);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
-    f.write_all(&data)?;
+    out.write_all(&index)?;
+    let mut footer = Vec::with_capacity(FOOTER);
+    put_u64(&mut footer, offset);
+    put_u32(&mut footer, index.len() as u32);
+    put_u32(&mut footer, crc32fast::hash(&index));
+    footer.extend_from_slice(END);
+    out.write_all(&footer)?;
+    let f = out.into_inner().map_err(|e| e.into_error())?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
