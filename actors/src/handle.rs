@@ -91,7 +91,7 @@ impl TwinHandle {
 
     /// Why the twin cannot take a request: a retired (deleted) twin is gone for good
     /// (404), any other state is transient (503).
-    fn gone(&self) -> TwinError {
+    pub(crate) fn gone(&self) -> TwinError {
         match self.slot.stats.status() {
             ActorStatus::Stopped => TwinError::NotFound(self.slot.id.to_string()),
             status => TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status },

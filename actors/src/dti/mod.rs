@@ -38,7 +38,8 @@ pub use kind::FleetReport;
 pub(crate) use kind::*;
 
 pub(crate) use requests::{
-    Answered, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Request, Retire, Telemetry, ToDevice,
+    Answered, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared, Request, Retire,
+    Telemetry, ToDevice,
 };
 pub use slot::*;
 
@@ -161,8 +162,18 @@ impl Dti {
         }
     }
 
-    /// Validates a batch and stores it, one record per clock hour it touches.
-    fn store_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
+    /// Validates a batch and stores it: the latest values in sled, the points in the
+    /// series store.
+    fn store_telemetry(&mut self, points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
+        let Prepared { batch, series, points } = self.prepare_telemetry(points)?;
+        let env = &self.slot.ty.infra;
+        let history = env.series.submit(series);
+        Ok((env.storage.submit(batch).and_series(history), points))
+    }
+
+    /// Validates a batch and takes it in (the latest values); returns what must be
+    /// written for it, for a caller that writes the batches of many twins at once.
+    pub(crate) fn prepare_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<Prepared, TwinError> {
         let env = self.slot.ty.infra.clone();
         if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
             return Err(TwinError::Rejected(twinfleet_models::ModelError::Archived(self.slot.id.clone())));
@@ -192,8 +203,7 @@ impl Dti {
                 points: m.iter().map(|p| (p.at.0, p.value)).collect(),
             })
             .collect();
-        let history = env.series.submit(series);
-        Ok((env.storage.submit(batch).and_series(history), n))
+        Ok(Prepared { batch, series, points: n })
     }
 
     /// decide → evolve → persist → carry out the effects. Deliveries wait for the

@@ -70,6 +70,18 @@ pub(crate) struct Leave(pub DtaId);
 pub(crate) struct LayersChanged(pub Arc<ResolvedLayers>);
 #[derive(Debug)]
 pub(crate) struct Telemetry(pub Vec<MetricPoint>);
+/// A telemetry batch taken in but not written: the caller writes it with other twins'
+/// (see `crate::ingest`).
+#[derive(Debug)]
+pub(crate) struct Prepare(pub Vec<MetricPoint>);
+
+/// What a prepared telemetry batch needs written.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub batch: WriteBatch,
+    pub series: Vec<SeriesPoints>,
+    pub points: usize,
+}
 #[derive(Debug)]
 pub(crate) struct InjectPanic;
 /// A command for the device; answered with the id the twin minted for it, once the
@@ -160,6 +172,13 @@ impl Request for Telemetry {
             ),
             Err(e) => Outcome::Now(Err(e)),
         }
+    }
+}
+
+impl Request for Prepare {
+    type Reply = Prepared;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Prepared> {
+        Outcome::Now(dti.prepare_telemetry(self.0))
     }
 }
 

@@ -158,7 +158,8 @@ enum Mode {
 impl ChunkEncoder {
     /// A chunk that starts with the point `(at, value)`.
     pub fn new(at: i64, value: f64) -> ChunkEncoder {
-        let mut w = BitWriter::default();
+        // Room for the header and a few dozen points before the first reallocation.
+        let mut w = BitWriter { bytes: Vec::with_capacity(64), used: 0 };
         w.bits(at as u64, 64);
         w.bits(value.to_bits(), 64);
         let mode = match decimal_scale(value, 0) {

@@ -148,7 +148,7 @@ impl Gateway {
 
     /// Stores a batch for the Hub, counting a rejected one.
     async fn store(&self, twin: &TwinHandle, points: Vec<MetricPoint>) -> Result<usize, Status> {
-        match twin.telemetry(points).await {
+        match twin.ingest(points).await {
             Ok(n) => Ok(n),
             Err(TwinError::Telemetry(e)) => {
                 self.rt.rejections().reject(e.reason(), || format!("device {}: {e}", twin.id()));

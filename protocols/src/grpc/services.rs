@@ -51,7 +51,7 @@ impl DeviceGateway for Gateway {
                         continue;
                     }
                 };
-                let ack = match twin.telemetry(points).await {
+                let ack = match twin.ingest(points).await {
                     Ok(n) => pb::BatchAck { batch_id: batch.batch_id, accepted: n as u32, error: String::new() },
                     Err(TwinError::Telemetry(e)) => {
                         gw.rt.rejections().reject(e.reason(), || format!("device {}: {e}", twin.id()));

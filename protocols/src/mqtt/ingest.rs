@@ -117,7 +117,7 @@ impl Ingest {
         let done = match channel {
             Channel::Telemetry => {
                 let points = self.points(parse(payload, "telemetry")?)?;
-                patiently(self.limit(), || twin.telemetry(points.clone())).await.map(drop)
+                patiently(self.limit(), || twin.ingest(points.clone())).await.map(drop)
             }
             Channel::State => {
                 let patch: Map<String, Value> = parse(payload, "reported state (a JSON object)")?;

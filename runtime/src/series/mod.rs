@@ -61,7 +61,7 @@ impl Default for SeriesOptions {
         SeriesOptions {
             partition_ms: 86_400_000,
             head_points: 7_200,
-            checkpoint_wal_bytes: 64 << 20,
+            checkpoint_wal_bytes: 256 << 20,
             queue_batches: 4_096,
         }
     }
