@@ -254,8 +254,110 @@ async fn platform() {
     }
     writeln!(to_child, "QUIT").unwrap();
     let _ = child.wait();
+    if only.as_deref() != Some("0") {
+        mosquitto_relay(n, secs, repeat, &token_file, &dir).await;
+    }
     probe.disconnect().await;
     gw.stop().await;
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The baseline of the same run: Mosquitto merely relaying the same QoS 1 load from the
+/// same device process to one subscriber (nothing stored). Skipped, with a message,
+/// where Mosquitto is not installed.
+async fn mosquitto_relay(n: usize, secs: u64, repeat: usize, token_file: &std::path::Path, dir: &std::path::Path) {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(bin) = bin else {
+        println!(
+            "| Mosquitto relay, QoS 1 | — | {} | | | | SKIPPED: mosquitto not installed (apt-get install mosquitto) |",
+            cores()
+        );
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = dir.join("mosquitto.conf");
+    // No limit on the subscriber's queue (the default of 1,000 would drop messages and
+    // flatter the rate), no persistence: a pure relay.
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 100\npersistence false\nlog_type error\n"),
+    )
+    .unwrap();
+    let mut broker =
+        Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let addr = format!("127.0.0.1:{port}");
+
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut opts = rumqttc::MqttOptions::new("relay-subscriber", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut events) = rumqttc::AsyncClient::new(opts, 64);
+    sub.subscribe("devices/+/telemetry", QoS::AtLeastOnce).await.unwrap();
+    let counter = received.clone();
+    let poller = actix_rt::spawn(async move {
+        while let Ok(ev) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) = ev {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("TWINFLEET_MQTT_DEVICES", &addr)
+        .env("TWINFLEET_MQTT_TOKENS", token_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (_, mut from_child) = actix_rt::task::spawn_blocking(move || {
+        let line = from_child.next().unwrap().unwrap();
+        (line, from_child)
+    })
+    .await
+    .unwrap();
+    let mut rates = Vec::new();
+    let mut relayed = 0;
+    for _ in 0..repeat {
+        let r0 = received.load(std::sync::atomic::Ordering::Relaxed);
+        writeln!(to_child, "GO 1 {secs}").unwrap();
+        let t0 = Instant::now();
+        let (_line, rest) = actix_rt::task::spawn_blocking(move || {
+            let l = from_child.next().unwrap().unwrap();
+            (l, from_child)
+        })
+        .await
+        .unwrap();
+        from_child = rest;
+        // Until the subscriber has stopped receiving for 3 s.
+        let mut last = received.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last_change = Instant::now();
+        loop {
+            actix_rt::time::sleep(Duration::from_secs(3)).await;
+            let now = received.load(std::sync::atomic::Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+            last_change = Instant::now();
+        }
+        let busy = (last_change - t0).as_secs_f64().max(secs as f64);
+        relayed += last - r0;
+        rates.push((last - r0) as f64 / busy);
+    }
+    println!(
+        "| Mosquitto relay, QoS 1, 10 points/message (baseline) | {n} | {} | {:.0} | {:.0} | | {repeat} runs of {secs} s; publisher → Mosquitto → one subscriber, nothing stored; relayed {relayed} messages |",
+        cores(),
+        median(rates.clone()) * POINTS_PER_MESSAGE as f64,
+        median(rates),
+    );
+    writeln!(to_child, "QUIT").unwrap();
+    let _ = child.wait();
+    poller.abort();
+    let _ = broker.kill();
+    let _ = broker.wait();
 }

@@ -139,3 +139,81 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_by_itself() {
     assert_eq!(p.twin("f-1").unwrap().get().await.unwrap().state.desired["speed"], json!(42));
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn mqtt_ingest_on_a_full_disk_gets_no_puback_loses_nothing_and_resumes() {
+    use crate::mqtt::{addr, embedded_config};
+    use twinfleet::TelemetryQuery;
+    use twinfleet::models::Timestamp;
+    use twinfleet_protocols::mqtt::{MqttDevice, MqttGateway, QoS};
+    let Some(disk) = SmallDisk::mount(24) else {
+        eprintln!("SKIPPED full_disk (MQTT): cannot mount a tmpfs here (needs root); CI runs it");
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must be able to mount a tmpfs");
+        return;
+    };
+    let data = disk.path().join("data");
+    // A short request timeout: how long the gateway retries a twin that cannot write.
+    let settings = || twinfleet::Settings { request_timeout_ms: 1_000, ..test_settings() };
+    let p = start(&data, None, settings()).await;
+    fleet(&p, "fan", json!({}), "f", 1, |_| vec![]).await;
+    let token = p.issue_device_token("f-0").await.unwrap();
+    let gw = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let ops = addr(gw.operational());
+    let base = p.now().0 - 600_000;
+    let dev = MqttDevice::connect(&ops, "f-0", &token).await.unwrap();
+    for i in 0..20 {
+        dev.telemetry(QoS::AtLeastOnce, Some(base + i), &[("t", i as f64)]).await.unwrap();
+    }
+    eventually("the first points are acknowledged", || async { (dev.acked() == 20).then_some(()) }).await;
+
+    // The disk fills up while the device keeps publishing: what cannot be stored gets no
+    // PUBACK, and the gateway closes the connection so that the device sends it again.
+    let filler = fill(disk.path());
+    let mut sent = 20;
+    while dev.is_connected() && sent < 5_000 {
+        if dev.telemetry(QoS::AtLeastOnce, Some(base + sent), &[("t", sent as f64)]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if sent % 50 == 0 {
+            actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    eventually("the gateway closes the connection", || async { (!dev.is_connected()).then_some(()) }).await;
+    let acked = dev.acked() as i64;
+    assert!(acked < sent, "not everything was acknowledged on a full disk ({acked} of {sent})");
+    assert!(p.rejections().count("storage_full") >= 1, "{:?}", p.rejections().snapshot());
+
+    // Space comes back: the device reconnects and its points are taken again.
+    std::fs::remove_file(&filler).unwrap();
+    let again = eventually("the device is served again", || async {
+        let d = MqttDevice::connect(&ops, "f-0", &token).await.ok()?;
+        d.telemetry(QoS::AtLeastOnce, Some(base + 10_000), &[("t", -1.0)]).await.ok()?;
+        for _ in 0..100 {
+            if d.acked() == 1 {
+                return Some(d);
+            }
+            actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        None
+    })
+    .await;
+    again.disconnect().await;
+    gw.stop().await;
+    p.shutdown().await;
+
+    // Every acknowledged point survived (PUBACKs come in order: the first `acked`).
+    let p = start(&data, None, settings()).await;
+    let q = TelemetryQuery {
+        metric: Some("t".into()),
+        from: Timestamp(base),
+        to: Timestamp(base + 20_000),
+        limit: 100_000,
+    };
+    let points = p.twin("f-0").unwrap().telemetry_page(q).await.unwrap().points;
+    for i in 0..acked {
+        assert!(points.iter().any(|pt| pt.at.0 == base + i), "acknowledged point {i} of {acked} lost");
+    }
+    assert!(points.iter().any(|pt| pt.at.0 == base + 10_000), "the point after the recovery was stored");
+    p.shutdown().await;
+}
