@@ -176,6 +176,35 @@ impl TwinHandle {
             .map_err(TwinError::from)
     }
 
+    /// The query's metrics downsampled into buckets of `width_ms` (min, max, avg, last,
+    /// count), oldest first, read from storage on the blocking pool like
+    /// [`TwinHandle::telemetry_page`]. At most [`crate::telemetry::MAX_BUCKETS`] buckets
+    /// per metric (`(to - from) / width_ms`); more is an `Invalid` error.
+    pub async fn telemetry_buckets(
+        &self,
+        q: TelemetryQuery,
+        width_ms: i64,
+    ) -> Result<Vec<crate::telemetry::MetricBuckets>, TwinError> {
+        use crate::telemetry::MAX_BUCKETS;
+        if width_ms < 1 {
+            return Err(TwinError::Invalid(format!("a bucket is at least 1 ms wide, not {width_ms}")));
+        }
+        if q.to.0.saturating_sub(q.from.0) / width_ms >= MAX_BUCKETS {
+            return Err(TwinError::Invalid(format!(
+                "{} ms in buckets of {width_ms} ms is more than {MAX_BUCKETS} buckets; ask for wider buckets or a shorter range",
+                q.to.0.saturating_sub(q.from.0)
+            )));
+        }
+        let infra = &self.slot.ty.infra;
+        let (storage, series) = (infra.storage.clone(), infra.series.clone());
+        let ns = self.slot.ty.device_type.to_string();
+        let id = self.slot.id.clone();
+        tokio::task::spawn_blocking(move || crate::telemetry::read_buckets(&series, &*storage, &ns, &id, &q, width_ms))
+            .await
+            .map_err(|e| TwinError::Invalid(format!("telemetry read failed: {e}")))?
+            .map_err(TwinError::from)
+    }
+
     /// Sends a command to the device through whichever transport reaches it (MQTT
     /// publish, gRPC command stream or a call to its DeviceControl server). The twin
     /// mints the command's id and journals it (`command_sent`) before the transport gets

@@ -55,5 +55,5 @@ pub use restore::{QuarantineEntry, RestoreReport};
 pub use sessions::{DeviceSessions, Session};
 pub use supervisor::TwinRuntime;
 pub use tdta::{TypeHandle, TypeInfo};
-pub use telemetry::{TelemetryPage, TelemetryQuery};
+pub use telemetry::{MAX_BUCKETS, MetricBuckets, TelemetryPage, TelemetryQuery};
 pub use twinfleet_models::DeviceCommand;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde::de::IgnoredAny;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use twinfleet_models::series::query::{Bucket, Downsample};
 use twinfleet_models::{MetricPoint, Timestamp, TwinId};
 use twinfleet_runtime::series::{Points, SeriesStore};
 use twinfleet_runtime::{Storage, StorageError, decode_record};
@@ -44,6 +45,51 @@ pub(crate) fn series_key(twin: &str, metric: &str) -> String {
     format!("{twin} {metric}")
 }
 
+/// The metrics a query names (`metric`: one name, or several separated by commas; a
+/// metric name holds no comma), or all the twin has (those its latest values name).
+fn metric_names(storage: &dyn Storage, id: &TwinId, metric: Option<&str>) -> Result<Vec<String>, StorageError> {
+    Ok(match metric {
+        Some(m) => m.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
+        None => storage
+            .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
+            .and_then(|raw| decode_record::<BTreeMap<String, IgnoredAny>>(&raw).ok())
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// One metric downsampled: its buckets, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MetricBuckets {
+    pub metric: String,
+    pub buckets: Vec<Bucket>,
+}
+
+/// The most buckets one query may ask for per metric (`(to - from) / width`).
+pub const MAX_BUCKETS: i64 = 10_000;
+
+/// Downsamples the query's metrics into buckets of `width_ms` aligned on multiples of
+/// it, oldest first; streams the points (memory: the buckets and one chunk cluster).
+/// Blocking: call it on the blocking pool.
+pub(crate) fn read_buckets(
+    series: &Arc<SeriesStore>,
+    storage: &dyn Storage,
+    namespace: &str,
+    id: &TwinId,
+    q: &TelemetryQuery,
+    width_ms: i64,
+) -> Result<Vec<MetricBuckets>, StorageError> {
+    let metrics = metric_names(storage, id, q.metric.as_deref())?;
+    Ok(metrics
+        .into_iter()
+        .map(|m| {
+            let points = series.points(namespace, &series_key(id.as_str(), &m), q.from.0, q.to.0);
+            MetricBuckets { buckets: Downsample::new(points, width_ms).collect(), metric: m }
+        })
+        .collect())
+}
+
 /// Reads one page. Blocking: call it on the blocking pool.
 pub(crate) fn read_page(
     series: &Arc<SeriesStore>,
@@ -53,14 +99,7 @@ pub(crate) fn read_page(
     q: &TelemetryQuery,
 ) -> Result<TelemetryPage, StorageError> {
     let limit = q.limit.max(1);
-    let metrics: Vec<String> = match &q.metric {
-        Some(m) => vec![m.clone()],
-        None => storage
-            .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
-            .and_then(|raw| decode_record::<BTreeMap<String, IgnoredAny>>(&raw).ok())
-            .map(|m| m.into_keys().collect())
-            .unwrap_or_default(),
-    };
+    let metrics = metric_names(storage, id, q.metric.as_deref())?;
     let mut streams: Vec<(String, std::iter::Peekable<Points>)> = metrics
         .into_iter()
         .map(|m| {

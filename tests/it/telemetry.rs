@@ -65,6 +65,27 @@ async fn telemetry_reads_are_bounded_paged_exact_and_do_not_need_the_twin() {
     let (s, _) = get("/api/v1/twins/t-0/telemetry?from=10&to=5".into()).await.unwrap();
     assert_eq!(s, 400);
 
+    // Several metrics by name; and hourly buckets over the 3 days (6 points an hour).
+    let (s, b) = get(format!("/api/v1/twins/t-0/telemetry?metric=temp,hum&from=0&to={now}&limit=4")).await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    let names: HashSet<&str> = b["points"].as_array().unwrap().iter().map(|p| p["metric"].as_str().unwrap()).collect();
+    assert_eq!(names, HashSet::from(["temp", "hum"]));
+    let from = now - 3 * 24 * hour;
+    let (s, b) =
+        get(format!("/api/v1/twins/t-0/telemetry?metric=temp&from={from}&to={now}&bucket={hour}")).await.unwrap();
+    assert_eq!(s, 200, "{b}");
+    let buckets = b["series"][0]["buckets"].as_array().unwrap();
+    assert_eq!(b["series"][0]["metric"], "temp");
+    let counted: u64 = buckets.iter().map(|k| k["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 72 * 6, "every point in exactly one bucket");
+    let full = &buckets[1];
+    assert_eq!(full["count"], 6, "{full}");
+    assert_eq!(full["max"].as_f64().unwrap() - full["min"].as_f64().unwrap(), 5.0, "{full}");
+    assert_eq!(full["last"], full["max"], "values rise: the last is the largest");
+    assert_eq!(full["start"].as_i64().unwrap() % hour, 0, "aligned on the hour");
+    let (s, b) = get(format!("/api/v1/twins/t-0/telemetry?from=0&to={now}&bucket=1")).await.unwrap();
+    assert_eq!(s, 400, "more than 10,000 buckets is refused: {b}");
+
     // The twin crashed and waits for its restart (virtual time stands still): its
     // history is still read, from storage.
     assert!(matches!(twin.inject_panic().await, Err(TwinError::Crashed { .. })));

@@ -228,6 +228,7 @@ async fn revoke_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TelemetryParams {
+    /// A metric name, or several separated by commas; default: every metric of the twin.
     metric: Option<String>,
     /// Milliseconds since the epoch; default: 24 hours before `to`.
     from: Option<i64>,
@@ -237,6 +238,10 @@ struct TelemetryParams {
     /// Default 1,000, at most 10,000 (a page ends on a whole millisecond, so it may
     /// hold a few more points).
     limit: Option<usize>,
+    /// A bucket width in milliseconds: answer each metric downsampled into buckets
+    /// aligned on multiples of it (min, max, avg, last, count), oldest first, instead of
+    /// raw points; at most 10,000 buckets per metric.
+    bucket: Option<i64>,
 }
 
 /// The range a telemetry query without `from` covers.
@@ -254,10 +259,28 @@ struct TelemetryAnswer {
     next: Option<Timestamp>,
 }
 
-/// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=`: a page of stored points, newest
-/// first (by default the last 24 hours); `next` continues it. Read from storage, not
-/// through the twin.
-#[utoipa::path(tag = "twins", responses((status = 200, body = TelemetryAnswer), Errors), security(("bearer" = [])))]
+/// Downsampled metrics.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct TelemetryBuckets {
+    twin: TwinId,
+    bucket_ms: i64,
+    from: Timestamp,
+    to: Timestamp,
+    series: Vec<twinfleet_actors::MetricBuckets>,
+}
+
+/// Raw points or buckets.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum TelemetryResponse {
+    Points(TelemetryAnswer),
+    Buckets(TelemetryBuckets),
+}
+
+/// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=&bucket=`: a page of stored points,
+/// newest first (by default the last 24 hours), `next` continuing it; or, with `bucket`,
+/// each metric downsampled. Read from storage, not through the twin.
+#[utoipa::path(tag = "twins", responses((status = 200, body = TelemetryResponse), Errors), security(("bearer" = [])))]
 #[get("/twins/{id}/telemetry")]
 async fn twin_telemetry(
     rt: web::Data<TwinRuntime>,
@@ -278,8 +301,20 @@ async fn twin_telemetry(
         to: Timestamp(to),
         limit: q.limit.unwrap_or(1_000).clamp(1, MAX_TELEMETRY_PAGE),
     };
+    if let Some(width) = q.bucket {
+        let series = h.telemetry_buckets(query, width).await?;
+        let answer = TelemetryBuckets {
+            twin: h.id().clone(),
+            bucket_ms: width,
+            from: Timestamp(from),
+            to: Timestamp(to),
+            series,
+        };
+        return Ok(HttpResponse::Ok().json(TelemetryResponse::Buckets(answer)));
+    }
     let page = h.telemetry_page(query).await?;
-    Ok(HttpResponse::Ok().json(TelemetryAnswer { twin: h.id().clone(), points: page.points, next: page.next }))
+    let answer = TelemetryAnswer { twin: h.id().clone(), points: page.points, next: page.next };
+    Ok(HttpResponse::Ok().json(TelemetryResponse::Points(answer)))
 }
 
 /// The twin's handle and its type's domain model (404 when the type has none).

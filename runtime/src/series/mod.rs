@@ -206,6 +206,13 @@ pub struct SeriesStore {
     pub counters: SeriesCounters,
 }
 
+/// A checkpoint begun by the writer: the sealed chunks to write, and the newest WAL
+/// generation they cover.
+struct CheckpointJob {
+    work: Vec<(String, i64, Vec<Arc<Sealed>>)>,
+    old_gen: u64,
+}
+
 fn path_name(ns: &str) -> String {
     let safe = ns.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) && !ns.starts_with('.');
     if safe { ns.to_string() } else { format!("~{}", ns.bytes().map(|b| format!("{b:02x}")).collect::<String>()) }
@@ -416,6 +423,12 @@ impl SeriesStore {
 
     fn writer_loop(self: Arc<Self>, rx: Receiver<Pending>, mut wal: Wal) {
         let mut next = None;
+        let mut background: Option<std::thread::JoinHandle<()>> = None;
+        let join = |b: &mut Option<std::thread::JoinHandle<()>>| {
+            if let Some(h) = b.take() {
+                let _ = h.join();
+            }
+        };
         loop {
             let first = match next.take() {
                 Some(p) => p,
@@ -426,10 +439,12 @@ impl SeriesStore {
             };
             let mut group = match first {
                 Pending::Checkpoint { done } => {
+                    join(&mut background);
                     let _ = done.send(self.checkpoint_with(&mut wal));
                     continue;
                 }
                 Pending::Delete { namespace, prefix, done } => {
+                    join(&mut background);
                     let _ = done.send(self.delete_with(&wal, namespace, prefix));
                     continue;
                 }
@@ -473,12 +488,29 @@ impl SeriesStore {
             for (_, done) in group {
                 let _ = done.send(result.clone());
             }
-            if wal.bytes >= self.opts.checkpoint_wal_bytes
-                && let Err(e) = self.checkpoint_with(&mut wal)
-            {
-                tracing::error!(error = %e, "history checkpoint failed; the WAL keeps every point and it is retried");
+            if wal.bytes >= self.opts.checkpoint_wal_bytes {
+                // One checkpoint at a time; the segments are written beside the appends.
+                join(&mut background);
+                match self.begin_checkpoint(&mut wal) {
+                    Ok(job) => {
+                        let me = self.clone();
+                        let spawned = std::thread::Builder::new().name("tf-series-seal".into()).spawn(move || {
+                            if let Err(e) = me.finish_checkpoint(job) {
+                                tracing::error!(error = %e, "history checkpoint failed; the WAL keeps every point and it is retried");
+                            }
+                        });
+                        match spawned {
+                            Ok(h) => background = Some(h),
+                            Err(e) => tracing::error!(error = %e, "cannot start the checkpoint thread"),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "history checkpoint failed; the WAL keeps every point and it is retried")
+                    }
+                }
             }
         }
+        join(&mut background);
         if let Err(e) = self.checkpoint_with(&mut wal) {
             tracing::error!(error = %e, "history checkpoint at shutdown failed; the WAL replays at the next start");
         }
@@ -556,7 +588,15 @@ impl SeriesStore {
     }
 
     fn checkpoint_with(&self, wal: &mut Wal) -> Result<(), SeriesError> {
-        // Take what is to be written; heads start afresh.
+        let job = self.begin_checkpoint(wal)?;
+        self.finish_checkpoint(job)
+    }
+
+    /// The writer's part of a checkpoint, quick: every head is sealed and a new WAL
+    /// generation starts, so appends go on at once. What the sealed chunks hold stays
+    /// in the old generations until [`Self::finish_checkpoint`] has them in segments.
+    fn begin_checkpoint(&self, wal: &mut Wal) -> Result<CheckpointJob, SeriesError> {
+        let next = Wal::create(&self.dir.join("wal"), wal.gen_no + 1)?;
         let work: Vec<(String, i64, Vec<Arc<Sealed>>)> = {
             let mut inner = self.inner.lock();
             let mut work = Vec::new();
@@ -574,8 +614,16 @@ impl SeriesStore {
             }
             work
         };
+        let old = std::mem::replace(wal, next);
+        Ok(CheckpointJob { work, old_gen: old.gen_no })
+    }
+
+    /// Writes a checkpoint's sealed chunks as segment files (off the writer thread when
+    /// it was started by the WAL's size), makes them the chunks' home, and removes the
+    /// WAL generations they came from.
+    fn finish_checkpoint(&self, job: CheckpointJob) -> Result<(), SeriesError> {
         let mut written = Vec::new();
-        for (ns, p, chunks) in work {
+        for (ns, p, chunks) in job.work {
             let dir = self.dir.join(path_name(&ns)).join(p.to_string());
             mkdir(&dir).map_err(io)?;
             let first_seq = chunks.iter().map(|c| c.seq).min().unwrap_or(0);
@@ -583,14 +631,16 @@ impl SeriesStore {
             segment::write(&path, &chunks).map_err(io)?;
             self.counters.segment_bytes.fetch_add(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0), Relaxed);
             let seg = Segment::open(&path).map_err(SeriesError::Io)?;
-            written.push((ns, p, chunks.len(), Arc::new(seg)));
+            written.push((ns, p, chunks, Arc::new(seg)));
         }
         {
             let mut inner = self.inner.lock();
-            for (ns, p, n, seg) in written {
+            for (ns, p, chunks, seg) in written {
                 let space = inner.spaces.entry(ns).or_default();
                 if let Some(s) = space.sealed.get_mut(&p) {
-                    s.drain(..n.min(s.len()));
+                    // Exactly the chunks written (others may have been sealed meanwhile).
+                    let done: std::collections::HashSet<*const Sealed> = chunks.iter().map(Arc::as_ptr).collect();
+                    s.retain(|c| !done.contains(&Arc::as_ptr(c)));
                     if s.is_empty() {
                         space.sealed.remove(&p);
                     }
@@ -600,11 +650,9 @@ impl SeriesStore {
                 }
             }
         }
-        // Everything the WAL held is now in segments: start a new one, drop the old.
-        let next = Wal::create(&self.dir.join("wal"), wal.gen_no + 1)?;
-        let old = std::mem::replace(wal, next);
+        // Everything those WAL generations held is now in segments.
         for (g, path) in self.wal_files() {
-            if g <= old.gen_no {
+            if g <= job.old_gen {
                 let _ = std::fs::remove_file(path);
             }
         }
