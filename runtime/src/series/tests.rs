@@ -209,7 +209,7 @@ fn checkpoints_by_wal_size_run_beside_appends_and_lose_nothing_across_a_crash() 
     let keys: Vec<String> = (0..20).map(|k| format!("d{k} temp")).collect();
     let expect: Vec<(i64, f64)> = (0..400).map(|i| (i * 10, i as f64 / 8.0)).collect();
     {
-        let s = SeriesStore::open(dir.path(), small.clone()).unwrap();
+        let s = SeriesStore::open(dir.path(), small).unwrap();
         for c in expect.chunks(10) {
             let batch = keys.iter().map(|k| SeriesPoints { namespace: "m".into(), key: k.clone(), points: c.to_vec() });
             s.submit(batch.collect()).wait().unwrap();
@@ -226,7 +226,7 @@ fn checkpoints_by_wal_size_run_beside_appends_and_lose_nothing_across_a_crash() 
         s.shutdown();
     }
     for d in [dir.path(), copy.path()] {
-        let s = SeriesStore::open(d, small.clone()).unwrap();
+        let s = SeriesStore::open(d, small).unwrap();
         for k in &keys {
             assert_eq!(all(&s, "m", k), expect, "{k} after reopening {}", d.display());
         }
