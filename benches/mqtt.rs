@@ -211,12 +211,14 @@ async fn platform() {
             .unwrap();
             from_child = rest;
             let sent: u64 = line.strip_prefix("SENT ").unwrap().parse().unwrap();
-            // Drain: wait until storage has not moved for 3 s (longer than the fronts'
-            // pacing recheck), so the next run starts clean and the tally is complete.
+            // Drain: wait until the series store has not moved for 8 s, so the next run
+            // starts clean and the tally is complete.
             let mut last = series_points();
             let mut last_change = Instant::now();
             loop {
-                actix_rt::time::sleep(Duration::from_secs(3)).await;
+                // Long enough for a checkpoint or a burst of reconnects: what devices wrote
+                // into socket buffers during the run is still this run's.
+                actix_rt::time::sleep(Duration::from_secs(8)).await;
                 let now = series_points();
                 if now == last {
                     break;
@@ -293,15 +295,26 @@ async fn mosquitto_relay(n: usize, secs: u64, repeat: usize, token_file: &std::p
 
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut opts = rumqttc::MqttOptions::new("relay-subscriber", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_keep_alive(Duration::from_secs(60));
+    // A persistent session: if the flood costs it its connection, the broker keeps what
+    // it relays meanwhile and the subscriber picks it up on reconnecting.
+    opts.set_clean_session(false);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (sub, mut events) = rumqttc::AsyncClient::new(opts, 64);
     sub.subscribe("devices/+/telemetry", QoS::AtLeastOnce).await.unwrap();
     let counter = received.clone();
     let poller = actix_rt::spawn(async move {
-        while let Ok(ev) = events.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) = ev {
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                // rumqttc reconnects on the next poll.
+                Err(e) => {
+                    eprintln!("relay subscriber: {e}; reconnecting");
+                    actix_rt::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     });
