@@ -1,19 +1,19 @@
-//! The MQTT transformer: subscribes to the device topics on a broker (the embedded one
-//! or an external one), turns each message into the twin's own message, and turns
-//! twins' commands into publishes.
+//! The MQTT transformer: subscribes to the device topics on an external broker (e.g.
+//! Mosquitto), turns each message into the twin's own message ([`super::ingest`]), and
+//! turns twins' commands into publishes. (The embedded gateway serves devices itself:
+//! [`super::gateway`].)
 //!
 //! Two connections per broker:
 //! - **ingest**: persistent session (`clean_session = false`), QoS 1 subscriptions, manual
 //!   acks. A message is acknowledged only after its twin has it (durably, for telemetry
-//!   and state) or it was rejected; acks go out in the order messages came (rumqttd
-//!   refuses out-of-order acks). Unacknowledged messages are redelivered by the broker
+//!   and state) or it was rejected; acks go out in the order messages came (brokers
+//!   may refuse out-of-order acks). Unacknowledged messages are redelivered by the broker
 //!   after a reconnect or a restart of the transformer.
 //! - **out**: commands and provisioning responses, so that a flood of commands can never
 //!   hold up the acks of the ingest connection.
 //!
 //! The device id is the topic's; the twin is found through the runtime's directory (a
-//! dashmap). On the embedded gateway the front has already checked that the sender is
-//! that device; on an external broker, its ACL must (PROTOCOL.md).
+//! dashmap). The broker's ACL must check that the sender is that device (PROTOCOL.md).
 
 use super::ingest::{Ingest, Refused};
 use super::topics::{self, Parsed};
