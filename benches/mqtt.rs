@@ -213,19 +213,9 @@ async fn platform() {
             let sent: u64 = line.strip_prefix("SENT ").unwrap().parse().unwrap();
             // Drain: wait until the series store has not moved for 8 s, so the next run
             // starts clean and the tally is complete.
-            let mut last = series_points();
-            let mut last_change = Instant::now();
-            loop {
-                // Long enough for a checkpoint or a burst of reconnects: what devices wrote
-                // into socket buffers during the run is still this run's.
-                actix_rt::time::sleep(Duration::from_secs(8)).await;
-                let now = series_points();
-                if now == last {
-                    break;
-                }
-                last = now;
-                last_change = Instant::now();
-            }
+            // Long enough for a checkpoint or a burst of reconnects: what devices wrote
+            // into socket buffers during the run is still this run's.
+            let (last, last_change) = settle(&series_points, Duration::from_secs(8)).await;
             // Sustained rate: everything stored, over the time from the start until the
             // last record (devices write faster than the platform stores; what they
             // wrote waits in socket buffers and is stored after the window).
@@ -263,6 +253,22 @@ async fn platform() {
     gw.stop().await;
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until `count` has not moved for `quiet`; returns its value and when it last
+/// moved.
+async fn settle(count: &impl Fn() -> u64, quiet: Duration) -> (u64, Instant) {
+    let mut last = count();
+    let mut last_change = Instant::now();
+    loop {
+        actix_rt::time::sleep(quiet).await;
+        let now = count();
+        if now == last {
+            return (last, last_change);
+        }
+        last = now;
+        last_change = Instant::now();
+    }
 }
 
 /// The baseline of the same run: Mosquitto merely relaying the same QoS 1 load from the
@@ -347,17 +353,8 @@ async fn mosquitto_relay(n: usize, secs: u64, repeat: usize, token_file: &std::p
         .unwrap();
         from_child = rest;
         // Until the subscriber has stopped receiving for 3 s.
-        let mut last = received.load(std::sync::atomic::Ordering::Relaxed);
-        let mut last_change = Instant::now();
-        loop {
-            actix_rt::time::sleep(Duration::from_secs(3)).await;
-            let now = received.load(std::sync::atomic::Ordering::Relaxed);
-            if now == last {
-                break;
-            }
-            last = now;
-            last_change = Instant::now();
-        }
+        let (last, last_change) =
+            settle(&|| received.load(std::sync::atomic::Ordering::Relaxed), Duration::from_secs(3)).await;
         let busy = (last_change - t0).as_secs_f64().max(secs as f64);
         relayed += last - r0;
         rates.push((last - r0) as f64 / busy);

@@ -119,7 +119,7 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
         (
             "twinfleet_series_duplicates_total",
             "counter",
-            "Points that replaced one of the same time.",
+            "Points dropped as duplicates (the time and value of their series' newest).",
             load(&c.duplicates),
         ),
         ("twinfleet_series_late_total", "counter", "Points older than their series' newest.", load(&c.late)),
