@@ -197,6 +197,7 @@ async fn run() {
             defaults: Default::default(),
             domain: None,
             journal: Default::default(),
+            history: Default::default(),
         })
         .await
         .unwrap();

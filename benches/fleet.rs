@@ -174,6 +174,7 @@ async fn fleet() {
                 defaults: Default::default(),
                 domain: None,
                 journal: Default::default(),
+                history: Default::default(),
             })
             .await
             .unwrap(),

@@ -23,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             defaults: Default::default(),
             domain: None,
             journal: Default::default(),
+            history: Default::default(),
         })
         .await?;
     let fleet = (0..100_000)

@@ -13,6 +13,7 @@
 //! let sensor = platform.create_device_type(DeviceTypeSpec {
 //!     id: "sensor".parse()?, model: "TH-1".into(), defaults: Default::default(), domain: None,
 //!     journal: Default::default(),
+//!     history: Default::default(),
 //! }).await?;
 //! let specs = (0..1000).map(|i| TwinSpec::new(format!("sensor-{i}").parse().unwrap())).collect();
 //! sensor.spawn_fleet(specs).await?;

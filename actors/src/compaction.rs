@@ -1,3 +1,5 @@
+//! Retention. Metric history: every pass drops the series-store partitions of each
+//! device type with a `DeviceTypeSpec::history` bound that lie wholly before its cutoff.
 //! Journal retention: a pass over the journals of every twin whose device type bounds
 //! its journal (`DeviceTypeSpec::journal`), dropping the oldest history records the
 //! retention allows (a record holds one snapshot interval, so up to `snapshot_every`
@@ -34,6 +36,8 @@ pub struct CompactionReport {
     pub events_deleted: usize,
     /// Journal pages deleted because no twin needs them any more.
     pub pages_deleted: usize,
+    /// Metric history partitions (days) dropped by the device types' history retention.
+    pub history_partitions_dropped: usize,
 }
 
 /// Starts the periodic passes; the thread ends once the platform is gone.
@@ -61,9 +65,12 @@ pub(crate) fn start_compactor(env: &Arc<TwinEnv>) {
             }
             waited = 0;
             match compact(&env) {
-                Ok(r) if r.events_deleted > 0 => {
-                    tracing::info!(twins = r.twins, deleted = r.events_deleted, "journal compaction pass")
-                }
+                Ok(r) if r.events_deleted > 0 || r.history_partitions_dropped > 0 => tracing::info!(
+                    twins = r.twins,
+                    deleted = r.events_deleted,
+                    history_partitions = r.history_partitions_dropped,
+                    "retention pass"
+                ),
                 Ok(_) => {}
                 Err(TwinError::Storage(StorageError::Closed)) => return,
                 Err(e) => tracing::warn!("journal compaction pass failed: {e}"),
@@ -113,6 +120,17 @@ pub(crate) fn collect_pages(env: &TwinEnv) -> Result<usize, TwinError> {
 pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     let now = env.clock.now();
     let mut report = CompactionReport::default();
+    // History: whole partitions of each bounded type's namespace (see
+    // `twinfleet_runtime::series`); points older than the cutoff are refused from then on.
+    let bounded_types: Vec<(String, i64)> = env
+        .directory
+        .types
+        .iter()
+        .filter_map(|t| t.value().history.cutoff(now).map(|c| (t.key().to_string(), c)))
+        .collect();
+    for (ty, cutoff) in bounded_types {
+        report.history_partitions_dropped += env.series.drop_before(&ty, cutoff);
+    }
     let bounded: Vec<(TwinId, JournalRetention, u64)> = env
         .directory
         .twins

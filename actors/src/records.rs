@@ -96,6 +96,9 @@ pub struct DeviceTypeSpec {
     /// How much of each twin's journal is kept (default: all of it).
     #[serde(default, skip_serializing_if = "twinfleet_models::JournalRetention::is_unbounded")]
     pub journal: twinfleet_models::JournalRetention,
+    /// How long the twins' metric history is kept (default: all of it).
+    #[serde(default, skip_serializing_if = "twinfleet_models::HistoryRetention::is_unbounded")]
+    pub history: twinfleet_models::HistoryRetention,
 }
 
 /// A group: what its DTA knows.

@@ -32,7 +32,7 @@ pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use limits::{DocumentError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
 pub use policy::{Backoff, RestartEvent, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
-pub use retention::JournalRetention;
+pub use retention::{HistoryRetention, JournalRetention};
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;
 pub use twin::{

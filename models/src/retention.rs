@@ -18,6 +18,29 @@ pub struct JournalRetention {
     pub max_age_ms: Option<u64>,
 }
 
+/// How long a device type's metric history is kept: whole partitions (days) older than
+/// `max_age_ms` are dropped by the compaction pass. Default: all of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryRetention {
+    /// Drop the points older than this (milliseconds), by whole partitions: a partition
+    /// goes once all of it is older.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+}
+
+impl HistoryRetention {
+    pub fn is_unbounded(&self) -> bool {
+        self.max_age_ms.is_none()
+    }
+
+    /// The time before which points may go, at `now`.
+    pub fn cutoff(&self, now: Timestamp) -> Option<i64> {
+        self.max_age_ms.map(|age| now.0.saturating_sub(age.min(i64::MAX as u64) as i64))
+    }
+}
+
 impl JournalRetention {
     /// Keeps everything (the default).
     pub fn is_unbounded(&self) -> bool {

@@ -67,6 +67,7 @@ async fn documents_nested_too_deep_are_refused_on_every_edge_and_the_twin_restar
         defaults: obj(too_deep.clone()),
         domain: None,
         journal: Default::default(),
+        history: Default::default(),
     };
     assert!(matches!(p.create_device_type(ty).await, Err(twinfleet::TwinError::Rejected(_))));
 

@@ -64,6 +64,7 @@ pub async fn fleet(
             defaults: obj(defaults),
             domain: None,
             journal: Default::default(),
+            history: Default::default(),
         })
         .await
         .expect("device type created");

@@ -111,3 +111,50 @@ async fn telemetry_reads_are_bounded_paged_exact_and_do_not_need_the_twin() {
     assert_eq!(view.telemetry_latest["hum"].value, -((72 * 6 - 1) as f64));
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_device_types_history_retention_drops_whole_old_days() {
+    use twinfleet::models::{DeviceTypeId, HistoryRetention, TwinId};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    let day = 86_400_000;
+    let spec = twinfleet::DeviceTypeSpec {
+        id: DeviceTypeId::new("logger").unwrap(),
+        model: String::new(),
+        defaults: Default::default(),
+        domain: None,
+        journal: Default::default(),
+        history: HistoryRetention { max_age_ms: Some(2 * day as u64) },
+    };
+    p.create_device_type(spec).await.unwrap();
+    let ty = DeviceTypeId::new("logger").unwrap();
+    let twin = p.create_twin(&ty, twinfleet::TwinSpec::new(TwinId::new("l-0").unwrap())).await.unwrap();
+    let now = twinfleet::Clock::now(&*clock).0;
+    // Five days, a point an hour.
+    let points: Vec<MetricPoint> = (0..5 * 24)
+        .map(|h| MetricPoint { metric: "v".into(), at: Timestamp(now - 5 * day + h * 3_600_000 + 1), value: h as f64 })
+        .collect();
+    for c in points.chunks(24) {
+        twin.telemetry(c.to_vec()).await.unwrap();
+    }
+    let all = |twin: twinfleet::TwinHandle| async move {
+        let q = twinfleet::TelemetryQuery { metric: None, from: Timestamp(0), to: Timestamp(now), limit: 10_000 };
+        twin.telemetry_page(q).await.unwrap().points
+    };
+    assert_eq!(all(twin.clone()).await.len(), 5 * 24);
+
+    let report = p.compact_journals().await.unwrap();
+    assert!(report.history_partitions_dropped >= 2, "{report:?}");
+    let kept = all(twin.clone()).await;
+    let cutoff = now - 2 * day;
+    assert!(kept.iter().all(|pt| pt.at.0 >= cutoff - day), "only whole days before the cutoff go");
+    assert!(kept.iter().any(|pt| pt.at.0 < cutoff), "the day that holds the cutoff stays whole");
+    assert!(kept.len() >= 2 * 24 && kept.len() < 5 * 24, "{} points kept", kept.len());
+    // The points of the last two days are all there.
+    assert_eq!(
+        kept.iter().filter(|pt| pt.at.0 >= cutoff).count(),
+        points.iter().filter(|pt| pt.at.0 >= cutoff).count()
+    );
+    p.shutdown().await;
+}

@@ -33,6 +33,7 @@ pub struct TypeContext {
     pub(crate) twins: AtomicUsize,
     pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
     pub(crate) journal: twinfleet_models::JournalRetention,
+    pub(crate) history: twinfleet_models::HistoryRetention,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
 }
@@ -52,6 +53,7 @@ impl TypeContext {
             twins: AtomicUsize::new(0),
             domain: spec.domain.clone().map(Arc::new),
             journal: spec.journal,
+            history: spec.history,
             fleet_edit: tokio::sync::Mutex::new(()),
         })
     }
@@ -87,6 +89,7 @@ impl TypeContext {
             defaults: (*self.defaults()).clone(),
             domain: self.domain.as_deref().cloned(),
             journal: self.journal,
+            history: self.history,
         }
     }
 }
