@@ -16,6 +16,8 @@ impl DeviceGateway for Gateway {
     ) -> Result<Response<AckStream>, Status> {
         let twin = self.authenticate(&req)?;
         let session = self.rt.sessions().open(twin.id().as_str());
+        // Checked again once registered: a revocation in between ends nothing otherwise.
+        self.authenticate(&req)?;
         let mut batches = req.into_inner();
         let (tx, rx) = mpsc::channel(TELEMETRY_WINDOW);
         let gw = self.clone();
@@ -90,6 +92,8 @@ impl DeviceGateway for Gateway {
         let twin = self.authenticate(&req)?;
         let twin_id = twin.id().clone();
         let session = self.rt.sessions().open(twin.id().as_str());
+        // Checked again once registered: a revocation in between ends nothing otherwise.
+        self.authenticate(&req)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         // A newer stream replaces an older one of the same device.
         self.links.streams.insert(twin.id().clone(), tx.clone());
@@ -172,6 +176,9 @@ impl Hub for Gateway {
                     let h = self.rt.authenticate_device(&v.device_identifier, &token).map_err(auth_status)?;
                     self.check_tenant(&h, &v.tenant_identifier).await?;
                     session = Some(self.rt.sessions().open(h.id().as_str()));
+                    // Checked again once registered: a revocation in between ends
+                    // nothing otherwise.
+                    self.rt.authenticate_device(&v.device_identifier, &token).map_err(auth_status)?;
                     twin.insert(h)
                 }
             };

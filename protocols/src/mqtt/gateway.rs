@@ -267,24 +267,28 @@ impl Gateway {
             Err(BadHello::Malformed(why)) => return self.reject("malformed", || format!("bad MQTT CONNECT: {why}")),
         };
         let version = hello.version;
+        // Registered with the platform *before* the credentials are checked, under the
+        // identity the CONNECT claims (a claimant's under its type's claim token, not the
+        // device it is about to become): a revocation that lands after the check ends
+        // this session; one that lands before fails the check.
+        let claimed = match kind {
+            ListenerKind::Operational => hello.client_id.clone(),
+            ListenerKind::Provisioning => {
+                twinfleet_actors::sessions::claim_holder(hello.login.as_ref().map_or("", |(u, _)| u.as_str()))
+            }
+        };
+        let session = self.rt().sessions().open(&claimed);
         let (who, twin) = match self.identify(kind, &hello) {
             Ok(x) => x,
             Err(code) => return refuse(&mut sock, version, code).await,
         };
+        let device = claimed;
         if let Some((topic, _)) = &hello.will
             && !who.may_publish(topic)
         {
             self.reject("wrong_device", || format!("{who:?} set a last will on {topic:?}"));
             return refuse(&mut sock, version, Refusal::NotAuthorized).await;
         }
-        // A claimant's session belongs to its type's claim token, not to the device it
-        // is about to become (whose token it receives).
-        let device = match &who {
-            Identity::Device(id) => id.clone(),
-            Identity::Claimant { ty, .. } => twinfleet_actors::sessions::claim_holder(ty),
-        };
-        // Registered with the platform before the CONNACK: a revocation from now on ends it.
-        let session = self.rt().sessions().open(&device);
         let (out_tx, out_rx) = mpsc::channel(COMMAND_QUEUE);
         let (kick, kicked) = watch::channel(false);
         let conn = Arc::new(Conn { id: self.next.fetch_add(1, Relaxed), out: out_tx, subscribed: false.into(), kick });
