@@ -115,8 +115,6 @@ pub struct Infra {
     pub requests: RequestMetrics,
     /// Open device sessions of every gateway (closed on credential changes).
     pub sessions: Arc<crate::sessions::DeviceSessions>,
-    /// Telemetry waiting to be written together, per arbiter (`crate::ingest`).
-    pub(crate) ingest: crate::ingest::IngestQueues,
     device_links: DeviceLinks,
     versions: AtomicU64,
 }
@@ -130,7 +128,6 @@ impl Infra {
         settings: Settings,
     ) -> Self {
         Infra {
-            ingest: crate::ingest::IngestQueues::new(arbiters.len()),
             alerts: AlertSink::new(storage.clone()),
             storage,
             series,

@@ -91,7 +91,7 @@ impl TwinHandle {
 
     /// Why the twin cannot take a request: a retired (deleted) twin is gone for good
     /// (404), any other state is transient (503).
-    pub(crate) fn gone(&self) -> TwinError {
+    fn gone(&self) -> TwinError {
         match self.slot.stats.status() {
             ActorStatus::Stopped => TwinError::NotFound(self.slot.id.to_string()),
             status => TwinError::Unavailable { kind: "twin", id: self.slot.id.to_string(), status },
@@ -148,6 +148,14 @@ impl TwinHandle {
     /// The last `limit` journal events, oldest first.
     pub async fn events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
         self.request(Events(limit)).await
+    }
+
+    /// Stores a telemetry batch like [`TwinHandle::telemetry`], written together with
+    /// the batches other twins of its type and arbiter receive meanwhile (one mailbox
+    /// message per twin on its own arbiter, one sled batch and one series submission
+    /// per drain; `dti::ingest`). Resolves with the number of points once durable.
+    pub async fn ingest(&self, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
+        crate::dti::ingest::ingest(&self.slot, points).await
     }
 
     /// Stores a telemetry batch (accepted or rejected whole); resolves with the number

@@ -23,7 +23,6 @@ pub mod env;
 pub mod error;
 pub mod group;
 pub mod handle;
-mod ingest;
 pub mod inspection;
 pub mod jobs;
 mod maps;

@@ -36,6 +36,8 @@ pub struct TypeContext {
     pub(crate) history: twinfleet_models::HistoryRetention,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
+    /// Telemetry of this type's twins waiting to be written together, per arbiter.
+    pub(crate) ingest: super::ingest::IngestQueues,
 }
 
 impl TypeContext {
@@ -46,7 +48,6 @@ impl TypeContext {
             model: Arc::from(spec.model.as_str()),
             stats: ActorStats::new("tdta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor"))),
             path,
-            infra,
             defaults: RwLock::new(Arc::new(spec.defaults.clone())),
             tdta: RwLock::new(None),
             chunks: Mutex::new(Vec::new()),
@@ -55,6 +56,8 @@ impl TypeContext {
             journal: spec.journal,
             history: spec.history,
             fleet_edit: tokio::sync::Mutex::new(()),
+            ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
+            infra,
         })
     }
 

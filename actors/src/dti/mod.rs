@@ -36,6 +36,7 @@ mod slot;
 
 pub use kind::FleetReport;
 pub(crate) use kind::*;
+pub(crate) mod ingest;
 
 pub(crate) use requests::{
     Answered, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared, Request, Retire,

@@ -1,8 +1,8 @@
 //! Telemetry ingest batched across twins (the packed path of the gateways).
 //!
-//! A gateway hands a device's points to [`TwinHandle::ingest`]. Instead of one mailbox
+//! A gateway hands a device's points to `TwinHandle::ingest`. Instead of one mailbox
 //! round trip and one write per message, the points wait in a queue of the twin's
-//! arbiter; the first point into an empty queue schedules one drain on that arbiter (one
+//! device type and arbiter; the first point into an empty queue schedules one drain on that arbiter (one
 //! cross-thread hop for everything queued meanwhile). The drain hands each twin its
 //! points there (a local mailbox message: the twin still sees every point and keeps its
 //! latest values), then writes what all of them prepared as **one** sled batch and
@@ -10,10 +10,8 @@
 //! While a drain runs, the next points queue up for the next one: the batch grows with
 //! the load, without a timer.
 
-use crate::context::Infra;
-use crate::dti::{Answered, Ask, Prepare, Reload, TwinSlot};
+use super::{Answered, Ask, Prepare, Reload, TwinSlot, TypeContext};
 use crate::error::TwinError;
-use crate::handle::TwinHandle;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
@@ -27,7 +25,7 @@ struct Item {
     done: oneshot::Sender<Result<usize, TwinError>>,
 }
 
-/// One queue per arbiter.
+/// One queue per arbiter (of one device type: `TypeContext::ingest`).
 #[derive(Default)]
 pub(crate) struct IngestQueues {
     queues: Vec<(Mutex<Vec<Item>>, AtomicBool)>,
@@ -45,15 +43,24 @@ impl IngestQueues {
     }
 }
 
+/// Why a twin cannot take its points now: a retired (deleted) twin is gone for good,
+/// any other state is transient.
+fn gone(slot: &TwinSlot) -> TwinError {
+    match slot.stats.status() {
+        twinfleet_runtime::ActorStatus::Stopped => TwinError::NotFound(slot.id.to_string()),
+        status => TwinError::Unavailable { kind: "twin", id: slot.id.to_string(), status },
+    }
+}
+
 /// Takes what is queued for arbiter `i` (on that arbiter) and writes it as one batch.
-fn drain(infra: Arc<Infra>, i: usize) {
-    let (queue, scheduled) = &infra.ingest.queues[i];
+fn drain(ty: Arc<TypeContext>, i: usize) {
+    let (queue, scheduled) = &ty.ingest.queues[i];
     scheduled.store(false, std::sync::atomic::Ordering::Release);
     let items = std::mem::take(&mut *queue.lock());
     if items.is_empty() {
         return;
     }
-    let infra2 = infra.clone();
+    let infra2 = ty.infra.clone();
     actix_rt::spawn(async move {
         // Every message goes into its twin's mailbox first; then their answers.
         let asked: Vec<_> = items
@@ -68,7 +75,7 @@ fn drain(infra: Arc<Infra>, i: usize) {
         let mut waiting = Vec::with_capacity(asked.len());
         for (slot, done, ask) in asked {
             let Some(ask) = ask else {
-                let _ = done.send(Err(TwinHandle::new(slot).gone()));
+                let _ = done.send(Err(gone(&slot)));
                 continue;
             };
             match ask.await {
@@ -84,7 +91,7 @@ fn drain(infra: Arc<Infra>, i: usize) {
                     let _ = done.send(Err(e));
                 }
                 Err(_) => {
-                    let _ = done.send(Err(TwinHandle::new(slot).gone()));
+                    let _ = done.send(Err(gone(&slot)));
                 }
             }
         }
@@ -107,37 +114,29 @@ fn drain(infra: Arc<Infra>, i: usize) {
     });
 }
 
-impl TwinHandle {
-    /// Stores a telemetry batch like [`TwinHandle::telemetry`], written together with
-    /// the batches other twins of the same arbiter receive meanwhile (see the module
-    /// documentation). Resolves with the number of points once they are durable.
-    pub async fn ingest(&self, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
-        let slot = self.slot();
-        let infra = slot.ty.infra.clone();
-        let i = slot.arbiter as usize % infra.ingest.queues.len().max(1);
-        let (done, rx) = oneshot::channel();
-        let Some((queue, scheduled)) = infra.ingest.queues.get(i) else {
-            return self.telemetry(points).await;
-        };
-        queue.lock().push(Item { slot: slot.clone(), points, done });
-        if !scheduled.swap(true, AcqRel) {
-            let infra2 = infra.clone();
-            if !infra.arbiters.run_on(i, move || drain(infra2, i)) {
-                scheduled.store(false, std::sync::atomic::Ordering::Release);
-                return Err(TwinError::Unavailable {
-                    kind: "twin",
-                    id: self.id().to_string(),
-                    status: slot.stats.status(),
-                });
-            }
+/// Queues a twin's points for the next drain of its arbiter and waits for the answer
+/// (see the module documentation): the number of points, once they are durable.
+pub(crate) async fn ingest(slot: &Arc<TwinSlot>, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
+    let ty = slot.ty.clone();
+    let infra = ty.infra.clone();
+    let n = ty.ingest.queues.len().max(1);
+    let i = slot.arbiter as usize % n;
+    let (done, rx) = oneshot::channel();
+    let Some((queue, scheduled)) = ty.ingest.queues.get(i) else {
+        return Err(gone(slot));
+    };
+    queue.lock().push(Item { slot: slot.clone(), points, done });
+    if !scheduled.swap(true, AcqRel) {
+        let ty2 = ty.clone();
+        if !infra.arbiters.run_on(i, move || drain(ty2, i)) {
+            scheduled.store(false, std::sync::atomic::Ordering::Release);
+            return Err(gone(slot));
         }
-        let ms = infra.settings.request_timeout_ms;
-        match futures::future::select(rx, infra.clock.sleep(ms)).await {
-            futures::future::Either::Left((Ok(r), _)) => r,
-            futures::future::Either::Left((Err(_), _)) => Err(self.gone()),
-            futures::future::Either::Right(_) => {
-                Err(TwinError::Timeout { kind: "twin", id: self.id().to_string(), ms })
-            }
-        }
+    }
+    let ms = infra.settings.request_timeout_ms;
+    match futures::future::select(rx, infra.clock.sleep(ms)).await {
+        futures::future::Either::Left((Ok(r), _)) => r,
+        futures::future::Either::Left((Err(_), _)) => Err(gone(slot)),
+        futures::future::Either::Right(_) => Err(TwinError::Timeout { kind: "twin", id: slot.id.to_string(), ms }),
     }
 }
