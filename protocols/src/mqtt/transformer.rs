@@ -93,7 +93,12 @@ struct Core {
 impl Core {
     /// Handles one message; returns it for the ack.
     async fn handle(self: Arc<Self>, p: Publish) -> Publish {
-        let result = if p.payload.len() > self.spec.max_payload {
+        let result = if p.retain {
+            // A broker sets the flag only on what it replays from its retained store for
+            // a (re)subscription (MQTT 3.1.1 §3.3.1.3, 5 §3.3.1.3): an old message, which
+            // must not overwrite newer state. Live messages arrive without it.
+            Err(Refused::new("retained", format!("a retained message replayed on {}", p.topic)))
+        } else if p.payload.len() > self.spec.max_payload {
             Err(Refused::new(
                 "oversized",
                 format!("{} bytes on {} (limit {})", p.payload.len(), p.topic, self.spec.max_payload),
