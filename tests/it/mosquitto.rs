@@ -28,6 +28,8 @@ fn mosquitto() -> Option<PathBuf> {
 struct Broker {
     child: Child,
     port: u16,
+    bin: PathBuf,
+    conf: PathBuf,
 }
 
 impl Drop for Broker {
@@ -37,8 +39,29 @@ impl Drop for Broker {
     }
 }
 
-/// Mosquitto on a free loopback port, with passwords for the transformer and `devices`
-/// and the shipped ACL.
+impl Broker {
+    fn spawn(bin: &Path, conf: &Path, port: u16) -> Child {
+        let child = Command::new(bin).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "mosquitto did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// A clean restart (SIGTERM, as `systemctl restart` does), on the same port.
+    fn restart(&mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.bin, &self.conf, self.port);
+    }
+}
+
+/// Mosquitto on a free loopback port, with passwords for the transformer and `devices`,
+/// the shipped ACL and the shipped settings (deploy/mosquitto/twinfleet.conf), its
+/// persistence in `dir`.
 fn start_mosquitto(bin: &Path, dir: &Path, devices: &[(&str, &str)]) -> Broker {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pw = dir.join("passwd");
@@ -48,25 +71,30 @@ fn start_mosquitto(bin: &Path, dir: &Path, devices: &[(&str, &str)]) -> Broker {
         let out = Command::new("mosquitto_passwd").arg("-b").arg(&pw).arg(user).arg(pass).output().unwrap();
         assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto/acl");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto");
+    let included = dir.join("conf.d");
+    std::fs::create_dir_all(&included).unwrap();
+    std::fs::copy(shipped.join("twinfleet.conf"), included.join("twinfleet.conf")).unwrap();
+    let store = dir.join("mosquitto-db");
+    std::fs::create_dir_all(&store).unwrap();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n\
-             max_queued_messages 100000\nmax_inflight_messages 1000\n",
+            // (`user`: Mosquitto started as root would drop to `mosquitto`, who cannot
+            // write the test's private directory.)
+            "listener {port} 127.0.0.1\nuser {}\npassword_file {}\nacl_file {}\npersistence_location {}/\n\
+             max_inflight_messages 1000\ninclude_dir {}\n",
+            std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into()),
             pw.display(),
-            acl.display()
+            shipped.join("acl").display(),
+            store.display(),
+            included.display()
         ),
     )
     .unwrap();
-    let child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "mosquitto did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker { child, port }
+    let child = Broker::spawn(bin, &conf, port);
+    Broker { child, port, bin: bin.to_path_buf(), conf }
 }
 
 /// `mosquitto_pub` as device `id`, one message per line of `lines`, QoS 1.
@@ -226,6 +254,36 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     })
     .await;
     assert_eq!(x0.get().await.unwrap().state.reported.get("stale"), Some(&json!(false)), "no old state came back");
+
+    // QoS 1 across a broker restart: the transformer is away, 3,000 points (more than
+    // Mosquitto's default queue of 1,000) wait in its persistent session, the broker
+    // restarts, the transformer comes back: every point the broker acknowledged lands.
+    gw.stop().await;
+    let base2 = base + 1_000_000;
+    let lines: Vec<String> =
+        (0..3_000).map(|i| json!({"ts": base2 + i, "values": {"late": i as f64}}).to_string()).collect();
+    publish(port, "x-1", &t1, "devices/x-1/telemetry", lines).await;
+    let mut broker = broker;
+    broker.restart();
+    let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
+    let landed = || async {
+        let q = TelemetryQuery {
+            metric: Some("late".into()),
+            from: Timestamp(base2),
+            to: Timestamp(base2 + 3_000),
+            limit: 10_000,
+        };
+        let mut ts: Vec<i64> = x1.telemetry_query(q).await.unwrap().iter().map(|p| p.at.0).collect();
+        ts.dedup();
+        ts.len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut n = landed().await;
+    while n < 3_000 && std::time::Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        n = landed().await;
+    }
+    assert_eq!(n, 3_000, "points queued in the broker across its restart");
 
     gw.stop().await;
     p.shutdown().await;
