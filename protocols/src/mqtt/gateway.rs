@@ -455,6 +455,9 @@ impl Served<'_> {
                     return self.close(wr, wire::DISCONNECT_SHUTTING_DOWN, "gateway stopping").await;
                 }
                 Some((qos, pkid, result, reply)) = pipeline.next(), if !pipeline.is_empty() => {
+                    // Keep-alive counts only the time this side was willing to read: a
+                    // device waiting on its twin is not silent.
+                    last_read = tokio::time::Instant::now();
                     if let Err(end) = self.handled(qos, pkid, result, reply) {
                         return self.close(wr, wire::DISCONNECT_SERVER_BUSY, end).await;
                     }
