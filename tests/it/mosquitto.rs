@@ -127,6 +127,16 @@ async fn publish_with(port: u16, id: &str, token: &str, topic: &str, lines: Vec<
     assert!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// How many distinct timestamps of `metric` the twin holds in `[from, from + n]`.
+async fn distinct_points(twin: &twinfleet::TwinHandle, metric: &str, from: i64, n: i64) -> usize {
+    let q =
+        TelemetryQuery { metric: Some(metric.into()), from: Timestamp(from), to: Timestamp(from + n), limit: 10_000 };
+    let mut ts: Vec<i64> = twin.telemetry_query(q).await.unwrap().iter().map(|p| p.at.0).collect();
+    ts.sort();
+    ts.dedup();
+    ts.len()
+}
+
 fn gateway_config(port: u16) -> MqttConfig {
     let url = format!("mqtt://twinfleet-transformer:{TRANSFORMER_PW}@127.0.0.1:{port}");
     MqttConfig { operational: url.parse().unwrap(), provisioning: url.parse().unwrap(), ..MqttConfig::default() }
@@ -222,18 +232,7 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     gw.stop().await;
     pubs.await.unwrap();
     let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
-    let count = || async {
-        let q = TelemetryQuery {
-            metric: Some("seq".into()),
-            from: Timestamp(base),
-            to: Timestamp(base + 2_000),
-            limit: 10_000,
-        };
-        let mut ts: Vec<i64> = x1.telemetry_query(q).await.unwrap().iter().map(|p| p.at.0).collect();
-        ts.sort();
-        ts.dedup();
-        ts.len()
-    };
+    let count = || distinct_points(&x1, "seq", base, 2_000);
     // (A transformer that acknowledged on receipt instead lost the ~50 points it held
     // when stopped; the broker does not redeliver what was acknowledged.)
     eventually("all 2,000 points after the restart", || async { (count().await == 2_000).then_some(()) }).await;
@@ -266,17 +265,7 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     let mut broker = broker;
     broker.restart();
     let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
-    let landed = || async {
-        let q = TelemetryQuery {
-            metric: Some("late".into()),
-            from: Timestamp(base2),
-            to: Timestamp(base2 + 3_000),
-            limit: 10_000,
-        };
-        let mut ts: Vec<i64> = x1.telemetry_query(q).await.unwrap().iter().map(|p| p.at.0).collect();
-        ts.dedup();
-        ts.len()
-    };
+    let landed = || distinct_points(&x1, "late", base2, 3_000);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut n = landed().await;
     while n < 3_000 && std::time::Instant::now() < deadline {
