@@ -49,7 +49,6 @@ pub(crate) fn read_connect(frame: &[u8], max: usize) -> Result<Hello, BadHello> 
         return Err(BadHello::Malformed("the first packet is not a CONNECT".into()));
     }
     // Variable header: protocol name (2-byte length + bytes), level, flags.
-    let _ = header;
     // Fixed header: one byte, then the remaining length in 1 to 4 bytes of 7 bits.
     let len_bytes = frame.iter().skip(1).take(4).position(|b| b & 0x80 == 0).unwrap_or(3) + 1;
     let body = &frame[(1 + len_bytes).min(frame.len())..];
