@@ -8,6 +8,7 @@
 //! | gRPC address | `--grpc` | `TWINFLEET_GRPC` | `grpc` | `127.0.0.1:50051` |
 //! | MQTT operational gateway | `--mqtt` | `TWINFLEET_MQTT` | `mqtt` | `127.0.0.1:1883` (embedded) |
 //! | MQTT provisioning gateway | `--mqtt-provisioning` | `TWINFLEET_MQTT_PROVISIONING` | `mqtt_provisioning` | `127.0.0.1:1884` (embedded) |
+//! | external broker's accounts | `--mqtt-accounts` | `TWINFLEET_MQTT_ACCOUNTS` | `mqtt_accounts` | `none`; `dynsec`: twinfleet keeps a Mosquitto's device and claim accounts through its dynamic-security plugin |
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
@@ -36,6 +37,7 @@ pub struct PartialConfig {
     pub grpc: Option<SocketAddr>,
     pub mqtt: Option<String>,
     pub mqtt_provisioning: Option<String>,
+    pub mqtt_accounts: Option<String>,
     pub arbiters: Option<usize>,
     pub log: Option<String>,
 }
@@ -56,6 +58,8 @@ pub struct RunConfig {
     pub grpc: SocketAddr,
     pub mqtt: Endpoint,
     pub mqtt_provisioning: Endpoint,
+    /// Keep an external broker's accounts (`--mqtt-accounts dynsec`).
+    pub mqtt_accounts: bool,
     pub arbiters: usize,
     pub log: String,
 }
@@ -77,6 +81,11 @@ pub fn resolve(over: PartialConfig, file: PartialConfig) -> Result<RunConfig, St
             DEFAULT_MQTT_PROVISIONING,
             "mqtt_provisioning",
         )?,
+        mqtt_accounts: match over.mqtt_accounts.or(file.mqtt_accounts).as_deref() {
+            None | Some("none") => false,
+            Some("dynsec") => true,
+            Some(other) => return Err(format!("mqtt_accounts: {other:?} is neither \"none\" nor \"dynsec\"")),
+        },
         arbiters: over.arbiters.or(file.arbiters).unwrap_or(cores).max(1),
         log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into()),
     })
@@ -101,6 +110,10 @@ mod tests {
         assert_eq!((b.host.as_str(), b.port, b.password.as_deref()), ("broker.local", 1883, Some("pw")));
         let bad = PartialConfig { mqtt: Some("nowhere".into()), ..Default::default() };
         assert!(resolve(bad, PartialConfig::default()).is_err());
+        let accounts = PartialConfig { mqtt_accounts: Some("dynsec".into()), ..Default::default() };
+        assert!(resolve(accounts, PartialConfig::default()).unwrap().mqtt_accounts);
+        let typo = PartialConfig { mqtt_accounts: Some("dynsex".into()), ..Default::default() };
+        assert!(resolve(typo, PartialConfig::default()).unwrap_err().contains("dynsex"));
         assert!(toml::from_str::<PartialConfig>("htp = \"x\"").is_err());
     }
 }

@@ -63,7 +63,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// TOML config file (keys: data_dir, http, grpc, mqtt, mqtt_provisioning, arbiters, log).
+    /// TOML config file (keys: data_dir, http, grpc, mqtt, mqtt_provisioning,
+    /// mqtt_accounts, arbiters, log).
     #[arg(long, env = "TWINFLEET_CONFIG")]
     config: Option<PathBuf>,
     /// Where the data lives [default: ./twinfleet-data].
@@ -82,6 +83,12 @@ struct RunArgs {
     /// MQTT provisioning gateway, same forms [default: 127.0.0.1:1884].
     #[arg(long, env = "TWINFLEET_MQTT_PROVISIONING")]
     mqtt_provisioning: Option<String>,
+    /// An external Mosquitto's device and claim accounts: `none` (the operator keeps
+    /// them) or `dynsec` (twinfleet keeps them in step with its credentials through the
+    /// broker's dynamic-security plugin; the transformer's account must administer it)
+    /// [default: none].
+    #[arg(long, env = "TWINFLEET_MQTT_ACCOUNTS")]
+    mqtt_accounts: Option<String>,
     /// A directory of device-type model files (`*.json`, e.g. device-types/); each type
     /// that does not exist yet is created at start.
     #[arg(long, env = "TWINFLEET_DEVICE_TYPES")]
@@ -145,6 +152,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             grpc: args.grpc,
             mqtt: args.mqtt,
             mqtt_provisioning: args.mqtt_provisioning,
+            mqtt_accounts: args.mqtt_accounts,
             arbiters: args.arbiters,
             log: args.log,
         },
@@ -191,7 +199,12 @@ async fn serve(
         .with_context(|| format!("cannot listen on {}", cfg.http))?;
     let grpc = GrpcGateway::start(platform.runtime().clone(), cfg.grpc)
         .with_context(|| format!("cannot listen on {} for gRPC", cfg.grpc))?;
-    let mqtt_cfg = MqttConfig { operational: cfg.mqtt, provisioning: cfg.mqtt_provisioning, ..MqttConfig::default() };
+    let mqtt_cfg = MqttConfig {
+        operational: cfg.mqtt,
+        provisioning: cfg.mqtt_provisioning,
+        broker_accounts: cfg.mqtt_accounts,
+        ..MqttConfig::default()
+    };
     let mqtt = MqttGateway::start(platform.runtime().clone(), mqtt_cfg.clone()).await.with_context(|| {
         format!("cannot start the MQTT gateways ({} and {})", mqtt_cfg.operational, mqtt_cfg.provisioning)
     })?;

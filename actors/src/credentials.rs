@@ -155,6 +155,12 @@ impl Credentials {
         self.cache.remove(id);
     }
 
+    /// Whether `holder` has a token (a storage failure counts as no).
+    pub(crate) fn has(&self, holder: Holder<'_>) -> bool {
+        let key = holder.key();
+        self.cache.get(&key).is_some() || matches!(self.storage.get(spaces::CREDENTIAL, key.as_bytes()), Ok(Some(_)))
+    }
+
     /// Checks `token` against the stored hash of `holder`'s token.
     pub(crate) fn verify(&self, holder: Holder<'_>, token: &str) -> Result<(), AuthError> {
         let cached = match holder {

@@ -51,7 +51,7 @@ pub use inspection::{ActorPage, ActorQuery, FleetSummary, KindSummary};
 pub use jobs::{Generate, Job, JobSpec, JobState, Jobs};
 pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 pub use restore::{QuarantineEntry, RestoreReport};
-pub use sessions::{DeviceSessions, Session};
+pub use sessions::{CredentialChange, DeviceSessions, Session};
 pub use supervisor::TwinRuntime;
 pub use tdta::{TypeHandle, TypeInfo};
 pub use telemetry::{MAX_BUCKETS, MetricBuckets, TelemetryPage, TelemetryQuery};

@@ -6,11 +6,17 @@
 //! A gateway opens a [`Session`] once it has authenticated a device and holds it for as
 //! long as the connection or stream lives; it waits on [`Session::closed`] beside its
 //! work and ends the connection when that resolves. Dropping the session unregisters it.
+//!
+//! A gateway that keeps accounts of its own (an external broker's, see
+//! `twinfleet_protocols::mqtt::accounts`) [`watch`](DeviceSessions::watch)es the
+//! [`CredentialChange`]s instead: every token issued, and every end of a holder's
+//! credentials, in the order they happened.
 
 use dashmap::DashMap;
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// The holder under which sessions authenticated with device type `ty`'s claim token
 /// are registered (a `/` is in no device id).
@@ -21,14 +27,43 @@ pub fn claim_holder(ty: &str) -> String {
 /// Tells one session why it ends.
 type Closer = watch::Sender<Option<&'static str>>;
 
+/// A change of a holder's credentials. The holder is a device id, or
+/// [`claim_holder`]`(type)` for a device type's claim token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialChange {
+    /// A new token (the only moment the plain token exists outside the device).
+    Issued { holder: String, token: String },
+    /// The holder's credentials ended: revoked, replaced (an `Issued` follows), its
+    /// twin archived or deleted.
+    Ended { holder: String, reason: &'static str },
+}
+
 /// Every open device session, by device id.
 #[derive(Debug, Default)]
 pub struct DeviceSessions {
     next: AtomicU64,
     open: DashMap<String, Vec<(u64, Closer)>>,
+    watchers: Mutex<Vec<mpsc::UnboundedSender<CredentialChange>>>,
 }
 
 impl DeviceSessions {
+    /// Every credential change from now on, in order (until the receiver is dropped).
+    pub fn watch(&self) -> mpsc::UnboundedReceiver<CredentialChange> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers.lock().push(tx);
+        rx
+    }
+
+    fn announce(&self, change: CredentialChange) {
+        let mut watchers = self.watchers.lock();
+        watchers.retain(|w| w.send(change.clone()).is_ok());
+    }
+
+    /// Tells the watchers that `holder` has a new `token`.
+    pub(crate) fn issued(&self, holder: &str, token: &str) {
+        self.announce(CredentialChange::Issued { holder: holder.to_string(), token: token.to_string() });
+    }
+
     /// Registers a session of `device`, open until it is dropped or closed.
     pub fn open(self: &Arc<Self>, device: &str) -> Session {
         let id = self.next.fetch_add(1, Relaxed);
@@ -37,9 +72,10 @@ impl DeviceSessions {
         Session { registry: self.clone(), device: device.to_string(), id, closed: rx }
     }
 
-    /// Ends every open session of `device` with `reason` (e.g. "token revoked");
-    /// returns how many there were.
+    /// Ends every open session of `device` with `reason` (e.g. "token revoked") and
+    /// tells the watchers; returns how many sessions there were.
     pub fn close(&self, device: &str, reason: &'static str) -> usize {
+        self.announce(CredentialChange::Ended { holder: device.to_string(), reason });
         match self.open.remove(device) {
             Some((_, sessions)) => {
                 for (_, tx) in &sessions {
@@ -123,5 +159,18 @@ mod tests {
         drop(b);
         assert_eq!(reg.total(), 0);
         assert_eq!(reg.close("a", "again"), 0);
+    }
+
+    #[test]
+    fn watchers_hear_every_change_in_order_and_dropped_ones_are_forgotten() {
+        let reg = DeviceSessions::default();
+        let mut w = reg.watch();
+        drop(reg.watch());
+        reg.close("a", "token re-issued");
+        reg.issued("a", "tfd_x");
+        assert_eq!(w.try_recv().unwrap(), CredentialChange::Ended { holder: "a".into(), reason: "token re-issued" });
+        assert_eq!(w.try_recv().unwrap(), CredentialChange::Issued { holder: "a".into(), token: "tfd_x".into() });
+        assert!(w.try_recv().is_err());
+        assert_eq!(reg.watchers.lock().len(), 1);
     }
 }

@@ -256,6 +256,7 @@ impl TwinRuntime {
         let twin = self.twin(id)?;
         let token = self.env.credentials.issue(Holder::Device(twin.id().as_str()), self.env.clock.now()).await?;
         self.env.sessions.close(twin.id().as_str(), "token re-issued");
+        self.env.sessions.issued(twin.id().as_str(), &token);
         Ok(token)
     }
 
@@ -271,7 +272,9 @@ impl TwinRuntime {
     pub async fn issue_claim_token(&self, ty: &str) -> Result<String, TwinError> {
         let ty = self.device_type(ty)?;
         let token = self.env.credentials.issue(Holder::Claim(ty.id().as_str()), self.env.clock.now()).await?;
-        self.env.sessions.close(&crate::sessions::claim_holder(ty.id().as_str()), "claim token re-issued");
+        let holder = crate::sessions::claim_holder(ty.id().as_str());
+        self.env.sessions.close(&holder, "claim token re-issued");
+        self.env.sessions.issued(&holder, &token);
         Ok(token)
     }
 
@@ -292,6 +295,19 @@ impl TwinRuntime {
             self.env.rejections.reject(e.reason(), || e.to_string());
         }
         result
+    }
+
+    /// Whether `holder` (a device id, or `claim/<type>`) may connect at all: it has
+    /// credentials, and a device's twin exists and is not archived. Gateways with
+    /// accounts of their own reconcile them with this.
+    pub fn may_connect(&self, holder: &str) -> bool {
+        match holder.strip_prefix("claim/") {
+            Some(ty) => self.device_type(ty).is_ok() && self.env.credentials.has(Holder::Claim(ty)),
+            None => match self.env.directory.twins.get(holder) {
+                Some(slot) => !slot.archived() && self.env.credentials.has(Holder::Device(holder)),
+                None => false,
+            },
+        }
     }
 
     /// The credential mapper: the twin a device may speak for, given the id and token it

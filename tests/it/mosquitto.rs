@@ -1,5 +1,7 @@
 //! The MQTT path against a real Mosquitto started by the test, with `mosquitto_pub` and
-//! `mosquitto_sub` as the devices and the ACL twinfleet ships (deploy/mosquitto/acl).
+//! `mosquitto_sub` as the devices and the configuration twinfleet ships
+//! (deploy/mosquitto/: settings and the dynamic-security plugin, whose accounts
+//! twinfleet keeps).
 //! Needs the Debian packages `mosquitto` and `mosquitto-clients` (`.ci/run` installs
 //! them); without them the test says so loudly and skips, except under CI, where it
 //! fails.
@@ -59,22 +61,31 @@ impl Broker {
     }
 }
 
-/// Mosquitto on a free loopback port, with passwords for the transformer and `devices`,
-/// the shipped ACL and the shipped settings (deploy/mosquitto/twinfleet.conf), its
+/// Where Debian puts the dynamic-security plugin.
+const DYNSEC_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+
+/// Mosquitto on a free loopback port with the shipped settings and the shipped
+/// dynamic-security configuration (deploy/mosquitto/), the transformer as the plugin's
+/// administrator and no other account (twinfleet creates the devices'), its
 /// persistence in `dir`.
-fn start_mosquitto(bin: &Path, dir: &Path, devices: &[(&str, &str)]) -> Broker {
+fn start_mosquitto(bin: &Path, dir: &Path) -> Broker {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let pw = dir.join("passwd");
-    std::fs::write(&pw, "").unwrap();
-    let users = std::iter::once(("twinfleet-transformer", TRANSFORMER_PW)).chain(devices.iter().copied());
-    for (user, pass) in users {
-        let out = Command::new("mosquitto_passwd").arg("-b").arg(&pw).arg(user).arg(pass).output().unwrap();
-        assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let accounts = dir.join("dynamic-security.json");
+    let out = Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(&accounts)
+        .args(["twinfleet-transformer", TRANSFORMER_PW])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mosquitto_ctrl dynsec init: {}", String::from_utf8_lossy(&out.stderr));
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto");
     let included = dir.join("conf.d");
     std::fs::create_dir_all(&included).unwrap();
     std::fs::copy(shipped.join("twinfleet.conf"), included.join("twinfleet.conf")).unwrap();
+    let dynsec = std::fs::read_to_string(shipped.join("dynamic-security.conf")).unwrap();
+    assert!(dynsec.contains(DYNSEC_PLUGIN) && dynsec.contains("/var/lib/mosquitto/dynamic-security.json"));
+    let dynsec = dynsec.replace("/var/lib/mosquitto/dynamic-security.json", &accounts.display().to_string());
+    std::fs::write(included.join("dynamic-security.conf"), dynsec).unwrap();
     let store = dir.join("mosquitto-db");
     std::fs::create_dir_all(&store).unwrap();
     let conf = dir.join("mosquitto.conf");
@@ -83,11 +94,9 @@ fn start_mosquitto(bin: &Path, dir: &Path, devices: &[(&str, &str)]) -> Broker {
         format!(
             // (`user`: Mosquitto started as root would drop to `mosquitto`, who cannot
             // write the test's private directory.)
-            "listener {port} 127.0.0.1\nuser {}\npassword_file {}\nacl_file {}\npersistence_location {}/\n\
+            "listener {port} 127.0.0.1\nuser {}\npersistence_location {}/\n\
              max_inflight_messages 1000\ninclude_dir {}\n",
             std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into()),
-            pw.display(),
-            shipped.join("acl").display(),
             store.display(),
             included.display()
         ),
@@ -95,6 +104,40 @@ fn start_mosquitto(bin: &Path, dir: &Path, devices: &[(&str, &str)]) -> Broker {
     .unwrap();
     let child = Broker::spawn(bin, &conf, port);
     Broker { child, port, bin: bin.to_path_buf(), conf }
+}
+
+/// Runs `mosquitto_pub` with `args` (host and port given), returning whether it
+/// connected and published.
+fn mosquitto_pub(port: u16, args: &[&str]) -> bool {
+    let out = Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args).output();
+    out.unwrap().status.success()
+}
+
+/// Sends dynamic-security commands as the plugin's administrator (the transformer).
+fn dynsec(port: u16, commands: Value) {
+    let body = json!({ "commands": commands }).to_string();
+    let admin = ["-u", "twinfleet-transformer", "-P", TRANSFORMER_PW, "-q", "1"];
+    assert!(mosquitto_pub(port, &[&admin[..], &["-t", "$CONTROL/dynamic-security/v1", "-m", &body]].concat()));
+}
+
+/// Waits until device `id` can log in to the broker with `token` (twinfleet has
+/// created its account), or, with `works = false`, until it can no longer.
+async fn login(port: u16, id: &str, token: &str, works: bool) {
+    let (id, token) = (id.to_string(), token.to_string());
+    let what = format!("{id}'s broker login {}", if works { "works" } else { "is refused" });
+    eventually(&what, || {
+        let (id, token) = (id.clone(), token.clone());
+        async move {
+            let ok = actix_rt::task::spawn_blocking(move || {
+                let topic = format!("devices/{id}/status");
+                mosquitto_pub(port, &["-i", &id, "-u", &id, "-P", &token, "-t", &topic, "-m", r#"{"status":"online"}"#])
+            })
+            .await
+            .unwrap();
+            (ok == works).then_some(())
+        }
+    })
+    .await;
 }
 
 /// `mosquitto_pub` as device `id`, one message per line of `lines`, QoS 1.
@@ -139,7 +182,12 @@ async fn distinct_points(twin: &twinfleet::TwinHandle, metric: &str, from: i64, 
 
 fn gateway_config(port: u16) -> MqttConfig {
     let url = format!("mqtt://twinfleet-transformer:{TRANSFORMER_PW}@127.0.0.1:{port}");
-    MqttConfig { operational: url.parse().unwrap(), provisioning: url.parse().unwrap(), ..MqttConfig::default() }
+    MqttConfig {
+        operational: url.parse().unwrap(),
+        provisioning: url.parse().unwrap(),
+        broker_accounts: true,
+        ..MqttConfig::default()
+    }
 }
 
 #[actix_rt::test]
@@ -154,13 +202,24 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     let dir = tempfile::tempdir().unwrap();
     let p = start(&dir.path().join("data"), None, test_settings()).await;
     fleet(&p, "valve", json!({}), "x", 2, |_| vec![]).await;
-    let t0 = p.issue_device_token("x-0").await.unwrap();
-    let t1 = p.issue_device_token("x-1").await.unwrap();
-    // "ghost" is a broker user without a twin.
-    let broker = start_mosquitto(&bin, dir.path(), &[("x-0", &t0), ("x-1", &t1), ("ghost", "ghost-pw")]);
+    let broker = start_mosquitto(&bin, dir.path());
     let port = broker.port;
     let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
     assert_eq!(addr(gw.operational()), format!("127.0.0.1:{port}"));
+    // Tokens issued now become broker accounts (the dynamic-security plugin).
+    let t0 = p.issue_device_token("x-0").await.unwrap();
+    let t1 = p.issue_device_token("x-1").await.unwrap();
+    login(port, "x-0", &t0, true).await;
+    login(port, "x-1", &t1, true).await;
+    // "ghost" is a broker user without a twin (made by hand, so twinfleet leaves it be).
+    dynsec(
+        port,
+        json!([
+            {"command": "createRole", "rolename": "ghost",
+             "acls": [{"acltype": "publishClientSend", "topic": "devices/ghost/state", "allow": true}]},
+            {"command": "createClient", "username": "ghost", "password": "ghost-pw", "roles": [{"rolename": "ghost"}]},
+        ]),
+    );
     let (x0, x1) = (p.twin("x-0").unwrap(), p.twin("x-1").unwrap());
 
     // State and telemetry from mosquitto_pub.
@@ -185,6 +244,13 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     };
     let out = sub(&["-E"]);
     assert!(out.status.success(), "mosquitto_sub -E: {}", String::from_utf8_lossy(&out.stderr));
+    // No client-id takeover: x-1, with its own good token, cannot connect with x-0's
+    // client id (which would end x-0's persistent session, and with it the command
+    // below) nor with the transformer's (whose queued telemetry it would take).
+    for victim in ["x-0", "twinfleet-transformer"] {
+        let args = ["-i", victim, "-u", "x-1", "-P", &t1, "-t", "devices/x-1/status", "-m", "{}"];
+        assert!(!mosquitto_pub(port, &args), "x-1 connected with the client id {victim:?}");
+    }
     x0.set_desired(obj(json!({"open": true}))).await.unwrap();
     let out = actix_rt::task::spawn_blocking(move || sub(&["-C", "1", "-W", "30"])).await.unwrap();
     assert!(out.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&out.stderr));
@@ -209,7 +275,7 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
         x0.get().await.unwrap().state.reported.contains_key("after").then_some(())
     })
     .await;
-    assert!(x1.get().await.unwrap().state.reported.is_empty(), "x-1 was not written by x-0");
+    assert!(!x1.get().await.unwrap().state.reported.contains_key("hijacked"), "x-1 was not written by x-0");
     assert_eq!(p.rejections().count("malformed"), 1);
     // A broker user without a twin is counted as an unknown device by the transformer.
     publish(port, "ghost", "ghost-pw", "devices/ghost/state", vec![json!({"boo": 1}).to_string()]).await;
@@ -270,6 +336,45 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
         (landed().await == 3_000).then_some(())
     })
     .await;
+
+    // A credential change reaches the broker: revoking x-0's token deletes its account,
+    // which ends its open session at once; the old token opens nothing; a new token works.
+    // (x-0's persistent session holds the command until mosquitto_sub reads it: then it
+    // is surely connected.)
+    x0.set_desired(obj(json!({"open": false}))).await.unwrap();
+    let mut listener = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", "x-0", "-u", "x-0", "-P", &t0])
+        .args(["-c", "-q", "1", "-t", "devices/x-0/commands", "-C", "2", "-W", "60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = listener.stdout.take().unwrap();
+    let first = actix_rt::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    });
+    assert!(first.await.unwrap().contains("command_id"), "x-0 got its command");
+    let revoked = std::time::Instant::now();
+    p.revoke_device_token("x-0").await.unwrap();
+    let status = actix_rt::task::spawn_blocking(move || listener.wait().unwrap()).await.unwrap();
+    let lasted = revoked.elapsed();
+    assert!(!status.success() && lasted < Duration::from_secs(30), "the session outlived the revocation: {status:?}");
+    login(port, "x-0", &t0, false).await;
+    let t0b = p.issue_device_token("x-0").await.unwrap();
+    login(port, "x-0", &t0b, true).await;
+
+    // A revocation while the transformer is away lands when it comes back (reconciled).
+    gw.stop().await;
+    p.revoke_device_token("x-1").await.unwrap();
+    assert!(mosquitto_pub(port, &["-i", "x-1", "-u", "x-1", "-P", &t1, "-t", "devices/x-1/status", "-m", "{}"]));
+    let gw = MqttGateway::start(p.runtime().clone(), gateway_config(port)).await.unwrap();
+    login(port, "x-1", &t1, false).await;
+    login(port, "x-0", &t0b, true).await;
+    assert!(mosquitto_pub(
+        port,
+        &["-i", "ghost", "-u", "ghost", "-P", "ghost-pw", "-t", "devices/ghost/state", "-m", "{}"]
+    ));
 
     gw.stop().await;
     p.shutdown().await;

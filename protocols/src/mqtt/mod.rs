@@ -9,6 +9,7 @@
 //!   transformer connects there and the broker's own authentication and ACL must confine
 //!   devices (`deploy/mosquitto/`).
 
+pub mod accounts;
 mod device;
 pub mod gateway;
 mod ingest;
@@ -68,6 +69,10 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// The transformer's MQTT client id (its persistent session on an external broker).
     pub client_id: String,
+    /// External brokers only: keep the broker's device and claim accounts in step with
+    /// twinfleet's credentials through Mosquitto's dynamic-security plugin
+    /// ([`accounts`]). Off: the operator keeps the broker's accounts.
+    pub broker_accounts: bool,
 }
 
 pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
@@ -81,6 +86,7 @@ impl Default for MqttConfig {
             max_payload: 256 * 1024,
             max_connections: 100_000,
             client_id: "twinfleet-transformer".into(),
+            broker_accounts: false,
         }
     }
 }
@@ -126,6 +132,7 @@ impl MqttGateway {
             provisioning,
             operational: advertised.clone(),
             max_payload: cfg.max_payload,
+            accounts: cfg.broker_accounts,
         };
         let mut specs = Vec::new();
         match (&operational, &provisioning) {

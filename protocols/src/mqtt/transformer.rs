@@ -81,6 +81,9 @@ pub(crate) struct TransformerSpec {
     /// Where provisioned devices are told to connect.
     pub operational: String,
     pub max_payload: usize,
+    /// Keep the broker's accounts in step with twinfleet's credentials
+    /// ([`super::accounts`]).
+    pub accounts: bool,
 }
 
 #[derive(Debug)]
@@ -221,6 +224,7 @@ impl Transformer {
         let (ingest, ingest_events) = AsyncClient::new(options(&spec, spec.client_id.clone(), false), WINDOW * 4);
         let out_connected = Arc::new(AtomicBool::new(false));
         let links = Arc::new(MqttLinks { out: out.clone(), connected: out_connected.clone() });
+        let shared_rt = rt.clone();
         let shared = Ingest { rt, operational: spec.operational.clone() };
         let core = Arc::new(Core { ingest: shared, spec: spec.clone(), out });
         let (closing, closing_rx) = watch::channel(false);
@@ -247,7 +251,19 @@ impl Transformer {
         let stop = |mut c: watch::Receiver<bool>| async move {
             let _ = c.wait_for(|v| *v).await;
         };
-        let tasks = vec![
+        // Watching starts now, so no credential change after start is missed.
+        let accounts = spec.accounts.then(|| {
+            let changes = shared_rt.sessions().watch();
+            let scope = super::accounts::Scope { devices: spec.devices, claims: spec.provisioning };
+            let (run, c) = (super::accounts::run(shared_rt.clone(), spec.clone(), scope, changes), closing_rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = run => {}
+                    () = stop(c) => {}
+                }
+            })
+        });
+        let mut tasks = vec![
             tokio::spawn({
                 let (stop, c) = (stop, closing_rx.clone());
                 let broker = broker.clone();
@@ -277,6 +293,7 @@ impl Transformer {
                 }
             }),
         ];
+        tasks.extend(accounts);
         Transformer { links, devices: spec.devices, closing, tasks }
     }
 
