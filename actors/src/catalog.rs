@@ -298,7 +298,7 @@ impl TwinRuntime {
         b.delete(spaces::TELEMETRY_LATEST, twin_key(&slot.id));
         b.delete(spaces::TAIL, twin_key(&slot.id));
         let prefix = journal_prefix(&slot.id);
-        for space in [spaces::JOURNAL, spaces::TELEMETRY] {
+        for space in [spaces::JOURNAL, spaces::TELEMETRY, spaces::LOGS] {
             for row in storage.scan(space, &prefix) {
                 b.delete(space, row?.0);
             }

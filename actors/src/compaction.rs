@@ -38,6 +38,8 @@ pub struct CompactionReport {
     pub pages_deleted: usize,
     /// Metric history partitions (days) dropped by the device types' history retention.
     pub history_partitions_dropped: usize,
+    /// App log lines deleted by the same retention.
+    pub log_lines_deleted: usize,
 }
 
 /// Starts the periodic passes; the thread ends once the platform is gone.
@@ -128,8 +130,21 @@ pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
         .iter()
         .filter_map(|t| t.value().history.cutoff(now).map(|c| (t.key().to_string(), c)))
         .collect();
-    for (ty, cutoff) in bounded_types {
-        report.history_partitions_dropped += env.series.drop_before(&ty, cutoff);
+    for (ty, cutoff) in &bounded_types {
+        report.history_partitions_dropped += env.series.drop_before(ty, *cutoff);
+    }
+    // App logs: the same cutoff, line by line (they are keyed per twin, not per day).
+    let cutoffs: std::collections::HashMap<&str, i64> = bounded_types.iter().map(|(t, c)| (t.as_str(), *c)).collect();
+    if !cutoffs.is_empty() {
+        let twins: Vec<(TwinId, i64)> = env
+            .directory
+            .twins
+            .iter()
+            .filter_map(|e| cutoffs.get(e.value().ty.device_type.as_str()).map(|c| (e.key().clone(), *c)))
+            .collect();
+        for (id, cutoff) in twins {
+            report.log_lines_deleted += crate::logs::delete_before(&*env.storage, &id, cutoff)?;
+        }
     }
     let bounded: Vec<(TwinId, JournalRetention, u64)> = env
         .directory

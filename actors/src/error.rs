@@ -1,7 +1,7 @@
 //! The typed error of every twin operation: each variant says what was wrong and with
 //! which input, so that the HTTP and gRPC edges can map it to a status and a message.
 
-use twinfleet_models::{Denied, IdError, ModelError, TelemetryError};
+use twinfleet_models::{Denied, IdError, LogError, ModelError, TelemetryError};
 use twinfleet_runtime::{ActorStatus, StorageError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,6 +38,8 @@ pub enum TwinError {
     Rejected(#[from] ModelError),
     #[error("telemetry rejected: {0}")]
     Telemetry(#[from] TelemetryError),
+    #[error("logs rejected: {0}")]
+    Logs(#[from] LogError),
     #[error("invalid id: {0}")]
     InvalidId(#[from] IdError),
     #[error("invalid request: {0}")]

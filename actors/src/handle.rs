@@ -164,6 +164,28 @@ impl TwinHandle {
         self.request(Telemetry(points)).await
     }
 
+    /// Stores app log lines (accepted or rejected whole, through the twin, so an
+    /// archived or deleted twin takes none); resolves with their number once durable.
+    pub async fn append_logs(&self, lines: Vec<twinfleet_models::LogLine>) -> Result<usize, TwinError> {
+        self.request(crate::dti::AppendLogs(lines)).await
+    }
+
+    /// One page of the twin's app log lines, newest first, read from storage on the
+    /// blocking pool (not through the twin), like [`TwinHandle::telemetry_page`].
+    pub async fn logs_page(&self, q: crate::logs::LogQuery) -> Result<crate::logs::LogPage, TwinError> {
+        if let Some(c) = &q.cursor
+            && crate::logs::parse_cursor(c).is_none()
+        {
+            return Err(TwinError::Invalid(format!("cursor {c:?} is not a page's next")));
+        }
+        let storage = self.slot.ty.infra.storage.clone();
+        let id = self.slot.id.clone();
+        tokio::task::spawn_blocking(move || crate::logs::read_page(&*storage, &id, &q))
+            .await
+            .map_err(|e| TwinError::Invalid(format!("log read failed: {e}")))?
+            .map_err(TwinError::from)
+    }
+
     /// Stored points, newest first: the first page of [`TwinHandle::telemetry_page`].
     pub async fn telemetry_query(&self, q: TelemetryQuery) -> Result<Vec<MetricPoint>, TwinError> {
         Ok(self.telemetry_page(q).await?.points)

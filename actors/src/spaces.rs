@@ -41,3 +41,6 @@ pub const TAIL: Space = Space(14);
 /// the events of every twin in one group commit that are not in a snapshot yet
 /// (`codec::page_item`). A page is deleted once no `TAIL` names it or an older one.
 pub const JOURNAL_PAGE: Space = Space(15);
+/// App logs: key = twin id, 0x00, millis (BE, sign flipped), sequence (BE); value = one
+/// line's level, app and text (`crate::logs`).
+pub const LOGS: Space = Space(16);

@@ -94,6 +94,12 @@ impl GrpcDevice {
         Ok(self.client.report_state(req).await?.into_inner().seq)
     }
 
+    /// Sends app log lines; returns how many were stored.
+    pub async fn logs(&mut self, lines: Vec<pb::LogLine>) -> Result<u64, Status> {
+        let req = self.request(pb::LogBatch { lines });
+        Ok(self.client.send_logs(req).await?.into_inner().seq)
+    }
+
     /// Opens a telemetry stream.
     pub async fn telemetry(&mut self) -> Result<TelemetryStream, Status> {
         let (tx, rx) = mpsc::channel(2);

@@ -110,6 +110,7 @@ pub fn classify(e: &TwinError) -> Classified {
             }
         },
         TwinError::Telemetry(t) => c(Rejected, "rejected", t.reason()),
+        TwinError::Logs(l) => c(Rejected, "rejected", l.reason()),
         TwinError::InvalidId(_) | TwinError::Invalid(_) => c(Invalid, "invalid", "malformed"),
         TwinError::Storage(s) => storage(s),
     }

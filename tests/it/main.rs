@@ -16,6 +16,7 @@ mod grpc;
 mod http_api;
 mod ingest_crash;
 mod layers;
+mod logs;
 mod mosquitto;
 mod mqtt;
 mod mqtt_clients;

@@ -39,8 +39,8 @@ pub(crate) use kind::*;
 pub(crate) mod ingest;
 
 pub(crate) use requests::{
-    Answered, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared, Request, Retire,
-    Telemetry, ToDevice,
+    Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared,
+    Request, Retire, Telemetry, ToDevice,
 };
 pub use slot::*;
 
@@ -170,6 +170,20 @@ impl Dti {
         let env = &self.slot.ty.infra;
         let history = env.series.submit(series);
         Ok((env.storage.submit(batch).and_series(history), points))
+    }
+
+    /// Validates app log lines and queues their write (`crate::logs`).
+    fn store_logs(&mut self, lines: Vec<twinfleet_models::LogLine>) -> Result<(Ticket, usize), TwinError> {
+        let env = self.slot.ty.infra.clone();
+        if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
+            return Err(TwinError::Rejected(twinfleet_models::ModelError::Archived(self.slot.id.clone())));
+        }
+        env.storage.writable()?;
+        twinfleet_models::log::validate_logs(&lines, env.clock.now(), env.settings.telemetry.max_future_ms)?;
+        let n = lines.len();
+        let mut batch = WriteBatch::new();
+        crate::logs::append(&mut batch, &self.slot.id, env.storage.generate_id()?, lines);
+        Ok((env.storage.submit(batch), n))
     }
 
     /// Validates a batch and takes it in (the latest values); returns what must be

@@ -1,6 +1,7 @@
 //! Every request a DTI takes, each with its own reply type, and how the actor runs it.
 
 use super::*;
+use twinfleet_models::LogLine;
 
 /// A request to a DTI with its own reply type, so a caller can never get the answer of
 /// another request. Every trigger of the actor is one of the types below that implement
@@ -82,6 +83,9 @@ pub(crate) struct Prepared {
     pub series: Vec<SeriesPoints>,
     pub points: usize,
 }
+/// App log lines to store; answered with their number once durable.
+#[derive(Debug)]
+pub(crate) struct AppendLogs(pub Vec<LogLine>);
 #[derive(Debug)]
 pub(crate) struct InjectPanic;
 /// A command for the device; answered with the id the twin minted for it, once the
@@ -169,6 +173,19 @@ impl Request for Telemetry {
             Ok((ticket, points)) => Outcome::AfterFlush(
                 Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot: None },
                 points,
+            ),
+            Err(e) => Outcome::Now(Err(e)),
+        }
+    }
+}
+
+impl Request for AppendLogs {
+    type Reply = usize;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
+        match dti.store_logs(self.0) {
+            Ok((ticket, n)) => Outcome::AfterFlush(
+                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot: None },
+                n,
             ),
             Err(e) => Outcome::Now(Err(e)),
         }

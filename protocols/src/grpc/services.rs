@@ -73,8 +73,35 @@ impl DeviceGateway for Gateway {
     }
 
     async fn send_logs(&self, req: Request<pb::LogBatch>) -> Result<Response<pb::Ack>, Status> {
-        self.authenticate(&req)?;
-        Err(Status::unimplemented("log ingest is not built yet"))
+        use twinfleet_models::{LogLevel, LogLine};
+        let twin = self.authenticate(&req)?;
+        let now = self.rt.now();
+        let mut lines = Vec::new();
+        for l in req.into_inner().lines {
+            let level = match pb::LogLevel::try_from(l.level) {
+                Ok(pb::LogLevel::Debug) => LogLevel::Debug,
+                Ok(pb::LogLevel::Unspecified | pb::LogLevel::Info) => LogLevel::Info,
+                Ok(pb::LogLevel::Warning) => LogLevel::Warning,
+                Ok(pb::LogLevel::Error) => LogLevel::Error,
+                Err(_) => {
+                    return Err(
+                        self.reject("bad_log", Status::invalid_argument(format!("unknown log level {}", l.level)))
+                    );
+                }
+            };
+            let at = match l.timestamp {
+                Some(t) => self.timestamp(t)?,
+                None => now,
+            };
+            let app = if l.app.is_empty() { "device".to_string() } else { l.app };
+            lines.push(LogLine { at, level, app, text: l.message });
+        }
+        match twin.append_logs(lines).await {
+            // (`seq` is the number of lines stored.)
+            Ok(n) => Ok(Response::new(pb::Ack { seq: n as u64 })),
+            Err(TwinError::Logs(e)) => Err(self.reject(e.reason(), Status::invalid_argument(e.to_string()))),
+            Err(e) => Err(status(e)),
+        }
     }
 
     async fn report_state(&self, req: Request<pb::StateReport>) -> Result<Response<pb::Ack>, Status> {

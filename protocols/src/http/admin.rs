@@ -228,7 +228,7 @@ async fn delete_group(rt: web::Data<TwinRuntime>, caller: Caller, name: web::Pat
 }
 
 /// `GET /audit?user=&target=&before=&limit=`: audited writes, newest first.
-#[utoipa::path(tag = "admin", responses((status = 200, body = Vec<AuditEntry>), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "admin", params(AuditQuery), responses((status = 200, body = Vec<AuditEntry>), Errors), security(("bearer" = [])))]
 #[get("/audit")]
 async fn audit_log(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AuditQuery>) -> Result<HttpResponse> {
     admin(&rt, &caller)?;

@@ -110,7 +110,7 @@ struct Page {
 
 /// `GET /dtas/{id}?offset=&limit=`: the DTA and a page of its direct members (listing
 /// members needs read access to the DTA).
-#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "fleet", params(Page), responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
 #[get("/dtas/{id}")]
 async fn show_dta(
     rt: web::Data<TwinRuntime>,
@@ -202,7 +202,7 @@ struct JobsQuery {
 }
 
 /// `GET /jobs`: newest first.
-#[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<Job>), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "fleet", params(JobsQuery), responses((status = 200, body = Vec<Job>), Errors), security(("bearer" = [])))]
 #[get("/jobs")]
 async fn list_jobs(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<JobsQuery>) -> HttpResponse {
     HttpResponse::Ok().json(rt.jobs().list(job_owner(&caller), q.limit.unwrap_or(100).min(10_000)))
@@ -223,7 +223,7 @@ async fn show_job(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>
 
 /// `GET /actors?kind=&parent=&mailbox_over=&restarted=&offset=&limit=`: the
 /// supervision tree, flattened (needs `inspect`).
-#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "fleet", params(ActorQuery), responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
 #[get("/actors")]
 async fn list_actors(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<ActorQuery>) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;

@@ -27,6 +27,7 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(issue_token)
         .service(revoke_token)
         .service(twin_telemetry)
+        .service(twin_logs)
         .service(get_components)
         .service(get_component)
         .service(put_components)
@@ -43,7 +44,7 @@ pub(super) fn twin_for(rt: &TwinRuntime, caller: &Caller, id: &str, action: Acti
 }
 
 /// `GET /twins?device_type=&group=&state=&status=&tag=&after=&limit=`
-#[utoipa::path(tag = "twins", responses((status = 200, body = TwinPage), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "twins", params(TwinFilter), responses((status = 200, body = TwinPage), Errors), security(("bearer" = [])))]
 #[get("/twins")]
 async fn list_twins(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<TwinFilter>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(rt.list_twins(&caller.0, &q)?))
@@ -99,7 +100,7 @@ struct TwinDetail {
 
 /// `GET /twins/{id}`: identity, metadata, reported/desired state, effective
 /// configuration, actor, last events.
-#[utoipa::path(tag = "twins", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "twins", params(ShowQuery), responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
 #[get("/twins/{id}")]
 async fn show_twin(
     rt: web::Data<TwinRuntime>,
@@ -121,7 +122,7 @@ struct EventsQuery {
 }
 
 /// `GET /twins/{id}/events?limit=`: the newest journal events, oldest first.
-#[utoipa::path(tag = "twins", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "twins", params(EventsQuery), responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
 #[get("/twins/{id}/events")]
 async fn twin_events(
     rt: web::Data<TwinRuntime>,
@@ -280,7 +281,7 @@ enum TelemetryResponse {
 /// `GET /twins/{id}/telemetry?metric=&from=&to=&limit=&bucket=`: a page of stored points,
 /// newest first (by default the last 24 hours), `next` continuing it; or, with `bucket`,
 /// each metric downsampled. Read from storage, not through the twin.
-#[utoipa::path(tag = "twins", responses((status = 200, body = TelemetryResponse), Errors), security(("bearer" = [])))]
+#[utoipa::path(tag = "twins", params(TelemetryParams), responses((status = 200, body = TelemetryResponse), Errors), security(("bearer" = [])))]
 #[get("/twins/{id}/telemetry")]
 async fn twin_telemetry(
     rt: web::Data<TwinRuntime>,
@@ -315,6 +316,68 @@ async fn twin_telemetry(
     let page = h.telemetry_page(query).await?;
     let answer = TelemetryAnswer { twin: h.id().clone(), points: page.points, next: page.next };
     Ok(HttpResponse::Ok().json(TelemetryResponse::Points(answer)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    /// Only this app's lines; default: every app.
+    app: Option<String>,
+    /// Only lines at least this severe (`debug`, `info`, `warning`, `error`).
+    level: Option<String>,
+    /// Milliseconds since the epoch; default: 24 hours before `to`.
+    from: Option<i64>,
+    /// Milliseconds since the epoch; default: now.
+    to: Option<i64>,
+    /// Default 1,000, at most 10,000.
+    limit: Option<usize>,
+    /// A page's `next`: the page after it (older lines).
+    cursor: Option<String>,
+}
+
+/// A page of app log lines, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct LogAnswer {
+    twin: TwinId,
+    lines: Vec<twinfleet_models::LogLine>,
+    /// Pass as `cursor` for the next page, when there may be more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// `GET /twins/{id}/logs?app=&level=&from=&to=&limit=&cursor=`: a page of the twin's app
+/// log lines, newest first (by default the last 24 hours). Read from storage, not
+/// through the twin.
+#[utoipa::path(tag = "twins", params(LogParams), responses((status = 200, body = LogAnswer), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/logs")]
+async fn twin_logs(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<LogParams>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Read)?;
+    let q = q.into_inner();
+    let to = q.to.unwrap_or_else(|| rt.now().0);
+    let from = q.from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
+    if from > to {
+        return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());
+    }
+    let level = match q.level.as_deref() {
+        None => None,
+        Some(l) => Some(l.parse::<twinfleet_models::LogLevel>().map_err(|e| TwinError::Invalid(e.to_string()))?),
+    };
+    let query = twinfleet_actors::LogQuery {
+        app: q.app,
+        level,
+        from: Timestamp(from),
+        to: Timestamp(to),
+        limit: q.limit.unwrap_or(1_000).clamp(1, MAX_TELEMETRY_PAGE),
+        cursor: q.cursor,
+    };
+    let page = h.logs_page(query).await?;
+    Ok(HttpResponse::Ok().json(LogAnswer { twin: h.id().clone(), lines: page.lines, next: page.next }))
 }
 
 /// The twin's handle and its type's domain model (404 when the type has none).

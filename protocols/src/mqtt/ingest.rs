@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::time::Duration;
 use twinfleet_actors::{TwinError, TwinHandle, TwinRuntime, TwinSpec};
-use twinfleet_models::{DeviceTypeId, Metadata, MetricPoint, Timestamp, TwinId};
+use twinfleet_models::{DeviceTypeId, LogLevel, LogLine, Metadata, MetricPoint, Timestamp, TwinId};
 
 /// Retries with backoff while the twin is busy or briefly away, for at most `limit`.
 async fn patiently<T, F, Fut>(limit: Duration, mut f: F) -> Result<T, TwinError>
@@ -60,6 +60,36 @@ struct AckMsg {
     #[serde(default)]
     message: String,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsMsg {
+    /// The default time of the lines (default: arrival).
+    ts: Option<i64>,
+    /// The default app of the lines (default: `device`).
+    app: Option<String>,
+    lines: Vec<LogLineMsg>,
+}
+
+/// A line: a bare string (level info) or an object.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum LogLineMsg {
+    Text(String),
+    Full(FullLogLine),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FullLogLine {
+    ts: Option<i64>,
+    level: Option<String>,
+    app: Option<String>,
+    text: String,
+}
+
+/// The app of lines that name none.
+pub(crate) const DEFAULT_APP: &str = "device";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,10 +169,8 @@ impl Ingest {
                     .map(drop)
             }
             Channel::Logs => {
-                return Err(Refused::new(
-                    "logs_not_stored",
-                    format!("device {} sent logs; log ingest is not built yet", twin.id()),
-                ));
+                let lines = self.log_lines(parse(payload, "logs ({\"lines\": [...]})")?)?;
+                patiently(self.limit(), || twin.append_logs(lines.clone())).await.map(drop)
             }
         };
         done.map_err(|e| refused(twin, e))
@@ -163,6 +191,28 @@ impl Ingest {
             points.push(MetricPoint { metric: p.metric, value, at: p.ts.map(Timestamp).unwrap_or(batch_at) });
         }
         Ok(points)
+    }
+
+    fn log_lines(&self, msg: LogsMsg) -> Result<Vec<LogLine>, Refused> {
+        let at = msg.ts.map(Timestamp).unwrap_or_else(|| self.rt.now());
+        let app = msg.app.unwrap_or_else(|| DEFAULT_APP.into());
+        msg.lines
+            .into_iter()
+            .map(|l| match l {
+                LogLineMsg::Text(text) => Ok(LogLine { at, level: LogLevel::Info, app: app.clone(), text }),
+                LogLineMsg::Full(l) => Ok(LogLine {
+                    at: l.ts.map(Timestamp).unwrap_or(at),
+                    level: match l.level {
+                        None => LogLevel::Info,
+                        Some(v) => {
+                            v.parse().map_err(|e: twinfleet_models::LogError| Refused::new("bad_log", e.to_string()))?
+                        }
+                    },
+                    app: l.app.unwrap_or_else(|| app.clone()),
+                    text: l.text,
+                }),
+            })
+            .collect()
     }
 
     /// A device asks to be created, presenting its type's claim token. Returns the
