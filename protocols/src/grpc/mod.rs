@@ -13,7 +13,7 @@
 //! batch is acknowledged with `accepted = 0` and the reason, and the stream goes on);
 //! `SendNumericScalarValues` stores values in batches of 1,000 as they arrive, every value
 //! must name the authenticated device, and an error ends the stream saying how many
-//! values were stored before it. Not yet served (UNIMPLEMENTED): `SendLogs`.
+//! values were stored before it. `SendLogs` stores app log lines (`twinfleet_actors::logs`).
 
 use crate::json::{json_to_struct, struct_to_json};
 use dashmap::DashMap;

@@ -99,7 +99,7 @@ impl utoipa::Modify for Document {
 }
 
 #[derive(utoipa::OpenApi)]
-#[openapi(modifiers(&Document), components(schemas(ErrorBody)))]
+#[openapi(modifiers(&Document), components(schemas(ErrorBody, twinfleet_actors::LifecycleFilter)))]
 struct ApiDoc;
 
 /// The API's routes, described as they are registered (so the document cannot drift).

@@ -6,7 +6,7 @@
 //! | device → twin | `devices/{id}/state` | JSON merge patch on the reported state |
 //! | device → twin | `devices/{id}/status` | `{"status": "online" / ..., ...}` → reported `status` |
 //! | device → twin | `devices/{id}/acks` | `{"command_id", "success", "message"?}` |
-//! | device → twin | `devices/{id}/logs` | `{"lines": [..]}` (accepted, not stored yet) |
+//! | device → twin | `devices/{id}/logs` | `{"ts"?, "app"?, "lines": ["text" or {"ts"?, "level"?, "app"?, "text"}]}` |
 //! | twin → device | `devices/{id}/commands` | `{"command_id", "apply_desired": {..}}` |
 //! | device → platform | `provisioning/{type}/{id}/request` | `{"claim_token", "metadata"?}` |
 //! | platform → device | `provisioning/{type}/{id}/response` | `{"ok", "device_id", "token", "operational"}` or `{"ok": false, "error"}` |
