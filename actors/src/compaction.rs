@@ -133,6 +133,19 @@ pub(crate) fn compact(env: &TwinEnv) -> Result<CompactionReport, TwinError> {
     for (ty, cutoff) in &bounded_types {
         report.history_partitions_dropped += env.series.drop_before(ty, *cutoff);
     }
+    // By size: the oldest whole partitions while the type's segments exceed the bound.
+    let sized: Vec<(String, twinfleet_models::HistoryRetention)> = env
+        .directory
+        .types
+        .iter()
+        .filter(|t| t.value().history.max_bytes.is_some())
+        .map(|t| (t.key().to_string(), t.value().history))
+        .collect();
+    for (ty, retention) in sized {
+        if let Some(keep) = retention.keep_from(&env.series.partition_bytes(&ty)) {
+            report.history_partitions_dropped += env.series.drop_before(&ty, keep);
+        }
+    }
     // App logs: the same cutoff, line by line (they are keyed per twin, not per day).
     let cutoffs: std::collections::HashMap<&str, i64> = bounded_types.iter().map(|(t, c)| (t.as_str(), *c)).collect();
     if !cutoffs.is_empty() {

@@ -18,8 +18,10 @@ pub struct JournalRetention {
     pub max_age_ms: Option<u64>,
 }
 
-/// How long a device type's metric history is kept: whole partitions (days) older than
-/// `max_age_ms` are dropped by the compaction pass. Default: all of it.
+/// How much of a device type's metric history is kept: whole partitions (days) older
+/// than `max_age_ms` are dropped by the compaction pass, and so are the oldest whole
+/// partitions while the type's sealed history on disk is larger than `max_bytes` (the
+/// newest partition always stays). Either, both or neither; default: all of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -28,11 +30,31 @@ pub struct HistoryRetention {
     /// goes once all of it is older.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_ms: Option<u64>,
+    /// Drop the oldest partitions while the type's sealed segments take more bytes
+    /// than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
 }
 
 impl HistoryRetention {
     pub fn is_unbounded(&self) -> bool {
-        self.max_age_ms.is_none()
+        self.max_age_ms.is_none() && self.max_bytes.is_none()
+    }
+
+    /// Given the bytes of each partition `(start, bytes)`, the start of the oldest one
+    /// to keep under `max_bytes` (`None`: keep all). Partitions go oldest first; the
+    /// newest is kept however large.
+    pub fn keep_from(&self, partitions: &[(i64, u64)]) -> Option<i64> {
+        let max = self.max_bytes?;
+        let mut parts = partitions.to_vec();
+        parts.sort();
+        let mut total: u64 = parts.iter().map(|p| p.1).sum();
+        let mut first = 0;
+        while total > max && first + 1 < parts.len() {
+            total -= parts[first].1;
+            first += 1;
+        }
+        (first > 0).then(|| parts[first].0)
     }
 
     /// The time before which points may go, at `now`.
@@ -83,5 +105,16 @@ mod tests {
             JournalRetention { keep_events: Some(1), max_age_ms: None }.expired(&journal(&[5]), Timestamp(9)),
             0
         );
+    }
+
+    #[test]
+    fn a_size_bound_drops_the_oldest_partitions_and_keeps_the_newest() {
+        let r = HistoryRetention { max_age_ms: None, max_bytes: Some(100) };
+        assert_eq!(r.keep_from(&[(2, 60), (0, 50), (1, 30)]), Some(1), "0 goes: 90 left");
+        assert_eq!(r.keep_from(&[(0, 40), (1, 60)]), None, "100 fits");
+        assert_eq!(r.keep_from(&[(0, 500), (1, 400)]), Some(1), "the newest stays, however large");
+        assert_eq!(r.keep_from(&[]), None);
+        assert_eq!(HistoryRetention::default().keep_from(&[(0, u64::MAX)]), None);
+        assert!(!r.is_unbounded());
     }
 }

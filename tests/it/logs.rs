@@ -154,7 +154,7 @@ async fn a_device_types_history_retention_deletes_old_log_lines() {
         defaults: Default::default(),
         domain: None,
         journal: Default::default(),
-        history: HistoryRetention { max_age_ms: Some(2 * day as u64) },
+        history: HistoryRetention { max_age_ms: Some(2 * day as u64), max_bytes: None },
     };
     p.create_device_type(spec).await.unwrap();
     let ty = DeviceTypeId::new("logger").unwrap();

@@ -125,7 +125,7 @@ async fn a_device_types_history_retention_drops_whole_old_days() {
         defaults: Default::default(),
         domain: None,
         journal: Default::default(),
-        history: HistoryRetention { max_age_ms: Some(2 * day as u64) },
+        history: HistoryRetention { max_age_ms: Some(2 * day as u64), max_bytes: None },
     };
     p.create_device_type(spec).await.unwrap();
     let ty = DeviceTypeId::new("logger").unwrap();
@@ -156,5 +156,51 @@ async fn a_device_types_history_retention_drops_whole_old_days() {
         kept.iter().filter(|pt| pt.at.0 >= cutoff).count(),
         points.iter().filter(|pt| pt.at.0 >= cutoff).count()
     );
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_size_bound_on_history_drops_the_oldest_days_and_keeps_the_newest() {
+    use twinfleet::models::{DeviceTypeId, HistoryRetention, TwinId};
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400_000;
+    let spec = twinfleet::DeviceTypeSpec {
+        id: DeviceTypeId::new("sized").unwrap(),
+        model: String::new(),
+        defaults: Default::default(),
+        domain: None,
+        journal: Default::default(),
+        // Smaller than any day: only the newest partition may stay.
+        history: HistoryRetention { max_age_ms: None, max_bytes: Some(1) },
+    };
+    let p = start(dir.path(), None, test_settings()).await;
+    p.create_device_type(spec).await.unwrap();
+    let ty = DeviceTypeId::new("sized").unwrap();
+    let twin = p.create_twin(&ty, twinfleet::TwinSpec::new(TwinId::new("s-0").unwrap())).await.unwrap();
+    let now = p.now().0;
+    let newest_day = now - now.rem_euclid(day);
+    let points: Vec<MetricPoint> = (0..4 * 24)
+        .map(|h| MetricPoint {
+            metric: "v".into(),
+            at: Timestamp(newest_day - 3 * day + h * 3_600_000),
+            value: h as f64,
+        })
+        .filter(|pt| pt.at.0 <= now)
+        .collect();
+    let stored = points.len();
+    twin.telemetry(points).await.unwrap();
+    // Sealed into segment files at shutdown (sizes count what is on disk).
+    p.shutdown().await;
+    let p = start(dir.path(), None, test_settings()).await;
+    let twin = p.twin("s-0").unwrap();
+    let all = |twin: twinfleet::TwinHandle| async move {
+        let q = twinfleet::TelemetryQuery { metric: None, from: Timestamp(0), to: Timestamp(now), limit: 10_000 };
+        twin.telemetry_page(q).await.unwrap().points
+    };
+    assert_eq!(all(twin.clone()).await.len(), stored);
+    let report = p.compact_journals().await.unwrap();
+    assert_eq!(report.history_partitions_dropped, 3, "{report:?}");
+    let kept = all(twin.clone()).await;
+    assert!(!kept.is_empty() && kept.iter().all(|pt| pt.at.0 >= newest_day), "only the newest day stays");
     p.shutdown().await;
 }

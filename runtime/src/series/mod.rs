@@ -738,6 +738,23 @@ impl SeriesStore {
         parts.len()
     }
 
+    /// The bytes of each of `namespace`'s partitions on disk (its sealed segment files),
+    /// as `(partition start, bytes)`. Heads in memory and the WAL are not counted.
+    pub fn partition_bytes(&self, namespace: &str) -> Vec<(i64, u64)> {
+        let dir = self.dir.join(path_name(namespace));
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i64>() else { continue };
+            let bytes = std::fs::read_dir(e.path())
+                .map(|files| files.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
+                .unwrap_or(0);
+            out.push((p, bytes));
+        }
+        out.sort();
+        out
+    }
+
     /// The points of one series with `from <= t <= to`, in time order (last write wins on
     /// equal timestamps), streamed one partition and one cluster of overlapping chunks at
     /// a time. A chunk that does not check is counted, reported and skipped.
