@@ -14,6 +14,11 @@
 //! - `query`: one day of 1 Hz data of one series, raw and in 1-minute buckets.
 //! - `year`: peak RSS growth while one year of one series (a point every 10 s) streams.
 //! - `replay`: opening a store whose WAL holds 10M points not yet sealed (as after kill -9).
+//! - `fjall` (with `--features fjall-bench`, not in the default list): the same sealed
+//!   chunks (1,000 series × 1 day, chunks of 7,200 points) in our segment files and in a
+//!   fjall keyspace (key = series, first timestamp; value = the chunk), in the same run:
+//!   seal rate, bytes on disk per point, one day of one series raw and in 1-minute
+//!   buckets.
 
 mod common;
 
@@ -74,6 +79,124 @@ fn main() {
     if on("replay") {
         replay();
     }
+    if on("fjall") {
+        #[cfg(feature = "fjall-bench")]
+        fjall_compare();
+        #[cfg(not(feature = "fjall-bench"))]
+        eprintln!("*** section fjall skipped: build with --features fjall-bench ***");
+    }
+}
+
+#[cfg(feature = "fjall-bench")]
+fn fjall_compare() {
+    use twinfleet_models::series::codec;
+    let series = env_or("TWINFLEET_BENCH_SERIES", 1_000) as usize;
+    let chunk = 7_200usize;
+    let points_per = 86_400i64;
+    let total = series as f64 * points_per as f64;
+    // Ours: fill the heads, then time the checkpoint that seals them into segments.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SeriesStore::open(dir.path(), SeriesOptions::default()).unwrap();
+    fill(&store, "sensor", series, points_per, 1_000, false);
+    let t = Instant::now();
+    store.checkpoint().unwrap();
+    let seal_ours = t.elapsed().as_secs_f64();
+    let bytes_ours = dir_bytes(&dir.path().join("sensor"));
+
+    // fjall: the same points, encoded into the same chunks, inserted and flushed.
+    let mut chunks: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut gens: Vec<Arma> = (0..series).map(|k| Arma::new(k as u64 + 11, 45.0, 0.05)).collect();
+    for (k, a) in gens.iter_mut().enumerate() {
+        let pts: Vec<(i64, f64)> = (0..points_per).map(|i| (START + i * 1_000, a.next_value())).collect();
+        for c in pts.chunks(chunk) {
+            let mut e = ChunkEncoder::new(c[0].0, c[0].1);
+            for &(t, v) in &c[1..] {
+                e.push(t, v);
+            }
+            let mut key = format!("dev-{k}/humidity").into_bytes();
+            key.push(0);
+            key.extend_from_slice(&c[0].0.to_be_bytes());
+            let mut value = e.count().to_le_bytes().to_vec();
+            value.extend_from_slice(e.bytes());
+            chunks.push((key, value));
+        }
+    }
+    let fdir = tempfile::tempdir().unwrap();
+    let db = fjall::Database::builder(fdir.path()).open().unwrap();
+    let ks = db.keyspace("sensor", fjall::KeyspaceCreateOptions::default).unwrap();
+    let t = Instant::now();
+    for group in chunks.chunks(1_000) {
+        let mut b = db.batch();
+        for (k, v) in group {
+            b.insert(&ks, k.clone(), v.clone());
+        }
+        b.commit().unwrap();
+    }
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+    ks.rotate_memtable_and_wait().unwrap();
+    let seal_fjall = t.elapsed().as_secs_f64();
+    ks.major_compact().unwrap();
+    let bytes_fjall = dir_bytes(fdir.path());
+    row(
+        "sealed history: seal rate, our segment files",
+        &format!("{:.0} points/s", total / seal_ours),
+        &format!("{series} series x 1 day at 1 Hz, one checkpoint: {seal_ours:.2} s"),
+    );
+    row(
+        "sealed history: seal rate, fjall keyspace",
+        &format!("{:.0} points/s", total / seal_fjall),
+        &format!("the same chunks: batches of 1,000 + persist(SyncAll) + memtable flush: {seal_fjall:.2} s"),
+    );
+    row(
+        "sealed history: bytes on disk per point, our segment files",
+        &format!("{:.3} B/point", bytes_ours as f64 / total),
+        &format!("{bytes_ours} bytes (index included)"),
+    );
+    row(
+        "sealed history: bytes on disk per point, fjall keyspace",
+        &format!("{:.3} B/point", bytes_fjall as f64 / total),
+        &format!("{bytes_fjall} bytes after a major compaction (journal, tables, manifest; LZ4 default)"),
+    );
+
+    // One day of one series, raw and in 1-minute buckets, from each.
+    let prefix = {
+        let mut p = b"dev-0/humidity".to_vec();
+        p.push(0);
+        p
+    };
+    let from_fjall = || {
+        ks.prefix(&prefix).flat_map(|g| {
+            let (_, v) = g.into_inner().unwrap();
+            let count = u32::from_le_bytes(v[..4].try_into().unwrap());
+            codec::decode(&v[4..], count).map(|p| p.unwrap()).collect::<Vec<_>>()
+        })
+    };
+    let (from, to) = (START, START + 86_400_000);
+    let mut m: [Vec<f64>; 4] = Default::default();
+    for _ in 0..9 {
+        let t = Instant::now();
+        assert_eq!(store.points("sensor", "dev-0/humidity", from, to).count(), 86_400);
+        m[0].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        assert_eq!(from_fjall().count(), 86_400);
+        m[1].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        assert_eq!(Downsample::new(store.points("sensor", "dev-0/humidity", from, to), 60_000).count(), 1_440);
+        m[2].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        assert_eq!(Downsample::new(from_fjall(), 60_000).count(), 1_440);
+        m[3].push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let [raw_ours, raw_fjall, b_ours, b_fjall] = m.map(median);
+    row("sealed history: 1 day raw, our segment files", &format!("{raw_ours:.2} ms"), "median of 9");
+    row(
+        "sealed history: 1 day raw, fjall keyspace",
+        &format!("{raw_fjall:.2} ms"),
+        "median of 9 (prefix scan + decode)",
+    );
+    row("sealed history: 1 day in 1-minute buckets, our segment files", &format!("{b_ours:.2} ms"), "median of 9");
+    row("sealed history: 1 day in 1-minute buckets, fjall keyspace", &format!("{b_fjall:.2} ms"), "median of 9");
+    store.shutdown();
 }
 
 fn codec() {
