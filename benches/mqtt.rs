@@ -243,6 +243,16 @@ async fn platform() {
             if qos == QoS::AtLeastOnce { "gateway acknowledged" } else { "devices wrote" },
             stored_total as f64 * 100.0 / sent_total.max(1) as f64
         );
+        let c = &p.runtime().series().counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "series store so far: {} points, {} late, {} duplicates, {} group commits, {} WAL bytes",
+            load(&c.points),
+            load(&c.late),
+            load(&c.duplicates),
+            load(&c.groups),
+            load(&c.wal_bytes)
+        );
     }
     writeln!(to_child, "QUIT").unwrap();
     let _ = child.wait();

@@ -5,10 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Merges streams of one series that are each sorted by timestamp (strictly increasing)
-/// into one strictly increasing stream. Where several streams hold the same timestamp,
-/// the point of the stream given **last** wins (streams are given oldest write first),
-/// and the others are skipped: the policy "last write wins per timestamp".
+/// Merges streams of one series that are each sorted by timestamp (non-decreasing) into
+/// one strictly increasing stream. Where several points hold the same timestamp, the
+/// newest write wins: within a stream the later point, across streams the point of the
+/// stream given **last** (streams are given oldest write first); the others are
+/// skipped. This is the policy "last write wins per timestamp".
 #[derive(Debug)]
 pub struct Merge<I: Iterator<Item = (i64, f64)>> {
     heads: Vec<(Option<(i64, f64)>, I)>,
@@ -42,9 +43,13 @@ impl<I: Iterator<Item = (i64, f64)>> Iterator for Merge<I> {
             }
         }
         let (winner, t) = best?;
-        let point = self.heads[winner].0;
-        for (head, stream) in &mut self.heads {
-            if head.is_some_and(|(ht, _)| ht == t) {
+        let mut point = self.heads[winner].0;
+        for (i, (head, stream)) in self.heads.iter_mut().enumerate() {
+            // Past every point at `t` of each stream; the winner's last one is the point.
+            while head.is_some_and(|(ht, _)| ht == t) {
+                if i == winner {
+                    point = *head;
+                }
                 *head = stream.next();
             }
         }
@@ -132,5 +137,13 @@ mod tests {
                 Bucket { start: 3_000, min: 7.0, max: 7.0, avg: 7.0, last: 7.0, count: 1 },
             ]
         );
+    }
+
+    #[test]
+    fn equal_timestamps_within_a_stream_collapse_to_the_later_point() {
+        let a = vec![(1, 1.0), (2, 2.0), (2, 2.5), (3, 3.0)];
+        let b = vec![(3, 30.0), (3, 31.0), (4, 4.0)];
+        let merged: Vec<(i64, f64)> = Merge::new([a.into_iter(), b.into_iter()]).collect();
+        assert_eq!(merged, vec![(1, 1.0), (2, 2.5), (3, 31.0), (4, 4.0)]);
     }
 }

@@ -549,7 +549,9 @@ impl SeriesStore {
                         dups += 1;
                         continue;
                     }
-                    Some((last, _)) if t <= last => {
+                    // (A new value at the newest timestamp is appended: within a chunk
+                    // the later of equal timestamps wins, see `Merge`.)
+                    Some((last, _)) if t < last => {
                         late += 1;
                         &mut heads.late
                     }
@@ -557,7 +559,7 @@ impl SeriesStore {
                 };
                 added += 1;
                 match slot {
-                    Some(h) if h.partition == p && t > h.enc.last_at() && h.enc.count() < self.opts.head_points => {
+                    Some(h) if h.partition == p && t >= h.enc.last_at() && h.enc.count() < self.opts.head_points => {
                         h.enc.push(t, v)
                     }
                     _ => {

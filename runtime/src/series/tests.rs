@@ -110,6 +110,32 @@ fn late_points_merge_in_order_duplicates_are_dropped_and_the_last_write_wins() {
 }
 
 #[test]
+fn a_burst_at_one_timestamp_stays_in_one_chunk_and_its_last_value_wins() {
+    // Devices that send no timestamp get their arrival time: several messages of one
+    // device can land in the same millisecond. Those points are not late; they share
+    // the head's chunk (once a point per chunk each, costing ~40 B of index apiece).
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    put(&s, "ns", "k", vec![(1_000, 1.0)]);
+    for i in 0..40 {
+        put(&s, "ns", "k", vec![(2_000, i as f64)]);
+    }
+    put(&s, "ns", "k", vec![(3_000, 3.0)]);
+    assert_eq!(s.counters.late.load(Relaxed), 0);
+    let want = vec![(1_000, 1.0), (2_000, 39.0), (3_000, 3.0)];
+    assert_eq!(all(&s, "ns", "k"), want);
+    s.checkpoint().unwrap();
+    assert_eq!(all(&s, "ns", "k"), want, "the same from segments");
+    let rev: Vec<_> = s.points_rev("ns", "k", i64::MIN, i64::MAX).collect();
+    assert_eq!(rev, want.iter().rev().copied().collect::<Vec<_>>());
+    // One chunk of 42 points (head size 50): the segment is a few hundred bytes, not
+    // 42 chunks with an index entry each.
+    let seg = s.counters.segment_bytes.load(Relaxed);
+    assert!(seg < 400, "{seg} bytes of segment for 42 points");
+    s.shutdown();
+}
+
+#[test]
 fn retention_drops_whole_partitions_and_refuses_older_points() {
     let dir = tempfile::tempdir().unwrap();
     let s = SeriesStore::open(dir.path(), opts()).unwrap();
