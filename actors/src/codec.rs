@@ -330,6 +330,7 @@ fn wait_tag(w: WaitName) -> u8 {
     match w {
         WaitName::DesiredSync => 0,
         WaitName::Restart => 1,
+        WaitName::Provisioning => 2,
     }
 }
 
@@ -429,6 +430,7 @@ impl Reader<'_> {
         match self.byte()? {
             0 => Some(WaitName::DesiredSync),
             1 => Some(WaitName::Restart),
+            2 => Some(WaitName::Provisioning),
             _ => None,
         }
     }

@@ -54,6 +54,9 @@ pub enum WaitName {
     /// A supervisor's backoff before it restarts a crashed child (held by the
     /// supervisor's [`crate::RestartTracker`], not by a twin's state).
     Restart,
+    /// The deadline of a provisioning process's current step
+    /// ([`crate::provisioning::Provisioning`]).
+    Provisioning,
 }
 
 impl WaitName {
@@ -61,6 +64,7 @@ impl WaitName {
         match self {
             WaitName::DesiredSync => "desired_sync",
             WaitName::Restart => "restart",
+            WaitName::Provisioning => "provisioning",
         }
     }
 }

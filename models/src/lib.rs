@@ -18,6 +18,7 @@ pub mod ids;
 pub mod limits;
 pub mod log;
 pub mod policy;
+pub mod provisioning;
 pub mod retention;
 pub mod series;
 pub mod telemetry;

@@ -392,8 +392,8 @@ impl TwinState {
                 // A timer of an attempt that is over (or of a wait that ended) is stale.
                 Some(w) if w.attempt == attempt => match wait {
                     WaitName::DesiredSync => self.desired_sync_expired(*w, now, rules, &mut kinds, &mut effects),
-                    // A supervisor's wait; a twin never arms it.
-                    WaitName::Restart => {}
+                    // A supervisor's wait and a TDTA's; a twin never arms them.
+                    WaitName::Restart | WaitName::Provisioning => {}
                 },
                 _ => {}
             },
