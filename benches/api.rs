@@ -198,6 +198,7 @@ async fn run() {
             domain: None,
             journal: Default::default(),
             history: Default::default(),
+            provisioning: None,
         })
         .await
         .unwrap();

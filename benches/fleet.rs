@@ -175,6 +175,7 @@ async fn fleet() {
                 domain: None,
                 journal: Default::default(),
                 history: Default::default(),
+                provisioning: None,
             })
             .await
             .unwrap(),

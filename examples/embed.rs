@@ -24,6 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             domain: None,
             journal: Default::default(),
             history: Default::default(),
+            provisioning: None,
         })
         .await?;
     let fleet = (0..100_000)

@@ -99,6 +99,10 @@ pub struct DeviceTypeSpec {
     /// How long the twins' metric history is kept (default: all of it).
     #[serde(default, skip_serializing_if = "twinfleet_models::HistoryRetention::is_unbounded")]
     pub history: twinfleet_models::HistoryRetention,
+    /// How devices of this type are provisioned (`crate::provisioning`). Without it, a
+    /// claim with the type's claim token is pre-approved and runs the default process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<twinfleet_models::provisioning::ProvisioningSpec>,
 }
 
 /// A group: what its DTA knows.

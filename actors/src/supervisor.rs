@@ -219,6 +219,9 @@ impl TwinRuntime {
         if let Some(domain) = &spec.domain {
             domain.check().map_err(|e| TwinError::Invalid(format!("domain model of {}: {e}", spec.id)))?;
         }
+        if let Some(p) = &spec.provisioning {
+            p.validate().map_err(|e| TwinError::Invalid(format!("provisioning process of {}: {e}", spec.id)))?;
+        }
         let id = spec.id.clone();
         self.stats.enqueued();
         self.supervisor.send(CreateDeviceType(spec)).await.map_err(|_| TwinError::ShuttingDown)??;

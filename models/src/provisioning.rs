@@ -350,6 +350,79 @@ impl ProcessSpec {
     }
 }
 
+/// How a device type provisions its devices (in its model file, `provisioning`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProvisioningSpec {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Serials pre-registered for the automatic mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_list: Vec<String>,
+    /// The process; default: [`ProcessSpec::default_process`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessSpec>,
+}
+
+impl ProvisioningSpec {
+    pub fn validate(&self) -> Result<(), ProcessError> {
+        self.process.as_ref().map_or(Ok(()), ProcessSpec::validate)
+    }
+
+    /// The claim's facts for the device with `serial`.
+    pub fn facts(&self, serial: &str) -> Facts {
+        Facts { mode: self.mode, pre_registered: self.allow_list.iter().any(|s| s == serial) }
+    }
+}
+
+/// What a device says of itself when it claims (the identity manager keeps it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Identity {
+    pub serial: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub firmware: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub arch: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peripherals: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+}
+
+impl Identity {
+    /// A serial is 1 to 128 printable ASCII characters; every other field at most 128
+    /// bytes, peripherals at most 64.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = |s: &str| s.len() <= 128 && s.bytes().all(|b| (0x21..0x7f).contains(&b));
+        if self.serial.is_empty() || !ok(&self.serial) {
+            return Err("serial must be 1 to 128 printable characters without spaces".into());
+        }
+        for (name, v) in
+            [("mac", &self.mac), ("model", &self.model), ("region", &self.region), ("arch", &self.arch)]
+        {
+            if !ok(v) {
+                return Err(format!("{name} must be at most 128 printable characters without spaces"));
+            }
+        }
+        if self.firmware.len() > 128 || self.os.len() > 128 {
+            return Err("firmware and os are at most 128 bytes".into());
+        }
+        if self.peripherals.len() > 64 || self.peripherals.iter().any(|p| p.len() > 128) {
+            return Err("at most 64 peripherals of at most 128 bytes".into());
+        }
+        Ok(())
+    }
+}
+
 /// Who made a transition happen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "name")]

@@ -68,6 +68,7 @@ async fn documents_nested_too_deep_are_refused_on_every_edge_and_the_twin_restar
         domain: None,
         journal: Default::default(),
         history: Default::default(),
+        provisioning: None,
     };
     assert!(matches!(p.create_device_type(ty).await, Err(twinfleet::TwinError::Rejected(_))));
 

@@ -155,6 +155,7 @@ async fn a_device_types_history_retention_deletes_old_log_lines() {
         domain: None,
         journal: Default::default(),
         history: HistoryRetention { max_age_ms: Some(2 * day as u64), max_bytes: None },
+        provisioning: None,
     };
     p.create_device_type(spec).await.unwrap();
     let ty = DeviceTypeId::new("logger").unwrap();

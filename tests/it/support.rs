@@ -65,6 +65,7 @@ pub async fn fleet(
             domain: None,
             journal: Default::default(),
             history: Default::default(),
+            provisioning: None,
         })
         .await
         .expect("device type created");

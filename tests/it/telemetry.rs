@@ -126,6 +126,7 @@ async fn a_device_types_history_retention_drops_whole_old_days() {
         domain: None,
         journal: Default::default(),
         history: HistoryRetention { max_age_ms: Some(2 * day as u64), max_bytes: None },
+        provisioning: None,
     };
     p.create_device_type(spec).await.unwrap();
     let ty = DeviceTypeId::new("logger").unwrap();
@@ -172,6 +173,7 @@ async fn a_size_bound_on_history_drops_the_oldest_days_and_keeps_the_newest() {
         journal: Default::default(),
         // Smaller than any day: only the newest partition may stay.
         history: HistoryRetention { max_age_ms: None, max_bytes: Some(1) },
+        provisioning: None,
     };
     let p = start(dir.path(), None, test_settings()).await;
     p.create_device_type(spec).await.unwrap();

@@ -34,6 +34,8 @@ pub struct TypeContext {
     pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
     pub(crate) journal: twinfleet_models::JournalRetention,
     pub(crate) history: twinfleet_models::HistoryRetention,
+    /// How devices of this type are provisioned (`crate::provisioning`).
+    pub(crate) provisioning: Option<Arc<twinfleet_models::provisioning::ProvisioningSpec>>,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
     /// Telemetry of this type's twins waiting to be written together, per arbiter.
@@ -55,6 +57,7 @@ impl TypeContext {
             domain: spec.domain.clone().map(Arc::new),
             journal: spec.journal,
             history: spec.history,
+            provisioning: spec.provisioning.clone().map(Arc::new),
             fleet_edit: tokio::sync::Mutex::new(()),
             ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
             infra,
@@ -93,6 +96,7 @@ impl TypeContext {
             domain: self.domain.as_deref().cloned(),
             journal: self.journal,
             history: self.history,
+            provisioning: self.provisioning.as_deref().cloned(),
         }
     }
 }
