@@ -23,6 +23,8 @@ pub struct TwinEnv {
     pub jobs: Jobs,
     /// Twins, device types, DTAs and quarantine; written only by `directory`.
     pub(crate) directory: TwinDirectory,
+    /// Provisioning processes in flight (`crate::provisioning`).
+    pub(crate) claims: crate::claims::Claims,
 }
 
 impl std::ops::Deref for TwinEnv {
@@ -54,6 +56,7 @@ impl TwinEnv {
             access,
             jobs,
             directory: TwinDirectory::default(),
+            claims: Default::default(),
         }))
     }
 }

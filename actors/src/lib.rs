@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod catalog;
+mod claims;
 mod codec;
 pub mod compaction;
 pub mod context;
@@ -27,6 +28,7 @@ pub mod inspection;
 pub mod jobs;
 pub mod logs;
 mod maps;
+pub mod provisioning;
 pub mod records;
 pub mod restore;
 pub mod sessions;
@@ -51,6 +53,7 @@ pub use handle::TwinHandle;
 pub use inspection::{ActorPage, ActorQuery, FleetSummary, KindSummary};
 pub use jobs::{Generate, Job, JobSpec, JobState, Jobs};
 pub use logs::{LogPage, LogQuery};
+pub use provisioning::{ClaimAnswer, ClaimView};
 pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 pub use restore::{QuarantineEntry, RestoreReport};
 pub use sessions::{CredentialChange, DeviceSessions, Session};

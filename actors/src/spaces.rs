@@ -44,3 +44,6 @@ pub const JOURNAL_PAGE: Space = Space(15);
 /// App logs: key = twin id, 0x00, millis (BE, sign flipped), sequence (BE); value = one
 /// line's level, app and text (`crate::logs`).
 pub const LOGS: Space = Space(16);
+/// Provisioning processes: key = device type, 0x00, serial; value = the claim (identity,
+/// the process with its step log, the token held until the device confirms).
+pub const PROVISIONING: Space = Space(17);

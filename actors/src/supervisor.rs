@@ -123,6 +123,11 @@ impl TwinRuntime {
         crate::compaction::start_compactor(&env);
         let rt = TwinRuntime { env, supervisor, stats };
         rt.resume_jobs();
+        match rt.resume_claims().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(processes = n, "provisioning processes resumed"),
+            Err(e) => tracing::error!("provisioning processes could not be resumed: {e}"),
+        }
         Ok((rt, report))
     }
 
@@ -321,8 +326,11 @@ impl TwinRuntime {
             Some(h) if h.slot().archived() => Err(AuthError::Archived(h.id().to_string())),
             Some(h) => self.env.credentials.verify(Holder::Device(h.id().as_str()), token).map(|()| h),
         };
-        if let Err(e) = &result {
-            self.env.rejections.reject(e.reason(), || e.to_string());
+        match &result {
+            Err(e) => {
+                self.env.rejections.reject(e.reason(), || e.to_string());
+            }
+            Ok(h) => self.device_confirmed(h.id().as_str()),
         }
         result
     }

@@ -378,6 +378,11 @@ impl TypeHandle {
         self.ctx.domain.clone()
     }
 
+    /// How the type's devices are provisioned, if it says.
+    pub fn provisioning(&self) -> Option<Arc<twinfleet_models::provisioning::ProvisioningSpec>> {
+        self.ctx.provisioning.clone()
+    }
+
     pub fn id(&self) -> &DeviceTypeId {
         &self.ctx.device_type
     }

@@ -406,9 +406,7 @@ impl Identity {
         if self.serial.is_empty() || !ok(&self.serial) {
             return Err("serial must be 1 to 128 printable characters without spaces".into());
         }
-        for (name, v) in
-            [("mac", &self.mac), ("model", &self.model), ("region", &self.region), ("arch", &self.arch)]
-        {
+        for (name, v) in [("mac", &self.mac), ("model", &self.model), ("region", &self.region), ("arch", &self.arch)] {
             if !ok(v) {
                 return Err(format!("{name} must be at most 128 printable characters without spaces"));
             }
@@ -526,6 +524,11 @@ impl Provisioning {
             static EMPTY: std::sync::OnceLock<StateSpec> = std::sync::OnceLock::new();
             EMPTY.get_or_init(StateSpec::default)
         })
+    }
+
+    /// The current state's declaration (`None` if the spec no longer has it).
+    pub fn state_spec<'a>(&self, spec: &'a ProcessSpec) -> Option<&'a StateSpec> {
+        spec.states.get(&self.state)
     }
 
     /// Whether the process is in a final state, and its outcome.

@@ -203,8 +203,30 @@ impl MqttDevice {
         claim_token: &str,
         metadata: Value,
     ) -> Result<ProvisionResponse, MqttDeviceError> {
+        Self::claim(addr, ty, id, claim_token, json!({ "claim_token": claim_token, "metadata": metadata })).await
+    }
+
+    /// Like [`MqttDevice::provision`], with the device's identity (serial, MAC, model,
+    /// firmware, os, arch, peripherals, region).
+    pub async fn provision_as(
+        addr: &str,
+        ty: &str,
+        id: &str,
+        claim_token: &str,
+        identity: Value,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
+        Self::claim(addr, ty, id, claim_token, json!({ "claim_token": claim_token, "identity": identity })).await
+    }
+
+    async fn claim(
+        addr: &str,
+        ty: &str,
+        id: &str,
+        claim_token: &str,
+        request: Value,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
         let (client, mut events) = AsyncClient::new(options(id, addr, ty, claim_token, true)?, 16);
-        let request = json!({ "claim_token": claim_token, "metadata": metadata }).to_string();
+        let request = request.to_string();
         let (req_topic, resp_topic) = (topics::provisioning_request(ty, id), topics::provisioning_response(ty, id));
         let run = async {
             loop {
@@ -250,4 +272,12 @@ pub struct ProvisionResponse {
     pub operational: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Waiting (for an operator's approval): ask again after `retry_after_ms`.
+    #[serde(default)]
+    pub pending: bool,
+    /// The state of the device's provisioning process.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
 }

@@ -7,8 +7,8 @@ use super::topics::Channel;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::time::Duration;
-use twinfleet_actors::{TwinError, TwinHandle, TwinRuntime, TwinSpec};
-use twinfleet_models::{DeviceTypeId, LogLevel, LogLine, Metadata, MetricPoint, Timestamp, TwinId};
+use twinfleet_actors::{ClaimAnswer, TwinError, TwinHandle, TwinRuntime};
+use twinfleet_models::{LogLevel, LogLine, Metadata, MetricPoint, Timestamp};
 
 /// Retries with backoff while the twin is busy or briefly away, for at most `limit`.
 async fn patiently<T, F, Fut>(limit: Duration, mut f: F) -> Result<T, TwinError>
@@ -97,7 +97,14 @@ struct ProvisionMsg {
     claim_token: String,
     #[serde(default)]
     metadata: Metadata,
+    /// Serial, MAC, model, firmware, OS, architecture, peripherals, region (default:
+    /// serial = the device id).
+    #[serde(default)]
+    identity: Option<twinfleet_models::provisioning::Identity>,
 }
+
+/// How long a pending device is told to wait before it asks again.
+const PENDING_RETRY_MS: u64 = 5_000;
 
 /// Why a message was not taken: the reason counted, the detail logged, and whether the
 /// device should send it again later (busy, storage full) rather than never.
@@ -215,38 +222,45 @@ impl Ingest {
             .collect()
     }
 
-    /// A device asks to be created, presenting its type's claim token. Returns the
-    /// answer for its response topic (with its own device token, shown this once).
+    /// A device claims, presenting its type's claim token (and, optionally, its
+    /// identity): runs or continues its provisioning process. Returns the answer for its
+    /// response topic: its credentials (shown while it has not confirmed yet), "pending"
+    /// (ask again later), or why not.
     pub async fn provision(&self, ty: &str, id: &str, payload: &[u8]) -> (Value, Result<(), Refused>) {
         let result = self.try_provision(ty, id, payload).await;
         let body = match &result {
-            Ok(token) => serde_json::json!({
-                "ok": true, "device_id": id, "token": token, "operational": self.operational,
+            Ok(ClaimAnswer::Credentials { device_id, token, state }) => serde_json::json!({
+                "ok": true, "device_id": device_id, "token": token, "operational": self.operational, "state": state,
             }),
+            Ok(ClaimAnswer::Pending { state }) => serde_json::json!({
+                "ok": false, "pending": true, "state": state, "retry_after_ms": PENDING_RETRY_MS,
+            }),
+            Ok(ClaimAnswer::Refused { state, reason }) => {
+                serde_json::json!({ "ok": false, "error": reason, "state": state })
+            }
             Err(r) => serde_json::json!({ "ok": false, "error": r.detail }),
         };
-        (body, result.map(drop))
+        let result = match result {
+            Ok(ClaimAnswer::Refused { reason, .. }) => Err(Refused::new("provisioning_refused", reason)),
+            other => other.map(drop),
+        };
+        (body, result)
     }
 
-    async fn try_provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<String, Refused> {
+    async fn try_provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<ClaimAnswer, Refused> {
         let msg: ProvisionMsg = parse(payload, "provisioning request")?;
         self.rt
             .authenticate_claim(ty, &msg.claim_token)
             .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {ty}: {e}")))?;
-        let twin_id = TwinId::new(id).map_err(|e| Refused::new("malformed", e.to_string()))?;
-        let ty_id = DeviceTypeId::new(ty).map_err(|e| Refused::new("malformed", e.to_string()))?;
-        let mut spec = TwinSpec::new(twin_id);
-        spec.metadata = msg.metadata;
-        match self.rt.create_twin(&ty_id, spec).await {
-            Ok(_) => {}
-            Err(TwinError::AlreadyExists { .. }) => {
-                return Err(Refused::new(
-                    "already_provisioned",
-                    format!("device {id} already exists; an operator can issue it a new token"),
-                ));
-            }
-            Err(e) => return Err(Refused::new("provisioning_failed", e.to_string())),
+        match self.rt.claim(ty, id, msg.identity, msg.metadata).await {
+            Ok(a) => Ok(a),
+            Err(TwinError::AlreadyExists { .. }) => Err(Refused::new(
+                "already_provisioned",
+                format!("device {id} already exists; an operator can issue it a new token"),
+            )),
+            Err(TwinError::Conflict(why)) => Err(Refused::new("identity_mismatch", why)),
+            Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => Err(Refused::new("malformed", e.to_string())),
+            Err(e) => Err(Refused::new("provisioning_failed", e.to_string())),
         }
-        self.rt.issue_device_token(id).await.map_err(|e| Refused::new("provisioning_failed", e.to_string()))
     }
 }

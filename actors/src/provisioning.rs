@@ -1,0 +1,412 @@
+//! Provisioning: the TDTA's onboarding service. Each claim runs its device type's process
+//! (`twinfleet_models::provisioning`, declared in the type's model file, the paper's
+//! default otherwise) as one instance per device serial, persisted in
+//! `spaces::PROVISIONING` after every transition, its step log inside.
+//!
+//! The runner carries out the machine's effects: it runs each step (check the identity,
+//! create the twin, issue its token, apply configuration, record the baseline apps,
+//! wait for the device's confirmation, remove the transient credentials), arms each
+//! step's deadline on the platform clock (virtual in tests; a timer whose state or
+//! attempt is over decides nothing), and raises the machine's alerts. A process waiting
+//! for a human is listed as pending until an operator approves or rejects it; one
+//! waiting for confirmation ends when the device first authenticates on an operational
+//! gateway. After a restart every unfinished process resumes where it stood (its step
+//! runs again; steps are idempotent).
+//!
+//! Identity: one process per (type, serial). A second claim for a known serial with a
+//! different MAC is refused and alerts; the same device repeating its claim gets the
+//! same answer. A claim without a MAC cannot prove it is the same device, so it is
+//! answered only while its process waits for approval (a claim token cannot take over a
+//! device).
+//!
+//! Not built yet (issue 11 continues): twin creation and token issue are still two
+//! writes (a crash between them resumes the process, which re-runs the step); the gRPC
+//! `Provisioning` service; batches and their import; allocation policies over several
+//! operational gateways; rate limits per claim credential.
+
+use crate::claims::claim_key;
+use crate::error::TwinError;
+use crate::records::TwinSpec;
+use crate::spaces;
+use crate::supervisor::TwinRuntime;
+use serde::{Deserialize, Serialize};
+use twinfleet_models::provisioning::{
+    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, ProvisioningSpec, Step,
+};
+use twinfleet_models::{Alert, AlertKind, DeviceTypeId, Effect, Metadata, Severity, Timestamp, TwinId};
+use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
+
+/// One device's claim as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClaimRecord {
+    device_type: DeviceTypeId,
+    device_id: TwinId,
+    identity: Identity,
+    #[serde(default)]
+    metadata: Metadata,
+    process: Provisioning,
+    /// The device's operational token, held for it until it confirms (then removed:
+    /// the transient credential of the claim phase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+/// What a claim is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAnswer {
+    /// The device's credentials: connect to the operational gateway and confirm.
+    Credentials { device_id: TwinId, token: String, state: String },
+    /// Waiting (for a human); ask again later.
+    Pending { state: String },
+    /// Over without credentials for this claim.
+    Refused { state: String, reason: String },
+}
+
+/// A process as the operator API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimView {
+    pub device_type: DeviceTypeId,
+    pub device_id: TwinId,
+    pub identity: Identity,
+    pub state: String,
+    /// Set once the process is in a final state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    pub log: Vec<LogEntry>,
+}
+
+impl ClaimRecord {
+    fn view(&self, spec: &ProcessSpec) -> ClaimView {
+        ClaimView {
+            device_type: self.device_type.clone(),
+            device_id: self.device_id.clone(),
+            identity: self.identity.clone(),
+            state: self.process.state.clone(),
+            outcome: self.process.outcome(spec),
+            log: self.process.log.clone(),
+        }
+    }
+}
+
+/// A type's provisioning rules: declared, or (none declared) the claim token alone
+/// pre-approves and the default process runs.
+fn rules(rt: &TwinRuntime, ty: &str) -> Result<(ProvisioningSpec, bool, ProcessSpec), TwinError> {
+    let h = rt.device_type(ty)?;
+    let declared = h.provisioning();
+    let open = declared.is_none();
+    let spec = declared.map(|p| (*p).clone()).unwrap_or_default();
+    let process = spec.process.clone().unwrap_or_else(ProcessSpec::default_process);
+    Ok((spec, open, process))
+}
+
+impl TwinRuntime {
+    fn load_claim(&self, key: &str) -> Result<Option<ClaimRecord>, TwinError> {
+        match self.env.storage.get(spaces::PROVISIONING, key.as_bytes())? {
+            None => Ok(None),
+            Some(raw) => decode_record(&raw)
+                .map(Some)
+                .map_err(|e| TwinError::Invalid(format!("provisioning record {key:?} does not decode: {e}"))),
+        }
+    }
+
+    async fn store_claim(&self, key: &str, rec: &ClaimRecord) -> Result<(), TwinError> {
+        let mut b = WriteBatch::new();
+        b.put(spaces::PROVISIONING, key, encode_record(rec));
+        self.env.storage.submit(b).await?;
+        Ok(())
+    }
+
+    /// A device of type `ty` claims (the caller checked the claim token): starts its
+    /// process or answers from where it stands.
+    pub async fn claim(
+        &self,
+        ty: &str,
+        device_id: &str,
+        identity: Option<Identity>,
+        metadata: Metadata,
+    ) -> Result<ClaimAnswer, TwinError> {
+        let device_id = TwinId::new(device_id)?;
+        let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
+        identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
+        let (spec, open, process) = rules(self, ty)?;
+        let key = claim_key(ty, &identity.serial);
+        let lock = self.env.claims.lock(&key);
+        let _turn = lock.lock().await;
+        let now = self.env.clock.now();
+        if let Some(rec) = self.load_claim(&key)? {
+            let same = !identity.mac.is_empty() && rec.identity.mac == identity.mac && rec.device_id == device_id;
+            if !identity.mac.is_empty() && !rec.identity.mac.is_empty() && rec.identity.mac != identity.mac {
+                let msg = format!(
+                    "a claim for serial {:?} of {ty} came with MAC {:?}; the device provisioned with it has {:?}",
+                    identity.serial, identity.mac, rec.identity.mac
+                );
+                self.env.alerts.raise(Alert {
+                    at: now,
+                    severity: Severity::Warning,
+                    kind: AlertKind::DeadlineExceeded,
+                    source: format!("tdta/{ty}"),
+                    message: msg.clone(),
+                });
+                self.env.rejections.reject("identity_mismatch", || msg.clone());
+                return Err(TwinError::Conflict(msg));
+            }
+            let waiting = self.env.claims.pending.contains(&key);
+            return if same || (waiting && rec.device_id == device_id) {
+                Ok(answer(&rec, &process))
+            } else {
+                Err(TwinError::AlreadyExists { kind: "provisioned device", id: device_id.to_string() })
+            };
+        }
+        if self.twin(device_id.as_str()).is_ok() {
+            return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
+        }
+        let mut facts = spec.facts(&identity.serial);
+        facts.pre_registered |= open;
+        let (p, decision) = Provisioning::start(&process, facts, now);
+        let mut rec =
+            ClaimRecord { device_type: DeviceTypeId::new(ty)?, device_id, identity, metadata, process: p, token: None };
+        self.store_claim(&key, &rec).await?;
+        self.drive(&key, &mut rec, &process, decision.effects).await?;
+        Ok(answer(&rec, &process))
+    }
+
+    /// Carries out `effects` and whatever the steps they run decide, persisting each
+    /// transition, until the process waits or ends.
+    async fn drive(
+        &self,
+        key: &str,
+        rec: &mut ClaimRecord,
+        process: &ProcessSpec,
+        mut effects: Vec<ProvisionEffect>,
+    ) -> Result<(), TwinError> {
+        while !effects.is_empty() {
+            let mut next = Vec::new();
+            for e in std::mem::take(&mut effects) {
+                match e {
+                    ProvisionEffect::Run { step, .. } => {
+                        let (input, note) = self.run_step(key, rec, step).await;
+                        let Some(input) = input else { continue };
+                        let now = self.env.clock.now();
+                        match rec.process.decide(process, input, Actor::Tdta, &note, now) {
+                            Ok(d) => {
+                                d.events.iter().for_each(|ev| rec.process.evolve(ev));
+                                self.store_claim(key, rec).await?;
+                                next.extend(d.effects);
+                            }
+                            Err(why) => tracing::warn!(claim = key, "provisioning step result not taken: {why}"),
+                        }
+                    }
+                    ProvisionEffect::Core(Effect::ArmWait { attempt, deadline, .. }) => {
+                        self.arm_claim(key, rec.process.log.len(), attempt, deadline);
+                    }
+                    ProvisionEffect::Core(Effect::RaiseAlert { kind, severity, message }) => {
+                        self.env.alerts.raise(Alert {
+                            at: self.env.clock.now(),
+                            severity,
+                            kind,
+                            source: format!("tdta/{}", rec.device_type),
+                            message: format!("{}: {message}", rec.device_id),
+                        });
+                    }
+                    ProvisionEffect::Core(_) => {}
+                }
+            }
+            effects = next;
+        }
+        // Leaving a waiting state: no longer listed.
+        let waits_for_human =
+            rec.process.state_spec(process).is_some_and(|s| s.step == Some(Step::AwaitApproval) || s.human);
+        if !waits_for_human {
+            self.env.claims.pending.remove(key);
+        }
+        if rec.process.outcome(process).is_some() {
+            self.env.claims.awaiting_confirmation.remove(rec.device_id.as_str());
+        }
+        Ok(())
+    }
+
+    /// Runs one step; `None` when the step waits for someone outside.
+    async fn run_step(&self, key: &str, rec: &mut ClaimRecord, step: Step) -> (Option<Input>, String) {
+        let ok = |note: &str| (Some(Input::Done), note.to_string());
+        match step {
+            Step::CheckIdentity => match self.twin(rec.device_id.as_str()) {
+                Ok(_) => (Some(Input::Failed), format!("a twin {} exists already", rec.device_id)),
+                Err(_) => ok("identity recorded"),
+            },
+            Step::AwaitApproval => {
+                self.env.claims.pending.insert(key.to_string());
+                (None, String::new())
+            }
+            Step::CreateTwin => {
+                let mut spec = TwinSpec::new(rec.device_id.clone());
+                spec.metadata = rec.metadata.clone();
+                let identity = serde_json::to_value(&rec.identity).unwrap_or_default();
+                spec.metadata.attributes.insert("identity".into(), identity);
+                match self.create_twin(&rec.device_type, spec).await {
+                    // (Resumed after a crash: the twin this process made is there.)
+                    Ok(_) | Err(TwinError::AlreadyExists { .. }) => ok("twin created"),
+                    Err(e) => (Some(Input::Failed), e.to_string()),
+                }
+            }
+            Step::IssueCredentials => match self.issue_device_token(rec.device_id.as_str()).await {
+                Ok(token) => {
+                    rec.token = Some(token);
+                    ok("unique credentials issued for the operational gateway")
+                }
+                Err(e) => (Some(Input::Failed), e.to_string()),
+            },
+            Step::ApplyConfiguration => ok("type defaults and group layers apply"),
+            Step::RequestApps => ok("baseline apps requested (recorded)"),
+            Step::AwaitConfirmation => {
+                self.env.claims.awaiting_confirmation.insert(rec.device_id.to_string(), key.to_string());
+                (None, String::new())
+            }
+            Step::RemoveClaim => {
+                rec.token = None;
+                ok("transient credentials removed")
+            }
+        }
+    }
+
+    /// The deadline of the step entered as log entry `epoch`, attempt `attempt`.
+    fn arm_claim(&self, key: &str, epoch: usize, attempt: u32, deadline: Timestamp) {
+        let (rt, key) = (self.clone(), key.to_string());
+        let sleep = self.env.clock.sleep_until(deadline);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        handle.spawn(async move {
+            sleep.await;
+            if let Err(e) = rt.claim_deadline(&key, epoch, attempt).await {
+                tracing::warn!(claim = key, "a provisioning deadline could not be handled: {e}");
+            }
+        });
+    }
+
+    async fn claim_deadline(&self, key: &str, epoch: usize, attempt: u32) -> Result<(), TwinError> {
+        let lock = self.env.claims.lock(key);
+        let _turn = lock.lock().await;
+        let Some(mut rec) = self.load_claim(key)? else { return Ok(()) };
+        if rec.process.log.len() != epoch {
+            return Ok(()); // the state it was armed for is over
+        }
+        let (_, _, process) = rules(self, rec.device_type.as_str())?;
+        let d = rec.process.on_deadline(&process, attempt, self.env.clock.now());
+        if d.events.is_empty() && d.effects.is_empty() {
+            return Ok(());
+        }
+        d.events.iter().for_each(|e| rec.process.evolve(e));
+        self.store_claim(key, &rec).await?;
+        self.drive(key, &mut rec, &process, d.effects).await
+    }
+
+    /// Feeds an operator's or the device's input to the process of `key`.
+    async fn feed_claim(&self, key: &str, input: Input, actor: Actor, note: &str) -> Result<ClaimView, TwinError> {
+        let lock = self.env.claims.lock(key);
+        let _turn = lock.lock().await;
+        let mut rec = self
+            .load_claim(key)?
+            .ok_or_else(|| TwinError::NotFound(format!("provisioning of {}", key.replace('\0', "/"))))?;
+        let (_, _, process) = rules(self, rec.device_type.as_str())?;
+        let d = rec
+            .process
+            .decide(&process, input, actor, note, self.env.clock.now())
+            .map_err(|e| TwinError::Conflict(e.to_string()))?;
+        d.events.iter().for_each(|e| rec.process.evolve(e));
+        self.store_claim(key, &rec).await?;
+        self.drive(key, &mut rec, &process, d.effects).await?;
+        Ok(rec.view(&process))
+    }
+
+    /// An operator approves the pending claim of serial `serial` of type `ty`.
+    pub async fn approve_claim(&self, ty: &str, serial: &str, operator: &str) -> Result<ClaimView, TwinError> {
+        self.feed_claim(&claim_key(ty, serial), Input::Approved, Actor::Operator(operator.into()), "approved").await
+    }
+
+    pub async fn reject_claim(
+        &self,
+        ty: &str,
+        serial: &str,
+        operator: &str,
+        reason: &str,
+    ) -> Result<ClaimView, TwinError> {
+        self.feed_claim(&claim_key(ty, serial), Input::Rejected, Actor::Operator(operator.into()), reason).await
+    }
+
+    /// A process by type and serial, with its log.
+    pub fn claim_view(&self, ty: &str, serial: &str) -> Result<ClaimView, TwinError> {
+        let rec = self
+            .load_claim(&claim_key(ty, serial))?
+            .ok_or_else(|| TwinError::NotFound(format!("provisioning of {ty}/{serial}")))?;
+        let (_, _, process) = rules(self, ty)?;
+        Ok(rec.view(&process))
+    }
+
+    /// Processes that wait for a human.
+    pub fn pending_claims(&self) -> Vec<ClaimView> {
+        let mut keys: Vec<String> = self.env.claims.pending.iter().map(|k| k.clone()).collect();
+        keys.sort();
+        keys.iter()
+            .filter_map(|k| {
+                let rec = self.load_claim(k).ok()??;
+                let (_, _, process) = rules(self, rec.device_type.as_str()).ok()?;
+                Some(rec.view(&process))
+            })
+            .collect()
+    }
+
+    /// Called by the gateways when device `id` authenticated: ends its process if it
+    /// waited for that.
+    pub(crate) fn device_confirmed(&self, id: &str) {
+        if self.env.claims.awaiting_confirmation.is_empty() {
+            return;
+        }
+        let Some((_, key)) = self.env.claims.awaiting_confirmation.remove(id) else { return };
+        let rt = self.clone();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        handle.spawn(async move {
+            if let Err(e) = rt.feed_claim(&key, Input::Confirmed, Actor::Device, "connected to its gateway").await {
+                tracing::warn!(claim = key, "provisioning confirmation not taken: {e}");
+            }
+        });
+    }
+
+    /// After a restart: every unfinished process resumes (its step runs again, its
+    /// deadline is re-armed, waiting lists are rebuilt).
+    pub(crate) async fn resume_claims(&self) -> Result<usize, TwinError> {
+        let mut keys = Vec::new();
+        for row in self.env.storage.scan(spaces::PROVISIONING, b"") {
+            keys.push(String::from_utf8_lossy(&row?.0).to_string());
+        }
+        let mut resumed = 0;
+        for key in keys {
+            let lock = self.env.claims.lock(&key);
+            let _turn = lock.lock().await;
+            let Some(mut rec) = self.load_claim(&key)? else { continue };
+            let Ok((_, _, process)) = rules(self, rec.device_type.as_str()) else { continue };
+            if rec.process.outcome(&process).is_some() {
+                continue;
+            }
+            let effects = rec.process.resume(&process, self.env.clock.now());
+            self.drive(&key, &mut rec, &process, effects).await?;
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+}
+
+fn answer(rec: &ClaimRecord, process: &ProcessSpec) -> ClaimAnswer {
+    let state = rec.process.state.clone();
+    if let Some(token) = &rec.token {
+        return ClaimAnswer::Credentials { device_id: rec.device_id.clone(), token: token.clone(), state };
+    }
+    match rec.process.outcome(process) {
+        Some(o) => ClaimAnswer::Refused {
+            reason: match o.as_str() {
+                "operational" => "provisioned already; connect with the credentials you received".into(),
+                _ => rec.process.log.last().map(|l| l.note.clone()).filter(|n| !n.is_empty()).unwrap_or(o.clone()),
+            },
+            state,
+        },
+        None => ClaimAnswer::Pending { state },
+    }
+}
