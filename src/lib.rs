@@ -34,9 +34,10 @@ use twinfleet_runtime::{
 };
 
 pub use twinfleet_actors::{
-    ActorPage, ActorQuery, AuthError, CLAIM_PREFIX, DeviceCommand, DeviceLink, DeviceTypeSpec, DtaHandle, DtaInfo,
-    DtaSpec, FleetReport, Generate, Job, JobSpec, JobState, LatestPoint, LogPage, LogQuery, RestoreReport, Settings,
-    TOKEN_PREFIX, TelemetryQuery, TwinError, TwinHandle, TwinRuntime, TwinSpec, TwinView, TypeHandle, TypeInfo,
+    ActorPage, ActorQuery, AuthError, CLAIM_PREFIX, ClaimAnswer, ClaimView, DeviceCommand, DeviceLink, DeviceTypeSpec,
+    DtaHandle, DtaInfo, DtaSpec, FleetReport, Generate, Job, JobSpec, JobState, LatestPoint, LogPage, LogQuery,
+    RestoreReport, Settings, TOKEN_PREFIX, TelemetryQuery, TwinError, TwinHandle, TwinRuntime, TwinSpec, TwinView,
+    TypeHandle, TypeInfo,
 };
 pub use twinfleet_models as models;
 pub use twinfleet_runtime::{ActorStatus, ActorView, Clock, StorageStats, VirtualClock};

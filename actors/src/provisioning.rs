@@ -70,6 +70,8 @@ pub struct ClaimView {
     pub device_id: TwinId,
     pub identity: Identity,
     pub state: String,
+    /// The attempt of the state's step (0: the first; each retry after a deadline adds 1).
+    pub attempt: u32,
     /// Set once the process is in a final state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
@@ -83,6 +85,7 @@ impl ClaimRecord {
             device_id: self.device_id.clone(),
             identity: self.identity.clone(),
             state: self.process.state.clone(),
+            attempt: self.process.attempt,
             outcome: self.process.outcome(spec),
             log: self.process.log.clone(),
         }
@@ -148,7 +151,6 @@ impl TwinRuntime {
                     source: format!("tdta/{ty}"),
                     message: msg.clone(),
                 });
-                self.env.rejections.reject("identity_mismatch", || msg.clone());
                 return Err(TwinError::Conflict(msg));
             }
             let waiting = self.env.claims.pending.contains(&key);

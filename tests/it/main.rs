@@ -20,6 +20,7 @@ mod logs;
 mod mosquitto;
 mod mqtt;
 mod mqtt_clients;
+mod provisioning;
 mod python_hub;
 mod sessions;
 mod supervision;

@@ -19,6 +19,7 @@ mod auth;
 mod error;
 mod fleet;
 mod ops;
+mod provisioning;
 mod twins;
 
 pub(crate) use auth::Caller;
@@ -112,7 +113,11 @@ fn api_scope() -> utoipa_actix_web::scope::Scope<
         InitError = (),
     >,
 > {
-    utoipa_actix_web::scope("/api/v1").configure(twins::routes).configure(fleet::routes).configure(admin::routes)
+    utoipa_actix_web::scope("/api/v1")
+        .configure(twins::routes)
+        .configure(fleet::routes)
+        .configure(admin::routes)
+        .configure(provisioning::routes)
 }
 
 /// The OpenAPI 3 document of the API, as JSON.

@@ -1,0 +1,69 @@
+//! Provisioning: the processes that wait for a human, one process with its step log,
+//! and an operator's approval or rejection.
+
+use super::{Caller, Errors, Result};
+use actix_web::{HttpResponse, get, post, web};
+use serde::Deserialize;
+use twinfleet_actors::{ClaimView, TwinRuntime};
+use twinfleet_models::Action;
+
+pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(pending).service(show).service(approve).service(reject);
+}
+
+/// `GET /provisioning/pending`: the devices that wait for an operator, oldest serial
+/// first per type. Needs `configure` on the fleet.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = Vec<ClaimView>), Errors), security(("bearer" = [])))]
+#[get("/provisioning/pending")]
+async fn pending(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+    rt.authorize(&caller.0, Action::Configure)?;
+    Ok(HttpResponse::Ok().json(rt.pending_claims()))
+}
+
+/// `GET /provisioning/{type}/{serial}`: one device's process and its step-by-step log.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = ClaimView), Errors), security(("bearer" = [])))]
+#[get("/provisioning/{device_type}/{serial}")]
+async fn show(rt: web::Data<TwinRuntime>, caller: Caller, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (ty, serial) = path.into_inner();
+    let h = rt.device_type(&ty)?;
+    rt.authorize_type(&caller.0, Action::Read, h.id())?;
+    Ok(HttpResponse::Ok().json(rt.claim_view(&ty, &serial)?))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    /// Why (kept in the step log).
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /provisioning/{type}/{serial}/approve`: the device goes on with its process.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = ClaimView), Errors), security(("bearer" = [])))]
+#[post("/provisioning/{device_type}/{serial}/approve")]
+async fn approve(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (ty, serial) = path.into_inner();
+    let h = rt.device_type(&ty)?;
+    rt.authorize_type(&caller.0, Action::Configure, h.id())?;
+    Ok(HttpResponse::Ok().json(rt.approve_claim(&ty, &serial, &caller.0.user).await?))
+}
+
+/// `POST /provisioning/{type}/{serial}/reject` (body: `{"reason": "..."}`, optional).
+#[utoipa::path(tag = "provisioning", request_body = Decision, responses((status = 200, body = ClaimView), Errors), security(("bearer" = [])))]
+#[post("/provisioning/{device_type}/{serial}/reject")]
+async fn reject(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+    body: Option<web::Json<Decision>>,
+) -> Result<HttpResponse> {
+    let (ty, serial) = path.into_inner();
+    let h = rt.device_type(&ty)?;
+    rt.authorize_type(&caller.0, Action::Configure, h.id())?;
+    let reason = body.map(|b| b.into_inner().reason).filter(|r| !r.is_empty()).unwrap_or_else(|| "rejected".into());
+    Ok(HttpResponse::Ok().json(rt.reject_claim(&ty, &serial, &caller.0.user, &reason).await?))
+}

@@ -1,0 +1,220 @@
+//! Provisioning through the real MQTT provisioning gateway: the semi-automatic mode with
+//! an operator's approval over HTTP, a rejection, the step log, the transient
+//! credentials gone afterwards, an identity that does not match, two types with
+//! different process model files, a process resumed after a restart, and (on the
+//! virtual clock) a stuck step retried and then alerting.
+
+use crate::mqtt::{addr, embedded_config};
+use crate::support::*;
+use serde_json::{Value, json};
+use twinfleet::models::provisioning::{Mode, ProcessSpec, ProvisioningSpec};
+use twinfleet::models::{DeviceTypeId, Severity};
+use twinfleet::{DeviceTypeSpec, Platform};
+use twinfleet_protocols::HttpApi;
+use twinfleet_protocols::mqtt::{MqttDevice, MqttGateway, QoS};
+
+async fn device_type(p: &Platform, id: &str, provisioning: ProvisioningSpec) -> String {
+    let spec = DeviceTypeSpec {
+        id: DeviceTypeId::new(id).unwrap(),
+        model: String::new(),
+        defaults: Default::default(),
+        domain: None,
+        journal: Default::default(),
+        history: Default::default(),
+        provisioning: Some(provisioning),
+    };
+    p.create_device_type(spec).await.unwrap();
+    p.issue_claim_token(id).await.unwrap()
+}
+
+fn states(log: &Value) -> Vec<String> {
+    log.as_array().unwrap().iter().map(|e| e["to"].as_str().unwrap().to_string()).collect()
+}
+
+#[actix_rt::test]
+async fn a_semi_automatic_device_waits_for_approval_over_http_then_becomes_operational() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let semi = ProvisioningSpec { mode: Mode::SemiAutomatic, ..Default::default() };
+    let claim = device_type(&p, "kiosk", semi).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (haddr, admin) = (http.local_addr(), admin_token(&p).await);
+    let call = |method: &'static str, path: String| {
+        let admin = admin.clone();
+        actix_rt::task::spawn_blocking(move || http_as(haddr, &admin, method, &path, None))
+    };
+    let identity =
+        json!({"serial": "SN-1", "mac": "aa:bb:cc:00:00:01", "model": "K2", "firmware": "1.0", "region": "eu"});
+
+    // The device claims and is told to wait; asking again is answered the same.
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, identity.clone()).await.unwrap();
+    assert!(!r.ok && r.pending && r.token.is_none(), "{r:?}");
+    assert_eq!(r.state.as_deref(), Some("awaiting_approval"));
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, identity.clone()).await.unwrap();
+    assert!(r.pending, "{r:?}");
+    assert!(p.twin("k-1").is_err(), "no twin before the approval");
+    let (s, pending) = call("GET", "/api/v1/provisioning/pending".into()).await.unwrap();
+    assert_eq!(s, 200, "{pending}");
+    assert_eq!(pending[0]["identity"]["serial"], "SN-1");
+
+    // A second claim for the serial with another MAC is refused and alerts.
+    let other = json!({"serial": "SN-1", "mac": "ff:ff:ff:ff:ff:ff"});
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, other).await.unwrap();
+    assert!(!r.ok && !r.pending && r.error.as_deref().unwrap_or("").contains("MAC"), "{r:?}");
+    assert_eq!(p.rejections().count("identity_mismatch"), 1);
+
+    // An operator approves over HTTP; the device's next claim gets its credentials.
+    let (s, v) = call("POST", "/api/v1/provisioning/kiosk/SN-1/approve".into()).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "awaiting_confirmation");
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, identity.clone()).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    let token = r.token.clone().unwrap();
+    // The device connects to the operational gateway with them: that confirms it.
+    let dev = MqttDevice::connect(&ops, "k-1", &token).await.unwrap();
+    dev.telemetry(QoS::AtLeastOnce, None, &[("temp", 21.0)]).await.unwrap();
+    let view = eventually("the process ends operational", || async {
+        let (_, v) = call("GET", "/api/v1/provisioning/kiosk/SN-1".into()).await.unwrap();
+        (v["outcome"] == "operational").then_some(v)
+    })
+    .await;
+    assert_eq!(
+        states(&view["log"]),
+        [
+            "claim_received",
+            "awaiting_approval",
+            "creating_twin",
+            "issuing_credentials",
+            "configuring",
+            "requesting_apps",
+            "awaiting_confirmation",
+            "removing_claim",
+            "operational"
+        ],
+        "every step is in the log"
+    );
+    assert_eq!(view["log"][2]["actor"], json!({"kind": "operator", "name": "admin"}));
+    assert_eq!(view["log"][7]["actor"]["kind"], "device");
+    // The transient credentials are gone: claiming again shows no token.
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, identity.clone()).await.unwrap();
+    assert!(!r.ok && r.token.is_none(), "{r:?}");
+    let (s, pending) = call("GET", "/api/v1/provisioning/pending".into()).await.unwrap();
+    assert_eq!((s, pending), (200, json!([])));
+    // The twin carries the identity.
+    let twin = p.twin("k-1").unwrap().get().await.unwrap();
+    assert_eq!(twin.state.metadata.attributes["identity"]["mac"], "aa:bb:cc:00:00:01");
+
+    // A rejected device is refused.
+    let id2 = json!({"serial": "SN-2", "mac": "aa:bb:cc:00:00:02"});
+    assert!(MqttDevice::provision_as(&prov, "kiosk", "k-2", &claim, id2.clone()).await.unwrap().pending);
+    let (s, v) = call("POST", "/api/v1/provisioning/kiosk/SN-2/reject".into()).await.unwrap();
+    assert_eq!((s, v["outcome"].as_str()), (200, Some("refused")), "{v}");
+    let r = MqttDevice::provision_as(&prov, "kiosk", "k-2", &claim, id2).await.unwrap();
+    assert!(!r.ok && !r.pending && r.token.is_none(), "{r:?}");
+    assert!(p.twin("k-2").is_err());
+    let (s, _) = call("POST", "/api/v1/provisioning/kiosk/SN-9/approve".into()).await.unwrap();
+    assert_eq!(s, 404);
+
+    dev.disconnect().await;
+    http.stop().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn types_follow_their_own_process_files_and_a_process_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    // Type "lamp": a short process of its own (no confirmation wait).
+    let short = ProcessSpec::from_json(&json!({"initial": "new", "states": {
+        "new": {"step": "create_twin", "on": {"done": "keys"}},
+        "keys": {"step": "issue_credentials", "on": {"done": "ready"}},
+        "ready": {"outcome": "operational"}
+    }}))
+    .unwrap();
+    let lamp = device_type(&p, "lamp", ProvisioningSpec { process: Some(short), ..Default::default() }).await;
+    // Type "meter": the default process, automatic, serial on the allow-list.
+    let auto = ProvisioningSpec { allow_list: vec!["M-1".into()], ..Default::default() };
+    let meter = device_type(&p, "meter", auto).await;
+    // A process naming an unknown state is refused at load, naming it.
+    let bad = json!({"id": "bad", "provisioning": {"process": {"initial": "a", "states": {"a": {"step": "create_twin", "on": {"done": "nowhere"}}}}}});
+    let bad: DeviceTypeSpec = serde_json::from_value(bad).unwrap();
+    let e = p.create_device_type(bad).await.unwrap_err().to_string();
+    assert!(e.contains("nowhere"), "{e}");
+
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let prov = addr(mqtt.provisioning());
+    let r = MqttDevice::provision_as(&prov, "lamp", "l-1", &lamp, json!({"serial": "L-1", "mac": "01"})).await.unwrap();
+    assert!(r.ok && r.token.is_some(), "{r:?}");
+    let lamp_view = p.runtime().claim_view("lamp", "L-1").unwrap();
+    assert_eq!(lamp_view.outcome.as_deref(), Some("operational"), "its own process: done without confirmation");
+    let r =
+        MqttDevice::provision_as(&prov, "meter", "m-1", &meter, json!({"serial": "M-1", "mac": "02"})).await.unwrap();
+    assert!(r.ok, "allow-listed: no approval needed: {r:?}");
+    let token = r.token.unwrap();
+    assert_eq!(p.runtime().claim_view("meter", "M-1").unwrap().state, "awaiting_confirmation");
+    // Not on the allow-list: waits.
+    let r =
+        MqttDevice::provision_as(&prov, "meter", "m-2", &meter, json!({"serial": "M-2", "mac": "03"})).await.unwrap();
+    assert!(r.pending, "{r:?}");
+
+    // twinfleet restarts while m-1 has not confirmed and m-2 waits.
+    mqtt.stop().await;
+    p.shutdown().await;
+    let p = start(dir.path(), None, test_settings()).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    assert_eq!(p.runtime().pending_claims().len(), 1, "the waiting list is rebuilt");
+    let dev = MqttDevice::connect(&addr(mqtt.operational()), "m-1", &token).await.unwrap();
+    eventually("m-1 confirms after the restart", || async {
+        (p.runtime().claim_view("meter", "M-1").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+    dev.disconnect().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_stuck_step_is_retried_on_the_virtual_clock_then_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    let process = ProcessSpec::from_json(&json!({"initial": "new", "states": {
+        "new": {"step": "create_twin", "on": {"done": "keys"}},
+        "keys": {"step": "issue_credentials", "on": {"done": "confirm"}},
+        "confirm": {"step": "await_confirmation", "on": {"confirmed": "ready", "timeout": "failed"},
+                    "retry": {"deadline_ms": 1000, "max_retries": 1, "backoff_ms": 500}},
+        "ready": {"outcome": "operational"},
+        "failed": {}
+    }}))
+    .unwrap();
+    device_type(&p, "valve", ProvisioningSpec { process: Some(process), ..Default::default() }).await;
+    let a = p.runtime().claim("valve", "v-1", None, Default::default()).await.unwrap();
+    assert!(matches!(a, twinfleet::ClaimAnswer::Credentials { .. }), "{a:?}");
+    let mut alerts = p.runtime().alerts().subscribe();
+    eventually("the deadline is armed", || async { (clock.pending_timers() > 0).then_some(()) }).await;
+    let timers = clock.pending_timers();
+    clock.advance(1_000); // the first deadline: a retry, the next after 500 + 1000 ms
+    eventually("the retry", || async {
+        let v = p.runtime().claim_view("valve", "v-1").unwrap();
+        (v.state == "confirm" && v.attempt == 1 && clock.pending_timers() >= timers).then_some(())
+    })
+    .await;
+    clock.advance(1_500); // retries used up
+    let view = eventually("the process times out", || async {
+        let v = p.runtime().claim_view("valve", "v-1").unwrap();
+        v.outcome.is_some().then_some(v)
+    })
+    .await;
+    assert_eq!(view.outcome.as_deref(), Some("failed"));
+    let alert = loop {
+        let a = tokio::time::timeout(std::time::Duration::from_secs(10), alerts.recv()).await.unwrap().unwrap();
+        if a.severity == Severity::Critical {
+            break a;
+        }
+    };
+    assert!(alert.message.contains("await_confirmation"), "{}", alert.message);
+    p.shutdown().await;
+}
