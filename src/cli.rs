@@ -75,6 +75,24 @@ pub enum JobsCommand {
     List,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum ProvisioningCommand {
+    /// The devices that wait for an operator's approval.
+    Pending,
+    /// One device's process and its step-by-step log.
+    Show { device_type: String, serial: String },
+    /// Let a waiting device go on.
+    Approve { device_type: String, serial: String },
+    /// Refuse a waiting device.
+    Reject {
+        device_type: String,
+        serial: String,
+        /// Why (kept in the step log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
 struct Client {
     agent: ureq::Agent,
     base: String,
@@ -104,6 +122,26 @@ impl Client {
         let status = res.status();
         let body = res.body_mut().read_to_string().context("cannot read the answer")?;
         let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        if !status.is_success() {
+            let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
+            bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+        }
+        Ok(value)
+    }
+
+    /// POSTs `body` to `path`; the JSON body of a 2xx, else the API's error.
+    fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut res = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = res.status();
+        let text = res.body_mut().read_to_string().context("cannot read the answer")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
             let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
             bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
@@ -287,4 +325,63 @@ pub fn jobs(a: ClientArgs, cmd: JobsCommand) -> anyhow::Result<()> {
         render(&["id", "kind", "state", "done", "failed", "by"], &rows)
     });
     Ok(())
+}
+
+pub fn provisioning(a: ClientArgs, cmd: ProvisioningCommand) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let path = |ty: &str, serial: &str| format!("/provisioning/{}/{}", enc(ty), enc(serial));
+    let (v, with_log) = match cmd {
+        ProvisioningCommand::Pending => (c.get("/provisioning/pending", &[])?, false),
+        ProvisioningCommand::Show { device_type, serial } => (c.get(&path(&device_type, &serial), &[])?, true),
+        ProvisioningCommand::Approve { device_type, serial } => {
+            (c.post(&format!("{}/approve", path(&device_type, &serial)), &serde_json::json!({}))?, true)
+        }
+        ProvisioningCommand::Reject { device_type, serial, reason } => {
+            (c.post(&format!("{}/reject", path(&device_type, &serial)), &serde_json::json!({"reason": reason}))?, true)
+        }
+    };
+    c.print(&v, |v| {
+        let list = if v.is_array() { v.as_array().cloned().unwrap_or_default() } else { vec![v.clone()] };
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|p| {
+                vec![
+                    s(p, "device_type"),
+                    s(&p["identity"], "serial"),
+                    s(p, "device_id"),
+                    s(p, "state"),
+                    s(p, "outcome"),
+                ]
+            })
+            .collect();
+        let mut out = render(&["type", "serial", "device", "state", "outcome"], &rows);
+        if with_log {
+            let log: Vec<Vec<String>> = v["log"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let actor = match e["actor"]["name"].as_str() {
+                        Some(n) => format!("{} {n}", s(&e["actor"], "kind")),
+                        None => s(&e["actor"], "kind"),
+                    };
+                    vec![s(e, "at"), s(e, "input"), s(e, "to"), actor, s(e, "note")]
+                })
+                .collect();
+            out += "\n";
+            out += &render(&["at", "input", "state", "by", "note"], &log);
+        }
+        out
+    });
+    Ok(())
+}
+
+/// A path segment, percent-encoded.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -59,6 +59,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::JobsCommand,
     },
+    /// Provisioning processes of a running instance: pending devices, approval.
+    Provisioning {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::ProvisioningCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +126,7 @@ fn main() -> std::process::ExitCode {
         Command::Twin { client, command } => cli::twin(client, command),
         Command::Actors { client, query } => cli::actors(client, query),
         Command::Jobs { client, command } => cli::jobs(client, command),
+        Command::Provisioning { client, command } => cli::provisioning(client, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -58,7 +58,7 @@ fn wait_ready(child: &mut Child) -> SocketAddr {
 }
 
 /// Runs a client subcommand of the binary; returns (success, stdout, stderr).
-fn client(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn client(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twinfleet"))
         .args(args)
         .env_remove("TWINFLEET_TOKEN")

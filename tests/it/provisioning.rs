@@ -58,6 +58,19 @@ async fn a_semi_automatic_device_waits_for_approval_over_http_then_becomes_opera
     let (s, pending) = call("GET", "/api/v1/provisioning/pending".into()).await.unwrap();
     assert_eq!(s, 200, "{pending}");
     assert_eq!(pending[0]["identity"]["serial"], "SN-1");
+    // The same from the CLI.
+    let api = format!("http://{haddr}");
+    let cli = |args: Vec<String>| {
+        actix_rt::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::binary::client(&args)
+        })
+    };
+    let argv = |a: &[&str]| -> Vec<String> {
+        a.iter().map(|s| s.to_string()).chain(["--api".into(), api.clone(), "--token".into(), admin.clone()]).collect()
+    };
+    let (ok, out, err) = cli(argv(&["provisioning", "pending"])).await.unwrap();
+    assert!(ok && out.contains("SN-1") && out.contains("awaiting_approval"), "{out}{err}");
 
     // A second claim for the serial with another MAC is refused and alerts.
     let other = json!({"serial": "SN-1", "mac": "ff:ff:ff:ff:ff:ff"});
@@ -97,6 +110,8 @@ async fn a_semi_automatic_device_waits_for_approval_over_http_then_becomes_opera
     );
     assert_eq!(view["log"][2]["actor"], json!({"kind": "operator", "name": "admin"}));
     assert_eq!(view["log"][7]["actor"]["kind"], "device");
+    let (ok, out, err) = cli(argv(&["provisioning", "show", "kiosk", "SN-1"])).await.unwrap();
+    assert!(ok && out.contains("removing_claim") && out.contains("operator admin"), "{out}{err}");
     // The transient credentials are gone: claiming again shows no token.
     let r = MqttDevice::provision_as(&prov, "kiosk", "k-1", &claim, identity.clone()).await.unwrap();
     assert!(!r.ok && r.token.is_none(), "{r:?}");
@@ -109,8 +124,8 @@ async fn a_semi_automatic_device_waits_for_approval_over_http_then_becomes_opera
     // A rejected device is refused.
     let id2 = json!({"serial": "SN-2", "mac": "aa:bb:cc:00:00:02"});
     assert!(MqttDevice::provision_as(&prov, "kiosk", "k-2", &claim, id2.clone()).await.unwrap().pending);
-    let (s, v) = call("POST", "/api/v1/provisioning/kiosk/SN-2/reject".into()).await.unwrap();
-    assert_eq!((s, v["outcome"].as_str()), (200, Some("refused")), "{v}");
+    let (ok, out, err) = cli(argv(&["provisioning", "reject", "kiosk", "SN-2", "--reason", "not ours"])).await.unwrap();
+    assert!(ok && out.contains("refused") && out.contains("not ours"), "{out}{err}");
     let r = MqttDevice::provision_as(&prov, "kiosk", "k-2", &claim, id2).await.unwrap();
     assert!(!r.ok && !r.pending && r.token.is_none(), "{r:?}");
     assert!(p.twin("k-2").is_err());
