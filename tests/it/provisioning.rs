@@ -233,3 +233,51 @@ async fn a_stuck_step_is_retried_on_the_virtual_clock_then_alerts() {
     assert!(alert.message.contains("await_confirmation"), "{}", alert.message);
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn an_automatic_device_provisions_over_grpc_and_its_claim_token_reaches_nothing_else() {
+    use twinfleet_proto::device as pb;
+    use twinfleet_protocols::{DevicePoint, GrpcDevice, GrpcGateway};
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let auto = ProvisioningSpec { allow_list: vec!["G-1".into()], ..Default::default() };
+    let claim = device_type(&p, "gauge", auto).await;
+    let grpc = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = format!("http://{}", grpc.local_addr());
+    let channel = tonic::transport::Channel::from_shared(endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut client = pb::provisioning_client::ProvisioningClient::new(channel.clone());
+    let request = |token: &str, serial: &str| {
+        let mut r = tonic::Request::new(pb::ClaimRequest {
+            device_id: "g-1".into(),
+            identity: Some(pb::DeviceIdentity { serial: serial.into(), mac: "0a".into(), ..Default::default() }),
+        });
+        r.metadata_mut().insert("x-device-type", "gauge".parse().unwrap());
+        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let e = client.claim(request("tfc_wrong", "G-1")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let reply = client.claim(request(&claim, "G-1")).await.unwrap().into_inner();
+    assert_eq!(reply.status, pb::claim_reply::Status::Credentials as i32, "{reply:?}");
+    assert_eq!(reply.operational, endpoint);
+    // The same device asking again gets the same answer.
+    let again = client.claim(request(&claim, "G-1")).await.unwrap().into_inner();
+    assert_eq!(again.token, reply.token);
+
+    // The claim token is no device credential.
+    let mut as_claimant = GrpcDevice::on_channel(channel.clone(), "g-1", &claim);
+    assert_eq!(as_claimant.report(&obj(json!({"x": 1}))).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+    // With its own token the device reaches its twin, which confirms it.
+    let mut dev = GrpcDevice::on_channel(channel, "g-1", &reply.token);
+    let mut stream = dev.telemetry().await.unwrap();
+    stream.send(vec![DevicePoint { metric: "p".into(), value: 1.5, at_ms: None }]).await.unwrap();
+    eventually("the gRPC device is operational", || async {
+        (p.runtime().claim_view("gauge", "G-1").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+    assert!(p.twin("g-1").unwrap().get().await.unwrap().telemetry_latest.contains_key("p"));
+    drop(stream);
+    grpc.stop().await;
+    p.shutdown().await;
+}

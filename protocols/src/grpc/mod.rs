@@ -14,6 +14,9 @@
 //! `SendNumericScalarValues` stores values in batches of 1,000 as they arrive, every value
 //! must name the authenticated device, and an error ends the stream saying how many
 //! values were stored before it. `SendLogs` stores app log lines (`twinfleet_actors::logs`).
+//!
+//! Provisioning: `Provisioning.Claim` runs a new device's claim (claim token in the
+//! metadata) through its type's process (`twinfleet_actors::provisioning`).
 
 use crate::json::{json_to_struct, struct_to_json};
 use dashmap::DashMap;
@@ -71,6 +74,8 @@ struct Gateway {
     /// Turns true when the gateway stops: open device streams end with UNAVAILABLE
     /// instead of holding the graceful shutdown open.
     closing: watch::Receiver<bool>,
+    /// Where provisioned devices are told to connect (this gateway).
+    operational: String,
 }
 
 /// Waits until the gateway starts closing.
@@ -201,7 +206,7 @@ impl GrpcGateway {
         let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new() });
         rt.attach_device_link("grpc", links.clone());
         let (closing, closing_rx) = watch::channel(false);
-        let gw = Gateway { rt, links: links.clone(), closing: closing_rx };
+        let gw = Gateway { rt, links: links.clone(), closing: closing_rx, operational: format!("http://{addr}") };
         let (stop, stopped) = oneshot::channel::<()>();
         let (finished, done) = oneshot::channel();
         let arbiter = actix::Arbiter::new();
@@ -216,7 +221,8 @@ impl GrpcGateway {
             let result = tonic::transport::Server::builder()
                 .layer(EdgeLayer(gw.rt.clone()))
                 .add_service(DeviceGatewayServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
-                .add_service(HubServer::new(gw).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .add_service(HubServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+                .add_service(pb::provisioning_server::ProvisioningServer::new(gw))
                 .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
                     let _ = stopped.await;
                 })

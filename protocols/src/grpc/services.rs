@@ -251,3 +251,72 @@ impl Hub for Gateway {
         Ok(Response::new(()))
     }
 }
+
+#[tonic::async_trait]
+impl pb::provisioning_server::Provisioning for Gateway {
+    async fn claim(&self, req: Request<pb::ClaimRequest>) -> Result<Response<pb::ClaimReply>, Status> {
+        use pb::claim_reply::Status as S;
+        let ty = req
+            .metadata()
+            .get("x-device-type")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| self.reject("bad_credentials", Status::unauthenticated("missing x-device-type metadata")))?
+            .to_string();
+        let token = Self::token(&req).inspect_err(|_| {
+            self.rt.rejections().reject("bad_credentials", || format!("claim for {ty:?}: no usable claim token"));
+        })?;
+        self.rt.authenticate_claim(&ty, token).map_err(auth_status)?;
+        let msg = req.into_inner();
+        let identity = msg.identity.map(|i| twinfleet_models::provisioning::Identity {
+            serial: i.serial,
+            mac: i.mac,
+            model: i.model,
+            firmware: i.firmware,
+            os: i.os,
+            arch: i.arch,
+            peripherals: i.peripherals,
+            region: i.region,
+        });
+        let reply = match self.rt.claim(&ty, &msg.device_id, identity, Default::default()).await {
+            Ok(twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state }) => pb::ClaimReply {
+                status: S::Credentials as i32,
+                device_id: device_id.to_string(),
+                token,
+                operational: self.operational.clone(),
+                state,
+                ..Default::default()
+            },
+            Ok(twinfleet_actors::ClaimAnswer::Pending { state }) => pb::ClaimReply {
+                status: S::Pending as i32,
+                device_id: msg.device_id,
+                state,
+                retry_after_ms: 5_000,
+                ..Default::default()
+            },
+            Ok(twinfleet_actors::ClaimAnswer::Refused { state, reason }) => {
+                self.rt.rejections().reject("provisioning_refused", || format!("{}: {reason}", msg.device_id));
+                pb::ClaimReply {
+                    status: S::Refused as i32,
+                    device_id: msg.device_id,
+                    state,
+                    reason,
+                    ..Default::default()
+                }
+            }
+            Err(TwinError::AlreadyExists { .. }) => {
+                return Err(self.reject(
+                    "already_provisioned",
+                    Status::already_exists(format!("device {} already exists", msg.device_id)),
+                ));
+            }
+            Err(TwinError::Conflict(why)) => {
+                return Err(self.reject("identity_mismatch", Status::failed_precondition(why)));
+            }
+            Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => {
+                return Err(self.reject("malformed", Status::invalid_argument(e.to_string())));
+            }
+            Err(e) => return Err(status(e)),
+        };
+        Ok(Response::new(reply))
+    }
+}
