@@ -356,8 +356,14 @@ impl TwinRuntime {
             .collect()
     }
 
-    /// Called by the gateways when device `id` authenticated: ends its process if it
-    /// waited for that.
+    /// Device `id` reached its twin through a gateway that authenticated it (an external
+    /// broker's transformer calls this for each device message; twinfleet's own gateways
+    /// through [`TwinRuntime::authenticate_device`]): ends its provisioning process if
+    /// that waited for it. Cheap when nothing waits.
+    pub fn device_connected(&self, id: &str) {
+        self.device_confirmed(id)
+    }
+
     pub(crate) fn device_confirmed(&self, id: &str) {
         if self.env.claims.awaiting_confirmation.is_empty() {
             return;

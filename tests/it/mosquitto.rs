@@ -376,6 +376,22 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
         &["-i", "ghost", "-u", "ghost", "-P", "ghost-pw", "-t", "devices/ghost/state", "-m", "{}"]
     ));
 
+    // Provisioning through the broker: the claim token becomes the type's claim account;
+    // the device claims, gets its token, and that token is a working broker login.
+    let claim = p.issue_claim_token("valve").await.unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let resp = eventually("the claim account exists", || async {
+        twinfleet_protocols::mqtt::MqttDevice::provision(&addr, "valve", "x-new", &claim, json!({})).await.ok()
+    })
+    .await;
+    assert!(resp.ok, "{resp:?}");
+    let new_token = resp.token.unwrap();
+    login(port, "x-new", &new_token, true).await;
+    eventually("the provisioned device is operational", || async {
+        (p.runtime().claim_view("valve", "x-new").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+
     gw.stop().await;
     p.shutdown().await;
     drop(broker);

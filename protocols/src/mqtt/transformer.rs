@@ -109,7 +109,12 @@ impl Core {
         } else {
             match topics::parse(&p.topic) {
                 Some(Parsed::Device { id, channel }) if self.spec.devices => match self.ingest.rt.twin(id) {
-                    Ok(twin) => self.ingest.device(&twin, channel, &p.payload).await,
+                    Ok(twin) => {
+                        // The broker authenticated the device: a provisioning process
+                        // waiting for its first message ends.
+                        self.ingest.rt.device_connected(id);
+                        self.ingest.device(&twin, channel, &p.payload).await
+                    }
                     Err(_) => Err(Refused::new("unknown_device", format!("no twin {id:?}"))),
                 },
                 Some(Parsed::Provisioning { ty, id }) if self.spec.provisioning => {
