@@ -228,9 +228,26 @@ impl TwinRuntime {
         Ok(())
     }
 
-    /// Runs one step; `None` when the step waits for someone outside.
+    /// Runs one step; `None` when the step waits for someone outside, or failed for a
+    /// passing reason (a full disk, a busy twin: its deadline runs it again).
     async fn run_step(&self, key: &str, rec: &mut ClaimRecord, step: Step) -> (Option<Input>, String) {
         let ok = |note: &str| (Some(Input::Done), note.to_string());
+        let failed = |e: TwinError| {
+            let passing = matches!(
+                e,
+                TwinError::Storage(_)
+                    | TwinError::MailboxFull(_)
+                    | TwinError::Timeout { .. }
+                    | TwinError::Unavailable { .. }
+                    | TwinError::ShuttingDown
+            );
+            if passing {
+                tracing::warn!(claim = key, "provisioning step {step:?} failed for now: {e}; retried at its deadline");
+                (None, e.to_string())
+            } else {
+                (Some(Input::Failed), e.to_string())
+            }
+        };
         match step {
             Step::CheckIdentity => match self.twin(rec.device_id.as_str()) {
                 Ok(_) => (Some(Input::Failed), format!("a twin {} exists already", rec.device_id)),
@@ -248,7 +265,7 @@ impl TwinRuntime {
                 match self.create_twin(&rec.device_type, spec).await {
                     // (Resumed after a crash: the twin this process made is there.)
                     Ok(_) | Err(TwinError::AlreadyExists { .. }) => ok("twin created"),
-                    Err(e) => (Some(Input::Failed), e.to_string()),
+                    Err(e) => failed(e),
                 }
             }
             Step::IssueCredentials => match self.issue_device_token(rec.device_id.as_str()).await {
@@ -256,7 +273,7 @@ impl TwinRuntime {
                     rec.token = Some(token);
                     ok("unique credentials issued for the operational gateway")
                 }
-                Err(e) => (Some(Input::Failed), e.to_string()),
+                Err(e) => failed(e),
             },
             Step::ApplyConfiguration => ok("type defaults and group layers apply"),
             Step::RequestApps => ok("baseline apps requested (recorded)"),
