@@ -157,7 +157,11 @@ async fn platform() {
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let dir = std::env::temp_dir().join(format!("twinfleet-provision-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let p = Platform::builder(&dir).start().await.unwrap();
+    // The claim rate limits are lifted: this measures provisioning, not the limiter.
+    let unlimited = twinfleet::models::RateLimit { per_sec: 1e9, burst: 1e9 };
+    let settings =
+        twinfleet::Settings { claims_per_credential: unlimited, claims_per_source: unlimited, ..Default::default() };
+    let p = Platform::builder(&dir).settings(settings).start().await.unwrap();
     let allow: Vec<String> = (0..n).map(|i| format!("S-{i:05}")).collect();
     println!("| benchmark | devices | cores | devices/s | claim → operational p50 / p99 | detail |");
     println!("|---|---|---|---|---|---|");

@@ -10,11 +10,9 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
 //! let platform = Platform::builder("./twinfleet-data").start().await?;
-//! let sensor = platform.create_device_type(DeviceTypeSpec {
-//!     id: "sensor".parse()?, model: "TH-1".into(), defaults: Default::default(), domain: None,
-//!     journal: Default::default(),
-//!     history: Default::default(),
-//! }).await?;
+//! let sensor = platform
+//!     .create_device_type(DeviceTypeSpec { model: "TH-1".into(), ..DeviceTypeSpec::new("sensor".parse()?) })
+//!     .await?;
 //! let specs = (0..1000).map(|i| TwinSpec::new(format!("sensor-{i}").parse().unwrap())).collect();
 //! sensor.spawn_fleet(specs).await?;
 //! let twin = platform.twin("sensor-7")?;

@@ -38,6 +38,10 @@ pub struct Settings {
     /// How often (real time, ms) the journals of device types with a retention are
     /// compacted; 0 turns the periodic pass off (`TwinRuntime::compact_journals` runs one).
     pub compaction_interval_ms: u64,
+    /// Provisioning claims allowed per claim credential (device type) ...
+    pub claims_per_credential: twinfleet_models::RateLimit,
+    /// ... and per source address (where the gateway knows it).
+    pub claims_per_source: twinfleet_models::RateLimit,
 }
 
 impl Default for Settings {
@@ -53,6 +57,8 @@ impl Default for Settings {
             snapshot_every: 64,
             snapshot_idle_ms: 2_000,
             compaction_interval_ms: 60_000,
+            claims_per_credential: twinfleet_models::RateLimit { per_sec: 2_000.0, burst: 20_000.0 },
+            claims_per_source: twinfleet_models::RateLimit { per_sec: 1_000.0, burst: 10_000.0 },
         }
     }
 }

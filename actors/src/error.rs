@@ -28,6 +28,8 @@ pub enum TwinError {
     DeviceUnreachable { id: String, reason: String },
     #[error("mailbox of twin {0:?} is full; retry later")]
     MailboxFull(String),
+    #[error("{what}: too many requests; retry in {retry_after_ms} ms")]
+    RateLimited { what: String, retry_after_ms: u64 },
     #[error("{kind} {id:?} did not answer within {ms} ms")]
     Timeout { kind: &'static str, id: String, ms: u64 },
     #[error("{kind} {id:?} crashed while handling the request ({message}); its supervisor restarts it")]

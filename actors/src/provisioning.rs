@@ -129,6 +129,35 @@ impl TwinRuntime {
         identity: Option<Identity>,
         metadata: Metadata,
     ) -> Result<ClaimAnswer, TwinError> {
+        self.claim_from(ty, device_id, identity, metadata, None).await
+    }
+
+    /// [`TwinRuntime::claim`] from `source` (the device's address, where the gateway
+    /// knows it). Claims are rate-limited per claim credential and per source
+    /// (`Settings::claims_per_credential`, `claims_per_source`) before anything else is
+    /// done: a flood is refused cheaply (`TwinError::RateLimited`, counted
+    /// `rate_limited`).
+    pub async fn claim_from(
+        &self,
+        ty: &str,
+        device_id: &str,
+        identity: Option<Identity>,
+        metadata: Metadata,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<ClaimAnswer, TwinError> {
+        let now = self.env.clock.now();
+        let settings = &self.env.settings;
+        let limited = |what: String, retry_after_ms: u64| TwinError::RateLimited { what, retry_after_ms };
+        if let Some(ip) = source {
+            self.env
+                .claims
+                .admit(format!("src/{ip}"), &settings.claims_per_source, now)
+                .map_err(|ms| limited(format!("claims from {ip}"), ms))?;
+        }
+        self.env
+            .claims
+            .admit(format!("cred/{ty}"), &settings.claims_per_credential, now)
+            .map_err(|ms| limited(format!("claims with the claim token of {ty}"), ms))?;
         let device_id = TwinId::new(device_id)?;
         let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
         identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;

@@ -105,6 +105,22 @@ pub struct DeviceTypeSpec {
     pub provisioning: Option<twinfleet_models::provisioning::ProvisioningSpec>,
 }
 
+impl DeviceTypeSpec {
+    /// A type with nothing but its id: no defaults, no domain model, everything kept,
+    /// provisioned with the default process.
+    pub fn new(id: DeviceTypeId) -> Self {
+        DeviceTypeSpec {
+            id,
+            model: String::new(),
+            defaults: Map::new(),
+            domain: None,
+            journal: Default::default(),
+            history: Default::default(),
+            provisioning: None,
+        }
+    }
+}
+
 /// A group: what its DTA knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

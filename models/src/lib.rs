@@ -34,7 +34,7 @@ pub use effect::{Decision, Effect, Wait, WaitName, Waits};
 pub use ids::{DeviceTypeId, DtaId, IdError, TwinId};
 pub use limits::{DocumentError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
 pub use log::{LogError, LogLevel, LogLine};
-pub use policy::{Backoff, RestartEvent, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
+pub use policy::{Backoff, Bucket, RateLimit, RestartEvent, RestartPolicy, RestartTracker, RetryPolicy, WaitDecision};
 pub use retention::{HistoryRetention, JournalRetention};
 pub use telemetry::{MetricPoint, TelemetryError, TelemetryLimits, decode_batch, encode_batch, validate_batch};
 pub use time::Timestamp;

@@ -175,9 +175,58 @@ impl RetryPolicy {
     }
 }
 
+/// A rate: `per_sec` on average, up to `burst` at once (a token bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+/// The tokens of one [`RateLimit`]ed key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    tokens: f64,
+    last: Timestamp,
+}
+
+impl Bucket {
+    /// A bucket that starts full at `now`.
+    pub fn full(limit: &RateLimit, now: Timestamp) -> Bucket {
+        Bucket { tokens: limit.burst, last: now }
+    }
+
+    /// Takes one token at `now`, or says in how many ms the next one comes.
+    pub fn take(&mut self, limit: &RateLimit, now: Timestamp) -> Result<(), u64> {
+        let elapsed = now.0.saturating_sub(self.last.0).max(0) as f64 / 1e3;
+        self.tokens = (self.tokens + elapsed * limit.per_sec).min(limit.burst);
+        self.last = Timestamp(now.0.max(self.last.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else if limit.per_sec <= 0.0 {
+            Err(u64::MAX)
+        } else {
+            Err((((1.0 - self.tokens) / limit.per_sec) * 1e3).ceil() as u64)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let l = RateLimit { per_sec: 10.0, burst: 3.0 };
+        let mut b = Bucket::full(&l, Timestamp(0));
+        assert!((0..3).all(|_| b.take(&l, Timestamp(0)).is_ok()));
+        assert_eq!(b.take(&l, Timestamp(0)), Err(100));
+        assert_eq!(b.take(&l, Timestamp(100)), Ok(()));
+        assert!(b.take(&l, Timestamp(150)).is_err());
+        // Idle long: back to the burst, not more.
+        assert!((0..3).all(|_| b.take(&l, Timestamp(60_000)).is_ok()));
+        assert!(b.take(&l, Timestamp(60_000)).is_err());
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -96,6 +96,7 @@ pub fn classify(e: &TwinError) -> Classified {
         TwinError::ShuttingDown => c(Unavailable, "shutting_down", "twin_unavailable"),
         TwinError::DeviceUnreachable { .. } => c(Unavailable, "device_unreachable", "device_unreachable"),
         TwinError::MailboxFull(_) => c(Busy, "mailbox_full", "twin_unavailable"),
+        TwinError::RateLimited { .. } => c(Busy, "rate_limited", "rate_limited"),
         TwinError::Timeout { .. } => c(Timeout, "timeout", "twin_unavailable"),
         TwinError::Rejected(m) => match m {
             ModelError::Violations(_) => c(Rejected, "constraint_violation", "rejected"),

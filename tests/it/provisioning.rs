@@ -281,3 +281,68 @@ async fn an_automatic_device_provisions_over_grpc_and_its_claim_token_reaches_no
     grpc.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_claim_flood_is_rate_limited_per_credential_and_source_and_operational_devices_go_on() {
+    use twinfleet::models::RateLimit;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = twinfleet::Settings {
+        claims_per_credential: RateLimit { per_sec: 1.0, burst: 5.0 },
+        claims_per_source: RateLimit { per_sec: 1_000.0, burst: 1_000.0 },
+        ..test_settings()
+    };
+    let p = start(dir.path(), None, settings).await;
+    let flood = device_type(&p, "flood", ProvisioningSpec::default()).await;
+    let calm = device_type(&p, "calm", ProvisioningSpec::default()).await;
+    fleet(&p, "meter", json!({}), "op", 1, |_| vec![]).await;
+    let token = p.issue_device_token("op-0").await.unwrap();
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let dev = MqttDevice::connect(&ops, "op-0", &token).await.unwrap();
+
+    // 40 claims at once with one claim token, while the operational device publishes.
+    let claims = (0..40).map(|i| {
+        let (prov, flood) = (prov.clone(), flood.clone());
+        async move { MqttDevice::provision(&prov, "flood", &format!("f-{i}"), &flood, json!({})).await.unwrap() }
+    });
+    let publishing = async {
+        for i in 0..200 {
+            dev.telemetry(QoS::AtLeastOnce, None, &[("v", i as f64)]).await.unwrap();
+        }
+    };
+    let (answers, ()) = futures::join!(futures::future::join_all(claims), publishing);
+    // (Declared without an allow-list: admitted claims wait for approval.)
+    let admitted = answers.iter().filter(|r| r.ok || r.pending).count();
+    let limited: Vec<_> =
+        answers.iter().filter(|r| r.error.as_deref().is_some_and(|e| e.contains("too many"))).collect();
+    assert!(admitted <= 6 && admitted >= 5, "{admitted} admitted");
+    assert_eq!(admitted + limited.len(), 40, "every other claim is refused as rate-limited");
+    assert!(limited.iter().all(|r| r.retry_after_ms.is_some()));
+    assert_eq!(p.rejections().count("rate_limited") as usize, limited.len());
+    eventually("all 200 operational messages are stored", || async {
+        let v = p.twin("op-0").unwrap().get().await.unwrap();
+        (v.telemetry_latest.get("v").map(|l| l.value) == Some(199.0)).then_some(())
+    })
+    .await;
+    // Another type's claim token is not held up by the flood.
+    let r = MqttDevice::provision(&prov, "calm", "c-1", &calm, json!({})).await.unwrap();
+    assert!(r.pending, "{r:?}");
+    dev.disconnect().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+
+    // Per source: with a tight limit per address, claims from this one are held to it.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = twinfleet::Settings { claims_per_source: RateLimit { per_sec: 0.5, burst: 2.0 }, ..test_settings() };
+    let p = start(dir.path(), None, settings).await;
+    let a = device_type(&p, "a", ProvisioningSpec::default()).await;
+    let b = device_type(&p, "b", ProvisioningSpec::default()).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let prov = addr(mqtt.provisioning());
+    assert!(MqttDevice::provision(&prov, "a", "a-1", &a, json!({})).await.unwrap().pending);
+    assert!(MqttDevice::provision(&prov, "b", "b-1", &b, json!({})).await.unwrap().pending);
+    let third = MqttDevice::provision(&prov, "a", "a-2", &a, json!({})).await.unwrap();
+    assert!(!third.ok && !third.pending && third.error.as_deref().unwrap_or("").contains("127.0.0.1"), "{third:?}");
+    mqtt.stop().await;
+    p.shutdown().await;
+}

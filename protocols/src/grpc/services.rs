@@ -266,6 +266,7 @@ impl pb::provisioning_server::Provisioning for Gateway {
             self.rt.rejections().reject("bad_credentials", || format!("claim for {ty:?}: no usable claim token"));
         })?;
         self.rt.authenticate_claim(&ty, token).map_err(auth_status)?;
+        let source = req.remote_addr().map(|a| a.ip());
         let msg = req.into_inner();
         let identity = msg.identity.map(|i| twinfleet_models::provisioning::Identity {
             serial: i.serial,
@@ -277,7 +278,7 @@ impl pb::provisioning_server::Provisioning for Gateway {
             peripherals: i.peripherals,
             region: i.region,
         });
-        let reply = match self.rt.claim(&ty, &msg.device_id, identity, Default::default()).await {
+        let reply = match self.rt.claim_from(&ty, &msg.device_id, identity, Default::default(), source).await {
             Ok(twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state }) => pb::ClaimReply {
                 status: S::Credentials as i32,
                 device_id: device_id.to_string(),
@@ -311,6 +312,9 @@ impl pb::provisioning_server::Provisioning for Gateway {
             }
             Err(TwinError::Conflict(why)) => {
                 return Err(self.reject("identity_mismatch", Status::failed_precondition(why)));
+            }
+            Err(e @ TwinError::RateLimited { .. }) => {
+                return Err(self.reject("rate_limited", Status::resource_exhausted(e.to_string())));
             }
             Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => {
                 return Err(self.reject("malformed", Status::invalid_argument(e.to_string())));

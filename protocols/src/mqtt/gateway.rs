@@ -242,6 +242,7 @@ impl Gateway {
 
     async fn serve(self: &Arc<Self>, mut sock: TcpStream, kind: ListenerKind, closing: &mut watch::Receiver<bool>) {
         let _ = sock.set_nodelay(true);
+        let source = sock.peer_addr().ok().map(|a| a.ip());
         let mut buf = BytesMut::with_capacity(512);
         let frame = match tokio::time::timeout(CONNECT_TIMEOUT, self.read_frame(&mut sock, &mut buf)).await {
             Ok(Ok(f)) => f,
@@ -327,6 +328,7 @@ impl Gateway {
             conn: &conn,
             version,
             persistent,
+            source,
             out: BytesMut::with_capacity(64),
             next_pkid: 0,
             inflight: 0,
@@ -381,6 +383,8 @@ struct Served<'a> {
     conn: &'a Arc<Conn>,
     version: Version,
     persistent: bool,
+    /// The device's address (claims are rate-limited per source).
+    source: Option<std::net::IpAddr>,
     out: BytesMut,
     next_pkid: u16,
     /// Commands sent and not yet PUBACKed by the device.
@@ -565,14 +569,14 @@ impl Served<'_> {
                     self.gw.reject("wrong_device", || format!("{:?} may not publish on {topic:?}", self.who));
                     return Some(self.close(wr, wire::DISCONNECT_NOT_AUTHORIZED, "wrong topic").await);
                 }
-                let (gw, twin) = (self.gw.clone(), self.twin.cloned());
+                let (gw, twin, source) = (self.gw.clone(), self.twin.cloned(), self.source);
                 let fut: Handled = Box::pin(async move {
                     match (topics::parse(&topic), twin) {
                         (Some(Parsed::Device { channel, .. }), Some(twin)) => {
                             (qos, pkid, gw.ingest.device(&twin, channel, &payload).await, None)
                         }
                         (Some(Parsed::Provisioning { ty, id }), _) => {
-                            let (body, result) = gw.ingest.provision(ty, id, &payload).await;
+                            let (body, result) = gw.ingest.provision(ty, id, &payload, source).await;
                             (qos, pkid, result, Some(body.to_string().into_bytes()))
                         }
                         _ => (qos, pkid, Err(Refused::new("unknown_topic", format!("nothing on {topic:?}"))), None),

@@ -226,8 +226,14 @@ impl Ingest {
     /// identity): runs or continues its provisioning process. Returns the answer for its
     /// response topic: its credentials (shown while it has not confirmed yet), "pending"
     /// (ask again later), or why not.
-    pub async fn provision(&self, ty: &str, id: &str, payload: &[u8]) -> (Value, Result<(), Refused>) {
-        let result = self.try_provision(ty, id, payload).await;
+    pub async fn provision(
+        &self,
+        ty: &str,
+        id: &str,
+        payload: &[u8],
+        source: Option<std::net::IpAddr>,
+    ) -> (Value, Result<(), Refused>) {
+        let result = self.try_provision(ty, id, payload, source).await;
         let body = match &result {
             Ok(ClaimAnswer::Credentials { device_id, token, state }) => serde_json::json!({
                 "ok": true, "device_id": device_id, "token": token, "operational": self.operational, "state": state,
@@ -238,6 +244,9 @@ impl Ingest {
             Ok(ClaimAnswer::Refused { state, reason }) => {
                 serde_json::json!({ "ok": false, "error": reason, "state": state })
             }
+            Err(r) if r.reason == "rate_limited" => {
+                serde_json::json!({ "ok": false, "error": r.detail, "retry_after_ms": PENDING_RETRY_MS })
+            }
             Err(r) => serde_json::json!({ "ok": false, "error": r.detail }),
         };
         let result = match result {
@@ -247,18 +256,25 @@ impl Ingest {
         (body, result)
     }
 
-    async fn try_provision(&self, ty: &str, id: &str, payload: &[u8]) -> Result<ClaimAnswer, Refused> {
+    async fn try_provision(
+        &self,
+        ty: &str,
+        id: &str,
+        payload: &[u8],
+        source: Option<std::net::IpAddr>,
+    ) -> Result<ClaimAnswer, Refused> {
         let msg: ProvisionMsg = parse(payload, "provisioning request")?;
         self.rt
             .authenticate_claim(ty, &msg.claim_token)
             .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {ty}: {e}")))?;
-        match self.rt.claim(ty, id, msg.identity, msg.metadata).await {
+        match self.rt.claim_from(ty, id, msg.identity, msg.metadata, source).await {
             Ok(a) => Ok(a),
             Err(TwinError::AlreadyExists { .. }) => Err(Refused::new(
                 "already_provisioned",
                 format!("device {id} already exists; an operator can issue it a new token"),
             )),
             Err(TwinError::Conflict(why)) => Err(Refused::new("identity_mismatch", why)),
+            Err(e @ TwinError::RateLimited { .. }) => Err(Refused::new("rate_limited", e.to_string())),
             Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => Err(Refused::new("malformed", e.to_string())),
             Err(e) => Err(Refused::new("provisioning_failed", e.to_string())),
         }
