@@ -31,7 +31,7 @@ use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use serde::{Deserialize, Serialize};
 use twinfleet_models::provisioning::{
-    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, ProvisioningSpec, Step,
+    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, ProvisioningSpec, Reprovision, Step,
 };
 use twinfleet_models::{Alert, AlertKind, DeviceTypeId, Effect, Metadata, Severity, Timestamp, TwinId};
 use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
@@ -183,6 +183,10 @@ impl TwinRuntime {
                 return Err(TwinError::Conflict(msg));
             }
             let waiting = self.env.claims.pending.contains(&key);
+            let finished = rec.process.outcome(&process).is_some() && rec.token.is_none();
+            if same && finished && spec.reprovision != Reprovision::Refuse {
+                return self.reprovision(&key, rec, &spec, open, &process).await;
+            }
             return if same || (waiting && rec.device_id == device_id) {
                 Ok(answer(&rec, &process))
             } else {
@@ -200,6 +204,52 @@ impl TwinRuntime {
         self.store_claim(&key, &rec).await?;
         self.drive(&key, &mut rec, &process, decision.effects).await?;
         Ok(answer(&rec, &process))
+    }
+
+    /// A provisioned device claims again and its type reprovisions: the process runs
+    /// again (its earlier log kept in front), on the same twin (`keep`) or on a new one
+    /// (`reset`: the old twin is deleted first).
+    async fn reprovision(
+        &self,
+        key: &str,
+        mut rec: ClaimRecord,
+        spec: &ProvisioningSpec,
+        open: bool,
+        process: &ProcessSpec,
+    ) -> Result<ClaimAnswer, TwinError> {
+        let id = rec.device_id.to_string();
+        match (spec.reprovision, self.twin(&id)) {
+            (Reprovision::Keep, Ok(t)) if t.slot().archived() => {
+                return Err(TwinError::Conflict(format!(
+                    "twin {id} is archived (decommissioned); its type reprovisions with `keep`, which needs a live twin"
+                )));
+            }
+            (Reprovision::Reset, Ok(_)) => self.delete_twin(&id).await?,
+            _ => {}
+        }
+        let mut facts = spec.facts(&rec.identity.serial);
+        facts.pre_registered |= open;
+        let now = self.env.clock.now();
+        let (mut p, decision) = Provisioning::start(process, facts, now);
+        let mut log = std::mem::take(&mut rec.process.log);
+        log.append(&mut p.log);
+        p.log = log;
+        if let Some(first) = p.log.last_mut() {
+            first.note = format!("claimed again: reprovision ({:?})", spec.reprovision).to_lowercase();
+        }
+        rec.process = p;
+        self.store_claim(key, &rec).await?;
+        self.drive(key, &mut rec, process, decision.effects).await?;
+        Ok(answer(&rec, process))
+    }
+
+    /// Decommissions device `id`: its token is revoked and its twin archived, so it is
+    /// refused on every gateway and its open sessions end at once; the twin and its
+    /// history stay (archived, not lost).
+    pub async fn decommission(&self, id: &str) -> Result<u64, TwinError> {
+        let twin = self.twin(id)?;
+        self.revoke_device_token(id).await?;
+        twin.command(twinfleet_models::TwinCommand::Archive).await
     }
 
     /// Carries out `effects` and whatever the steps they run decide, persisting each
@@ -279,6 +329,10 @@ impl TwinRuntime {
         };
         match step {
             Step::CheckIdentity => match self.twin(rec.device_id.as_str()) {
+                // (Reprovisioned with `keep`: the twin this identity was provisioned as.)
+                Ok(t) if self.twin_serial(&t).await.as_deref() == Some(rec.identity.serial.as_str()) => {
+                    ok("known device; its twin is kept")
+                }
                 Ok(_) => (Some(Input::Failed), format!("a twin {} exists already", rec.device_id)),
                 Err(_) => ok("identity recorded"),
             },
@@ -315,6 +369,12 @@ impl TwinRuntime {
                 ok("transient credentials removed")
             }
         }
+    }
+
+    /// The serial a twin was provisioned with (its metadata's identity).
+    async fn twin_serial(&self, t: &crate::TwinHandle) -> Option<String> {
+        let v = t.get().await.ok()?;
+        v.state.metadata.attributes.get("identity")?.get("serial")?.as_str().map(String::from)
     }
 
     /// The deadline of the step entered as log entry `epoch`, attempt `attempt`.

@@ -363,6 +363,24 @@ pub struct ProvisioningSpec {
     /// The process; default: [`ProcessSpec::default_process`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessSpec>,
+    /// What a provisioned device that claims again gets (same serial and MAC).
+    #[serde(default)]
+    pub reprovision: Reprovision,
+}
+
+/// A provisioned device claims again (factory reset, lost credentials, replaced
+/// storage): what its type does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Reprovision {
+    /// Refused: it is provisioned already (an operator can issue a new token).
+    #[default]
+    Refuse,
+    /// The process runs again on the same twin (its state and history stay).
+    Keep,
+    /// The twin is deleted and the process runs again from scratch.
+    Reset,
 }
 
 impl ProvisioningSpec {

@@ -346,3 +346,65 @@ async fn a_claim_flood_is_rate_limited_per_credential_and_source_and_operational
     mqtt.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn reprovisioning_keeps_or_resets_the_twin_and_decommissioning_refuses_the_device_everywhere() {
+    use twinfleet::models::provisioning::Reprovision;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let keep = ProvisioningSpec { reprovision: Reprovision::Keep, ..Default::default() };
+    let keep = ProvisioningSpec { allow_list: vec!["K-1".into()], ..keep };
+    let reset =
+        ProvisioningSpec { reprovision: Reprovision::Reset, allow_list: vec!["R-1".into()], ..Default::default() };
+    let kc = device_type(&p, "keeper", keep).await;
+    let rc = device_type(&p, "resetter", reset).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (haddr, admin) = (http.local_addr(), admin_token(&p).await);
+
+    // Provision both, each sends a point, then "loses" its credentials and claims again.
+    let mut tokens = Vec::new();
+    for (ty, id, serial, claim) in [("keeper", "kp-1", "K-1", &kc), ("resetter", "rs-1", "R-1", &rc)] {
+        let identity = json!({"serial": serial, "mac": "00:11"});
+        let r = MqttDevice::provision_as(&prov, ty, id, claim, identity.clone()).await.unwrap();
+        let dev = MqttDevice::connect(&ops, id, r.token.as_deref().unwrap()).await.unwrap();
+        dev.telemetry(QoS::AtLeastOnce, None, &[("first", 1.0)]).await.unwrap();
+        eventually("operational", || async {
+            (p.runtime().claim_view(ty, serial).unwrap().outcome.as_deref() == Some("operational")).then_some(())
+        })
+        .await;
+        dev.disconnect().await;
+        let again = MqttDevice::provision_as(&prov, ty, id, claim, identity).await.unwrap();
+        assert!(again.ok && again.token != r.token, "{ty}: new credentials: {again:?}");
+        assert!(
+            MqttDevice::connect(&ops, id, r.token.as_deref().unwrap()).await.is_err(),
+            "{ty}: the old token is dead"
+        );
+        tokens.push(again.token.unwrap());
+    }
+    let kept = p.twin("kp-1").unwrap().get().await.unwrap();
+    assert!(kept.telemetry_latest.contains_key("first"), "keep: the twin's data stays");
+    let fresh = p.twin("rs-1").unwrap().get().await.unwrap();
+    assert!(!fresh.telemetry_latest.contains_key("first"), "reset: a new twin");
+    let log = p.runtime().claim_view("keeper", "K-1").unwrap().log;
+    assert!(log.iter().any(|e| e.note.contains("reprovision")), "the log shows both runs: {log:?}");
+
+    // Decommissioning: the session ends, the device is refused, the twin stays archived.
+    let dev = MqttDevice::connect(&ops, "kp-1", &tokens[0]).await.unwrap();
+    let (s, v) =
+        actix_rt::task::spawn_blocking(move || http_as(haddr, &admin, "POST", "/api/v1/twins/kp-1/decommission", None))
+            .await
+            .unwrap();
+    assert_eq!(s, 200, "{v}");
+    eventually("the session ends", || async { (!dev.is_connected()).then_some(()) }).await;
+    assert!(MqttDevice::connect(&ops, "kp-1", &tokens[0]).await.is_err());
+    let twin = p.twin("kp-1").unwrap().get().await.unwrap();
+    assert_eq!(twin.state.lifecycle, twinfleet::models::Lifecycle::Archived);
+    // keep cannot bring an archived twin back.
+    let r = MqttDevice::provision_as(&prov, "keeper", "kp-1", &kc, json!({"serial": "K-1", "mac": "00:11"})).await;
+    assert!(!r.unwrap().ok);
+    http.stop().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}

@@ -8,7 +8,7 @@ use twinfleet_actors::{ClaimView, TwinRuntime};
 use twinfleet_models::Action;
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(pending).service(show).service(approve).service(reject);
+    cfg.service(pending).service(show).service(approve).service(reject).service(decommission);
 }
 
 /// `GET /provisioning/pending`: the devices that wait for an operator, oldest serial
@@ -66,4 +66,15 @@ async fn reject(
     rt.authorize_type(&caller.0, Action::Configure, h.id())?;
     let reason = body.map(|b| b.into_inner().reason).filter(|r| !r.is_empty()).unwrap_or_else(|| "rejected".into());
     Ok(HttpResponse::Ok().json(rt.reject_claim(&ty, &serial, &caller.0.user, &reason).await?))
+}
+
+/// `POST /twins/{id}/decommission`: the device's token is revoked and its twin archived:
+/// it is refused on every gateway and its open sessions end at once; the twin and its
+/// history stay readable. Needs `provision` on the twin.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/decommission")]
+async fn decommission(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = super::twins::twin_for(&rt, &caller, &id, Action::Provision)?;
+    let seq = rt.decommission(h.id().as_str()).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"id": h.id(), "seq": seq, "lifecycle": "archived"})))
 }
