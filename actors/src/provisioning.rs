@@ -193,15 +193,20 @@ impl TwinRuntime {
                 Err(TwinError::AlreadyExists { kind: "provisioned device", id: device_id.to_string() })
             };
         }
-        if self.twin(device_id.as_str()).is_ok() {
-            return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
+        if let Ok(t) = self.twin(device_id.as_str()) {
+            // Only the twin a crashed run of this very device made (same serial and MAC)
+            // is taken up again; any other twin of that id is not the claimant's.
+            let ours = !identity.mac.is_empty()
+                && self.twin_identity(&t).await.is_some_and(|i| i.serial == identity.serial && i.mac == identity.mac);
+            if !ours {
+                return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
+            }
         }
         let mut facts = spec.facts(&identity.serial);
         facts.pre_registered |= open;
         let (p, decision) = Provisioning::start(&process, facts, now);
         let mut rec =
             ClaimRecord { device_type: DeviceTypeId::new(ty)?, device_id, identity, metadata, process: p, token: None };
-        self.store_claim(&key, &rec).await?;
         self.drive(&key, &mut rec, &process, decision.effects).await?;
         Ok(answer(&rec, &process))
     }
@@ -238,7 +243,6 @@ impl TwinRuntime {
             first.note = format!("claimed again: reprovision ({:?})", spec.reprovision).to_lowercase();
         }
         rec.process = p;
-        self.store_claim(key, &rec).await?;
         self.drive(key, &mut rec, process, decision.effects).await?;
         Ok(answer(&rec, process))
     }
@@ -252,8 +256,8 @@ impl TwinRuntime {
         twin.command(twinfleet_models::TwinCommand::Archive).await
     }
 
-    /// Carries out `effects` and whatever the steps they run decide, persisting each
-    /// transition, until the process waits or ends.
+    /// Carries out `effects` and whatever the steps they run decide until the process
+    /// waits or ends, then stores it.
     async fn drive(
         &self,
         key: &str,
@@ -272,7 +276,6 @@ impl TwinRuntime {
                         match rec.process.decide(process, input, Actor::Tdta, &note, now) {
                             Ok(d) => {
                                 d.events.iter().for_each(|ev| rec.process.evolve(ev));
-                                self.store_claim(key, rec).await?;
                                 next.extend(d.effects);
                             }
                             Err(why) => tracing::warn!(claim = key, "provisioning step result not taken: {why}"),
@@ -295,6 +298,10 @@ impl TwinRuntime {
             }
             effects = next;
         }
+        // One write for the whole run, once the process waits or ends, before anyone is
+        // answered. (A crash before it resumes from the state stored last; its steps run
+        // again: the twin made for this serial is recognised, a token issued again.)
+        self.store_claim(key, rec).await?;
         // Leaving a waiting state: no longer listed.
         let waits_for_human =
             rec.process.state_spec(process).is_some_and(|s| s.step == Some(Step::AwaitApproval) || s.human);
@@ -330,7 +337,7 @@ impl TwinRuntime {
         match step {
             Step::CheckIdentity => match self.twin(rec.device_id.as_str()) {
                 // (Reprovisioned with `keep`: the twin this identity was provisioned as.)
-                Ok(t) if self.twin_serial(&t).await.as_deref() == Some(rec.identity.serial.as_str()) => {
+                Ok(t) if self.twin_identity(&t).await.is_some_and(|i| i.serial == rec.identity.serial) => {
                     ok("known device; its twin is kept")
                 }
                 Ok(_) => (Some(Input::Failed), format!("a twin {} exists already", rec.device_id)),
@@ -371,10 +378,10 @@ impl TwinRuntime {
         }
     }
 
-    /// The serial a twin was provisioned with (its metadata's identity).
-    async fn twin_serial(&self, t: &crate::TwinHandle) -> Option<String> {
+    /// The identity a twin was provisioned with (in its metadata).
+    async fn twin_identity(&self, t: &crate::TwinHandle) -> Option<Identity> {
         let v = t.get().await.ok()?;
-        v.state.metadata.attributes.get("identity")?.get("serial")?.as_str().map(String::from)
+        serde_json::from_value(v.state.metadata.attributes.get("identity")?.clone()).ok()
     }
 
     /// The deadline of the step entered as log entry `epoch`, attempt `attempt`.
@@ -403,7 +410,6 @@ impl TwinRuntime {
             return Ok(());
         }
         d.events.iter().for_each(|e| rec.process.evolve(e));
-        self.store_claim(key, &rec).await?;
         self.drive(key, &mut rec, &process, d.effects).await
     }
 
@@ -420,7 +426,6 @@ impl TwinRuntime {
             .decide(&process, input, actor, note, self.env.clock.now())
             .map_err(|e| TwinError::Conflict(e.to_string()))?;
         d.events.iter().for_each(|e| rec.process.evolve(e));
-        self.store_claim(key, &rec).await?;
         self.drive(key, &mut rec, &process, d.effects).await?;
         Ok(rec.view(&process))
     }
