@@ -4,6 +4,35 @@
 use dashmap::{DashMap, DashSet};
 use std::sync::Arc;
 
+/// A device type's provisioning rules, ready to use for every claim: its declaration
+/// (or, none declared, the claim token alone pre-approves), its process, and its
+/// allow-list as a set.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub spec: twinfleet_models::provisioning::ProvisioningSpec,
+    /// No `provisioning` declared: every claim is pre-approved.
+    pub open: bool,
+    pub process: twinfleet_models::provisioning::ProcessSpec,
+    allow: std::collections::HashSet<String>,
+}
+
+impl Rules {
+    pub fn of(declared: Option<&twinfleet_models::provisioning::ProvisioningSpec>) -> Rules {
+        let spec = declared.cloned().unwrap_or_default();
+        let process = spec.process.clone().unwrap_or_else(twinfleet_models::provisioning::ProcessSpec::default_process);
+        let allow = spec.allow_list.iter().cloned().collect();
+        Rules { open: declared.is_none(), spec, process, allow }
+    }
+
+    /// The facts of a claim by `serial`.
+    pub fn facts(&self, serial: &str) -> twinfleet_models::provisioning::Facts {
+        twinfleet_models::provisioning::Facts {
+            mode: self.spec.mode,
+            pre_registered: self.open || self.allow.contains(serial),
+        }
+    }
+}
+
 /// The key of one device's process: its type and serial.
 pub(crate) fn claim_key(ty: &str, serial: &str) -> String {
     format!("{ty}\0{serial}")

@@ -31,7 +31,7 @@ use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use serde::{Deserialize, Serialize};
 use twinfleet_models::provisioning::{
-    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, ProvisioningSpec, Reprovision, Step,
+    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, Reprovision, Step,
 };
 use twinfleet_models::{Alert, AlertKind, DeviceTypeId, Effect, Metadata, Severity, Timestamp, TwinId};
 use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
@@ -92,15 +92,9 @@ impl ClaimRecord {
     }
 }
 
-/// A type's provisioning rules: declared, or (none declared) the claim token alone
-/// pre-approves and the default process runs.
-fn rules(rt: &TwinRuntime, ty: &str) -> Result<(ProvisioningSpec, bool, ProcessSpec), TwinError> {
-    let h = rt.device_type(ty)?;
-    let declared = h.provisioning();
-    let open = declared.is_none();
-    let spec = declared.map(|p| (*p).clone()).unwrap_or_default();
-    let process = spec.process.clone().unwrap_or_else(ProcessSpec::default_process);
-    Ok((spec, open, process))
+/// A type's provisioning rules (see `crate::claims::Rules`).
+fn rules(rt: &TwinRuntime, ty: &str) -> Result<std::sync::Arc<crate::claims::Rules>, TwinError> {
+    Ok(rt.device_type(ty)?.claim_rules())
 }
 
 impl TwinRuntime {
@@ -161,7 +155,8 @@ impl TwinRuntime {
         let device_id = TwinId::new(device_id)?;
         let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
         identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
-        let (spec, open, process) = rules(self, ty)?;
+        let r = rules(self, ty)?;
+        let process = &r.process;
         let key = claim_key(ty, &identity.serial);
         let lock = self.env.claims.lock(&key);
         let _turn = lock.lock().await;
@@ -183,12 +178,12 @@ impl TwinRuntime {
                 return Err(TwinError::Conflict(msg));
             }
             let waiting = self.env.claims.pending.contains(&key);
-            let finished = rec.process.outcome(&process).is_some() && rec.token.is_none();
-            if same && finished && spec.reprovision != Reprovision::Refuse {
-                return self.reprovision(&key, rec, &spec, open, &process).await;
+            let finished = rec.process.outcome(process).is_some() && rec.token.is_none();
+            if same && finished && r.spec.reprovision != Reprovision::Refuse {
+                return self.reprovision(&key, rec, &r).await;
             }
             return if same || (waiting && rec.device_id == device_id) {
-                Ok(answer(&rec, &process))
+                Ok(answer(&rec, process))
             } else {
                 Err(TwinError::AlreadyExists { kind: "provisioned device", id: device_id.to_string() })
             };
@@ -202,13 +197,12 @@ impl TwinRuntime {
                 return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
             }
         }
-        let mut facts = spec.facts(&identity.serial);
-        facts.pre_registered |= open;
-        let (p, decision) = Provisioning::start(&process, facts, now);
+        let facts = r.facts(&identity.serial);
+        let (p, decision) = Provisioning::start(process, facts, now);
         let mut rec =
             ClaimRecord { device_type: DeviceTypeId::new(ty)?, device_id, identity, metadata, process: p, token: None };
-        self.drive(&key, &mut rec, &process, decision.effects).await?;
-        Ok(answer(&rec, &process))
+        self.drive(&key, &mut rec, process, decision.effects).await?;
+        Ok(answer(&rec, process))
     }
 
     /// A provisioned device claims again and its type reprovisions: the process runs
@@ -218,12 +212,11 @@ impl TwinRuntime {
         &self,
         key: &str,
         mut rec: ClaimRecord,
-        spec: &ProvisioningSpec,
-        open: bool,
-        process: &ProcessSpec,
+        r: &crate::claims::Rules,
     ) -> Result<ClaimAnswer, TwinError> {
         let id = rec.device_id.to_string();
-        match (spec.reprovision, self.twin(&id)) {
+        let process = &r.process;
+        match (r.spec.reprovision, self.twin(&id)) {
             (Reprovision::Keep, Ok(t)) if t.slot().archived() => {
                 return Err(TwinError::Conflict(format!(
                     "twin {id} is archived (decommissioned); its type reprovisions with `keep`, which needs a live twin"
@@ -232,15 +225,14 @@ impl TwinRuntime {
             (Reprovision::Reset, Ok(_)) => self.delete_twin(&id).await?,
             _ => {}
         }
-        let mut facts = spec.facts(&rec.identity.serial);
-        facts.pre_registered |= open;
+        let facts = r.facts(&rec.identity.serial);
         let now = self.env.clock.now();
         let (mut p, decision) = Provisioning::start(process, facts, now);
         let mut log = std::mem::take(&mut rec.process.log);
         log.append(&mut p.log);
         p.log = log;
         if let Some(first) = p.log.last_mut() {
-            first.note = format!("claimed again: reprovision ({:?})", spec.reprovision).to_lowercase();
+            first.note = format!("claimed again: reprovision ({:?})", r.spec.reprovision).to_lowercase();
         }
         rec.process = p;
         self.drive(key, &mut rec, process, decision.effects).await?;
@@ -404,13 +396,14 @@ impl TwinRuntime {
         if rec.process.log.len() != epoch {
             return Ok(()); // the state it was armed for is over
         }
-        let (_, _, process) = rules(self, rec.device_type.as_str())?;
-        let d = rec.process.on_deadline(&process, attempt, self.env.clock.now());
+        let r = rules(self, rec.device_type.as_str())?;
+        let process = &r.process;
+        let d = rec.process.on_deadline(process, attempt, self.env.clock.now());
         if d.events.is_empty() && d.effects.is_empty() {
             return Ok(());
         }
         d.events.iter().for_each(|e| rec.process.evolve(e));
-        self.drive(key, &mut rec, &process, d.effects).await
+        self.drive(key, &mut rec, process, d.effects).await
     }
 
     /// Feeds an operator's or the device's input to the process of `key`.
@@ -420,14 +413,15 @@ impl TwinRuntime {
         let mut rec = self
             .load_claim(key)?
             .ok_or_else(|| TwinError::NotFound(format!("provisioning of {}", key.replace('\0', "/"))))?;
-        let (_, _, process) = rules(self, rec.device_type.as_str())?;
+        let r = rules(self, rec.device_type.as_str())?;
+        let process = &r.process;
         let d = rec
             .process
-            .decide(&process, input, actor, note, self.env.clock.now())
+            .decide(process, input, actor, note, self.env.clock.now())
             .map_err(|e| TwinError::Conflict(e.to_string()))?;
         d.events.iter().for_each(|e| rec.process.evolve(e));
-        self.drive(key, &mut rec, &process, d.effects).await?;
-        Ok(rec.view(&process))
+        self.drive(key, &mut rec, process, d.effects).await?;
+        Ok(rec.view(process))
     }
 
     /// An operator approves the pending claim of serial `serial` of type `ty`.
@@ -450,8 +444,7 @@ impl TwinRuntime {
         let rec = self
             .load_claim(&claim_key(ty, serial))?
             .ok_or_else(|| TwinError::NotFound(format!("provisioning of {ty}/{serial}")))?;
-        let (_, _, process) = rules(self, ty)?;
-        Ok(rec.view(&process))
+        Ok(rec.view(&rules(self, ty)?.process))
     }
 
     /// Processes that wait for a human.
@@ -461,8 +454,7 @@ impl TwinRuntime {
         keys.iter()
             .filter_map(|k| {
                 let rec = self.load_claim(k).ok()??;
-                let (_, _, process) = rules(self, rec.device_type.as_str()).ok()?;
-                Some(rec.view(&process))
+                Some(rec.view(&rules(self, rec.device_type.as_str()).ok()?.process))
             })
             .collect()
     }
@@ -501,12 +493,13 @@ impl TwinRuntime {
             let lock = self.env.claims.lock(&key);
             let _turn = lock.lock().await;
             let Some(mut rec) = self.load_claim(&key)? else { continue };
-            let Ok((_, _, process)) = rules(self, rec.device_type.as_str()) else { continue };
-            if rec.process.outcome(&process).is_some() {
+            let Ok(r) = rules(self, rec.device_type.as_str()) else { continue };
+            let process = &r.process;
+            if rec.process.outcome(process).is_some() {
                 continue;
             }
-            let effects = rec.process.resume(&process, self.env.clock.now());
-            self.drive(&key, &mut rec, &process, effects).await?;
+            let effects = rec.process.resume(process, self.env.clock.now());
+            self.drive(&key, &mut rec, process, effects).await?;
             resumed += 1;
         }
         Ok(resumed)

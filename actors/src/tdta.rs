@@ -378,6 +378,10 @@ impl TypeHandle {
         self.ctx.domain.clone()
     }
 
+    pub(crate) fn claim_rules(&self) -> Arc<crate::claims::Rules> {
+        self.ctx.claim_rules.clone()
+    }
+
     /// How the type's devices are provisioned, if it says.
     pub fn provisioning(&self) -> Option<Arc<twinfleet_models::provisioning::ProvisioningSpec>> {
         self.ctx.provisioning.clone()

@@ -34,8 +34,10 @@ pub struct TypeContext {
     pub(crate) domain: Option<Arc<twinfleet_models::DomainModel>>,
     pub(crate) journal: twinfleet_models::JournalRetention,
     pub(crate) history: twinfleet_models::HistoryRetention,
-    /// How devices of this type are provisioned (`crate::provisioning`).
+    /// How devices of this type are provisioned (`crate::provisioning`): as declared, and
+    /// ready to use.
     pub(crate) provisioning: Option<Arc<twinfleet_models::provisioning::ProvisioningSpec>>,
+    pub(crate) claim_rules: Arc<crate::claims::Rules>,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
     /// Telemetry of this type's twins waiting to be written together, per arbiter.
@@ -58,6 +60,7 @@ impl TypeContext {
             journal: spec.journal,
             history: spec.history,
             provisioning: spec.provisioning.clone().map(Arc::new),
+            claim_rules: Arc::new(crate::claims::Rules::of(spec.provisioning.as_ref())),
             fleet_edit: tokio::sync::Mutex::new(()),
             ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
             infra,
