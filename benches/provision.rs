@@ -117,13 +117,8 @@ async fn grpc_device(endpoint: &str, ty: &str, claim: &str, id: &str, serial: &s
 
 async fn device_type(p: &Platform, id: &str, spec: ProvisioningSpec) -> String {
     let t = twinfleet::DeviceTypeSpec {
-        id: DeviceTypeId::new(id).unwrap(),
-        model: String::new(),
-        defaults: Default::default(),
-        domain: None,
-        journal: Default::default(),
-        history: Default::default(),
         provisioning: Some(spec),
+        ..twinfleet::DeviceTypeSpec::new(DeviceTypeId::new(id).unwrap())
     };
     p.create_device_type(t).await.unwrap();
     p.issue_claim_token(id).await.unwrap()

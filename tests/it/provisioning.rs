@@ -14,15 +14,8 @@ use twinfleet_protocols::HttpApi;
 use twinfleet_protocols::mqtt::{MqttDevice, MqttGateway, QoS};
 
 async fn device_type(p: &Platform, id: &str, provisioning: ProvisioningSpec) -> String {
-    let spec = DeviceTypeSpec {
-        id: DeviceTypeId::new(id).unwrap(),
-        model: String::new(),
-        defaults: Default::default(),
-        domain: None,
-        journal: Default::default(),
-        history: Default::default(),
-        provisioning: Some(provisioning),
-    };
+    let spec =
+        DeviceTypeSpec { provisioning: Some(provisioning), ..DeviceTypeSpec::new(DeviceTypeId::new(id).unwrap()) };
     p.create_device_type(spec).await.unwrap();
     p.issue_claim_token(id).await.unwrap()
 }

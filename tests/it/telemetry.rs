@@ -120,13 +120,8 @@ async fn a_device_types_history_retention_drops_whole_old_days() {
     let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
     let day = 86_400_000;
     let spec = twinfleet::DeviceTypeSpec {
-        id: DeviceTypeId::new("logger").unwrap(),
-        model: String::new(),
-        defaults: Default::default(),
-        domain: None,
-        journal: Default::default(),
         history: HistoryRetention { max_age_ms: Some(2 * day as u64), max_bytes: None },
-        provisioning: None,
+        ..twinfleet::DeviceTypeSpec::new(DeviceTypeId::new("logger").unwrap())
     };
     p.create_device_type(spec).await.unwrap();
     let ty = DeviceTypeId::new("logger").unwrap();

@@ -250,6 +250,16 @@ const DEFAULT_TELEMETRY_RANGE_MS: i64 = 24 * 3_600_000;
 /// The largest page.
 const MAX_TELEMETRY_PAGE: usize = 10_000;
 
+/// A history query's range: `to` defaults to now, `from` to 24 hours before `to`.
+fn history_range(rt: &TwinRuntime, from: Option<i64>, to: Option<i64>) -> Result<(i64, i64)> {
+    let to = to.unwrap_or_else(|| rt.now().0);
+    let from = from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
+    if from > to {
+        return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());
+    }
+    Ok((from, to))
+}
+
 /// A page of stored points, newest first.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TelemetryAnswer {
@@ -291,11 +301,7 @@ async fn twin_telemetry(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Read)?;
     let q = q.into_inner();
-    let to = q.to.unwrap_or_else(|| rt.now().0);
-    let from = q.from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
-    if from > to {
-        return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());
-    }
+    let (from, to) = history_range(&rt, q.from, q.to)?;
     let query = TelemetryQuery {
         metric: q.metric,
         from: Timestamp(from),
@@ -359,11 +365,7 @@ async fn twin_logs(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Read)?;
     let q = q.into_inner();
-    let to = q.to.unwrap_or_else(|| rt.now().0);
-    let from = q.from.unwrap_or_else(|| to.saturating_sub(DEFAULT_TELEMETRY_RANGE_MS));
-    if from > to {
-        return Err(TwinError::Invalid(format!("from ({from}) is after to ({to})")).into());
-    }
+    let (from, to) = history_range(&rt, q.from, q.to)?;
     let level = match q.level.as_deref() {
         None => None,
         Some(l) => Some(l.parse::<twinfleet_models::LogLevel>().map_err(|e| TwinError::Invalid(e.to_string()))?),
