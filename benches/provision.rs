@@ -5,7 +5,8 @@
 //! re-run with `TWINFLEET_PROVISION_DEVICES`); the per-device time is claim sent →
 //! operational connection accepted, measured there. Then the same over gRPC
 //! (`Provisioning.Claim`, then a state report with the new token), and 1,000 pending
-//! devices of a semi-automatic type approved at once over the operator API.
+//! devices of a semi-automatic type approved in one call (`approve_claims`, what
+//! `POST /device-types/{id}/approvals` runs).
 //!
 //! `cargo bench --bench provision`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
 //! `TWINFLEET_BENCH_SECTIONS` (default `mqtt,grpc,approve`).
@@ -212,17 +213,13 @@ async fn platform() {
         }
         assert_eq!(rt.pending_claims().len(), m);
         let t = Instant::now();
-        // One operator call per device, concurrently (the API has no bulk approval yet).
-        let approvals: Vec<_> = (0..m)
-            .map(|i| {
-                let rt = rt.clone();
-                async move { rt.approve_claim("kiosk", &format!("K-{i:04}"), "bench").await.unwrap() }
-            })
-            .collect();
-        futures::future::join_all(approvals).await;
+        // One call for all (`POST /device-types/{id}/approvals` does the same).
+        let serials: Vec<String> = (0..m).map(|i| format!("K-{i:04}")).collect();
+        let results = rt.approve_claims("kiosk", &serials, "bench").await;
+        assert!(results.iter().all(|(_, r)| r.is_ok()));
         let secs = t.elapsed().as_secs_f64();
         println!(
-            "| semi-automatic: {m} pending approved at once | {m} | {} | {:.0} | | all past approval (credentials issued, awaiting confirmation) in {secs:.2} s; approvals called concurrently through `TwinRuntime::approve_claim` |",
+            "| semi-automatic: {m} pending approved at once | {m} | {} | {:.0} | | all past approval (credentials issued, awaiting confirmation) in {secs:.2} s; one call of `TwinRuntime::approve_claims` |",
             cores(),
             m as f64 / secs
         );

@@ -31,7 +31,7 @@ use crate::spaces;
 use crate::supervisor::TwinRuntime;
 use serde::{Deserialize, Serialize};
 use twinfleet_models::provisioning::{
-    Actor, Identity, Input, LogEntry, ProcessSpec, ProvisionEffect, Provisioning, Reprovision, Step,
+    Actor, Facts, Identity, Input, LogEntry, Mode, ProcessSpec, ProvisionEffect, Provisioning, Reprovision, Step,
 };
 use twinfleet_models::{Alert, AlertKind, DeviceTypeId, Effect, Metadata, Severity, Timestamp, TwinId};
 use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
@@ -188,6 +188,28 @@ impl TwinRuntime {
                 Err(TwinError::AlreadyExists { kind: "provisioned device", id: device_id.to_string() })
             };
         }
+        if r.spec.mode == Mode::Manual {
+            return Err(TwinError::Conflict(format!(
+                "devices of type {ty} are registered by an operator, who hands their credentials over"
+            )));
+        }
+        self.start_claim(&key, &r, ty, device_id, identity, metadata, Actor::Device, "claim received").await
+    }
+
+    /// Starts a new process for `identity` (no record exists for its key).
+    #[allow(clippy::too_many_arguments)]
+    async fn start_claim(
+        &self,
+        key: &str,
+        r: &crate::claims::Rules,
+        ty: &str,
+        device_id: TwinId,
+        identity: Identity,
+        metadata: Metadata,
+        actor: Actor,
+        note: &str,
+    ) -> Result<ClaimAnswer, TwinError> {
+        let process = &r.process;
         if let Ok(t) = self.twin(device_id.as_str()) {
             // Only the twin a crashed run of this very device made (same serial and MAC)
             // is taken up again; any other twin of that id is not the claimant's.
@@ -197,12 +219,54 @@ impl TwinRuntime {
                 return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
             }
         }
-        let facts = r.facts(&identity.serial);
-        let (p, decision) = Provisioning::start(process, facts, now);
+        let mut facts = r.facts(&identity.serial);
+        if matches!(actor, Actor::Operator(_)) {
+            // An operator's registration is its approval.
+            facts = Facts { mode: Mode::Automatic, pre_registered: true };
+        }
+        let now = self.env.clock.now();
+        let (p, decision) = Provisioning::start_by(process, facts, actor, note, now);
         let mut rec =
             ClaimRecord { device_type: DeviceTypeId::new(ty)?, device_id, identity, metadata, process: p, token: None };
-        self.drive(&key, &mut rec, process, decision.effects).await?;
+        self.drive(key, &mut rec, process, decision.effects).await?;
         Ok(answer(&rec, process))
+    }
+
+    /// The manual mode: operator `operator` registers device `device_id` of type `ty`
+    /// (any mode); the process runs as for a pre-approved claim and the answer holds the
+    /// device's credentials for the operator to hand over. The device confirms by
+    /// connecting with them.
+    pub async fn register_device(
+        &self,
+        ty: &str,
+        device_id: &str,
+        identity: Option<Identity>,
+        metadata: Metadata,
+        operator: &str,
+    ) -> Result<ClaimAnswer, TwinError> {
+        let device_id = TwinId::new(device_id)?;
+        let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
+        identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
+        let r = rules(self, ty)?;
+        let key = claim_key(ty, &identity.serial);
+        let lock = self.env.claims.lock(&key);
+        let _turn = lock.lock().await;
+        if self.load_claim(&key)?.is_some() {
+            return Err(TwinError::AlreadyExists { kind: "provisioned device", id: identity.serial });
+        }
+        let who = Actor::Operator(operator.to_string());
+        self.start_claim(&key, &r, ty, device_id, identity, metadata, who, "registered by an operator").await
+    }
+
+    /// Approves every pending claim of `serials` of type `ty`; each one's result.
+    pub async fn approve_claims(
+        &self,
+        ty: &str,
+        serials: &[String],
+        operator: &str,
+    ) -> Vec<(String, Result<ClaimView, TwinError>)> {
+        let all = serials.iter().map(|s| async move { (s.clone(), self.approve_claim(ty, s, operator).await) });
+        futures::future::join_all(all).await
     }
 
     /// A provisioned device claims again and its type reprovisions: the process runs

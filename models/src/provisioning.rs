@@ -520,15 +520,21 @@ impl Provisioning {
     /// A process that starts at `now` with the claim's `facts`: the start and the
     /// effects of entering the initial state.
     pub fn start(spec: &ProcessSpec, facts: Facts, now: Timestamp) -> (Provisioning, ProvisionDecision) {
+        Self::start_by(spec, facts, Actor::Device, "claim received", now)
+    }
+
+    /// [`Provisioning::start`] by someone else than the device (an operator registering
+    /// it, in the manual mode).
+    pub fn start_by(
+        spec: &ProcessSpec,
+        facts: Facts,
+        actor: Actor,
+        note: &str,
+        now: Timestamp,
+    ) -> (Provisioning, ProvisionDecision) {
         let mut p = Provisioning { state: String::new(), facts, attempt: 0, log: Vec::new() };
-        let entry = LogEntry {
-            at: now,
-            from: None,
-            to: spec.initial.clone(),
-            input: None,
-            actor: Actor::Device,
-            note: "claim received".into(),
-        };
+        let entry =
+            LogEntry { at: now, from: None, to: spec.initial.clone(), input: None, actor, note: note.to_string() };
         let mut d = ProvisionDecision { events: vec![ProvisionEvent::Entered(entry)], effects: Vec::new() };
         d.effects.extend(enter(spec, &spec.initial, now));
         d.events.iter().for_each(|e| p.evolve(e));

@@ -401,3 +401,55 @@ async fn reprovisioning_keeps_or_resets_the_twin_and_decommissioning_refuses_the
     mqtt.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn the_manual_mode_registers_devices_by_operator_and_pending_ones_are_approved_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let manual = device_type(&p, "panel", ProvisioningSpec { mode: Mode::Manual, ..Default::default() }).await;
+    let semi = device_type(&p, "kiosk", ProvisioningSpec { mode: Mode::SemiAutomatic, ..Default::default() }).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (haddr, admin) = (http.local_addr(), admin_token(&p).await);
+    let call = |method: &'static str, path: &str, body: Value| {
+        let (admin, path) = (admin.clone(), path.to_string());
+        actix_rt::task::spawn_blocking(move || http_as(haddr, &admin, method, &path, Some(&body.to_string())))
+    };
+
+    // Manual: a device cannot claim; an operator registers it and hands the token over.
+    let r = MqttDevice::provision(&prov, "panel", "pn-1", &manual, json!({})).await.unwrap();
+    assert!(!r.ok && !r.pending && r.error.as_deref().unwrap_or("").contains("operator"), "{r:?}");
+    let body = json!({"device_id": "pn-1", "identity": {"serial": "P-1", "mac": "0f"}});
+    let (s, v) = call("POST", "/api/v1/device-types/panel/devices", body.clone()).await.unwrap();
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let (s, _) = call("POST", "/api/v1/device-types/panel/devices", body).await.unwrap();
+    assert_eq!(s, 409, "registered once");
+    let dev = MqttDevice::connect(&ops, "pn-1", &token).await.unwrap();
+    eventually("the registered device is operational", || async {
+        (p.runtime().claim_view("panel", "P-1").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+    let log = p.runtime().claim_view("panel", "P-1").unwrap().log;
+    assert_eq!(log[0].actor, twinfleet::models::provisioning::Actor::Operator("admin".into()));
+    dev.disconnect().await;
+
+    // Bulk approval: three pending kiosks approved in one call; an unknown serial is
+    // reported, not fatal.
+    for i in 0..3 {
+        let id = json!({"serial": format!("K-{i}"), "mac": format!("{i}")});
+        assert!(MqttDevice::provision_as(&prov, "kiosk", &format!("k-{i}"), &semi, id).await.unwrap().pending);
+    }
+    let (s, v) = call("POST", "/api/v1/device-types/kiosk/approvals", json!({"serials": ["K-0", "K-1", "K-2", "K-9"]}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let states: Vec<&str> = v.as_array().unwrap().iter().filter_map(|r| r["state"].as_str()).collect();
+    assert_eq!(states, ["awaiting_confirmation"; 3]);
+    assert!(v[3]["error"].as_str().is_some(), "{v}");
+    assert!(p.runtime().pending_claims().is_empty());
+    http.stop().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}

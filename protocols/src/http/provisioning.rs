@@ -8,7 +8,13 @@ use twinfleet_actors::{ClaimView, TwinRuntime};
 use twinfleet_models::Action;
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(pending).service(show).service(approve).service(reject).service(decommission);
+    cfg.service(pending)
+        .service(show)
+        .service(approve)
+        .service(reject)
+        .service(approve_many)
+        .service(register)
+        .service(decommission);
 }
 
 /// `GET /provisioning/pending`: the devices that wait for an operator, oldest serial
@@ -77,4 +83,89 @@ async fn decommission(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<
     let h = super::twins::twin_for(&rt, &caller, &id, Action::Provision)?;
     let seq = rt.decommission(h.id().as_str()).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"id": h.id(), "seq": seq, "lifecycle": "archived"})))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Approvals {
+    serials: Vec<String>,
+}
+
+/// One serial's result in a bulk approval.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct Approved {
+    serial: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `POST /device-types/{id}/approvals` (`{"serials": [...]}`, at most 10,000): approves
+/// every listed pending device of the type in one call; each serial's state or error.
+#[utoipa::path(tag = "provisioning", request_body = Approvals, responses((status = 200, body = Vec<Approved>), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/approvals")]
+async fn approve_many(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Approvals>,
+) -> Result<HttpResponse> {
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Configure, h.id())?;
+    let serials = body.into_inner().serials;
+    if serials.len() > 10_000 {
+        return Err(twinfleet_actors::TwinError::Invalid(format!("{} serials; at most 10,000", serials.len())).into());
+    }
+    let results = rt.approve_claims(h.id().as_str(), &serials, &caller.0.user).await;
+    let out: Vec<Approved> = results
+        .into_iter()
+        .map(|(serial, r)| match r {
+            Ok(v) => Approved { serial, state: Some(v.state), error: None },
+            Err(e) => Approved { serial, state: None, error: Some(e.to_string()) },
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    device_id: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    identity: Option<twinfleet_models::provisioning::Identity>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<twinfleet_models::Metadata>,
+}
+
+/// `POST /device-types/{id}/devices`: the manual mode. An operator registers a device
+/// (`{"device_id", "identity"?, "metadata"?}`); its process runs as approved, and the
+/// answer holds its token (shown once) to hand over out of band. The device confirms by
+/// connecting with it.
+#[utoipa::path(tag = "provisioning", request_body = Registration, responses((status = 201, body = serde_json::Value), (status = 202, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/devices")]
+async fn register(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Registration>,
+) -> Result<HttpResponse> {
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Provision, h.id())?;
+    let b = body.into_inner();
+    let answer = rt
+        .register_device(h.id().as_str(), &b.device_id, b.identity, b.metadata.unwrap_or_default(), &caller.0.user)
+        .await?;
+    Ok(match answer {
+        twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state } => {
+            HttpResponse::Created().json(serde_json::json!({"device_id": device_id, "token": token, "state": state}))
+        }
+        twinfleet_actors::ClaimAnswer::Pending { state } => {
+            HttpResponse::Accepted().json(serde_json::json!({"device_id": b.device_id, "state": state}))
+        }
+        twinfleet_actors::ClaimAnswer::Refused { state, reason } => HttpResponse::UnprocessableEntity()
+            .json(serde_json::json!({"error": "refused", "message": reason, "state": state})),
+    })
 }
