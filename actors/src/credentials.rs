@@ -80,6 +80,14 @@ struct CredentialRecord {
     issued_at: Timestamp,
 }
 
+/// A token whose hash is not written yet (`Credentials::prepare`).
+#[derive(Debug)]
+pub(crate) struct PreparedToken {
+    key: String,
+    hash: blake3::Hash,
+    pub batch: WriteBatch,
+}
+
 #[derive(Debug)]
 pub struct Credentials {
     storage: Arc<dyn Storage>,
@@ -124,20 +132,32 @@ impl Credentials {
     /// Issues a new token for `holder`, replacing any earlier one. Resolves once it is
     /// durable; the token is not stored and cannot be shown again.
     pub(crate) async fn issue(&self, holder: Holder<'_>, now: Timestamp) -> Result<String, TwinError> {
+        let (token, prepared) = self.prepare(holder, now)?;
+        self.storage.submit(prepared.batch.clone()).await?;
+        self.installed(prepared);
+        Ok(token)
+    }
+
+    /// A new token for `holder` and the write that stores its hash, for a caller that
+    /// writes it with other records; [`Credentials::installed`] once that is durable.
+    pub(crate) fn prepare(&self, holder: Holder<'_>, now: Timestamp) -> Result<(String, PreparedToken), TwinError> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| TwinError::Invalid(format!("no randomness: {e}")))?;
         let token = format!("{}{}", holder.prefix(), hex(&raw));
         let hash = self.hash(&token);
         let key = holder.key();
-        let mut b = WriteBatch::new();
-        b.put(
+        let mut batch = WriteBatch::new();
+        batch.put(
             spaces::CREDENTIAL,
             key.as_str(),
             encode_record(&CredentialRecord { hash: hash.to_hex().to_string(), issued_at: now }),
         );
-        self.storage.submit(b).await?;
-        self.cache.insert(key, hash);
-        Ok(token)
+        Ok((token, PreparedToken { key, hash, batch }))
+    }
+
+    /// A prepared token's write is durable: it takes effect.
+    pub(crate) fn installed(&self, p: PreparedToken) {
+        self.cache.insert(p.key, p.hash);
     }
 
     /// Removes `holder`'s credentials; its devices can no longer connect.

@@ -408,18 +408,50 @@ impl TwinRuntime {
                 spec.metadata = rec.metadata.clone();
                 let identity = serde_json::to_value(&rec.identity).unwrap_or_default();
                 spec.metadata.attributes.insert("identity".into(), identity);
-                match self.create_twin(&rec.device_type, spec).await {
-                    // (Resumed after a crash: the twin this process made is there.)
-                    Ok(_) | Err(TwinError::AlreadyExists { .. }) => ok("twin created"),
-                    Err(e) => failed(e),
+                // The twin, its token and this process's record (holding the token) are one
+                // write: nothing half-created is left behind by a crash.
+                let now = self.env.clock.now();
+                let holder = crate::credentials::Holder::Device(rec.device_id.as_str());
+                let (token, prepared) = match self.env.credentials.prepare(holder, now) {
+                    Ok(t) => t,
+                    Err(e) => return failed(e),
+                };
+                let before = rec.token.replace(token.clone());
+                let mut also = prepared.batch.clone();
+                also.put(spaces::PROVISIONING, key, encode_record(&*rec));
+                let created = match self.device_type(rec.device_type.as_str()) {
+                    Ok(h) => h.spawn_fleet_with(vec![spec], also).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match created {
+                    Ok(()) => {
+                        self.env.credentials.installed(prepared);
+                        self.env.sessions.issued(rec.device_id.as_str(), &token);
+                        ok("twin created with its credentials")
+                    }
+                    // (Resumed after a crash: the twin this process made is there, with
+                    // the token its record holds.)
+                    // (The prepared token was not written; a reprovisioned twin gets a new
+                    // one in the next step.)
+                    Err(TwinError::AlreadyExists { .. }) => {
+                        rec.token = before;
+                        ok("twin created")
+                    }
+                    Err(e) => {
+                        rec.token = before;
+                        failed(e)
+                    }
                 }
             }
-            Step::IssueCredentials => match self.issue_device_token(rec.device_id.as_str()).await {
-                Ok(token) => {
-                    rec.token = Some(token);
-                    ok("unique credentials issued for the operational gateway")
-                }
-                Err(e) => failed(e),
+            Step::IssueCredentials => match &rec.token {
+                Some(_) => ok("unique credentials issued for the operational gateway"),
+                None => match self.issue_device_token(rec.device_id.as_str()).await {
+                    Ok(token) => {
+                        rec.token = Some(token);
+                        ok("unique credentials issued for the operational gateway")
+                    }
+                    Err(e) => failed(e),
+                },
             },
             Step::ApplyConfiguration => ok("type defaults and group layers apply"),
             Step::RequestApps => ok("baseline apps requested (recorded)"),

@@ -37,6 +37,8 @@ pub(crate) struct ChunkWork {
     pub origin: u32,
     pub specs: Vec<TwinSpec>,
     pub slots: Vec<Arc<TwinSlot>>,
+    /// Written in the same batch as this chunk's record.
+    pub also: WriteBatch,
 }
 
 /// Collects, per DTA, the twins started in one batch and the oldest layer version they
@@ -107,7 +109,7 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
     let mut members = NewMembers::default();
     for w in works {
         let record = FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: &w.specs };
-        let mut batch = WriteBatch::new();
+        let mut batch = w.also;
         batch.put(spaces::FLEET, w.key, encode_record(&record));
         tickets.push(env.storage.submit(batch));
         for (slot, spec) in w.slots.into_iter().zip(w.specs) {
@@ -145,6 +147,7 @@ impl Tdta {
     fn spawn_fleet(
         &mut self,
         specs: Vec<TwinSpec>,
+        mut also: WriteBatch,
     ) -> Result<impl Future<Output = Result<FleetReport, TwinError>> + use<>, TwinError> {
         let env = self.env.clone();
         let ty = self.ctx.clone();
@@ -166,7 +169,14 @@ impl Tdta {
             let part: Vec<TwinSpec> = specs.by_ref().take(CHUNK).collect();
             let key = fleet_key(&ty.device_type, env.storage.generate_id()?);
             let origin = (base + keys.len()) as u32;
-            per_arbiter[keys.len() % n].push(ChunkWork { key: key.clone(), origin, specs: part, slots: Vec::new() });
+            let also = std::mem::take(&mut also);
+            per_arbiter[keys.len() % n].push(ChunkWork {
+                key: key.clone(),
+                origin,
+                specs: part,
+                slots: Vec::new(),
+                also,
+            });
             keys.push(key);
         }
         let records = keys.len();
@@ -312,9 +322,9 @@ fn guarded<T>(ctx: &TypeContext, f: impl FnOnce() -> Result<T, TwinError>) -> Re
 impl Handler<SpawnFleet> for Tdta {
     type Result = ResponseFuture<Result<FleetReport, TwinError>>;
 
-    fn handle(&mut self, SpawnFleet(specs): SpawnFleet, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, SpawnFleet(specs, also): SpawnFleet, _: &mut Context<Self>) -> Self::Result {
         let ctx = self.ctx.clone();
-        match guarded(&ctx, || self.spawn_fleet(specs)) {
+        match guarded(&ctx, || self.spawn_fleet(specs, also)) {
             Ok(fut) => Box::pin(fut),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
@@ -406,6 +416,15 @@ impl TypeHandle {
     /// Creates twins of this type, all or nothing; resolves once they all run and their
     /// records are durable.
     pub async fn spawn_fleet(&self, specs: Vec<TwinSpec>) -> Result<FleetReport, TwinError> {
+        self.spawn_fleet_with(specs, WriteBatch::new()).await
+    }
+
+    /// [`TypeHandle::spawn_fleet`], writing `also` atomically with the twins' record.
+    pub(crate) async fn spawn_fleet_with(
+        &self,
+        specs: Vec<TwinSpec>,
+        also: WriteBatch,
+    ) -> Result<FleetReport, TwinError> {
         for s in &specs {
             twinfleet_models::limits::check_object(&s.metadata.attributes)
                 .map_err(twinfleet_models::ModelError::from)?;
@@ -413,7 +432,7 @@ impl TypeHandle {
         let addr = self.tdta()?;
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
-        addr.spawn.send(SpawnFleet(specs)).await.map_err(|_| TwinError::ShuttingDown)?
+        addr.spawn.send(SpawnFleet(specs, also)).await.map_err(|_| TwinError::ShuttingDown)?
     }
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {

@@ -105,9 +105,11 @@ impl TypeContext {
 }
 
 /// Creates twins of this type. All-or-nothing: an existing or duplicate id, or an
-/// unknown DTA, rejects the whole request and creates nothing.
+/// unknown DTA, rejects the whole request and creates nothing. The batch is written
+/// atomically with the (first) fleet record: what must exist exactly when the twins do
+/// (a provisioned device's token and process record).
 #[derive(Debug)]
-pub struct SpawnFleet(pub Vec<TwinSpec>);
+pub struct SpawnFleet(pub Vec<TwinSpec>, pub twinfleet_runtime::WriteBatch);
 
 /// What a fleet creation did.
 #[derive(Debug, Clone, Copy, Serialize)]
