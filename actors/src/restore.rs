@@ -28,6 +28,8 @@ pub struct RestoreReport {
     pub dtas: usize,
     pub twins: usize,
     pub quarantined: Vec<QuarantineEntry>,
+    /// Points of the old sled history moved into the series store at this start.
+    pub history_migrated: u64,
     pub millis: u64,
 }
 
@@ -317,6 +319,52 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             quarantine(env, &mut report, space, &key, twin.as_deref(), reason);
         }
     }
+    report.history_migrated = migrate_history(env).await?;
     report.millis = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// The history of data directories from before the series store (`TELEMETRY`: one
+/// packed batch per record) moves into the series store once, after the twins started:
+/// each record's points go through their twin as an ordinary batch (so its latest values
+/// know those metrics too), durably, and only then is the record deleted (a crash in
+/// between migrates it again; the store drops exact duplicates). Records of twins that
+/// no longer exist are deleted; one that does not decode or is refused stays and is
+/// logged.
+async fn migrate_history(env: &TwinEnv) -> Result<u64, TwinError> {
+    use twinfleet_runtime::WriteBatch;
+    let mut moved = 0u64;
+    let rows: Vec<_> = env.storage.scan(spaces::TELEMETRY, b"").collect::<Result<_, _>>()?;
+    for (k, v) in rows {
+        let twin = k.split(|b| *b == 0).next().and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("");
+        if let Some(slot) = env.directory.twins.get(twin).map(|s| s.clone()) {
+            let Some(points) = twinfleet_models::decode_batch(&v) else {
+                tracing::warn!(twin, "an old telemetry record does not decode; left where it is");
+                continue;
+            };
+            let handle = crate::handle::TwinHandle::new(slot);
+            let mut taken = true;
+            for part in points.chunks(env.settings.telemetry.max_points.max(1)) {
+                match handle.ingest(part.to_vec()).await {
+                    Ok(n) => moved += n as u64,
+                    Err(e) => {
+                        // (Never a reason not to start: the record stays for the next one.)
+                        tracing::warn!(twin, "an old telemetry record could not be moved: {e}; left where it is");
+                        taken = false;
+                        break;
+                    }
+                }
+            }
+            if !taken {
+                continue;
+            }
+        }
+        let mut done = WriteBatch::new();
+        done.delete(spaces::TELEMETRY, k);
+        env.storage.submit(done).await?;
+    }
+    if moved > 0 {
+        tracing::info!(points = moved, "old telemetry history moved into the series store");
+    }
+    Ok(moved)
 }

@@ -201,3 +201,45 @@ async fn a_size_bound_on_history_drops_the_oldest_days_and_keeps_the_newest() {
     assert!(!kept.is_empty() && kept.iter().all(|pt| pt.at.0 >= newest_day), "only the newest day stays");
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn history_kept_in_sled_by_earlier_versions_moves_into_the_series_store_once() {
+    use twinfleet_runtime::WriteBatch;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "meter", json!({}), "t", 1, |_| vec![]).await;
+    let now = p.now().0;
+    // Two records as data directories before the series store hold them: key = twin id,
+    // 0x00, first point's millis (BE), record id (BE); value = a packed batch.
+    let mut b = WriteBatch::new();
+    for r in 0..2u64 {
+        let points: Vec<MetricPoint> = (0..10)
+            .map(|i| MetricPoint {
+                metric: if i % 2 == 0 { "temp".into() } else { "hum".into() },
+                at: Timestamp(now - 100_000 + (r as i64) * 10_000 + i),
+                value: i as f64,
+            })
+            .collect();
+        let mut key = b"t-0\0".to_vec();
+        key.extend_from_slice(&points[0].at.0.to_be_bytes());
+        key.extend_from_slice(&r.to_be_bytes());
+        b.put(twinfleet_actors::spaces::TELEMETRY, key, twinfleet::models::encode_batch(&points));
+    }
+    p.runtime().storage().submit(b).await.unwrap();
+    p.shutdown().await;
+
+    let all = |p: &twinfleet::Platform| {
+        let twin = p.twin("t-0").unwrap();
+        async move {
+            let q = twinfleet::TelemetryQuery { metric: None, from: Timestamp(0), to: Timestamp(now), limit: 1_000 };
+            twin.telemetry_page(q).await.unwrap().points.len()
+        }
+    };
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(all(&p).await, 20, "the old points are in the series store");
+    assert_eq!(p.runtime().storage().scan(twinfleet_actors::spaces::TELEMETRY, b"").count(), 0, "and gone from sled");
+    p.shutdown().await;
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(all(&p).await, 20, "moved once, not again");
+    p.shutdown().await;
+}
