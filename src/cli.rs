@@ -93,6 +93,18 @@ pub enum ProvisioningCommand {
     },
 }
 
+/// The JSON body of a 2xx answer, else the API's error message.
+fn answer(mut res: ureq::http::Response<ureq::Body>) -> anyhow::Result<Value> {
+    let status = res.status();
+    let body = res.body_mut().read_to_string().context("cannot read the answer")?;
+    let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    if !status.is_success() {
+        let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
+        bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    }
+    Ok(value)
+}
+
 struct Client {
     agent: ureq::Agent,
     base: String,
@@ -118,35 +130,20 @@ impl Client {
                 req = req.query(*k, v);
             }
         }
-        let mut res = req.call().with_context(|| format!("cannot reach {url}"))?;
-        let status = res.status();
-        let body = res.body_mut().read_to_string().context("cannot read the answer")?;
-        let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-        if !status.is_success() {
-            let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
-            bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
-        }
-        Ok(value)
+        answer(req.call().with_context(|| format!("cannot reach {url}"))?)
     }
 
     /// POSTs `body` to `path`; the JSON body of a 2xx, else the API's error.
     fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
-        let mut res = self
+        let res = self
             .agent
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .header("Content-Type", "application/json")
             .send(body.to_string())
             .with_context(|| format!("cannot reach {url}"))?;
-        let status = res.status();
-        let text = res.body_mut().read_to_string().context("cannot read the answer")?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            let msg = value.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or(value.to_string());
-            bail!("{} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
-        }
-        Ok(value)
+        answer(res)
     }
 
     fn print(&self, v: &Value, table: impl FnOnce(&Value) -> String) {

@@ -132,8 +132,8 @@ impl Credentials {
     /// Issues a new token for `holder`, replacing any earlier one. Resolves once it is
     /// durable; the token is not stored and cannot be shown again.
     pub(crate) async fn issue(&self, holder: Holder<'_>, now: Timestamp) -> Result<String, TwinError> {
-        let (token, prepared) = self.prepare(holder, now)?;
-        self.storage.submit(prepared.batch.clone()).await?;
+        let (token, mut prepared) = self.prepare(holder, now)?;
+        self.storage.submit(std::mem::take(&mut prepared.batch)).await?;
         self.installed(prepared);
         Ok(token)
     }

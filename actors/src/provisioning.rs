@@ -412,12 +412,12 @@ impl TwinRuntime {
                 // write: nothing half-created is left behind by a crash.
                 let now = self.env.clock.now();
                 let holder = crate::credentials::Holder::Device(rec.device_id.as_str());
-                let (token, prepared) = match self.env.credentials.prepare(holder, now) {
+                let (token, mut prepared) = match self.env.credentials.prepare(holder, now) {
                     Ok(t) => t,
                     Err(e) => return failed(e),
                 };
                 let before = rec.token.replace(token.clone());
-                let mut also = prepared.batch.clone();
+                let mut also = std::mem::take(&mut prepared.batch);
                 also.put(spaces::PROVISIONING, key, encode_record(&*rec));
                 let created = match self.device_type(rec.device_type.as_str()) {
                     Ok(h) => h.spawn_fleet_with(vec![spec], also).await.map(drop),
@@ -558,13 +558,15 @@ impl TwinRuntime {
     /// Device `id` reached its twin through a gateway that authenticated it (an external
     /// broker's transformer calls this for each device message; twinfleet's own gateways
     /// through [`TwinRuntime::authenticate_device`]): ends its provisioning process if
-    /// that waited for it. Cheap when nothing waits.
+    /// that waited for it. Cheap when nothing waits for this device.
     pub fn device_connected(&self, id: &str) {
         self.device_confirmed(id)
     }
 
     pub(crate) fn device_confirmed(&self, id: &str) {
-        if self.env.claims.awaiting_confirmation.is_empty() {
+        // (Every authentication comes here: one shard's read lock, no write, when nothing
+        // waits for this device; `is_empty` would lock every shard.)
+        if !self.env.claims.awaiting_confirmation.contains_key(id) {
             return;
         }
         let Some((_, key)) = self.env.claims.awaiting_confirmation.remove(id) else { return };
