@@ -91,6 +91,21 @@ pub enum ProvisioningCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Import a batch of pre-registered devices from a CSV file (header row: serial,
+    /// mac, model, ...) or a JSON file (`{"name", "mode"?, "devices": [...]}`); prints
+    /// the batch's claim token (shown only now).
+    Import {
+        device_type: String,
+        file: std::path::PathBuf,
+        /// The batch's name (CSV files; a JSON file names it itself).
+        #[arg(long)]
+        name: Option<String>,
+        /// Override the type's mode for this batch (CSV files): automatic, semi_automatic.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// The pre-registered batches of a device type.
+    Batches { device_type: String },
 }
 
 /// The JSON body of a 2xx answer, else the API's error message.
@@ -135,13 +150,18 @@ impl Client {
 
     /// POSTs `body` to `path`; the JSON body of a 2xx, else the API's error.
     fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.post_raw(path, "application/json", body.to_string())
+    }
+
+    /// POSTs `body` of `content_type` to `path`.
+    fn post_raw(&self, path: &str, content_type: &str, body: String) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);
         let res = self
             .agent
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
+            .header("Content-Type", content_type)
+            .send(body)
             .with_context(|| format!("cannot reach {url}"))?;
         answer(res)
     }
@@ -324,10 +344,69 @@ pub fn jobs(a: ClientArgs, cmd: JobsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `twinfleet provisioning import`: a CSV or JSON file, by its extension (`.json`), else
+/// by its first character.
+fn import(
+    c: &Client,
+    ty: &str,
+    file: &std::path::Path,
+    name: Option<String>,
+    mode: Option<String>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) || text.trim_start().starts_with('{');
+    let path = format!("/device-types/{}/batches", enc(ty));
+    let v = if json {
+        let mut doc: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+        if let Some(n) = name {
+            doc["name"] = n.into();
+        }
+        if let Some(m) = mode {
+            doc["mode"] = m.into();
+        }
+        c.post(&path, &doc)?
+    } else {
+        let Some(name) = name else { bail!("a CSV import needs --name for its batch") };
+        let mut q = format!("?name={}", enc(&name));
+        if let Some(m) = mode {
+            q += &format!("&mode={}", enc(&m));
+        }
+        c.post_raw(&format!("{path}{q}"), "text/csv", text)?
+    };
+    c.print(&v, |v| {
+        format!(
+            "batch {}/{}: {} devices\nclaim token (shown only now; username {}/{}): {}\n",
+            s(&v["batch"], "device_type"),
+            s(&v["batch"], "name"),
+            s(&v["batch"], "devices"),
+            s(&v["batch"], "device_type"),
+            s(&v["batch"], "name"),
+            s(v, "claim_token"),
+        )
+    });
+    Ok(())
+}
+
 pub fn provisioning(a: ClientArgs, cmd: ProvisioningCommand) -> anyhow::Result<()> {
     let c = Client::new(a)?;
     let path = |ty: &str, serial: &str| format!("/provisioning/{}/{}", enc(ty), enc(serial));
     let (v, with_log) = match cmd {
+        ProvisioningCommand::Import { device_type, file, name, mode } => {
+            return import(&c, &device_type, &file, name, mode);
+        }
+        ProvisioningCommand::Batches { device_type } => {
+            let v = c.get(&format!("/device-types/{}/batches", enc(&device_type)), &[])?;
+            c.print(&v, |v| {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| ["name", "mode", "devices", "created_at", "created_by"].iter().map(|k| s(b, k)).collect())
+                    .collect();
+                render(&["batch", "mode", "devices", "created", "by"], &rows)
+            });
+            return Ok(());
+        }
         ProvisioningCommand::Pending => (c.get("/provisioning/pending", &[])?, false),
         ProvisioningCommand::Show { device_type, serial } => (c.get(&path(&device_type, &serial), &[])?, true),
         ProvisioningCommand::Approve { device_type, serial } => {

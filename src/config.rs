@@ -12,6 +12,7 @@
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
+//! | operational gateways provisioning allocates to | | | `[[gateways]]` (`name`, `mqtt`, `grpc`, `regions`, `weight`) | none: a device stays on the gateway it claimed through |
 //!
 //! An MQTT gateway is either `host:port`, a listener of the embedded broker, or
 //! `mqtt://[user[:password]@]host[:port]`, an external broker the transformer connects to.
@@ -19,6 +20,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use twinfleet_models::enrollment::GatewaySpec;
 use twinfleet_protocols::mqtt::{DEFAULT_MQTT, DEFAULT_MQTT_PROVISIONING, Endpoint};
 
 pub const DEFAULT_DATA_DIR: &str = "./twinfleet-data";
@@ -40,6 +42,9 @@ pub struct PartialConfig {
     pub mqtt_accounts: Option<String>,
     pub arbiters: Option<usize>,
     pub log: Option<String>,
+    /// File only: the operational gateways of provisioning's allocation policies.
+    #[serde(default)]
+    pub gateways: Option<Vec<GatewaySpec>>,
 }
 
 impl PartialConfig {
@@ -62,6 +67,7 @@ pub struct RunConfig {
     pub mqtt_accounts: bool,
     pub arbiters: usize,
     pub log: String,
+    pub gateways: Vec<GatewaySpec>,
 }
 
 /// Flags and environment (`over`, merged by clap) win over the file, the file over the
@@ -88,6 +94,11 @@ pub fn resolve(over: PartialConfig, file: PartialConfig) -> Result<RunConfig, St
         },
         arbiters: over.arbiters.or(file.arbiters).unwrap_or(cores).max(1),
         log: over.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into()),
+        gateways: {
+            let g = over.gateways.or(file.gateways).unwrap_or_default();
+            twinfleet_models::enrollment::validate_gateways(&g).map_err(|e| format!("gateways: {e}"))?;
+            g
+        },
     })
 }
 
@@ -115,5 +126,11 @@ mod tests {
         let typo = PartialConfig { mqtt_accounts: Some("dynsex".into()), ..Default::default() };
         assert!(resolve(typo, PartialConfig::default()).unwrap_err().contains("dynsex"));
         assert!(toml::from_str::<PartialConfig>("htp = \"x\"").is_err());
+        let gateways = "[[gateways]]\nname = \"eu-1\"\nmqtt = \"eu.example:1883\"\nregions = [\"eu\"]\n";
+        let file: PartialConfig = toml::from_str(gateways).unwrap();
+        let cfg = resolve(PartialConfig::default(), file).unwrap();
+        assert_eq!((cfg.gateways[0].name.as_str(), cfg.gateways[0].weight), ("eu-1", 1));
+        let twice: PartialConfig = toml::from_str(&format!("{gateways}{gateways}")).unwrap();
+        assert!(resolve(PartialConfig::default(), twice).unwrap_err().contains("listed twice"));
     }
 }

@@ -163,6 +163,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mqtt_accounts: args.mqtt_accounts,
             arbiters: args.arbiters,
             log: args.log,
+            gateways: None,
         },
         file,
     )
@@ -187,7 +188,8 @@ async fn serve(
     let stop = StopSignals::install()?;
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or(cfg.data_dir.clone());
     tracing::info!("data directory: {}", data_dir.display());
-    let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).start().await?;
+    let settings = twinfleet::Settings { gateways: cfg.gateways.clone(), ..Default::default() };
+    let platform = Platform::builder(&cfg.data_dir).arbiters(cfg.arbiters).settings(settings).start().await?;
     if let Some(dir) = &device_types {
         load_device_types(&platform, dir).await?;
     }

@@ -42,6 +42,11 @@ pub struct Settings {
     pub claims_per_credential: twinfleet_models::RateLimit,
     /// ... and per source address (where the gateway knows it).
     pub claims_per_source: twinfleet_models::RateLimit,
+    /// The operational gateways provisioning allocates devices to (each type's
+    /// `provisioning.allocation`); empty: a device stays on the gateway it claimed
+    /// through. They share this platform's credentials: its own listeners under the
+    /// addresses devices are given, or an external broker whose accounts it keeps.
+    pub gateways: Vec<twinfleet_models::enrollment::GatewaySpec>,
 }
 
 impl Default for Settings {
@@ -59,6 +64,7 @@ impl Default for Settings {
             compaction_interval_ms: 60_000,
             claims_per_credential: twinfleet_models::RateLimit { per_sec: 2_000.0, burst: 20_000.0 },
             claims_per_source: twinfleet_models::RateLimit { per_sec: 1_000.0, burst: 10_000.0 },
+            gateways: Vec::new(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! [`TypeHandle`] and [`TwinRuntime`].
 
 pub mod access;
+pub mod batches;
 pub mod catalog;
 mod claims;
 mod codec;
@@ -39,6 +40,7 @@ pub mod telemetry;
 pub mod workflow;
 
 pub use access::{API_TOKEN_PREFIX, AccessControl, AuditEntry, AuditQuery, Group, Principal, TokenInfo, User};
+pub use batches::BatchView;
 pub use catalog::{LifecycleFilter, TwinFilter, TwinPage, TwinSummary};
 pub use compaction::CompactionReport;
 pub use context::{DeviceLink, Infra, Settings};
@@ -58,6 +60,6 @@ pub use records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 pub use restore::{QuarantineEntry, RestoreReport};
 pub use sessions::{CredentialChange, DeviceSessions, Session};
 pub use supervisor::TwinRuntime;
-pub use tdta::{TypeHandle, TypeInfo};
+pub use tdta::{ClaimCredential, TypeHandle, TypeInfo};
 pub use telemetry::{MAX_BUCKETS, MetricBuckets, TelemetryPage, TelemetryQuery};
 pub use twinfleet_models::DeviceCommand;

@@ -19,17 +19,21 @@
 //! answered only while its process waits for approval (a claim token cannot take over a
 //! device).
 //!
-//! Not built yet (issue 11 continues): twin creation and token issue are still two
-//! writes (a crash between them resumes the process, which re-runs the step); the gRPC
-//! `Provisioning` service; batches and their import; allocation policies over several
-//! operational gateways; rate limits per claim credential.
+//! Pre-registration: a serial on the type's allow-list or in an imported batch
+//! (`crate::batches`) is pre-registered; a batch may override the type's mode, and its
+//! own claim token claims only its serials. The gateway manager allocates each new
+//! device an operational gateway among `Settings::gateways` by its type's policy
+//! (`twinfleet_models::enrollment::allocate`) before its process starts; a claim from an
+//! unknown region is refused there.
 
 use crate::claims::claim_key;
 use crate::error::TwinError;
 use crate::records::TwinSpec;
 use crate::spaces;
 use crate::supervisor::TwinRuntime;
+use crate::tdta::ClaimCredential;
 use serde::{Deserialize, Serialize};
+use twinfleet_models::enrollment::GatewaySpec;
 use twinfleet_models::provisioning::{
     Actor, Facts, Identity, Input, LogEntry, Mode, ProcessSpec, ProvisionEffect, Provisioning, Reprovision, Step,
 };
@@ -49,13 +53,21 @@ struct ClaimRecord {
     /// the transient credential of the claim phase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token: Option<String>,
+    /// The pre-registered batch it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch: Option<String>,
+    /// The operational gateway allocated to it (by name; none configured: the one it
+    /// claimed through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway: Option<String>,
 }
 
 /// What a claim is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimAnswer {
-    /// The device's credentials: connect to the operational gateway and confirm.
-    Credentials { device_id: TwinId, token: String, state: String },
+    /// The device's credentials: connect to the operational gateway and confirm
+    /// (`gateway`: the one allocated; `None`: the gateway it claimed through).
+    Credentials { device_id: TwinId, token: String, state: String, gateway: Option<GatewaySpec> },
     /// Waiting (for a human); ask again later.
     Pending { state: String },
     /// Over without credentials for this claim.
@@ -75,6 +87,12 @@ pub struct ClaimView {
     /// Set once the process is in a final state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+    /// The pre-registered batch of the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+    /// The operational gateway allocated to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     pub log: Vec<LogEntry>,
 }
 
@@ -87,6 +105,8 @@ impl ClaimRecord {
             state: self.process.state.clone(),
             attempt: self.process.attempt,
             outcome: self.process.outcome(spec),
+            batch: self.batch.clone(),
+            gateway: self.gateway.clone(),
             log: self.process.log.clone(),
         }
     }
@@ -123,17 +143,19 @@ impl TwinRuntime {
         identity: Option<Identity>,
         metadata: Metadata,
     ) -> Result<ClaimAnswer, TwinError> {
-        self.claim_from(ty, device_id, identity, metadata, None).await
+        let cred = ClaimCredential { ty: self.device_type(ty)?, batch: None };
+        self.claim_from(&cred, device_id, identity, metadata, None).await
     }
 
-    /// [`TwinRuntime::claim`] from `source` (the device's address, where the gateway
-    /// knows it). Claims are rate-limited per claim credential and per source
+    /// [`TwinRuntime::claim`] with checked claim credential `cred` (a type's or a batch's,
+    /// `TwinRuntime::authenticate_claim`), from `source` (the device's address, where the
+    /// gateway knows it). Claims are rate-limited per claim credential and per source
     /// (`Settings::claims_per_credential`, `claims_per_source`) before anything else is
     /// done: a flood is refused cheaply (`TwinError::RateLimited`, counted
     /// `rate_limited`).
     pub async fn claim_from(
         &self,
-        ty: &str,
+        cred: &ClaimCredential,
         device_id: &str,
         identity: Option<Identity>,
         metadata: Metadata,
@@ -148,19 +170,41 @@ impl TwinRuntime {
                 .admit(format!("src/{ip}"), &settings.claims_per_source, now)
                 .map_err(|ms| limited(format!("claims from {ip}"), ms))?;
         }
+        let name = cred.name();
         self.env
             .claims
-            .admit(format!("cred/{ty}"), &settings.claims_per_credential, now)
-            .map_err(|ms| limited(format!("claims with the claim token of {ty}"), ms))?;
+            .admit(format!("cred/{name}"), &settings.claims_per_credential, now)
+            .map_err(|ms| limited(format!("claims with the claim token of {name}"), ms))?;
+        let ty = cred.ty.id().as_str();
         let device_id = TwinId::new(device_id)?;
         let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
         identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
         let r = rules(self, ty)?;
+        let registered = self.registration(ty, &identity.serial)?;
+        if let Some(batch) = &cred.batch
+            && registered.as_ref().is_none_or(|reg| &reg.batch != batch)
+        {
+            return Err(TwinError::Unauthenticated(format!(
+                "serial {:?} is not in batch {batch:?} of {ty}; that batch's claim token claims only its devices",
+                identity.serial
+            )));
+        }
+        if let Some(reg) = &registered
+            && !reg.identity.mac.is_empty()
+            && !reg.identity.mac.eq_ignore_ascii_case(&identity.mac)
+        {
+            let msg = format!(
+                "a claim for serial {:?} of {ty} came with MAC {:?}; batch {:?} registered it with {:?}",
+                identity.serial, identity.mac, reg.batch, reg.identity.mac
+            );
+            self.identity_alert(ty, &msg);
+            return Err(TwinError::Conflict(msg));
+        }
+        let facts = claim_facts(&r, &identity.serial, registered.as_ref());
         let process = &r.process;
         let key = claim_key(ty, &identity.serial);
         let lock = self.env.claims.lock(&key);
         let _turn = lock.lock().await;
-        let now = self.env.clock.now();
         if let Some(rec) = self.load_claim(&key)? {
             let same = !identity.mac.is_empty() && rec.identity.mac == identity.mac && rec.device_id == device_id;
             if !identity.mac.is_empty() && !rec.identity.mac.is_empty() && rec.identity.mac != identity.mac {
@@ -168,47 +212,60 @@ impl TwinRuntime {
                     "a claim for serial {:?} of {ty} came with MAC {:?}; the device provisioned with it has {:?}",
                     identity.serial, identity.mac, rec.identity.mac
                 );
-                self.env.alerts.raise(Alert {
-                    at: now,
-                    severity: Severity::Warning,
-                    kind: AlertKind::DeadlineExceeded,
-                    source: format!("tdta/{ty}"),
-                    message: msg.clone(),
-                });
+                self.identity_alert(ty, &msg);
                 return Err(TwinError::Conflict(msg));
             }
             let waiting = self.env.claims.pending.contains(&key);
             let finished = rec.process.outcome(process).is_some() && rec.token.is_none();
             if same && finished && r.spec.reprovision != Reprovision::Refuse {
-                return self.reprovision(&key, rec, &r).await;
+                return self.reprovision(&key, rec, &r, facts).await;
             }
             return if same || (waiting && rec.device_id == device_id) {
-                Ok(answer(&rec, process))
+                Ok(self.answer(&rec, process))
             } else {
                 Err(TwinError::AlreadyExists { kind: "provisioned device", id: device_id.to_string() })
             };
         }
-        if r.spec.mode == Mode::Manual {
+        if facts.mode == Mode::Manual {
             return Err(TwinError::Conflict(format!(
                 "devices of type {ty} are registered by an operator, who hands their credentials over"
             )));
         }
-        self.start_claim(&key, &r, ty, device_id, identity, metadata, Actor::Device, "claim received").await
+        let gateway = self.allocate_gateway(&r, &identity)?;
+        let new = NewClaim { device_id, identity, metadata, batch: registered.map(|reg| reg.batch), gateway };
+        self.start_claim(&key, &r, ty, new, facts, Actor::Device, "claim received").await
     }
 
-    /// Starts a new process for `identity` (no record exists for its key).
+    /// The gateway manager: the operational gateway for the device of `identity`.
+    fn allocate_gateway(&self, r: &crate::claims::Rules, identity: &Identity) -> Result<Option<String>, TwinError> {
+        twinfleet_models::enrollment::allocate(r.spec.allocation.as_ref(), &self.env.settings.gateways, identity)
+            .map(|g| g.map(|g| g.name.clone()))
+            .map_err(|e| TwinError::Invalid(format!("allocation: {e}")))
+    }
+
+    fn identity_alert(&self, ty: &str, msg: &str) {
+        self.env.alerts.raise(Alert {
+            at: self.env.clock.now(),
+            severity: Severity::Warning,
+            kind: AlertKind::DeadlineExceeded,
+            source: format!("tdta/{ty}"),
+            message: msg.to_string(),
+        });
+    }
+
+    /// Starts a new process for `new` (no record exists for its key).
     #[allow(clippy::too_many_arguments)]
     async fn start_claim(
         &self,
         key: &str,
         r: &crate::claims::Rules,
         ty: &str,
-        device_id: TwinId,
-        identity: Identity,
-        metadata: Metadata,
+        new: NewClaim,
+        mut facts: Facts,
         actor: Actor,
         note: &str,
     ) -> Result<ClaimAnswer, TwinError> {
+        let NewClaim { device_id, identity, metadata, batch, gateway } = new;
         let process = &r.process;
         if let Ok(t) = self.twin(device_id.as_str()) {
             // Only the twin a crashed run of this very device made (same serial and MAC)
@@ -219,17 +276,24 @@ impl TwinRuntime {
                 return Err(TwinError::AlreadyExists { kind: "twin", id: device_id.to_string() });
             }
         }
-        let mut facts = r.facts(&identity.serial);
         if matches!(actor, Actor::Operator(_)) {
             // An operator's registration is its approval.
             facts = Facts { mode: Mode::Automatic, pre_registered: true };
         }
         let now = self.env.clock.now();
         let (p, decision) = Provisioning::start_by(process, facts, actor, note, now);
-        let mut rec =
-            ClaimRecord { device_type: DeviceTypeId::new(ty)?, device_id, identity, metadata, process: p, token: None };
+        let mut rec = ClaimRecord {
+            device_type: DeviceTypeId::new(ty)?,
+            device_id,
+            identity,
+            metadata,
+            process: p,
+            token: None,
+            batch,
+            gateway,
+        };
         self.drive(key, &mut rec, process, decision.effects).await?;
-        Ok(answer(&rec, process))
+        Ok(self.answer(&rec, process))
     }
 
     /// The manual mode: operator `operator` registers device `device_id` of type `ty`
@@ -255,7 +319,11 @@ impl TwinRuntime {
             return Err(TwinError::AlreadyExists { kind: "provisioned device", id: identity.serial });
         }
         let who = Actor::Operator(operator.to_string());
-        self.start_claim(&key, &r, ty, device_id, identity, metadata, who, "registered by an operator").await
+        let registered = self.registration(ty, &identity.serial)?;
+        let facts = claim_facts(&r, &identity.serial, registered.as_ref());
+        let gateway = self.allocate_gateway(&r, &identity)?;
+        let new = NewClaim { device_id, identity, metadata, batch: registered.map(|reg| reg.batch), gateway };
+        self.start_claim(&key, &r, ty, new, facts, who, "registered by an operator").await
     }
 
     /// Approves every pending claim of `serials` of type `ty`; each one's result.
@@ -277,6 +345,7 @@ impl TwinRuntime {
         key: &str,
         mut rec: ClaimRecord,
         r: &crate::claims::Rules,
+        facts: Facts,
     ) -> Result<ClaimAnswer, TwinError> {
         let id = rec.device_id.to_string();
         let process = &r.process;
@@ -289,7 +358,6 @@ impl TwinRuntime {
             (Reprovision::Reset, Ok(_)) => self.delete_twin(&id).await?,
             _ => {}
         }
-        let facts = r.facts(&rec.identity.serial);
         let now = self.env.clock.now();
         let (mut p, decision) = Provisioning::start(process, facts, now);
         let mut log = std::mem::take(&mut rec.process.log);
@@ -300,7 +368,7 @@ impl TwinRuntime {
         }
         rec.process = p;
         self.drive(key, &mut rec, process, decision.effects).await?;
-        Ok(answer(&rec, process))
+        Ok(self.answer(&rec, process))
     }
 
     /// Decommissions device `id`: its token is revoked and its twin archived, so it is
@@ -443,16 +511,22 @@ impl TwinRuntime {
                     }
                 }
             }
-            Step::IssueCredentials => match &rec.token {
-                Some(_) => ok("unique credentials issued for the operational gateway"),
-                None => match self.issue_device_token(rec.device_id.as_str()).await {
-                    Ok(token) => {
-                        rec.token = Some(token);
-                        ok("unique credentials issued for the operational gateway")
-                    }
-                    Err(e) => failed(e),
-                },
-            },
+            Step::IssueCredentials => {
+                let note = match &rec.gateway {
+                    Some(g) => format!("unique credentials issued for operational gateway {g}"),
+                    None => "unique credentials issued for the operational gateway".to_string(),
+                };
+                match &rec.token {
+                    Some(_) => ok(&note),
+                    None => match self.issue_device_token(rec.device_id.as_str()).await {
+                        Ok(token) => {
+                            rec.token = Some(token);
+                            ok(&note)
+                        }
+                        Err(e) => failed(e),
+                    },
+                }
+            }
             Step::ApplyConfiguration => ok("type defaults and group layers apply"),
             Step::RequestApps => ok("baseline apps requested (recorded)"),
             Step::AwaitConfirmation => {
@@ -604,10 +678,39 @@ impl TwinRuntime {
     }
 }
 
-fn answer(rec: &ClaimRecord, process: &ProcessSpec) -> ClaimAnswer {
+/// What a new process starts with.
+struct NewClaim {
+    device_id: TwinId,
+    identity: Identity,
+    metadata: Metadata,
+    batch: Option<String>,
+    gateway: Option<String>,
+}
+
+/// The facts of a claim by `serial`: pre-registered by the type's allow-list or a batch,
+/// whose mode overrides the type's.
+fn claim_facts(r: &crate::claims::Rules, serial: &str, registered: Option<&crate::batches::Registration>) -> Facts {
+    let mut facts = r.facts(serial);
+    if let Some(reg) = registered {
+        facts.pre_registered = true;
+        if let Some(mode) = reg.mode {
+            facts.mode = mode;
+        }
+    }
+    facts
+}
+
+impl TwinRuntime {
+    fn answer(&self, rec: &ClaimRecord, process: &ProcessSpec) -> ClaimAnswer {
+        let gateway = rec.gateway.as_ref().and_then(|g| self.env.settings.gateways.iter().find(|s| &s.name == g));
+        answer(rec, process, gateway.cloned())
+    }
+}
+
+fn answer(rec: &ClaimRecord, process: &ProcessSpec, gateway: Option<GatewaySpec>) -> ClaimAnswer {
     let state = rec.process.state.clone();
     if let Some(token) = &rec.token {
-        return ClaimAnswer::Credentials { device_id: rec.device_id.clone(), token: token.clone(), state };
+        return ClaimAnswer::Credentials { device_id: rec.device_id.clone(), token: token.clone(), state, gateway };
     }
     match rec.process.outcome(process) {
         Some(o) => ClaimAnswer::Refused {

@@ -47,3 +47,10 @@ pub const LOGS: Space = Space(16);
 /// Provisioning processes: key = device type, 0x00, serial; value = the claim (identity,
 /// the process with its step log, the token held until the device confirms).
 pub const PROVISIONING: Space = Space(17);
+/// Pre-registered batches: key = device type, 0x00, batch name; value = the batch (its
+/// mode, size, who imported it when). Its claim token is a `CREDENTIAL` of holder
+/// `#claim/<type>/<batch>`.
+pub const BATCH: Space = Space(18);
+/// Pre-registered devices: key = device type, 0x00, serial; value = its batch and the
+/// identity announced for it.
+pub const REGISTRATION: Space = Space(19);

@@ -18,7 +18,7 @@ use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 use crate::restore::{RestoreReport, restore};
 use crate::spaces;
 use crate::tdta::Tdta;
-use crate::tdta::{TypeHandle, TypeInfo};
+use crate::tdta::{ClaimCredential, TypeHandle, TypeInfo};
 use actix::prelude::*;
 use std::sync::Arc;
 use twinfleet_models::DeviceTypeId;
@@ -226,11 +226,35 @@ impl TwinRuntime {
         }
         if let Some(p) = &spec.provisioning {
             p.validate().map_err(|e| TwinError::Invalid(format!("provisioning process of {}: {e}", spec.id)))?;
+            self.check_allocation(spec.id.as_str(), p.allocation.as_ref())?;
         }
         let id = spec.id.clone();
         self.stats.enqueued();
         self.supervisor.send(CreateDeviceType(spec)).await.map_err(|_| TwinError::ShuttingDown)??;
         self.device_type(id.as_str())
+    }
+
+    /// A type's allocation policy can work with the configured gateways.
+    fn check_allocation(
+        &self,
+        ty: &str,
+        a: Option<&twinfleet_models::provisioning::Allocation>,
+    ) -> Result<(), TwinError> {
+        use twinfleet_models::provisioning::AllocationPolicy as P;
+        let gateways = &self.env.settings.gateways;
+        let why = match a {
+            Some(a) if a.policy == P::Region && !gateways.iter().any(|g| !g.regions.is_empty()) => {
+                "allocates by region, but no configured gateway has regions".to_string()
+            }
+            Some(a) if a.policy == P::Static => match &a.gateway {
+                Some(g) if !gateways.iter().any(|s| &s.name == g) => {
+                    format!("allocates to gateway {g:?}, which is not configured")
+                }
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        Err(TwinError::Invalid(format!("provisioning of {ty} {why}")))
     }
 
     pub async fn create_dta(&self, spec: DtaSpec) -> Result<DtaHandle, TwinError> {
@@ -293,11 +317,21 @@ impl TwinRuntime {
         Ok(())
     }
 
-    /// Checks a claim token of device type `ty`; failures are counted like device ones.
-    pub fn authenticate_claim(&self, ty: &str, token: &str) -> Result<TypeHandle, AuthError> {
+    /// Checks a claim token presented for `credential`: a device type's id (its claim
+    /// token) or `<type>/<batch>` (a pre-registered batch's token, which claims only that
+    /// batch's serials). Failures are counted like device ones.
+    pub fn authenticate_claim(&self, credential: &str, token: &str) -> Result<ClaimCredential, AuthError> {
+        let (ty, batch) = match credential.split_once('/') {
+            Some((ty, b)) => (ty, Some(b)),
+            None => (credential, None),
+        };
         let result = match self.device_type(ty) {
             Err(_) => Err(AuthError::UnknownDevice(format!("device type {}", ty.chars().take(64).collect::<String>()))),
-            Ok(h) => self.env.credentials.verify(Holder::Claim(h.id().as_str()), token).map(|()| h),
+            Ok(h) => self
+                .env
+                .credentials
+                .verify(Holder::Claim(credential), token)
+                .map(|()| ClaimCredential { ty: h, batch: batch.map(str::to_string) }),
         };
         if let Err(e) = &result {
             self.env.rejections.reject(e.reason(), || e.to_string());
@@ -310,7 +344,10 @@ impl TwinRuntime {
     /// accounts of their own reconcile them with this.
     pub fn may_connect(&self, holder: &str) -> bool {
         match holder.strip_prefix("claim/") {
-            Some(ty) => self.device_type(ty).is_ok() && self.env.credentials.has(Holder::Claim(ty)),
+            Some(cred) => {
+                let ty = cred.split('/').next().unwrap_or_default();
+                self.device_type(ty).is_ok() && self.env.credentials.has(Holder::Claim(cred))
+            }
             None => match self.env.directory.twins.get(holder) {
                 Some(slot) => !slot.archived() && self.env.credentials.has(Holder::Device(holder)),
                 None => false,

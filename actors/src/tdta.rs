@@ -372,6 +372,24 @@ pub struct TypeInfo {
     pub fleet_records: usize,
 }
 
+/// A checked claim credential (`TwinRuntime::authenticate_claim`): the device type it
+/// provisions for and, for a pre-registered batch's token, the batch.
+#[derive(Debug, Clone)]
+pub struct ClaimCredential {
+    pub ty: TypeHandle,
+    pub batch: Option<String>,
+}
+
+impl ClaimCredential {
+    /// `<type>` or `<type>/<batch>`: the credential's name (its MQTT username).
+    pub fn name(&self) -> String {
+        match &self.batch {
+            Some(b) => format!("{}/{b}", self.ty.id()),
+            None => self.ty.id().to_string(),
+        }
+    }
+}
+
 /// A handle to one TDTA (device type).
 #[derive(Debug, Clone)]
 pub struct TypeHandle {

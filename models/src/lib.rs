@@ -14,6 +14,7 @@ pub mod command;
 pub mod config;
 pub mod domain;
 pub mod effect;
+pub mod enrollment;
 pub mod ids;
 pub mod limits;
 pub mod log;

@@ -225,6 +225,8 @@ pub enum ProcessError {
     Dead(String),
     #[error("a process needs at least one state")]
     Empty,
+    #[error("allocation: {0}")]
+    Allocation(String),
 }
 
 fn input_name(i: Input) -> &'static str {
@@ -366,6 +368,35 @@ pub struct ProvisioningSpec {
     /// What a provisioned device that claims again gets (same serial and MAC).
     #[serde(default)]
     pub reprovision: Reprovision,
+    /// How the operational gateway of each device is chosen among the configured ones
+    /// (`crate::enrollment::allocate`); default: weighted hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Allocation>,
+}
+
+/// The gateway manager's allocation policy of a device type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Allocation {
+    pub policy: AllocationPolicy,
+    /// The gateway of the `static` policy (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum AllocationPolicy {
+    /// The first configured gateway that serves the region the device claims from (the
+    /// paper's choice); a claim from an unknown region is refused.
+    Region,
+    /// Rendezvous hashing of the serial over the gateways, by their weights: a device
+    /// always lands on the same gateway, and adding one moves only its share.
+    Hash,
+    /// Always the named gateway.
+    Static,
 }
 
 /// A provisioned device claims again (factory reset, lost credentials, replaced
@@ -385,6 +416,20 @@ pub enum Reprovision {
 
 impl ProvisioningSpec {
     pub fn validate(&self) -> Result<(), ProcessError> {
+        if let Some(a) = &self.allocation {
+            match (a.policy, &a.gateway) {
+                (AllocationPolicy::Static, None) => {
+                    return Err(ProcessError::Allocation("the static allocation policy needs a `gateway`".into()));
+                }
+                (AllocationPolicy::Region | AllocationPolicy::Hash, Some(g)) => {
+                    return Err(ProcessError::Allocation(format!(
+                        "`gateway` {g:?} is only for the static policy, not {:?}",
+                        a.policy
+                    )));
+                }
+                _ => {}
+            }
+        }
         self.process.as_ref().map_or(Ok(()), ProcessSpec::validate)
     }
 

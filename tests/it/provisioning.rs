@@ -453,3 +453,167 @@ async fn the_manual_mode_registers_devices_by_operator_and_pending_ones_are_appr
     mqtt.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_batch_imported_as_csv_provisions_alone_with_its_own_claim_token_and_only_its_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    // The type waits for an operator; the batch overrides that (automatic).
+    let semi = ProvisioningSpec { mode: Mode::SemiAutomatic, ..Default::default() };
+    let type_claim = device_type(&p, "tracker", semi).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (haddr, admin) = (http.local_addr(), admin_token(&p).await);
+    let csv = dir.path().join("lot-7.csv");
+    std::fs::write(&csv, "serial,mac,model\r\nT-1,aa:00:00:00:00:01,T2\nT-2,aa:00:00:00:00:02,T2\n\"T-3\",,T2\n")
+        .unwrap();
+    let api = format!("http://{haddr}");
+    let (csv_path, admin2) = (csv.display().to_string(), admin.clone());
+    let (ok, out, err) = actix_rt::task::spawn_blocking(move || {
+        crate::binary::client(&[
+            "provisioning",
+            "import",
+            "tracker",
+            &csv_path,
+            "--name",
+            "lot-7",
+            "--mode",
+            "automatic",
+            "--api",
+            &api,
+            "--token",
+            &admin2,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("3 devices"), "{out}{err}");
+    let batch_claim = out.split_whitespace().last().unwrap().to_string();
+    assert!(batch_claim.starts_with("tfc_"), "{out}");
+    let call = |method: &'static str, path: &'static str, body: Option<String>| {
+        let admin = admin.clone();
+        actix_rt::task::spawn_blocking(move || http_as(haddr, &admin, method, path, body.as_deref()))
+    };
+    let (s, v) = call("GET", "/api/v1/device-types/tracker/batches", None).await.unwrap();
+    assert_eq!((s, v[0]["name"].clone(), v[0]["devices"].clone()), (200, json!("lot-7"), json!(3)), "{v}");
+    // An import repeating a registered serial is refused whole, naming it.
+    let again = json!({"name": "lot-8", "devices": [{"serial": "T-9"}, {"serial": "T-2"}]}).to_string();
+    let (s, v) = call("POST", "/api/v1/device-types/tracker/batches", Some(again)).await.unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("\"T-2\""), "{v}");
+    let (s, _) = call("GET", "/api/v1/device-types/tracker/batches/lot-8", None).await.unwrap();
+    assert_eq!(s, 404, "nothing of the refused import is left");
+    let bad = json!({"name": "lot-9", "devices": [{"serial": "ok"}, {"serial": "two words"}]}).to_string();
+    let (s, v) = call("POST", "/api/v1/device-types/tracker/batches", Some(bad)).await.unwrap();
+    assert!(s == 400 && v["message"].as_str().unwrap().contains("device 2"), "{s} {v}");
+
+    // A device of the batch claims with the batch's token: no approval, its credentials.
+    let t1 = json!({"serial": "T-1", "mac": "aa:00:00:00:00:01"});
+    let r = MqttDevice::provision_in_batch(&prov, "tracker", "lot-7", "t-1", &batch_claim, t1).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    let dev = MqttDevice::connect(&ops, "t-1", r.token.as_deref().unwrap()).await.unwrap();
+    dev.telemetry(QoS::AtLeastOnce, None, &[("lat", 59.9)]).await.unwrap();
+    let view = eventually("t-1 is operational", || async {
+        let v = p.runtime().claim_view("tracker", "T-1").unwrap();
+        (v.outcome.as_deref() == Some("operational")).then_some(v)
+    })
+    .await;
+    assert_eq!(view.batch.as_deref(), Some("lot-7"));
+    // Pre-registered, so with the type's own token it goes through too.
+    let r = MqttDevice::provision_as(&prov, "tracker", "t-3", &type_claim, json!({"serial": "T-3"})).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    // Not in the batch: its token does not claim it; with the type's token it waits.
+    let stranger = json!({"serial": "X-1", "mac": "bb"});
+    let r =
+        MqttDevice::provision_in_batch(&prov, "tracker", "lot-7", "x-1", &batch_claim, stranger.clone()).await.unwrap();
+    assert!(!r.ok && !r.pending && r.error.as_deref().unwrap_or("").contains("not in batch"), "{r:?}");
+    let r = MqttDevice::provision_as(&prov, "tracker", "x-1", &type_claim, stranger).await.unwrap();
+    assert!(r.pending, "{r:?}");
+    // A registered MAC must match.
+    let fake = json!({"serial": "T-2", "mac": "ff:ff"});
+    let r = MqttDevice::provision_in_batch(&prov, "tracker", "lot-7", "t-2", &batch_claim, fake).await.unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("registered it with"), "{r:?}");
+    // A batch token with the type's username is the wrong password for it.
+    let r = MqttDevice::provision_as(&prov, "tracker", "t-2", &batch_claim, json!({"serial": "T-2"})).await;
+    assert!(r.is_err() || !r.unwrap().ok);
+
+    // Deleting the batch ends its token at once.
+    let (s, _) = call("DELETE", "/api/v1/device-types/tracker/batches/lot-7", None).await.unwrap();
+    assert_eq!(s, 200);
+    let t2 = json!({"serial": "T-2", "mac": "aa:00:00:00:00:02"});
+    let r = MqttDevice::provision_in_batch(&prov, "tracker", "lot-7", "t-2", &batch_claim, t2).await;
+    assert!(r.is_err() || !r.unwrap().ok, "a deleted batch's token claims nothing");
+    assert!(p.twin("t-1").is_ok(), "its provisioned devices keep their twins");
+    dev.disconnect().await;
+    http.stop().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn the_gateway_manager_allocates_by_region_and_refuses_an_unknown_region() {
+    use twinfleet::models::enrollment::GatewaySpec;
+    use twinfleet::models::provisioning::{Allocation, AllocationPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = |name: &str, mqtt: &str, regions: &[&str]| GatewaySpec {
+        name: name.into(),
+        mqtt: mqtt.into(),
+        grpc: format!("http://{name}.example:50051"),
+        regions: regions.iter().map(|r| r.to_string()).collect(),
+        weight: 1,
+    };
+    // The "eu" gateway is this process's own operational listener (on a port chosen
+    // first); "us" is another address devices would be sent to.
+    let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let settings = twinfleet::Settings {
+        gateways: vec![gw("eu-1", &ops, &["eu", "uk"]), gw("us-1", "us.example:1883", &["us"])],
+        ..test_settings()
+    };
+    let p = start(dir.path(), None, settings).await;
+    let region = Allocation { policy: AllocationPolicy::Region, gateway: None };
+    let allow = vec!["S-1".into(), "S-2".into()];
+    let spec = ProvisioningSpec { allocation: Some(region), allow_list: allow, ..Default::default() };
+    let claim = device_type(&p, "sensor", spec).await;
+    // A static policy naming a gateway that is not configured is refused at load.
+    let fixed = Allocation { policy: AllocationPolicy::Static, gateway: Some("mars-1".into()) };
+    let bad = DeviceTypeSpec {
+        provisioning: Some(ProvisioningSpec { allocation: Some(fixed), ..Default::default() }),
+        ..DeviceTypeSpec::new(DeviceTypeId::new("rover").unwrap())
+    };
+    let e = p.create_device_type(bad).await.unwrap_err().to_string();
+    assert!(e.contains("mars-1"), "{e}");
+
+    let config = twinfleet_protocols::mqtt::MqttConfig { operational: ops.parse().unwrap(), ..embedded_config() };
+    let gateway = MqttGateway::start(p.runtime().clone(), config).await.unwrap();
+    let prov = addr(gateway.provisioning());
+    let uk = json!({"serial": "S-1", "mac": "01", "region": "uk"});
+    let r = MqttDevice::provision_as(&prov, "sensor", "s-1", &claim, uk).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!((r.gateway.as_deref(), r.operational.as_deref()), (Some("eu-1"), Some(ops.as_str())));
+    let s1 = r.token.unwrap();
+    let us = json!({"serial": "S-2", "mac": "02", "region": "us"});
+    let r = MqttDevice::provision_as(&prov, "sensor", "s-2", &claim, us).await.unwrap();
+    assert_eq!((r.gateway.as_deref(), r.operational.as_deref()), (Some("us-1"), Some("us.example:1883")), "{r:?}");
+    let view = p.runtime().claim_view("sensor", "S-2").unwrap();
+    assert_eq!(view.gateway.as_deref(), Some("us-1"));
+    assert!(view.log.iter().any(|e| e.note.contains("gateway us-1")), "the log names the gateway: {:?}", view.log);
+    // An unknown region, or none, gets a clear refusal, counted; no process starts.
+    let mars = json!({"serial": "S-3", "mac": "03", "region": "mars"});
+    let r = MqttDevice::provision_as(&prov, "sensor", "s-3", &claim, mars).await.unwrap();
+    let e = r.error.clone().unwrap_or_default();
+    assert!(!r.ok && e.contains("unknown region \"mars\"") && e.contains("eu, uk, us"), "{r:?}");
+    assert!(p.runtime().claim_view("sensor", "S-3").is_err());
+    let r = MqttDevice::provision_as(&prov, "sensor", "s-4", &claim, json!({"serial": "S-4"})).await.unwrap();
+    assert!(!r.ok && r.error.unwrap_or_default().contains("names no region"));
+    assert_eq!(p.rejections().count("malformed"), 2);
+    // The device allocated to this process's own gateway confirms there.
+    let dev = MqttDevice::connect(&ops, "s-1", &s1).await.unwrap();
+    eventually("s-1 confirms on its allocated gateway", || async {
+        (p.runtime().claim_view("sensor", "S-1").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+    dev.disconnect().await;
+    gateway.stop().await;
+    p.shutdown().await;
+}

@@ -265,7 +265,8 @@ impl pb::provisioning_server::Provisioning for Gateway {
         let token = Self::token(&req).inspect_err(|_| {
             self.rt.rejections().reject("bad_credentials", || format!("claim for {ty:?}: no usable claim token"));
         })?;
-        self.rt.authenticate_claim(&ty, token).map_err(auth_status)?;
+        // (`x-device-type` is the claim credential: `<type>`, or `<type>/<batch>`.)
+        let cred = self.rt.authenticate_claim(&ty, token).map_err(auth_status)?;
         let source = req.remote_addr().map(|a| a.ip());
         let msg = req.into_inner();
         let identity = msg.identity.map(|i| twinfleet_models::provisioning::Identity {
@@ -278,12 +279,15 @@ impl pb::provisioning_server::Provisioning for Gateway {
             peripherals: i.peripherals,
             region: i.region,
         });
-        let reply = match self.rt.claim_from(&ty, &msg.device_id, identity, Default::default(), source).await {
-            Ok(twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state }) => pb::ClaimReply {
+        let reply = match self.rt.claim_from(&cred, &msg.device_id, identity, Default::default(), source).await {
+            Ok(twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state, gateway }) => pb::ClaimReply {
                 status: S::Credentials as i32,
                 device_id: device_id.to_string(),
                 token,
-                operational: self.operational.clone(),
+                operational: gateway
+                    .map(|g| g.grpc)
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| self.operational.clone()),
                 state,
                 ..Default::default()
             },

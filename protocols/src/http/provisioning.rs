@@ -1,11 +1,15 @@
 //! Provisioning: the processes that wait for a human, one process with its step log,
-//! and an operator's approval or rejection.
+//! an operator's approval or rejection, manual registration, and pre-registered batches
+//! (imported as JSON or CSV).
 
 use super::{Caller, Errors, Result};
-use actix_web::{HttpResponse, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
+use futures::StreamExt;
 use serde::Deserialize;
-use twinfleet_actors::{ClaimView, TwinRuntime};
+use twinfleet_actors::{BatchView, ClaimView, TwinError, TwinRuntime};
 use twinfleet_models::Action;
+use twinfleet_models::enrollment::BatchSpec;
+use twinfleet_models::provisioning::Mode;
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(pending)
@@ -14,7 +18,123 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(reject)
         .service(approve_many)
         .service(register)
-        .service(decommission);
+        .service(decommission)
+        .service(import_batch)
+        .service(list_batches)
+        .service(show_batch)
+        .service(delete_batch);
+}
+
+/// The largest import body (about 100,000 devices of CSV with MACs).
+const MAX_IMPORT_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    /// The batch's name (CSV imports only; a JSON import names it in its body).
+    name: Option<String>,
+    /// Overrides the type's mode for the batch (CSV imports only): `automatic` or
+    /// `semi_automatic`.
+    #[param(value_type = Option<String>)]
+    mode: Option<Mode>,
+}
+
+/// Created: the batch and its claim token (credential `<type>/<batch>`; shown only now).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct Imported {
+    batch: BatchView,
+    claim_token: String,
+}
+
+/// `POST /device-types/{id}/batches`: imports a batch of pre-registered devices, all or
+/// nothing. JSON (`{"name", "mode"?, "devices": [{"serial", "mac"?, ...}]}`) or CSV
+/// (`Content-Type: text/csv`, a header row naming the columns `serial`, `mac`, `model`,
+/// `firmware`, `os`, `arch`, `peripherals` (`;`-separated), `region`; `?name=` and
+/// `?mode=`). At most 100,000 devices and 16 MiB. Needs `provision` on the type.
+#[utoipa::path(tag = "provisioning", params(ImportQuery),
+    request_body(content((BatchSpec = "application/json"), (String = "text/csv"))),
+    responses((status = 201, body = Imported), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/batches")]
+async fn import_batch(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    req: HttpRequest,
+    query: web::Query<ImportQuery>,
+    mut payload: web::Payload,
+) -> Result<HttpResponse> {
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Provision, h.id())?;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| TwinError::Invalid(format!("import body: {e}")))?;
+        if body.len() + chunk.len() > MAX_IMPORT_BYTES {
+            return Err(TwinError::Invalid(format!(
+                "the import is over {} MiB; split it into several batches",
+                MAX_IMPORT_BYTES >> 20
+            ))
+            .into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let q = query.into_inner();
+    let spec = if content_type.trim_start().to_ascii_lowercase().starts_with("text/csv") {
+        let text = std::str::from_utf8(&body).map_err(|e| TwinError::Invalid(format!("the CSV is not UTF-8: {e}")))?;
+        let devices =
+            twinfleet_models::enrollment::parse_csv(text).map_err(|e| TwinError::Invalid(format!("CSV: {e}")))?;
+        let name = q.name.ok_or_else(|| TwinError::Invalid("a CSV import names its batch: `?name=`".into()))?;
+        BatchSpec { name, mode: q.mode, devices }
+    } else {
+        if q.name.is_some() || q.mode.is_some() {
+            return Err(
+                TwinError::Invalid("a JSON import names its batch and mode in its body, not the query".into()).into()
+            );
+        }
+        serde_json::from_slice(&body).map_err(|e| TwinError::Invalid(format!("bad JSON body: {e}")))?
+    };
+    let (batch, claim_token) = rt.import_batch(h.id().as_str(), spec, &caller.0.user).await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/api/v1/device-types/{}/batches/{}", batch.device_type, batch.name)))
+        .json(Imported { batch, claim_token }))
+}
+
+/// `GET /device-types/{id}/batches`: the type's batches. Needs `read` on the type.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = Vec<BatchView>), Errors), security(("bearer" = [])))]
+#[get("/device-types/{id}/batches")]
+async fn list_batches(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Read, h.id())?;
+    Ok(HttpResponse::Ok().json(rt.batches(h.id().as_str())?))
+}
+
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = BatchView), Errors), security(("bearer" = [])))]
+#[get("/device-types/{id}/batches/{name}")]
+async fn show_batch(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, name) = path.into_inner();
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Read, h.id())?;
+    Ok(HttpResponse::Ok().json(rt.batch(h.id().as_str(), &name)?))
+}
+
+/// `DELETE /device-types/{id}/batches/{name}`: its claim token stops working at once
+/// and its devices are no longer pre-registered; provisioned devices keep their twins.
+#[utoipa::path(tag = "provisioning", responses((status = 200, body = BatchView), Errors), security(("bearer" = [])))]
+#[delete("/device-types/{id}/batches/{name}")]
+async fn delete_batch(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, name) = path.into_inner();
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Provision, h.id())?;
+    Ok(HttpResponse::Ok().json(rt.delete_batch(h.id().as_str(), &name).await?))
 }
 
 /// `GET /provisioning/pending`: the devices that wait for an operator, oldest serial
@@ -159,8 +279,12 @@ async fn register(
         .register_device(h.id().as_str(), &b.device_id, b.identity, b.metadata.unwrap_or_default(), &caller.0.user)
         .await?;
     Ok(match answer {
-        twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state } => {
-            HttpResponse::Created().json(serde_json::json!({"device_id": device_id, "token": token, "state": state}))
+        twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state, gateway } => {
+            let mut body = serde_json::json!({"device_id": device_id, "token": token, "state": state});
+            if let Some(g) = gateway {
+                body["gateway"] = serde_json::to_value(g).unwrap_or_default();
+            }
+            HttpResponse::Created().json(body)
         }
         twinfleet_actors::ClaimAnswer::Pending { state } => {
             HttpResponse::Accepted().json(serde_json::json!({"device_id": b.device_id, "state": state}))

@@ -9,6 +9,9 @@
 //!   (or the transformer's) session.
 //! - A claim token becomes a client `{type}` (no fixed client id: claimants choose the
 //!   new device's) with the role `twinfleet-claim:{type}`: only its provisioning topics.
+//!   A pre-registered batch's token becomes a client `{type}/{batch}` with the same
+//!   topics (its devices name the batch in their request too: the transformer sees no
+//!   username).
 //! - Revoking or re-issuing a token, archiving or deleting a twin deletes the client;
 //!   the plugin disconnects its open sessions as it does.
 //! - On every (re)connect the task makes sure the transformer's own account holds the
@@ -74,12 +77,17 @@ fn acls(send: &[String], read: &[String]) -> Vec<Value> {
 fn account(holder: &str) -> Account {
     use super::topics::*;
     match holder.strip_prefix("claim/") {
-        Some(ty) => Account {
-            username: ty.to_string(),
-            role: format!("{CLAIM_ROLE}{ty}"),
-            clientid: None,
-            acls: acls(&[provisioning_request(ty, "+")], &[provisioning_response(ty, "+")]),
-        },
+        // (`<type>`, or `<type>/<batch>` for a pre-registered batch's token: the
+        // username is the credential, the topics are the type's.)
+        Some(cred) => {
+            let ty = cred.split('/').next().unwrap_or_default();
+            Account {
+                username: cred.to_string(),
+                role: format!("{CLAIM_ROLE}{cred}"),
+                clientid: None,
+                acls: acls(&[provisioning_request(ty, "+")], &[provisioning_response(ty, "+")]),
+            }
+        }
         None => Account {
             username: holder.to_string(),
             role: format!("{DEVICE_ROLE}{holder}"),
@@ -307,6 +315,10 @@ mod tests {
         assert_eq!((a.username.as_str(), a.clientid.as_deref()), ("x-0", Some("x-0")));
         let topics: Vec<&str> = a.acls.iter().map(|a| a["topic"].as_str().unwrap()).collect();
         assert!(topics.iter().all(|t| t.starts_with("devices/x-0/")), "{topics:?}");
+        let b = account("claim/valve/lot-1");
+        assert_eq!((b.username.as_str(), b.role.as_str()), ("valve/lot-1", "twinfleet-claim:valve/lot-1"));
+        assert_eq!(b.acls[0]["topic"], "provisioning/valve/+/request");
+        assert_eq!(holder_of_role(&b.role).as_deref(), Some("claim/valve/lot-1"));
         let c = account("claim/valve");
         assert_eq!((c.username.as_str(), c.clientid), ("valve", None));
         assert_eq!(holder_of_role(&a.role).as_deref(), Some("x-0"));

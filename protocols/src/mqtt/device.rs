@@ -218,6 +218,20 @@ impl MqttDevice {
         Self::claim(addr, ty, id, claim_token, json!({ "claim_token": claim_token, "identity": identity })).await
     }
 
+    /// Like [`MqttDevice::provision_as`], with the claim token of pre-registered batch
+    /// `batch` of type `ty` (username `<type>/<batch>`).
+    pub async fn provision_in_batch(
+        addr: &str,
+        ty: &str,
+        batch: &str,
+        id: &str,
+        claim_token: &str,
+        identity: Value,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
+        let request = json!({ "claim_token": claim_token, "batch": batch, "identity": identity });
+        Self::claim_as(addr, ty, &format!("{ty}/{batch}"), id, claim_token, request).await
+    }
+
     async fn claim(
         addr: &str,
         ty: &str,
@@ -225,7 +239,18 @@ impl MqttDevice {
         claim_token: &str,
         request: Value,
     ) -> Result<ProvisionResponse, MqttDeviceError> {
-        let (client, mut events) = AsyncClient::new(options(id, addr, ty, claim_token, true)?, 16);
+        Self::claim_as(addr, ty, ty, id, claim_token, request).await
+    }
+
+    async fn claim_as(
+        addr: &str,
+        ty: &str,
+        username: &str,
+        id: &str,
+        claim_token: &str,
+        request: Value,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
+        let (client, mut events) = AsyncClient::new(options(id, addr, username, claim_token, true)?, 16);
         let request = request.to_string();
         let (req_topic, resp_topic) = (topics::provisioning_request(ty, id), topics::provisioning_response(ty, id));
         let run = async {
@@ -270,6 +295,9 @@ pub struct ProvisionResponse {
     /// Where to connect as an operational device.
     #[serde(default)]
     pub operational: Option<String>,
+    /// The operational gateway allocated (by name), where gateways are configured.
+    #[serde(default)]
+    pub gateway: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
     /// Waiting (for an operator's approval): ask again after `retry_after_ms`.

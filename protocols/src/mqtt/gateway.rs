@@ -230,12 +230,14 @@ impl Gateway {
                 Ok((Identity::Device(username.clone()), Some(twin)))
             }
             ListenerKind::Provisioning => {
-                self.rt().authenticate_claim(username, password).map_err(auth)?;
+                // (The username is the claim credential: `<type>`, or `<type>/<batch>`.)
+                let cred = self.rt().authenticate_claim(username, password).map_err(auth)?;
                 if twinfleet_models::TwinId::new(&hello.client_id).is_err() {
                     self.reject("malformed", || format!("{:?} is not a valid device id", hello.client_id));
                     return Err(Refusal::BadClientId);
                 }
-                Ok((Identity::Claimant { ty: username.clone(), id: hello.client_id.clone() }, None))
+                let ty = cred.ty.id().to_string();
+                Ok((Identity::Claimant { ty, id: hello.client_id.clone(), batch: cred.batch }, None))
             }
         }
     }
@@ -530,7 +532,7 @@ impl Served<'_> {
                 code
             }
         };
-        if let (Some(body), Identity::Claimant { ty, id }) = (reply, self.who)
+        if let (Some(body), Identity::Claimant { ty, id, .. }) = (reply, self.who)
             && self.conn.subscribed.load(Relaxed)
         {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1).max(1);
@@ -570,13 +572,17 @@ impl Served<'_> {
                     return Some(self.close(wr, wire::DISCONNECT_NOT_AUTHORIZED, "wrong topic").await);
                 }
                 let (gw, twin, source) = (self.gw.clone(), self.twin.cloned(), self.source);
+                let batch = match self.who {
+                    Identity::Claimant { batch, .. } => batch.clone(),
+                    Identity::Device(_) => None,
+                };
                 let fut: Handled = Box::pin(async move {
                     match (topics::parse(&topic), twin) {
                         (Some(Parsed::Device { channel, .. }), Some(twin)) => {
                             (qos, pkid, gw.ingest.device(&twin, channel, &payload).await, None)
                         }
                         (Some(Parsed::Provisioning { ty, id }), _) => {
-                            let (body, result) = gw.ingest.provision(ty, id, &payload, source).await;
+                            let (body, result) = gw.ingest.provision(ty, id, batch.as_deref(), &payload, source).await;
                             (qos, pkid, result, Some(body.to_string().into_bytes()))
                         }
                         _ => (qos, pkid, Err(Refused::new("unknown_topic", format!("nothing on {topic:?}"))), None),

@@ -95,6 +95,10 @@ pub(crate) const DEFAULT_APP: &str = "device";
 #[serde(deny_unknown_fields)]
 struct ProvisionMsg {
     claim_token: String,
+    /// The pre-registered batch whose claim token this is (default: the batch the
+    /// connection's username names, else the type's own token).
+    #[serde(default)]
+    batch: Option<String>,
     #[serde(default)]
     metadata: Metadata,
     /// Serial, MAC, model, firmware, OS, architecture, peripherals, region (default:
@@ -230,14 +234,25 @@ impl Ingest {
         &self,
         ty: &str,
         id: &str,
+        batch: Option<&str>,
         payload: &[u8],
         source: Option<std::net::IpAddr>,
     ) -> (Value, Result<(), Refused>) {
-        let result = self.try_provision(ty, id, payload, source).await;
+        let result = self.try_provision(ty, id, batch, payload, source).await;
         let body = match &result {
-            Ok(ClaimAnswer::Credentials { device_id, token, state }) => serde_json::json!({
-                "ok": true, "device_id": device_id, "token": token, "operational": self.operational, "state": state,
-            }),
+            Ok(ClaimAnswer::Credentials { device_id, token, state, gateway }) => {
+                let (operational, name) = match gateway.as_ref().filter(|g| !g.mqtt.is_empty()) {
+                    Some(g) => (g.mqtt.as_str(), Some(g.name.as_str())),
+                    None => (self.operational.as_str(), None),
+                };
+                let mut body = serde_json::json!({
+                    "ok": true, "device_id": device_id, "token": token, "operational": operational, "state": state,
+                });
+                if let Some(name) = name {
+                    body["gateway"] = name.into();
+                }
+                body
+            }
             Ok(ClaimAnswer::Pending { state }) => serde_json::json!({
                 "ok": false, "pending": true, "state": state, "retry_after_ms": PENDING_RETRY_MS,
             }),
@@ -260,20 +275,27 @@ impl Ingest {
         &self,
         ty: &str,
         id: &str,
+        batch: Option<&str>,
         payload: &[u8],
         source: Option<std::net::IpAddr>,
     ) -> Result<ClaimAnswer, Refused> {
         let msg: ProvisionMsg = parse(payload, "provisioning request")?;
-        self.rt
-            .authenticate_claim(ty, &msg.claim_token)
-            .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {ty}: {e}")))?;
-        match self.rt.claim_from(ty, id, msg.identity, msg.metadata, source).await {
+        let credential = match msg.batch.as_deref().or(batch) {
+            Some(b) => format!("{ty}/{b}"),
+            None => ty.to_string(),
+        };
+        let cred = self
+            .rt
+            .authenticate_claim(&credential, &msg.claim_token)
+            .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {credential}: {e}")))?;
+        match self.rt.claim_from(&cred, id, msg.identity, msg.metadata, source).await {
             Ok(a) => Ok(a),
             Err(TwinError::AlreadyExists { .. }) => Err(Refused::new(
                 "already_provisioned",
                 format!("device {id} already exists; an operator can issue it a new token"),
             )),
             Err(TwinError::Conflict(why)) => Err(Refused::new("identity_mismatch", why)),
+            Err(TwinError::Unauthenticated(why)) => Err(Refused::new("bad_credentials", why)),
             Err(e @ TwinError::RateLimited { .. }) => Err(Refused::new("rate_limited", e.to_string())),
             Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => Err(Refused::new("malformed", e.to_string())),
             Err(e) => Err(Refused::new("provisioning_failed", e.to_string())),

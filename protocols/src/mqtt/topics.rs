@@ -85,9 +85,9 @@ pub enum Identity {
     /// An operational device: publishes `devices/{id}/<channel>`, subscribes
     /// `devices/{id}/commands`.
     Device(String),
-    /// A device being provisioned with the claim token of `ty`: publishes its request,
-    /// subscribes its response.
-    Claimant { ty: String, id: String },
+    /// A device being provisioned with the claim token of `ty` (or of its `batch`):
+    /// publishes its request, subscribes its response.
+    Claimant { ty: String, id: String, batch: Option<String> },
 }
 
 impl Identity {
@@ -96,7 +96,7 @@ impl Identity {
             Identity::Device(me) => {
                 matches!(parse(topic), Some(Parsed::Device { id, .. }) if id == me)
             }
-            Identity::Claimant { ty, id } => topic == provisioning_request(ty, id),
+            Identity::Claimant { ty, id, .. } => topic == provisioning_request(ty, id),
         }
     }
 
@@ -104,7 +104,7 @@ impl Identity {
     pub fn may_subscribe(&self, filter: &str) -> bool {
         match self {
             Identity::Device(me) => filter == device_topic(me, COMMANDS),
-            Identity::Claimant { ty, id } => filter == provisioning_response(ty, id),
+            Identity::Claimant { ty, id, .. } => filter == provisioning_response(ty, id),
         }
     }
 }
@@ -128,7 +128,7 @@ mod tests {
         assert!(me.may_subscribe("devices/d1/commands"));
         assert!(!me.may_subscribe("devices/+/commands"));
         assert!(!me.may_subscribe("#"));
-        let c = Identity::Claimant { ty: "pump".into(), id: "p7".into() };
+        let c = Identity::Claimant { ty: "pump".into(), id: "p7".into(), batch: None };
         assert!(c.may_publish("provisioning/pump/p7/request"));
         assert!(!c.may_publish("provisioning/pump/p8/request"));
         assert!(!c.may_publish("devices/p7/state"));

@@ -118,7 +118,7 @@ impl Core {
                     Err(_) => Err(Refused::new("unknown_device", format!("no twin {id:?}"))),
                 },
                 Some(Parsed::Provisioning { ty, id }) if self.spec.provisioning => {
-                    let (body, result) = self.ingest.provision(ty, id, &p.payload, None).await;
+                    let (body, result) = self.ingest.provision(ty, id, None, &p.payload, None).await;
                     let topic = topics::provisioning_response(ty, id);
                     if let Err(e) = self.out.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await {
                         tracing::warn!("cannot answer the provisioning request of {id}: {e}");
