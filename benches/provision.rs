@@ -8,8 +8,13 @@
 //! devices of a semi-automatic type approved in one call (`approve_claims`, what
 //! `POST /device-types/{id}/approvals` runs).
 //!
+//! Section `flood`: one operational device publishes QoS 1 telemetry, each message
+//! waiting for its PUBACK (the twin's durable write), first alone, then while 200
+//! claimers flood one claim token on the provisioning gateway with the default rate
+//! limits; the rows compare its publish → PUBACK latency without and with the flood.
+//!
 //! `cargo bench --bench provision`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
-//! `TWINFLEET_BENCH_SECTIONS` (default `mqtt,grpc,approve`).
+//! `TWINFLEET_BENCH_SECTIONS` (default `mqtt,grpc,approve,flood`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -38,6 +43,9 @@ fn main() {
 /// prints one line per device (`ms`), then `DONE <wall ms> <failures>`.
 async fn devices(args: String) {
     let a: Vec<String> = args.split_whitespace().map(String::from).collect();
+    if a[0] == "flood" {
+        return flood(&a[1..]).await;
+    }
     let [proto, prov, ops, ty, claim, n] = &a[..] else { panic!("bad args {args}") };
     let n: usize = n.parse().unwrap();
     let started = Instant::now();
@@ -66,6 +74,71 @@ async fn devices(args: String) {
     }
     print!("{lines}");
     println!("DONE {:.1} {failures}", started.elapsed().as_secs_f64() * 1e3);
+}
+
+/// Publishes `n` QoS 1 messages one at a time; each one's publish → PUBACK time (ms).
+async fn acked_latencies(dev: &MqttDevice, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let before = dev.acked();
+        let t = Instant::now();
+        dev.telemetry(twinfleet_protocols::mqtt::QoS::AtLeastOnce, None, &[("v", i as f64)]).await.unwrap();
+        while dev.acked() == before {
+            tokio::task::yield_now().await;
+        }
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    out
+}
+
+/// The child of section `flood`: `flood <prov> <ops> <device> <token> <type> <claim>
+/// <messages>`; prints `BASE <ms>`, `FLOOD <ms>` lines, then `CLAIMS <sent> <admitted>
+/// <limited> <secs>`.
+async fn flood(a: &[String]) {
+    let [prov, ops, id, token, ty, claim, n] = a else { panic!("bad flood args {a:?}") };
+    let n: usize = n.parse().unwrap();
+    let dev = MqttDevice::connect(ops, id, token).await.unwrap();
+    for ms in acked_latencies(&dev, n).await {
+        println!("BASE {ms:.3}");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counts = std::sync::Arc::new([(); 3].map(|()| std::sync::atomic::AtomicU64::new(0)));
+    let started = Instant::now();
+    let claimers: Vec<_> = (0..200)
+        .map(|c| {
+            let (prov, ty, claim, stop, counts) =
+                (prov.clone(), ty.clone(), claim.clone(), stop.clone(), counts.clone());
+            tokio::spawn(async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                let mut i = 0u64;
+                while !stop.load(Relaxed) {
+                    let id = format!("f-{c}-{i}");
+                    i += 1;
+                    counts[0].fetch_add(1, Relaxed);
+                    match MqttDevice::provision(&prov, &ty, &id, &claim, serde_json::json!({})).await {
+                        Ok(r) if r.ok || r.pending => counts[1].fetch_add(1, Relaxed),
+                        Ok(_) => counts[2].fetch_add(1, Relaxed),
+                        Err(_) => 0,
+                    };
+                }
+            })
+        })
+        .collect();
+    // (The flood gets going first.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = acked_latencies(&dev, n).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let secs = started.elapsed().as_secs_f64();
+    for c in claimers {
+        let _ = c.await;
+    }
+    for ms in during {
+        println!("FLOOD {ms:.3}");
+    }
+    let c: Vec<u64> = counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    println!("CLAIMS {} {} {} {secs:.2}", c[0], c[1], c[2]);
+    dev.disconnect().await;
 }
 
 async fn mqtt_device(prov: &str, ops: &str, ty: &str, claim: &str, id: &str, serial: &str) -> bool {
@@ -149,7 +222,7 @@ fn run_child(args: String) -> (Vec<f64>, f64, usize) {
 
 async fn platform() {
     let n = env_or("TWINFLEET_BENCH_DEVICES", 10_000) as usize;
-    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "mqtt,grpc,approve".into());
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "mqtt,grpc,approve,flood".into());
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let dir = std::env::temp_dir().join(format!("twinfleet-provision-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -224,6 +297,79 @@ async fn platform() {
             m as f64 / secs
         );
     }
+    p.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if on("flood") {
+        flood_section().await;
+    }
+}
+
+/// Operational latency with and without a claim flood, on a platform with the default
+/// claim rate limits.
+async fn flood_section() {
+    let dir = std::env::temp_dir().join(format!("twinfleet-flood-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let token = common::meter_fleet(&p, &["op-0".to_string()]).await.remove(0);
+    let claim = device_type(&p, "flood", ProvisioningSpec { mode: Mode::SemiAutomatic, ..Default::default() }).await;
+    let cfg = MqttConfig {
+        operational: "127.0.0.1:0".parse().unwrap(),
+        provisioning: "127.0.0.1:0".parse().unwrap(),
+        ..MqttConfig::default()
+    };
+    let gw = MqttGateway::start(p.runtime().clone(), cfg).await.unwrap();
+    let (Endpoint::Listen(prov), Endpoint::Listen(ops)) = (gw.provisioning().clone(), gw.operational().clone()) else {
+        unreachable!()
+    };
+    let n = env_or("TWINFLEET_BENCH_FLOOD_MESSAGES", 2_000);
+    let args = format!("flood {prov} {ops} op-0 {token} flood {claim} {n}");
+    let out = actix_rt::task::spawn_blocking(move || {
+        let o = Command::new(std::env::current_exe().unwrap())
+            .env("TWINFLEET_PROVISION_DEVICES", args)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    })
+    .await
+    .unwrap();
+    let series = |tag: &str| {
+        let mut v: Vec<f64> =
+            out.lines().filter_map(|l| l.strip_prefix(tag)).filter_map(|x| x.trim().parse().ok()).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    };
+    let (base, during) = (series("BASE "), series("FLOOD "));
+    let claims: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CLAIMS "))
+        .map(|l| l.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    let [sent, admitted, limited, secs] = claims[..] else { panic!("flood child said nothing: {out}") };
+    println!();
+    println!("| operational QoS 1 publish → PUBACK | messages | cores | p50 | p99 | max | claim flood |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, v, flood) in [
+        ("alone", &base, "none".to_string()),
+        (
+            "during a claim flood",
+            &during,
+            format!(
+                "{:.0} claims/s sent by 200 claimers ({admitted:.0} admitted, {limited:.0} refused as rate-limited) over {secs:.1} s",
+                sent / secs
+            ),
+        ),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {flood} |",
+            v.len(),
+            cores(),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v.last().copied().unwrap_or(0.0)
+        );
+    }
+    gw.stop().await;
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

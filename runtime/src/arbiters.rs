@@ -50,3 +50,23 @@ impl ArbiterPool {
         }
     }
 }
+
+/// Lowers the calling thread's scheduling priority to nice `nice` (Linux: per thread;
+/// raising it back needs privileges). For threads whose work must yield to the twins
+/// and the operational gateways under load, such as the provisioning listener during a
+/// claim flood.
+#[allow(unsafe_code)]
+pub fn lower_thread_priority(nice: i32) -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take and return plain integers.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+        if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().to_string()) }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = nice;
+        Err("thread priorities are set on Linux only".into())
+    }
+}

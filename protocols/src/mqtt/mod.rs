@@ -99,6 +99,8 @@ pub struct MqttGateway {
     closing: watch::Sender<bool>,
     rt: TwinRuntime,
     arbiter: actix::ArbiterHandle,
+    /// The provisioning listener's thread, at a lower priority (see `start`).
+    claims_arbiter: Option<actix::ArbiterHandle>,
     stopped: Option<oneshot::Receiver<()>>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -152,6 +154,27 @@ impl MqttGateway {
         let (links_tx, links_rx) = oneshot::channel::<Option<Arc<MqttLinks>>>();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (stopped_tx, stopped) = oneshot::channel();
+        // The provisioning listener runs on a thread of its own at nice +10: a claim flood
+        // (accepts, CONNECT checks, claims) then gets only the CPU the operational
+        // sessions and the twins leave (the paper's reason for a separate provisioning
+        // gateway, section 7.2).
+        let claims_arbiter = match listeners.iter().position(|(_, k)| *k == ListenerKind::Provisioning) {
+            Some(i) => {
+                let (l, kind) = listeners.remove(i);
+                let a = actix::Arbiter::new();
+                let (gw, closing) = (gateway.clone(), closing_rx.clone());
+                a.spawn(async move {
+                    if let Err(e) = twinfleet_runtime::arbiters::lower_thread_priority(10) {
+                        tracing::info!("the provisioning listener keeps the normal priority: {e}");
+                    }
+                    if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                        gw.run(l, kind, closing).await;
+                    }
+                });
+                Some(a.handle())
+            }
+            None => None,
+        };
         let arbiter = actix::Arbiter::new();
         let (rt2, gw2) = (rt.clone(), gateway.clone());
         arbiter.spawn(async move {
@@ -182,6 +205,7 @@ impl MqttGateway {
             closing,
             rt,
             arbiter: arbiter.handle(),
+            claims_arbiter,
             stopped: Some(stopped),
             stop: Some(stop),
         })
@@ -209,6 +233,11 @@ impl MqttGateway {
             && tokio::time::timeout(std::time::Duration::from_secs(5), d).await.is_err()
         {
             self.arbiter.stop();
+        }
+        if let Some(a) = self.claims_arbiter.take() {
+            // (Its listener and connections end with `closing`; give them a moment.)
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            a.stop();
         }
     }
 }
