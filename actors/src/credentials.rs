@@ -129,6 +129,11 @@ impl Credentials {
         blake3::keyed_hash(&self.key, token.as_bytes())
     }
 
+    /// The keyed hash (hex) of a claim's proof, as a process record keeps it.
+    pub(crate) fn proof_hash(&self, proof: &str) -> String {
+        blake3::keyed_hash(&self.key, format!("proof\0{proof}").as_bytes()).to_hex().to_string()
+    }
+
     /// Issues a new token for `holder`, replacing any earlier one. Resolves once it is
     /// durable; the token is not stored and cannot be shown again.
     pub(crate) async fn issue(&self, holder: Holder<'_>, now: Timestamp) -> Result<String, TwinError> {
@@ -204,5 +209,49 @@ impl Credentials {
         };
         // blake3::Hash compares in constant time.
         if self.hash(token) == stored { Ok(()) } else { Err(AuthError::BadToken(holder.key())) }
+    }
+}
+
+/// A claim's proof: a secret the claiming device chooses (at least this many bytes) and
+/// sends only in its request. Provisioning binds the process to it and seals the
+/// device's token with it, so that a response another claimant can read (a shared
+/// claim account on an external broker) shows no usable token.
+pub const MIN_PROOF_LEN: usize = 16;
+
+fn proof_stream(proof: &str, len: usize) -> Vec<u8> {
+    let key = blake3::derive_key("twinfleet 2026 claim proof seal v1", proof.as_bytes());
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new_keyed(&key).finalize_xof().fill(&mut out);
+    out
+}
+
+/// `token` sealed with `proof` (hex): XOR with a keystream derived from the proof.
+pub fn seal_token(token: &str, proof: &str) -> String {
+    let stream = proof_stream(proof, token.len());
+    hex(&token.bytes().zip(stream).map(|(t, k)| t ^ k).collect::<Vec<u8>>())
+}
+
+/// The token in `sealed` (from [`seal_token`]), given the same proof.
+pub fn unseal_token(sealed: &str, proof: &str) -> Option<String> {
+    if !sealed.len().is_multiple_of(2) || !sealed.is_ascii() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..sealed.len()).step_by(2).map(|i| u8::from_str_radix(&sealed[i..i + 2], 16).ok()).collect();
+    let bytes = bytes?;
+    let stream = proof_stream(proof, bytes.len());
+    String::from_utf8(bytes.iter().zip(stream).map(|(b, k)| b ^ k).collect()).ok()
+}
+
+#[cfg(test)]
+mod seal_tests {
+    #[test]
+    fn a_sealed_token_opens_only_with_its_proof() {
+        let (t, p) = ("tfd_0123456789abcdef", "a proof of sixteen+ bytes");
+        let sealed = super::seal_token(t, p);
+        assert_ne!(sealed, super::hex(t.as_bytes()));
+        assert_eq!(super::unseal_token(&sealed, p).as_deref(), Some(t));
+        assert_ne!(super::unseal_token(&sealed, "another proof, also long").as_deref(), Some(t));
+        assert_eq!(super::unseal_token("zz", p), None);
     }
 }

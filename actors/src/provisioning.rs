@@ -60,6 +60,9 @@ struct ClaimRecord {
     /// claimed through).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gateway: Option<String>,
+    /// The keyed hash of the proof of the claim that started the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proof: Option<String>,
 }
 
 /// What a claim is answered.
@@ -144,7 +147,8 @@ impl TwinRuntime {
         metadata: Metadata,
     ) -> Result<ClaimAnswer, TwinError> {
         let cred = ClaimCredential { ty: self.device_type(ty)?, batch: None };
-        self.claim_from(&cred, device_id, identity, metadata, None).await
+        let claim = Claim { device_id: device_id.to_string(), identity, metadata, ..Claim::default() };
+        self.claim_from(&cred, claim).await
     }
 
     /// [`TwinRuntime::claim`] with checked claim credential `cred` (a type's or a batch's,
@@ -153,14 +157,9 @@ impl TwinRuntime {
     /// (`Settings::claims_per_credential`, `claims_per_source`) before anything else is
     /// done: a flood is refused cheaply (`TwinError::RateLimited`, counted
     /// `rate_limited`).
-    pub async fn claim_from(
-        &self,
-        cred: &ClaimCredential,
-        device_id: &str,
-        identity: Option<Identity>,
-        metadata: Metadata,
-        source: Option<std::net::IpAddr>,
-    ) -> Result<ClaimAnswer, TwinError> {
+    pub async fn claim_from(&self, cred: &ClaimCredential, claim: Claim) -> Result<ClaimAnswer, TwinError> {
+        let Claim { device_id, identity, metadata, proof, source } = claim;
+        let device_id = device_id.as_str();
         let now = self.env.clock.now();
         let settings = &self.env.settings;
         let limited = |what: String, retry_after_ms: u64| TwinError::RateLimited { what, retry_after_ms };
@@ -176,6 +175,16 @@ impl TwinRuntime {
             .admit(format!("cred/{name}"), &settings.claims_per_credential, now)
             .map_err(|ms| limited(format!("claims with the claim token of {name}"), ms))?;
         let ty = cred.ty.id().as_str();
+        if let Some(p) = &proof
+            && !(crate::credentials::MIN_PROOF_LEN..=256).contains(&p.len())
+        {
+            return Err(TwinError::Invalid(format!(
+                "a claim's proof has {} to 256 bytes, not {}",
+                crate::credentials::MIN_PROOF_LEN,
+                p.len()
+            )));
+        }
+        let proof_hash = proof.as_deref().map(|p| self.env.credentials.proof_hash(p));
         let device_id = TwinId::new(device_id)?;
         let identity = identity.unwrap_or_else(|| Identity { serial: device_id.to_string(), ..Identity::default() });
         identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
@@ -218,7 +227,15 @@ impl TwinRuntime {
             let waiting = self.env.claims.pending.contains(&key);
             let finished = rec.process.outcome(process).is_some() && rec.token.is_none();
             if same && finished && r.spec.reprovision != Reprovision::Refuse {
+                let mut rec = rec;
+                rec.proof = proof_hash;
                 return self.reprovision(&key, rec, &r, facts).await;
+            }
+            if rec.proof.is_some() && rec.proof != proof_hash {
+                return Err(TwinError::Conflict(format!(
+                    "serial {:?} of {ty} is being provisioned by the claimant that started it; this claim's proof is not its",
+                    identity.serial
+                )));
             }
             return if same || (waiting && rec.device_id == device_id) {
                 Ok(self.answer(&rec, process))
@@ -232,7 +249,8 @@ impl TwinRuntime {
             )));
         }
         let gateway = self.allocate_gateway(&r, &identity)?;
-        let new = NewClaim { device_id, identity, metadata, batch: registered.map(|reg| reg.batch), gateway };
+        let batch = registered.map(|reg| reg.batch);
+        let new = NewClaim { device_id, identity, metadata, batch, gateway, proof: proof_hash };
         self.start_claim(&key, &r, ty, new, facts, Actor::Device, "claim received").await
     }
 
@@ -265,7 +283,7 @@ impl TwinRuntime {
         actor: Actor,
         note: &str,
     ) -> Result<ClaimAnswer, TwinError> {
-        let NewClaim { device_id, identity, metadata, batch, gateway } = new;
+        let NewClaim { device_id, identity, metadata, batch, gateway, proof } = new;
         let process = &r.process;
         if let Ok(t) = self.twin(device_id.as_str()) {
             // Only the twin a crashed run of this very device made (same serial and MAC)
@@ -291,6 +309,7 @@ impl TwinRuntime {
             token: None,
             batch,
             gateway,
+            proof,
         };
         self.drive(key, &mut rec, process, decision.effects).await?;
         Ok(self.answer(&rec, process))
@@ -322,7 +341,8 @@ impl TwinRuntime {
         let registered = self.registration(ty, &identity.serial)?;
         let facts = claim_facts(&r, &identity.serial, registered.as_ref());
         let gateway = self.allocate_gateway(&r, &identity)?;
-        let new = NewClaim { device_id, identity, metadata, batch: registered.map(|reg| reg.batch), gateway };
+        let batch = registered.map(|reg| reg.batch);
+        let new = NewClaim { device_id, identity, metadata, batch, gateway, proof: None };
         self.start_claim(&key, &r, ty, new, facts, who, "registered by an operator").await
     }
 
@@ -685,6 +705,23 @@ struct NewClaim {
     metadata: Metadata,
     batch: Option<String>,
     gateway: Option<String>,
+    proof: Option<String>,
+}
+
+/// A device's claim, as a gateway received it.
+#[derive(Debug, Clone, Default)]
+pub struct Claim {
+    pub device_id: String,
+    /// Default: serial = the device id.
+    pub identity: Option<Identity>,
+    pub metadata: Metadata,
+    /// The claimant's secret (`credentials::MIN_PROOF_LEN` to 256 bytes), sent only in
+    /// its request: the process is bound to the first claim's proof (a later claim
+    /// must present it to be answered), and an edge whose answers others may read
+    /// seals the token with it (`credentials::seal_token`).
+    pub proof: Option<String>,
+    /// The device's address, where the gateway knows it.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// The facts of a claim by `serial`: pre-registered by the type's allow-list or a batch,

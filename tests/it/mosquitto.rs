@@ -378,14 +378,50 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
 
     // Provisioning through the broker: the claim token becomes the type's claim account;
     // the device claims, gets its token, and that token is a working broker login.
+    // Every claimant of the type shares that account, so another one may read all of the
+    // type's responses: a spy subscribed to them sees the answer, but only sealed with
+    // the claimant's proof.
     let claim = p.issue_claim_token("valve").await.unwrap();
     let addr = format!("127.0.0.1:{port}");
     let resp = eventually("the claim account exists", || async {
-        twinfleet_protocols::mqtt::MqttDevice::provision(&addr, "valve", "x-new", &claim, json!({})).await.ok()
+        let r = twinfleet_protocols::mqtt::MqttDevice::provision(&addr, "valve", "x-none", &claim, json!({})).await;
+        r.ok().filter(|r| r.error.as_deref().is_some_and(|e| e.contains("proof")))
     })
     .await;
+    assert!(!resp.ok && resp.token.is_none(), "a claim without a proof is refused through the broker: {resp:?}");
+    let spy = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", "spy", "-u", "valve", "-P", &claim])
+        .args(["-q", "1", "-t", "provisioning/valve/+/response", "-C", "1", "-W", "60", "-v"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // (The spy is subscribed once a message it may read reaches it: keep claiming.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let proof = "x-new's own secret, 32 bytes long";
+    let identity = json!({"serial": "x-new", "mac": "0e"});
+    let resp =
+        twinfleet_protocols::mqtt::MqttDevice::provision_with_proof(&addr, "valve", "x-new", &claim, identity, proof)
+            .await
+            .unwrap();
     assert!(resp.ok, "{resp:?}");
-    let new_token = resp.token.unwrap();
+    let new_token = resp.token.clone().unwrap();
+    let seen = actix_rt::task::spawn_blocking(move || spy.wait_with_output().unwrap()).await.unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout).to_string();
+    assert!(seen.contains("provisioning/valve/x-new/response") && seen.contains("sealed_token"), "{seen}");
+    assert!(!seen.contains(&new_token), "the spy saw the plain token: {seen}");
+    // Claiming the same serial again with another proof is refused: the spy cannot
+    // take over the process either.
+    let stolen = twinfleet_protocols::mqtt::MqttDevice::provision_with_proof(
+        &addr,
+        "valve",
+        "x-new",
+        &claim,
+        json!({"serial": "x-new", "mac": "0e"}),
+        "the spy's guess, also 32 bytes!!",
+    )
+    .await
+    .unwrap();
+    assert!(!stolen.ok && stolen.token.is_none() && stolen.sealed_token.is_none(), "{stolen:?}");
     login(port, "x-new", &new_token, true).await;
     eventually("the provisioned device is operational", || async {
         (p.runtime().claim_view("valve", "x-new").unwrap().outcome.as_deref() == Some("operational")).then_some(())

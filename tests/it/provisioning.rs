@@ -617,3 +617,39 @@ async fn the_gateway_manager_allocates_by_region_and_refuses_an_unknown_region()
     gateway.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_claim_with_a_proof_is_bound_to_it_and_its_token_comes_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    let claim =
+        device_type(&p, "probe", ProvisioningSpec { allow_list: vec!["P-1".into()], ..Default::default() }).await;
+    let mqtt = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let (prov, ops) = (addr(mqtt.provisioning()), addr(mqtt.operational()));
+    let id = json!({"serial": "P-1", "mac": "0p"});
+    let proof = "the device's own secret of 32 b";
+    let r = MqttDevice::provision_with_proof(&prov, "probe", "p-1", &claim, id.clone(), proof).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    let sealed = r.sealed_token.clone().unwrap();
+    let token = r.token.clone().unwrap();
+    assert!(token.starts_with("tfd_") && !sealed.contains(&token[4..]), "{r:?}");
+    // The same device (same proof) gets the same answer; anyone else is refused, even
+    // with the right serial and MAC, and without a proof too.
+    let again = MqttDevice::provision_with_proof(&prov, "probe", "p-1", &claim, id.clone(), proof).await.unwrap();
+    assert_eq!(again.token.as_deref(), Some(token.as_str()));
+    let other = "somebody else's secret, 32 bytes";
+    let r = MqttDevice::provision_with_proof(&prov, "probe", "p-1", &claim, id.clone(), other).await.unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("proof"), "{r:?}");
+    let r = MqttDevice::provision_as(&prov, "probe", "p-1", &claim, id.clone()).await.unwrap();
+    assert!(!r.ok && r.token.is_none(), "{r:?}");
+    let r = MqttDevice::provision_with_proof(&prov, "probe", "p-1", &claim, id, "short").await.unwrap();
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("16 to 256"), "{r:?}");
+    let dev = MqttDevice::connect(&ops, "p-1", &token).await.unwrap();
+    eventually("p-1 is operational", || async {
+        (p.runtime().claim_view("probe", "P-1").unwrap().outcome.as_deref() == Some("operational")).then_some(())
+    })
+    .await;
+    dev.disconnect().await;
+    mqtt.stop().await;
+    p.shutdown().await;
+}

@@ -279,7 +279,9 @@ impl pb::provisioning_server::Provisioning for Gateway {
             peripherals: i.peripherals,
             region: i.region,
         });
-        let reply = match self.rt.claim_from(&cred, &msg.device_id, identity, Default::default(), source).await {
+        let claim =
+            twinfleet_actors::Claim { device_id: msg.device_id.clone(), identity, source, ..Default::default() };
+        let reply = match self.rt.claim_from(&cred, claim).await {
             Ok(twinfleet_actors::ClaimAnswer::Credentials { device_id, token, state, gateway }) => pb::ClaimReply {
                 status: S::Credentials as i32,
                 device_id: device_id.to_string(),

@@ -232,6 +232,22 @@ impl MqttDevice {
         Self::claim_as(addr, ty, &format!("{ty}/{batch}"), id, claim_token, request).await
     }
 
+    /// Like [`MqttDevice::provision_as`], with `proof`: a secret of at least 16 bytes the
+    /// device keeps (across its own restarts) until it is operational. Its process is
+    /// bound to it, and the answer's token comes sealed with it (unsealed here), so no
+    /// other claimant can use it. Required through an external broker.
+    pub async fn provision_with_proof(
+        addr: &str,
+        ty: &str,
+        id: &str,
+        claim_token: &str,
+        identity: Value,
+        proof: &str,
+    ) -> Result<ProvisionResponse, MqttDeviceError> {
+        let request = json!({ "claim_token": claim_token, "identity": identity, "proof": proof });
+        Self::claim(addr, ty, id, claim_token, request).await
+    }
+
     async fn claim(
         addr: &str,
         ty: &str,
@@ -251,6 +267,7 @@ impl MqttDevice {
         request: Value,
     ) -> Result<ProvisionResponse, MqttDeviceError> {
         let (client, mut events) = AsyncClient::new(options(id, addr, username, claim_token, true)?, 16);
+        let proof = request.get("proof").and_then(Value::as_str).map(str::to_string);
         let request = request.to_string();
         let (req_topic, resp_topic) = (topics::provisioning_request(ty, id), topics::provisioning_response(ty, id));
         let run = async {
@@ -269,8 +286,14 @@ impl MqttDevice {
                             .map_err(|e| MqttDeviceError::Client(e.to_string()))?;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == resp_topic => {
-                        return serde_json::from_slice::<ProvisionResponse>(&p.payload)
-                            .map_err(|e| MqttDeviceError::Client(format!("bad provisioning response: {e}")));
+                        let mut r = serde_json::from_slice::<ProvisionResponse>(&p.payload)
+                            .map_err(|e| MqttDeviceError::Client(format!("bad provisioning response: {e}")))?;
+                        if let (Some(sealed), Some(proof)) = (&r.sealed_token, proof.as_deref()) {
+                            r.token = Some(twinfleet_actors::unseal_token(sealed, proof).ok_or_else(|| {
+                                MqttDeviceError::Client("the sealed token does not open with our proof".into())
+                            })?);
+                        }
+                        return Ok(r);
                     }
                     Ok(_) => {}
                     Err(e) => return Err(MqttDeviceError::Refused(e.to_string())),
@@ -289,9 +312,13 @@ pub struct ProvisionResponse {
     pub ok: bool,
     #[serde(default)]
     pub device_id: Option<String>,
-    /// The device token, shown this once.
+    /// The device token, shown this once (unsealed from `sealed_token` by
+    /// [`MqttDevice::provision_with_proof`]).
     #[serde(default)]
     pub token: Option<String>,
+    /// The token sealed with the claim's proof (`twinfleet_actors::seal_token`).
+    #[serde(default)]
+    pub sealed_token: Option<String>,
     /// Where to connect as an operational device.
     #[serde(default)]
     pub operational: Option<String>,

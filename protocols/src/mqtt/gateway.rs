@@ -132,7 +132,7 @@ enum End {
 impl Gateway {
     pub fn new(rt: TwinRuntime, operational: String, max_payload: usize, max_connections: usize) -> Arc<Self> {
         Arc::new(Gateway {
-            ingest: Ingest { rt, operational },
+            ingest: Ingest { rt, operational, require_proof: false },
             max_payload,
             max_connections,
             conns: DashMap::new(),

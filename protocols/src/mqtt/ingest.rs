@@ -99,6 +99,11 @@ struct ProvisionMsg {
     /// connection's username names, else the type's own token).
     #[serde(default)]
     batch: Option<String>,
+    /// A secret of at least 16 bytes that only this device knows: binds its process to
+    /// it, and the answer carries the token sealed with it (`sealed_token`). Required
+    /// through an external broker.
+    #[serde(default)]
+    proof: Option<String>,
     #[serde(default)]
     metadata: Metadata,
     /// Serial, MAC, model, firmware, OS, architecture, peripherals, region (default:
@@ -144,6 +149,8 @@ pub(crate) struct Ingest {
     pub rt: TwinRuntime,
     /// Where provisioned devices are told to connect.
     pub operational: String,
+    /// Claims must carry a proof (their answers may be read by other claimants).
+    pub require_proof: bool,
 }
 
 impl Ingest {
@@ -238,7 +245,14 @@ impl Ingest {
         payload: &[u8],
         source: Option<std::net::IpAddr>,
     ) -> (Value, Result<(), Refused>) {
-        let result = self.try_provision(ty, id, batch, payload, source).await;
+        let mut proof = None;
+        let result = match parse::<ProvisionMsg>(payload, "provisioning request") {
+            Ok(msg) => {
+                proof = msg.proof.clone();
+                self.try_provision(ty, id, batch, msg, source).await
+            }
+            Err(r) => Err(r),
+        };
         let body = match &result {
             Ok(ClaimAnswer::Credentials { device_id, token, state, gateway }) => {
                 let (operational, name) = match gateway.as_ref().filter(|g| !g.mqtt.is_empty()) {
@@ -246,8 +260,12 @@ impl Ingest {
                     None => (self.operational.as_str(), None),
                 };
                 let mut body = serde_json::json!({
-                    "ok": true, "device_id": device_id, "token": token, "operational": operational, "state": state,
+                    "ok": true, "device_id": device_id, "operational": operational, "state": state,
                 });
+                match &proof {
+                    Some(p) => body["sealed_token"] = twinfleet_actors::seal_token(token, p).into(),
+                    None => body["token"] = token.as_str().into(),
+                }
                 if let Some(name) = name {
                     body["gateway"] = name.into();
                 }
@@ -276,10 +294,9 @@ impl Ingest {
         ty: &str,
         id: &str,
         batch: Option<&str>,
-        payload: &[u8],
+        msg: ProvisionMsg,
         source: Option<std::net::IpAddr>,
     ) -> Result<ClaimAnswer, Refused> {
-        let msg: ProvisionMsg = parse(payload, "provisioning request")?;
         let credential = match msg.batch.as_deref().or(batch) {
             Some(b) => format!("{ty}/{b}"),
             None => ty.to_string(),
@@ -288,7 +305,24 @@ impl Ingest {
             .rt
             .authenticate_claim(&credential, &msg.claim_token)
             .map_err(|e| Refused::new(e.reason(), format!("provisioning {id} as {credential}: {e}")))?;
-        match self.rt.claim_from(&cred, id, msg.identity, msg.metadata, source).await {
+        if self.require_proof && msg.proof.is_none() {
+            return Err(Refused::new(
+                "malformed",
+                format!(
+                    "provisioning {id}: a claim through the broker carries a `proof` (a secret of at least \
+                     {} bytes), since other claimants of {ty} may read its answer",
+                    twinfleet_actors::MIN_PROOF_LEN
+                ),
+            ));
+        }
+        let claim = twinfleet_actors::Claim {
+            device_id: id.to_string(),
+            identity: msg.identity,
+            metadata: msg.metadata,
+            proof: msg.proof,
+            source,
+        };
+        match self.rt.claim_from(&cred, claim).await {
             Ok(a) => Ok(a),
             Err(TwinError::AlreadyExists { .. }) => Err(Refused::new(
                 "already_provisioned",

@@ -230,7 +230,9 @@ impl Transformer {
         let out_connected = Arc::new(AtomicBool::new(false));
         let links = Arc::new(MqttLinks { out: out.clone(), connected: out_connected.clone() });
         let shared_rt = rt.clone();
-        let shared = Ingest { rt, operational: spec.operational.clone() };
+        // (On a broker, every claimant of a type shares the claim account, which may read
+        // every response of the type: claims must carry a proof to seal their token.)
+        let shared = Ingest { rt, operational: spec.operational.clone(), require_proof: true };
         let core = Arc::new(Core { ingest: shared, spec: spec.clone(), out });
         let (closing, closing_rx) = watch::channel(false);
         let broker = spec.broker.to_string();
