@@ -59,8 +59,7 @@ impl TwinRuntime {
     ) -> Result<(BatchView, String), TwinError> {
         spec.validate().map_err(TwinError::Invalid)?;
         let ty = self.device_type(ty)?.id().to_string();
-        let lock = self.env.claims.lock(IMPORT_LOCK);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(IMPORT_LOCK).await;
         let key = claim_key(&ty, &spec.name);
         if self.env.storage.get(spaces::BATCH, key.as_bytes())?.is_some() {
             return Err(TwinError::AlreadyExists { kind: "batch", id: format!("{ty}/{}", spec.name) });
@@ -126,8 +125,7 @@ impl TwinRuntime {
     /// already started go on; provisioned devices keep their twins.
     pub async fn delete_batch(&self, ty: &str, name: &str) -> Result<BatchView, TwinError> {
         let view = self.batch(ty, name)?;
-        let lock = self.env.claims.lock(IMPORT_LOCK);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(IMPORT_LOCK).await;
         let credential = format!("{ty}/{name}");
         let mut b = WriteBatch::new();
         b.delete(spaces::BATCH, claim_key(ty, name).as_str());

@@ -55,9 +55,29 @@ pub(crate) struct Claims {
 /// grow the map without bound).
 const MAX_BUCKETS: usize = 100_000;
 
+/// One input's turn at a process (`Claims::turn`). Dropped, it forgets the process's
+/// lock if nobody else holds or waits for it, so the map holds only processes in use.
+pub(crate) struct Turn<'a> {
+    locks: &'a DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // (Under the shard's lock, as every `turn` takes its clone: a count of 1 means
+        // only the map holds it.)
+        self.locks.remove_if(&self.key, |_, m| Arc::strong_count(m) == 1);
+    }
+}
+
 impl Claims {
-    pub fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.entry(key.to_string()).or_default().clone()
+    /// Waits for the turn at process `key`.
+    pub async fn turn(&self, key: &str) -> Turn<'_> {
+        let lock = self.locks.entry(key.to_string()).or_default().clone();
+        let guard = lock.lock_owned().await;
+        Turn { locks: &self.locks, key: key.to_string(), guard: Some(guard) }
     }
 
     /// Takes a token of `key`'s bucket, or says in how many ms one comes.
@@ -71,5 +91,29 @@ impl Claims {
             self.rates.clear();
         }
         self.rates.entry(key).or_insert_with(|| twinfleet_models::Bucket::full(limit, now)).take(limit, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_process_lock_is_forgotten_once_nobody_holds_or_waits_for_it() {
+        let c = Arc::new(Claims::default());
+        let first = c.turn("a").await;
+        let (c2, entered) = (c.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let e2 = entered.clone();
+        let waiter = tokio::spawn(async move {
+            let _t = c2.turn("a").await;
+            e2.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        tokio::task::yield_now().await;
+        assert!(!entered.load(std::sync::atomic::Ordering::SeqCst), "inputs take turns");
+        drop(first);
+        assert_eq!(c.locks.len(), 1, "kept while someone waits");
+        waiter.await.unwrap();
+        assert!(entered.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(c.locks.is_empty(), "forgotten once unused");
     }
 }

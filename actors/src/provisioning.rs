@@ -212,8 +212,7 @@ impl TwinRuntime {
         let facts = claim_facts(&r, &identity.serial, registered.as_ref());
         let process = &r.process;
         let key = claim_key(ty, &identity.serial);
-        let lock = self.env.claims.lock(&key);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(&key).await;
         if let Some(rec) = self.load_claim(&key)? {
             let same = !identity.mac.is_empty() && rec.identity.mac == identity.mac && rec.device_id == device_id;
             if !identity.mac.is_empty() && !rec.identity.mac.is_empty() && rec.identity.mac != identity.mac {
@@ -332,8 +331,7 @@ impl TwinRuntime {
         identity.validate().map_err(|e| TwinError::Invalid(format!("identity: {e}")))?;
         let r = rules(self, ty)?;
         let key = claim_key(ty, &identity.serial);
-        let lock = self.env.claims.lock(&key);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(&key).await;
         if self.load_claim(&key)?.is_some() {
             return Err(TwinError::AlreadyExists { kind: "provisioned device", id: identity.serial });
         }
@@ -580,8 +578,7 @@ impl TwinRuntime {
     }
 
     async fn claim_deadline(&self, key: &str, epoch: usize, attempt: u32) -> Result<(), TwinError> {
-        let lock = self.env.claims.lock(key);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(key).await;
         let Some(mut rec) = self.load_claim(key)? else { return Ok(()) };
         if rec.process.log.len() != epoch {
             return Ok(()); // the state it was armed for is over
@@ -598,8 +595,7 @@ impl TwinRuntime {
 
     /// Feeds an operator's or the device's input to the process of `key`.
     async fn feed_claim(&self, key: &str, input: Input, actor: Actor, note: &str) -> Result<ClaimView, TwinError> {
-        let lock = self.env.claims.lock(key);
-        let _turn = lock.lock().await;
+        let _turn = self.env.claims.turn(key).await;
         let mut rec = self
             .load_claim(key)?
             .ok_or_else(|| TwinError::NotFound(format!("provisioning of {}", key.replace('\0', "/"))))?;
@@ -682,8 +678,7 @@ impl TwinRuntime {
         }
         let mut resumed = 0;
         for key in keys {
-            let lock = self.env.claims.lock(&key);
-            let _turn = lock.lock().await;
+            let _turn = self.env.claims.turn(&key).await;
             let Some(mut rec) = self.load_claim(&key)? else { continue };
             let Ok(r) = rules(self, rec.device_type.as_str()) else { continue };
             let process = &r.process;
