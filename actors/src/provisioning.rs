@@ -130,9 +130,15 @@ impl TwinRuntime {
         }
     }
 
-    async fn store_claim(&self, key: &str, rec: &ClaimRecord) -> Result<(), TwinError> {
+    async fn store_claim(&self, key: &str, rec: &ClaimRecord, process: &ProcessSpec) -> Result<(), TwinError> {
         let mut b = WriteBatch::new();
         b.put(spaces::PROVISIONING, key, encode_record(rec));
+        // (The index of unfinished processes, which a start reads, moves with it.)
+        if rec.process.outcome(process).is_some() {
+            b.delete(spaces::PROVISIONING_OPEN, key);
+        } else {
+            b.put(spaces::PROVISIONING_OPEN, key, Vec::new());
+        }
         self.env.storage.submit(b).await?;
         Ok(())
     }
@@ -443,7 +449,7 @@ impl TwinRuntime {
         // One write for the whole run, once the process waits or ends, before anyone is
         // answered. (A crash before it resumes from the state stored last; its steps run
         // again: the twin made for this serial is recognised, a token issued again.)
-        self.store_claim(key, rec).await?;
+        self.store_claim(key, rec, process).await?;
         // Leaving a waiting state: no longer listed.
         let waits_for_human =
             rec.process.state_spec(process).is_some_and(|s| s.step == Some(Step::AwaitApproval) || s.human);
@@ -505,6 +511,7 @@ impl TwinRuntime {
                 let before = rec.token.replace(token.clone());
                 let mut also = std::mem::take(&mut prepared.batch);
                 also.put(spaces::PROVISIONING, key, encode_record(&*rec));
+                also.put(spaces::PROVISIONING_OPEN, key, Vec::new());
                 let created = match self.device_type(rec.device_type.as_str()) {
                     Ok(h) => h.spawn_fleet_with(vec![spec], also).await.map(drop),
                     Err(e) => Err(e),
@@ -671,9 +678,13 @@ impl TwinRuntime {
 
     /// After a restart: every unfinished process resumes (its step runs again, its
     /// deadline is re-armed, waiting lists are rebuilt).
+    /// Only the index of unfinished processes is read; a data directory of before the
+    /// index is scanned whole once, which writes it.
     pub(crate) async fn resume_claims(&self) -> Result<usize, TwinError> {
+        let indexed = self.env.storage.get(spaces::META, OPEN_INDEX)?.is_some();
+        let space = if indexed { spaces::PROVISIONING_OPEN } else { spaces::PROVISIONING };
         let mut keys = Vec::new();
-        for row in self.env.storage.scan(spaces::PROVISIONING, b"") {
+        for row in self.env.storage.scan(space, b"") {
             keys.push(String::from_utf8_lossy(&row?.0).to_string());
         }
         let mut resumed = 0;
@@ -689,9 +700,17 @@ impl TwinRuntime {
             self.drive(&key, &mut rec, process, effects).await?;
             resumed += 1;
         }
+        if !indexed {
+            let mut b = WriteBatch::new();
+            b.put(spaces::META, OPEN_INDEX, Vec::new());
+            self.env.storage.submit(b).await?;
+        }
         Ok(resumed)
     }
 }
+
+/// `META` key: `spaces::PROVISIONING_OPEN` is complete in this data directory.
+const OPEN_INDEX: &[u8] = b"provisioning-open-index";
 
 /// What a new process starts with.
 struct NewClaim {

@@ -54,3 +54,8 @@ pub const BATCH: Space = Space(18);
 /// Pre-registered devices: key = device type, 0x00, serial; value = its batch and the
 /// identity announced for it.
 pub const REGISTRATION: Space = Space(19);
+/// Provisioning processes not finished yet: key = device type, 0x00, serial (as in
+/// `PROVISIONING`); empty value. Written and deleted with the process record, so a start
+/// reads only these (`META` `provisioning-open-index` marks a data directory where it
+/// is complete).
+pub const PROVISIONING_OPEN: Space = Space(20);
