@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub enum Severity {
     Info,
     Warning,
+    /// (Minor and major: the middle of ThingsBoard's five severities, for rules.)
+    Minor,
+    Major,
     Critical,
 }
 

@@ -21,6 +21,7 @@ pub mod log;
 pub mod policy;
 pub mod provisioning;
 pub mod retention;
+pub mod rules;
 pub mod series;
 pub mod telemetry;
 pub mod time;

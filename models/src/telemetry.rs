@@ -59,7 +59,7 @@ impl TelemetryError {
     }
 }
 
-fn metric_name_ok(name: &str) -> bool {
+pub(crate) fn metric_name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
