@@ -11,12 +11,14 @@
 //!   clears), and separate clear conditions (hysteresis): `clear_below` for `above`,
 //!   `clear_above` for `below`, `clear_margin` for ranges, `clear_per_s` for rates, `clear`
 //!   for expressions.
-//! - **Layers** (`effective_rules`): a rule set is a map of rule id → rule object. The
-//!   device type's (TDTA) comes first, then its DTAs' in priority order (ties by DTA id),
-//!   then the twin's (DTI). A later layer's object is a JSON merge patch on the rule of
-//!   that id: it may replace the whole rule, change one field (`{"above": 90}`),
-//!   disable it (`{"disabled": true}`: kept and shown, not evaluated) or remove it
-//!   (`null`). A patch for an id that no earlier layer defines must be a whole rule.
+//! - **Layers** (`effective_rules`): rules are configuration, under the key `rules`
+//!   (rule id → rule object) of the device type's defaults (TDTA), the DTAs' layers (by
+//!   priority) and the twin's overrides (DTI), resolved by the same layering. A later
+//!   layer's object is a JSON merge patch on the rule of that id: it may change one field
+//!   (`{"above": 90}`), disable the rule (`{"disabled": true}`: kept and shown, not
+//!   evaluated) or remove it (`null`). A patch for an id that no earlier layer defines
+//!   must be a whole rule (with `kind`); a rule of another kind under the same id is
+//!   made by removing the old fields too (`null` each), or under a new id.
 //! - **Lifecycle** (`RuleState::step`): ok → pending (condition holds, waiting out `for`)
 //!   → firing (alert raised) → clearing (clear condition holds, waiting out `clear_for`)
 //!   → ok (alert cleared). A step is pure: it takes the new points and log lines (or
@@ -28,6 +30,7 @@
 pub mod expr;
 
 use crate::alert::Severity;
+use crate::config::{LayerRef, LayerSource};
 use crate::log::{LogLevel, LogLine};
 use crate::telemetry::MetricPoint;
 use crate::time::Timestamp;
@@ -358,21 +361,22 @@ fn known(m: &str, metrics: Option<&[String]>) -> Result<(), String> {
     }
 }
 
-/// Where an effective rule's last word came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "layer")]
-pub enum RuleSource {
-    DeviceType,
-    Dta { dta: String, priority: i32 },
-    Twin,
-}
+/// The configuration key that holds rules, in a device type's defaults, a DTA's layers
+/// and a twin's overrides: rules are layered exactly like configuration.
+pub const RULES_KEY: &str = "rules";
 
-/// A layer's rules: rule id → whole rule, patch or `null`.
+/// A layer's rules: rule id → rule object, patch or `null`.
 pub type RuleLayer = Map<String, Value>;
 
-/// Checks one layer alone: ids, whole rules (with `kind`) in full, patches for their
-/// keys and durations. `metrics`: the type's declared metrics, if any.
-pub fn validate_layer(layer: &RuleLayer, metrics: Option<&[String]>) -> Result<(), RuleError> {
+/// Checks one layer's `rules` value alone: ids, whole rules (with `kind`) in full,
+/// patches for their keys and durations. `metrics`: the type's declared metrics, if any.
+pub fn validate_layer(rules: &Value, metrics: Option<&[String]>) -> Result<(), RuleError> {
+    let Some(layer) = rules.as_object() else {
+        return Err(RuleError {
+            rule: String::new(),
+            problem: format!("`rules` is an object of rule id → rule, not {rules}"),
+        });
+    };
     if layer.len() > MAX_RULES_PER_LAYER {
         return Err(RuleError {
             rule: String::new(),
@@ -408,60 +412,51 @@ pub fn validate_layer(layer: &RuleLayer, metrics: Option<&[String]>) -> Result<(
     Ok(())
 }
 
-/// One DTA's layer and its priority.
-#[derive(Debug, Clone, Copy)]
-pub struct DtaRules<'a> {
-    pub dta: &'a str,
-    pub priority: i32,
-    pub rules: &'a RuleLayer,
-}
-
-/// A twin's effective rules: each with the layer that had the last word, and the rules
+/// A twin's effective rules: each with the layer that touched it last, and the rules
 /// that do not resolve (e.g. a patch with no rule beneath it) with why.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Effective {
-    pub rules: Vec<(Rule, RuleSource)>,
+    pub rules: Vec<(Rule, LayerSource)>,
     pub errors: Vec<RuleError>,
 }
 
-/// Resolves TDTA < DTAs (by priority, then DTA id) < DTI.
-pub fn effective_rules(
-    device_type: &RuleLayer,
-    dtas: &[DtaRules<'_>],
-    twin: &RuleLayer,
+/// Resolves the `rules` of the type's defaults < the DTA layers (by priority, DTA id,
+/// layer name; a layer reached twice counts once) < the twin's overrides, as
+/// `config::effective_config` does: each rule's object is merge-patched by every later
+/// layer that names it.
+pub fn effective_rules<'a>(
+    defaults: &Map<String, Value>,
+    layers: impl IntoIterator<Item = &'a LayerRef>,
+    overrides: &Map<String, Value>,
     metrics: Option<&[String]>,
 ) -> Effective {
-    let mut merged: BTreeMap<String, (Value, RuleSource)> = BTreeMap::new();
-    let mut apply = |layer: &RuleLayer, source: RuleSource| {
+    let mut ordered: Vec<&LayerRef> = layers.into_iter().collect();
+    ordered.sort_by(|a, b| (a.priority, &a.dta, &a.name).cmp(&(b.priority, &b.dta, &b.name)));
+    ordered.dedup_by(|a, b| a.dta == b.dta && a.name == b.name);
+    let mut merged: BTreeMap<String, (Map<String, Value>, LayerSource)> = BTreeMap::new();
+    let mut apply = |values: &Map<String, Value>, source: LayerSource| {
+        let Some(Value::Object(layer)) = values.get(RULES_KEY) else { return };
         for (id, patch) in layer {
             match patch {
-                Value::Null => {
-                    merged.remove(id);
-                }
                 Value::Object(p) => {
-                    let entry = merged.entry(id.clone()).or_insert_with(|| (Value::Object(Map::new()), source.clone()));
-                    if p.contains_key("kind") {
-                        // A whole rule replaces whatever was there.
-                        entry.0 = Value::Object(p.clone());
-                    } else if let Value::Object(target) = &mut entry.0 {
-                        crate::config::merge_patch(target, p);
-                    }
+                    let entry = merged.entry(id.clone()).or_insert_with(|| (Map::new(), source.clone()));
+                    crate::config::merge_patch(&mut entry.0, p);
                     entry.1 = source.clone();
                 }
-                _ => {}
+                _ => {
+                    merged.remove(id);
+                }
             }
         }
     };
-    apply(device_type, RuleSource::DeviceType);
-    let mut ordered: Vec<&DtaRules<'_>> = dtas.iter().collect();
-    ordered.sort_by(|a, b| (a.priority, a.dta).cmp(&(b.priority, b.dta)));
-    for d in ordered {
-        apply(d.rules, RuleSource::Dta { dta: d.dta.to_string(), priority: d.priority });
+    apply(defaults, LayerSource::TypeDefaults);
+    for l in ordered {
+        apply(&l.values, LayerSource::Dta { dta: l.dta.clone(), layer: l.name.to_string(), priority: l.priority });
     }
-    apply(twin, RuleSource::Twin);
+    apply(overrides, LayerSource::TwinOverride);
     let mut out = Effective::default();
     for (id, (v, source)) in merged {
-        match Rule::from_value(&id, &v, metrics) {
+        match Rule::from_value(&id, &Value::Object(v), metrics) {
             Ok(r) => out.rules.push((r, source)),
             Err(e) => out.errors.push(e),
         }

@@ -38,14 +38,27 @@ fn kinds(effects: &[RuleEffect]) -> Vec<&'static str> {
         .collect()
 }
 
+fn with_rules(v: Value) -> Map<String, Value> {
+    layer(json!({ "rules": v }))
+}
+
+fn dta(id: &str, priority: i32, rules: Value) -> LayerRef {
+    LayerRef {
+        dta: crate::ids::DtaId::new(id).unwrap(),
+        name: std::sync::Arc::from("monitoring"),
+        priority,
+        values: std::sync::Arc::new(with_rules(rules)),
+    }
+}
+
 #[test]
 fn a_type_threshold_is_overridden_by_a_dta_and_disabled_by_a_twin() {
-    let ty = layer(json!({"hot": {"kind": "threshold", "metric": "temp", "above": 80, "severity": "major"},
-                          "quiet": {"kind": "offline"}}));
-    let low = layer(json!({"hot": {"above": 85}}));
-    let high = layer(json!({"hot": {"above": 90, "for": "30s"}}));
-    let dtas =
-        [DtaRules { dta: "b-high", priority: 10, rules: &high }, DtaRules { dta: "a-low", priority: 1, rules: &low }];
+    let ty = with_rules(json!({"hot": {"kind": "threshold", "metric": "temp", "above": 80, "severity": "major"},
+                               "quiet": {"kind": "offline"}}));
+    let dtas = [
+        dta("b-high", 10, json!({"hot": {"above": 90, "for": "30s"}})),
+        dta("a-low", 1, json!({"hot": {"above": 85}})),
+    ];
     let e = effective_rules(&ty, &dtas, &Map::new(), None);
     assert!(e.errors.is_empty(), "{:?}", e.errors);
     let (hot, source) = e.rules.iter().find(|(r, _)| r.id == "hot").unwrap();
@@ -54,23 +67,23 @@ fn a_type_threshold_is_overridden_by_a_dta_and_disabled_by_a_twin() {
         Condition::Threshold { metric: "temp".into(), bound: Bound::Above { limit: 90.0, clear_below: 90.0 } }
     );
     assert_eq!((hot.for_ms, hot.severity), (30_000, Severity::Major), "the patch keeps what it does not name");
-    assert_eq!(
-        *source,
-        RuleSource::Dta { dta: "b-high".into(), priority: 10 },
+    assert!(
+        matches!(source, LayerSource::Dta { dta, priority: 10, .. } if dta.as_str() == "b-high"),
         "the higher priority has the last word"
     );
     let quiet = &e.rules.iter().find(|(r, _)| r.id == "quiet").unwrap().0;
     assert_eq!(quiet.condition, Condition::Offline { after_ms: DEFAULT_OFFLINE_MS });
 
     // The twin disables one, removes the other, and adds its own.
-    let twin = layer(
+    let twin = with_rules(
         json!({"hot": {"disabled": true}, "quiet": null, "mine": {"kind": "staleness", "metric": "temp", "after": "5m"}}),
     );
     let e = effective_rules(&ty, &dtas, &twin, None);
     let ids: Vec<(&str, bool)> = e.rules.iter().map(|(r, _)| (r.id.as_str(), r.disabled)).collect();
     assert_eq!(ids, [("hot", true), ("mine", false)]);
+    assert_eq!(e.rules[0].1, LayerSource::TwinOverride);
     // A patch with nothing beneath it does not resolve, and says so.
-    let e = effective_rules(&Map::new(), &[], &layer(json!({"ghost": {"above": 1}})), None);
+    let e = effective_rules(&Map::new(), &[], &with_rules(json!({"ghost": {"above": 1}})), None);
     assert!(e.rules.is_empty() && e.errors[0].rule == "ghost" && e.errors[0].problem.contains("no `kind`"), "{e:?}");
 }
 
@@ -247,8 +260,9 @@ fn a_malformed_rule_is_refused_naming_the_problem() {
         assert!(e.to_string().contains(says), "{v}: {e}");
     }
     // A layer is checked alone: whole rules in full, patches by their keys.
-    let ok = layer(json!({"a": {"kind": "offline", "after": "1m"}, "b": {"above": 3, "for": "10s"}, "c": null}));
+    let ok = json!({"a": {"kind": "offline", "after": "1m"}, "b": {"above": 3, "for": "10s"}, "c": null});
     assert_eq!(validate_layer(&ok, None), Ok(()));
+    assert!(validate_layer(&json!([1]), None).unwrap_err().to_string().contains("is an object"));
     for (v, says) in [
         (json!({"b": {"for": "soon"}}), "bad duration"),
         (json!({"b": {"colour": "red"}}), "unknown field `colour`"),
@@ -256,7 +270,7 @@ fn a_malformed_rule_is_refused_naming_the_problem() {
         (json!({"bad id": {"above": 1}}), "bad rule id"),
         (json!({"b": 7}), "is an object"),
     ] {
-        let e = validate_layer(&layer(v.clone()), None).unwrap_err();
+        let e = validate_layer(&v, None).unwrap_err();
         assert!(e.to_string().contains(says), "{v}: {e}");
     }
     assert_eq!(parse_duration(&json!("1500ms")), Ok(1_500));
