@@ -199,6 +199,7 @@ async fn run() {
             journal: Default::default(),
             history: Default::default(),
             provisioning: None,
+            metrics: None,
         })
         .await
         .unwrap();

@@ -176,6 +176,7 @@ async fn fleet() {
                 journal: Default::default(),
                 history: Default::default(),
                 provisioning: None,
+                metrics: None,
             })
             .await
             .unwrap(),

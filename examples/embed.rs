@@ -25,6 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             journal: Default::default(),
             history: Default::default(),
             provisioning: None,
+            metrics: None,
         })
         .await?;
     let fleet = (0..100_000)

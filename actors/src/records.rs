@@ -103,6 +103,10 @@ pub struct DeviceTypeSpec {
     /// claim with the type's claim token is pre-approved and runs the default process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provisioning: Option<twinfleet_models::provisioning::ProvisioningSpec>,
+    /// The metrics its devices send, if declared: a monitoring rule on any other metric
+    /// is refused (`twinfleet_models::rules`). Undeclared: any metric name is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Vec<String>>,
 }
 
 impl DeviceTypeSpec {
@@ -117,6 +121,7 @@ impl DeviceTypeSpec {
             journal: Default::default(),
             history: Default::default(),
             provisioning: None,
+            metrics: None,
         }
     }
 }

@@ -221,6 +221,8 @@ impl TwinRuntime {
 
     pub async fn create_device_type(&self, spec: DeviceTypeSpec) -> Result<TypeHandle, TwinError> {
         twinfleet_models::limits::check_object(&spec.defaults).map_err(twinfleet_models::ModelError::from)?;
+        twinfleet_models::rules::check_config(&spec.defaults, spec.metrics.as_deref())
+            .map_err(twinfleet_models::ModelError::from)?;
         if let Some(domain) = &spec.domain {
             domain.check().map_err(|e| TwinError::Invalid(format!("domain model of {}: {e}", spec.id)))?;
         }
@@ -260,6 +262,8 @@ impl TwinRuntime {
     pub async fn create_dta(&self, spec: DtaSpec) -> Result<DtaHandle, TwinError> {
         for layer in spec.layers.values() {
             twinfleet_models::limits::check_object(&layer.values).map_err(twinfleet_models::ModelError::from)?;
+            // (A DTA's members may be of any type: metric names are checked per twin.)
+            twinfleet_models::rules::check_config(&layer.values, None).map_err(twinfleet_models::ModelError::from)?;
         }
         let id = spec.id.clone();
         self.stats.enqueued();

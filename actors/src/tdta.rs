@@ -455,6 +455,8 @@ impl TypeHandle {
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
         twinfleet_models::limits::check_object(&defaults).map_err(twinfleet_models::ModelError::from)?;
+        twinfleet_models::rules::check_config(&defaults, self.ctx.metrics.as_deref())
+            .map_err(twinfleet_models::ModelError::from)?;
         let addr = self.tdta()?;
         deliver(addr.defaults.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.infra).await
     }

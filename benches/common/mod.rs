@@ -58,6 +58,7 @@ pub async fn meter_fleet(p: &twinfleet::Platform, ids: &[String]) -> Vec<String>
         journal: Default::default(),
         history: Default::default(),
         provisioning: None,
+        metrics: None,
     };
     let ty = p.create_device_type(spec).await.unwrap();
     ty.spawn_fleet(ids.iter().map(|id| twinfleet::TwinSpec::new(TwinId::new(id).unwrap())).collect()).await.unwrap();

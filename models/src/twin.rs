@@ -142,6 +142,9 @@ pub struct TwinRules<'a> {
     pub desired_sync: &'a RetryPolicy,
     /// The device type's domain model, validating the `components` document.
     pub domain: Option<&'a DomainModel>,
+    /// The metrics the device type declares, if it declares any (rules on others are
+    /// refused).
+    pub metrics: Option<&'a [String]>,
 }
 
 /// One entry of a twin's append-only journal: the contextual data of the twin (when,
@@ -237,6 +240,9 @@ pub enum TwinError {
     Document(#[from] DocumentError),
     #[error("{}", unmatched_message(.command_id, *.why))]
     UnmatchedAck { command_id: String, why: Unmatched },
+    /// A monitoring rule in the configuration's `rules` does not check.
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RuleError),
 }
 
 fn unmatched_message(id: &str, why: Unmatched) -> String {
@@ -287,8 +293,10 @@ impl TwinState {
         }
         // Every document that enters the twin is bounded, so whatever is stored can be read.
         match &cmd {
-            TwinCommand::Report(p) | TwinCommand::SetDesired(p) | TwinCommand::SetOverrides(p) => {
-                limits::check_object(p)?
+            TwinCommand::Report(p) | TwinCommand::SetDesired(p) => limits::check_object(p)?,
+            TwinCommand::SetOverrides(p) => {
+                limits::check_object(p)?;
+                crate::rules::check_config(p, rules.metrics)?;
             }
             TwinCommand::UpdateMetadata(m) => limits::check_object(&m.attributes)?,
             TwinCommand::EditComponents { edit: Edit::Put(v) | Edit::Append(v), .. } => limits::check_value(v)?,
@@ -600,7 +608,7 @@ mod tests {
     };
 
     fn rules() -> TwinRules<'static> {
-        TwinRules { desired_sync: &SYNC, domain: None }
+        TwinRules { desired_sync: &SYNC, domain: None, metrics: None }
     }
 
     /// decide + evolve, as the actor does; returns the decision.

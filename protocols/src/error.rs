@@ -104,6 +104,7 @@ pub fn classify(e: &TwinError) -> Classified {
             ModelError::Component(PathError::NotFound(_)) => c(NotFound, "not_found", "rejected"),
             ModelError::Component(PathError::Invalid(_)) => c(Invalid, "invalid", "rejected"),
             ModelError::Document(d) => c(Invalid, "invalid", d.reason()),
+            ModelError::Rules(_) => c(Invalid, "invalid_rule", "malformed"),
             ModelError::UnmatchedAck { why: Unmatched::Unknown, .. } => c(NotFound, "unknown_command", "unknown_ack"),
             ModelError::UnmatchedAck { why: Unmatched::Stale, .. } => c(Conflict, "stale_command", "stale_ack"),
             ModelError::EmptyPatch | ModelError::AlreadyMember { .. } | ModelError::NotMember { .. } => {

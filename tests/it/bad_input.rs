@@ -69,6 +69,7 @@ async fn documents_nested_too_deep_are_refused_on_every_edge_and_the_twin_restar
         journal: Default::default(),
         history: Default::default(),
         provisioning: None,
+        metrics: None,
     };
     assert!(matches!(p.create_device_type(ty).await, Err(twinfleet::TwinError::Rejected(_))));
 

@@ -375,6 +375,7 @@ async fn journal_retention_drops_old_events_but_never_the_unsnapshotted_tail() {
         journal: twinfleet::models::JournalRetention { keep_events: Some(5), max_age_ms: Some(3_600_000) },
         history: Default::default(),
         provisioning: None,
+        metrics: None,
     };
     p.create_device_type(spec).await.unwrap().spawn_fleet(vec![twinfleet::TwinSpec::new(tid("c-0"))]).await.unwrap();
     fleet(&p, "keeper", json!({}), "k", 1, |_| vec![]).await;

@@ -66,6 +66,7 @@ pub async fn fleet(
             journal: Default::default(),
             history: Default::default(),
             provisioning: None,
+            metrics: None,
         })
         .await
         .expect("device type created");

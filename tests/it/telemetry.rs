@@ -169,6 +169,7 @@ async fn a_size_bound_on_history_drops_the_oldest_days_and_keeps_the_newest() {
         // Smaller than any day: only the newest partition may stay.
         history: HistoryRetention { max_age_ms: None, max_bytes: Some(1) },
         provisioning: None,
+        metrics: None,
     };
     let p = start(dir.path(), None, test_settings()).await;
     p.create_device_type(spec).await.unwrap();

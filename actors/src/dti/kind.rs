@@ -38,6 +38,8 @@ pub struct TypeContext {
     /// ready to use.
     pub(crate) provisioning: Option<Arc<twinfleet_models::provisioning::ProvisioningSpec>>,
     pub(crate) claim_rules: Arc<crate::claims::Rules>,
+    /// The metrics the type declares (rules on others are refused), if it does.
+    pub(crate) metrics: Option<Arc<[String]>>,
     /// Held while a fleet record is rewritten (deleting twins), one edit at a time.
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
     /// Telemetry of this type's twins waiting to be written together, per arbiter.
@@ -61,6 +63,7 @@ impl TypeContext {
             history: spec.history,
             provisioning: spec.provisioning.clone().map(Arc::new),
             claim_rules: Arc::new(crate::claims::Rules::of(spec.provisioning.as_ref())),
+            metrics: spec.metrics.as_deref().map(Arc::from),
             fleet_edit: tokio::sync::Mutex::new(()),
             ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
             infra,
@@ -100,6 +103,7 @@ impl TypeContext {
             journal: self.journal,
             history: self.history,
             provisioning: self.provisioning.as_deref().cloned(),
+            metrics: self.metrics.as_deref().map(<[String]>::to_vec),
         }
     }
 }

@@ -228,7 +228,11 @@ impl Dti {
         // A full disk refuses writes before anything changes in memory.
         env.storage.writable()?;
         let now = env.clock.now();
-        let rules = TwinRules { desired_sync: &env.settings.desired_sync, domain: self.slot.ty.domain.as_deref() };
+        let rules = TwinRules {
+            desired_sync: &env.settings.desired_sync,
+            domain: self.slot.ty.domain.as_deref(),
+            metrics: self.slot.ty.metrics.as_deref(),
+        };
         let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
         for e in &events {
             self.state.evolve(e);

@@ -412,6 +412,15 @@ pub fn validate_layer(rules: &Value, metrics: Option<&[String]>) -> Result<(), R
     Ok(())
 }
 
+/// Checks the `rules` of a configuration document (type defaults, a DTA layer, a twin's
+/// overrides), if it has any (`null` removes them all).
+pub fn check_config(values: &Map<String, Value>, metrics: Option<&[String]>) -> Result<(), RuleError> {
+    match values.get(RULES_KEY) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => validate_layer(v, metrics),
+    }
+}
+
 /// A twin's effective rules: each with the layer that touched it last, and the rules
 /// that do not resolve (e.g. a patch with no rule beneath it) with why.
 #[derive(Debug, Clone, PartialEq, Default)]
