@@ -216,6 +216,27 @@ pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
                 }
             }
         }
+        EventKind::RulePhase { rule, phase } => {
+            w.push(15);
+            string(&mut w, rule);
+            use twinfleet_models::rules::Phase;
+            match phase {
+                Phase::Ok => w.push(0),
+                Phase::Pending { since } => {
+                    w.push(1);
+                    varint(&mut w, zigzag(since.0));
+                }
+                Phase::Firing { since } => {
+                    w.push(2);
+                    varint(&mut w, zigzag(since.0));
+                }
+                Phase::Clearing { since, clearing } => {
+                    w.push(3);
+                    varint(&mut w, zigzag(since.0));
+                    varint(&mut w, zigzag(clearing.0));
+                }
+            }
+        }
     }
     let mut out = Vec::with_capacity(w.len() + 5);
     out.push(FORMAT_BINARY_EVENT);
@@ -524,6 +545,18 @@ impl Reader<'_> {
                 };
                 EventKind::AlertRaised { alert, message, wait }
             }
+            15 => {
+                use twinfleet_models::rules::Phase;
+                let rule = self.string()?;
+                let phase = match self.byte()? {
+                    0 => Phase::Ok,
+                    1 => Phase::Pending { since: self.time()? },
+                    2 => Phase::Firing { since: self.time()? },
+                    3 => Phase::Clearing { since: self.time()?, clearing: self.time()? },
+                    _ => return None,
+                };
+                EventKind::RulePhase { rule, phase }
+            }
             _ => return None,
         };
         Some(TwinEvent { seq, at, kind })
@@ -583,6 +616,19 @@ mod tests {
                 wait: Some(WaitName::DesiredSync),
             },
             EventKind::AlertRaised { alert: AlertKind::Quarantined, message: String::new(), wait: None },
+            EventKind::RulePhase { rule: "hot".into(), phase: twinfleet_models::rules::Phase::Ok },
+            EventKind::RulePhase {
+                rule: "hot".into(),
+                phase: twinfleet_models::rules::Phase::Pending { since: Timestamp(-5) },
+            },
+            EventKind::RulePhase {
+                rule: "offline".into(),
+                phase: twinfleet_models::rules::Phase::Firing { since: Timestamp(1_700_000_000_000) },
+            },
+            EventKind::RulePhase {
+                rule: "x".into(),
+                phase: twinfleet_models::rules::Phase::Clearing { since: Timestamp(1), clearing: Timestamp(2) },
+            },
         ]
     }
 

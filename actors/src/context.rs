@@ -119,6 +119,8 @@ pub struct Infra {
     pub series: Arc<SeriesStore>,
     pub clock: SharedClock,
     pub alerts: AlertSink,
+    /// The monitoring rules' alerts (raised and cleared by the twins).
+    pub alert_book: Arc<crate::alerting::AlertBook>,
     pub arbiters: Arc<ArbiterPool>,
     pub settings: Settings,
     /// Counted rejections of bad input, shared by every edge.
@@ -138,9 +140,11 @@ impl Infra {
         clock: SharedClock,
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
+        alert_book: crate::alerting::AlertBook,
     ) -> Self {
         Infra {
             alerts: AlertSink::new(storage.clone()),
+            alert_book: Arc::new(alert_book),
             storage,
             series,
             clock,

@@ -50,8 +50,9 @@ impl TwinEnv {
         let credentials = Credentials::open(storage.clone())?;
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone())?;
+        let book = crate::alerting::AlertBook::open(storage.clone())?;
         Ok(Arc::new(TwinEnv {
-            infra: Arc::new(Infra::new(storage, series, clock, arbiters, settings)),
+            infra: Arc::new(Infra::new(storage, series, clock, arbiters, settings, book)),
             credentials,
             access,
             jobs,

@@ -11,6 +11,7 @@
 //! [`TypeHandle`] and [`TwinRuntime`].
 
 pub mod access;
+pub mod alerting;
 pub mod batches;
 pub mod catalog;
 mod claims;
@@ -40,6 +41,7 @@ pub mod telemetry;
 pub mod workflow;
 
 pub use access::{API_TOKEN_PREFIX, AccessControl, AuditEntry, AuditQuery, Group, Principal, TokenInfo, User};
+pub use alerting::{AlertBook, AlertQuery};
 pub use batches::BatchView;
 pub use catalog::{LifecycleFilter, TwinFilter, TwinPage, TwinSummary};
 pub use compaction::CompactionReport;

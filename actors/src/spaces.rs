@@ -59,3 +59,8 @@ pub const REGISTRATION: Space = Space(19);
 /// reads only these (`META` `provisioning-open-index` marks a data directory where it
 /// is complete).
 pub const PROVISIONING_OPEN: Space = Space(20);
+/// Monitoring alerts: key = alert id (BE, increasing); value = the `RuleAlert`.
+pub const RULE_ALERT: Space = Space(21);
+/// Open monitoring alerts: key = twin id, 0x00, rule id; value = the alert id (BE). At
+/// most one per twin and rule.
+pub const OPEN_ALERT: Space = Space(22);

@@ -151,6 +151,11 @@ impl TwinRuntime {
         &self.env.alerts
     }
 
+    /// The monitoring rules' alerts.
+    pub fn alert_book(&self) -> &crate::alerting::AlertBook {
+        &self.env.alert_book
+    }
+
     /// Operators: users, groups, API tokens, audit log.
     pub fn access(&self) -> &AccessControl {
         &self.env.access

@@ -4,8 +4,9 @@
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Severity {
     Info,
     Warning,
@@ -35,4 +36,46 @@ pub struct Alert {
     /// The actor that raised it, as `kind/id`.
     pub source: String,
     pub message: String,
+}
+
+/// Where a rule's alert stands: raised → acknowledged → cleared (or raised → cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum AlertState {
+    Raised,
+    Acknowledged,
+    Cleared,
+}
+
+/// A monitoring rule's alert, one per twin and rule while it is open, with the context
+/// an operator needs (FR10 of Maree et al.).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RuleAlert {
+    /// Increasing: a later alert has a larger id.
+    pub id: u64,
+    pub twin: String,
+    pub device_type: String,
+    pub rule: String,
+    pub severity: Severity,
+    pub state: AlertState,
+    pub message: String,
+    /// The values that triggered it.
+    pub values: std::collections::BTreeMap<String, f64>,
+    pub raised_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleared_at: Option<Timestamp>,
+    /// The twin's DTA memberships and location when it was raised.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memberships: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The twin's last journal events then (`seq event` each, newest last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_events: Vec<String>,
 }

@@ -87,6 +87,10 @@ pub struct TwinState {
     /// Command ids minted so far and the commands awaiting the device's answer.
     #[serde(default, skip_serializing_if = "Commands::is_empty")]
     pub commands: Commands,
+    /// Where each monitoring rule that is not ok stands (persisted, so a restart
+    /// neither loses nor re-raises an alert).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rules: std::collections::BTreeMap<String, crate::rules::Phase>,
     /// Sequence number of the last event in the journal (0: none yet).
     #[serde(default)]
     pub last_seq: u64,
@@ -219,6 +223,11 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wait: Option<WaitName>,
     },
+    /// A monitoring rule moved on (`rules::Phase`: pending since, firing since, ...).
+    RulePhase {
+        rule: String,
+        phase: crate::rules::Phase,
+    },
 }
 
 /// A command that cannot be applied, and why.
@@ -266,6 +275,7 @@ impl TwinState {
             lifecycle: Lifecycle::Active,
             waits: Waits::default(),
             commands: Commands::default(),
+            rules: Default::default(),
             last_seq: 0,
             created_at: now,
             updated_at: now,
@@ -545,6 +555,13 @@ impl TwinState {
             EventKind::CommandAcked { command_id, .. } => {
                 if let Ok(id) = command_id.parse() {
                     self.commands.acked(id);
+                }
+            }
+            EventKind::RulePhase { rule, phase } => {
+                if *phase == crate::rules::Phase::Ok {
+                    self.rules.remove(rule);
+                } else {
+                    self.rules.insert(rule.clone(), *phase);
                 }
             }
             EventKind::AlertRaised { wait, .. } => {

@@ -17,6 +17,7 @@ mod http_api;
 mod ingest_crash;
 mod layers;
 mod logs;
+mod monitoring;
 mod mosquitto;
 mod mqtt;
 mod mqtt_clients;

@@ -82,7 +82,7 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
                 Ok(Ok(Answered::Ready(p))) => {
                     batch.append(p.batch);
                     series.extend(p.series);
-                    waiting.push((slot, done, p.points));
+                    waiting.push((slot, done, p.points, p.snapshot));
                 }
                 Ok(Ok(Answered::AfterFlush { .. })) => {
                     let _ = done.send(Err(TwinError::Invalid("a prepared batch is not written by its twin".into())));
@@ -100,9 +100,14 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
         }
         let history = infra2.series.submit(series);
         let stored = infra2.storage.submit(batch).and_series(history).await;
-        for (slot, done, n) in waiting {
+        for (slot, done, n, snapshot) in waiting {
             match &stored {
-                Ok(()) => drop(done.send(Ok(n))),
+                Ok(()) => {
+                    if let Some(seq) = snapshot {
+                        slot.snapshot_stored(seq);
+                    }
+                    drop(done.send(Ok(n)))
+                }
                 Err(e) => {
                     // The twin holds latest values that are not on disk: it restarts
                     // from storage.

@@ -26,6 +26,8 @@ pub struct TypeContext {
     pub(crate) infra: Arc<Infra>,
     pub(crate) stats: ActorStats,
     defaults: RwLock<Arc<Map<String, Value>>>,
+    /// Bumped whenever the defaults change: the twins resolve their rules again.
+    rules_version: std::sync::atomic::AtomicU64,
     /// The messages its TDTA answers, while it runs.
     tdta: RwLock<Option<TdtaPorts>>,
     /// Keys of the packed fleet records, indexed by `TwinSlot::origin`.
@@ -55,6 +57,7 @@ impl TypeContext {
             stats: ActorStats::new("tdta", spec.id.as_arc().clone(), Some(Arc::from("platform/supervisor"))),
             path,
             defaults: RwLock::new(Arc::new(spec.defaults.clone())),
+            rules_version: std::sync::atomic::AtomicU64::new(1),
             tdta: RwLock::new(None),
             chunks: Mutex::new(Vec::new()),
             twins: AtomicUsize::new(0),
@@ -92,6 +95,12 @@ impl TypeContext {
 
     pub(crate) fn set_defaults(&self, defaults: Map<String, Value>) {
         *self.defaults.write() = Arc::new(defaults);
+        self.rules_version.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes with every change of the defaults (and so of the type's rules).
+    pub(crate) fn rules_version(&self) -> u64 {
+        self.rules_version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn spec(&self) -> DeviceTypeSpec {

@@ -31,6 +31,7 @@ use twinfleet_runtime::series::SeriesPoints;
 use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_key, panic};
 
 mod kind;
+mod monitor;
 mod requests;
 mod slot;
 
@@ -66,6 +67,8 @@ pub struct Dti {
     /// instead of 24, and a million idle twins is the common case.
     #[allow(clippy::box_collection)]
     latest: Option<Box<BTreeMap<String, LatestPoint>>>,
+    /// Its monitoring rules and their states (`monitor`).
+    monitoring: monitor::Monitoring,
 }
 
 impl std::fmt::Debug for Dti {
@@ -137,6 +140,7 @@ impl Dti {
                 unconfirmed: None,
                 idle: None,
                 latest,
+                monitoring: Default::default(),
             }
         });
         slot.set_addr(Some(addr.clone()));
@@ -165,15 +169,23 @@ impl Dti {
 
     /// Validates a batch and stores it: the latest values in sled, the points in the
     /// series store.
-    fn store_telemetry(&mut self, points: Vec<MetricPoint>) -> Result<(Ticket, usize), TwinError> {
-        let Prepared { batch, series, points } = self.prepare_telemetry(points)?;
+    fn store_telemetry(
+        &mut self,
+        points: Vec<MetricPoint>,
+        ctx: &mut Context<Self>,
+    ) -> Result<(Ticket, usize, Option<u64>), TwinError> {
+        let Prepared { batch, series, points, snapshot } = self.prepare_telemetry(points, ctx)?;
         let env = &self.slot.ty.infra;
         let history = env.series.submit(series);
-        Ok((env.storage.submit(batch).and_series(history), points))
+        Ok((env.storage.submit(batch).and_series(history), points, snapshot))
     }
 
     /// Validates app log lines and queues their write (`crate::logs`).
-    fn store_logs(&mut self, lines: Vec<twinfleet_models::LogLine>) -> Result<(Ticket, usize), TwinError> {
+    fn store_logs(
+        &mut self,
+        lines: Vec<twinfleet_models::LogLine>,
+        ctx: &mut Context<Self>,
+    ) -> Result<(Ticket, usize, Option<u64>), TwinError> {
         let env = self.slot.ty.infra.clone();
         if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
             return Err(TwinError::Rejected(twinfleet_models::ModelError::Archived(self.slot.id.clone())));
@@ -182,13 +194,18 @@ impl Dti {
         twinfleet_models::log::validate_logs(&lines, env.clock.now(), env.settings.telemetry.max_future_ms)?;
         let n = lines.len();
         let mut batch = WriteBatch::new();
+        let snapshot = self.monitor(&[], &lines, true, &mut batch, ctx);
         crate::logs::append(&mut batch, &self.slot.id, env.storage.generate_id()?, lines);
-        Ok((env.storage.submit(batch), n))
+        Ok((env.storage.submit(batch), n, snapshot))
     }
 
     /// Validates a batch and takes it in (the latest values); returns what must be
     /// written for it, for a caller that writes the batches of many twins at once.
-    pub(crate) fn prepare_telemetry(&mut self, mut points: Vec<MetricPoint>) -> Result<Prepared, TwinError> {
+    pub(crate) fn prepare_telemetry(
+        &mut self,
+        mut points: Vec<MetricPoint>,
+        ctx: &mut Context<Self>,
+    ) -> Result<Prepared, TwinError> {
         let env = self.slot.ty.infra.clone();
         if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
             return Err(TwinError::Rejected(twinfleet_models::ModelError::Archived(self.slot.id.clone())));
@@ -205,6 +222,8 @@ impl Dti {
         }
         let mut batch = WriteBatch::new();
         batch.put(spaces::TELEMETRY_LATEST, key, encode_record(&*latest));
+        // The rules look at every point, in arrival order, before the points are sorted.
+        let snapshot = self.monitor(&points, &[], true, &mut batch, ctx);
         let n = points.len();
         // One series per metric, points in the order they came (the store sorts late
         // ones out, see `twinfleet_runtime::series`).
@@ -218,7 +237,7 @@ impl Dti {
                 points: m.iter().map(|p| (p.at.0, p.value)).collect(),
             })
             .collect();
-        Ok(Prepared { batch, series, points: n })
+        Ok(Prepared { batch, series, points: n, snapshot })
     }
 
     /// decide → evolve → persist → carry out the effects. Deliveries wait for the
@@ -233,6 +252,10 @@ impl Dti {
             domain: self.slot.ty.domain.as_deref(),
             metrics: self.slot.ty.metrics.as_deref(),
         };
+        // From the device (it is alive), or changing the twin's own rules.
+        let device = matches!(cmd, TwinCommand::Report(_) | TwinCommand::Ack { .. });
+        let rules_touched =
+            matches!(&cmd, TwinCommand::SetOverrides(p) if p.contains_key(twinfleet_models::rules::RULES_KEY));
         let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
         for e in &events {
             self.state.evolve(e);
@@ -240,7 +263,13 @@ impl Dti {
         self.slot.refresh_summary(&self.state);
         self.slot.set_last_seq(self.state.last_seq);
         let mut batch = WriteBatch::new();
-        let snapshot = self.journal(&events, effects.contains(&Effect::Snapshot), &mut batch, ctx);
+        let mut snapshot = self.journal(&events, effects.contains(&Effect::Snapshot), &mut batch, ctx);
+        if rules_touched {
+            self.monitoring.dirty = true;
+        }
+        if device || rules_touched {
+            snapshot = self.monitor(&[], &[], device, &mut batch, ctx).or(snapshot);
+        }
         batch.append(also);
         // A decision without events writes nothing (a report of what is already known).
         let ticket = if batch.is_empty() { Ticket::ready(Ok(())) } else { env.storage.submit(batch) };
@@ -407,6 +436,13 @@ impl Dti {
         result
     }
 
+    /// The layers of its rules changed: resolve them again and look at once (a rule
+    /// disabled or removed clears its alert now).
+    pub(crate) fn rules_changed(&mut self, ctx: &mut Context<Self>) {
+        self.monitoring.dirty = true;
+        self.monitor_tick(ctx);
+    }
+
     /// Feeds the twin an input of its own (a restart, an expired wait): durable like
     /// any other change, unawaited; its deliveries go out after the flush.
     fn input(&mut self, cmd: TwinCommand, ctx: &mut Context<Self>) {
@@ -506,6 +542,9 @@ impl Actor for Dti {
             let rearm = act.state.waits.rearm();
             let now = act.env().clock.now();
             act.carry_out(rearm, now, ctx);
+            // The rules resolve and arm their deadlines (a device silent since the
+            // start goes offline one `after` later).
+            act.monitor_tick(ctx);
             if act.pending > 0 {
                 act.arm_idle_snapshot(ctx);
             }

@@ -82,6 +82,9 @@ pub(crate) struct Prepared {
     pub batch: WriteBatch,
     pub series: Vec<SeriesPoints>,
     pub points: usize,
+    /// The `last_seq` of a snapshot in `batch` (a rule's phase changed), to record once
+    /// it is durable.
+    pub snapshot: Option<u64>,
 }
 /// App log lines to store; answered with their number once durable.
 #[derive(Debug)]
@@ -137,6 +140,7 @@ impl Request for Join {
         if r.is_ok() {
             dti.layers.retain(|l| l.dta != resolved.dta);
             dti.layers.push(resolved);
+            dti.rules_changed(ctx);
         }
         seq(r)
     }
@@ -148,6 +152,7 @@ impl Request for Leave {
         let r = dti.apply(TwinCommand::LeaveDta(self.0.clone()), WriteBatch::new(), ctx);
         if r.is_ok() {
             dti.layers.retain(|l| l.dta != self.0);
+            dti.rules_changed(ctx);
         }
         seq(r)
     }
@@ -155,12 +160,13 @@ impl Request for Leave {
 
 impl Request for LayersChanged {
     type Reply = ();
-    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
         let resolved = self.0;
         if let Some(l) = dti.layers.iter_mut().find(|l| l.dta == resolved.dta)
             && resolved.version > l.version
         {
             *l = resolved;
+            dti.rules_changed(ctx);
         }
         Outcome::Now(Ok(()))
     }
@@ -168,10 +174,10 @@ impl Request for LayersChanged {
 
 impl Request for Telemetry {
     type Reply = usize;
-    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
-        match dti.store_telemetry(self.0) {
-            Ok((ticket, points)) => Outcome::AfterFlush(
-                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot: None },
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<usize> {
+        match dti.store_telemetry(self.0, ctx) {
+            Ok((ticket, points, snapshot)) => Outcome::AfterFlush(
+                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot },
                 points,
             ),
             Err(e) => Outcome::Now(Err(e)),
@@ -181,10 +187,10 @@ impl Request for Telemetry {
 
 impl Request for AppendLogs {
     type Reply = usize;
-    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<usize> {
-        match dti.store_logs(self.0) {
-            Ok((ticket, n)) => Outcome::AfterFlush(
-                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot: None },
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<usize> {
+        match dti.store_logs(self.0, ctx) {
+            Ok((ticket, n, snapshot)) => Outcome::AfterFlush(
+                Applied { seq: 0, ticket, deliveries: Vec::new(), must_deliver: false, snapshot },
                 n,
             ),
             Err(e) => Outcome::Now(Err(e)),
@@ -194,8 +200,8 @@ impl Request for AppendLogs {
 
 impl Request for Prepare {
     type Reply = Prepared;
-    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Prepared> {
-        Outcome::Now(dti.prepare_telemetry(self.0))
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<Prepared> {
+        Outcome::Now(dti.prepare_telemetry(self.0, ctx))
     }
 }
 

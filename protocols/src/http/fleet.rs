@@ -244,9 +244,10 @@ async fn show_actor(
     Ok(HttpResponse::Ok().json(rt.actor(&kind, &id)?))
 }
 
-/// `GET /alerts`: the most recent internal alerts (needs `inspect`).
+/// `GET /alerts/platform`: the most recent internal alerts of the platform itself
+/// (needs `inspect`).
 #[utoipa::path(tag = "fleet", responses((status = 200, body = Vec<serde_json::Value>), Errors), security(("bearer" = [])))]
-#[get("/alerts")]
+#[get("/alerts/platform")]
 async fn list_alerts(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
     rt.authorize(&caller.0, Action::Inspect)?;
     Ok(HttpResponse::Ok().json(rt.alerts().recent()))

@@ -18,6 +18,7 @@ mod admin;
 mod auth;
 mod error;
 mod fleet;
+mod monitoring;
 mod ops;
 mod provisioning;
 mod twins;
@@ -118,6 +119,7 @@ fn api_scope() -> utoipa_actix_web::scope::Scope<
         .configure(fleet::routes)
         .configure(admin::routes)
         .configure(provisioning::routes)
+        .configure(monitoring::routes)
 }
 
 /// The OpenAPI 3 document of the API, as JSON.

@@ -21,6 +21,7 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(show_twin)
         .service(delete_twin)
         .service(set_desired)
+        .service(set_overrides)
         .service(set_metadata)
         .service(archive_twin)
         .service(twin_events)
@@ -171,6 +172,22 @@ async fn set_desired(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Write)?;
     let seq = caller.command(&h, TwinCommand::SetDesired(body.into_inner()), StatusCode::OK).await?;
+    Ok(changed(&h, seq))
+}
+
+/// `PATCH /twins/{id}/overrides`: a JSON merge patch of the twin's own configuration
+/// overrides, the top layer of its effective configuration, and of its monitoring
+/// rules (`rules`, checked: a malformed rule answers 400 naming it). Needs `manage`.
+#[utoipa::path(tag = "twins", responses((status = 200, body = Changed), Errors), security(("bearer" = [])))]
+#[patch("/twins/{id}/overrides")]
+async fn set_overrides(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<Map<String, Value>>,
+) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    let seq = caller.command(&h, TwinCommand::SetOverrides(body.into_inner()), StatusCode::OK).await?;
     Ok(changed(&h, seq))
 }
 

@@ -1,0 +1,210 @@
+//! The monitoring alerts: one open alert per twin and rule (deduplicated), raised and
+//! cleared by the twins' rules (`twinfleet_models::rules`) in the same write as the
+//! rule's new phase, acknowledged by operators, kept in storage and queryable. New
+//! alerts and changes are broadcast (the live stream and the notifier subscribe). A
+//! leaf: storage and models only.
+
+use crate::error::TwinError;
+use crate::spaces;
+use dashmap::DashMap;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use twinfleet_models::{AlertState, RuleAlert, Severity, Timestamp};
+use twinfleet_runtime::{Storage, StorageError, WriteBatch, decode_record, encode_record};
+
+/// What a twin knows when its rule raises an alert.
+#[derive(Debug, Clone)]
+pub(crate) struct Draft {
+    pub twin: String,
+    pub device_type: String,
+    pub rule: String,
+    pub severity: Severity,
+    pub message: String,
+    pub values: std::collections::BTreeMap<String, f64>,
+    pub memberships: Vec<String>,
+    pub location: Option<String>,
+    pub recent_events: Vec<String>,
+}
+
+/// A query of `AlertBook::list`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
+pub struct AlertQuery {
+    /// `raised`, `acknowledged`, `cleared`, or `open` (raised or acknowledged).
+    pub state: Option<String>,
+    /// At least this severity.
+    #[cfg_attr(feature = "openapi", param(value_type = Option<String>))]
+    pub severity: Option<Severity>,
+    pub twin: Option<String>,
+    pub device_type: Option<String>,
+    pub rule: Option<String>,
+    /// Only alerts with a smaller id (the `next` of the previous page).
+    pub before: Option<u64>,
+    /// At most this many, newest first (default 100, at most 1,000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct AlertBook {
+    storage: Arc<dyn Storage>,
+    /// `twin\0rule` → id of its open alert.
+    open: DashMap<String, u64>,
+    tx: broadcast::Sender<RuleAlert>,
+}
+
+fn open_key(twin: &str, rule: &str) -> String {
+    format!("{twin}\0{rule}")
+}
+
+impl AlertBook {
+    /// Loads the index of open alerts.
+    pub(crate) fn open(storage: Arc<dyn Storage>) -> Result<AlertBook, StorageError> {
+        let open = DashMap::new();
+        for row in storage.scan(spaces::OPEN_ALERT, b"") {
+            let (k, v) = row?;
+            if let Ok(id) = <[u8; 8]>::try_from(v.as_slice()) {
+                open.insert(String::from_utf8_lossy(&k).to_string(), u64::from_be_bytes(id));
+            }
+        }
+        let (tx, _) = broadcast::channel(4096);
+        Ok(AlertBook { storage, open, tx })
+    }
+
+    /// Every new alert and every change of one, as it happens.
+    pub fn subscribe(&self) -> broadcast::Receiver<RuleAlert> {
+        self.tx.subscribe()
+    }
+
+    /// Open alerts now.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Raises `d`'s alert, written with `batch`; an alert of that twin and rule still
+    /// open is kept (deduplicated) and its id returned.
+    pub(crate) fn raise_into(&self, batch: &mut WriteBatch, d: Draft, now: Timestamp) -> Result<u64, TwinError> {
+        let key = open_key(&d.twin, &d.rule);
+        if let Some(id) = self.open.get(&key) {
+            return Ok(*id);
+        }
+        let id = self.storage.generate_id()?;
+        let alert = RuleAlert {
+            id,
+            twin: d.twin,
+            device_type: d.device_type,
+            rule: d.rule,
+            severity: d.severity,
+            state: AlertState::Raised,
+            message: d.message,
+            values: d.values,
+            raised_at: now,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            cleared_at: None,
+            memberships: d.memberships,
+            location: d.location,
+            recent_events: d.recent_events,
+        };
+        batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
+        batch.put(spaces::OPEN_ALERT, key.as_bytes().to_vec(), id.to_be_bytes().to_vec());
+        self.open.insert(key, id);
+        let _ = self.tx.send(alert);
+        Ok(id)
+    }
+
+    /// Clears the open alert of `twin` and `rule`, if any, written with `batch`.
+    pub(crate) fn clear_into(
+        &self,
+        batch: &mut WriteBatch,
+        twin: &str,
+        rule: &str,
+        now: Timestamp,
+    ) -> Result<(), TwinError> {
+        let key = open_key(twin, rule);
+        let Some((_, id)) = self.open.remove(&key) else { return Ok(()) };
+        let Some(mut alert) = self.get(id)? else { return Ok(()) };
+        alert.state = AlertState::Cleared;
+        alert.cleared_at = Some(now);
+        batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
+        batch.delete(spaces::OPEN_ALERT, key.as_bytes().to_vec());
+        let _ = self.tx.send(alert);
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<RuleAlert>, TwinError> {
+        match self.storage.get(spaces::RULE_ALERT, &id.to_be_bytes())? {
+            None => Ok(None),
+            Some(raw) => decode_record(&raw)
+                .map(Some)
+                .map_err(|e| TwinError::Invalid(format!("alert {id} does not decode: {e}"))),
+        }
+    }
+
+    /// An operator acknowledges alert `id` (an open one; acknowledging again keeps the
+    /// first acknowledgement).
+    pub async fn acknowledge(&self, id: u64, by: &str, now: Timestamp) -> Result<RuleAlert, TwinError> {
+        let mut alert = self.get(id)?.ok_or_else(|| TwinError::Unknown { kind: "alert", id: id.to_string() })?;
+        match alert.state {
+            AlertState::Cleared => {
+                return Err(TwinError::Conflict(format!("alert {id} is cleared; there is nothing to acknowledge")));
+            }
+            AlertState::Acknowledged => return Ok(alert),
+            AlertState::Raised => {}
+        }
+        alert.state = AlertState::Acknowledged;
+        alert.acknowledged_at = Some(now);
+        alert.acknowledged_by = Some(by.to_string());
+        let mut b = WriteBatch::new();
+        b.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
+        self.storage.submit(b).await?;
+        // (A clear that raced this one wins: it is the newer state.)
+        if let Some(now) = self.get(id)?
+            && now.state == AlertState::Cleared
+        {
+            return Ok(now);
+        }
+        let _ = self.tx.send(alert.clone());
+        Ok(alert)
+    }
+
+    /// Alerts matching `q`, newest first, and the `before` of the next page.
+    pub fn list(&self, q: &AlertQuery) -> Result<(Vec<RuleAlert>, Option<u64>), TwinError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+        let open_only = match q.state.as_deref() {
+            None => None,
+            Some("open") => Some(None),
+            Some(s) => {
+                Some(Some(serde_json::from_value::<AlertState>(serde_json::Value::String(s.to_string())).map_err(
+                    |_| TwinError::Invalid(format!("state {s:?} is none of raised, acknowledged, cleared, open")),
+                )?))
+            }
+        };
+        let end = q.before.map_or(u64::MAX, |b| b.saturating_sub(1)).to_be_bytes();
+        let mut out = Vec::new();
+        let mut next = None;
+        for row in self.storage.scan_range_rev(spaces::RULE_ALERT, &[0u8; 8], &end) {
+            let (_, v) = row?;
+            let Ok(a) = decode_record::<RuleAlert>(&v) else { continue };
+            let state_ok = match open_only {
+                None => true,
+                Some(None) => a.state != AlertState::Cleared,
+                Some(Some(s)) => a.state == s,
+            };
+            if state_ok
+                && q.severity.is_none_or(|s| a.severity >= s)
+                && q.twin.as_ref().is_none_or(|t| &a.twin == t)
+                && q.device_type.as_ref().is_none_or(|t| &a.device_type == t)
+                && q.rule.as_ref().is_none_or(|r| &a.rule == r)
+            {
+                if out.len() == limit {
+                    next = out.last().map(|a: &RuleAlert| a.id);
+                    break;
+                }
+                out.push(a);
+            }
+        }
+        Ok((out, next))
+    }
+}

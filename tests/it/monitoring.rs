@@ -1,0 +1,160 @@
+//! Monitoring rules inside the twins, on the virtual clock: a threshold set at the
+//! device type, overridden by a DTA and disabled by a twin; a device going offline after
+//! 20 s of silence and coming back; hysteresis; a log-pattern rule; the alerts stored,
+//! listed and acknowledged over HTTP; and a restart that neither loses nor re-raises.
+
+use crate::support::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use twinfleet::models::{AlertState, ConfigLayer, LogLevel, LogLine, MetricPoint, RuleAlert, TwinCommand};
+use twinfleet::{DtaSpec, Platform};
+use twinfleet_protocols::HttpApi;
+
+fn rules() -> serde_json::Value {
+    json!({"rules": {
+        "hot": {"kind": "threshold", "metric": "temp", "above": 80, "clear_below": 75, "severity": "major"},
+        "offline": {"kind": "offline"},
+        "stalls": {"kind": "log_pattern", "app": "pump", "contains": "stall", "count": 2, "within": "1m"}
+    }})
+}
+
+async fn point(p: &Platform, twin: &str, v: f64) {
+    let now = p.runtime().clock().now();
+    let pt = MetricPoint { metric: "temp".into(), at: now, value: v };
+    p.twin(twin).unwrap().ingest(vec![pt]).await.unwrap();
+}
+
+fn alerts(p: &Platform) -> Vec<RuleAlert> {
+    p.runtime().alert_book().list(&Default::default()).unwrap().0
+}
+
+fn open(p: &Platform, twin: &str) -> BTreeMap<String, AlertState> {
+    alerts(p)
+        .into_iter()
+        .filter(|a| a.twin == twin && a.state != AlertState::Cleared)
+        .map(|a| (a.rule, a.state))
+        .collect()
+}
+
+async fn setup(dir: &std::path::Path, clock: std::sync::Arc<twinfleet::VirtualClock>) -> Platform {
+    let p = start(dir, Some(clock), test_settings()).await;
+    let mut layers = BTreeMap::new();
+    layers.insert(
+        "monitoring".to_string(),
+        ConfigLayer { priority: 10, values: obj(json!({"rules": {"hot": {"above": 90}}})) },
+    );
+    p.create_dta(DtaSpec { id: did("hall"), name: "Hall".into(), parents: vec![], layers }).await.unwrap();
+    fleet(&p, "meter", rules(), "m", 3, |i| if i == 1 { vec![did("hall")] } else { vec![] }).await;
+    p.twin("m-2")
+        .unwrap()
+        .command(TwinCommand::SetOverrides(obj(json!({"rules": {"hot": {"disabled": true}}}))))
+        .await
+        .unwrap();
+    p
+}
+
+#[actix_rt::test]
+async fn layered_thresholds_offline_hysteresis_and_log_patterns_raise_and_clear_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = setup(dir.path(), clock.clone()).await;
+
+    // The type's threshold (80) for m-0, the DTA's (90) for m-1, none for m-2.
+    for t in ["m-0", "m-1", "m-2"] {
+        point(&p, t, 85.0).await;
+    }
+    assert_eq!(open(&p, "m-0").get("hot"), Some(&AlertState::Raised));
+    assert!(open(&p, "m-1").is_empty() && open(&p, "m-2").is_empty(), "{:?}", alerts(&p));
+    point(&p, "m-1", 95.0).await;
+    point(&p, "m-2", 99.0).await;
+    assert!(open(&p, "m-1").contains_key("hot"));
+    assert!(open(&p, "m-2").is_empty(), "disabled at the twin");
+    let hot = alerts(&p).into_iter().find(|a| a.twin == "m-1").unwrap();
+    assert_eq!((hot.device_type.as_str(), hot.memberships.clone()), ("meter", vec!["hall".to_string()]));
+    assert_eq!(hot.values.get("temp"), Some(&95.0));
+    assert_eq!(hot.severity, twinfleet::models::Severity::Major);
+
+    // Hysteresis: m-0 hovering between 75 and 80 stays raised, once; at 75 it clears.
+    for v in [79.0, 81.0, 76.0] {
+        point(&p, "m-0", v).await;
+    }
+    assert_eq!(alerts(&p).iter().filter(|a| a.twin == "m-0" && a.rule == "hot").count(), 1);
+    point(&p, "m-0", 75.0).await;
+    assert!(!open(&p, "m-0").contains_key("hot"));
+
+    // Offline after 20 s of silence (virtual time), back on the next message.
+    clock.advance(19_000);
+    point(&p, "m-0", 20.0).await;
+    clock.advance(1_500);
+    eventually("m-1 and m-2 go offline", || async {
+        (open(&p, "m-1").contains_key("offline") && open(&p, "m-2").contains_key("offline")).then_some(())
+    })
+    .await;
+    assert!(!open(&p, "m-0").contains_key("offline"), "m-0 spoke 1.5 s ago");
+    p.twin("m-2").unwrap().report(obj(json!({"fw": "1.1"}))).await.unwrap();
+    assert!(!open(&p, "m-2").contains_key("offline"), "a report brings it back");
+
+    // Two pump stall lines within a minute.
+    let line = |text: &str| LogLine {
+        at: p.runtime().clock().now(),
+        level: LogLevel::Error,
+        app: "pump".into(),
+        text: text.into(),
+    };
+    let m0 = p.twin("m-0").unwrap();
+    m0.append_logs(vec![line("motor stall")]).await.unwrap();
+    assert!(!open(&p, "m-0").contains_key("stalls"));
+    m0.append_logs(vec![line("ok"), line("stall again")]).await.unwrap();
+    assert!(open(&p, "m-0").contains_key("stalls"));
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_loses_nor_reraises() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = setup(dir.path(), clock.clone()).await;
+    point(&p, "m-0", 85.0).await;
+    point(&p, "m-1", 95.0).await;
+    let http = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let (addr, admin) = (http.local_addr(), admin_token(&p).await);
+    let call = |method: &'static str, path: String, body: Option<String>| {
+        let admin = admin.clone();
+        actix_rt::task::spawn_blocking(move || http_as(addr, &admin, method, &path, body.as_deref()))
+    };
+    let (s, page) = call("GET", "/api/v1/alerts?state=open&twin=m-1".into(), None).await.unwrap();
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(page["alerts"].as_array().unwrap().len(), 1, "{page}");
+    let id = page["alerts"][0]["id"].as_u64().unwrap();
+    let (s, a) = call("POST", format!("/api/v1/alerts/{id}/acknowledge"), None).await.unwrap();
+    assert_eq!((s, a["state"].clone(), a["acknowledged_by"].clone()), (200, json!("acknowledged"), json!("admin")));
+    let (s, page) = call("GET", "/api/v1/alerts?severity=critical".into(), None).await.unwrap();
+    assert_eq!((s, page["alerts"].as_array().unwrap().len()), (200, 0));
+    let (s, e) = call("GET", "/api/v1/alerts?state=lost".into(), None).await.unwrap();
+    assert_eq!(s, 400, "{e}");
+    // A malformed rule is refused where it is written, naming the problem.
+    let bad = json!({"rules": {"cold": {"kind": "threshold", "metric": "temp", "below": 5, "clear_above": 2}}});
+    let (s, e) = call("PATCH", "/api/v1/twins/m-0/overrides".into(), Some(bad.to_string())).await.unwrap();
+    assert!(s == 400 && e["message"].as_str().unwrap().contains("clear_above 2 is below"), "{s} {e}");
+    http.stop().await;
+    let before = alerts(&p);
+    let phase = p.twin("m-1").unwrap().get().await.unwrap().state.rules.get("hot").copied();
+    assert!(matches!(phase, Some(twinfleet::models::rules::Phase::Firing { .. })), "{phase:?}");
+    p.shutdown().await;
+
+    // After a restart the same inputs raise nothing new; the firing rules are still firing.
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    let again = p.twin("m-1").unwrap().get().await.unwrap().state.rules.get("hot").copied();
+    assert_eq!(again, phase, "the rule's phase is restored with the twin");
+    let mut raised = p.runtime().alert_book().subscribe();
+    point(&p, "m-0", 86.0).await;
+    point(&p, "m-1", 96.0).await;
+    let after = alerts(&p);
+    assert_eq!(after.len(), before.len(), "nothing re-raised: {after:?}");
+    assert!(raised.try_recv().is_err(), "no alert event at all");
+    assert_eq!(open(&p, "m-1").get("hot"), Some(&AlertState::Acknowledged), "nothing lost");
+    // And they still clear.
+    point(&p, "m-1", 10.0).await;
+    assert!(!open(&p, "m-1").contains_key("hot"));
+    p.shutdown().await;
+}
