@@ -46,12 +46,25 @@ pub struct AlertQuery {
     pub limit: Option<usize>,
 }
 
+/// Changes kept in the change log (`spaces::ALERT_CHANGE`); a stream or sink further
+/// behind than this has lost the older ones (counted where it notices).
+pub const MAX_CHANGES: u64 = 100_000;
+
+/// One change of an alert: its revision in the change log and the alert after it.
+pub type Change = (u64, RuleAlert);
+
 #[derive(Debug)]
 pub struct AlertBook {
     storage: Arc<dyn Storage>,
-    /// `twin\0rule` → id of its open alert.
-    open: DashMap<String, u64>,
-    tx: broadcast::Sender<RuleAlert>,
+    /// `twin\0rule` → its open alert (as last changed, maybe not durable yet).
+    open: DashMap<String, RuleAlert>,
+    /// The last revision given out; held while a change is logged and broadcast, so
+    /// that broadcasts go out in revision order.
+    rev: parking_lot::Mutex<u64>,
+    /// Held while an alert's state changes (raise, clear, acknowledge): an
+    /// acknowledgement never overwrites a clear.
+    edit: parking_lot::Mutex<()>,
+    tx: broadcast::Sender<Change>,
 }
 
 fn open_key(twin: &str, rule: &str) -> String {
@@ -64,17 +77,62 @@ impl AlertBook {
         let open = DashMap::new();
         for row in storage.scan(spaces::OPEN_ALERT, b"") {
             let (k, v) = row?;
-            if let Ok(id) = <[u8; 8]>::try_from(v.as_slice()) {
-                open.insert(String::from_utf8_lossy(&k).to_string(), u64::from_be_bytes(id));
+            let Ok(id) = <[u8; 8]>::try_from(v.as_slice()) else { continue };
+            if let Some(raw) = storage.get(spaces::RULE_ALERT, &id)?
+                && let Ok(alert) = decode_record::<RuleAlert>(&raw)
+            {
+                open.insert(String::from_utf8_lossy(&k).to_string(), alert);
             }
         }
+        let rev = match storage.scan_rev(spaces::ALERT_CHANGE, b"", 1)?.first() {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).unwrap_or(0),
+            None => 0,
+        };
         let (tx, _) = broadcast::channel(4096);
-        Ok(AlertBook { storage, open, tx })
+        Ok(AlertBook { storage, open, rev: parking_lot::Mutex::new(rev), edit: parking_lot::Mutex::new(()), tx })
     }
 
-    /// Every new alert and every change of one, as it happens.
-    pub fn subscribe(&self) -> broadcast::Receiver<RuleAlert> {
+    /// Every change of an alert (raised, acknowledged, cleared) as it is made, with its
+    /// revision.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.tx.subscribe()
+    }
+
+    /// The last revision of the change log.
+    pub fn revision(&self) -> u64 {
+        *self.rev.lock()
+    }
+
+    /// Logs `alert`'s change into `batch` and broadcasts it.
+    fn log_change(&self, batch: &mut WriteBatch, alert: &RuleAlert) {
+        let mut rev = self.rev.lock();
+        *rev += 1;
+        batch.put(spaces::ALERT_CHANGE, rev.to_be_bytes().to_vec(), encode_record(alert));
+        // Every 1,000 changes, the 1,000 that fell out of the kept window go.
+        if *rev % 1_000 == 0 && *rev > MAX_CHANGES {
+            for old in (*rev - MAX_CHANGES - 999)..=(*rev - MAX_CHANGES) {
+                batch.delete(spaces::ALERT_CHANGE, old.to_be_bytes().to_vec());
+            }
+        }
+        let _ = self.tx.send((*rev, alert.clone()));
+    }
+
+    /// Up to `limit` changes after revision `after`, oldest first, and whether older
+    /// ones than the first returned were dropped from the log (`after` is too old).
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<(Vec<Change>, bool), TwinError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for row in
+            self.storage.scan_range(spaces::ALERT_CHANGE, &start, &u64::MAX.to_be_bytes())?.into_iter().take(limit)
+        {
+            let (k, v) = row;
+            let Ok(rev) = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes) else { continue };
+            if let Ok(a) = decode_record::<RuleAlert>(&v) {
+                out.push((rev, a));
+            }
+        }
+        let lost = out.first().is_some_and(|(r, _)| *r > after + 1);
+        Ok((out, lost))
     }
 
     /// Open alerts now.
@@ -86,8 +144,9 @@ impl AlertBook {
     /// open is kept (deduplicated) and its id returned.
     pub(crate) fn raise_into(&self, batch: &mut WriteBatch, d: Draft, now: Timestamp) -> Result<u64, TwinError> {
         let key = open_key(&d.twin, &d.rule);
-        if let Some(id) = self.open.get(&key) {
-            return Ok(*id);
+        let _edit = self.edit.lock();
+        if let Some(a) = self.open.get(&key) {
+            return Ok(a.id);
         }
         let id = self.storage.generate_id()?;
         let alert = RuleAlert {
@@ -109,8 +168,8 @@ impl AlertBook {
         };
         batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
         batch.put(spaces::OPEN_ALERT, key.as_bytes().to_vec(), id.to_be_bytes().to_vec());
-        self.open.insert(key, id);
-        let _ = self.tx.send(alert);
+        self.log_change(batch, &alert);
+        self.open.insert(key, alert);
         Ok(id)
     }
 
@@ -123,17 +182,21 @@ impl AlertBook {
         now: Timestamp,
     ) -> Result<(), TwinError> {
         let key = open_key(twin, rule);
-        let Some((_, id)) = self.open.remove(&key) else { return Ok(()) };
-        let Some(mut alert) = self.get(id)? else { return Ok(()) };
+        let _edit = self.edit.lock();
+        let Some((_, mut alert)) = self.open.remove(&key) else { return Ok(()) };
+        let id = alert.id;
         alert.state = AlertState::Cleared;
         alert.cleared_at = Some(now);
         batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
         batch.delete(spaces::OPEN_ALERT, key.as_bytes().to_vec());
-        let _ = self.tx.send(alert);
+        self.log_change(batch, &alert);
         Ok(())
     }
 
     pub fn get(&self, id: u64) -> Result<Option<RuleAlert>, TwinError> {
+        if let Some(a) = self.open.iter().find(|a| a.id == id) {
+            return Ok(Some(a.clone()));
+        }
         match self.storage.get(spaces::RULE_ALERT, &id.to_be_bytes())? {
             None => Ok(None),
             Some(raw) => decode_record(&raw)
@@ -156,16 +219,21 @@ impl AlertBook {
         alert.state = AlertState::Acknowledged;
         alert.acknowledged_at = Some(now);
         alert.acknowledged_by = Some(by.to_string());
-        let mut b = WriteBatch::new();
-        b.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
-        self.storage.submit(b).await?;
-        // (A clear that raced this one wins: it is the newer state.)
-        if let Some(now) = self.get(id)?
-            && now.state == AlertState::Cleared
-        {
-            return Ok(now);
-        }
-        let _ = self.tx.send(alert.clone());
+        let ticket = {
+            let _edit = self.edit.lock();
+            // (Cleared meanwhile, its write maybe not landed yet: the clear stands.)
+            let key = open_key(&alert.twin, &alert.rule);
+            if self.open.get(&key).map(|a| a.id) != Some(id) {
+                return Err(TwinError::Conflict(format!("alert {id} is cleared; there is nothing to acknowledge")));
+            }
+            let mut b = WriteBatch::new();
+            b.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
+            self.log_change(&mut b, &alert);
+            self.open.insert(key, alert.clone());
+            // Submitted under the lock: a clear after it is written after it.
+            self.storage.submit(b)
+        };
+        ticket.await?;
         Ok(alert)
     }
 

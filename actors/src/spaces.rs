@@ -64,3 +64,8 @@ pub const RULE_ALERT: Space = Space(21);
 /// Open monitoring alerts: key = twin id, 0x00, rule id; value = the alert id (BE). At
 /// most one per twin and rule.
 pub const OPEN_ALERT: Space = Space(22);
+/// The alerts' change log: key = revision (BE, increasing); value = the `RuleAlert` as
+/// that change left it. The live stream resumes from it (`Last-Event-ID`) and the
+/// notification sinks deliver from it, each from its own cursor. The newest
+/// `alerting::MAX_CHANGES` are kept.
+pub const ALERT_CHANGE: Space = Space(23);

@@ -24,6 +24,36 @@ async fn point(p: &Platform, twin: &str, v: f64) {
     p.twin(twin).unwrap().ingest(vec![pt]).await.unwrap();
 }
 
+/// Reads `n` events of the SSE stream at `path` (after `last_id`, if given): their ids
+/// and data.
+fn sse(
+    addr: std::net::SocketAddr,
+    token: &str,
+    path: &str,
+    last_id: Option<u64>,
+    n: usize,
+) -> Vec<(u64, serde_json::Value)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let resume = last_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n{resume}\r\n").unwrap();
+    let mut out = Vec::new();
+    let mut id = None;
+    for line in BufReader::new(s).lines() {
+        let line = line.expect("the stream stays open");
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.trim().parse().ok();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            out.push((id.take().unwrap(), serde_json::from_str(d).unwrap()));
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    out
+}
+
 fn alerts(p: &Platform) -> Vec<RuleAlert> {
     p.runtime().alert_book().list(&Default::default()).unwrap().0
 }
@@ -128,6 +158,29 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     let id = page["alerts"][0]["id"].as_u64().unwrap();
     let (s, a) = call("POST", format!("/api/v1/alerts/{id}/acknowledge"), None).await.unwrap();
     assert_eq!((s, a["state"].clone(), a["acknowledged_by"].clone()), (200, json!("acknowledged"), json!("admin")));
+    // The live stream: from the start of the log, then resumed after the first event.
+    let a2 = admin.clone();
+    let seen =
+        actix_rt::task::spawn_blocking(move || sse(addr, &a2, "/api/v1/alerts/stream?after=0", None, 3)).await.unwrap();
+    let states: Vec<_> =
+        seen.iter().map(|(_, a)| (a["twin"].as_str().unwrap().to_string(), a["state"].clone())).collect();
+    assert_eq!(
+        states,
+        [("m-0".into(), json!("raised")), ("m-1".into(), json!("raised")), ("m-1".into(), json!("acknowledged"))]
+    );
+    let a2 = admin.clone();
+    let first = seen[0].0;
+    let resumed =
+        actix_rt::task::spawn_blocking(move || sse(addr, &a2, "/api/v1/alerts/stream", Some(first), 2)).await.unwrap();
+    assert_eq!(resumed.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [seen[1].0, seen[2].0], "what it missed");
+    // A live one sees the next change as it happens.
+    let a2 = admin.clone();
+    let live = actix_rt::task::spawn_blocking(move || sse(addr, &a2, "/api/v1/alerts/stream?severity=major", None, 1));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    point(&p, "m-0", 70.0).await;
+    let live = live.await.unwrap();
+    assert_eq!((live[0].1["twin"].clone(), live[0].1["state"].clone()), (json!("m-0"), json!("cleared")));
+    assert!(live[0].0 > seen[2].0);
     let (s, page) = call("GET", "/api/v1/alerts?severity=critical".into(), None).await.unwrap();
     assert_eq!((s, page["alerts"].as_array().unwrap().len()), (200, 0));
     let (s, e) = call("GET", "/api/v1/alerts?state=lost".into(), None).await.unwrap();
@@ -147,7 +200,6 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     let again = p.twin("m-1").unwrap().get().await.unwrap().state.rules.get("hot").copied();
     assert_eq!(again, phase, "the rule's phase is restored with the twin");
     let mut raised = p.runtime().alert_book().subscribe();
-    point(&p, "m-0", 86.0).await;
     point(&p, "m-1", 96.0).await;
     let after = alerts(&p);
     assert_eq!(after.len(), before.len(), "nothing re-raised: {after:?}");

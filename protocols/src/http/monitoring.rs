@@ -2,12 +2,137 @@
 //! id, and an operator's acknowledgement.
 
 use super::{Caller, Errors, Result};
-use actix_web::{HttpResponse, get, post, web};
-use twinfleet_actors::{AlertQuery, TwinRuntime};
-use twinfleet_models::{Action, DeviceTypeId, RuleAlert};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use std::collections::VecDeque;
+use std::time::Duration;
+use twinfleet_actors::{AlertBook, AlertQuery, TwinRuntime};
+use twinfleet_models::{Action, DeviceTypeId, RuleAlert, Severity};
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(list).service(show).service(acknowledge);
+    // (`/alerts/stream` before `/alerts/{id}`.)
+    cfg.service(stream).service(list).service(show).service(acknowledge);
+}
+
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    /// At least this severity.
+    #[param(value_type = Option<String>)]
+    severity: Option<Severity>,
+    device_type: Option<String>,
+    twin: Option<String>,
+    /// Resume after this revision (as the `Last-Event-ID` header does, which wins).
+    /// Default: only what happens from now on.
+    after: Option<u64>,
+}
+
+/// How often an idle stream sends a comment, so that proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// One SSE frame of a change.
+fn frame(rev: u64, a: &RuleAlert) -> web::Bytes {
+    let data = serde_json::to_string(a).unwrap_or_default();
+    web::Bytes::from(format!("id: {rev}\nevent: alert\ndata: {data}\n\n"))
+}
+
+struct Follow {
+    rt: TwinRuntime,
+    rx: tokio::sync::broadcast::Receiver<twinfleet_actors::alerting::Change>,
+    /// The last revision sent.
+    cursor: u64,
+    queued: VecDeque<twinfleet_actors::alerting::Change>,
+    q: StreamQuery,
+}
+
+impl Follow {
+    fn wanted(&self, a: &RuleAlert) -> bool {
+        self.q.severity.is_none_or(|s| a.severity >= s)
+            && self.q.device_type.as_ref().is_none_or(|t| &a.device_type == t)
+            && self.q.twin.as_ref().is_none_or(|t| &a.twin == t)
+    }
+
+    /// Reads what the log holds after the cursor (a resume, or the broadcast lagged).
+    fn catch_up(&mut self, book: &AlertBook) -> Option<web::Bytes> {
+        match book.changes_after(self.cursor, 1_000) {
+            Ok((changes, lost)) => {
+                self.queued.extend(changes);
+                lost.then(|| web::Bytes::from_static(b": some changes were older than the log keeps\n\n"))
+            }
+            Err(e) => Some(web::Bytes::from(format!(": the change log could not be read: {e}\n\n"))),
+        }
+    }
+
+    async fn next(&mut self) -> Option<web::Bytes> {
+        loop {
+            if let Some((rev, a)) = self.queued.pop_front() {
+                if rev <= self.cursor {
+                    continue;
+                }
+                self.cursor = rev;
+                if self.wanted(&a) {
+                    return Some(frame(rev, &a));
+                }
+                continue;
+            }
+            match tokio::time::timeout(KEEP_ALIVE, self.rx.recv()).await {
+                Err(_) => return Some(web::Bytes::from_static(b": keep-alive\n\n")),
+                Ok(Ok(change)) => self.queued.push_back(change),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    let rt = self.rt.clone();
+                    if let Some(note) = self.catch_up(rt.alert_book()) {
+                        return Some(note);
+                    }
+                }
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
+            }
+        }
+    }
+}
+
+/// `GET /alerts/stream`: Server-Sent Events, one `alert` event per change of an alert
+/// (raised, acknowledged, cleared; `data` = the alert after it, `id` = the change's
+/// revision). Reconnect with `Last-Event-ID` (or `?after=`) to get what was missed, as
+/// far back as the change log keeps (`alerting::MAX_CHANGES`). Filters: `severity` (at
+/// least), `device_type`, `twin`. Needs `read` on the fleet or the named device type.
+#[utoipa::path(tag = "monitoring", params(StreamQuery), responses((status = 200, description = "text/event-stream", content_type = "text/event-stream", body = String), Errors), security(("bearer" = [])))]
+#[get("/alerts/stream")]
+async fn stream(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    req: HttpRequest,
+    q: web::Query<StreamQuery>,
+) -> Result<HttpResponse> {
+    match &q.device_type {
+        Some(ty) => rt.authorize_type(
+            &caller.0,
+            Action::Read,
+            &DeviceTypeId::new(ty).map_err(twinfleet_actors::TwinError::from)?,
+        )?,
+        None => rt.authorize(&caller.0, Action::Read)?,
+    }
+    let q = q.into_inner();
+    let last = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(q.after);
+    let rt: TwinRuntime = rt.get_ref().clone();
+    let book = rt.alert_book();
+    // Subscribed before the log is read: nothing falls between the two.
+    let rx = book.subscribe();
+    let now = book.revision();
+    let mut follow = Follow { rt: rt.clone(), rx, cursor: last.unwrap_or(now).min(now), queued: VecDeque::new(), q };
+    let note = if last.is_some() { follow.catch_up(rt.alert_book()) } else { None };
+    let head = web::Bytes::from(format!("retry: 2000\n: revision {now}\n\n"));
+    let first = futures::stream::iter([Some(head), note].into_iter().flatten().map(Ok::<_, std::convert::Infallible>));
+    let rest = futures::stream::unfold(follow, |mut f| async move { f.next().await.map(|b| (Ok(b), f)) });
+    use futures::StreamExt;
+    Ok(HttpResponse::Ok()
+        .insert_header(("content-type", "text/event-stream"))
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(first.chain(rest)))
 }
 
 /// A page of alerts, newest first.
