@@ -109,7 +109,7 @@ impl AlertBook {
         *rev += 1;
         batch.put(spaces::ALERT_CHANGE, rev.to_be_bytes().to_vec(), encode_record(alert));
         // Every 1,000 changes, the 1,000 that fell out of the kept window go.
-        if *rev % 1_000 == 0 && *rev > MAX_CHANGES {
+        if rev.is_multiple_of(1_000) && *rev > MAX_CHANGES {
             for old in (*rev - MAX_CHANGES - 999)..=(*rev - MAX_CHANGES) {
                 batch.delete(spaces::ALERT_CHANGE, old.to_be_bytes().to_vec());
             }
