@@ -12,6 +12,7 @@
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
+//! | notification sinks of the monitoring alerts | | | `[[notify]]` (`name`, `kind` = `log` or `webhook`, `url`, `secret`, `min_severity`, `device_types`, `groups`, `acknowledgements`) | none |
 //! | operational gateways provisioning allocates to | | | `[[gateways]]` (`name`, `mqtt`, `grpc`, `regions`, `weight`) | none: a device stays on the gateway it claimed through |
 //!
 //! An MQTT gateway is either `host:port`, a listener of the embedded broker, or
@@ -45,6 +46,9 @@ pub struct PartialConfig {
     /// File only: the operational gateways of provisioning's allocation policies.
     #[serde(default)]
     pub gateways: Option<Vec<GatewaySpec>>,
+    /// File only: where the monitoring alerts are sent.
+    #[serde(default)]
+    pub notify: Option<Vec<twinfleet_models::notify::SinkSpec>>,
 }
 
 impl PartialConfig {
@@ -68,6 +72,7 @@ pub struct RunConfig {
     pub arbiters: usize,
     pub log: String,
     pub gateways: Vec<GatewaySpec>,
+    pub notify: Vec<twinfleet_models::notify::SinkSpec>,
 }
 
 /// Flags and environment (`over`, merged by clap) win over the file, the file over the
@@ -98,6 +103,11 @@ pub fn resolve(over: PartialConfig, file: PartialConfig) -> Result<RunConfig, St
             let g = over.gateways.or(file.gateways).unwrap_or_default();
             twinfleet_models::enrollment::validate_gateways(&g).map_err(|e| format!("gateways: {e}"))?;
             g
+        },
+        notify: {
+            let n = over.notify.or(file.notify).unwrap_or_default();
+            twinfleet_models::notify::validate_sinks(&n).map_err(|e| format!("notify: {e}"))?;
+            n
         },
     })
 }
@@ -132,5 +142,8 @@ mod tests {
         assert_eq!((cfg.gateways[0].name.as_str(), cfg.gateways[0].weight), ("eu-1", 1));
         let twice: PartialConfig = toml::from_str(&format!("{gateways}{gateways}")).unwrap();
         assert!(resolve(PartialConfig::default(), twice).unwrap_err().contains("listed twice"));
+        let hook = "[[notify]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"https://x\"\n";
+        let file: PartialConfig = toml::from_str(hook).unwrap();
+        assert!(resolve(PartialConfig::default(), file).unwrap_err().contains("http://"));
     }
 }

@@ -164,6 +164,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             arbiters: args.arbiters,
             log: args.log,
             gateways: None,
+            notify: None,
         },
         file,
     )
@@ -218,6 +219,8 @@ async fn serve(
     let mqtt = MqttGateway::start(platform.runtime().clone(), mqtt_cfg.clone()).await.with_context(|| {
         format!("cannot start the MQTT gateways ({} and {})", mqtt_cfg.operational, mqtt_cfg.provisioning)
     })?;
+    let notifier = twinfleet_protocols::Notifier::start(platform.runtime().clone(), cfg.notify.clone())
+        .map_err(anyhow::Error::msg)?;
     tracing::info!("HTTP API listening on http://{}", http.local_addr());
     tracing::info!("gRPC gateway listening on {}", grpc.local_addr());
     tracing::info!("MQTT gateways: operational {}, provisioning {}", mqtt.operational(), mqtt.provisioning());
@@ -235,6 +238,7 @@ async fn serve(
     http.stop().await;
     grpc.stop().await;
     mqtt.stop().await;
+    actix_rt::task::spawn_blocking(move || notifier.stop()).await.ok();
     platform.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -65,6 +65,21 @@ pub struct AlertBook {
     /// acknowledgement never overwrites a clear.
     edit: parking_lot::Mutex<()>,
     tx: broadcast::Sender<Change>,
+    /// Per notification sink: what it delivered, failed and lost.
+    sinks: DashMap<String, Arc<SinkStats>>,
+}
+
+/// A notification sink's counters (`/metrics`).
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Attempts that failed (each retry counts).
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Changes it never got: older than the change log keeps when it came to them.
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// It has failed its retries and keeps trying the same change (with the longest
+    /// backoff) until it takes it.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 fn open_key(twin: &str, rule: &str) -> String {
@@ -89,13 +104,48 @@ impl AlertBook {
             None => 0,
         };
         let (tx, _) = broadcast::channel(4096);
-        Ok(AlertBook { storage, open, rev: parking_lot::Mutex::new(rev), edit: parking_lot::Mutex::new(()), tx })
+        Ok(AlertBook {
+            storage,
+            open,
+            rev: parking_lot::Mutex::new(rev),
+            edit: parking_lot::Mutex::new(()),
+            tx,
+            sinks: DashMap::new(),
+        })
     }
 
     /// Every change of an alert (raised, acknowledged, cleared) as it is made, with its
     /// revision.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.tx.subscribe()
+    }
+
+    /// The counters of sink `name`.
+    pub fn sink_stats(&self, name: &str) -> Arc<SinkStats> {
+        self.sinks.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Every sink's counters, by name.
+    pub fn all_sink_stats(&self) -> Vec<(String, Arc<SinkStats>)> {
+        let mut v: Vec<_> = self.sinks.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Where sink `name` stands in the change log (`None`: never ran).
+    pub fn sink_cursor(&self, name: &str) -> Result<Option<u64>, TwinError> {
+        Ok(self
+            .storage
+            .get(spaces::NOTIFY_CURSOR, name.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Moves sink `name`'s cursor to `rev`; resolves once durable.
+    pub fn set_sink_cursor(&self, name: &str, rev: u64) -> twinfleet_runtime::Ticket {
+        let mut b = WriteBatch::new();
+        b.put(spaces::NOTIFY_CURSOR, name.as_bytes().to_vec(), rev.to_be_bytes().to_vec());
+        self.storage.submit(b)
     }
 
     /// The last revision of the change log.

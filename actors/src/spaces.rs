@@ -69,3 +69,6 @@ pub const OPEN_ALERT: Space = Space(22);
 /// notification sinks deliver from it, each from its own cursor. The newest
 /// `alerting::MAX_CHANGES` are kept.
 pub const ALERT_CHANGE: Space = Space(23);
+/// Notification sinks' cursors: key = sink name; value = the last change-log revision it
+/// delivered (BE).
+pub const NOTIFY_CURSOR: Space = Space(24);

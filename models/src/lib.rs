@@ -18,6 +18,7 @@ pub mod enrollment;
 pub mod ids;
 pub mod limits;
 pub mod log;
+pub mod notify;
 pub mod policy;
 pub mod provisioning;
 pub mod retention;

@@ -210,3 +210,117 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     assert!(!open(&p, "m-1").contains_key("hot"));
     p.shutdown().await;
 }
+
+/// A webhook server on loopback: answers each POST with the next status of `script`
+/// (then 200), and keeps every request's headers and body.
+/// A request the hook got: headers, body, the status it answered.
+type Got = (BTreeMap<String, String>, Vec<u8>, u16);
+
+struct Hook {
+    addr: std::net::SocketAddr,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Got>>>,
+}
+
+impl Hook {
+    fn start(script: Vec<u16>) -> Hook {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut headers = BTreeMap::new();
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; n];
+                r.read_exact(&mut body).unwrap();
+                let status = script.next().unwrap_or(200);
+                g.lock().unwrap().push((headers, body, status));
+                let mut s = s;
+                let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Hook { addr, got }
+    }
+
+    /// The bodies of the requests it answered 200, as JSON.
+    fn taken(&self) -> Vec<serde_json::Value> {
+        self.got.lock().unwrap().iter().filter(|r| r.2 == 200).map(|r| serde_json::from_slice(&r.1).unwrap()).collect()
+    }
+}
+
+#[actix_rt::test]
+async fn alerts_reach_a_real_webhook_signed_retried_routed_and_resumed_after_a_restart() {
+    use twinfleet::models::notify::{SinkKind, SinkSpec};
+    use twinfleet_protocols::Notifier;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock();
+    let p = setup(dir.path(), clock.clone()).await;
+    let hook = Hook::start(vec![500, 503]);
+    let spec = SinkSpec {
+        name: "hook".into(),
+        kind: SinkKind::Webhook,
+        url: format!("http://{}/alerts", hook.addr),
+        secret: "s3cret".into(),
+        min_severity: Some(twinfleet::models::Severity::Major),
+        device_types: vec![],
+        groups: vec![],
+        acknowledgements: false,
+    };
+    let n = Notifier::start(p.runtime().clone(), vec![spec.clone()]).unwrap();
+    eventually("the sink has its cursor", || async { p.runtime().alert_book().sink_cursor("hook").unwrap().map(drop) })
+        .await;
+    point(&p, "m-0", 85.0).await; // major: raised
+    // Offline alerts are warnings: not routed here.
+    clock.advance(21_000);
+    eventually("m-1 goes offline", || async { open(&p, "m-1").contains_key("offline").then_some(()) }).await;
+    point(&p, "m-0", 70.0).await; // cleared
+    let taken = eventually("two changes delivered after two refusals", || async {
+        let t = hook.taken();
+        (t.len() == 2).then_some(t)
+    })
+    .await;
+    let states: Vec<_> = taken.iter().map(|b| (b["alert"]["rule"].clone(), b["alert"]["state"].clone())).collect();
+    assert_eq!(states, [(json!("hot"), json!("raised")), (json!("hot"), json!("cleared"))], "in order");
+    {
+        let got = hook.got.lock().unwrap();
+        assert_eq!(got.iter().map(|r| r.2).collect::<Vec<_>>()[..3], [500, 503, 200], "retried until taken");
+        for (headers, body, _) in got.iter() {
+            assert_eq!(headers["x-twinfleet-signature"], twinfleet_protocols::notify::signature("s3cret", body));
+        }
+    }
+    let stats = p.runtime().alert_book().sink_stats("hook");
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // Stopped, a change happens; started again, the sink delivers it and nothing twice.
+    actix_rt::task::spawn_blocking(move || n.stop()).await.unwrap();
+    point(&p, "m-1", 95.0).await;
+    let n = Notifier::start(p.runtime().clone(), vec![spec]).unwrap();
+    let taken = eventually("the change made while it was stopped", || async {
+        let t = hook.taken();
+        (t.len() == 3).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        (taken[2]["alert"]["twin"].clone(), taken[2]["alert"]["state"].clone()),
+        (json!("m-1"), json!("raised"))
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(hook.taken().len(), 3, "nothing delivered twice");
+    actix_rt::task::spawn_blocking(move || n.stop()).await.unwrap();
+    p.shutdown().await;
+}

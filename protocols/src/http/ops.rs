@@ -33,6 +33,36 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
         e.sample("twinfleet_rejected_total", &[("reason", reason)], n);
     }
 
+    let sinks = rt.alert_book().all_sink_stats();
+    for (name, what, f) in [
+        ("twinfleet_notifications_delivered_total", "Alert changes a notification sink delivered.", 0),
+        (
+            "twinfleet_notifications_failed_total",
+            "Failed delivery attempts of a notification sink (each retry counts).",
+            1,
+        ),
+        (
+            "twinfleet_notifications_dropped_total",
+            "Alert changes a sink never got: older than the change log keeps.",
+            2,
+        ),
+        ("twinfleet_notification_sink_failing", "1 while a sink has failed its retries and keeps retrying.", 3),
+    ] {
+        e.family(name, if f == 3 { "gauge" } else { "counter" }, what);
+        for (sink, st) in &sinks {
+            use std::sync::atomic::Ordering::Relaxed;
+            let n = match f {
+                0 => st.delivered.load(Relaxed),
+                1 => st.failed.load(Relaxed),
+                2 => st.dropped.load(Relaxed),
+                _ => u64::from(st.failing.load(Relaxed)),
+            };
+            e.sample(name, &[("sink", sink)], n);
+        }
+    }
+    e.family("twinfleet_alerts_open", "gauge", "Monitoring alerts raised or acknowledged and not cleared.");
+    e.sample("twinfleet_alerts_open", &[], rt.alert_book().open_count() as u64);
+
     let routes = rt.requests().snapshot();
     for (edge, name, what) in [
         (Edge::Http, "twinfleet_http_requests", "HTTP requests"),
