@@ -223,6 +223,44 @@ impl AlertBook {
         Ok(id)
     }
 
+    /// A platform alert (a twin restarted or failed, a watchdog ran out, a provisioning
+    /// step timed out, a record was quarantined) as an alert of the book: rule
+    /// `platform.<kind>`, for the actor that raised it (`kind/id`). It is an event: it
+    /// is logged as raised (the stream and the sinks get it) and opens nothing.
+    pub fn platform_alert(&self, a: &twinfleet_models::Alert) -> Result<RuleAlert, TwinError> {
+        let kind = serde_json::to_value(&a.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let (twin, device_type) = match a.source.split_once('/') {
+            Some(("dti", id)) => (id.to_string(), String::new()),
+            Some(("tdta", ty)) => (String::new(), ty.to_string()),
+            _ => (a.source.clone(), String::new()),
+        };
+        let alert = RuleAlert {
+            id: self.storage.generate_id()?,
+            twin,
+            device_type,
+            rule: format!("platform.{kind}"),
+            severity: a.severity,
+            state: AlertState::Raised,
+            message: a.message.clone(),
+            values: Default::default(),
+            raised_at: a.at,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            cleared_at: None,
+            memberships: Vec::new(),
+            location: None,
+            recent_events: Vec::new(),
+        };
+        let mut b = WriteBatch::new();
+        b.put(spaces::RULE_ALERT, alert.id.to_be_bytes().to_vec(), encode_record(&alert));
+        {
+            let _edit = self.edit.lock();
+            self.log_change(&mut b, &alert);
+            drop(self.storage.submit(b));
+        }
+        Ok(alert)
+    }
+
     /// Clears the open alert of `twin` and `rule`, if any, written with `batch`.
     pub(crate) fn clear_into(
         &self,

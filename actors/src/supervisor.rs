@@ -119,6 +119,25 @@ impl TwinRuntime {
         let stats = Arc::new(ActorStats::new("platform", Arc::from("supervisor"), None));
         stats.set_status(ActorStatus::Running);
         let supervisor = PlatformSupervisor { env: env.clone(), stats: stats.clone() }.start();
+        // The platform's own alerts go the way of the rules' (stream, sinks, `/alerts`),
+        // from before the restore (which may quarantine).
+        let mut platform_alerts = env.alerts.subscribe();
+        let book = env.alert_book.clone();
+        actix_rt::spawn(async move {
+            loop {
+                match platform_alerts.recv().await {
+                    Ok(a) => {
+                        if let Err(e) = book.platform_alert(&a) {
+                            tracing::warn!("a platform alert did not reach the alert book: {e}");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} platform alerts came too fast for the alert book (they are in the log)");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         let report = restore(&env).await?;
         crate::compaction::start_compactor(&env);
         let rt = TwinRuntime { env, supervisor, stats };
