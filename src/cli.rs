@@ -39,11 +39,35 @@ pub struct ListArgs {
     state: Option<String>,
     #[arg(long)]
     tag: Option<String>,
+    /// From the open alerts: ok, degraded, critical, offline.
+    #[arg(long)]
+    health: Option<String>,
     /// Start after this id (the `next` of a previous page).
     #[arg(long)]
     after: Option<String>,
     #[arg(long, default_value_t = 100)]
     limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// raised, acknowledged, cleared, or open (raised or acknowledged).
+    #[arg(long)]
+    state: Option<String>,
+    /// At least: info, warning, minor, major, critical.
+    #[arg(long)]
+    severity: Option<String>,
+    #[arg(long)]
+    twin: Option<String>,
+    #[arg(long = "type")]
+    device_type: Option<String>,
+    #[arg(long)]
+    rule: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Acknowledge this alert instead of listing.
+    #[arg(long)]
+    ack: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,6 +240,7 @@ pub fn twins(a: ClientArgs, cmd: TwinsCommand) -> anyhow::Result<()> {
             ("group", l.group),
             ("state", l.state),
             ("tag", l.tag),
+            ("health", l.health),
             ("after", l.after),
             ("limit", Some(l.limit.to_string())),
         ],
@@ -225,11 +250,20 @@ pub fn twins(a: ClientArgs, cmd: TwinsCommand) -> anyhow::Result<()> {
             .as_array()
             .map(|a| {
                 a.iter()
-                    .map(|t| vec![s(t, "id"), s(t, "device_type"), s(t, "state"), s(t, "status"), s(t, "tags")])
+                    .map(|t| {
+                        vec![
+                            s(t, "id"),
+                            s(t, "device_type"),
+                            s(t, "state"),
+                            s(t, "status"),
+                            s(t, "health"),
+                            s(t, "tags"),
+                        ]
+                    })
                     .collect()
             })
             .unwrap_or_default();
-        let mut out = render(&["id", "type", "state", "status", "tags"], &rows);
+        let mut out = render(&["id", "type", "state", "status", "health", "tags"], &rows);
         out += &format!("{} of {} twins", rows.len(), s(v, "total"));
         if let Some(next) = v.get("next").and_then(Value::as_str) {
             out += &format!("; next page: --after {next}");
@@ -314,6 +348,39 @@ pub fn actors(a: ClientArgs, q: ActorsArgs) -> anyhow::Result<()> {
             render(&["kind", "id", "parent", "status", "mailbox", "handled", "restarts", "last error"], &rows);
         out += &format!("{} of {} actors\n", rows.len(), s(v, "total"));
         out
+    });
+    Ok(())
+}
+
+/// `twinfleet alerts`: the monitoring alerts, newest first (or `--ack ID`).
+pub fn alerts(a: ClientArgs, q: AlertsArgs) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let v = match q.ack {
+        Some(id) => {
+            serde_json::json!({"alerts": [c.post(&format!("/alerts/{id}/acknowledge"), &serde_json::json!({}))?]})
+        }
+        None => c.get(
+            "/alerts",
+            &[
+                ("state", q.state),
+                ("severity", q.severity),
+                ("twin", q.twin),
+                ("device_type", q.device_type),
+                ("rule", q.rule),
+                ("limit", Some(q.limit.to_string())),
+            ],
+        )?,
+    };
+    c.print(&v, |v| {
+        let rows: Vec<Vec<String>> = v["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                ["id", "raised_at", "severity", "state", "twin", "rule", "message"].iter().map(|k| s(a, k)).collect()
+            })
+            .collect();
+        render(&["id", "raised", "severity", "state", "twin", "rule", "message"], &rows)
     });
     Ok(())
 }

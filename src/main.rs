@@ -59,6 +59,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::JobsCommand,
     },
+    /// The monitoring alerts of a running instance (filters; `--ack ID`).
+    Alerts {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(flatten)]
+        query: cli::AlertsArgs,
+    },
     /// Provisioning processes of a running instance: pending devices, approval.
     Provisioning {
         #[command(flatten)]
@@ -127,6 +134,7 @@ fn main() -> std::process::ExitCode {
         Command::Actors { client, query } => cli::actors(client, query),
         Command::Jobs { client, command } => cli::jobs(client, command),
         Command::Provisioning { client, command } => cli::provisioning(client, command),
+        Command::Alerts { client, query } => cli::alerts(client, query),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ pub(crate) struct Draft {
     pub twin: String,
     pub device_type: String,
     pub rule: String,
+    /// The rule's kind (`threshold`, `offline`, ...).
+    pub kind: &'static str,
     pub severity: Severity,
     pub message: String,
     pub values: std::collections::BTreeMap<String, f64>,
@@ -67,6 +69,8 @@ pub struct AlertBook {
     tx: broadcast::Sender<Change>,
     /// Per notification sink: what it delivered, failed and lost.
     sinks: DashMap<String, Arc<SinkStats>>,
+    /// Per twin: the health its open alerts give it (absent: ok).
+    health: DashMap<String, twinfleet_models::Health>,
 }
 
 /// A notification sink's counters (`/metrics`).
@@ -104,20 +108,42 @@ impl AlertBook {
             None => 0,
         };
         let (tx, _) = broadcast::channel(4096);
-        Ok(AlertBook {
+        let book = AlertBook {
             storage,
             open,
             rev: parking_lot::Mutex::new(rev),
             edit: parking_lot::Mutex::new(()),
             tx,
             sinks: DashMap::new(),
-        })
+            health: DashMap::new(),
+        };
+        let twins: std::collections::BTreeSet<String> = book.open.iter().map(|a| a.twin.clone()).collect();
+        for t in twins {
+            book.rehealth(&t);
+        }
+        Ok(book)
     }
 
     /// Every change of an alert (raised, acknowledged, cleared) as it is made, with its
     /// revision.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.tx.subscribe()
+    }
+
+    /// Twin `twin`'s health from its open alerts.
+    pub fn health(&self, twin: &str) -> twinfleet_models::Health {
+        self.health.get(twin).map(|h| *h).unwrap_or_default()
+    }
+
+    /// Recomputes `twin`'s health (its open alerts' keys start with `twin\0`).
+    fn rehealth(&self, twin: &str) {
+        let prefix = open_key(twin, "");
+        let open: Vec<(String, Severity)> =
+            self.open.iter().filter(|e| e.key().starts_with(&prefix)).map(|e| (e.kind.clone(), e.severity)).collect();
+        match twinfleet_models::Health::of(open.iter().map(|(k, s)| (k.as_str(), *s))) {
+            twinfleet_models::Health::Ok => drop(self.health.remove(twin)),
+            h => drop(self.health.insert(twin.to_string(), h)),
+        }
     }
 
     /// The counters of sink `name`.
@@ -204,6 +230,7 @@ impl AlertBook {
             twin: d.twin,
             device_type: d.device_type,
             rule: d.rule,
+            kind: d.kind.to_string(),
             severity: d.severity,
             state: AlertState::Raised,
             message: d.message,
@@ -219,7 +246,9 @@ impl AlertBook {
         batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
         batch.put(spaces::OPEN_ALERT, key.as_bytes().to_vec(), id.to_be_bytes().to_vec());
         self.log_change(batch, &alert);
+        let twin = alert.twin.clone();
         self.open.insert(key, alert);
+        self.rehealth(&twin);
         Ok(id)
     }
 
@@ -239,6 +268,7 @@ impl AlertBook {
             twin,
             device_type,
             rule: format!("platform.{kind}"),
+            kind: "platform".into(),
             severity: a.severity,
             state: AlertState::Raised,
             message: a.message.clone(),
@@ -278,6 +308,7 @@ impl AlertBook {
         batch.put(spaces::RULE_ALERT, id.to_be_bytes().to_vec(), encode_record(&alert));
         batch.delete(spaces::OPEN_ALERT, key.as_bytes().to_vec());
         self.log_change(batch, &alert);
+        self.rehealth(twin);
         Ok(())
     }
 

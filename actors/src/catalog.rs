@@ -77,6 +77,9 @@ pub struct TwinFilter {
     /// Actor status: `running`, `restarting`, `failed`, ...
     pub status: Option<String>,
     pub tag: Option<String>,
+    /// Health from the open alerts: `ok`, `degraded`, `critical`, `offline`.
+    #[cfg_attr(feature = "openapi", param(value_type = Option<String>))]
+    pub health: Option<twinfleet_models::Health>,
     /// Cursor: only ids after this one (the `next` of the previous page).
     pub after: Option<String>,
     /// Default 100, at most 10,000.
@@ -100,6 +103,9 @@ pub struct TwinSummary {
     /// `active` or `archived`.
     pub state: String,
     pub status: String,
+    /// From its open alerts (`twinfleet_models::Health`).
+    #[serde(default)]
+    pub health: twinfleet_models::Health,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
 }
@@ -215,6 +221,7 @@ impl TwinRuntime {
                 || f.state.is_some_and(|s| (s == LifecycleFilter::Archived) != slot.archived())
                 || f.tag.as_deref().is_some_and(|t| !slot.has_tag(t))
                 || f.status.as_deref().is_some_and(|s| slot.stats.status().as_str() != s)
+                || f.health.is_some_and(|h| env.alert_book.health(slot.id.as_str()) != h)
             {
                 return;
             }
@@ -244,6 +251,7 @@ impl TwinRuntime {
                 device_type: s.ty.device_type.to_string(),
                 state: if s.archived() { "archived" } else { "active" }.into(),
                 status: s.stats.status().as_str().into(),
+                health: env.alert_book.health(s.id.as_str()),
                 tags: s.tags(),
             })
             .collect();

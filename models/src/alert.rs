@@ -58,6 +58,9 @@ pub struct RuleAlert {
     pub twin: String,
     pub device_type: String,
     pub rule: String,
+    /// The rule's kind (`threshold`, `offline`, ...; `platform` for the platform's own).
+    #[serde(default)]
+    pub kind: String,
     pub severity: Severity,
     pub state: AlertState,
     pub message: String,
@@ -78,4 +81,34 @@ pub struct RuleAlert {
     /// The twin's last journal events then (`seq event` each, newest last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_events: Vec<String>,
+}
+
+/// A twin's health, derived from its open alerts: `offline` while an `offline` rule's
+/// alert is open, else `critical` with an open alert of severity major or critical,
+/// else `degraded` with an open warning or minor one, else `ok` (info alerts do not
+/// count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Health {
+    #[default]
+    Ok,
+    Degraded,
+    Critical,
+    Offline,
+}
+
+impl Health {
+    /// The health of a twin whose open alerts are `(kind, severity)` each.
+    pub fn of<'a>(open: impl IntoIterator<Item = (&'a str, Severity)>) -> Health {
+        open.into_iter()
+            .map(|(kind, sev)| match (kind, sev) {
+                ("offline", _) => Health::Offline,
+                (_, Severity::Major | Severity::Critical) => Health::Critical,
+                (_, Severity::Warning | Severity::Minor) => Health::Degraded,
+                _ => Health::Ok,
+            })
+            .max()
+            .unwrap_or(Health::Ok)
+    }
 }

@@ -29,7 +29,7 @@ pub mod time;
 pub mod twin;
 
 pub use access::{Access, Action, Denied, Grant, Role, Scope, TwinFacts};
-pub use alert::{Alert, AlertKind, AlertState, RuleAlert, Severity};
+pub use alert::{Alert, AlertKind, AlertState, Health, RuleAlert, Severity};
 pub use command::{CommandId, CommandKind, Commands, DeviceCommand, PendingCommand, Unmatched};
 pub use config::{ConfigLayer, EffectiveConfig, LayerRef, LayerSource, effective_config, merge_patch};
 pub use domain::{DomainModel, Edit, PathError, Violation};

@@ -88,6 +88,7 @@ mod tests {
             twin: "t".into(),
             device_type: ty.into(),
             rule: "r".into(),
+            kind: "threshold".into(),
             severity,
             state,
             message: String::new(),

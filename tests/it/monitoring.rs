@@ -158,6 +158,27 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     let id = page["alerts"][0]["id"].as_u64().unwrap();
     let (s, a) = call("POST", format!("/api/v1/alerts/{id}/acknowledge"), None).await.unwrap();
     assert_eq!((s, a["state"].clone(), a["acknowledged_by"].clone()), (200, json!("acknowledged"), json!("admin")));
+    // Health from the open alerts, in the API and the CLI.
+    let (s, v) = call("GET", "/api/v1/twins?health=critical".into(), None).await.unwrap();
+    let ids: Vec<_> = v["twins"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!((s, ids), (200, vec!["m-0".to_string(), "m-1".to_string()]));
+    let (_, v) = call("GET", "/api/v1/twins/m-2".into(), None).await.unwrap();
+    assert_eq!(v["health"], "ok");
+    let cli = |args: Vec<String>| {
+        actix_rt::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::binary::client(&args)
+        })
+    };
+    let api = format!("http://{addr}");
+    let argv = |a: &[&str]| -> Vec<String> {
+        a.iter().map(|s| s.to_string()).chain(["--api".into(), api.clone(), "--token".into(), admin.clone()]).collect()
+    };
+    let (ok, out, err) = cli(argv(&["twins", "list", "--health", "critical"])).await.unwrap();
+    assert!(ok && out.contains("m-1") && !out.contains("m-2"), "{out}{err}");
+    let (ok, out, err) = cli(argv(&["alerts", "--state", "open", "--twin", "m-1"])).await.unwrap();
+    assert!(ok && out.contains("acknowledged") && out.contains("hot"), "{out}{err}");
+
     // The live stream: from the start of the log, then resumed after the first event.
     let a2 = admin.clone();
     let seen =

@@ -164,6 +164,7 @@ impl Dti {
                 .get(WaitName::DesiredSync)
                 .map(|w| WaitView { attempt: w.attempt, deadline: w.deadline }),
             telemetry_latest: self.latest.as_deref().cloned().unwrap_or_default(),
+            health: self.env().alert_book.health(self.slot.id.as_str()),
         }
     }
 

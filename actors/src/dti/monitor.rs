@@ -17,6 +17,9 @@ use twinfleet_models::rules::{Effective, Phase, RULES_KEY, Rule, RuleEffect, Rul
 use twinfleet_models::{EventKind, LogLine, MetricPoint, Timestamp, TwinCommand};
 use twinfleet_runtime::WriteBatch;
 
+/// A rule's raise: its id, kind, severity, message and triggering values.
+type Raised = (String, &'static str, twinfleet_models::Severity, String, BTreeMap<String, f64>);
+
 pub(crate) struct Monitor {
     rules: Vec<Rule>,
     /// Rules that do not resolve, with why (shown in the twin's view).
@@ -100,7 +103,7 @@ impl Dti {
             for e in st.step(rule, &obs, now) {
                 match e {
                     RuleEffect::Raise { severity, message, values } => {
-                        raised.push((rule.id.clone(), severity, message, values))
+                        raised.push((rule.id.clone(), rule.kind(), severity, message, values))
                     }
                     RuleEffect::Clear { .. } => cleared.push(rule.id.clone()),
                     RuleEffect::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
@@ -145,7 +148,7 @@ impl Dti {
     fn carry_out_rules(
         &mut self,
         changes: Vec<(String, Phase)>,
-        raised: Vec<(String, twinfleet_models::Severity, String, BTreeMap<String, f64>)>,
+        raised: Vec<Raised>,
         cleared: Vec<String>,
         now: Timestamp,
         batch: &mut WriteBatch,
@@ -161,11 +164,12 @@ impl Dti {
                 tracing::warn!(twin, rule, "an alert could not be cleared: {e}");
             }
         }
-        for (rule, severity, message, values) in raised {
+        for (rule, kind, severity, message, values) in raised {
             let draft = Draft {
                 twin: twin.clone(),
                 device_type: self.slot.ty.device_type.to_string(),
                 rule: rule.clone(),
+                kind,
                 severity,
                 message,
                 values,

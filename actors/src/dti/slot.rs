@@ -163,6 +163,8 @@ pub struct TwinView {
     /// The newest value of each metric the device sent: `metric → {at, value}`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub telemetry_latest: BTreeMap<String, LatestPoint>,
+    /// From its open alerts.
+    pub health: twinfleet_models::Health,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]

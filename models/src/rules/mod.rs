@@ -171,6 +171,19 @@ fn text(o: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
 }
 
 impl Rule {
+    /// Its kind's name, as in its object.
+    pub fn kind(&self) -> &'static str {
+        match self.condition {
+            Condition::Threshold { .. } => "threshold",
+            Condition::Range { .. } => "range",
+            Condition::RateOfChange { .. } => "rate_of_change",
+            Condition::Staleness { .. } => "staleness",
+            Condition::Offline { .. } => "offline",
+            Condition::LogPattern { .. } => "log_pattern",
+            Condition::Expression { .. } => "expression",
+        }
+    }
+
     /// Reads and checks rule `id` from its (merged) object. `metrics`: the metrics the
     /// device type declares, if it declares any (a rule on another one is refused).
     pub fn from_value(id: &str, v: &Value, metrics: Option<&[String]>) -> Result<Rule, RuleError> {
