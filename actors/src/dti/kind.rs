@@ -28,6 +28,9 @@ pub struct TypeContext {
     defaults: RwLock<Arc<Map<String, Value>>>,
     /// Bumped whenever the defaults change: the twins resolve their rules again.
     rules_version: std::sync::atomic::AtomicU64,
+    /// The rules of the defaults alone, resolved once per version for every twin whose
+    /// layers add none.
+    type_rules: Mutex<Option<TypeRules>>,
     /// The messages its TDTA answers, while it runs.
     tdta: RwLock<Option<TdtaPorts>>,
     /// Keys of the packed fleet records, indexed by `TwinSlot::origin`.
@@ -58,6 +61,7 @@ impl TypeContext {
             path,
             defaults: RwLock::new(Arc::new(spec.defaults.clone())),
             rules_version: std::sync::atomic::AtomicU64::new(1),
+            type_rules: Mutex::new(None),
             tdta: RwLock::new(None),
             chunks: Mutex::new(Vec::new()),
             twins: AtomicUsize::new(0),
@@ -98,6 +102,22 @@ impl TypeContext {
         self.rules_version.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
+    /// The type's own rules as of `version` (its `defaults`), resolved once.
+    pub(crate) fn type_rules(
+        &self,
+        version: u64,
+        defaults: &Map<String, Value>,
+    ) -> (Arc<[twinfleet_models::rules::Rule]>, Vec<twinfleet_models::rules::RuleError>) {
+        let mut cached = self.type_rules.lock();
+        if let Some(t) = cached.as_ref().filter(|t| t.version == version) {
+            return (t.rules.clone(), t.errors.clone());
+        }
+        let e = twinfleet_models::rules::effective_rules(defaults, [], &Map::new(), self.metrics.as_deref());
+        let rules: Arc<[twinfleet_models::rules::Rule]> = e.rules.into_iter().map(|(r, _)| r).collect();
+        *cached = Some(TypeRules { version, rules: rules.clone(), errors: e.errors.clone() });
+        (rules, e.errors)
+    }
+
     /// Changes with every change of the defaults (and so of the type's rules).
     pub(crate) fn rules_version(&self) -> u64 {
         self.rules_version.load(std::sync::atomic::Ordering::Acquire)
@@ -115,6 +135,14 @@ impl TypeContext {
             metrics: self.metrics.as_deref().map(<[String]>::to_vec),
         }
     }
+}
+
+/// A type's own rules, resolved (`TypeContext::type_rules`).
+#[derive(Debug)]
+struct TypeRules {
+    version: u64,
+    rules: Arc<[twinfleet_models::rules::Rule]>,
+    errors: Vec<twinfleet_models::rules::RuleError>,
 }
 
 /// Creates twins of this type. All-or-nothing: an existing or duplicate id, or an

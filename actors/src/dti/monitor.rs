@@ -21,7 +21,8 @@ use twinfleet_runtime::WriteBatch;
 type Raised = (String, &'static str, twinfleet_models::Severity, String, BTreeMap<String, f64>);
 
 pub(crate) struct Monitor {
-    rules: Vec<Rule>,
+    /// Shared by every twin of the type whose layers add no rules.
+    rules: std::sync::Arc<[Rule]>,
     /// Rules that do not resolve, with why (shown in the twin's view).
     pub(crate) errors: Vec<twinfleet_models::rules::RuleError>,
     states: BTreeMap<String, RuleState>,
@@ -59,11 +60,16 @@ impl Dti {
             self.monitoring.monitor = None;
             return;
         }
-        let Effective { rules, errors } =
-            effective_rules(&defaults, layers.iter().copied(), &self.state.overrides, self.slot.ty.metrics.as_deref());
-        let rules: Vec<Rule> = rules.into_iter().map(|(r, _)| r).collect();
+        let own = self.state.overrides.contains_key(RULES_KEY) || layers.iter().any(|l| l.values.contains_key(RULES_KEY));
+        let (rules, errors) = if own {
+            let Effective { rules, errors } =
+                effective_rules(&defaults, layers.iter().copied(), &self.state.overrides, self.slot.ty.metrics.as_deref());
+            (rules.into_iter().map(|(r, _)| r).collect(), errors)
+        } else {
+            self.slot.ty.type_rules(version, &defaults)
+        };
         let m = self.monitoring.monitor.get_or_insert_with(|| {
-            Box::new(Monitor { rules: Vec::new(), errors: Vec::new(), states: BTreeMap::new(), wake: None })
+            Box::new(Monitor { rules: std::sync::Arc::from(Vec::new()), errors: Vec::new(), states: BTreeMap::new(), wake: None })
         });
         m.states.retain(|id, _| rules.iter().any(|r| &r.id == id));
         m.rules = rules;
@@ -96,10 +102,13 @@ impl Dti {
         let mut raised = Vec::new();
         let mut cleared = Vec::new();
         let mut wake: Option<Timestamp> = None;
-        for rule in &m.rules {
+        let rules = m.rules.clone();
+        for rule in rules.iter() {
             let stored = self.state.rules.get(&rule.id).copied().unwrap_or_default();
-            let st =
-                m.states.entry(rule.id.clone()).or_insert_with(|| RuleState { phase: stored, ..Default::default() });
+            if !m.states.contains_key(&rule.id) {
+                m.states.insert(rule.id.clone(), RuleState { phase: stored, ..Default::default() });
+            }
+            let Some(st) = m.states.get_mut(&rule.id) else { continue };
             for e in st.step(rule, &obs, now) {
                 match e {
                     RuleEffect::Raise { severity, message, values } => {
@@ -122,9 +131,10 @@ impl Dti {
                 }
             }
         }
-        // The next wake-up.
+        // The next wake-up. An armed one that comes earlier stays (when it fires, the
+        // look then arms the next): most inputs then touch no timer.
         let armed = m.wake.as_ref().map(|(t, _)| *t);
-        if armed != wake {
+        if wake.is_some_and(|w| armed.is_none_or(|a| w < a)) {
             if let Some((_, h)) = m.wake.take() {
                 ctx.cancel_future(h);
             }

@@ -94,7 +94,8 @@ pub enum Condition {
     /// text containing `contains`) arrived within `within_ms`; clear when fewer do.
     LogPattern { app: Option<String>, level: LogLevel, contains: Option<String>, count: u32, within_ms: u64 },
     /// Raise when `expr` holds; clear when `clear` holds (default: when `expr` does not).
-    Expression { expr: Expr, source: String, clear: Option<(Expr, String)> },
+    /// `reads`: the metrics either reads.
+    Expression { expr: Expr, source: String, clear: Option<(Expr, String)>, reads: Vec<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -327,12 +328,14 @@ impl Rule {
                     Some(c) => Some((Expr::parse(&c).map_err(|e| format!("clear {c:?}: {e}"))?, c)),
                     None => None,
                 };
-                for m in
-                    expr.metrics().iter().chain(clear.iter().flat_map(|(c, _)| c.metrics()).collect::<Vec<_>>().iter())
-                {
+                let mut reads = expr.metrics();
+                if let Some((c, _)) = &clear {
+                    reads.extend(c.metrics());
+                }
+                for m in &reads {
                     known(m, metrics)?;
                 }
-                Condition::Expression { expr, source, clear }
+                Condition::Expression { expr, source, clear, reads: reads.into_iter().collect() }
             }
         };
         let disabled = match o.get("disabled") {
@@ -543,15 +546,19 @@ pub enum RuleEffect {
 }
 
 /// The condition, seen once: whether the raise condition and the clear condition hold
-/// (`None`: unknown), and the values involved.
+/// (`None`: unknown), and when it changes by itself (time-based kinds). What it says of
+/// the values is only written when an alert is raised (`explain` below): a step that
+/// changes nothing allocates nothing.
 struct Seen {
     raise: Option<bool>,
     clear: Option<bool>,
-    values: BTreeMap<String, f64>,
-    why: String,
-    /// When the condition changes by itself (time-based kinds).
     changes_at: Option<Timestamp>,
 }
+
+const UNKNOWN: Seen = Seen { raise: None, clear: None, changes_at: None };
+
+/// An alert's message and triggering values, written when it is raised.
+type Explain<'a> = &'a dyn Fn() -> (String, BTreeMap<String, f64>);
 
 impl RuleState {
     /// Feeds `obs` at `now` to rule `rule`.
@@ -573,25 +580,25 @@ impl RuleState {
                 let mut any = false;
                 for p in obs.points.iter().filter(|p| &p.metric == metric) {
                     any = true;
-                    let seen = self.value_seen(rule, p);
-                    self.advance(rule, &seen, now, &mut effects, &mut wake);
+                    let (seen, rate) = self.value_seen(rule, p.at, p.value, true);
+                    let explain = || value_explain(rule, metric, p.value, rate);
+                    self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
                 }
                 if !any {
                     // A deadline: a threshold or range looks at the value that stands
                     // (a rate needs a new point).
-                    let standing = match &rule.condition {
-                        Condition::RateOfChange { .. } => None,
-                        _ => (obs.latest)(metric).map(|(at, value)| MetricPoint { metric: metric.clone(), at, value }),
-                    };
-                    let seen = standing.map_or_else(Seen::unknown, |p| self.value_seen(rule, &p));
-                    self.advance(rule, &seen, now, &mut effects, &mut wake);
+                    match (obs.latest)(metric) {
+                        Some((at, value)) if !matches!(rule.condition, Condition::RateOfChange { .. }) => {
+                            let (seen, rate) = self.value_seen(rule, at, value, false);
+                            let explain = || value_explain(rule, metric, value, rate);
+                            self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
+                        }
+                        _ => self.advance(rule, &UNKNOWN, &|| Default::default(), now, &mut effects, &mut wake),
+                    }
                 }
             }
-            Condition::Expression { expr, source, clear } => {
-                let touched = obs.points.is_empty() || {
-                    let ms = expr.metrics();
-                    obs.points.iter().any(|p| ms.contains(&p.metric))
-                };
+            Condition::Expression { expr, source, clear, reads } => {
+                let touched = obs.points.is_empty() || obs.points.iter().any(|p| reads.contains(&p.metric));
                 let get = |m: &str| (obs.latest)(m).map(|(_, v)| v);
                 let seen = if touched {
                     let raise = expr.holds(&get);
@@ -599,21 +606,26 @@ impl RuleState {
                         Some((c, _)) => c.holds(&get),
                         None => raise.map(|r| !r),
                     };
-                    let values = expr.metrics().into_iter().filter_map(|m| get(&m).map(|v| (m, v))).collect();
-                    Seen { raise, clear, values, why: format!("{source} holds"), changes_at: None }
+                    Seen { raise, clear, changes_at: None }
                 } else {
-                    Seen::unknown()
+                    UNKNOWN
                 };
-                self.advance(rule, &seen, now, &mut effects, &mut wake);
+                let explain = || {
+                    let values = reads.iter().filter_map(|m| get(m).map(|v| (m.clone(), v))).collect();
+                    (format!("{source} holds"), values)
+                };
+                self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
             }
             Condition::Staleness { metric, after_ms } => {
                 let last = (obs.latest)(metric).map(|(at, _)| at);
-                let seen = silence(last, *after_ms, now, &format!("no {metric} point"));
-                self.advance(rule, &seen, now, &mut effects, &mut wake);
+                let seen = silence(last, *after_ms, now);
+                let explain = || silent_explain(last, now, &format!("no {metric} point"));
+                self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
             }
             Condition::Offline { after_ms } => {
-                let seen = silence(obs.last_seen, *after_ms, now, "nothing from the device");
-                self.advance(rule, &seen, now, &mut effects, &mut wake);
+                let seen = silence(obs.last_seen, *after_ms, now);
+                let explain = || silent_explain(obs.last_seen, now, "nothing from the device");
+                self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
             }
             Condition::LogPattern { app, level, contains, count, within_ms } => {
                 for l in obs.logs {
@@ -633,12 +645,14 @@ impl RuleState {
                 let seen = Seen {
                     raise: Some(full),
                     clear: Some(!full),
-                    values: BTreeMap::from([("lines".to_string(), f64::from(n))]),
-                    why: format!("{n} matching log lines within {} ms", within_ms),
                     // The oldest hit leaves the window then.
                     changes_at: self.hits.first().filter(|_| full).map(|t| t.plus_millis(*within_ms + 1)),
                 };
-                self.advance(rule, &seen, now, &mut effects, &mut wake);
+                let explain = || {
+                    let values = BTreeMap::from([("lines".to_string(), f64::from(n))]);
+                    (format!("{n} matching log lines within {within_ms} ms"), values)
+                };
+                self.advance(rule, &seen, &explain, now, &mut effects, &mut wake);
             }
         }
         if let Some(t) = wake {
@@ -647,35 +661,24 @@ impl RuleState {
         effects
     }
 
-    /// A metric rule's view of one point.
-    fn value_seen(&mut self, rule: &Rule, p: &MetricPoint) -> Seen {
-        let v = p.value;
-        let values = BTreeMap::from([(p.metric.clone(), v)]);
-        let (raise, clear, why) = match &rule.condition {
-            Condition::Threshold { bound: Bound::Above { limit, clear_below }, .. } => {
-                (v > *limit, v <= *clear_below, format!("{} {v} above {limit}", p.metric))
+    /// A metric rule's view of one value (`fresh`: a new point, which a rate of change
+    /// remembers), and the rate where it computes one.
+    fn value_seen(&mut self, rule: &Rule, at: Timestamp, v: f64, fresh: bool) -> (Seen, f64) {
+        let (raise, clear, rate) = match &rule.condition {
+            Condition::Threshold { bound: Bound::Above { limit, clear_below }, .. } => (v > *limit, v <= *clear_below, 0.0),
+            Condition::Threshold { bound: Bound::Below { limit, clear_above }, .. } => (v < *limit, v >= *clear_above, 0.0),
+            Condition::Range { min, max, clear_margin, .. } => {
+                (v < *min || v > *max, v >= min + clear_margin && v <= max - clear_margin, 0.0)
             }
-            Condition::Threshold { bound: Bound::Below { limit, clear_above }, .. } => {
-                (v < *limit, v >= *clear_above, format!("{} {v} below {limit}", p.metric))
+            Condition::RateOfChange { max_per_s, clear_per_s, .. } if fresh => {
+                let before = self.last.replace((at, v));
+                let Some((t0, v0)) = before.filter(|(t0, _)| at > *t0) else { return (UNKNOWN, 0.0) };
+                let rate = ((v - v0) / ((at - t0) as f64 / 1000.0)).abs();
+                (rate > *max_per_s, rate <= *clear_per_s, rate)
             }
-            Condition::Range { min, max, clear_margin, .. } => (
-                v < *min || v > *max,
-                v >= min + clear_margin && v <= max - clear_margin,
-                format!("{} {v} outside {min}..{max}", p.metric),
-            ),
-            Condition::RateOfChange { max_per_s, clear_per_s, .. } => {
-                let before = self.last.replace((p.at, v));
-                let Some((t0, v0)) = before.filter(|(t0, _)| p.at > *t0) else { return Seen::unknown() };
-                let rate = ((v - v0) / ((p.at - t0) as f64 / 1000.0)).abs();
-                (
-                    rate > *max_per_s,
-                    rate <= *clear_per_s,
-                    format!("{} changes {rate:.3}/s, over {max_per_s}/s", p.metric),
-                )
-            }
-            _ => return Seen::unknown(),
+            _ => return (UNKNOWN, 0.0),
         };
-        Seen { raise: Some(raise), clear: Some(clear), values, why, changes_at: None }
+        (Seen { raise: Some(raise), clear: Some(clear), changes_at: None }, rate)
     }
 
     /// The lifecycle: one look at the condition at `at`.
@@ -683,17 +686,15 @@ impl RuleState {
         &mut self,
         rule: &Rule,
         seen: &Seen,
+        explain: Explain<'_>,
         at: Timestamp,
         effects: &mut Vec<RuleEffect>,
         wake: &mut Option<Timestamp>,
     ) {
         let soonest = |w: &mut Option<Timestamp>, t: Timestamp| *w = Some(w.map_or(t, |x| x.min(t)));
         let raise = |effects: &mut Vec<RuleEffect>| {
-            effects.push(RuleEffect::Raise {
-                severity: rule.severity,
-                message: format!("{}: {}", rule.id, seen.why),
-                values: seen.values.clone(),
-            })
+            let (why, values) = explain();
+            effects.push(RuleEffect::Raise { severity: rule.severity, message: format!("{}: {why}", rule.id), values })
         };
         let cleared = |effects: &mut Vec<RuleEffect>| {
             effects.push(RuleEffect::Clear { message: format!("{}: {} is back to normal", rule.id, rule.subject()) })
@@ -716,8 +717,7 @@ impl RuleState {
                 soonest(wake, since.plus_millis(rule.for_ms));
                 p
             }
-            (Phase::Firing { since }, _, Some(true)) if rule.clear_for_ms == 0 => {
-                let _ = since;
+            (Phase::Firing { .. }, _, Some(true)) if rule.clear_for_ms == 0 => {
                 cleared(effects);
                 Phase::Ok
             }
@@ -742,27 +742,31 @@ impl RuleState {
     }
 }
 
-impl Seen {
-    fn unknown() -> Seen {
-        Seen { raise: None, clear: None, values: BTreeMap::new(), why: String::new(), changes_at: None }
-    }
+/// What a metric rule says of the value that raised it.
+fn value_explain(rule: &Rule, metric: &str, v: f64, rate: f64) -> (String, BTreeMap<String, f64>) {
+    let why = match &rule.condition {
+        Condition::Threshold { bound: Bound::Above { limit, .. }, .. } => format!("{metric} {v} above {limit}"),
+        Condition::Threshold { bound: Bound::Below { limit, .. }, .. } => format!("{metric} {v} below {limit}"),
+        Condition::Range { min, max, .. } => format!("{metric} {v} outside {min}..{max}"),
+        Condition::RateOfChange { max_per_s, .. } => format!("{metric} changes {rate:.3}/s, over {max_per_s}/s"),
+        _ => String::new(),
+    };
+    (why, BTreeMap::from([(metric.to_string(), v)]))
+}
+
+fn silent_explain(last: Option<Timestamp>, now: Timestamp, what: &str) -> (String, BTreeMap<String, f64>) {
+    let quiet = last.map_or(0, |l| now.since(l));
+    (format!("{what} for {} s", quiet / 1000), BTreeMap::from([("silent_ms".to_string(), quiet as f64)]))
 }
 
 /// A silence rule's view: raised once nothing came for `after_ms`.
-fn silence(last: Option<Timestamp>, after_ms: u64, now: Timestamp, what: &str) -> Seen {
+fn silence(last: Option<Timestamp>, after_ms: u64, now: Timestamp) -> Seen {
     let Some(last) = last else {
         // Never heard from: nothing to miss yet.
-        return Seen::unknown();
+        return UNKNOWN;
     };
-    let quiet = now.since(last);
-    let silent = quiet >= after_ms;
-    Seen {
-        raise: Some(silent),
-        clear: Some(!silent),
-        values: BTreeMap::from([("silent_ms".to_string(), quiet as f64)]),
-        why: format!("{what} for {} s", quiet / 1000),
-        changes_at: (!silent).then(|| last.plus_millis(after_ms)),
-    }
+    let silent = now.since(last) >= after_ms;
+    Seen { raise: Some(silent), clear: Some(!silent), changes_at: (!silent).then(|| last.plus_millis(after_ms)) }
 }
 
 #[cfg(test)]
