@@ -32,13 +32,20 @@ fn rules() -> serde_json::Value {
     }})
 }
 
-async fn fleet(p: &Platform, ty: &str, defaults: serde_json::Value, prefix: &str, n: usize) -> Vec<twinfleet::TwinHandle> {
+async fn fleet(
+    p: &Platform,
+    ty: &str,
+    defaults: serde_json::Value,
+    prefix: &str,
+    n: usize,
+) -> Vec<twinfleet::TwinHandle> {
     let spec = DeviceTypeSpec {
         defaults: defaults.as_object().cloned().unwrap_or_default(),
         ..DeviceTypeSpec::new(DeviceTypeId::new(ty).unwrap())
     };
     let h = p.create_device_type(spec).await.unwrap();
-    let specs: Vec<TwinSpec> = (0..n).map(|i| TwinSpec::new(TwinId::new(format!("{prefix}-{i:06}")).unwrap())).collect();
+    let specs: Vec<TwinSpec> =
+        (0..n).map(|i| TwinSpec::new(TwinId::new(format!("{prefix}-{i:06}")).unwrap())).collect();
     h.spawn_fleet(specs).await.unwrap();
     (0..n).map(|i| p.twin(&format!("{prefix}-{i:06}")).unwrap()).collect()
 }
@@ -136,7 +143,12 @@ async fn run() {
             .unwrap(),
         ..DeviceTypeSpec::new(DeviceTypeId::new("probe").unwrap())
     };
-    p.create_device_type(spec).await.unwrap().spawn_fleet(vec![TwinSpec::new(TwinId::new("probe-0").unwrap())]).await.unwrap();
+    p.create_device_type(spec)
+        .await
+        .unwrap()
+        .spawn_fleet(vec![TwinSpec::new(TwinId::new("probe-0").unwrap())])
+        .await
+        .unwrap();
     let probe = p.twin("probe-0").unwrap();
     let load_until = Instant::now() + Duration::from_secs(12);
     let target = rb / 2.0;
@@ -212,7 +224,8 @@ async fn run() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let b: f64 = text.lines().find_map(|l| l.strip_prefix("MEM ")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+        let b: f64 =
+            text.lines().find_map(|l| l.strip_prefix("MEM ")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
         let label = if name == "none" { "no rules" } else { "5 rules" };
         println!("| {label}, one batch taken | {m} | {} | {b:.0} |", cores());
     }

@@ -60,16 +60,26 @@ impl Dti {
             self.monitoring.monitor = None;
             return;
         }
-        let own = self.state.overrides.contains_key(RULES_KEY) || layers.iter().any(|l| l.values.contains_key(RULES_KEY));
+        let own =
+            self.state.overrides.contains_key(RULES_KEY) || layers.iter().any(|l| l.values.contains_key(RULES_KEY));
         let (rules, errors) = if own {
-            let Effective { rules, errors } =
-                effective_rules(&defaults, layers.iter().copied(), &self.state.overrides, self.slot.ty.metrics.as_deref());
+            let Effective { rules, errors } = effective_rules(
+                &defaults,
+                layers.iter().copied(),
+                &self.state.overrides,
+                self.slot.ty.metrics.as_deref(),
+            );
             (rules.into_iter().map(|(r, _)| r).collect(), errors)
         } else {
             self.slot.ty.type_rules(version, &defaults)
         };
         let m = self.monitoring.monitor.get_or_insert_with(|| {
-            Box::new(Monitor { rules: std::sync::Arc::from(Vec::new()), errors: Vec::new(), states: BTreeMap::new(), wake: None })
+            Box::new(Monitor {
+                rules: std::sync::Arc::from(Vec::new()),
+                errors: Vec::new(),
+                states: BTreeMap::new(),
+                wake: None,
+            })
         });
         m.states.retain(|id, _| rules.iter().any(|r| &r.id == id));
         m.rules = rules;

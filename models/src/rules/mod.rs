@@ -665,8 +665,12 @@ impl RuleState {
     /// remembers), and the rate where it computes one.
     fn value_seen(&mut self, rule: &Rule, at: Timestamp, v: f64, fresh: bool) -> (Seen, f64) {
         let (raise, clear, rate) = match &rule.condition {
-            Condition::Threshold { bound: Bound::Above { limit, clear_below }, .. } => (v > *limit, v <= *clear_below, 0.0),
-            Condition::Threshold { bound: Bound::Below { limit, clear_above }, .. } => (v < *limit, v >= *clear_above, 0.0),
+            Condition::Threshold { bound: Bound::Above { limit, clear_below }, .. } => {
+                (v > *limit, v <= *clear_below, 0.0)
+            }
+            Condition::Threshold { bound: Bound::Below { limit, clear_above }, .. } => {
+                (v < *limit, v >= *clear_above, 0.0)
+            }
             Condition::Range { min, max, clear_margin, .. } => {
                 (v < *min || v > *max, v >= min + clear_margin && v <= max - clear_margin, 0.0)
             }
