@@ -312,6 +312,18 @@ impl AlertBook {
         Ok(())
     }
 
+    /// Clears every open alert of `twin` (it is deleted), written with `batch`.
+    pub(crate) fn clear_twin_into(&self, batch: &mut WriteBatch, twin: &str, now: Timestamp) {
+        let prefix = open_key(twin, "");
+        let rules: Vec<String> =
+            self.open.iter().filter(|e| e.key().starts_with(&prefix)).map(|e| e.rule.clone()).collect();
+        for rule in rules {
+            if let Err(e) = self.clear_into(batch, twin, &rule, now) {
+                tracing::warn!(twin, rule, "an alert of a deleted twin could not be cleared: {e}");
+            }
+        }
+    }
+
     pub fn get(&self, id: u64) -> Result<Option<RuleAlert>, TwinError> {
         if let Some(a) = self.open.iter().find(|a| a.id == id) {
             return Ok(Some(a.clone()));

@@ -301,6 +301,8 @@ impl TwinRuntime {
                 b.put(spaces::FLEET, key, encode_record(&rec));
             }
         }
+        // Its open alerts end with it.
+        env.alert_book.clear_twin_into(&mut b, slot.id.as_str(), env.clock.now());
         b.delete(spaces::SNAPSHOT, twin_key(&slot.id));
         b.delete(spaces::CREDENTIAL, twin_key(&slot.id));
         b.delete(spaces::TELEMETRY_LATEST, twin_key(&slot.id));

@@ -136,6 +136,17 @@ async fn layered_thresholds_offline_hysteresis_and_log_patterns_raise_and_clear_
     assert!(!open(&p, "m-0").contains_key("stalls"));
     m0.append_logs(vec![line("ok"), line("stall again")]).await.unwrap();
     assert!(open(&p, "m-0").contains_key("stalls"));
+
+    // An archived (decommissioned) twin watches nothing, and a deleted one's alerts end.
+    assert!(!open(&p, "m-1").is_empty());
+    p.twin("m-1").unwrap().command(TwinCommand::Archive).await.unwrap();
+    let v = p.twin("m-1").unwrap().get().await.unwrap();
+    assert!(open(&p, "m-1").is_empty(), "{:?} {:?} {:?}", open(&p, "m-1"), v.state.rules, v.state.lifecycle);
+    clock.advance(60_000);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(open(&p, "m-1").is_empty(), "no offline alert for an archived twin");
+    p.runtime().delete_twin("m-0").await.unwrap();
+    assert!(open(&p, "m-0").is_empty());
     p.shutdown().await;
 }
 

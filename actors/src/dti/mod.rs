@@ -255,8 +255,9 @@ impl Dti {
         };
         // From the device (it is alive), or changing the twin's own rules.
         let device = matches!(cmd, TwinCommand::Report(_) | TwinCommand::Ack { .. });
-        let rules_touched =
-            matches!(&cmd, TwinCommand::SetOverrides(p) if p.contains_key(twinfleet_models::rules::RULES_KEY));
+        // (Archived, it watches nothing: its alerts clear.)
+        let rules_touched = matches!(&cmd, TwinCommand::SetOverrides(p) if p.contains_key(twinfleet_models::rules::RULES_KEY))
+            || matches!(cmd, TwinCommand::Archive);
         let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
         for e in &events {
             self.state.evolve(e);

@@ -62,7 +62,11 @@ impl Dti {
         }
         let own =
             self.state.overrides.contains_key(RULES_KEY) || layers.iter().any(|l| l.values.contains_key(RULES_KEY));
-        let (rules, errors) = if own {
+        let archived = self.state.lifecycle == twinfleet_models::Lifecycle::Archived;
+        let (rules, errors) = if archived {
+            // An archived (decommissioned) twin watches nothing: its alerts clear.
+            (std::sync::Arc::from(Vec::new()), Vec::new())
+        } else if own {
             let Effective { rules, errors } = effective_rules(
                 &defaults,
                 layers.iter().copied(),
