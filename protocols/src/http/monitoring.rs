@@ -103,14 +103,7 @@ async fn stream(
     req: HttpRequest,
     q: web::Query<StreamQuery>,
 ) -> Result<HttpResponse> {
-    match &q.device_type {
-        Some(ty) => rt.authorize_type(
-            &caller.0,
-            Action::Read,
-            &DeviceTypeId::new(ty).map_err(twinfleet_actors::TwinError::from)?,
-        )?,
-        None => rt.authorize(&caller.0, Action::Read)?,
-    }
+    may_read(&rt, &caller, q.device_type.as_deref())?;
     let q = q.into_inner();
     let last = req
         .headers()
@@ -151,7 +144,17 @@ struct AlertPage {
 #[utoipa::path(tag = "monitoring", params(AlertQuery), responses((status = 200, body = AlertPage), Errors), security(("bearer" = [])))]
 #[get("/alerts")]
 async fn list(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AlertQuery>) -> Result<HttpResponse> {
-    match &q.device_type {
+    may_read(&rt, &caller, q.device_type.as_deref())?;
+    let rt2 = rt.clone();
+    let (alerts, next) = web::block(move || rt2.alert_book().list(&q))
+        .await
+        .map_err(|e| twinfleet_actors::TwinError::Invalid(format!("the alert query did not run: {e}")))??;
+    Ok(HttpResponse::Ok().json(AlertPage { alerts, next }))
+}
+
+/// Reading alerts needs `read` on the fleet, or on the device type a query names.
+fn may_read(rt: &TwinRuntime, caller: &Caller, device_type: Option<&str>) -> Result<()> {
+    match device_type {
         Some(ty) => rt.authorize_type(
             &caller.0,
             Action::Read,
@@ -159,11 +162,7 @@ async fn list(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<AlertQue
         )?,
         None => rt.authorize(&caller.0, Action::Read)?,
     }
-    let rt2 = rt.clone();
-    let (alerts, next) = web::block(move || rt2.alert_book().list(&q))
-        .await
-        .map_err(|e| twinfleet_actors::TwinError::Invalid(format!("the alert query did not run: {e}")))??;
-    Ok(HttpResponse::Ok().json(AlertPage { alerts, next }))
+    Ok(())
 }
 
 fn one(rt: &TwinRuntime, caller: &Caller, id: u64, action: Action) -> Result<RuleAlert> {

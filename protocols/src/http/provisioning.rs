@@ -109,6 +109,19 @@ async fn list_batches(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<
     Ok(HttpResponse::Ok().json(rt.batches(h.id().as_str())?))
 }
 
+/// A batch's type (checked: `action` on it) and name, from its path.
+fn batch_path(
+    rt: &TwinRuntime,
+    caller: &Caller,
+    path: web::Path<(String, String)>,
+    action: Action,
+) -> Result<(String, String)> {
+    let (id, name) = path.into_inner();
+    let h = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, action, h.id())?;
+    Ok((h.id().to_string(), name))
+}
+
 #[utoipa::path(tag = "provisioning", responses((status = 200, body = BatchView), Errors), security(("bearer" = [])))]
 #[get("/device-types/{id}/batches/{name}")]
 async fn show_batch(
@@ -116,10 +129,8 @@ async fn show_batch(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse> {
-    let (id, name) = path.into_inner();
-    let h = rt.device_type(&id)?;
-    rt.authorize_type(&caller.0, Action::Read, h.id())?;
-    Ok(HttpResponse::Ok().json(rt.batch(h.id().as_str(), &name)?))
+    let (ty, name) = batch_path(&rt, &caller, path, Action::Read)?;
+    Ok(HttpResponse::Ok().json(rt.batch(&ty, &name)?))
 }
 
 /// `DELETE /device-types/{id}/batches/{name}`: its claim token stops working at once
@@ -131,10 +142,8 @@ async fn delete_batch(
     caller: Caller,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse> {
-    let (id, name) = path.into_inner();
-    let h = rt.device_type(&id)?;
-    rt.authorize_type(&caller.0, Action::Provision, h.id())?;
-    Ok(HttpResponse::Ok().json(rt.delete_batch(h.id().as_str(), &name).await?))
+    let (ty, name) = batch_path(&rt, &caller, path, Action::Provision)?;
+    Ok(HttpResponse::Ok().json(rt.delete_batch(&ty, &name).await?))
 }
 
 /// `GET /provisioning/pending`: the devices that wait for an operator, oldest serial
