@@ -71,6 +71,8 @@ pub struct AlertBook {
     sinks: DashMap<String, Arc<SinkStats>>,
     /// Per twin: the health its open alerts give it (absent: ok).
     health: DashMap<String, twinfleet_models::Health>,
+    /// The silences not yet deleted (expired ones too, until deleted).
+    silences: parking_lot::RwLock<Vec<twinfleet_models::notify::Silence>>,
 }
 
 /// A notification sink's counters (`/metrics`).
@@ -81,6 +83,8 @@ pub struct SinkStats {
     pub failed: std::sync::atomic::AtomicU64,
     /// Changes it never got: older than the change log keeps when it came to them.
     pub dropped: std::sync::atomic::AtomicU64,
+    /// Changes a silence held back.
+    pub silenced: std::sync::atomic::AtomicU64,
     /// It has failed its retries and keeps trying the same change (with the longest
     /// backoff) until it takes it.
     pub failing: std::sync::atomic::AtomicBool,
@@ -116,7 +120,14 @@ impl AlertBook {
             tx,
             sinks: DashMap::new(),
             health: DashMap::new(),
+            silences: parking_lot::RwLock::new(Vec::new()),
         };
+        for row in book.storage.scan(spaces::SILENCE, b"") {
+            let (_, v) = row?;
+            if let Ok(silence) = decode_record(&v) {
+                book.silences.write().push(silence);
+            }
+        }
         let twins: std::collections::BTreeSet<String> = book.open.iter().map(|a| a.twin.clone()).collect();
         for t in twins {
             book.rehealth(&t);
@@ -128,6 +139,39 @@ impl AlertBook {
     /// revision.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.tx.subscribe()
+    }
+
+    /// Adds `silence` (checked; its id is given here); resolves once durable.
+    pub async fn add_silence(
+        &self,
+        mut silence: twinfleet_models::notify::Silence,
+    ) -> Result<twinfleet_models::notify::Silence, TwinError> {
+        silence.validate().map_err(TwinError::Invalid)?;
+        silence.id = self.storage.generate_id()?;
+        let mut b = WriteBatch::new();
+        b.put(spaces::SILENCE, silence.id.to_be_bytes().to_vec(), encode_record(&silence));
+        self.storage.submit(b).await?;
+        self.silences.write().push(silence.clone());
+        Ok(silence)
+    }
+
+    pub fn silences(&self) -> Vec<twinfleet_models::notify::Silence> {
+        self.silences.read().clone()
+    }
+
+    pub async fn delete_silence(&self, id: u64) -> Result<twinfleet_models::notify::Silence, TwinError> {
+        let found = self.silences.read().iter().find(|s| s.id == id).cloned();
+        let silence = found.ok_or_else(|| TwinError::Unknown { kind: "silence", id: id.to_string() })?;
+        let mut b = WriteBatch::new();
+        b.delete(spaces::SILENCE, id.to_be_bytes().to_vec());
+        self.storage.submit(b).await?;
+        self.silences.write().retain(|s| s.id != id);
+        Ok(silence)
+    }
+
+    /// Whether a silence holds back `a`'s change at `now`.
+    pub fn silenced(&self, a: &RuleAlert, now: Timestamp) -> bool {
+        self.silences.read().iter().any(|s| s.mutes(a, now))
     }
 
     /// Twin `twin`'s health from its open alerts.

@@ -72,3 +72,5 @@ pub const ALERT_CHANGE: Space = Space(23);
 /// Notification sinks' cursors: key = sink name; value = the last change-log revision it
 /// delivered (BE).
 pub const NOTIFY_CURSOR: Space = Space(24);
+/// Silences of notifications: key = silence id (BE); value = the `notify::Silence`.
+pub const SILENCE: Space = Space(25);

@@ -122,3 +122,118 @@ mod tests {
         assert!(validate_sinks(&[s.clone(), s]).unwrap_err().contains("twice"));
     }
 }
+
+/// A silence: while it lasts, the changes of the alerts it matches are not sent to any
+/// sink (they are still raised, stored, listed and streamed). A DTA's maintenance
+/// window is a silence on `group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Silence {
+    #[serde(default)]
+    pub id: u64,
+    /// What it matches: every given field must (at least one is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// A DTA the twin belongs to directly (a maintenance window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// From (default: when it is created) until, in ms since the epoch.
+    #[serde(default)]
+    pub starts_at: crate::time::Timestamp,
+    pub ends_at: crate::time::Timestamp,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub created_by: String,
+}
+
+/// The longest silence: a year.
+pub const MAX_SILENCE_MS: i64 = 366 * 86_400_000;
+
+impl Silence {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.twin.is_none() && self.device_type.is_none() && self.rule.is_none() && self.group.is_none() {
+            return Err("a silence matches something: give a twin, device_type, rule or group".into());
+        }
+        if self.ends_at <= self.starts_at {
+            return Err(format!("ends_at {} is not after starts_at {}", self.ends_at.0, self.starts_at.0));
+        }
+        if self.ends_at - self.starts_at > MAX_SILENCE_MS {
+            return Err("a silence lasts at most a year".into());
+        }
+        if self.comment.len() > 1_024 {
+            return Err("a comment is at most 1,024 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// Whether it holds back `a`'s change at `now`.
+    pub fn mutes(&self, a: &RuleAlert, now: crate::time::Timestamp) -> bool {
+        self.starts_at <= now
+            && now < self.ends_at
+            && self.twin.as_ref().is_none_or(|t| &a.twin == t)
+            && self.device_type.as_ref().is_none_or(|t| &a.device_type == t)
+            && self.rule.as_ref().is_none_or(|r| &a.rule == r)
+            && self.group.as_ref().is_none_or(|g| a.memberships.contains(g))
+    }
+}
+
+#[cfg(test)]
+mod silence_tests {
+    use super::*;
+    use crate::time::Timestamp;
+
+    #[test]
+    fn a_silence_mutes_what_it_matches_while_it_lasts() {
+        let mut a = super::tests_support::alert();
+        a.memberships = vec!["ward-1".into()];
+        let s = Silence {
+            id: 1,
+            twin: None,
+            device_type: None,
+            rule: None,
+            group: Some("ward-1".into()),
+            starts_at: Timestamp(100),
+            ends_at: Timestamp(200),
+            comment: "maintenance".into(),
+            created_by: "ops".into(),
+        };
+        assert_eq!(s.validate(), Ok(()));
+        assert!(!s.mutes(&a, Timestamp(99)) && s.mutes(&a, Timestamp(100)) && !s.mutes(&a, Timestamp(200)));
+        a.memberships.clear();
+        assert!(!s.mutes(&a, Timestamp(150)), "another group");
+        let none = Silence { group: None, ..s.clone() };
+        assert!(none.validate().unwrap_err().contains("matches something"));
+        let backwards = Silence { ends_at: Timestamp(50), ..s };
+        assert!(backwards.validate().unwrap_err().contains("not after"));
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    pub fn alert() -> RuleAlert {
+        RuleAlert {
+            id: 1,
+            twin: "t".into(),
+            device_type: "pump".into(),
+            rule: "r".into(),
+            kind: "threshold".into(),
+            severity: Severity::Major,
+            state: AlertState::Raised,
+            message: String::new(),
+            values: Default::default(),
+            raised_at: crate::time::Timestamp(0),
+            acknowledged_at: None,
+            acknowledged_by: None,
+            cleared_at: None,
+            memberships: vec![],
+            location: None,
+            recent_events: vec![],
+        }
+    }
+    use super::*;
+}

@@ -11,7 +11,8 @@
 //! failed attempts the sink is marked failing (`/metrics`) and keeps retrying the same
 //! change every 60 s. A webhook must answer 2xx within 5 s; redirects are not followed
 //! (a 3xx is a failure). A sink further behind than the log keeps loses the older
-//! changes, counted as dropped.
+//! changes, counted as dropped. A change that an active silence matches when its turn
+//! comes is not sent (counted as silenced); it is not sent later either.
 
 use hmac::{Hmac, Mac};
 use std::sync::Arc;
@@ -126,8 +127,12 @@ fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
             continue;
         }
         for (rev, alert) in changes {
-            if spec.wants(&alert) && !deliver_with_retries(&agent, &spec, rev, &alert, &stats, &stop) {
-                return; // stopped
+            if spec.wants(&alert) {
+                if book.silenced(&alert, rt.clock().now()) {
+                    stats.silenced.fetch_add(1, Relaxed);
+                } else if !deliver_with_retries(&agent, &spec, rev, &alert, &stats, &stop) {
+                    return; // stopped
+                }
             }
             cursor = rev;
             // (Durable before the next one: a restart delivers it at most once more.)

@@ -231,6 +231,17 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     assert_eq!((s, page["alerts"].as_array().unwrap().len()), (200, 0));
     let (s, e) = call("GET", "/api/v1/alerts?state=lost".into(), None).await.unwrap();
     assert_eq!(s, 400, "{e}");
+    // Silences over HTTP: a bad one is refused, naming the problem.
+    let (s, e) = call("POST", "/api/v1/silences".into(), Some(json!({"ends_at": 5}).to_string())).await.unwrap();
+    assert!(s == 400 && e["message"].as_str().unwrap().contains("matches something"), "{s} {e}");
+    let ok =
+        json!({"group": "hall", "ends_at": p.runtime().clock().now().plus_millis(60_000), "comment": "swap filters"});
+    let (s, v) = call("POST", "/api/v1/silences".into(), Some(ok.to_string())).await.unwrap();
+    assert_eq!((s, v["created_by"].clone()), (201, json!("admin")), "{v}");
+    let (_, list) = call("GET", "/api/v1/silences".into(), None).await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (s, _) = call("DELETE", format!("/api/v1/silences/{}", v["id"]), None).await.unwrap();
+    assert_eq!(s, 200);
     // A malformed rule is refused where it is written, naming the problem.
     let bad = json!({"rules": {"cold": {"kind": "threshold", "metric": "temp", "below": 5, "clear_above": 2}}});
     let (s, e) = call("PATCH", "/api/v1/twins/m-0/overrides".into(), Some(bad.to_string())).await.unwrap();
@@ -368,6 +379,37 @@ async fn alerts_reach_a_real_webhook_signed_retried_routed_and_resumed_after_a_r
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(hook.taken().len(), 3, "nothing delivered twice");
+
+    // A silence (a maintenance window of DTA "hall": m-1) holds its changes back; the
+    // others go on.
+    let now = p.runtime().clock().now();
+    let silence = twinfleet::models::notify::Silence {
+        id: 0,
+        twin: None,
+        device_type: None,
+        rule: None,
+        group: Some("hall".into()),
+        starts_at: now,
+        ends_at: now.plus_millis(3_600_000),
+        comment: "maintenance".into(),
+        created_by: "test".into(),
+    };
+    let silence = p.runtime().alert_book().add_silence(silence).await.unwrap();
+    point(&p, "m-1", 10.0).await; // m-1's hot clears: silenced
+    point(&p, "m-0", 99.0).await; // m-0's raises: delivered
+    let taken = eventually("m-0's change", || async {
+        let t = hook.taken();
+        (t.len() == 4).then_some(t)
+    })
+    .await;
+    assert_eq!(taken[3]["alert"]["twin"], "m-0");
+    eventually("m-1's change counted as silenced", || async {
+        (stats.silenced.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    p.runtime().alert_book().delete_silence(silence.id).await.unwrap();
+    point(&p, "m-1", 95.0).await; // raises again: delivered
+    eventually("m-1's change after the silence", || async { (hook.taken().len() == 5).then_some(()) }).await;
     actix_rt::task::spawn_blocking(move || n.stop()).await.unwrap();
     p.shutdown().await;
 }

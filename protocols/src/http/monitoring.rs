@@ -2,7 +2,7 @@
 //! id, and an operator's acknowledgement.
 
 use super::{Caller, Errors, Result};
-use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use std::collections::VecDeque;
 use std::time::Duration;
 use twinfleet_actors::{AlertBook, AlertQuery, TwinRuntime};
@@ -10,7 +10,56 @@ use twinfleet_models::{Action, DeviceTypeId, RuleAlert, Severity};
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     // (`/alerts/stream` before `/alerts/{id}`.)
-    cfg.service(stream).service(list).service(show).service(acknowledge);
+    cfg.service(stream)
+        .service(list)
+        .service(show)
+        .service(acknowledge)
+        .service(add_silence)
+        .service(list_silences)
+        .service(delete_silence);
+}
+
+/// `POST /silences`: while it lasts, the alerts it matches (`twin`, `device_type`,
+/// `rule`, `group`: every given one) reach no notification sink; they are still raised,
+/// stored and streamed. A DTA's maintenance window is a silence on `group`. `ends_at`
+/// (ms since the epoch) is required; `starts_at` defaults to now. Needs `write` on the
+/// fleet, or on the device type it names.
+#[utoipa::path(tag = "monitoring", request_body = twinfleet_models::notify::Silence, responses((status = 201, body = twinfleet_models::notify::Silence), Errors), security(("bearer" = [])))]
+#[post("/silences")]
+async fn add_silence(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    body: web::Json<twinfleet_models::notify::Silence>,
+) -> Result<HttpResponse> {
+    let mut s = body.into_inner();
+    match &s.device_type {
+        Some(ty) => rt.authorize_type(
+            &caller.0,
+            Action::Write,
+            &DeviceTypeId::new(ty).map_err(twinfleet_actors::TwinError::from)?,
+        )?,
+        None => rt.authorize(&caller.0, Action::Write)?,
+    }
+    if s.starts_at.0 == 0 {
+        s.starts_at = rt.clock().now();
+    }
+    s.created_by = caller.0.user.to_string();
+    Ok(HttpResponse::Created().json(rt.alert_book().add_silence(s).await?))
+}
+
+/// `GET /silences`: every silence not deleted (expired ones too).
+#[utoipa::path(tag = "monitoring", responses((status = 200, body = Vec<twinfleet_models::notify::Silence>), Errors), security(("bearer" = [])))]
+#[get("/silences")]
+async fn list_silences(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+    may_read(&rt, &caller, None)?;
+    Ok(HttpResponse::Ok().json(rt.alert_book().silences()))
+}
+
+#[utoipa::path(tag = "monitoring", responses((status = 200, body = twinfleet_models::notify::Silence), Errors), security(("bearer" = [])))]
+#[delete("/silences/{id}")]
+async fn delete_silence(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<u64>) -> Result<HttpResponse> {
+    rt.authorize(&caller.0, Action::Write)?;
+    Ok(HttpResponse::Ok().json(rt.alert_book().delete_silence(*id).await?))
 }
 
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]

@@ -46,6 +46,7 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
             "Alert changes a sink never got: older than the change log keeps.",
             2,
         ),
+        ("twinfleet_notifications_silenced_total", "Alert changes a silence held back from a sink.", 4),
         ("twinfleet_notification_sink_failing", "1 while a sink has failed its retries and keeps retrying.", 3),
     ] {
         e.family(name, if f == 3 { "gauge" } else { "counter" }, what);
@@ -55,6 +56,7 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
                 0 => st.delivered.load(Relaxed),
                 1 => st.failed.load(Relaxed),
                 2 => st.dropped.load(Relaxed),
+                4 => st.silenced.load(Relaxed),
                 _ => u64::from(st.failing.load(Relaxed)),
             };
             e.sample(name, &[("sink", sink)], n);
