@@ -106,6 +106,12 @@ impl TwinHandle {
         self.request(Get).await
     }
 
+    /// Its effective monitoring rules: each with the layer that set it last and its
+    /// phase, and the rules that do not resolve.
+    pub async fn rules(&self) -> Result<crate::dti::monitor::RulesView, TwinError> {
+        self.request(crate::dti::Rules).await
+    }
+
     /// Applies a command; resolves with the journal sequence number once it is durable.
     pub async fn command(&self, cmd: TwinCommand) -> Result<u64, TwinError> {
         self.request(Command(cmd, WriteBatch::new())).await

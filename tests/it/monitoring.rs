@@ -231,6 +231,12 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     assert_eq!((s, page["alerts"].as_array().unwrap().len()), (200, 0));
     let (s, e) = call("GET", "/api/v1/alerts?state=lost".into(), None).await.unwrap();
     assert_eq!(s, 400, "{e}");
+    // A twin's effective rules, with where each comes from.
+    let (s, v) = call("GET", "/api/v1/twins/m-1/rules".into(), None).await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    let hot = v["rules"].as_array().unwrap().iter().find(|r| r["id"] == "hot").unwrap().clone();
+    assert_eq!((hot["source"]["kind"].clone(), hot["source"]["dta"].clone()), (json!("dta"), json!("hall")), "{hot}");
+    assert_eq!(hot["phase"]["phase"], "firing");
     // Silences over HTTP: a bad one is refused, naming the problem.
     let (s, e) = call("POST", "/api/v1/silences".into(), Some(json!({"ends_at": 5}).to_string())).await.unwrap();
     assert!(s == 400 && e["message"].as_str().unwrap().contains("matches something"), "{s} {e}");

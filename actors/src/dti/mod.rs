@@ -31,7 +31,7 @@ use twinfleet_runtime::series::SeriesPoints;
 use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_key, panic};
 
 mod kind;
-mod monitor;
+pub mod monitor;
 mod requests;
 mod slot;
 
@@ -41,7 +41,7 @@ pub(crate) mod ingest;
 
 pub(crate) use requests::{
     Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared,
-    Request, Retire, Telemetry, ToDevice,
+    Request, Retire, Rules, Telemetry, ToDevice,
 };
 pub use slot::*;
 

@@ -42,7 +42,57 @@ pub(crate) struct Monitoring {
     pub(crate) last_seen: Option<Timestamp>,
 }
 
+/// A twin's effective rules as the API shows them.
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RulesView {
+    pub rules: Vec<RuleLine>,
+    /// Rules that do not resolve, and why.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RuleLine {
+    pub id: String,
+    pub kind: &'static str,
+    pub severity: twinfleet_models::Severity,
+    pub disabled: bool,
+    pub for_ms: u64,
+    pub clear_for_ms: u64,
+    /// The layer that touched it last.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub source: twinfleet_models::LayerSource,
+    /// Where it stands (persisted phase; `ok` when absent).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub phase: Phase,
+}
+
 impl Dti {
+    /// The effective rules with their provenance (resolved afresh, not from the cache).
+    pub(crate) fn rules_view(&self) -> RulesView {
+        let defaults = self.slot.ty.defaults();
+        let layers = self.layers.iter().flat_map(|r| r.layers.iter());
+        let e = effective_rules(&defaults, layers, &self.state.overrides, self.slot.ty.metrics.as_deref());
+        RulesView {
+            rules: e
+                .rules
+                .into_iter()
+                .map(|(r, source)| RuleLine {
+                    phase: self.state.rules.get(&r.id).copied().unwrap_or_default(),
+                    kind: r.kind(),
+                    severity: r.severity,
+                    disabled: r.disabled,
+                    for_ms: r.for_ms,
+                    clear_for_ms: r.clear_for_ms,
+                    id: r.id,
+                    source,
+                })
+                .collect(),
+            errors: e.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
     /// Resolves the rules again if their layers changed.
     fn resolve_rules(&mut self) {
         let version = self.slot.ty.rules_version();

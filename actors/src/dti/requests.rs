@@ -56,6 +56,9 @@ impl<R: Send + 'static> Answered<R> {
 /// The twin's view.
 #[derive(Debug)]
 pub(crate) struct Get;
+/// The twin's effective rules, each with its layer and phase.
+#[derive(Debug)]
+pub(crate) struct Rules;
 /// A command, and records to write in the same atomic batch if it is accepted;
 /// answered with the journal sequence number once durable.
 #[derive(Debug)]
@@ -108,6 +111,13 @@ fn seq(r: Result<Applied, TwinError>) -> Outcome<u64> {
             Outcome::AfterFlush(applied, seq)
         }
         Err(e) => Outcome::Now(Err(e)),
+    }
+}
+
+impl Request for Rules {
+    type Reply = super::monitor::RulesView;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Self::Reply> {
+        Outcome::Now(Ok(dti.rules_view()))
     }
 }
 

@@ -16,7 +16,18 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(acknowledge)
         .service(add_silence)
         .service(list_silences)
-        .service(delete_silence);
+        .service(delete_silence)
+        .service(twin_rules);
+}
+
+/// `GET /twins/{id}/rules`: the twin's effective monitoring rules (its type's defaults,
+/// its DTAs' layers, its own overrides, merged), each with the layer that set it last
+/// and its phase, and the rules that do not resolve. Needs `read` on the twin.
+#[utoipa::path(tag = "monitoring", responses((status = 200, body = twinfleet_actors::dti::monitor::RulesView), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/rules")]
+async fn twin_rules(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = super::twins::twin_for(&rt, &caller, &id, Action::Read)?;
+    Ok(HttpResponse::Ok().json(h.rules().await?))
 }
 
 /// `POST /silences`: while it lasts, the alerts it matches (`twin`, `device_type`,
