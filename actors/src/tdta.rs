@@ -343,9 +343,24 @@ impl Handler<SetDefaults> for Tdta {
             b.put(spaces::DEVICE_TYPE, ctx.device_type.as_str(), encode_record(&spec));
             Ok(ctx.infra.storage.submit(b))
         });
+        let env = self.env.clone();
         Box::pin(async move {
             r?.await?;
+            let rules_changed = ctx.defaults().get(twinfleet_models::rules::RULES_KEY)
+                != defaults.get(twinfleet_models::rules::RULES_KEY);
             ctx.set_defaults(defaults);
+            if rules_changed {
+                // Every twin of the type looks at its rules now, not at its next input
+                // (a rule disabled at the type clears its alerts at once). A twin whose
+                // mailbox is full gets it at its next input or deadline.
+                for slot in env.directory.twins.iter().filter(|s| Arc::ptr_eq(&s.ty, &ctx)) {
+                    slot.stats.enqueued();
+                    let sent = slot.with_addr(|a| a.try_send(crate::dti::Ask(crate::dti::RulesChanged)).is_ok());
+                    if sent != Some(true) {
+                        slot.stats.unqueued();
+                    }
+                }
+            }
             Ok(())
         })
     }

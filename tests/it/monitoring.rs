@@ -137,6 +137,14 @@ async fn layered_thresholds_offline_hysteresis_and_log_patterns_raise_and_clear_
     m0.append_logs(vec![line("ok"), line("stall again")]).await.unwrap();
     assert!(open(&p, "m-0").contains_key("stalls"));
 
+    // A rule disabled at the type reaches idle twins at once: m-1's firing "hot" clears
+    // without any input from it (the DTA's patch keeps the rest of the rule).
+    let mut defaults = rules();
+    defaults["rules"]["hot"]["disabled"] = json!(true);
+    p.device_type("meter").unwrap().set_defaults(obj(defaults)).await.unwrap();
+    eventually("m-1's hot clears", || async { (!open(&p, "m-1").contains_key("hot")).then_some(()) }).await;
+    p.device_type("meter").unwrap().set_defaults(obj(rules())).await.unwrap();
+
     // An archived (decommissioned) twin watches nothing, and a deleted one's alerts end.
     assert!(!open(&p, "m-1").is_empty());
     p.twin("m-1").unwrap().command(TwinCommand::Archive).await.unwrap();

@@ -41,7 +41,7 @@ pub(crate) mod ingest;
 
 pub(crate) use requests::{
     Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared,
-    Request, Retire, Rules, Telemetry, ToDevice,
+    Request, Retire, Rules, RulesChanged, Telemetry, ToDevice,
 };
 pub use slot::*;
 

@@ -59,6 +59,9 @@ pub(crate) struct Get;
 /// The twin's effective rules, each with its layer and phase.
 #[derive(Debug)]
 pub(crate) struct Rules;
+/// The type's rules changed: resolve them and look at once.
+#[derive(Debug)]
+pub(crate) struct RulesChanged;
 /// A command, and records to write in the same atomic batch if it is accepted;
 /// answered with the journal sequence number once durable.
 #[derive(Debug)]
@@ -111,6 +114,14 @@ fn seq(r: Result<Applied, TwinError>) -> Outcome<u64> {
             Outcome::AfterFlush(applied, seq)
         }
         Err(e) => Outcome::Now(Err(e)),
+    }
+}
+
+impl Request for RulesChanged {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
+        dti.rules_changed(ctx);
+        Outcome::Now(Ok(()))
     }
 }
 
