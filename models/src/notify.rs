@@ -80,26 +80,14 @@ pub fn validate_sinks(sinks: &[SinkSpec]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::Timestamp;
 
     fn alert(severity: Severity, ty: &str, groups: &[&str], state: AlertState) -> RuleAlert {
         RuleAlert {
-            id: 1,
-            twin: "t".into(),
-            device_type: ty.into(),
-            rule: "r".into(),
-            kind: "threshold".into(),
             severity,
-            state,
-            message: String::new(),
-            values: Default::default(),
-            raised_at: Timestamp(0),
-            acknowledged_at: None,
-            acknowledged_by: None,
-            cleared_at: None,
+            device_type: ty.into(),
             memberships: groups.iter().map(|g| g.to_string()).collect(),
-            location: None,
-            recent_events: vec![],
+            state,
+            ..super::tests_support::alert()
         }
     }
 

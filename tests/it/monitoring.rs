@@ -33,6 +33,19 @@ fn sse(
     last_id: Option<u64>,
     n: usize,
 ) -> Vec<(u64, serde_json::Value)> {
+    sse_ready(addr, token, path, last_id, n, None)
+}
+
+/// [`sse`], telling `ready` once the stream has answered (its head came: it is
+/// subscribed, and nothing after that is missed).
+fn sse_ready(
+    addr: std::net::SocketAddr,
+    token: &str,
+    path: &str,
+    last_id: Option<u64>,
+    n: usize,
+    ready: Option<std::sync::mpsc::Sender<()>>,
+) -> Vec<(u64, serde_json::Value)> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
@@ -42,6 +55,11 @@ fn sse(
     let mut id = None;
     for line in BufReader::new(s).lines() {
         let line = line.expect("the stream stays open");
+        if line.starts_with(": revision")
+            && let Some(r) = &ready
+        {
+            let _ = r.send(());
+        }
         if let Some(v) = line.strip_prefix("id: ") {
             id = v.trim().parse().ok();
         } else if let Some(d) = line.strip_prefix("data: ") {
@@ -215,8 +233,14 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     assert_eq!(resumed.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [seen[1].0, seen[2].0], "what it missed");
     // A live one sees the next change as it happens.
     let a2 = admin.clone();
-    let live = actix_rt::task::spawn_blocking(move || sse(addr, &a2, "/api/v1/alerts/stream?severity=major", None, 1));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (tx, subscribed) = std::sync::mpsc::channel();
+    let live = actix_rt::task::spawn_blocking(move || {
+        sse_ready(addr, &a2, "/api/v1/alerts/stream?severity=major", None, 1, Some(tx))
+    });
+    actix_rt::task::spawn_blocking(move || subscribed.recv_timeout(std::time::Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the stream answered");
     point(&p, "m-0", 70.0).await;
     let live = live.await.unwrap();
     assert_eq!((live[0].1["twin"].clone(), live[0].1["state"].clone()), (json!("m-0"), json!("cleared")));
