@@ -27,6 +27,9 @@
 //!   cluster of overlapping chunks at a time, and never touch the twins.
 
 mod segment;
+mod tail;
+
+pub use tail::{WalPosition, WalRead, WalRecord};
 
 use parking_lot::Mutex;
 use segment::{ChunkRef, Cursor, Sealed, Segment};
@@ -54,6 +57,9 @@ pub struct SeriesOptions {
     pub checkpoint_wal_bytes: u64,
     /// Points queued for the writer at most (callers wait beyond).
     pub queue_batches: usize,
+    /// WAL kept past checkpoints for readers (exports) at most, in bytes; past it the
+    /// oldest generations go even if held (see `tail`).
+    pub export_wal_bytes: u64,
 }
 
 impl Default for SeriesOptions {
@@ -63,6 +69,7 @@ impl Default for SeriesOptions {
             head_points: 7_200,
             checkpoint_wal_bytes: 256 << 20,
             queue_batches: 4_096,
+            export_wal_bytes: 1 << 30,
         }
     }
 }
@@ -129,6 +136,10 @@ pub struct SeriesCounters {
     pub corrupt_chunks: AtomicU64,
     pub wal_records_replayed: AtomicU64,
     pub partitions_dropped: AtomicU64,
+    /// WAL generations removed past `export_wal_bytes` while a reader held them.
+    pub wal_export_dropped: AtomicU64,
+    /// Bytes of WAL kept in `wal/done/` for readers.
+    pub wal_kept_bytes: AtomicU64,
 }
 
 enum Pending {
@@ -203,6 +214,10 @@ pub struct SeriesStore {
     inner: Mutex<Inner>,
     tx: parking_lot::RwLock<Option<SyncSender<Pending>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The end of the durable WAL (generation, bytes), for readers.
+    durable: Mutex<tail::WalPosition>,
+    /// Readers' holds: name → oldest generation still needed.
+    holds: Mutex<HashMap<String, u64>>,
     pub counters: SeriesCounters,
 }
 
@@ -250,11 +265,14 @@ impl SeriesStore {
             inner: Mutex::new(Inner { spaces: HashMap::default(), seq: 0, tombstones: Vec::new() }),
             tx: parking_lot::RwLock::new(None),
             writer: Mutex::new(None),
+            durable: Mutex::new(tail::WalPosition::default()),
+            holds: Mutex::new(HashMap::new()),
             counters: SeriesCounters::default(),
         });
         store.load_tombstones()?;
         store.load_segments()?;
         let wal = store.replay_wal()?;
+        *store.durable.lock() = tail::WalPosition { generation: wal.gen_no, offset: wal.bytes };
         let (tx, rx) = sync_channel(opts.queue_batches.max(1));
         let s = store.clone();
         let handle =
@@ -475,6 +493,7 @@ impl SeriesStore {
             let result = wal.append(&body);
             match &result {
                 Ok(()) => {
+                    *self.durable.lock() = tail::WalPosition { generation: wal.gen_no, offset: wal.bytes };
                     self.counters.groups.fetch_add(1, Relaxed);
                     self.counters.wal_bytes.fetch_add(body.len() as u64 + 8, Relaxed);
                     for (batch, _) in &group {
@@ -617,6 +636,7 @@ impl SeriesStore {
             work
         };
         let old = std::mem::replace(wal, next);
+        *self.durable.lock() = tail::WalPosition { generation: wal.gen_no, offset: wal.bytes };
         Ok(CheckpointJob { work, old_gen: old.gen_no })
     }
 
@@ -652,12 +672,9 @@ impl SeriesStore {
                 }
             }
         }
-        // Everything those WAL generations held is now in segments.
-        for (g, path) in self.wal_files() {
-            if g <= job.old_gen {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        // Everything those WAL generations held is now in segments (they are kept
+        // only for the readers that still need them).
+        self.retire_wal(job.old_gen);
         self.counters.checkpoints.fetch_add(1, Relaxed);
         Ok(())
     }
