@@ -13,6 +13,7 @@
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
 //! | notification sinks of the monitoring alerts | | | `[[notify]]` (`name`, `kind` = `log` or `webhook`, `url`, `secret`, `min_severity`, `device_types`, `groups`, `acknowledgements`) | none |
+//! | history exports | | | `[[exports]]` (`name`, `device_type` or `group`, `metrics`, `kind` = `webhook`, `mqtt` or `file`, `url`, `secret`, `topic`, `username`, `password`, `path`, `format` = `ndjson` or `csv`, `batch_points`) | none |
 //! | operational gateways provisioning allocates to | | | `[[gateways]]` (`name`, `mqtt`, `grpc`, `regions`, `weight`) | none: a device stays on the gateway it claimed through |
 //!
 //! An MQTT gateway is either `host:port`, a listener of the embedded broker, or
@@ -49,6 +50,9 @@ pub struct PartialConfig {
     /// File only: where the monitoring alerts are sent.
     #[serde(default)]
     pub notify: Option<Vec<twinfleet_models::notify::SinkSpec>>,
+    /// File only: where metric history is exported.
+    #[serde(default)]
+    pub exports: Option<Vec<twinfleet_models::export::ExportSpec>>,
 }
 
 impl PartialConfig {
@@ -73,6 +77,7 @@ pub struct RunConfig {
     pub log: String,
     pub gateways: Vec<GatewaySpec>,
     pub notify: Vec<twinfleet_models::notify::SinkSpec>,
+    pub exports: Vec<twinfleet_models::export::ExportSpec>,
 }
 
 /// Flags and environment (`over`, merged by clap) win over the file, the file over the
@@ -108,6 +113,11 @@ pub fn resolve(over: PartialConfig, file: PartialConfig) -> Result<RunConfig, St
             let n = over.notify.or(file.notify).unwrap_or_default();
             twinfleet_models::notify::validate_sinks(&n).map_err(|e| format!("notify: {e}"))?;
             n
+        },
+        exports: {
+            let x = over.exports.or(file.exports).unwrap_or_default();
+            twinfleet_models::export::validate_exports(&x).map_err(|e| format!("exports: {e}"))?;
+            x
         },
     })
 }

@@ -173,6 +173,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             log: args.log,
             gateways: None,
             notify: None,
+            exports: None,
         },
         file,
     )
@@ -214,6 +215,9 @@ async fn serve(
     {
         println!("twinfleet: created user admin; its API token (shown only now): {token}");
     }
+    // Before any listener: every point acknowledged from now on is exported.
+    let exporter = twinfleet_protocols::Exporter::start(platform.runtime().clone(), &cfg.data_dir, cfg.exports.clone())
+        .map_err(anyhow::Error::msg)?;
     let http = HttpApi::start(platform.runtime().clone(), cfg.http, 1)
         .with_context(|| format!("cannot listen on {}", cfg.http))?;
     let grpc = GrpcGateway::start(platform.runtime().clone(), cfg.grpc)
@@ -247,6 +251,7 @@ async fn serve(
     grpc.stop().await;
     mqtt.stop().await;
     actix_rt::task::spawn_blocking(move || notifier.stop()).await.ok();
+    actix_rt::task::spawn_blocking(move || exporter.stop()).await.ok();
     platform.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -121,6 +121,8 @@ pub struct Infra {
     pub alerts: AlertSink,
     /// The monitoring rules' alerts (raised and cleared by the twins).
     pub alert_book: Arc<crate::alerting::AlertBook>,
+    /// The history exports' cursors and counters.
+    pub exports: Arc<crate::exports::ExportBook>,
     pub arbiters: Arc<ArbiterPool>,
     pub settings: Settings,
     /// Counted rejections of bad input, shared by every edge.
@@ -145,6 +147,7 @@ impl Infra {
         Infra {
             alerts: AlertSink::new(storage.clone()),
             alert_book: Arc::new(alert_book),
+            exports: Arc::new(crate::exports::ExportBook::new(storage.clone())),
             storage,
             series,
             clock,

@@ -226,6 +226,11 @@ impl DtaHandle {
         self.entry.stats.view()
     }
 
+    /// Whether `twin` is a direct member.
+    pub fn contains(&self, twin: &str) -> bool {
+        self.entry.members.lock().contains(twin)
+    }
+
     /// Member ids in order, a page at a time.
     pub fn members(&self, offset: usize, limit: usize) -> Vec<TwinId> {
         let mut ids: Vec<TwinId> = self.entry.members.lock().iter().cloned().collect();

@@ -24,6 +24,7 @@ pub mod dta;
 pub mod dti;
 pub mod env;
 pub mod error;
+pub mod exports;
 pub mod group;
 pub mod handle;
 pub mod inspection;

@@ -74,3 +74,5 @@ pub const ALERT_CHANGE: Space = Space(23);
 pub const NOTIFY_CURSOR: Space = Space(24);
 /// Silences of notifications: key = silence id (BE); value = the `notify::Silence`.
 pub const SILENCE: Space = Space(25);
+/// History exports' cursors: key = export name; value = its `exports::ExportCursor`.
+pub const EXPORT_CURSOR: Space = Space(26);

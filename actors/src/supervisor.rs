@@ -175,6 +175,11 @@ impl TwinRuntime {
         &self.env.alert_book
     }
 
+    /// The history exports' cursors and counters.
+    pub fn exports(&self) -> &crate::exports::ExportBook {
+        &self.env.exports
+    }
+
     /// Operators: users, groups, API tokens, audit log.
     pub fn access(&self) -> &AccessControl {
         &self.env.access

@@ -15,6 +15,7 @@ pub mod config;
 pub mod domain;
 pub mod effect;
 pub mod enrollment;
+pub mod export;
 pub mod ids;
 pub mod limits;
 pub mod log;

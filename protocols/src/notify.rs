@@ -16,7 +16,7 @@
 
 use hmac::{Hmac, Mac};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use twinfleet_actors::TwinRuntime;
 use twinfleet_actors::alerting::SinkStats;
@@ -71,7 +71,7 @@ impl Notifier {
 }
 
 /// Sleeps `d` unless stopped meanwhile; whether it is stopped.
-fn pause(stop: &AtomicBool, d: Duration) -> bool {
+pub(crate) fn pause(stop: &AtomicBool, d: Duration) -> bool {
     let until = std::time::Instant::now() + d;
     while std::time::Instant::now() < until {
         if stop.load(Relaxed) {
@@ -152,27 +152,42 @@ fn deliver_with_retries(
     stats: &SinkStats,
     stop: &AtomicBool,
 ) -> bool {
-    let mut attempt = 0u32;
+    let done = retry("notification sink", &spec.name, stop, &stats.failed, &stats.failing, || {
+        deliver(agent, spec, rev, alert)
+    });
+    if done {
+        stats.delivered.fetch_add(1, Relaxed);
+    }
+    done
+}
+
+/// Runs `attempt` until it succeeds, with backoff (0.5 s doubling to 60 s); counts each
+/// failure in `failed` and sets `failing` after [`FAILING_AFTER`] of them (cleared on
+/// success). `false` if stopped first. Shared by the notification sinks and the exports.
+pub(crate) fn retry(
+    what: &str,
+    name: &str,
+    stop: &AtomicBool,
+    failed: &AtomicU64,
+    failing: &AtomicBool,
+    mut attempt: impl FnMut() -> Result<(), String>,
+) -> bool {
+    let mut attempts = 0u32;
     let mut backoff = Duration::from_millis(500);
     loop {
-        match deliver(agent, spec, rev, alert) {
+        match attempt() {
             Ok(()) => {
-                stats.delivered.fetch_add(1, Relaxed);
-                stats.failing.store(false, Relaxed);
+                failing.store(false, Relaxed);
                 return true;
             }
             Err(why) => {
-                attempt += 1;
-                stats.failed.fetch_add(1, Relaxed);
-                if attempt == FAILING_AFTER {
-                    stats.failing.store(true, Relaxed);
-                    tracing::error!(sink = spec.name, "notification sink failing after {attempt} attempts: {why}");
-                } else if attempt < FAILING_AFTER {
-                    tracing::warn!(
-                        sink = spec.name,
-                        attempt,
-                        "notification not delivered: {why}; retried in {backoff:?}"
-                    );
+                attempts += 1;
+                failed.fetch_add(1, Relaxed);
+                if attempts == FAILING_AFTER {
+                    failing.store(true, Relaxed);
+                    tracing::error!(name, "{what} failing after {attempts} attempts: {why}");
+                } else if attempts < FAILING_AFTER {
+                    tracing::warn!(name, attempt = attempts, "{what}: not delivered: {why}; retried in {backoff:?}");
                 }
                 if pause(stop, backoff) {
                     return false;

@@ -17,7 +17,17 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(add_silence)
         .service(list_silences)
         .service(delete_silence)
-        .service(twin_rules);
+        .service(twin_rules)
+        .service(exports);
+}
+
+/// `GET /exports`: the history exports of the configuration (`[[exports]]`, secrets
+/// hidden), each with its cursor and counters. Needs `read` on the fleet.
+#[utoipa::path(tag = "monitoring", responses((status = 200, body = Vec<twinfleet_actors::exports::ExportView>), Errors), security(("bearer" = [])))]
+#[get("/exports")]
+async fn exports(rt: web::Data<TwinRuntime>, caller: Caller) -> Result<HttpResponse> {
+    rt.authorize(&caller.0, Action::Read)?;
+    Ok(HttpResponse::Ok().json(rt.exports().views()))
 }
 
 /// `GET /twins/{id}/rules`: the twin's effective monitoring rules (its type's defaults,

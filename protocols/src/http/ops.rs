@@ -62,6 +62,41 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
             e.sample(name, &[("sink", sink)], n);
         }
     }
+    let exports = rt.exports().all_stats();
+    type ExportField = fn(&twinfleet_actors::exports::ExportStats) -> u64;
+    let export_fields: [(&str, &str, &str, ExportField); 6] = [
+        ("twinfleet_export_points_total", "counter", "Metric points a history export delivered.", |s| {
+            s.points.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("twinfleet_export_batches_total", "counter", "Batches a history export delivered.", |s| {
+            s.batches.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("twinfleet_export_failed_total", "counter", "Failed delivery attempts of a history export (each retry counts).", |s| {
+            s.failed.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("twinfleet_export_duplicates_total", "counter", "Redelivered points (equal to the series' previous one) an export skipped.", |s| {
+            s.duplicates.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("twinfleet_export_lost_total", "counter", "Times an export was further behind than the WAL kept for it (points lost to it).", |s| {
+            s.lost.load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        ("twinfleet_export_failing", "gauge", "1 while an export has failed its retries and keeps retrying.", |s| {
+            u64::from(s.failing.load(std::sync::atomic::Ordering::Relaxed))
+        }),
+    ];
+    for (name, kind, help, field) in export_fields {
+        e.family(name, kind, help);
+        for (export, st) in &exports {
+            e.sample(name, &[("export", export)], field(st));
+        }
+    }
+    e.family("twinfleet_history_wal_kept_bytes", "gauge", "History WAL kept past checkpoints for the exports that have not read it.");
+    e.sample(
+        "twinfleet_history_wal_kept_bytes",
+        &[],
+        rt.series().counters.wal_kept_bytes.load(std::sync::atomic::Ordering::Relaxed),
+    );
+
     e.family("twinfleet_alerts_open", "gauge", "Monitoring alerts raised or acknowledged and not cleared.");
     e.sample("twinfleet_alerts_open", &[], rt.alert_book().open_count() as u64);
 
