@@ -12,7 +12,7 @@
 //! | worker arbiters | `--arbiters` | `TWINFLEET_ARBITERS` | `arbiters` | one per core |
 //! | log filter | `--log` | `TWINFLEET_LOG` | `log` | `info` |
 //! | config file | `--config` | `TWINFLEET_CONFIG` | | none |
-//! | notification sinks of the monitoring alerts | | | `[[notify]]` (`name`, `kind` = `log` or `webhook`, `url`, `secret`, `min_severity`, `device_types`, `groups`, `acknowledgements`) | none |
+//! | notification sinks of the monitoring alerts | | | `[[notify]]` (`name`, `kind` = `log`, `webhook` or `mqtt`, `url`, `secret`, `topic`, `username`, `password`, `min_severity`, `device_types`, `groups`, `acknowledgements`) | none |
 //! | history exports | | | `[[exports]]` (`name`, `device_type` or `group`, `metrics`, `kind` = `webhook`, `mqtt` or `file`, `url`, `secret`, `topic`, `username`, `password`, `path`, `format` = `ndjson` or `csv`, `batch_points`) | none |
 //! | operational gateways provisioning allocates to | | | `[[gateways]]` (`name`, `mqtt`, `grpc`, `regions`, `weight`) | none: a device stays on the gateway it claimed through |
 //!

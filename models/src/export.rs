@@ -82,7 +82,9 @@ impl ExportSpec {
         crate::ids::DtaId::new(&self.name).map_err(|e| format!("export name: {e}"))?;
         let n = &self.name;
         match (&self.device_type, &self.group) {
-            (Some(t), None) => crate::ids::DeviceTypeId::new(t).map(|_| ()).map_err(|e| format!("export {n}: device_type: {e}"))?,
+            (Some(t), None) => {
+                crate::ids::DeviceTypeId::new(t).map(|_| ()).map_err(|e| format!("export {n}: device_type: {e}"))?
+            }
             (None, Some(g)) => crate::ids::DtaId::new(g).map(|_| ()).map_err(|e| format!("export {n}: group: {e}"))?,
             _ => return Err(format!("export {n}: give exactly one of device_type and group")),
         }
@@ -106,10 +108,7 @@ impl ExportSpec {
                 unused(&[("topic", &self.topic), ("username", &self.username), ("path", &self.path)])
             }
             ExportKind::Mqtt => {
-                let Some(addr) = self.url.strip_prefix("mqtt://") else {
-                    return Err(format!("export {n}: the broker url {:?} must be mqtt://host:port", self.url));
-                };
-                if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                if mqtt_broker(&self.url).is_none() {
                     return Err(format!("export {n}: the broker url {:?} must be mqtt://host:port", self.url));
                 }
                 let topic = self.topic();
@@ -122,7 +121,12 @@ impl ExportSpec {
                 if self.path.is_empty() {
                     return Err(format!("export {n}: a file export needs a path"));
                 }
-                unused(&[("url", &self.url), ("secret", &self.secret), ("topic", &self.topic), ("username", &self.username)])
+                unused(&[
+                    ("url", &self.url),
+                    ("secret", &self.secret),
+                    ("topic", &self.topic),
+                    ("username", &self.username),
+                ])
             }
         }
     }
@@ -144,6 +148,13 @@ impl ExportSpec {
         self.device_type.as_deref().is_none_or(|t| t == device_type)
             && (self.metrics.is_empty() || self.metrics.iter().any(|m| m == metric))
     }
+}
+
+/// The host and port of an `mqtt://host:port` URL (of an export or a notification sink).
+pub fn mqtt_broker(url: &str) -> Option<(&str, u16)> {
+    let (host, port) = url.strip_prefix("mqtt://")?.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Checks a configured list: each export, and names unique.
@@ -263,7 +274,8 @@ mod tests {
 
     #[test]
     fn rows_encode_as_ndjson_and_quoted_csv() {
-        let r = ExportRow { twin: "t1".into(), device_type: "meter".into(), metric: "a,\"b\"".into(), at: 5, value: 1.5 };
+        let r =
+            ExportRow { twin: "t1".into(), device_type: "meter".into(), metric: "a,\"b\"".into(), at: 5, value: 1.5 };
         let mut out = String::new();
         r.line(FileFormat::Csv, &mut out);
         assert_eq!(out, "t1,meter,\"a,\"\"b\"\"\",5,1.5\n");

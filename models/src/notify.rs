@@ -1,4 +1,4 @@
-//! Notification sinks: where the monitoring alerts go (`log`, `webhook`), routed by
+//! Notification sinks: where the monitoring alerts go (`log`, `webhook`, `mqtt`), routed by
 //! severity, device type and group (DTA). Pure: the specs, their checks and the routing;
 //! the notifier (`twinfleet_protocols::notify`) delivers.
 
@@ -11,11 +11,21 @@ use serde::{Deserialize, Serialize};
 pub struct SinkSpec {
     /// Its name (letters, digits, `.`, `_`, `:`, `-`): the key of its cursor.
     pub name: String,
-    /// `log`: a log line per change. `webhook`: an HTTP POST per change.
+    /// `log`: a log line per change. `webhook`: an HTTP POST per change. `mqtt`: a QoS 1
+    /// message per change on a topic of an MQTT broker.
     pub kind: SinkKind,
-    /// The webhook's `http://` URL.
+    /// The webhook's `http://` URL, or the broker's `mqtt://host:port`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// `mqtt`: the topic, with `{device_type}`, `{twin}`, `{rule}` and `{severity}`
+    /// filled in (default [`DEFAULT_TOPIC`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub topic: String,
+    /// `mqtt`: the broker account.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub username: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password: String,
     /// The webhook's shared secret: each POST carries `X-Twinfleet-Signature: sha256=`
     /// HMAC-SHA256(secret, body) in hex.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -39,21 +49,59 @@ pub struct SinkSpec {
 pub enum SinkKind {
     Log,
     Webhook,
+    Mqtt,
 }
+
+/// The topic of an MQTT sink when none is given.
+pub const DEFAULT_TOPIC: &str = "twinfleet/alerts/{device_type}/{twin}";
 
 impl SinkSpec {
     pub fn validate(&self) -> Result<(), String> {
         crate::ids::DtaId::new(&self.name).map_err(|e| format!("sink name: {e}"))?;
+        let n = &self.name;
+        let unused = |fields: &[(&str, &String)]| -> Result<(), String> {
+            match fields.iter().find(|(_, v)| !v.is_empty()) {
+                Some((f, _)) => Err(format!("sink {n}: a {:?} sink takes no {f}", self.kind)),
+                None => Ok(()),
+            }
+        };
         match self.kind {
             SinkKind::Webhook if !self.url.starts_with("http://") => Err(format!(
-                "sink {}: the webhook url {:?} must be http:// (this build has no TLS client; put a TLS proxy in front)",
-                self.name, self.url
+                "sink {n}: the webhook url {:?} must be http:// (this build has no TLS client; put a TLS proxy in front)",
+                self.url
             )),
-            SinkKind::Log if !self.url.is_empty() || !self.secret.is_empty() => {
-                Err(format!("sink {}: a log sink takes no url or secret", self.name))
+            SinkKind::Webhook => unused(&[("topic", &self.topic), ("username", &self.username)]),
+            SinkKind::Mqtt => {
+                if crate::export::mqtt_broker(&self.url).is_none() {
+                    return Err(format!("sink {n}: the broker url {:?} must be mqtt://host:port", self.url));
+                }
+                let topic = self.topic();
+                if topic.is_empty() || topic.contains(['+', '#']) {
+                    return Err(format!("sink {n}: the topic {topic:?} must not be empty or hold wildcards"));
+                }
+                unused(&[("secret", &self.secret)])
             }
-            _ => Ok(()),
+            SinkKind::Log => unused(&[
+                ("url", &self.url),
+                ("secret", &self.secret),
+                ("topic", &self.topic),
+                ("username", &self.username),
+            ]),
         }
+    }
+
+    /// The MQTT topic template.
+    pub fn topic(&self) -> &str {
+        if self.topic.is_empty() { DEFAULT_TOPIC } else { &self.topic }
+    }
+
+    /// The MQTT topic of a change of `a`.
+    pub fn topic_for(&self, a: &RuleAlert) -> String {
+        self.topic()
+            .replace("{device_type}", &a.device_type)
+            .replace("{twin}", &a.twin)
+            .replace("{rule}", &a.rule)
+            .replace("{severity}", a.severity.as_str())
     }
 
     /// Whether this change of `a` goes to this sink.
@@ -107,6 +155,17 @@ mod tests {
         assert!(s.wants(&alert(Severity::Major, "pump", &["hall-3"], AlertState::Cleared)));
         let tls = SinkSpec { url: "https://x".into(), ..s.clone() };
         assert!(tls.validate().unwrap_err().contains("http://"));
+        let mqtt = SinkSpec { kind: SinkKind::Mqtt, url: "mqtt://localhost:1883".into(), ..s.clone() };
+        assert_eq!(mqtt.validate(), Ok(()));
+        let a = alert(Severity::Critical, "pump", &["hall-3"], AlertState::Raised);
+        assert_eq!(mqtt.topic_for(&a), format!("twinfleet/alerts/pump/{}", a.twin));
+        let wild = SinkSpec { topic: "alerts/#".into(), ..mqtt.clone() };
+        assert!(wild.validate().unwrap_err().contains("wildcards"));
+        let no_port = SinkSpec { url: "mqtt://localhost".into(), ..mqtt.clone() };
+        assert!(no_port.validate().unwrap_err().contains("host:port"));
+        let log =
+            SinkSpec { kind: SinkKind::Log, url: String::new(), secret: String::new(), topic: "x".into(), ..s.clone() };
+        assert!(log.validate().unwrap_err().contains("takes no topic"));
         assert!(validate_sinks(&[s.clone(), s]).unwrap_err().contains("twice"));
     }
 }

@@ -39,7 +39,6 @@ use twinfleet_models::export::{CSV_HEADER, ExportKind, ExportRow, ExportSpec, Fi
 use twinfleet_runtime::series::WalPosition;
 
 const IDLE_POLL: Duration = Duration::from_millis(50);
-const MQTT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running exports.
 #[derive(Debug)]
@@ -64,7 +63,7 @@ struct Run {
 enum Sink {
     File { file: std::fs::File, path: PathBuf },
     Webhook(ureq::Agent),
-    Mqtt(Option<MqttSink>),
+    Mqtt(crate::mqtt::publisher::Reconnecting),
 }
 
 impl Exporter {
@@ -125,8 +124,15 @@ impl Run {
                 if len > cursor.file_bytes {
                     // Written after the last recorded cursor (a crash in between): cut
                     // back, it is written again from the cursor.
-                    tracing::info!(export = name, "cutting {} back to {} bytes, its last recorded batch", path.display(), cursor.file_bytes);
-                    file.set_len(cursor.file_bytes).and_then(|_| file.sync_data()).map_err(|e| format!("export {name}: {e}"))?;
+                    tracing::info!(
+                        export = name,
+                        "cutting {} back to {} bytes, its last recorded batch",
+                        path.display(),
+                        cursor.file_bytes
+                    );
+                    file.set_len(cursor.file_bytes)
+                        .and_then(|_| file.sync_data())
+                        .map_err(|e| format!("export {name}: {e}"))?;
                 } else if len < cursor.file_bytes {
                     tracing::error!(
                         export = name,
@@ -152,7 +158,7 @@ impl Run {
                     .build()
                     .into(),
             ),
-            ExportKind::Mqtt => Sink::Mqtt(None),
+            ExportKind::Mqtt => Sink::Mqtt(Default::default()),
         };
         let run = Run { rt, spec, stats, cursor, last: HashMap::new(), warned: false, sink };
         if fresh || matches!(run.sink, Sink::File { .. }) {
@@ -316,113 +322,34 @@ fn deliver(
             }
         }
         Sink::Mqtt(conn) => {
-            if conn.is_none() {
-                *conn = Some(MqttSink::connect(spec)?);
-            }
-            let r = conn.as_mut().expect("connected above").publish(spec, from, rows);
-            if r.is_err() {
-                *conn = None; // a fresh session for the retry
-            }
-            r
+            let client_id = format!("twinfleet-export-{}", spec.name);
+            conn.publish_all(&client_id, &spec.url, &spec.username, &spec.password, mqtt_messages(spec, from, rows)?)
         }
     }
 }
 
-/// An MQTT connection of an export, on a runtime of its own (the export's thread blocks
-/// on it).
-struct MqttSink {
-    runtime: tokio::runtime::Runtime,
-    client: rumqttc::AsyncClient,
-    acks: tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
-    poller: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MqttSink {
-    fn drop(&mut self) {
-        self.poller.abort();
-    }
-}
-
-impl MqttSink {
-    fn connect(spec: &ExportSpec) -> Result<MqttSink, String> {
-        let addr = spec.url.strip_prefix("mqtt://").unwrap_or(&spec.url);
-        let (host, port) = addr.rsplit_once(':').ok_or("the broker url must be mqtt://host:port")?;
-        let port: u16 = port.parse().map_err(|_| "the broker url must be mqtt://host:port")?;
-        let mut o = rumqttc::MqttOptions::new(format!("twinfleet-export-{}", spec.name), host, port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_session(true);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        if !spec.username.is_empty() {
-            o.set_credentials(spec.username.clone(), spec.password.clone());
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the export's MQTT runtime: {e}"))?;
-        let (client, mut events) = rumqttc::AsyncClient::new(o, 1_024);
-        let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
-        let poller = runtime.spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                        if tx.send(Ok(())).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)))
-                        if c.code != rumqttc::ConnectReturnCode::Success =>
-                    {
-                        let _ = tx.send(Err(format!("the broker refused the connection: {:?}", c.code)));
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("MQTT connection: {e}")));
-                        return;
-                    }
-                }
-            }
+/// One message per twin of the batch, on the export's topic.
+fn mqtt_messages(spec: &ExportSpec, from: WalPosition, rows: &[ExportRow]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut by_twin: Vec<(&str, &str, Vec<&ExportRow>)> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for r in rows {
+        let i = *index.entry((r.twin.as_str(), r.device_type.as_str())).or_insert_with(|| {
+            by_twin.push((r.twin.as_str(), r.device_type.as_str(), Vec::new()));
+            by_twin.len() - 1
         });
-        Ok(MqttSink { runtime, client, acks, poller })
+        by_twin[i].2.push(r);
     }
-
-    /// One QoS 1 message per twin of the batch; returns once the broker acknowledged
-    /// every one.
-    fn publish(&mut self, spec: &ExportSpec, from: WalPosition, rows: &[ExportRow]) -> Result<(), String> {
-        let mut by_twin: Vec<(&str, &str, Vec<&ExportRow>)> = Vec::new();
-        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
-        for r in rows {
-            let i = *index.entry((r.twin.as_str(), r.device_type.as_str())).or_insert_with(|| {
-                by_twin.push((r.twin.as_str(), r.device_type.as_str(), Vec::new()));
-                by_twin.len() - 1
-            });
-            by_twin[i].2.push(r);
-        }
-        let client = self.client.clone();
-        let acks = &mut self.acks;
-        self.runtime.block_on(async {
-            let n = by_twin.len();
-            for (twin, ty, points) in by_twin {
-                let topic = spec.topic().replace("{device_type}", ty).replace("{twin}", twin);
-                let points: Vec<_> = points
-                    .iter()
-                    .map(|p| serde_json::json!({"metric": p.metric, "at": p.at, "value": p.value}))
-                    .collect();
-                let body = serde_json::to_vec(&serde_json::json!({
-                    "export": spec.name, "from": from.to_string(), "twin": twin, "device_type": ty, "points": points,
-                }))
-                .map_err(|e| e.to_string())?;
-                client.publish(topic, rumqttc::QoS::AtLeastOnce, false, body).await.map_err(|e| e.to_string())?;
-            }
-            for _ in 0..n {
-                match tokio::time::timeout(MQTT_ACK_TIMEOUT, acks.recv()).await {
-                    Ok(Some(Ok(()))) => {}
-                    Ok(Some(Err(e))) => return Err(e),
-                    Ok(None) => return Err("the MQTT connection ended".into()),
-                    Err(_) => return Err(format!("the broker did not acknowledge within {MQTT_ACK_TIMEOUT:?}")),
-                }
-            }
-            Ok(())
+    by_twin
+        .into_iter()
+        .map(|(twin, ty, points)| {
+            let topic = spec.topic().replace("{device_type}", ty).replace("{twin}", twin);
+            let points: Vec<_> =
+                points.iter().map(|p| serde_json::json!({"metric": p.metric, "at": p.at, "value": p.value})).collect();
+            let body = serde_json::to_vec(&serde_json::json!({
+                "export": spec.name, "from": from.to_string(), "twin": twin, "device_type": ty, "points": points,
+            }))
+            .map_err(|e| e.to_string())?;
+            Ok((topic, body))
         })
-    }
+        .collect()
 }

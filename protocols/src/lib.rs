@@ -4,16 +4,16 @@
 
 pub mod device_client;
 pub mod error;
+pub mod export;
 pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod mqtt;
-pub mod export;
 pub mod notify;
 
 pub use device_client::{DevicePoint, GrpcDevice, TelemetryStream};
+pub use export::Exporter;
 pub use grpc::GrpcGateway;
 pub use http::{HttpApi, HttpError};
 pub use mqtt::{MqttConfig, MqttDevice, MqttGateway};
-pub use export::Exporter;
 pub use notify::Notifier;

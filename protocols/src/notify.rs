@@ -1,6 +1,8 @@
 //! The notification service: delivers the monitoring alerts' changes to the configured
-//! sinks (`twinfleet_models::notify`): a log line, or an HTTP POST to a webhook signed
-//! with HMAC-SHA256 of a shared secret.
+//! sinks (`twinfleet_models::notify`): a log line, an HTTP POST to a webhook signed
+//! with HMAC-SHA256 of a shared secret, or a QoS 1 message on an MQTT broker's topic
+//! (acknowledged by the broker before the sink moves on). The live SSE stream
+//! (`/api/v1/alerts/stream`) is the fourth way out; it reads the same change log.
 //!
 //! The outbox is the alerts' change log (`twinfleet_actors::alerting`, persisted, the
 //! newest `MAX_CHANGES` kept): each sink reads it from its own cursor, stored after each
@@ -82,15 +84,24 @@ pub(crate) fn pause(stop: &AtomicBool, d: Duration) -> bool {
     stop.load(Relaxed)
 }
 
+/// How a sink reaches its destination.
+struct Out {
+    agent: ureq::Agent,
+    mqtt: crate::mqtt::publisher::Reconnecting,
+}
+
 fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
     let book = rt.alert_book();
     let stats = book.sink_stats(&spec.name);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(WEBHOOK_TIMEOUT))
-        .max_redirects(0)
-        .build()
-        .into();
+    let mut out = Out {
+        agent: ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(WEBHOOK_TIMEOUT))
+            .max_redirects(0)
+            .build()
+            .into(),
+        mqtt: Default::default(),
+    };
     // A new sink starts from now (it does not replay history).
     let mut cursor = match book.sink_cursor(&spec.name) {
         Ok(Some(c)) => c,
@@ -130,7 +141,7 @@ fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
             if spec.wants(&alert) {
                 if book.silenced(&alert, rt.clock().now()) {
                     stats.silenced.fetch_add(1, Relaxed);
-                } else if !deliver_with_retries(&agent, &spec, rev, &alert, &stats, &stop) {
+                } else if !deliver_with_retries(&mut out, &spec, rev, &alert, &stats, &stop) {
                     return; // stopped
                 }
             }
@@ -145,16 +156,15 @@ fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
 
 /// Delivers one change until it is taken; `false` if stopped first.
 fn deliver_with_retries(
-    agent: &ureq::Agent,
+    out: &mut Out,
     spec: &SinkSpec,
     rev: u64,
     alert: &RuleAlert,
     stats: &SinkStats,
     stop: &AtomicBool,
 ) -> bool {
-    let done = retry("notification sink", &spec.name, stop, &stats.failed, &stats.failing, || {
-        deliver(agent, spec, rev, alert)
-    });
+    let done =
+        retry("notification sink", &spec.name, stop, &stats.failed, &stats.failing, || deliver(out, spec, rev, alert));
     if done {
         stats.delivered.fetch_add(1, Relaxed);
     }
@@ -198,7 +208,7 @@ pub(crate) fn retry(
     }
 }
 
-fn deliver(agent: &ureq::Agent, spec: &SinkSpec, rev: u64, alert: &RuleAlert) -> Result<(), String> {
+fn deliver(out: &mut Out, spec: &SinkSpec, rev: u64, alert: &RuleAlert) -> Result<(), String> {
     match spec.kind {
         SinkKind::Log => {
             tracing::warn!(
@@ -214,7 +224,8 @@ fn deliver(agent: &ureq::Agent, spec: &SinkSpec, rev: u64, alert: &RuleAlert) ->
         }
         SinkKind::Webhook => {
             let body = serde_json::to_vec(&serde_json::json!({"revision": rev, "alert": alert})).unwrap_or_default();
-            let mut req = agent
+            let mut req = out
+                .agent
                 .post(&spec.url)
                 .header("content-type", "application/json")
                 .header("x-twinfleet-revision", &rev.to_string());
@@ -226,6 +237,17 @@ fn deliver(agent: &ureq::Agent, spec: &SinkSpec, rev: u64, alert: &RuleAlert) ->
                 Ok(r) => Err(format!("{} answered {}", spec.url, r.status())),
                 Err(e) => Err(format!("{}: {e}", spec.url)),
             }
+        }
+        SinkKind::Mqtt => {
+            let body = serde_json::to_vec(&serde_json::json!({"revision": rev, "alert": alert})).unwrap_or_default();
+            let client_id = format!("twinfleet-notify-{}", spec.name);
+            out.mqtt.publish_all(
+                &client_id,
+                &spec.url,
+                &spec.username,
+                &spec.password,
+                vec![(spec.topic_for(alert), body)],
+            )
         }
     }
 }

@@ -11,6 +11,7 @@ mod config_layers;
 mod credentials;
 mod deadlines;
 mod durability;
+mod export;
 mod full_disk;
 mod grpc;
 mod http_api;

@@ -307,58 +307,6 @@ async fn alerts_are_listed_and_acknowledged_over_http_and_a_restart_neither_lose
     p.shutdown().await;
 }
 
-/// A webhook server on loopback: answers each POST with the next status of `script`
-/// (then 200), and keeps every request's headers and body.
-/// A request the hook got: headers, body, the status it answered.
-type Got = (BTreeMap<String, String>, Vec<u8>, u16);
-
-struct Hook {
-    addr: std::net::SocketAddr,
-    got: std::sync::Arc<std::sync::Mutex<Vec<Got>>>,
-}
-
-impl Hook {
-    fn start(script: Vec<u16>) -> Hook {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let g = got.clone();
-        std::thread::spawn(move || {
-            let mut script = script.into_iter();
-            for s in l.incoming() {
-                let Ok(s) = s else { return };
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut headers = BTreeMap::new();
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = line.trim_end().split_once(':') {
-                        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
-                    }
-                }
-                let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-                let mut body = vec![0; n];
-                r.read_exact(&mut body).unwrap();
-                let status = script.next().unwrap_or(200);
-                g.lock().unwrap().push((headers, body, status));
-                let mut s = s;
-                let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            }
-        });
-        Hook { addr, got }
-    }
-
-    /// The bodies of the requests it answered 200, as JSON.
-    fn taken(&self) -> Vec<serde_json::Value> {
-        self.got.lock().unwrap().iter().filter(|r| r.2 == 200).map(|r| serde_json::from_slice(&r.1).unwrap()).collect()
-    }
-}
-
 #[actix_rt::test]
 async fn alerts_reach_a_real_webhook_signed_retried_routed_and_resumed_after_a_restart() {
     use twinfleet::models::notify::{SinkKind, SinkSpec};
@@ -372,6 +320,9 @@ async fn alerts_reach_a_real_webhook_signed_retried_routed_and_resumed_after_a_r
         kind: SinkKind::Webhook,
         url: format!("http://{}/alerts", hook.addr),
         secret: "s3cret".into(),
+        topic: String::new(),
+        username: String::new(),
+        password: String::new(),
         min_severity: Some(twinfleet::models::Severity::Major),
         device_types: vec![],
         groups: vec![],

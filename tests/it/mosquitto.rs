@@ -432,3 +432,222 @@ async fn mosquitto_devices_reach_their_twins_and_nothing_is_lost_across_a_transf
     p.shutdown().await;
     drop(broker);
 }
+
+/// Mosquitto on a free loopback port, anonymous, with persistence in `dir` (a
+/// subscriber's persistent session survives a clean restart): the destination of the
+/// MQTT exports and notification sinks, which publish to a broker as any client does.
+fn start_plain_mosquitto(bin: &Path, dir: &Path) -> Broker {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = dir.join("plain-db");
+    std::fs::create_dir_all(&store).unwrap();
+    let conf = dir.join("plain.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser {}\npersistence true\npersistence_location {}/\n",
+            std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into()),
+            store.display(),
+        ),
+    )
+    .unwrap();
+    let child = Broker::spawn(bin, &conf, port);
+    Broker { child, port, bin: bin.to_path_buf(), conf }
+}
+
+/// `mosquitto_sub -v` on `twinfleet/#` with a persistent QoS 1 session: every line it
+/// printed (`topic payload`).
+struct Watcher {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Watcher {
+    /// Subscribes, and returns once a probe published on the broker came through.
+    async fn start(port: u16) -> Watcher {
+        use std::io::BufRead;
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", "watcher", "-c", "-q", "1", "-v"])
+            .args(["-t", "twinfleet/#"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                l.lock().unwrap().push(line);
+            }
+        });
+        let w = Watcher { child, lines };
+        eventually("the watcher is subscribed", || async {
+            let _ = actix_rt::task::spawn_blocking(move || mosquitto_pub(port, &["-t", "twinfleet/probe", "-m", "p"]))
+                .await;
+            w.on("twinfleet/probe").first().map(drop)
+        })
+        .await;
+        w
+    }
+
+    /// The payloads of the lines on topics starting with `prefix`, as JSON where they
+    /// are.
+    fn on(&self, prefix: &str) -> Vec<Value> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(t, _)| t.starts_with(prefix))
+            .map(|(t, p)| {
+                let mut v = serde_json::from_str(p).unwrap_or(Value::String(p.to_string()));
+                if let Value::Object(m) = &mut v {
+                    m.insert("topic".into(), t.into());
+                }
+                v
+            })
+            .collect()
+    }
+}
+
+/// The (twin, metric, at) of every point the history messages seen so far carry.
+fn exported(w: &Watcher) -> Vec<(String, String, i64)> {
+    let mut v = Vec::new();
+    for m in w.on("twinfleet/history/") {
+        assert_eq!(m["topic"], format!("twinfleet/history/meter/{}", m["twin"].as_str().unwrap()));
+        for p in m["points"].as_array().unwrap() {
+            v.push((
+                m["twin"].as_str().unwrap().into(),
+                p["metric"].as_str().unwrap().into(),
+                p["at"].as_i64().unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+#[actix_rt::test]
+async fn history_exports_and_alert_notifications_reach_a_real_mosquitto_across_its_restart() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use twinfleet::models::MetricPoint;
+    use twinfleet::models::export::{ExportKind, ExportSpec, FileFormat};
+    use twinfleet::models::notify::{SinkKind, SinkSpec};
+    let Some(bin) = mosquitto() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must install mosquitto and mosquitto-clients (see .ci/run)");
+        eprintln!(
+            "SKIPPED: mosquitto and mosquitto-clients are not installed (apt-get install mosquitto mosquitto-clients)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_plain_mosquitto(&bin, dir.path());
+    let port = broker.port;
+    let watcher = Watcher::start(port).await;
+
+    let clock = virtual_clock();
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    let rules = json!({"rules": {"hot": {"kind": "threshold", "metric": "temp", "above": 80, "clear_below": 75, "severity": "major"}}});
+    fleet(&p, "meter", rules, "m", 2, |_| vec![]).await;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let export = ExportSpec {
+        name: "bus".into(),
+        device_type: Some("meter".into()),
+        group: None,
+        metrics: vec![],
+        kind: ExportKind::Mqtt,
+        url: url.clone(),
+        secret: String::new(),
+        topic: String::new(),
+        username: String::new(),
+        password: String::new(),
+        path: String::new(),
+        format: FileFormat::Ndjson,
+        batch_points: 100,
+    };
+    let exporter = twinfleet_protocols::Exporter::start(p.runtime().clone(), dir.path(), vec![export]).unwrap();
+    let sink = SinkSpec {
+        name: "bus".into(),
+        kind: SinkKind::Mqtt,
+        url,
+        secret: String::new(),
+        topic: "twinfleet/alerts/{device_type}/{severity}/{twin}".into(),
+        username: String::new(),
+        password: String::new(),
+        min_severity: Some(twinfleet::models::Severity::Major),
+        device_types: vec![],
+        groups: vec![],
+        acknowledgements: false,
+    };
+    let notifier = twinfleet_protocols::Notifier::start(p.runtime().clone(), vec![sink]).unwrap();
+    eventually("the sink has its cursor", || async { p.runtime().alert_book().sink_cursor("bus").unwrap().map(drop) })
+        .await;
+
+    let ingest = async |twin: &str, temps: &[f64]| -> Vec<(String, String, i64)> {
+        let now = p.runtime().clock().now();
+        let points: Vec<MetricPoint> = temps
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| MetricPoint { metric: "temp".into(), at: Timestamp(now.0 + i as i64), value: v })
+            .collect();
+        let keys = points.iter().map(|pt| (twin.to_string(), "temp".to_string(), pt.at.0)).collect();
+        p.twin(twin).unwrap().ingest(points).await.unwrap();
+        clock.advance(1_000);
+        keys
+    };
+    let mut sent = ingest("m-0", &[20.0, 21.0, 22.0]).await;
+    sent.extend(ingest("m-1", &[95.0, 96.0]).await); // raised
+    let want = sent.len();
+    eventually("the first points and the raise reach the broker", || async {
+        (exported(&watcher).len() >= want && !watcher.on("twinfleet/alerts/").is_empty()).then_some(())
+    })
+    .await;
+
+    // The broker goes away (a clean stop: it keeps the watcher's session), and comes back
+    // after both have failed at least once.
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let _ = broker.child.wait();
+    sent.extend(ingest("m-0", &[23.0]).await);
+    sent.extend(ingest("m-1", &[70.0]).await); // cleared
+    let export_stats = p.runtime().exports().stats("bus");
+    let sink_stats = p.runtime().alert_book().sink_stats("bus");
+    eventually("both have failed while the broker was down", || async {
+        (export_stats.failed.load(Relaxed) > 0 && sink_stats.failed.load(Relaxed) > 0).then_some(())
+    })
+    .await;
+    broker.child = Broker::spawn(&broker.bin, &broker.conf, port);
+
+    sent.sort();
+    let got = eventually("every point reaches the broker", || async {
+        let mut got = exported(&watcher);
+        got.sort();
+        got.dedup();
+        (got.len() >= sent.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, sent, "every point, nothing else");
+    let alerts = eventually("the clear reaches the broker", || async {
+        let a = watcher.on("twinfleet/alerts/");
+        (a.len() >= 2).then_some(a)
+    })
+    .await;
+    let states: Vec<(&str, &str)> =
+        alerts.iter().map(|a| (a["topic"].as_str().unwrap(), a["alert"]["state"].as_str().unwrap())).collect();
+    assert_eq!(
+        states[..2],
+        [("twinfleet/alerts/meter/major/m-1", "raised"), ("twinfleet/alerts/meter/major/m-1", "cleared")],
+        "in order, on the topic the sink names"
+    );
+    assert!(alerts.windows(2).all(|w| w[0]["revision"].as_u64() <= w[1]["revision"].as_u64()));
+    assert!(exported(&watcher).len() <= sent.len() + 100, "at most one batch repeated");
+    exporter.stop();
+    notifier.stop();
+    p.shutdown().await;
+}

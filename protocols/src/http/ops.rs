@@ -71,15 +71,24 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
         ("twinfleet_export_batches_total", "counter", "Batches a history export delivered.", |s| {
             s.batches.load(std::sync::atomic::Ordering::Relaxed)
         }),
-        ("twinfleet_export_failed_total", "counter", "Failed delivery attempts of a history export (each retry counts).", |s| {
-            s.failed.load(std::sync::atomic::Ordering::Relaxed)
-        }),
-        ("twinfleet_export_duplicates_total", "counter", "Redelivered points (equal to the series' previous one) an export skipped.", |s| {
-            s.duplicates.load(std::sync::atomic::Ordering::Relaxed)
-        }),
-        ("twinfleet_export_lost_total", "counter", "Times an export was further behind than the WAL kept for it (points lost to it).", |s| {
-            s.lost.load(std::sync::atomic::Ordering::Relaxed)
-        }),
+        (
+            "twinfleet_export_failed_total",
+            "counter",
+            "Failed delivery attempts of a history export (each retry counts).",
+            |s| s.failed.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        (
+            "twinfleet_export_duplicates_total",
+            "counter",
+            "Redelivered points (equal to the series' previous one) an export skipped.",
+            |s| s.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        (
+            "twinfleet_export_lost_total",
+            "counter",
+            "Times an export was further behind than the WAL kept for it (points lost to it).",
+            |s| s.lost.load(std::sync::atomic::Ordering::Relaxed),
+        ),
         ("twinfleet_export_failing", "gauge", "1 while an export has failed its retries and keeps retrying.", |s| {
             u64::from(s.failing.load(std::sync::atomic::Ordering::Relaxed))
         }),
@@ -90,7 +99,11 @@ pub(super) async fn metrics(rt: web::Data<TwinRuntime>) -> HttpResponse {
             e.sample(name, &[("export", export)], field(st));
         }
     }
-    e.family("twinfleet_history_wal_kept_bytes", "gauge", "History WAL kept past checkpoints for the exports that have not read it.");
+    e.family(
+        "twinfleet_history_wal_kept_bytes",
+        "gauge",
+        "History WAL kept past checkpoints for the exports that have not read it.",
+    );
     e.sample(
         "twinfleet_history_wal_kept_bytes",
         &[],

@@ -13,6 +13,7 @@ pub mod accounts;
 mod device;
 pub mod gateway;
 mod ingest;
+pub mod publisher;
 pub mod topics;
 mod transformer;
 mod wire;
