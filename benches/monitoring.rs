@@ -5,16 +5,30 @@
 //! the two types in rounds in the same run (rows: points/s, medians of the rounds). Then
 //! the alert latency: at half the measured rate, one twin's point crosses its threshold
 //! every 20 ms; the time from `ingest` called to the raise arriving on the alert book's
-//! broadcast (what `/alerts/stream` forwards), p50/p99. Then the resident memory of
-//! 100,000 twins with and without rules, each having taken one batch.
+//! broadcast (what `/alerts/stream` forwards), p50/p99.
 //!
-//! `cargo bench --bench monitoring`. `TWINFLEET_BENCH_TWINS` (default 10,000),
+//! `sse`: the same at half the rate, end to end: a device publishes over MQTT to the
+//! embedded gateway, and an SSE client reads `GET /api/v1/alerts/stream` over loopback
+//! HTTP; from the publish call to the raise's `data:` line parsed by the client.
+//!
+//! `webhook`: 10,000 twins raise an alert each, as fast as they take their points; a
+//! webhook sink delivers every raise to a keep-alive HTTP server on loopback (the bench's
+//! own, answering 200 at once); alerts/s from the first raise to the last delivery.
+//!
+//! `memory`: the resident memory of `TWINFLEET_BENCH_MEM_TWINS` (default 100,000) twins
+//! with and without rules, each having taken one batch, each in a child process.
+//!
+//! `cargo bench --bench monitoring`. `TWINFLEET_BENCH_SECTIONS` (default
+//! `ingest,sse,webhook,memory`), `TWINFLEET_BENCH_TWINS` (default 10,000),
 //! `TWINFLEET_BENCH_ROUNDS` (default 5).
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use twinfleet::models::{DeviceTypeId, MetricPoint, TwinId};
 use twinfleet::{DeviceTypeSpec, Platform, TwinSpec};
+use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
 
 mod common;
 use common::{cores, env_or, median, pct, rss};
@@ -88,7 +102,7 @@ fn main() {
 
 /// The child of the memory rows: prints `MEM <bytes per twin>`.
 async fn memory(with_rules: bool) {
-    let m = env_or("TWINFLEET_BENCH_TWINS", 100_000) as usize;
+    let m = env_or("TWINFLEET_BENCH_MEM_TWINS", 100_000) as usize;
     let dir = std::env::temp_dir().join(format!("twinfleet-monitoring-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let p = Platform::builder(&dir).start().await.unwrap();
@@ -107,20 +121,56 @@ async fn memory(with_rules: bool) {
 }
 
 async fn run() {
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "ingest,sse,webhook,memory".into());
+    let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let n = env_or("TWINFLEET_BENCH_TWINS", 10_000) as usize;
     let rounds = env_or("TWINFLEET_BENCH_ROUNDS", 5) as usize;
-    let dir = std::env::temp_dir().join(format!("twinfleet-monitoring-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let p = Platform::builder(&dir).start().await.unwrap();
-    let plain = Arc::new(fleet(&p, "plain", serde_json::json!({}), "p", n).await);
-    let watched = Arc::new(fleet(&p, "watched", rules(), "w", n).await);
-    // Warm up both (the first batch resolves a twin's rules).
-    ingest_rate(&p, &plain, 1.0).await;
-    ingest_rate(&p, &watched, 1.0).await;
+    if on("ingest") || on("sse") {
+        let dir = std::env::temp_dir().join(format!("twinfleet-monitoring-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = Platform::builder(&dir).start().await.unwrap();
+        let plain = Arc::new(fleet(&p, "plain", serde_json::json!({}), "p", n).await);
+        let watched = Arc::new(fleet(&p, "watched", rules(), "w", n).await);
+        // Warm up both (the first batch resolves a twin's rules).
+        ingest_rate(&p, &plain, 1.0).await;
+        ingest_rate(&p, &watched, 1.0).await;
+        let rate = if on("ingest") {
+            ingest_rows(&p, &plain, &watched, n, rounds).await
+        } else {
+            let r = median(vec![ingest_rate(&p, &watched, 3.0).await, ingest_rate(&p, &watched, 3.0).await]);
+            println!("(measured rate with 5 rules: {r:.0} points/s)");
+            r
+        };
+        if on("ingest") {
+            latency_in_process(&p, &watched, rate / 2.0, n).await;
+        }
+        if on("sse") {
+            latency_mqtt_to_sse(&p, &watched, rate / 2.0, n).await;
+        }
+        p.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if on("webhook") {
+        webhook_fan_out(n).await;
+    }
+    if on("memory") {
+        memory_rows();
+    }
+}
+
+/// The ingest rows (no rules against 5 rules, alternating rounds); the median rate with
+/// rules.
+async fn ingest_rows(
+    p: &Platform,
+    plain: &Arc<Vec<twinfleet::TwinHandle>>,
+    watched: &Arc<Vec<twinfleet::TwinHandle>>,
+    n: usize,
+    rounds: usize,
+) -> f64 {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        a.push(ingest_rate(&p, &plain, 3.0).await);
-        b.push(ingest_rate(&p, &watched, 3.0).await);
+        a.push(ingest_rate(p, plain, 3.0).await);
+        b.push(ingest_rate(p, watched, 3.0).await);
     }
     let (ra, rb) = (median(a.clone()), median(b.clone()));
     println!("| benchmark | twins | cores | points/s (median of {rounds}) | rounds | vs no rules |");
@@ -133,50 +183,77 @@ async fn run() {
         fmt(&b),
         (rb / ra - 1.0) * 100.0
     );
+    rb
+}
 
-    // Alert latency at half the rate: background load on the watched type, and one twin
-    // of a type with a low threshold crossing it every 20 ms.
+/// Paced background load of `target` points/s on `twins` until `until`: 100 tasks, each
+/// its share.
+fn background_load(
+    p: &Platform,
+    twins: &Arc<Vec<twinfleet::TwinHandle>>,
+    target: f64,
+    until: Instant,
+) -> actix_rt::task::JoinHandle<()> {
+    let (p, twins) = (p.runtime().clone(), twins.clone());
+    actix_rt::spawn(async move {
+        let per = target / 10.0 / 100.0;
+        let tasks = (0..100).map(|s| {
+            let (p, twins) = (p.clone(), twins.clone());
+            actix_rt::spawn(async move {
+                let mut k = s as u64;
+                let gap = Duration::from_secs_f64(1.0 / per.max(1.0));
+                let mut next = Instant::now();
+                while Instant::now() < until {
+                    let t = &twins[(k as usize * 7919) % twins.len()];
+                    k += 1;
+                    let _ = t.ingest(batch(&p, k)).await;
+                    next += gap;
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        tokio::time::sleep(d).await;
+                    }
+                }
+            })
+        });
+        futures::future::join_all(tasks).await;
+    })
+}
+
+/// A type `ty` with one threshold rule (`t` above 50) and its twin `{ty}-0`.
+async fn probe_twin(p: &Platform, ty: &str) -> twinfleet::TwinHandle {
     let spec = DeviceTypeSpec {
         defaults: serde_json::json!({"rules": {"hot": {"kind": "threshold", "metric": "t", "above": 50}}})
             .as_object()
             .cloned()
             .unwrap(),
-        ..DeviceTypeSpec::new(DeviceTypeId::new("probe").unwrap())
+        ..DeviceTypeSpec::new(DeviceTypeId::new(ty).unwrap())
     };
     p.create_device_type(spec)
         .await
         .unwrap()
-        .spawn_fleet(vec![TwinSpec::new(TwinId::new("probe-0").unwrap())])
+        .spawn_fleet(vec![TwinSpec::new(TwinId::new(format!("{ty}-0")).unwrap())])
         .await
         .unwrap();
-    let probe = p.twin("probe-0").unwrap();
-    let load_until = Instant::now() + Duration::from_secs(12);
-    let target = rb / 2.0;
-    let load = {
-        let (p, twins) = (p.runtime().clone(), watched.clone());
-        actix_rt::spawn(async move {
-            // Paced senders: 100 tasks, each its share of half the rate.
-            let per = target / 10.0 / 100.0;
-            let tasks = (0..100).map(|s| {
-                let (p, twins) = (p.clone(), twins.clone());
-                actix_rt::spawn(async move {
-                    let mut k = s as u64;
-                    let gap = Duration::from_secs_f64(1.0 / per.max(1.0));
-                    let mut next = Instant::now();
-                    while Instant::now() < load_until {
-                        let t = &twins[(k as usize * 7919) % twins.len()];
-                        k += 1;
-                        let _ = t.ingest(batch(&p, k)).await;
-                        next += gap;
-                        if let Some(d) = next.checked_duration_since(Instant::now()) {
-                            tokio::time::sleep(d).await;
-                        }
-                    }
-                })
-            });
-            futures::future::join_all(tasks).await;
-        })
-    };
+    p.twin(&format!("{ty}-0")).unwrap()
+}
+
+fn latency_row(what: &str, lat: &mut [f64], target: f64, n: usize) {
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!();
+    println!("| alert latency | samples | cores | p50 | p99 | load |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {what} | {} | {} | {:.2} ms | {:.2} ms | ~{target:.0} points/s on {n} twins with 5 rules |",
+        lat.len(),
+        cores(),
+        pct(lat, 0.5),
+        pct(lat, 0.99)
+    );
+}
+
+/// Ingest → raise on the alert book's broadcast, in process, under half the rate.
+async fn latency_in_process(p: &Platform, watched: &Arc<Vec<twinfleet::TwinHandle>>, target: f64, n: usize) {
+    let probe = probe_twin(p, "probe").await;
+    let load = background_load(p, watched, target, Instant::now() + Duration::from_secs(12));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut alerts = p.runtime().alert_book().subscribe();
     let mut lat = Vec::new();
@@ -197,30 +274,196 @@ async fn run() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     load.await.unwrap();
-    lat.sort_by(|a, b| a.total_cmp(b));
+    latency_row("ingest → raise on the alert book's broadcast (in process)", &mut lat, target, n);
+}
+
+/// MQTT publish on the embedded gateway → the raise's event read by an SSE client of
+/// `/api/v1/alerts/stream` over loopback, under half the rate.
+async fn latency_mqtt_to_sse(p: &Platform, watched: &Arc<Vec<twinfleet::TwinHandle>>, target: f64, n: usize) {
+    let _probe = probe_twin(p, "edge").await;
+    let token = p.issue_device_token("edge-0").await.unwrap();
+    let admin = p.bootstrap_admin(None).await.unwrap().expect("a fresh platform issues a token");
+    let api = twinfleet_protocols::HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let http = api.local_addr();
+    let cfg = MqttConfig {
+        operational: "127.0.0.1:0".parse().unwrap(),
+        provisioning: "127.0.0.1:0".parse().unwrap(),
+        ..MqttConfig::default()
+    };
+    let gw = MqttGateway::start(p.runtime().clone(), cfg).await.unwrap();
+    let Endpoint::Listen(mqtt) = gw.operational().clone() else { unreachable!() };
+    let device = MqttDevice::connect(&mqtt.to_string(), "edge-0", &token).await.unwrap();
+
+    // The SSE client on a thread of its own: the instant each raise of edge-0 is parsed.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(http).unwrap();
+        write!(
+            s,
+            "GET /api/v1/alerts/stream?twin=edge-0 HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {admin}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if line.starts_with(": revision") {
+                let _ = ready_tx.send(());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let a: serde_json::Value = serde_json::from_str(d).unwrap();
+                if a["twin"] == "edge-0" && a["state"] == "raised" && tx.send(Instant::now()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("the stream answers");
+    let load = background_load(p, watched, target, Instant::now() + Duration::from_secs(12));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut lat = Vec::new();
+    for i in 0..400 {
+        let v = if i % 2 == 0 { 99.0 } else { 1.0 };
+        let t = Instant::now();
+        device.telemetry(QoS::AtLeastOnce, None, &[("t", v)]).await.unwrap();
+        if v > 50.0 {
+            let at = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+            lat.push(at.duration_since(t).as_secs_f64() * 1e3);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    load.await.unwrap();
+    latency_row("MQTT publish → raise read from /alerts/stream (SSE over loopback)", &mut lat, target, n);
+    gw.stop().await;
+    api.stop().await;
+}
+
+/// A keep-alive HTTP server on loopback answering every request 200 at once; counts the
+/// requests.
+fn webhook_server() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                loop {
+                    let mut len = 0usize;
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    c.fetch_add(1, Relaxed);
+                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// `n` twins raise an alert each; a webhook sink delivers them to a local server.
+async fn webhook_fan_out(n: usize) {
+    use twinfleet::models::notify::{SinkKind, SinkSpec};
+    let dir = std::env::temp_dir().join(format!("twinfleet-monitoring-hook-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let spec = DeviceTypeSpec {
+        defaults: serde_json::json!({"rules": {"hot": {"kind": "threshold", "metric": "t", "above": 50}}})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        ..DeviceTypeSpec::new(DeviceTypeId::new("fan").unwrap())
+    };
+    let h = p.create_device_type(spec).await.unwrap();
+    let specs: Vec<TwinSpec> = (0..n).map(|i| TwinSpec::new(TwinId::new(format!("f-{i:06}")).unwrap())).collect();
+    h.spawn_fleet(specs).await.unwrap();
+    let twins: Vec<_> = (0..n).map(|i| p.twin(&format!("f-{i:06}")).unwrap()).collect();
+    let (addr, count) = webhook_server();
+    let sink = SinkSpec {
+        name: "fan".into(),
+        kind: SinkKind::Webhook,
+        url: format!("http://{addr}/alerts"),
+        secret: "bench-secret".into(),
+        topic: String::new(),
+        username: String::new(),
+        password: String::new(),
+        min_severity: None,
+        device_types: vec![],
+        groups: vec![],
+        acknowledgements: false,
+    };
+    let notifier = twinfleet_protocols::Notifier::start(p.runtime().clone(), vec![sink]).unwrap();
+    while p.runtime().alert_book().sink_cursor("fan").unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rt = p.runtime().clone();
+    let t = Instant::now();
+    for chunk in twins.chunks(500) {
+        let sends = chunk.iter().map(|tw| {
+            let now = rt.clock().now();
+            tw.ingest(vec![MetricPoint { metric: "t".into(), at: now, value: 99.0 }])
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+    }
+    let raised = t.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count.load(Relaxed) < n as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = count.load(Relaxed);
+    let secs = t.elapsed().as_secs_f64();
     println!();
-    println!("| alert latency (ingest → raise on the alert stream) | samples | cores | p50 | p99 | load |");
+    println!("| webhook fan-out | alerts | cores | delivered/s | raised in | all delivered in |");
     println!("|---|---|---|---|---|---|");
     println!(
-        "| threshold crossed, at half the measured rate | {} | {} | {:.2} ms | {:.2} ms | ~{target:.0} points/s on {n} twins with 5 rules |",
-        lat.len(),
+        "| one POST per raise, signed, keep-alive server on loopback | {delivered} of {n} | {} | {:.0} | {raised:.2} s | {secs:.2} s |",
         cores(),
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
+        delivered as f64 / secs
     );
+    notifier.stop();
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
 
-    // Memory: 100,000 twins, each having taken one batch, with and without rules, each
-    // in a child process of its own (resident set growth over the fleet's creation).
-    let m = 100_000;
+/// The memory rows: each kind in a child process of its own (resident set growth over
+/// the fleet's creation and one batch per twin).
+fn memory_rows() {
+    let m = env_or("TWINFLEET_BENCH_MEM_TWINS", 100_000);
     println!();
     println!("| memory per twin (resident set growth / twins, own process) | twins | cores | bytes per twin |");
     println!("|---|---|---|---|");
     for name in ["none", "rules"] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .env("TWINFLEET_MONITORING_MEM", name)
-            .env("TWINFLEET_BENCH_TWINS", m.to_string())
+            .env("TWINFLEET_BENCH_MEM_TWINS", m.to_string())
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);

@@ -237,6 +237,22 @@ pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
                 }
             }
         }
+        EventKind::DesiredFailed { reasons } => {
+            w.push(16);
+            varint(&mut w, reasons.len() as u64);
+            for (k, why) in reasons {
+                string(&mut w, k);
+                string(&mut w, why);
+            }
+        }
+        EventKind::DesiredCleared { keys } => {
+            w.push(17);
+            strings(&mut w, keys);
+        }
+        EventKind::DesiredTransient { keys } => {
+            w.push(18);
+            strings(&mut w, keys);
+        }
     }
     let mut out = Vec::with_capacity(w.len() + 5);
     out.push(FORMAT_BINARY_EVENT);
@@ -288,6 +304,13 @@ fn varint(w: &mut Vec<u8>, mut v: u64) {
 fn string(w: &mut Vec<u8>, s: &str) {
     varint(w, s.len() as u64);
     w.extend_from_slice(s.as_bytes());
+}
+
+fn strings(w: &mut Vec<u8>, v: &[String]) {
+    varint(w, v.len() as u64);
+    for s in v {
+        string(w, s);
+    }
 }
 
 fn object(w: &mut Vec<u8>, m: &Map<String, Value>) {
@@ -397,6 +420,11 @@ impl Reader<'_> {
         let n = usize::try_from(self.varint()?).ok()?;
         // A length can never exceed what is left: refuse it before allocating.
         (n <= self.0.len()).then_some(n)
+    }
+
+    fn strings(&mut self) -> Option<Vec<String>> {
+        let n = self.len()?;
+        (0..n).map(|_| self.string()).collect()
     }
 
     fn string(&mut self) -> Option<String> {
@@ -557,6 +585,16 @@ impl Reader<'_> {
                 };
                 EventKind::RulePhase { rule, phase }
             }
+            16 => {
+                let n = self.len()?;
+                let mut reasons = std::collections::BTreeMap::new();
+                for _ in 0..n {
+                    reasons.insert(self.string()?, self.string()?);
+                }
+                EventKind::DesiredFailed { reasons }
+            }
+            17 => EventKind::DesiredCleared { keys: self.strings()? },
+            18 => EventKind::DesiredTransient { keys: self.strings()? },
             _ => return None,
         };
         Some(TwinEvent { seq, at, kind })
@@ -599,6 +637,9 @@ mod tests {
             EventKind::Restarted { reason: "boom".into(), attempt: 3 },
             EventKind::WaitRetried { wait: WaitName::DesiredSync, attempt: 1, deadline: Timestamp(1_700_000_000_000) },
             EventKind::InSync,
+            EventKind::DesiredFailed { reasons: [("fw".to_string(), "no space".to_string())].into_iter().collect() },
+            EventKind::DesiredCleared { keys: vec!["reboot".into(), "é".into()] },
+            EventKind::DesiredTransient { keys: vec![] },
             EventKind::CommandSent {
                 command_id: CommandId(u64::MAX),
                 command: CommandKind::InstallApp,

@@ -12,6 +12,7 @@ pub mod access;
 pub mod alert;
 pub mod command;
 pub mod config;
+pub mod desired;
 pub mod domain;
 pub mod effect;
 pub mod enrollment;

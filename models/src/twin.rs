@@ -8,11 +8,17 @@
 //!
 //! The desired-state sync is one such machine: a desired state the device does not
 //! report yet is sent as a command the twin names, and a `desired_sync` wait (in the
-//! state, so it survives restarts) retries it with backoff and ends in an alert.
+//! state, so it survives restarts) retries it with backoff and ends in an alert. What is
+//! sent is only the delta (`desired::delta`): what the device does not report yet, so a
+//! retry or a reconnect carries only what is still pending. A device that refuses it
+//! (a negative acknowledgement) fails the keys it carried with its reason; retries used
+//! up fail them too. A key written with `clear_on_sync` leaves the desired state once
+//! the device reports it.
 
 use crate::alert::{AlertKind, Severity};
 use crate::command::{CommandId, CommandKind, Commands, DeviceCommand, Unmatched};
 use crate::config::merge_patch;
+use crate::desired::{KeyState, KeyStatus, covers, delta, same};
 use crate::domain::{DomainModel, Edit, PathError, Violation, apply_edit, merge_diff};
 use crate::effect::{Decision, Effect, Wait, WaitName, Waits};
 use crate::ids::{DeviceTypeId, DtaId, TwinId};
@@ -76,6 +82,12 @@ pub struct TwinState {
     /// This twin's own configuration overrides, the top of the layering.
     #[serde(default)]
     pub overrides: Map<String, Value>,
+    /// Desired keys the device refused or did not reach after every retry, with why.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub desired_failed: std::collections::BTreeMap<String, String>,
+    /// Desired keys removed from the desired state once the device reports them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub clear_on_sync: std::collections::BTreeSet<String>,
     /// The DTAs this twin belongs to directly.
     #[serde(default)]
     pub memberships: Vec<DtaId>,
@@ -106,6 +118,14 @@ pub enum TwinCommand {
     /// An operator or group wants part of the state changed (a JSON merge patch). Its
     /// `components` part is validated against the device type's domain model.
     SetDesired(Map<String, Value>),
+    /// [`TwinCommand::SetDesired`] with conditions: only if the twin's version (its
+    /// journal's `last_seq`) is `if_version`; with `clear_on_sync`, the patch's keys
+    /// leave the desired state once the device reports them.
+    WriteDesired {
+        patch: Map<String, Value>,
+        if_version: Option<u64>,
+        clear_on_sync: bool,
+    },
     UpdateMetadata(Metadata),
     /// A JSON merge patch on the twin's own configuration overrides.
     SetOverrides(Map<String, Value>),
@@ -228,6 +248,20 @@ pub enum EventKind {
         rule: String,
         phase: crate::rules::Phase,
     },
+    /// Desired keys failed: the device refused them (its reason) or did not report them
+    /// after every retry. The sync stops waiting.
+    DesiredFailed {
+        reasons: std::collections::BTreeMap<String, String>,
+    },
+    /// Desired keys written with `clear_on_sync` were reported: they leave the desired
+    /// state.
+    DesiredCleared {
+        keys: Vec<String>,
+    },
+    /// The keys of the desired write just before are to be cleared once reported.
+    DesiredTransient {
+        keys: Vec<String>,
+    },
 }
 
 /// A command that cannot be applied, and why.
@@ -252,6 +286,9 @@ pub enum TwinError {
     /// A monitoring rule in the configuration's `rules` does not check.
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleError),
+    /// A conditional write found the twin at another version.
+    #[error("twin {twin} is at version {current}, not {expected}: it changed meanwhile; read it again")]
+    VersionMismatch { twin: TwinId, expected: u64, current: u64 },
 }
 
 fn unmatched_message(id: &str, why: Unmatched) -> String {
@@ -270,6 +307,8 @@ impl TwinState {
             metadata,
             reported: Map::new(),
             desired: Map::new(),
+            desired_failed: Default::default(),
+            clear_on_sync: Default::default(),
             overrides: Map::new(),
             memberships,
             lifecycle: Lifecycle::Active,
@@ -296,6 +335,17 @@ impl TwinState {
         rules: TwinRules<'_>,
     ) -> Result<Decision<TwinEvent>, TwinError> {
         let id = self.id();
+        let cmd = match cmd {
+            TwinCommand::SetDesired(patch) => {
+                TwinCommand::WriteDesired { patch, if_version: None, clear_on_sync: false }
+            }
+            cmd => cmd,
+        };
+        if let TwinCommand::WriteDesired { if_version: Some(v), .. } = &cmd
+            && *v != self.last_seq
+        {
+            return Err(TwinError::VersionMismatch { twin: id.clone(), expected: *v, current: self.last_seq });
+        }
         let writable =
             !matches!(cmd, TwinCommand::Record(_) | TwinCommand::Ack { .. } | TwinCommand::WaitExpired { .. });
         if writable && self.lifecycle == Lifecycle::Archived {
@@ -303,7 +353,9 @@ impl TwinState {
         }
         // Every document that enters the twin is bounded, so whatever is stored can be read.
         match &cmd {
-            TwinCommand::Report(p) | TwinCommand::SetDesired(p) => limits::check_object(p)?,
+            TwinCommand::Report(p) | TwinCommand::SetDesired(p) | TwinCommand::WriteDesired { patch: p, .. } => {
+                limits::check_object(p)?
+            }
             TwinCommand::SetOverrides(p) => {
                 limits::check_object(p)?;
                 crate::rules::check_config(p, rules.metrics)?;
@@ -315,7 +367,10 @@ impl TwinState {
         let mut kinds = Vec::with_capacity(2);
         let mut effects = Vec::new();
         match cmd {
-            TwinCommand::Report(patch) | TwinCommand::SetDesired(patch) | TwinCommand::SetOverrides(patch)
+            TwinCommand::Report(patch)
+            | TwinCommand::SetDesired(patch)
+            | TwinCommand::WriteDesired { patch, .. }
+            | TwinCommand::SetOverrides(patch)
                 if patch.is_empty() =>
             {
                 return Err(TwinError::EmptyPatch);
@@ -323,12 +378,30 @@ impl TwinState {
             TwinCommand::Report(patch) => {
                 // Only a twin that waits for its desired state needs the state after the
                 // patch (a copy of the reported state): most reports skip it.
-                let reaches_sync = !self.desired.is_empty() && !self.in_sync() && {
+                let waiting = self.waits.get(WaitName::DesiredSync).is_some();
+                let reaches_sync = !self.desired.is_empty() && (waiting || !self.in_sync()) && {
                     let mut after = self.reported.clone();
                     merge_patch(&mut after, &patch);
+                    // (With a sync waiting: once nothing but failed keys is missing.)
                     covers(&after, &self.desired)
+                        || (waiting && self.outstanding(&self.desired, &after, None).is_empty())
+                };
+                // Keys to clear once reported, and failed keys the device now reports.
+                let settled: Vec<String> = if self.clear_on_sync.is_empty() {
+                    Vec::new()
+                } else {
+                    let mut after = self.reported.clone();
+                    merge_patch(&mut after, &patch);
+                    self.clear_on_sync
+                        .iter()
+                        .filter(|k| self.desired.get(*k).is_some_and(|w| after.get(*k).is_some_and(|h| same(h, w))))
+                        .cloned()
+                        .collect()
                 };
                 kinds.push(EventKind::Reported { patch });
+                if !settled.is_empty() {
+                    kinds.push(EventKind::DesiredCleared { keys: settled });
+                }
                 if reaches_sync {
                     kinds.push(EventKind::InSync);
                     if self.waits.get(WaitName::DesiredSync).is_some() {
@@ -336,7 +409,8 @@ impl TwinState {
                     }
                 }
             }
-            TwinCommand::SetDesired(patch) => {
+            TwinCommand::SetDesired(_) => unreachable!("made a WriteDesired above"),
+            TwinCommand::WriteDesired { patch, clear_on_sync, .. } => {
                 if let (Some(model), Some(components)) = (rules.domain, patch.get("components")) {
                     let current = self.desired.get("components").cloned().unwrap_or_else(|| Value::Object(Map::new()));
                     let mut doc = Map::new();
@@ -353,7 +427,15 @@ impl TwinState {
                         return Err(TwinError::Violations(violations));
                     }
                 }
+                let transient: Vec<String> = if clear_on_sync {
+                    patch.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 self.desired_set(patch, now, rules, &mut kinds, &mut effects);
+                if !transient.is_empty() {
+                    kinds.push(EventKind::DesiredTransient { keys: transient });
+                }
             }
             TwinCommand::UpdateMetadata(metadata) => kinds.push(EventKind::MetadataUpdated { metadata }),
             TwinCommand::SetOverrides(patch) => kinds.push(EventKind::OverridesSet { patch }),
@@ -403,7 +485,22 @@ impl TwinState {
                 effects.push(Effect::Deliver { id: command_id, command });
             }
             TwinCommand::Ack { command_id, success, message } => match self.commands.matches(&command_id) {
-                Ok(id) => kinds.push(EventKind::CommandAcked { command_id: id.to_string(), success, message }),
+                Ok(id) => {
+                    let sync = self.waits.get(WaitName::DesiredSync).filter(|w| w.command == Some(id));
+                    let refused = !success && sync.is_some();
+                    let reason = if message.is_empty() { "the device refused it".to_string() } else { message.clone() };
+                    kinds.push(EventKind::CommandAcked { command_id: id.to_string(), success, message });
+                    if refused {
+                        // The device refused the desired state: the keys it still lacks
+                        // fail with its reason, and the sync stops retrying.
+                        let reasons = delta(&self.desired, &self.reported)
+                            .into_iter()
+                            .map(|(k, _)| (k, reason.clone()))
+                            .collect();
+                        kinds.push(EventKind::DesiredFailed { reasons });
+                        effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
+                    }
+                }
                 Err(why) => return Err(TwinError::UnmatchedAck { command_id, why }),
             },
             TwinCommand::WaitExpired { wait, attempt } => match self.waits.get(wait) {
@@ -428,7 +525,12 @@ impl TwinState {
                         },
                         _ => 0,
                     };
-                    if let Some(command) = DeviceCommand::from_pending(p, &self.desired, attempt) {
+                    let pending = if p.kind == CommandKind::ApplyDesired {
+                        self.outstanding(&self.desired, &self.reported, None)
+                    } else {
+                        Map::new()
+                    };
+                    if let Some(command) = DeviceCommand::from_pending(p, &pending, attempt) {
                         effects.push(Effect::Deliver { id: p.id, command });
                     }
                 }
@@ -454,7 +556,8 @@ impl TwinState {
     ) {
         let mut desired = self.desired.clone();
         merge_patch(&mut desired, &patch);
-        if desired.is_empty() || covers(&self.reported, &desired) {
+        let missing = self.outstanding(&desired, &self.reported, Some(&patch));
+        if missing.is_empty() {
             if self.waits.get(WaitName::DesiredSync).is_some() {
                 effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
             }
@@ -465,7 +568,7 @@ impl TwinState {
         let deadline = rules.desired_sync.first_deadline(now);
         let wait = Wait { wait: WaitName::DesiredSync, attempt: 0, deadline, command: Some(id) };
         kinds.push(EventKind::DesiredSet { patch, wait: Some(wait) });
-        effects.push(Effect::Deliver { id, command: DeviceCommand::ApplyDesired { desired, attempt: 0 } });
+        effects.push(Effect::Deliver { id, command: DeviceCommand::ApplyDesired { desired: missing, attempt: 0 } });
         effects.push(Effect::ArmWait { wait: WaitName::DesiredSync, attempt: 0, deadline });
     }
 
@@ -479,7 +582,7 @@ impl TwinState {
         kinds: &mut Vec<EventKind>,
         effects: &mut Vec<Effect>,
     ) {
-        if self.in_sync() {
+        if self.outstanding(&self.desired, &self.reported, None).is_empty() {
             kinds.push(EventKind::InSync);
             return;
         }
@@ -487,18 +590,24 @@ impl TwinState {
             WaitDecision::Retry { attempt, deadline } => {
                 kinds.push(EventKind::WaitRetried { wait: w.wait, attempt, deadline });
                 if let Some(id) = w.command {
-                    let command = DeviceCommand::ApplyDesired { desired: self.desired.clone(), attempt };
+                    let command = DeviceCommand::ApplyDesired {
+                        desired: self.outstanding(&self.desired, &self.reported, None),
+                        attempt,
+                    };
                     effects.push(Effect::Deliver { id, command });
                 }
                 effects.push(Effect::ArmWait { wait: w.wait, attempt, deadline });
             }
             WaitDecision::Alert { attempts } => {
                 let message = format!("twin {} did not report its desired state after {attempts} attempts", self.id());
+                let why = format!("not reported after {attempts} attempts");
+                let reasons = delta(&self.desired, &self.reported).into_iter().map(|(k, _)| (k, why.clone())).collect();
                 kinds.push(EventKind::AlertRaised {
                     alert: AlertKind::DeadlineExceeded,
                     message: message.clone(),
                     wait: Some(w.wait),
                 });
+                kinds.push(EventKind::DesiredFailed { reasons });
                 effects.push(Effect::RaiseAlert {
                     kind: AlertKind::DeadlineExceeded,
                     severity: Severity::Warning,
@@ -512,9 +621,23 @@ impl TwinState {
     /// trusted: applying never fails.
     pub fn evolve(&mut self, event: &TwinEvent) {
         match &event.kind {
-            EventKind::Reported { patch } => merge_patch(&mut self.reported, patch),
+            EventKind::Reported { patch } => {
+                merge_patch(&mut self.reported, patch);
+                if !self.desired_failed.is_empty() {
+                    let (desired, reported) = (&self.desired, &self.reported);
+                    self.desired_failed
+                        .retain(|k, _| !desired.get(k).is_some_and(|w| reported.get(k).is_some_and(|h| same(h, w))));
+                }
+            }
             EventKind::DesiredSet { patch, wait } => {
                 merge_patch(&mut self.desired, patch);
+                // A new write of a key tries it again; a removed key is no longer awaited.
+                for (k, v) in patch {
+                    self.desired_failed.remove(k);
+                    if v.is_null() {
+                        self.clear_on_sync.remove(k);
+                    }
+                }
                 match wait {
                     Some(w) => {
                         if let Some(id) = w.command {
@@ -569,6 +692,18 @@ impl TwinState {
                     self.waits.cancel(*w);
                 }
             }
+            EventKind::DesiredFailed { reasons } => {
+                self.desired_failed.extend(reasons.iter().map(|(k, v)| (k.clone(), v.clone())));
+                self.waits.cancel(WaitName::DesiredSync);
+            }
+            EventKind::DesiredCleared { keys } => {
+                for k in keys {
+                    self.desired.remove(k);
+                    self.clear_on_sync.remove(k);
+                    self.desired_failed.remove(k);
+                }
+            }
+            EventKind::DesiredTransient { keys } => self.clear_on_sync.extend(keys.iter().cloned()),
             EventKind::Created | EventKind::Restarted { .. } => {}
         }
         self.last_seq = self.last_seq.max(event.seq);
@@ -579,21 +714,50 @@ impl TwinState {
     pub fn in_sync(&self) -> bool {
         covers(&self.reported, &self.desired)
     }
-}
 
-/// True when every key of `wanted` has the same value in `have` (recursively for objects).
-/// Numbers compare by value, so `5` and `5.0` match: devices and transports differ in
-/// how they write numbers.
-fn covers(have: &Map<String, Value>, wanted: &Map<String, Value>) -> bool {
-    wanted.iter().all(|(k, w)| have.get(k).is_some_and(|h| same(h, w)))
-}
+    /// What the device does not report yet of the desired state.
+    pub fn delta(&self) -> Map<String, Value> {
+        delta(&self.desired, &self.reported)
+    }
 
-fn same(h: &Value, w: &Value) -> bool {
-    match (h, w) {
-        (Value::Object(h), Value::Object(w)) => covers(h, w),
-        (Value::Number(h), Value::Number(w)) => h.as_f64() == w.as_f64(),
-        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(h, w)| same(h, w)),
-        (h, w) => h == w,
+    /// What a sync sends of `desired` against `reported`: the delta without the keys
+    /// that failed, unless `patch` writes them again.
+    fn outstanding(
+        &self,
+        desired: &Map<String, Value>,
+        reported: &Map<String, Value>,
+        patch: Option<&Map<String, Value>>,
+    ) -> Map<String, Value> {
+        let mut d = delta(desired, reported);
+        if !self.desired_failed.is_empty() {
+            d.retain(|k, _| !self.desired_failed.contains_key(k) || patch.is_some_and(|p| p.contains_key(k)));
+        }
+        d
+    }
+
+    /// Where each top-level key of the desired state stands.
+    pub fn desired_status(&self) -> std::collections::BTreeMap<String, KeyStatus> {
+        let sync = self.waits.get(WaitName::DesiredSync);
+        self.desired
+            .iter()
+            .map(|(k, want)| {
+                let have = self.reported.get(k);
+                let state = if have.is_some_and(|h| same(h, want)) {
+                    KeyState::InSync
+                } else if let Some(reason) = self.desired_failed.get(k) {
+                    KeyState::Failed { reason: reason.clone() }
+                } else {
+                    KeyState::Pending { attempt: sync.map(|w| w.attempt), deadline: sync.map(|w| w.deadline) }
+                };
+                let status = KeyStatus {
+                    state,
+                    desired: want.clone(),
+                    reported: have.cloned(),
+                    clear_on_sync: self.clear_on_sync.contains(k),
+                };
+                (k.clone(), status)
+            })
+            .collect()
     }
 }
 
@@ -916,5 +1080,107 @@ mod tests {
             d.effects[0],
             Effect::Deliver { id: CommandId(1), command: DeviceCommand::ApplyDesired { attempt: 2, .. } }
         ));
+    }
+
+    /// The desired state a decision delivers, if any.
+    fn sent(d: &Decision<TwinEvent>) -> Option<Map<String, Value>> {
+        d.effects.iter().find_map(|e| match e {
+            Effect::Deliver { command: DeviceCommand::ApplyDesired { desired, .. }, .. } => Some(desired.clone()),
+            _ => None,
+        })
+    }
+
+    fn state_of(s: &TwinState, key: &str) -> KeyState {
+        s.desired_status()[key].state.clone()
+    }
+
+    #[test]
+    fn only_the_delta_is_sent_and_a_retry_or_resend_carries_only_what_is_still_missing() {
+        let mut s = twin();
+        step(&mut s, TwinCommand::Report(obj(json!({"rate": 5, "net": {"ssid": "lab", "ch": 1}}))), 1);
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"rate": 5, "net": {"ch": 6}, "mode": "eco"}))), 2);
+        assert_eq!(sent(&d), Some(obj(json!({"net": {"ch": 6}, "mode": "eco"}))));
+        assert_eq!(state_of(&s, "rate"), KeyState::InSync);
+        assert_eq!(state_of(&s, "mode"), KeyState::Pending { attempt: Some(0), deadline: Some(Timestamp(1_002)) });
+        step(&mut s, TwinCommand::Report(obj(json!({"mode": "eco"}))), 3);
+        assert_eq!(s.delta(), obj(json!({"net": {"ch": 6}})));
+        assert_eq!(sent(&expire(&mut s, 1_002)), Some(obj(json!({"net": {"ch": 6}}))), "the retry");
+        assert_eq!(sent(&run(&mut s, TwinCommand::Resend, 1_100)), Some(obj(json!({"net": {"ch": 6}}))), "the resend");
+        let evs = step(&mut s, TwinCommand::Report(obj(json!({"net": {"ch": 6}}))), 1_200);
+        assert_eq!(evs.last().unwrap().kind, EventKind::InSync);
+        assert!(s.desired_status().values().all(|k| k.state == KeyState::InSync));
+    }
+
+    #[test]
+    fn a_refusal_fails_the_keys_with_the_devices_reason_until_written_again() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"fw": "9.9", "led": "on"}))), 0);
+        step(&mut s, TwinCommand::Report(obj(json!({"led": "on"}))), 1);
+        let d = run(
+            &mut s,
+            TwinCommand::Ack { command_id: "1".into(), success: false, message: "no space for fw".into() },
+            2,
+        );
+        assert!(d.effects.contains(&Effect::CancelWait { wait: WaitName::DesiredSync }), "{:?}", d.effects);
+        assert_eq!(state_of(&s, "fw"), KeyState::Failed { reason: "no space for fw".into() });
+        assert_eq!(state_of(&s, "led"), KeyState::InSync);
+        assert!(s.waits.is_empty(), "no more retries");
+        // Another key's write does not send the failed one again.
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"rate": 2}))), 3);
+        assert_eq!(sent(&d), Some(obj(json!({"rate": 2}))));
+        let evs = step(&mut s, TwinCommand::Report(obj(json!({"rate": 2}))), 4);
+        assert_eq!(evs.last().unwrap().kind, EventKind::InSync, "nothing but the failed key is missing");
+        assert_eq!(state_of(&s, "fw"), KeyState::Failed { reason: "no space for fw".into() });
+        // Written again, it is tried again; reported, it settles.
+        let d = run(&mut s, TwinCommand::SetDesired(obj(json!({"fw": "9.9"}))), 5);
+        assert_eq!(sent(&d), Some(obj(json!({"fw": "9.9"}))));
+        assert!(matches!(state_of(&s, "fw"), KeyState::Pending { .. }));
+        step(&mut s, TwinCommand::Report(obj(json!({"fw": "9.9"}))), 6);
+        assert!(s.desired_failed.is_empty() && s.in_sync());
+    }
+
+    #[test]
+    fn retries_used_up_fail_the_missing_keys() {
+        let mut s = twin();
+        run(&mut s, TwinCommand::SetDesired(obj(json!({"open": true}))), 0);
+        expire(&mut s, 1_000);
+        expire(&mut s, 2_500);
+        let d = expire(&mut s, 5_000);
+        assert!(d.events.iter().any(|e| matches!(e.kind, EventKind::DesiredFailed { .. })), "{:?}", d.events);
+        assert_eq!(state_of(&s, "open"), KeyState::Failed { reason: "not reported after 3 attempts".into() });
+    }
+
+    #[test]
+    fn a_key_written_with_clear_on_sync_leaves_the_desired_state_once_reported() {
+        let mut s = twin();
+        let write = |patch: Value, clear: bool| TwinCommand::WriteDesired {
+            patch: obj(patch),
+            if_version: None,
+            clear_on_sync: clear,
+        };
+        run(&mut s, write(json!({"reboot": true}), true), 1);
+        run(&mut s, write(json!({"rate": 3}), false), 2);
+        assert!(s.desired_status()["reboot"].clear_on_sync);
+        let evs = step(&mut s, TwinCommand::Report(obj(json!({"reboot": true, "rate": 3}))), 3);
+        assert!(evs.iter().any(|e| e.kind == EventKind::DesiredCleared { keys: vec!["reboot".into()] }), "{evs:?}");
+        assert_eq!(s.desired, obj(json!({"rate": 3})), "the key is gone, the other stays");
+        assert!(s.clear_on_sync.is_empty() && s.in_sync());
+    }
+
+    #[test]
+    fn a_conditional_write_at_another_version_changes_nothing() {
+        let mut s = twin();
+        step(&mut s, TwinCommand::Report(obj(json!({"a": 1}))), 1);
+        let v = s.last_seq;
+        let stale =
+            TwinCommand::WriteDesired { patch: obj(json!({"a": 2})), if_version: Some(v - 1), clear_on_sync: false };
+        assert_eq!(
+            s.decide(stale, Timestamp(2), rules()),
+            Err(TwinError::VersionMismatch { twin: s.id().clone(), expected: v - 1, current: v })
+        );
+        let fresh =
+            TwinCommand::WriteDesired { patch: obj(json!({"a": 2})), if_version: Some(v), clear_on_sync: false };
+        run(&mut s, fresh, 3);
+        assert_eq!(s.desired, obj(json!({"a": 2})));
     }
 }

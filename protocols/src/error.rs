@@ -23,6 +23,8 @@ pub enum Class {
     Conflict,
     /// Well-formed, but the twin's rules refuse it (constraint violations, bad telemetry).
     Rejected,
+    /// A conditional write's precondition (a version) does not hold: read again.
+    PreconditionFailed,
     /// A mailbox is full: retry later.
     Busy,
     /// The actor or the device cannot answer now: retry later.
@@ -42,6 +44,7 @@ impl Class {
             Class::NotFound => StatusCode::NOT_FOUND,
             Class::AlreadyExists | Class::Conflict => StatusCode::CONFLICT,
             Class::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
+            Class::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Class::Busy => StatusCode::TOO_MANY_REQUESTS,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -57,7 +60,7 @@ impl Class {
             Class::Forbidden => Code::PermissionDenied,
             Class::NotFound => Code::NotFound,
             Class::AlreadyExists => Code::AlreadyExists,
-            Class::Conflict => Code::FailedPrecondition,
+            Class::Conflict | Class::PreconditionFailed => Code::FailedPrecondition,
             Class::Busy | Class::InsufficientStorage => Code::ResourceExhausted,
             Class::Unavailable => Code::Unavailable,
             Class::Timeout => Code::DeadlineExceeded,
@@ -105,6 +108,7 @@ pub fn classify(e: &TwinError) -> Classified {
             ModelError::Component(PathError::Invalid(_)) => c(Invalid, "invalid", "rejected"),
             ModelError::Document(d) => c(Invalid, "invalid", d.reason()),
             ModelError::Rules(_) => c(Invalid, "invalid_rule", "malformed"),
+            ModelError::VersionMismatch { .. } => c(PreconditionFailed, "version_mismatch", "conflict"),
             ModelError::UnmatchedAck { why: Unmatched::Unknown, .. } => c(NotFound, "unknown_command", "unknown_ack"),
             ModelError::UnmatchedAck { why: Unmatched::Stale, .. } => c(Conflict, "stale_command", "stale_ack"),
             ModelError::EmptyPatch | ModelError::AlreadyMember { .. } | ModelError::NotMember { .. } => {

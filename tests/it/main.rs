@@ -10,6 +10,7 @@ mod components;
 mod config_layers;
 mod credentials;
 mod deadlines;
+mod desired;
 mod durability;
 mod export;
 mod full_disk;

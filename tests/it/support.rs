@@ -124,25 +124,51 @@ pub fn http_as(addr: SocketAddr, token: &str, method: &str, path: &str, body: Op
 }
 
 fn http_call(addr: SocketAddr, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let (status, body, _) = http_full(addr, token, method, path, &[], body);
+    (status, body)
+}
+
+/// A request with extra headers: (status, body as JSON, response headers by lowercase
+/// name).
+pub fn http_full(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value, BTreeMap<String, String>) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let mut extra = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    for (k, v) in headers {
+        extra.push_str(&format!("{k}: {v}\r\n"));
+    }
     match body {
         Some(b) => write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
             b.len()
         )
         .unwrap(),
-        None => write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap(),
+        None => write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n").unwrap(),
     }
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read response");
     let status: u16 = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let body =
-        if raw.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let headers: BTreeMap<String, String> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = if headers.get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)), headers)
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -2,7 +2,7 @@
 //! component endpoints; device tokens.
 
 use super::{Caller, Errors, HttpError, Result};
-use actix_web::{HttpResponse, delete, get, http::StatusCode, patch, post, put, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, http::StatusCode, patch, post, put, web};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(show_twin)
         .service(delete_twin)
         .service(set_desired)
+        .service(twin_delta)
         .service(set_overrides)
         .service(set_metadata)
         .service(archive_twin)
@@ -112,7 +113,8 @@ async fn show_twin(
     let h = twin_for(&rt, &caller, &id, Action::Read)?;
     let view = h.get().await?;
     let last_events = h.events(q.events.unwrap_or(20).min(MAX_EVENTS)).await?;
-    Ok(HttpResponse::Ok().json(TwinDetail { view, actor: h.actor(), last_events }))
+    let etag = etag(view.state.last_seq);
+    Ok(HttpResponse::Ok().insert_header(etag).json(TwinDetail { view, actor: h.actor(), last_events }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -161,18 +163,91 @@ pub(super) struct IssuedToken {
     token: String,
 }
 
-/// `PATCH /twins/{id}/desired`: a JSON merge patch (RFC 7396) of the desired state.
-#[utoipa::path(tag = "twins", responses((status = 200, body = Changed), Errors), security(("bearer" = [])))]
+/// A twin's version as an `ETag` (its journal's last sequence number).
+fn etag(version: u64) -> (&'static str, String) {
+    ("etag", format!("\"{version}\""))
+}
+
+/// The version an `If-Match` header asks for: `"12"` (or `W/"12"`, or bare `12`) is
+/// version 12; `*` or no header, any.
+fn if_match(req: &HttpRequest) -> Result<Option<u64>> {
+    let Some(v) = req.headers().get("if-match") else { return Ok(None) };
+    let text = v.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let bare = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    bare.parse().map(Some).map_err(|_| {
+        HttpError(TwinError::Invalid(format!(
+            "If-Match {text:?}: expected a twin version as its ETag gives it, e.g. \"12\""
+        )))
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct DesiredQuery {
+    /// Remove the written keys from the desired state once the device reports them
+    /// (a one-shot request such as a reboot).
+    clear_on_sync: Option<bool>,
+}
+
+/// `PATCH /twins/{id}/desired`: a JSON merge patch (RFC 7396) of the desired state. The
+/// device gets only the delta (what it does not report yet). With `If-Match: "<version>"`
+/// (the twin's `ETag`) the write applies only at that version, else 412
+/// `version_mismatch`.
+#[utoipa::path(tag = "twins", params(DesiredQuery), responses((status = 200, body = Changed), (status = 412, description = "the twin is at another version than If-Match names"), Errors), security(("bearer" = [])))]
 #[patch("/twins/{id}/desired")]
 async fn set_desired(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
+    req: HttpRequest,
     id: web::Path<String>,
+    q: web::Query<DesiredQuery>,
     body: web::Json<Map<String, Value>>,
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Write)?;
-    let seq = caller.command(&h, TwinCommand::SetDesired(body.into_inner()), StatusCode::OK).await?;
-    Ok(changed(&h, seq))
+    let cmd = TwinCommand::WriteDesired {
+        patch: body.into_inner(),
+        if_version: if_match(&req)?,
+        clear_on_sync: q.clear_on_sync.unwrap_or(false),
+    };
+    let seq = caller.command(&h, cmd, StatusCode::OK).await?;
+    Ok(HttpResponse::Ok().insert_header(etag(seq)).json(Changed { twin: h.id().clone(), seq }))
+}
+
+/// A twin's desired state against its reported state.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct DeltaView {
+    twin: TwinId,
+    /// The twin's version (its `ETag`), for a conditional write.
+    version: u64,
+    in_sync: bool,
+    /// What the device does not report yet (what a sync sends).
+    #[schema(value_type = Object)]
+    delta: Map<String, Value>,
+    /// Each top-level desired key: `in_sync`, `pending` (attempt, deadline) or `failed`
+    /// (the device's reason).
+    keys: std::collections::BTreeMap<String, twinfleet_models::desired::KeyStatus>,
+}
+
+/// `GET /twins/{id}/delta`: the delta of the desired state against the reported state,
+/// and where each desired key stands.
+#[utoipa::path(tag = "twins", responses((status = 200, body = DeltaView), Errors), security(("bearer" = [])))]
+#[get("/twins/{id}/delta")]
+async fn twin_delta(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let h = twin_for(&rt, &caller, &id, Action::Read)?;
+    let view = h.get().await?;
+    let s = &view.state;
+    let body = DeltaView {
+        twin: h.id().clone(),
+        version: s.last_seq,
+        in_sync: s.in_sync(),
+        delta: s.delta(),
+        keys: s.desired_status(),
+    };
+    Ok(HttpResponse::Ok().insert_header(etag(s.last_seq)).json(body))
 }
 
 /// `PATCH /twins/{id}/overrides`: a JSON merge patch of the twin's own configuration
