@@ -6,8 +6,9 @@
 //!
 //! The outbox is the alerts' change log (`twinfleet_actors::alerting`, persisted, the
 //! newest `MAX_CHANGES` kept): each sink reads it from its own cursor, stored after each
-//! delivery, so delivery is at least once and in change order (so in order per twin), and
-//! resumes after a restart. Each sink runs on a thread of its own: one that is down
+//! delivery and made durable once per read of up to `READ_CHANGES` changes, so delivery
+//! is at least once (a crash repeats at most that many) and in change order (so in order
+//! per twin), and resumes after a restart. Each sink runs on a thread of its own: one that is down
 //! holds back only itself, never the other sinks or the twins (which only append to the
 //! log). A failed delivery is retried with backoff (0.5 s doubling to 60 s); after 5
 //! failed attempts the sink is marked failing (`/metrics`) and keeps retrying the same
@@ -28,6 +29,8 @@ use twinfleet_models::notify::{SinkKind, SinkSpec};
 /// Attempts before a sink is marked failing.
 const FAILING_AFTER: u32 = 5;
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Changes a sink reads from the log at once (and at most delivers again after a crash).
+const READ_CHANGES: usize = 100;
 /// How often an idle sink looks at the log.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -116,7 +119,7 @@ fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
         }
     };
     while !stop.load(Relaxed) {
-        let (changes, lost) = match book.changes_after(cursor, 100) {
+        let (changes, lost) = match book.changes_after(cursor, READ_CHANGES) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(sink = spec.name, "the alert change log cannot be read: {e}");
@@ -137,19 +140,29 @@ fn run(rt: TwinRuntime, spec: SinkSpec, stop: Arc<AtomicBool>) {
             }
             continue;
         }
+        // The cursor is stored after each change taken, and waited for (durable) once
+        // per read of the log: a crash delivers at most that read's changes again
+        // (`READ_CHANGES`), and the sink does not wait for a disk flush per change.
+        let mut stored = None;
         for (rev, alert) in changes {
             if spec.wants(&alert) {
                 if book.silenced(&alert, rt.clock().now()) {
                     stats.silenced.fetch_add(1, Relaxed);
                 } else if !deliver_with_retries(&mut out, &spec, rev, &alert, &stats, &stop) {
-                    return; // stopped
+                    // Stopped: what was delivered is recorded before the thread ends.
+                    if let Some(t) = stored.take() {
+                        let _ = futures::executor::block_on(t);
+                    }
+                    return;
                 }
             }
             cursor = rev;
-            // (Durable before the next one: a restart delivers it at most once more.)
-            if let Err(e) = futures::executor::block_on(book.set_sink_cursor(&spec.name, cursor)) {
-                tracing::warn!(sink = spec.name, "the sink's cursor was not stored: {e}");
-            }
+            stored = Some(book.set_sink_cursor(&spec.name, cursor));
+        }
+        if let Some(t) = stored
+            && let Err(e) = futures::executor::block_on(t)
+        {
+            tracing::warn!(sink = spec.name, "the sink's cursor was not stored: {e}");
         }
     }
 }
