@@ -253,6 +253,13 @@ pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
             w.push(18);
             strings(&mut w, keys);
         }
+        EventKind::TemplateApplied { target, version, values } => {
+            w.push(19);
+            string(&mut w, target);
+            varint(&mut w, u64::from(*version));
+            let values: Map<String, Value> = values.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            object(&mut w, &values);
+        }
     }
     let mut out = Vec::with_capacity(w.len() + 5);
     out.push(FORMAT_BINARY_EVENT);
@@ -595,6 +602,11 @@ impl Reader<'_> {
             }
             17 => EventKind::DesiredCleared { keys: self.strings()? },
             18 => EventKind::DesiredTransient { keys: self.strings()? },
+            19 => EventKind::TemplateApplied {
+                target: self.string()?,
+                version: self.u32()?,
+                values: self.object(0)?.into_iter().collect(),
+            },
             _ => return None,
         };
         Some(TwinEvent { seq, at, kind })
@@ -640,6 +652,13 @@ mod tests {
             EventKind::DesiredFailed { reasons: [("fw".to_string(), "no space".to_string())].into_iter().collect() },
             EventKind::DesiredCleared { keys: vec!["reboot".into(), "é".into()] },
             EventKind::DesiredTransient { keys: vec![] },
+            EventKind::TemplateApplied {
+                target: "config".into(),
+                version: 3,
+                values: [("config.site".to_string(), json!("berlin")), ("config.max".to_string(), json!(80))]
+                    .into_iter()
+                    .collect(),
+            },
             EventKind::CommandSent {
                 command_id: CommandId(u64::MAX),
                 command: CommandKind::InstallApp,

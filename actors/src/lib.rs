@@ -39,6 +39,7 @@ pub mod spaces;
 pub mod supervisor;
 pub mod tdta;
 pub mod telemetry;
+pub(crate) mod templates;
 pub mod workflow;
 
 pub use access::{API_TOKEN_PREFIX, AccessControl, AuditEntry, AuditQuery, Group, Principal, TokenInfo, User};

@@ -76,3 +76,8 @@ pub const NOTIFY_CURSOR: Space = Space(24);
 pub const SILENCE: Space = Space(25);
 /// History exports' cursors: key = export name; value = its `exports::ExportCursor`.
 pub const EXPORT_CURSOR: Space = Space(26);
+/// Configuration templates: key = device type, 0, version (BE u32); value = the
+/// `template::ConfigTemplate`.
+pub const TEMPLATE: Space = Space(27);
+/// Each device type's applied template: key = device type; value = its version (BE u32).
+pub const TEMPLATE_ACTIVE: Space = Space(28);

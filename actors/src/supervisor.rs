@@ -433,6 +433,43 @@ impl TwinRuntime {
             .ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
     }
 
+    /// Every stored version of a device type's configuration templates, oldest first,
+    /// and the version applied to the type.
+    pub fn templates(
+        &self,
+        device_type: &str,
+    ) -> Result<(Vec<twinfleet_models::template::ConfigTemplate>, Option<u32>), TwinError> {
+        let ctx = self.type_context(device_type)?;
+        let all = crate::templates::list(&*self.env.storage, device_type)?;
+        Ok((all, ctx.template().map(|t| t.version)))
+    }
+
+    /// Stores a new version of a device type's configuration template (checked: a bad
+    /// placeholder, path or target is refused naming it), filling desired key `target`
+    /// (default `config`).
+    pub async fn add_template(
+        &self,
+        device_type: &str,
+        target: Option<String>,
+        body: serde_json::Value,
+        comment: String,
+    ) -> Result<twinfleet_models::template::ConfigTemplate, TwinError> {
+        let ctx = self.type_context(device_type)?;
+        crate::templates::add(&ctx, target, body, comment).await
+    }
+
+    /// Applies version `version` of a device type's template: every twin of the type
+    /// fills it in and writes only what changed into its desired state. Returns how
+    /// many twins were told.
+    pub async fn apply_template(&self, device_type: &str, version: u32) -> Result<usize, TwinError> {
+        let ctx = self.type_context(device_type)?;
+        crate::templates::apply(&self.env, &ctx, version).await
+    }
+
+    fn type_context(&self, id: &str) -> Result<Arc<crate::dti::TypeContext>, TwinError> {
+        self.env.directory.types.get(id).map(|c| c.clone()).ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
+    }
+
     pub fn device_types(&self) -> Vec<TypeInfo> {
         let mut v: Vec<TypeInfo> = self.env.directory.types.iter().map(|c| TypeHandle::new(c.clone()).info()).collect();
         v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));

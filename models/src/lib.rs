@@ -27,6 +27,7 @@ pub mod retention;
 pub mod rules;
 pub mod series;
 pub mod telemetry;
+pub mod template;
 pub mod time;
 pub mod twin;
 

@@ -85,6 +85,10 @@ pub struct TwinState {
     /// Desired keys the device refused or did not reach after every retry, with why.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub desired_failed: std::collections::BTreeMap<String, String>,
+    /// Which configuration template version and values produced each desired key a
+    /// template fills (`template::AppliedTemplate`), by key.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub templates: std::collections::BTreeMap<String, crate::template::AppliedTemplate>,
     /// Desired keys removed from the desired state once the device reports them.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub clear_on_sync: std::collections::BTreeSet<String>,
@@ -127,6 +131,13 @@ pub enum TwinCommand {
         clear_on_sync: bool,
     },
     UpdateMetadata(Metadata),
+    /// Fill the device type's configuration template for this twin (`config`: its
+    /// effective configuration) and set the result as the template's desired key; only
+    /// the difference to the key's current desired value is written and sent.
+    ApplyTemplate {
+        template: Arc<crate::template::ConfigTemplate>,
+        config: Map<String, Value>,
+    },
     /// A JSON merge patch on the twin's own configuration overrides.
     SetOverrides(Map<String, Value>),
     JoinDta(DtaId),
@@ -262,6 +273,13 @@ pub enum EventKind {
     DesiredTransient {
         keys: Vec<String>,
     },
+    /// A configuration template filled desired key `target` (with the desired change
+    /// before it, if the result differed): which version, from which values.
+    TemplateApplied {
+        target: String,
+        version: u32,
+        values: std::collections::BTreeMap<String, Value>,
+    },
 }
 
 /// A command that cannot be applied, and why.
@@ -286,6 +304,9 @@ pub enum TwinError {
     /// A monitoring rule in the configuration's `rules` does not check.
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleError),
+    /// A configuration template does not fill for this twin.
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
     /// A conditional write found the twin at another version.
     #[error("twin {twin} is at version {current}, not {expected}: it changed meanwhile; read it again")]
     VersionMismatch { twin: TwinId, expected: u64, current: u64 },
@@ -308,6 +329,7 @@ impl TwinState {
             reported: Map::new(),
             desired: Map::new(),
             desired_failed: Default::default(),
+            templates: Default::default(),
             clear_on_sync: Default::default(),
             overrides: Map::new(),
             memberships,
@@ -438,6 +460,32 @@ impl TwinState {
                 }
             }
             TwinCommand::UpdateMetadata(metadata) => kinds.push(EventKind::MetadataUpdated { metadata }),
+            TwinCommand::ApplyTemplate { template, config } => {
+                let ctx = crate::template::RenderContext {
+                    twin: id.as_str(),
+                    identity: &self.identity,
+                    metadata: &self.metadata,
+                    config: &config,
+                };
+                let (value, values) = crate::template::render(&template.body, &ctx)?;
+                limits::check_value(&value)?;
+                let target = template.target.clone();
+                let current = self.desired.get(&target);
+                let recorded =
+                    self.templates.get(&target).is_some_and(|a| a.version == template.version && a.values == values);
+                if current != Some(&value) {
+                    let change = match (current, &value) {
+                        (Some(Value::Object(old)), Value::Object(new)) => Value::Object(merge_diff(old, new)),
+                        _ => value.clone(),
+                    };
+                    let mut patch = Map::new();
+                    patch.insert(target.clone(), change);
+                    self.desired_set(patch, now, rules, &mut kinds, &mut effects);
+                }
+                if current != Some(&value) || !recorded {
+                    kinds.push(EventKind::TemplateApplied { target, version: template.version, values });
+                }
+            }
             TwinCommand::SetOverrides(patch) => kinds.push(EventKind::OverridesSet { patch }),
             TwinCommand::JoinDta(dta) => {
                 if self.memberships.contains(&dta) {
@@ -704,6 +752,10 @@ impl TwinState {
                 }
             }
             EventKind::DesiredTransient { keys } => self.clear_on_sync.extend(keys.iter().cloned()),
+            EventKind::TemplateApplied { target, version, values } => {
+                let applied = crate::template::AppliedTemplate { version: *version, values: values.clone() };
+                self.templates.insert(target.clone(), applied);
+            }
             EventKind::Created | EventKind::Restarted { .. } => {}
         }
         self.last_seq = self.last_seq.max(event.seq);

@@ -109,6 +109,7 @@ pub fn classify(e: &TwinError) -> Classified {
             ModelError::Document(d) => c(Invalid, "invalid", d.reason()),
             ModelError::Rules(_) => c(Invalid, "invalid_rule", "malformed"),
             ModelError::VersionMismatch { .. } => c(PreconditionFailed, "version_mismatch", "conflict"),
+            ModelError::Template(_) => c(Rejected, "invalid_template", "rejected"),
             ModelError::UnmatchedAck { why: Unmatched::Unknown, .. } => c(NotFound, "unknown_command", "unknown_ack"),
             ModelError::UnmatchedAck { why: Unmatched::Stale, .. } => c(Conflict, "stale_command", "stale_ack"),
             ModelError::EmptyPatch | ModelError::AlreadyMember { .. } | ModelError::NotMember { .. } => {

@@ -168,3 +168,83 @@ async fn desired_state_round_trips_over_grpc_as_deltas_and_a_reconnecting_stream
     gw.stop().await;
     p.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_template_fills_per_twin_and_a_dta_layer_change_re_renders_only_the_difference() {
+    use twinfleet::DtaSpec;
+    use twinfleet::models::ConfigLayer;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), Some(virtual_clock()), test_settings()).await;
+    let mut layers = std::collections::BTreeMap::new();
+    layers.insert(
+        "site".to_string(),
+        ConfigLayer { priority: 10, values: obj(json!({"site": "berlin", "limits": {"max": 80}})) },
+    );
+    p.create_dta(DtaSpec { id: did("berlin"), name: "Berlin".into(), parents: vec![], layers }).await.unwrap();
+    let defaults = json!({"site": "default-site", "limits": {"max": 50}});
+    fleet(&p, "valve", defaults, "v", 2, |i| if i == 0 { vec![did("berlin")] } else { vec![] }).await;
+    let token = p.issue_device_token("v-0").await.unwrap();
+    let admin = admin_token(&p).await;
+    let gw = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let http = api.local_addr();
+    let mut device = MqttDevice::connect(&addr(gw.operational()), "v-0", &token).await.unwrap();
+
+    // A template with a placeholder it cannot know is refused, naming it.
+    let bad = r#"{"body": {"key": "{{ secrets.key }}"}}"#;
+    let (status, body) = http_as(http, &admin, "POST", "/api/v1/device-types/valve/templates", Some(bad));
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_template")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("secrets.key"), "{body}");
+
+    let template = json!({"comment": "first", "body": {
+        "site": "{{ config.site }}",
+        "max": "{{ config.limits.max }}",
+        "name": "{{ twin.id }}/{{ identity.serial }}",
+        "broker": "mqtt://{{ config.gateway | \"gw-1\" }}:8883",
+    }});
+    let (status, t) =
+        http_as(http, &admin, "POST", "/api/v1/device-types/valve/templates", Some(&template.to_string()));
+    assert_eq!((status, t["version"].as_u64(), t["target"].as_str()), (201, Some(1), Some("config")), "{t}");
+    let (status, applied) = http_as(http, &admin, "POST", "/api/v1/device-types/valve/templates/1/apply", None);
+    assert_eq!((status, applied["twins"].as_u64()), (200, Some(2)), "{applied}");
+
+    // Each twin fills it from its own identity and layers; the device gets it.
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("the rendered configuration");
+    let rendered = json!({"site": "berlin", "max": 80, "name": "v-0/SN00000000", "broker": "mqtt://gw-1:8883"});
+    assert_eq!(cmd.body["apply_desired"], json!({"config": rendered}));
+    let other = eventually("v-1 fills it too", || async {
+        let v = p.twin("v-1").unwrap().get().await.unwrap();
+        v.state.desired.get("config").cloned()
+    })
+    .await;
+    assert_eq!(
+        other,
+        json!({"site": "default-site", "max": 50, "name": "v-1/SN00000001", "broker": "mqtt://gw-1:8883"})
+    );
+    device.report(json!({"config": rendered})).await.unwrap();
+    let twin = p.twin("v-0").unwrap();
+    eventually("v-0 is in sync", || async { twin.get().await.unwrap().in_sync.then_some(()) }).await;
+    let (_, view) = http_as(http, &admin, "GET", "/api/v1/twins/v-0", None);
+    assert_eq!(view["templates"]["config"]["version"], 1, "{view}");
+    assert_eq!(view["templates"]["config"]["values"]["config.site"], "berlin");
+    assert_eq!(view["templates"]["config"]["values"]["config.gateway"], "gw-1", "a default used is recorded");
+
+    // The group's layer changes: its member re-renders and the device gets only the
+    // difference; the twin outside the group keeps its configuration.
+    let layer = ConfigLayer { priority: 10, values: obj(json!({"site": "berlin", "limits": {"max": 90}})) };
+    p.dta("berlin").unwrap().set_layer("site", layer).await.unwrap();
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("the re-rendered difference");
+    assert_eq!(cmd.body["apply_desired"], json!({"config": {"max": 90}}));
+    let (_, view) = http_as(http, &admin, "GET", "/api/v1/twins/v-0", None);
+    assert_eq!(view["desired"]["config"]["max"], 90);
+    assert_eq!(view["templates"]["config"]["values"]["config.limits.max"], 90);
+    let v1 = p.twin("v-1").unwrap().get().await.unwrap();
+    assert_eq!(v1.state.desired["config"]["max"], 50);
+    let (_, list) = http_as(http, &admin, "GET", "/api/v1/device-types/valve/templates", None);
+    assert_eq!((list["applied"].as_u64(), list["versions"].as_array().map(Vec::len)), (Some(1), Some(1)), "{list}");
+
+    device.disconnect().await;
+    gw.stop().await;
+    api.stop().await;
+    p.shutdown().await;
+}

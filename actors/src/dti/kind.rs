@@ -49,6 +49,8 @@ pub struct TypeContext {
     pub(crate) fleet_edit: tokio::sync::Mutex<()>,
     /// Telemetry of this type's twins waiting to be written together, per arbiter.
     pub(crate) ingest: super::ingest::IngestQueues,
+    /// The configuration template applied to the type (`crate::templates`).
+    template: RwLock<Option<Arc<twinfleet_models::template::ConfigTemplate>>>,
 }
 
 impl TypeContext {
@@ -73,12 +75,22 @@ impl TypeContext {
             metrics: spec.metrics.as_deref().map(Arc::from),
             fleet_edit: tokio::sync::Mutex::new(()),
             ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
+            template: RwLock::new(crate::templates::load_active(&*infra.storage, spec.id.as_str())),
             infra,
         })
     }
 
     pub(crate) fn defaults(&self) -> Arc<Map<String, Value>> {
         self.defaults.read().clone()
+    }
+
+    /// The configuration template applied to the type, if any.
+    pub(crate) fn template(&self) -> Option<Arc<twinfleet_models::template::ConfigTemplate>> {
+        self.template.read().clone()
+    }
+
+    pub(crate) fn set_template(&self, t: Option<Arc<twinfleet_models::template::ConfigTemplate>>) {
+        *self.template.write() = t;
     }
 
     /// Drops the TDTA's address; the actor stops once no message is in flight.

@@ -41,7 +41,7 @@ pub(crate) mod ingest;
 
 pub(crate) use requests::{
     Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared,
-    Request, Retire, Rules, RulesChanged, Telemetry, ToDevice,
+    Request, Retire, Rules, RulesChanged, Telemetry, TemplateChanged, ToDevice,
 };
 pub use slot::*;
 
@@ -443,6 +443,19 @@ impl Dti {
     pub(crate) fn rules_changed(&mut self, ctx: &mut Context<Self>) {
         self.monitoring.dirty = true;
         self.monitor_tick(ctx);
+    }
+
+    /// Fills the type's configuration template in for this twin, from its effective
+    /// configuration now; writes only what changed (`TwinCommand::ApplyTemplate`).
+    pub(crate) fn fill_template(&mut self, ctx: &mut Context<Self>) {
+        let Some(template) = self.slot.ty.template() else { return };
+        if self.state.lifecycle == twinfleet_models::Lifecycle::Archived {
+            return;
+        }
+        let defaults = self.slot.ty.defaults();
+        let layers = self.layers.iter().flat_map(|r| r.layers.iter());
+        let config = effective_config(&defaults, layers, &self.state.overrides).values;
+        self.input(TwinCommand::ApplyTemplate { template, config }, ctx);
     }
 
     /// Feeds the twin an input of its own (a restart, an expired wait): durable like

@@ -75,6 +75,9 @@ pub(crate) struct Join(pub Arc<ResolvedLayers>);
 pub(crate) struct Leave(pub DtaId);
 #[derive(Debug)]
 pub(crate) struct LayersChanged(pub Arc<ResolvedLayers>);
+/// The type's configuration template changed: fill it in again.
+#[derive(Debug)]
+pub(crate) struct TemplateChanged;
 #[derive(Debug)]
 pub(crate) struct Telemetry(pub Vec<MetricPoint>);
 /// A telemetry batch taken in but not written: the caller writes it with other twins'
@@ -142,7 +145,13 @@ impl Request for Get {
 impl Request for Command {
     type Reply = u64;
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
-        seq(dti.apply(self.0, self.1, ctx))
+        // What a template may be filled from: its overrides and metadata.
+        let refill = matches!(self.0, TwinCommand::SetOverrides(_) | TwinCommand::UpdateMetadata(_));
+        let r = dti.apply(self.0, self.1, ctx);
+        if refill && r.is_ok() {
+            dti.fill_template(ctx);
+        }
+        seq(r)
     }
 }
 
@@ -162,6 +171,7 @@ impl Request for Join {
             dti.layers.retain(|l| l.dta != resolved.dta);
             dti.layers.push(resolved);
             dti.rules_changed(ctx);
+            dti.fill_template(ctx);
         }
         seq(r)
     }
@@ -174,6 +184,7 @@ impl Request for Leave {
         if r.is_ok() {
             dti.layers.retain(|l| l.dta != self.0);
             dti.rules_changed(ctx);
+            dti.fill_template(ctx);
         }
         seq(r)
     }
@@ -188,7 +199,16 @@ impl Request for LayersChanged {
         {
             *l = resolved;
             dti.rules_changed(ctx);
+            dti.fill_template(ctx);
         }
+        Outcome::Now(Ok(()))
+    }
+}
+
+impl Request for TemplateChanged {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
+        dti.fill_template(ctx);
         Outcome::Now(Ok(()))
     }
 }

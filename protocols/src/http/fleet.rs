@@ -15,6 +15,9 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(show_device_type)
         .service(set_defaults)
         .service(issue_claim_token)
+        .service(list_templates)
+        .service(add_template)
+        .service(apply_template)
         .service(list_dtas)
         .service(create_dta)
         .service(show_dta)
@@ -81,6 +84,68 @@ async fn issue_claim_token(rt: web::Data<TwinRuntime>, caller: Caller, id: web::
     rt.authorize_type(&caller.0, Action::Configure, ty.id())?;
     let token = rt.issue_claim_token(ty.id().as_str()).await?;
     Ok(HttpResponse::Created().json(serde_json::json!({"device_type": ty.id(), "token": token})))
+}
+
+/// A new version of a device type's configuration template.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NewTemplate {
+    /// The desired-state key it fills (default `config`).
+    #[serde(default)]
+    target: Option<String>,
+    /// A JSON document whose strings may hold `{{ path }}` or `{{ path | default }}`
+    /// placeholders (`twin.id`, `identity.*`, `metadata.*`, `config.*`).
+    #[schema(value_type = Object)]
+    body: Value,
+    #[serde(default)]
+    comment: String,
+}
+
+/// `GET /device-types/{id}/templates`: every version of the type's configuration
+/// template, and the one applied.
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[get("/device-types/{id}/templates")]
+async fn list_templates(rt: web::Data<TwinRuntime>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse> {
+    let ty = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Read, ty.id())?;
+    let (versions, applied) = rt.templates(ty.id().as_str())?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"device_type": ty.id(), "applied": applied, "versions": versions})))
+}
+
+/// `POST /device-types/{id}/templates`: stores the next version of the type's
+/// configuration template (not applied yet). A malformed placeholder, an unknown path or
+/// a bad target answers 422 `invalid_template` naming it.
+#[utoipa::path(tag = "fleet", request_body = NewTemplate, responses((status = 201, body = twinfleet_models::template::ConfigTemplate), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/templates")]
+async fn add_template(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    id: web::Path<String>,
+    body: web::Json<NewTemplate>,
+) -> Result<HttpResponse> {
+    let ty = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Configure, ty.id())?;
+    let NewTemplate { target, body, comment } = body.into_inner();
+    let t = rt.add_template(ty.id().as_str(), target, body, comment).await?;
+    Ok(HttpResponse::Created().json(t))
+}
+
+/// `POST /device-types/{id}/templates/{version}/apply`: applies that version to every
+/// twin of the type. Each twin fills it in from its identity, metadata and effective
+/// configuration (DTA layers included) and sends its device only what changed; a twin
+/// for which a placeholder has no value keeps its configuration (logged).
+#[utoipa::path(tag = "fleet", responses((status = 200, body = serde_json::Value), Errors), security(("bearer" = [])))]
+#[post("/device-types/{id}/templates/{version}/apply")]
+async fn apply_template(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, u32)>,
+) -> Result<HttpResponse> {
+    let (id, version) = path.into_inner();
+    let ty = rt.device_type(&id)?;
+    rt.authorize_type(&caller.0, Action::Configure, ty.id())?;
+    let told = rt.apply_template(ty.id().as_str(), version).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"device_type": ty.id(), "version": version, "twins": told})))
 }
 
 /// `GET /dtas`: every DTA (any authenticated caller; members are counted, not listed).
