@@ -95,7 +95,8 @@ impl PlatformBuilder {
             SeriesStore::open(&self.data_dir.join("series"), SeriesOptions::default()).map_err(StorageError::from)?;
         let arbiters = Arc::new(ArbiterPool::new(self.arbiters));
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let env = twinfleet_actors::TwinEnv::new(storage, series, clock, arbiters.clone(), self.settings)?;
+        let artifacts = self.data_dir.join("artifacts");
+        let env = twinfleet_actors::TwinEnv::new(storage, series, clock, arbiters.clone(), self.settings, artifacts)?;
         let (runtime, report) = TwinRuntime::start(env).await?;
         tracing::info!(
             twins = report.twins,

@@ -47,6 +47,8 @@ pub struct Settings {
     /// through. They share this platform's credentials: its own listeners under the
     /// addresses devices are given, or an external broker whose accounts it keeps.
     pub gateways: Vec<twinfleet_models::enrollment::GatewaySpec>,
+    /// The largest app artifact an upload may bring, in bytes.
+    pub max_artifact_bytes: u64,
 }
 
 impl Default for Settings {
@@ -65,6 +67,7 @@ impl Default for Settings {
             claims_per_credential: twinfleet_models::RateLimit { per_sec: 2_000.0, burst: 20_000.0 },
             claims_per_source: twinfleet_models::RateLimit { per_sec: 1_000.0, burst: 10_000.0 },
             gateways: Vec::new(),
+            max_artifact_bytes: crate::apps::DEFAULT_MAX_ARTIFACT_BYTES,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct TwinEnv {
     pub(crate) directory: TwinDirectory,
     /// Provisioning processes in flight (`crate::provisioning`).
     pub(crate) claims: crate::claims::Claims,
+    /// App versions and their artifacts.
+    pub apps: crate::apps::AppStore,
 }
 
 impl std::ops::Deref for TwinEnv {
@@ -46,11 +48,13 @@ impl TwinEnv {
         clock: SharedClock,
         arbiters: Arc<ArbiterPool>,
         settings: Settings,
+        artifacts: std::path::PathBuf,
     ) -> Result<Arc<Self>, StorageError> {
         let credentials = Credentials::open(storage.clone())?;
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone())?;
         let book = crate::alerting::AlertBook::open(storage.clone())?;
+        let apps = crate::apps::AppStore::open(storage.clone(), artifacts, settings.max_artifact_bytes);
         Ok(Arc::new(TwinEnv {
             infra: Arc::new(Infra::new(storage, series, clock, arbiters, settings, book)),
             credentials,
@@ -58,6 +62,7 @@ impl TwinEnv {
             jobs,
             directory: TwinDirectory::default(),
             claims: Default::default(),
+            apps,
         }))
     }
 }

@@ -52,4 +52,10 @@ pub enum TwinError {
     FaultInjectionDisabled,
     #[error("the platform is shutting down")]
     ShuttingDown,
+    /// A body larger than the configured limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// An app version that cannot run on the device, with every reason.
+    #[error("{app} cannot be installed on twin {twin}: {}", .reasons.join("; "))]
+    Incompatible { twin: String, app: String, reasons: Vec<String> },
 }

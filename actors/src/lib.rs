@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod alerting;
+pub mod apps;
 pub mod batches;
 pub mod catalog;
 mod claims;

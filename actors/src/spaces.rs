@@ -81,3 +81,6 @@ pub const EXPORT_CURSOR: Space = Space(26);
 pub const TEMPLATE: Space = Space(27);
 /// Each device type's applied template: key = device type; value = its version (BE u32).
 pub const TEMPLATE_ACTIVE: Space = Space(28);
+/// App versions of the app store: key = app, 0, version; value = the
+/// `apps::AppVersion` with its artifacts (the files are in `artifacts/`).
+pub const APP: Space = Space(29);

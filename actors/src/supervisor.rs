@@ -433,6 +433,44 @@ impl TwinRuntime {
             .ok_or_else(|| TwinError::UnknownDeviceType(id.to_string()))
     }
 
+    /// The app store and artifact repository.
+    pub fn apps(&self) -> &crate::apps::AppStore {
+        &self.env.apps
+    }
+
+    /// Installs version `version` of `app` on twin `twin`'s device: checks the app's
+    /// requirements against what the twin knows of its device (its provisioning
+    /// identity and its reported `platform` and `apps`), then sends `install_app` with
+    /// the artifact for the device's OS and architecture. An incompatible app is refused
+    /// with every reason (`TwinError::Incompatible`), and nothing is sent. Returns the
+    /// command's id and the artifact.
+    pub async fn install(
+        &self,
+        twin: &str,
+        app: &str,
+        version: &str,
+    ) -> Result<(twinfleet_models::CommandId, twinfleet_models::apps::Artifact), TwinError> {
+        use twinfleet_models::apps::{DeviceProfile, check};
+        let h = self.twin(twin)?;
+        let v = self.env.apps.get(app, version)?;
+        let view = h.get().await?;
+        let profile = DeviceProfile::of(&view.state.metadata.attributes, &view.state.reported);
+        let artifact = check(&v, &profile)
+            .map_err(|reasons| TwinError::Incompatible {
+                twin: twin.to_string(),
+                app: format!("{app} {version}"),
+                reasons,
+            })?
+            .clone();
+        let command = twinfleet_models::DeviceCommand::InstallApp {
+            app: app.to_string(),
+            version: version.to_string(),
+            artifact_url: format!("/api/v1/artifacts/{}", artifact.sha256),
+        };
+        let id = h.send_to_device(command).await?;
+        Ok((id, artifact))
+    }
+
     /// Every stored version of a device type's configuration templates, oldest first,
     /// and the version applied to the type.
     pub fn templates(

@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod alert;
+pub mod apps;
 pub mod command;
 pub mod config;
 pub mod desired;

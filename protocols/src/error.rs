@@ -25,6 +25,8 @@ pub enum Class {
     Rejected,
     /// A conditional write's precondition (a version) does not hold: read again.
     PreconditionFailed,
+    /// A body over the configured limit.
+    TooLarge,
     /// A mailbox is full: retry later.
     Busy,
     /// The actor or the device cannot answer now: retry later.
@@ -45,6 +47,7 @@ impl Class {
             Class::AlreadyExists | Class::Conflict => StatusCode::CONFLICT,
             Class::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
             Class::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Class::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Class::Busy => StatusCode::TOO_MANY_REQUESTS,
             Class::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Class::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -61,7 +64,7 @@ impl Class {
             Class::NotFound => Code::NotFound,
             Class::AlreadyExists => Code::AlreadyExists,
             Class::Conflict | Class::PreconditionFailed => Code::FailedPrecondition,
-            Class::Busy | Class::InsufficientStorage => Code::ResourceExhausted,
+            Class::Busy | Class::InsufficientStorage | Class::TooLarge => Code::ResourceExhausted,
             Class::Unavailable => Code::Unavailable,
             Class::Timeout => Code::DeadlineExceeded,
             Class::Internal => Code::Internal,
@@ -120,6 +123,8 @@ pub fn classify(e: &TwinError) -> Classified {
         TwinError::Logs(l) => c(Rejected, "rejected", l.reason()),
         TwinError::InvalidId(_) | TwinError::Invalid(_) => c(Invalid, "invalid", "malformed"),
         TwinError::Storage(s) => storage(s),
+        TwinError::TooLarge(_) => c(TooLarge, "too_large", "too_large"),
+        TwinError::Incompatible { .. } => c(Rejected, "incompatible", "rejected"),
     }
 }
 

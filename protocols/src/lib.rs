@@ -2,6 +2,7 @@
 //! Bigler's Hub, twinfleet's DeviceGateway) and the MQTT gateways and transformer
 //! ([`mqtt`]). Each device transport attaches itself to the twins as a device link.
 
+pub mod artifact_client;
 pub mod device_client;
 pub mod error;
 pub mod export;

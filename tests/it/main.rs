@@ -3,6 +3,7 @@
 //! a child process. One test binary split into modules, so that linking happens once.
 
 mod access;
+mod apps;
 mod backpressure;
 mod bad_input;
 mod binary;

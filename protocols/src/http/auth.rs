@@ -130,6 +130,23 @@ pub(super) async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
+    // A device downloads its artifacts with its own credentials.
+    let device = req.headers().get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let Some(device) = device
+        && req.method() == actix_web::http::Method::GET
+        && percent_decode(req.match_info().as_str()).starts_with("/api/v1/artifacts/")
+    {
+        return match rt.authenticate_device(&device, token.unwrap_or_default()) {
+            Ok(_) => {
+                req.extensions_mut().insert(super::apps::DeviceCaller(device));
+                next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+            }
+            Err(e) => {
+                let e = TwinError::Unauthenticated(format!("device {device:?}: {e}"));
+                Ok(req.into_response(HttpError(e).error_response()))
+            }
+        };
+    }
     let principal = match token {
         None => Err(TwinError::Unauthenticated("send Authorization: Bearer <API token>".into())),
         Some(t) => rt.access().authenticate(t),

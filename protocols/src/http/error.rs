@@ -35,6 +35,9 @@ impl ResponseError for HttpError {
         if let TwinError::Rejected(ModelError::Violations(v)) = &self.0 {
             body["violations"] = serde_json::to_value(v).unwrap_or_default();
         }
+        if let TwinError::Incompatible { reasons, .. } = &self.0 {
+            body["reasons"] = serde_json::to_value(reasons).unwrap_or_default();
+        }
         let mut res = HttpResponse::build(self.status_code());
         if matches!(self.0, TwinError::Unauthenticated(_)) {
             res.insert_header(("WWW-Authenticate", "Bearer"));

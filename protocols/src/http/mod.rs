@@ -15,6 +15,7 @@
 //! `/healthz` and `/metrics` need no token (bind the API to a private address).
 
 mod admin;
+mod apps;
 mod auth;
 mod error;
 mod fleet;
@@ -120,6 +121,7 @@ fn api_scope() -> utoipa_actix_web::scope::Scope<
         .configure(admin::routes)
         .configure(provisioning::routes)
         .configure(monitoring::routes)
+        .configure(apps::routes)
 }
 
 /// The OpenAPI 3 document of the API, as JSON.
