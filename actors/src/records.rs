@@ -6,11 +6,14 @@
 //! only once it changes. That is what lets a million twins be created durably in a few
 //! hundred writes instead of a million.
 
+use crate::{TwinError, spaces};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use twinfleet_models::template::ConfigTemplate;
 use twinfleet_models::{ConfigLayer, DeviceTypeId, DtaId, Identity, Metadata, Timestamp, TwinId, TwinState};
+use twinfleet_runtime::{Storage, decode_record};
 
 /// Twins per packed fleet record.
 pub const CHUNK: usize = 4096;
@@ -163,4 +166,58 @@ pub(crate) fn fleet_key(device_type: &DeviceTypeId, chunk_id: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&chunk_id.to_be_bytes());
     k
+}
+
+// Configuration templates as stored (`TEMPLATE`, `TEMPLATE_ACTIVE`); the service is
+// `crate::templates`.
+
+pub(crate) fn template_key(device_type: &str, version: u32) -> Vec<u8> {
+    let mut k = template_prefix(device_type);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+pub(crate) fn template_prefix(device_type: &str) -> Vec<u8> {
+    let mut k = device_type.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Every stored version of `device_type`'s templates, oldest first.
+pub(crate) fn template_list(storage: &dyn Storage, device_type: &str) -> Result<Vec<ConfigTemplate>, TwinError> {
+    let mut out = Vec::new();
+    for r in storage.scan(spaces::TEMPLATE, &template_prefix(device_type)) {
+        let (_, v) = r?;
+        out.push(
+            decode_record(&v)
+                .map_err(|e| TwinError::Invalid(format!("a stored template of {device_type} does not decode: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Version `version` of `device_type`'s template.
+pub(crate) fn template_get(
+    storage: &dyn Storage,
+    device_type: &str,
+    version: u32,
+) -> Result<ConfigTemplate, TwinError> {
+    let raw = storage
+        .get(spaces::TEMPLATE, &template_key(device_type, version))?
+        .ok_or_else(|| TwinError::Unknown { kind: "template", id: format!("{device_type} version {version}") })?;
+    decode_record(&raw)
+        .map_err(|e| TwinError::Invalid(format!("template {device_type} v{version} does not decode: {e}")))
+}
+
+/// The applied template of a type, as stored (read when its context is made).
+pub(crate) fn template_active(storage: &dyn Storage, device_type: &str) -> Option<Arc<ConfigTemplate>> {
+    let raw = storage.get(spaces::TEMPLATE_ACTIVE, device_type.as_bytes()).ok()??;
+    let version = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?);
+    match template_get(storage, device_type, version) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            tracing::error!(device_type, version, "the applied configuration template cannot be read: {e}");
+            None
+        }
+    }
 }

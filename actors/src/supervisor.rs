@@ -478,7 +478,7 @@ impl TwinRuntime {
         device_type: &str,
     ) -> Result<(Vec<twinfleet_models::template::ConfigTemplate>, Option<u32>), TwinError> {
         let ctx = self.type_context(device_type)?;
-        let all = crate::templates::list(&*self.env.storage, device_type)?;
+        let all = crate::records::template_list(&*self.env.storage, device_type)?;
         Ok((all, ctx.template().map(|t| t.version)))
     }
 
@@ -501,7 +501,8 @@ impl TwinRuntime {
     /// many twins were told.
     pub async fn apply_template(&self, device_type: &str, version: u32) -> Result<usize, TwinError> {
         let ctx = self.type_context(device_type)?;
-        crate::templates::apply(&self.env, &ctx, version).await
+        let twins: Vec<_> = self.env.directory.twins.iter().map(|s| s.value().clone()).collect();
+        crate::templates::apply(&ctx, version, twins).await
     }
 
     fn type_context(&self, id: &str) -> Result<Arc<crate::dti::TypeContext>, TwinError> {

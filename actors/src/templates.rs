@@ -7,59 +7,12 @@
 //! (`TwinCommand::ApplyTemplate`).
 
 use crate::TwinError;
-use crate::dti::TypeContext;
-use crate::env::TwinEnv;
+use crate::dti::{TwinSlot, TypeContext};
+use crate::records::{template_get, template_key, template_prefix};
 use crate::spaces;
 use std::sync::Arc;
 use twinfleet_models::template::{self, ConfigTemplate};
-use twinfleet_runtime::{Storage, WriteBatch, decode_record, encode_record};
-
-fn key(device_type: &str, version: u32) -> Vec<u8> {
-    let mut k = prefix(device_type);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
-}
-
-fn prefix(device_type: &str) -> Vec<u8> {
-    let mut k = device_type.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
-/// Every stored version of `device_type`'s templates, oldest first.
-pub(crate) fn list(storage: &dyn Storage, device_type: &str) -> Result<Vec<ConfigTemplate>, TwinError> {
-    let mut out = Vec::new();
-    for r in storage.scan(spaces::TEMPLATE, &prefix(device_type)) {
-        let (_, v) = r?;
-        out.push(
-            decode_record(&v)
-                .map_err(|e| TwinError::Invalid(format!("a stored template of {device_type} does not decode: {e}")))?,
-        );
-    }
-    Ok(out)
-}
-
-/// Version `version` of `device_type`'s template.
-pub(crate) fn get(storage: &dyn Storage, device_type: &str, version: u32) -> Result<ConfigTemplate, TwinError> {
-    let raw = storage
-        .get(spaces::TEMPLATE, &key(device_type, version))?
-        .ok_or_else(|| TwinError::Unknown { kind: "template", id: format!("{device_type} version {version}") })?;
-    decode_record(&raw)
-        .map_err(|e| TwinError::Invalid(format!("template {device_type} v{version} does not decode: {e}")))
-}
-
-/// The applied template of a type, as stored (read when its context is made).
-pub(crate) fn load_active(storage: &dyn Storage, device_type: &str) -> Option<Arc<ConfigTemplate>> {
-    let raw = storage.get(spaces::TEMPLATE_ACTIVE, device_type.as_bytes()).ok()??;
-    let version = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?);
-    match get(storage, device_type, version) {
-        Ok(t) => Some(Arc::new(t)),
-        Err(e) => {
-            tracing::error!(device_type, version, "the applied configuration template cannot be read: {e}");
-            None
-        }
-    }
-}
+use twinfleet_runtime::{WriteBatch, encode_record};
 
 /// Stores a new version of `ctx`'s template (checked first); the next version number.
 pub(crate) async fn add(
@@ -74,7 +27,7 @@ pub(crate) async fn add(
     // One writer at a time per type, so two uploads never take the same number.
     let _one = ctx.fleet_edit.lock().await;
     let device_type = ctx.device_type.as_str();
-    let last = storage.scan_rev(spaces::TEMPLATE, &prefix(device_type), 1)?;
+    let last = storage.scan_rev(spaces::TEMPLATE, &template_prefix(device_type), 1)?;
     let version = match last.first() {
         Some((k, _)) => u32::from_be_bytes(k[k.len() - 4..].try_into().expect("a 4-byte version")) + 1,
         None => 1,
@@ -88,7 +41,7 @@ pub(crate) async fn add(
         created_at: ctx.infra.clock.now(),
     };
     let mut b = WriteBatch::new();
-    b.put(spaces::TEMPLATE, key(device_type, version), encode_record(&t));
+    b.put(spaces::TEMPLATE, template_key(device_type, version), encode_record(&t));
     storage.submit(b).await?;
     Ok(t)
 }
@@ -96,14 +49,18 @@ pub(crate) async fn add(
 /// Applies version `version` to `ctx`'s type: stores it as the type's, then tells every
 /// twin of the type to fill it in. Returns how many twins were told (a twin whose
 /// mailbox is full fills it at its next layer change or restart of the template).
-pub(crate) async fn apply(env: &TwinEnv, ctx: &Arc<TypeContext>, version: u32) -> Result<usize, TwinError> {
-    let t = Arc::new(get(&*ctx.infra.storage, ctx.device_type.as_str(), version)?);
+pub(crate) async fn apply(
+    ctx: &Arc<TypeContext>,
+    version: u32,
+    twins: impl IntoIterator<Item = Arc<TwinSlot>>,
+) -> Result<usize, TwinError> {
+    let t = Arc::new(template_get(&*ctx.infra.storage, ctx.device_type.as_str(), version)?);
     let mut b = WriteBatch::new();
     b.put(spaces::TEMPLATE_ACTIVE, ctx.device_type.as_str(), version.to_be_bytes().to_vec());
     ctx.infra.storage.submit(b).await?;
     ctx.set_template(Some(t));
     let mut told = 0;
-    for slot in env.directory.twins.iter().filter(|s| Arc::ptr_eq(&s.ty, ctx)) {
+    for slot in twins.into_iter().filter(|s| Arc::ptr_eq(&s.ty, ctx)) {
         slot.stats.enqueued();
         let sent = slot.with_addr(|a| a.try_send(crate::dti::Ask(crate::dti::TemplateChanged)).is_ok());
         if sent == Some(true) {

@@ -43,12 +43,18 @@ pub struct ConfigTemplate {
     pub created_at: Timestamp,
 }
 
-/// What a template is filled from.
+/// What a template is filled from: a twin's identity, metadata and effective
+/// configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct RenderContext<'a> {
     pub twin: &'a str,
-    pub identity: &'a crate::twin::Identity,
-    pub metadata: &'a crate::twin::Metadata,
+    pub serial: &'a str,
+    pub mac: &'a str,
+    pub model: &'a str,
+    pub device_type: &'a str,
+    pub location: Option<&'a str>,
+    pub tags: &'a [String],
+    pub attributes: &'a Map<String, Value>,
     /// The twin's effective configuration.
     pub config: &'a Map<String, Value>,
 }
@@ -204,16 +210,16 @@ fn resolve(p: &Placeholder, ctx: &RenderContext<'_>) -> Result<Value, TemplateEr
     let text = |s: &str| (!s.is_empty()).then(|| Value::String(s.to_string()));
     let found = match p.path.as_str() {
         "twin.id" => text(ctx.twin),
-        "identity.serial" => text(&ctx.identity.serial),
-        "identity.mac" => text(&ctx.identity.mac),
-        "identity.model" => text(&ctx.identity.model),
-        "identity.device_type" => text(ctx.identity.device_type.as_str()),
-        "metadata.location" => ctx.metadata.location.as_deref().and_then(text),
-        "metadata.tags" => Some(Value::from(ctx.metadata.tags.clone())),
+        "identity.serial" => text(ctx.serial),
+        "identity.mac" => text(ctx.mac),
+        "identity.model" => text(ctx.model),
+        "identity.device_type" => text(ctx.device_type),
+        "metadata.location" => ctx.location.and_then(text),
+        "metadata.tags" => Some(Value::from(ctx.tags.to_vec())),
         path => {
             let (map, rest) = match path.strip_prefix("config.") {
                 Some(rest) => (ctx.config, rest),
-                None => (&ctx.metadata.attributes, path.strip_prefix("metadata.attributes.").unwrap_or(path)),
+                None => (ctx.attributes, path.strip_prefix("metadata.attributes.").unwrap_or(path)),
             };
             let mut segs = rest.split('.');
             let first = segs.next().and_then(|k| map.get(k));
@@ -226,18 +232,23 @@ fn resolve(p: &Placeholder, ctx: &RenderContext<'_>) -> Result<Value, TemplateEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{DeviceTypeId, TwinId};
-    use crate::twin::{Identity, Metadata};
     use serde_json::json;
-    use std::sync::Arc;
 
-    fn identity() -> Identity {
-        Identity {
-            twin_id: TwinId::new("v-1").unwrap(),
-            serial: "SN42".into(),
-            mac: "02:00:00:00:00:01".into(),
-            model: Arc::from("V-2"),
-            device_type: DeviceTypeId::new("valve").unwrap(),
+    fn context<'a>(
+        tags: &'a [String],
+        config: &'a Map<String, Value>,
+        attrs: &'a Map<String, Value>,
+    ) -> RenderContext<'a> {
+        RenderContext {
+            twin: "v-1",
+            serial: "SN42",
+            mac: "02:00:00:00:00:01",
+            model: "V-2",
+            device_type: "valve",
+            location: None,
+            tags,
+            attributes: attrs,
+            config,
         }
     }
 
@@ -253,10 +264,9 @@ mod tests {
             "fixed": [1, "two"],
         });
         validate("config", &body).unwrap();
-        let meta = Metadata { location: None, tags: vec!["a".into()], attributes: Map::new() };
+        let (tags, attrs) = (vec!["a".to_string()], Map::new());
         let config = json!({"site": "berlin", "gateway": "gw-2", "limits": {"max": 80}}).as_object().cloned().unwrap();
-        let ident = identity();
-        let ctx = RenderContext { twin: "v-1", identity: &ident, metadata: &meta, config: &config };
+        let ctx = context(&tags, &config, &attrs);
         let (out, used) = render(&body, &ctx).unwrap();
         assert_eq!(
             out,
@@ -281,9 +291,8 @@ mod tests {
             Err(TemplateError::Malformed(..))
         ));
         assert!(matches!(validate("a.b", &json!({})), Err(TemplateError::BadTarget(_))));
-        let ident = identity();
-        let (meta, config) = (Metadata::default(), Map::new());
-        let ctx = RenderContext { twin: "v-1", identity: &ident, metadata: &meta, config: &config };
+        let (tags, config, attrs) = (Vec::new(), Map::new(), Map::new());
+        let ctx = context(&tags, &config, &attrs);
         let e = render(&json!({"a": "{{ config.site }}"}), &ctx).unwrap_err();
         assert_eq!(e, TemplateError::Missing("config.site".into()));
         assert!(e.to_string().contains("config.site"));

@@ -463,8 +463,13 @@ impl TwinState {
             TwinCommand::ApplyTemplate { template, config } => {
                 let ctx = crate::template::RenderContext {
                     twin: id.as_str(),
-                    identity: &self.identity,
-                    metadata: &self.metadata,
+                    serial: &self.identity.serial,
+                    mac: &self.identity.mac,
+                    model: &self.identity.model,
+                    device_type: self.identity.device_type.as_str(),
+                    location: self.metadata.location.as_deref(),
+                    tags: &self.metadata.tags,
+                    attributes: &self.metadata.attributes,
                     config: &config,
                 };
                 let (value, values) = crate::template::render(&template.body, &ctx)?;

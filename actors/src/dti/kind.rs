@@ -75,7 +75,7 @@ impl TypeContext {
             metrics: spec.metrics.as_deref().map(Arc::from),
             fleet_edit: tokio::sync::Mutex::new(()),
             ingest: super::ingest::IngestQueues::new(infra.arbiters.len()),
-            template: RwLock::new(crate::templates::load_active(&*infra.storage, spec.id.as_str())),
+            template: RwLock::new(crate::records::template_active(&*infra.storage, spec.id.as_str())),
             infra,
         })
     }
