@@ -253,6 +253,11 @@ pub(crate) fn encode_event(e: &TwinEvent) -> Vec<u8> {
             w.push(18);
             strings(&mut w, keys);
         }
+        EventKind::InstallChanged { job } => {
+            w.push(20);
+            let v = serde_json::to_value(job).unwrap_or_default();
+            object(&mut w, v.as_object().unwrap_or(&Map::new()));
+        }
         EventKind::TemplateApplied { target, version, values } => {
             w.push(19);
             string(&mut w, target);
@@ -382,6 +387,7 @@ fn wait_tag(w: WaitName) -> u8 {
         WaitName::DesiredSync => 0,
         WaitName::Restart => 1,
         WaitName::Provisioning => 2,
+        WaitName::Install => 3,
     }
 }
 
@@ -487,6 +493,7 @@ impl Reader<'_> {
             0 => Some(WaitName::DesiredSync),
             1 => Some(WaitName::Restart),
             2 => Some(WaitName::Provisioning),
+            3 => Some(WaitName::Install),
             _ => None,
         }
     }
@@ -602,6 +609,7 @@ impl Reader<'_> {
             }
             17 => EventKind::DesiredCleared { keys: self.strings()? },
             18 => EventKind::DesiredTransient { keys: self.strings()? },
+            20 => EventKind::InstallChanged { job: serde_json::from_value(Value::Object(self.object(0)?)).ok()? },
             19 => EventKind::TemplateApplied {
                 target: self.string()?,
                 version: self.u32()?,
@@ -652,6 +660,21 @@ mod tests {
             EventKind::DesiredFailed { reasons: [("fw".to_string(), "no space".to_string())].into_iter().collect() },
             EventKind::DesiredCleared { keys: vec!["reboot".into(), "é".into()] },
             EventKind::DesiredTransient { keys: vec![] },
+            EventKind::InstallChanged {
+                job: twinfleet_models::install::InstallJob {
+                    app: "blink".into(),
+                    version: "1.1.0".into(),
+                    artifact_url: "/api/v1/artifacts/ab".into(),
+                    phase: twinfleet_models::install::InstallPhase::Installing {
+                        command: CommandId(4),
+                        deadline: Timestamp(99),
+                    },
+                    requested_at: Timestamp(7),
+                    window: Some("22:00-05:00 UTC daily".into()),
+                    rollout: Some("r1".into()),
+                    previous: Some("1.0.0".into()),
+                },
+            },
             EventKind::TemplateApplied {
                 target: "config".into(),
                 version: 3,

@@ -49,6 +49,8 @@ pub struct Settings {
     pub gateways: Vec<twinfleet_models::enrollment::GatewaySpec>,
     /// The largest app artifact an upload may bring, in bytes.
     pub max_artifact_bytes: u64,
+    /// How long a device gets to answer an install (platform clock, ms).
+    pub install_deadline_ms: i64,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             claims_per_source: twinfleet_models::RateLimit { per_sec: 1_000.0, burst: 10_000.0 },
             gateways: Vec::new(),
             max_artifact_bytes: crate::apps::DEFAULT_MAX_ARTIFACT_BYTES,
+            install_deadline_ms: 30 * 60_000,
         }
     }
 }

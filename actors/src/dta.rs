@@ -254,6 +254,7 @@ impl DtaHandle {
     pub async fn set_layer(&self, name: impl Into<String>, layer: ConfigLayer) -> Result<usize, TwinError> {
         twinfleet_models::limits::check_object(&layer.values).map_err(ModelError::from)?;
         twinfleet_models::rules::check_config(&layer.values, None).map_err(ModelError::from)?;
+        twinfleet_models::install::check_config(&layer.values).map_err(TwinError::Invalid)?;
         self.ask(DtaRequest::SetLayer { name: name.into(), layer: Some(layer) }).await
     }
 

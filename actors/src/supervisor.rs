@@ -252,6 +252,7 @@ impl TwinRuntime {
         twinfleet_models::limits::check_object(&spec.defaults).map_err(twinfleet_models::ModelError::from)?;
         twinfleet_models::rules::check_config(&spec.defaults, spec.metrics.as_deref())
             .map_err(twinfleet_models::ModelError::from)?;
+        twinfleet_models::install::check_config(&spec.defaults).map_err(TwinError::Invalid)?;
         if let Some(domain) = &spec.domain {
             domain.check().map_err(|e| TwinError::Invalid(format!("domain model of {}: {e}", spec.id)))?;
         }
@@ -293,6 +294,7 @@ impl TwinRuntime {
             twinfleet_models::limits::check_object(&layer.values).map_err(twinfleet_models::ModelError::from)?;
             // (A DTA's members may be of any type: metric names are checked per twin.)
             twinfleet_models::rules::check_config(&layer.values, None).map_err(twinfleet_models::ModelError::from)?;
+            twinfleet_models::install::check_config(&layer.values).map_err(TwinError::Invalid)?;
         }
         let id = spec.id.clone();
         self.stats.enqueued();
@@ -440,16 +442,21 @@ impl TwinRuntime {
 
     /// Installs version `version` of `app` on twin `twin`'s device: checks the app's
     /// requirements against what the twin knows of its device (its provisioning
-    /// identity and its reported `platform` and `apps`), then sends `install_app` with
-    /// the artifact for the device's OS and architecture. An incompatible app is refused
-    /// with every reason (`TwinError::Incompatible`), and nothing is sent. Returns the
-    /// command's id and the artifact.
+    /// identity and its reported `platform` and `apps`); an incompatible app is refused
+    /// with every reason (`TwinError::Incompatible`), and nothing is sent. Otherwise the
+    /// twin runs the install (`TwinCommand::Install`): it waits for an operator's
+    /// approval if the app version or the twin's configuration (`install_approval`)
+    /// asks for it, then for the maintenance window of its configuration
+    /// (`maintenance_window`), then sends `install_app` with the artifact for the
+    /// device's OS and architecture and awaits the answer. Returns the install as it
+    /// stands.
     pub async fn install(
         &self,
         twin: &str,
         app: &str,
         version: &str,
-    ) -> Result<(twinfleet_models::CommandId, twinfleet_models::apps::Artifact), TwinError> {
+        rollout: Option<String>,
+    ) -> Result<twinfleet_models::install::InstallJob, TwinError> {
         use twinfleet_models::apps::{DeviceProfile, check};
         let h = self.twin(twin)?;
         let v = self.env.apps.get(app, version)?;
@@ -462,13 +469,39 @@ impl TwinRuntime {
                 reasons,
             })?
             .clone();
-        let command = twinfleet_models::DeviceCommand::InstallApp {
+        let config = &view.effective_config.values;
+        let window = twinfleet_models::install::window_of(config).map_err(TwinError::Invalid)?;
+        let approval = v.approval
+            || config.get(twinfleet_models::install::APPROVAL_KEY).and_then(serde_json::Value::as_bool) == Some(true);
+        let command = twinfleet_models::TwinCommand::Install {
             app: app.to_string(),
             version: version.to_string(),
             artifact_url: format!("/api/v1/artifacts/{}", artifact.sha256),
+            approval,
+            window,
+            rollout,
         };
-        let id = h.send_to_device(command).await?;
-        Ok((id, artifact))
+        h.command(command).await?;
+        self.install_of(twin).await
+    }
+
+    /// An operator approves twin `twin`'s install of `app` that awaits approval.
+    pub async fn approve_install(
+        &self,
+        twin: &str,
+        app: &str,
+    ) -> Result<twinfleet_models::install::InstallJob, TwinError> {
+        self.twin(twin)?.command(twinfleet_models::TwinCommand::ApproveInstall { app: app.to_string() }).await?;
+        self.install_of(twin).await
+    }
+
+    async fn install_of(&self, twin: &str) -> Result<twinfleet_models::install::InstallJob, TwinError> {
+        self.twin(twin)?
+            .get()
+            .await?
+            .state
+            .install
+            .ok_or_else(|| TwinError::Unknown { kind: "install of twin", id: twin.to_string() })
     }
 
     /// Every stored version of a device type's configuration templates, oldest first,

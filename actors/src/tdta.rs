@@ -472,6 +472,7 @@ impl TypeHandle {
         twinfleet_models::limits::check_object(&defaults).map_err(twinfleet_models::ModelError::from)?;
         twinfleet_models::rules::check_config(&defaults, self.ctx.metrics.as_deref())
             .map_err(twinfleet_models::ModelError::from)?;
+        twinfleet_models::install::check_config(&defaults).map_err(TwinError::Invalid)?;
         let addr = self.tdta()?;
         deliver(addr.defaults.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.infra).await
     }

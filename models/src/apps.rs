@@ -22,6 +22,10 @@ pub struct AppVersion {
     pub description: String,
     #[serde(default)]
     pub requires: Requirements,
+    /// Installs of this version wait for an operator's approval (as do all installs
+    /// on twins whose configuration says `install_approval: true`).
+    #[serde(default)]
+    pub approval: bool,
     /// Uploaded artifacts, one per OS and architecture (filled by the store).
     #[serde(default)]
     pub artifacts: Vec<Artifact>,

@@ -57,6 +57,9 @@ pub enum WaitName {
     /// The deadline of a provisioning process's current step
     /// ([`crate::provisioning::Provisioning`]).
     Provisioning,
+    /// An install waiting for its maintenance window (attempt 0) or for the device's
+    /// answer (attempt 1).
+    Install,
 }
 
 impl WaitName {
@@ -65,6 +68,7 @@ impl WaitName {
             WaitName::DesiredSync => "desired_sync",
             WaitName::Restart => "restart",
             WaitName::Provisioning => "provisioning",
+            WaitName::Install => "install",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod effect;
 pub mod enrollment;
 pub mod export;
 pub mod ids;
+pub mod install;
 pub mod limits;
 pub mod log;
 pub mod notify;

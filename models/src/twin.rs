@@ -89,6 +89,12 @@ pub struct TwinState {
     /// template fills (`template::AppliedTemplate`), by key.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub templates: std::collections::BTreeMap<String, crate::template::AppliedTemplate>,
+    /// The twin's current (or last) app install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<crate::install::InstallJob>,
+    /// The app inventory: what the device installed through its twin, app → version.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub apps: std::collections::BTreeMap<String, String>,
     /// Desired keys removed from the desired state once the device reports them.
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub clear_on_sync: std::collections::BTreeSet<String>,
@@ -151,6 +157,20 @@ pub enum TwinCommand {
     },
     /// Send a command to the device; the twin mints its id.
     SendToDevice(DeviceCommand),
+    /// Install an app version the store found compatible: after an operator's approval
+    /// (if `approval`), in the maintenance window (if any), under the install watchdog.
+    Install {
+        app: String,
+        version: String,
+        artifact_url: String,
+        approval: bool,
+        window: Option<crate::install::MaintenanceWindow>,
+        rollout: Option<String>,
+    },
+    /// An operator approves the install of `app` that awaits approval.
+    ApproveInstall {
+        app: String,
+    },
     /// The device answered a command (the id as it came over the wire).
     Ack {
         command_id: String,
@@ -175,6 +195,8 @@ pub enum TwinCommand {
 pub struct TwinRules<'a> {
     /// How long the device gets to report the desired state, and the retries.
     pub desired_sync: &'a RetryPolicy,
+    /// How long the device gets to answer an install.
+    pub install_deadline_ms: i64,
     /// The device type's domain model, validating the `components` document.
     pub domain: Option<&'a DomainModel>,
     /// The metrics the device type declares, if it declares any (rules on others are
@@ -273,6 +295,10 @@ pub enum EventKind {
     DesiredTransient {
         keys: Vec<String>,
     },
+    /// The twin's install moved on (`install::InstallJob`, as it is now).
+    InstallChanged {
+        job: crate::install::InstallJob,
+    },
     /// A configuration template filled desired key `target` (with the desired change
     /// before it, if the result differed): which version, from which values.
     TemplateApplied {
@@ -304,6 +330,10 @@ pub enum TwinError {
     /// A monitoring rule in the configuration's `rules` does not check.
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleError),
+    /// An install was asked for while another one runs, or an approval finds nothing to
+    /// approve.
+    #[error("{0}")]
+    Install(String),
     /// A configuration template does not fill for this twin.
     #[error(transparent)]
     Template(#[from] crate::template::TemplateError),
@@ -330,6 +360,8 @@ impl TwinState {
             desired: Map::new(),
             desired_failed: Default::default(),
             templates: Default::default(),
+            install: None,
+            apps: Default::default(),
             clear_on_sync: Default::default(),
             overrides: Map::new(),
             memberships,
@@ -532,6 +564,40 @@ impl TwinState {
                     self.desired_set(patch, now, rules, &mut kinds, &mut effects);
                 }
             }
+            TwinCommand::Install { app, version, artifact_url, approval, window, rollout } => {
+                if let Some(j) = &self.install
+                    && !j.phase.is_final()
+                {
+                    return Err(TwinError::Install(format!(
+                        "twin {id} is installing {} {} ({}); one install at a time",
+                        j.app,
+                        j.version,
+                        j.phase.name()
+                    )));
+                }
+                let job = crate::install::InstallJob {
+                    previous: self.apps.get(&app).cloned(),
+                    app,
+                    version,
+                    artifact_url,
+                    phase: crate::install::InstallPhase::AwaitingApproval,
+                    requested_at: now,
+                    window: window.as_ref().map(|w| w.text().to_string()),
+                    rollout,
+                };
+                if approval {
+                    kinds.push(EventKind::InstallChanged { job });
+                } else {
+                    self.install_step(job, window.as_ref(), now, rules, &mut kinds, &mut effects);
+                }
+            }
+            TwinCommand::ApproveInstall { app } => match &self.install {
+                Some(j) if j.app == app && j.phase == crate::install::InstallPhase::AwaitingApproval => {
+                    let window = j.window.as_deref().and_then(|w| crate::install::MaintenanceWindow::parse(w).ok());
+                    self.install_step(j.clone(), window.as_ref(), now, rules, &mut kinds, &mut effects);
+                }
+                _ => return Err(TwinError::Install(format!("twin {id} has no install of {app} awaiting approval"))),
+            },
             TwinCommand::SendToDevice(command) => {
                 let command_id = self.commands.next_id();
                 kinds.push(EventKind::CommandSent { command_id, command: command.kind(), body: command.body() });
@@ -553,6 +619,18 @@ impl TwinState {
                         kinds.push(EventKind::DesiredFailed { reasons });
                         effects.push(Effect::CancelWait { wait: WaitName::DesiredSync });
                     }
+                    if let Some(j) = &self.install
+                        && matches!(j.phase, crate::install::InstallPhase::Installing { command, .. } if command == id)
+                    {
+                        let phase = if success {
+                            crate::install::InstallPhase::Installed { at: now }
+                        } else {
+                            crate::install::InstallPhase::Failed { reason, at: now }
+                        };
+                        kinds
+                            .push(EventKind::InstallChanged { job: crate::install::InstallJob { phase, ..j.clone() } });
+                        effects.push(Effect::CancelWait { wait: WaitName::Install });
+                    }
                 }
                 Err(why) => return Err(TwinError::UnmatchedAck { command_id, why }),
             },
@@ -560,6 +638,7 @@ impl TwinState {
                 // A timer of an attempt that is over (or of a wait that ended) is stale.
                 Some(w) if w.attempt == attempt => match wait {
                     WaitName::DesiredSync => self.desired_sync_expired(*w, now, rules, &mut kinds, &mut effects),
+                    WaitName::Install => self.install_expired(now, rules, &mut kinds, &mut effects),
                     // A supervisor's wait and a TDTA's; a twin never arms them.
                     WaitName::Restart | WaitName::Provisioning => {}
                 },
@@ -670,6 +749,70 @@ impl TwinState {
         }
     }
 
+    /// Moves an approved install on: to its maintenance window, or to the device.
+    fn install_step(
+        &self,
+        mut job: crate::install::InstallJob,
+        window: Option<&crate::install::MaintenanceWindow>,
+        now: Timestamp,
+        rules: TwinRules<'_>,
+        kinds: &mut Vec<EventKind>,
+        effects: &mut Vec<Effect>,
+    ) {
+        use crate::install::InstallPhase;
+        let opens = window.map_or(now, |w| w.next_open(now));
+        if opens > now {
+            job.phase = InstallPhase::AwaitingWindow { opens };
+            kinds.push(EventKind::InstallChanged { job });
+            effects.push(Effect::ArmWait { wait: WaitName::Install, attempt: 0, deadline: opens });
+            return;
+        }
+        let command_id = self.commands.next_id();
+        let command = DeviceCommand::InstallApp {
+            app: job.app.clone(),
+            version: job.version.clone(),
+            artifact_url: job.artifact_url.clone(),
+        };
+        let deadline = Timestamp(now.0.saturating_add(rules.install_deadline_ms));
+        kinds.push(EventKind::CommandSent { command_id, command: command.kind(), body: command.body() });
+        job.phase = InstallPhase::Installing { command: command_id, deadline };
+        kinds.push(EventKind::InstallChanged { job });
+        effects.push(Effect::Deliver { id: command_id, command });
+        effects.push(Effect::ArmWait { wait: WaitName::Install, attempt: 1, deadline });
+    }
+
+    /// The install's wait ran out: its window opened (send it), or the device did not
+    /// answer in time (it failed).
+    fn install_expired(
+        &self,
+        now: Timestamp,
+        rules: TwinRules<'_>,
+        kinds: &mut Vec<EventKind>,
+        effects: &mut Vec<Effect>,
+    ) {
+        use crate::install::InstallPhase;
+        let Some(job) = &self.install else { return };
+        match &job.phase {
+            InstallPhase::AwaitingWindow { .. } => {
+                // The window is open now: no window to wait for again.
+                self.install_step(job.clone(), None, now, rules, kinds, effects);
+            }
+            InstallPhase::Installing { .. } => {
+                let reason = format!("the device did not answer within {} s", rules.install_deadline_ms / 1000);
+                let message = format!("twin {}: install of {} {} failed: {reason}", self.id(), job.app, job.version);
+                kinds.push(EventKind::InstallChanged {
+                    job: crate::install::InstallJob { phase: InstallPhase::Failed { reason, at: now }, ..job.clone() },
+                });
+                effects.push(Effect::RaiseAlert {
+                    kind: AlertKind::DeadlineExceeded,
+                    severity: Severity::Warning,
+                    message,
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// Applies one event. Events come from `decide` or from the journal, so they are
     /// trusted: applying never fails.
     pub fn evolve(&mut self, event: &TwinEvent) {
@@ -757,6 +900,28 @@ impl TwinState {
                 }
             }
             EventKind::DesiredTransient { keys } => self.clear_on_sync.extend(keys.iter().cloned()),
+            EventKind::InstallChanged { job } => {
+                use crate::install::InstallPhase;
+                match &job.phase {
+                    InstallPhase::AwaitingWindow { opens } => {
+                        self.waits.arm(Wait { wait: WaitName::Install, attempt: 0, deadline: *opens, command: None })
+                    }
+                    InstallPhase::Installing { command, deadline } => self.waits.arm(Wait {
+                        wait: WaitName::Install,
+                        attempt: 1,
+                        deadline: *deadline,
+                        command: Some(*command),
+                    }),
+                    InstallPhase::Installed { .. } => {
+                        self.apps.insert(job.app.clone(), job.version.clone());
+                        self.waits.cancel(WaitName::Install);
+                    }
+                    InstallPhase::Failed { .. } | InstallPhase::AwaitingApproval => {
+                        self.waits.cancel(WaitName::Install);
+                    }
+                }
+                self.install = Some(job.clone());
+            }
             EventKind::TemplateApplied { target, version, values } => {
                 let applied = crate::template::AppliedTemplate { version: *version, values: values.clone() };
                 self.templates.insert(target.clone(), applied);
@@ -846,7 +1011,7 @@ mod tests {
     };
 
     fn rules() -> TwinRules<'static> {
-        TwinRules { desired_sync: &SYNC, domain: None, metrics: None }
+        TwinRules { desired_sync: &SYNC, install_deadline_ms: 60_000, domain: None, metrics: None }
     }
 
     /// decide + evolve, as the actor does; returns the decision.
@@ -1239,5 +1404,77 @@ mod tests {
             TwinCommand::WriteDesired { patch: obj(json!({"a": 2})), if_version: Some(v), clear_on_sync: false };
         run(&mut s, fresh, 3);
         assert_eq!(s.desired, obj(json!({"a": 2})));
+    }
+
+    fn install(approval: bool, window: Option<&str>) -> TwinCommand {
+        TwinCommand::Install {
+            app: "blink".into(),
+            version: "1.1.0".into(),
+            artifact_url: "/api/v1/artifacts/ab".into(),
+            approval,
+            window: window.map(|w| crate::install::MaintenanceWindow::parse(w).unwrap()),
+            rollout: None,
+        }
+    }
+
+    fn phase(s: &TwinState) -> crate::install::InstallPhase {
+        s.install.as_ref().unwrap().phase.clone()
+    }
+
+    #[test]
+    fn an_install_waits_for_approval_then_its_window_then_the_devices_answer() {
+        use crate::install::InstallPhase;
+        let mut s = twin();
+        // 2026-01-14 12:00 UTC, a Wednesday; the window opens at 21:00 UTC (22:00 CET).
+        let noon = 1_768_392_000_000;
+        let opens = noon + 9 * 3_600_000;
+        let d = run(&mut s, install(true, Some("22:00-05:00 Europe/Berlin weekdays")), noon);
+        assert_eq!(phase(&s), InstallPhase::AwaitingApproval);
+        assert!(d.effects.is_empty(), "nothing sent before approval: {:?}", d.effects);
+        assert!(
+            matches!(s.decide(install(false, None), Timestamp(noon), rules()), Err(TwinError::Install(_))),
+            "one at a time"
+        );
+        let d = run(&mut s, TwinCommand::ApproveInstall { app: "blink".into() }, noon + 1);
+        assert_eq!(phase(&s), InstallPhase::AwaitingWindow { opens: Timestamp(opens) });
+        assert_eq!(
+            d.effects,
+            vec![Effect::ArmWait { wait: WaitName::Install, attempt: 0, deadline: Timestamp(opens) }]
+        );
+        let d = run(&mut s, TwinCommand::WaitExpired { wait: WaitName::Install, attempt: 0 }, opens);
+        let InstallPhase::Installing { command, .. } = phase(&s) else { panic!("{:?}", phase(&s)) };
+        assert!(d.effects.iter().any(|e| matches!(e, Effect::Deliver { command: DeviceCommand::InstallApp { version, .. }, .. } if version == "1.1.0")));
+        run(
+            &mut s,
+            TwinCommand::Ack { command_id: command.to_string(), success: true, message: String::new() },
+            opens + 5,
+        );
+        assert_eq!(phase(&s), InstallPhase::Installed { at: Timestamp(opens + 5) });
+        assert_eq!(s.apps.get("blink").map(String::as_str), Some("1.1.0"), "the inventory");
+        assert!(s.waits.get(WaitName::Install).is_none());
+    }
+
+    #[test]
+    fn an_install_fails_on_a_refusal_or_when_the_device_does_not_answer() {
+        use crate::install::InstallPhase;
+        let mut s = twin();
+        run(&mut s, install(false, None), 10);
+        let InstallPhase::Installing { command, deadline } = phase(&s) else { panic!() };
+        assert_eq!(deadline, Timestamp(60_010));
+        run(
+            &mut s,
+            TwinCommand::Ack { command_id: command.to_string(), success: false, message: "checksum mismatch".into() },
+            20,
+        );
+        assert_eq!(phase(&s), InstallPhase::Failed { reason: "checksum mismatch".into(), at: Timestamp(20) });
+        assert!(s.apps.is_empty());
+        run(&mut s, install(false, None), 30);
+        let d = run(&mut s, TwinCommand::WaitExpired { wait: WaitName::Install, attempt: 1 }, 60_030);
+        assert!(matches!(phase(&s), InstallPhase::Failed { reason, .. } if reason.contains("did not answer")));
+        assert!(d.effects.iter().any(|e| matches!(e, Effect::RaiseAlert { .. })));
+        // A stale timer of the window phase does nothing.
+        let before = s.clone();
+        run(&mut s, TwinCommand::WaitExpired { wait: WaitName::Install, attempt: 0 }, 70_000);
+        assert_eq!(s, before);
     }
 }

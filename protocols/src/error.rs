@@ -113,6 +113,7 @@ pub fn classify(e: &TwinError) -> Classified {
             ModelError::Rules(_) => c(Invalid, "invalid_rule", "malformed"),
             ModelError::VersionMismatch { .. } => c(PreconditionFailed, "version_mismatch", "conflict"),
             ModelError::Template(_) => c(Rejected, "invalid_template", "rejected"),
+            ModelError::Install(_) => c(Conflict, "install_conflict", "conflict"),
             ModelError::UnmatchedAck { why: Unmatched::Unknown, .. } => c(NotFound, "unknown_command", "unknown_ack"),
             ModelError::UnmatchedAck { why: Unmatched::Stale, .. } => c(Conflict, "stale_command", "stale_ack"),
             ModelError::EmptyPatch | ModelError::AlreadyMember { .. } | ModelError::NotMember { .. } => {

@@ -151,6 +151,10 @@ async fn apps_are_checked_uploaded_served_in_ranges_installed_and_a_corrupt_arti
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     device.ack(&cmd.command_id, true, "installed").await.unwrap();
     device.report(json!({"apps": {"blink": "1.0.0"}})).await.unwrap();
+    eventually("the install is recorded", || async {
+        c0.get().await.unwrap().state.apps.contains_key("blink").then_some(())
+    })
+    .await;
 
     // Bad device credentials get nothing.
     let (status, _, _) = http_full(http, Some("wrong"), "GET", &url, &[("x-device-id", "c-0")], None);
@@ -179,6 +183,100 @@ async fn apps_are_checked_uploaded_served_in_ranges_installed_and_a_corrupt_arti
         })
     })
     .await;
+
+    device.disconnect().await;
+    gw.stop().await;
+    api.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn an_install_waits_for_approval_and_for_its_maintenance_window_on_the_virtual_clock() {
+    use twinfleet::DtaSpec;
+    use twinfleet::models::ConfigLayer;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = virtual_clock(); // 2023-11-14 22:13:20 UTC
+    let p = start(dir.path(), Some(clock.clone()), test_settings()).await;
+    // The group's layer: its members install at night only. A window in a bad format is
+    // refused where it is written, naming the problem.
+    let bad = ConfigLayer { priority: 1, values: obj(json!({"maintenance_window": "02:00-04:00 Mars/Olympus daily"})) };
+    let e = p
+        .create_dta(DtaSpec {
+            id: did("night"),
+            name: "Night".into(),
+            parents: vec![],
+            layers: [("w".to_string(), bad)].into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not an IANA time zone"), "{e}");
+    let window = ConfigLayer { priority: 1, values: obj(json!({"maintenance_window": "02:00-04:00 UTC daily"})) };
+    p.create_dta(DtaSpec {
+        id: did("night"),
+        name: "Night".into(),
+        parents: vec![],
+        layers: [("w".to_string(), window)].into(),
+    })
+    .await
+    .unwrap();
+    // The type asks for approval of every install.
+    fleet(&p, "cam", json!({"install_approval": true}), "c", 1, |_| vec![did("night")]).await;
+    let admin = admin_token(&p).await;
+    let api = HttpApi::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap(), 2).unwrap();
+    let http = api.local_addr();
+    let gw = MqttGateway::start(p.runtime().clone(), embedded_config()).await.unwrap();
+    let token = p.issue_device_token("c-0").await.unwrap();
+    let mut device = MqttDevice::connect(&addr(gw.operational()), "c-0", &token).await.unwrap();
+
+    let (status, _) = http_as(http, &admin, "POST", "/api/v1/apps", Some(r#"{"app": "blink", "version": "1.0.0"}"#));
+    assert_eq!(status, 201);
+    let bytes = b"blink firmware".to_vec();
+    let (status, _) = put_bytes(
+        http,
+        &admin,
+        "/api/v1/apps/blink/1.0.0/artifacts/any/any",
+        &[("x-checksum-sha256", &sha256(&bytes))],
+        &bytes,
+    );
+    assert_eq!(status, 201);
+
+    let install = r#"{"app": "blink", "version": "1.0.0"}"#;
+    let (status, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs", Some(install));
+    assert_eq!((status, job["phase"].as_str()), (202, Some("awaiting_approval")), "{job}");
+    let (status, body) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs", Some(install));
+    assert_eq!((status, body["error"].as_str()), (409, Some("install_conflict")), "one at a time: {body}");
+    let twin = p.twin("c-0").unwrap();
+    let sent = |events: &[twinfleet::models::TwinEvent]| {
+        events.iter().any(|e| matches!(e.kind, EventKind::CommandSent { .. }))
+    };
+    assert!(!sent(&twin.events(50).await.unwrap()), "nothing sent before approval");
+
+    // Approved at 22:13 UTC, it waits for 02:00 UTC.
+    let (status, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/approve", None);
+    let opens = 1_700_013_600_000i64; // 2023-11-15 02:00 UTC
+    assert_eq!(
+        (status, job["phase"].as_str(), job["opens"].as_i64()),
+        (200, Some("awaiting_window"), Some(opens)),
+        "{job}"
+    );
+    let (status, _) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/approve", None);
+    assert_eq!(status, 409, "approved once");
+    clock.advance((opens - 1 - p.runtime().clock().now().0) as u64);
+    assert!(!sent(&twin.events(50).await.unwrap()), "nothing sent before the window");
+    clock.advance(1);
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("install_app in the window");
+    assert_eq!(cmd.body["install_app"]["app"], "blink");
+    device.ack(&cmd.command_id, true, "installed").await.unwrap();
+    let view = eventually("the install is done", || async {
+        let v = twin.get().await.unwrap();
+        (v.state
+            .install
+            .as_ref()
+            .is_some_and(|j| matches!(j.phase, twinfleet::models::install::InstallPhase::Installed { .. })))
+        .then_some(v)
+    })
+    .await;
+    assert_eq!(view.state.apps.get("blink").map(String::as_str), Some("1.0.0"), "the inventory");
 
     device.disconnect().await;
     gw.stop().await;

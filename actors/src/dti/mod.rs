@@ -250,6 +250,7 @@ impl Dti {
         let now = env.clock.now();
         let rules = TwinRules {
             desired_sync: &env.settings.desired_sync,
+            install_deadline_ms: env.settings.install_deadline_ms,
             domain: self.slot.ty.domain.as_deref(),
             metrics: self.slot.ty.metrics.as_deref(),
         };

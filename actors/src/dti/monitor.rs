@@ -257,6 +257,7 @@ impl Dti {
         }
         let rules = twinfleet_models::TwinRules {
             desired_sync: &env.settings.desired_sync,
+            install_deadline_ms: env.settings.install_deadline_ms,
             domain: None,
             metrics: self.slot.ty.metrics.as_deref(),
         };

@@ -7,7 +7,7 @@ use super::twins::twin_for;
 use super::{Caller, Errors, HttpError, Result};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, get, post, put, web};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::io::{Read, Seek, SeekFrom};
 use twinfleet_actors::{TwinError, TwinRuntime};
 use twinfleet_models::Action;
@@ -22,7 +22,8 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(show_app)
         .service(upload_artifact)
         .service(download_artifact)
-        .service(install_app);
+        .service(install_app)
+        .service(approve_install);
 }
 
 /// A device presenting its own credentials (`x-device-id` and its token) on an artifact
@@ -191,22 +192,16 @@ struct InstallRequest {
     version: String,
 }
 
-/// The answer to an accepted install.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct InstallStarted {
-    twin: String,
-    #[schema(value_type = String)]
-    command_id: String,
-    artifact: Artifact,
-    artifact_url: String,
-}
-
 /// `POST /twins/{id}/installs`: installs an app version on the twin's device. Its
 /// requirements are checked against what the twin knows of the device first: an
 /// incompatible app answers 422 `incompatible` with every reason in `reasons`, and no
-/// command is sent. Otherwise the device gets `install_app` with the artifact's URL
-/// (`/api/v1/artifacts/{sha256}`), and the answer is 202.
-#[utoipa::path(tag = "apps", request_body = InstallRequest, responses((status = 202, body = InstallStarted), Errors), security(("bearer" = [])))]
+/// command is sent. Otherwise the twin runs the install and the answer (202) is the
+/// install as it stands: `awaiting_approval` (the app version or the twin's
+/// configuration `install_approval` asks for it), `awaiting_window` (until `opens`, from
+/// the twin's `maintenance_window`), or `installing` (the device got `install_app` with
+/// the artifact's URL, `/api/v1/artifacts/{sha256}`). One install per twin at a time
+/// (409 `install_conflict`).
+#[utoipa::path(tag = "apps", request_body = InstallRequest, responses((status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
 #[post("/twins/{id}/installs")]
 async fn install_app(
     rt: web::Data<TwinRuntime>,
@@ -216,14 +211,22 @@ async fn install_app(
 ) -> Result<HttpResponse> {
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     let InstallRequest { app, version } = body.into_inner();
-    let (command_id, artifact) = rt.install(h.id().as_str(), &app, &version).await?;
-    let artifact_url = format!("/api/v1/artifacts/{}", artifact.sha256);
-    Ok(HttpResponse::Accepted().json(InstallStarted {
-        twin: h.id().to_string(),
-        command_id: command_id.to_string(),
-        artifact,
-        artifact_url,
-    }))
+    let job = rt.install(h.id().as_str(), &app, &version, None).await?;
+    Ok(HttpResponse::Accepted().json(job))
+}
+
+/// `POST /twins/{id}/installs/{app}/approve`: approves the twin's install of `app` that
+/// awaits approval; it goes on to its maintenance window or the device.
+#[utoipa::path(tag = "apps", responses((status = 200, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/installs/{app}/approve")]
+async fn approve_install(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, app) = path.into_inner();
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    Ok(HttpResponse::Ok().json(rt.approve_install(h.id().as_str(), &app).await?))
 }
 
 #[cfg(test)]
