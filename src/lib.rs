@@ -98,6 +98,10 @@ impl PlatformBuilder {
         let artifacts = self.data_dir.join("artifacts");
         let env = twinfleet_actors::TwinEnv::new(storage, series, clock, arbiters.clone(), self.settings, artifacts)?;
         let (runtime, report) = TwinRuntime::start(env).await?;
+        // Rollouts that were running or paused go on.
+        if let Err(e) = runtime.resume_rollouts() {
+            tracing::error!("the stored rollouts cannot be read; none resumed: {e}");
+        }
         tracing::info!(
             twins = report.twins,
             device_types = report.device_types,

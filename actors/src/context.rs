@@ -116,6 +116,16 @@ impl DeviceLinks {
     }
 }
 
+/// An operator's control of a running rollout, and where its driver answers (the
+/// rollout as it then stands, or why the control does not apply).
+pub type RolloutControl = (
+    twinfleet_models::rollout::Control,
+    tokio::sync::oneshot::Sender<Result<twinfleet_models::rollout::Rollout, String>>,
+);
+
+/// Ended installs of rollouts a driver may fall behind by before it polls the twins.
+const INSTALL_OUTCOMES: usize = 65_536;
+
 /// The platform's infrastructure (what `TwinEnv` dereferences to).
 #[derive(Debug)]
 pub struct Infra {
@@ -137,6 +147,11 @@ pub struct Infra {
     pub requests: RequestMetrics,
     /// Open device sessions of every gateway (closed on credential changes).
     pub sessions: Arc<crate::sessions::DeviceSessions>,
+    /// Installs of rollouts that ended (published by the twins; read by the rollouts'
+    /// drivers, which poll the twins when they fall behind).
+    pub installs: tokio::sync::broadcast::Sender<(String, twinfleet_models::install::InstallJob)>,
+    /// The running rollouts' control channels, by rollout id.
+    pub rollouts: dashmap::DashMap<String, tokio::sync::mpsc::UnboundedSender<RolloutControl>>,
     device_links: DeviceLinks,
     versions: AtomicU64,
 }
@@ -162,6 +177,8 @@ impl Infra {
             rejections: Rejections::default(),
             requests: RequestMetrics::default(),
             sessions: Default::default(),
+            installs: tokio::sync::broadcast::channel(INSTALL_OUTCOMES).0,
+            rollouts: Default::default(),
             device_links: DeviceLinks::default(),
             versions: AtomicU64::new(1),
         }

@@ -35,6 +35,7 @@ mod maps;
 pub mod provisioning;
 pub mod records;
 pub mod restore;
+pub mod rollouts;
 pub mod sessions;
 pub mod spaces;
 pub mod supervisor;

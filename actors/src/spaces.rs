@@ -84,3 +84,5 @@ pub const TEMPLATE_ACTIVE: Space = Space(28);
 /// App versions of the app store: key = app, 0, version; value = the
 /// `apps::AppVersion` with its artifacts (the files are in `artifacts/`).
 pub const APP: Space = Space(29);
+/// Fleet rollouts: key = rollout id; value = the `rollout::Rollout` after its last step.
+pub const ROLLOUT: Space = Space(30);

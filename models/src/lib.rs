@@ -26,6 +26,7 @@ pub mod notify;
 pub mod policy;
 pub mod provisioning;
 pub mod retention;
+pub mod rollout;
 pub mod rules;
 pub mod series;
 pub mod telemetry;

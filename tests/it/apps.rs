@@ -14,12 +14,12 @@ use twinfleet_protocols::HttpApi;
 use twinfleet_protocols::artifact_client::{FetchError, fetch_artifact};
 use twinfleet_protocols::mqtt::{MqttDevice, MqttGateway};
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A blocking PUT of raw bytes with headers: (status, body as JSON).
-fn put_bytes(
+pub(crate) fn put_bytes(
     http: std::net::SocketAddr,
     token: &str,
     path: &str,

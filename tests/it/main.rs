@@ -26,6 +26,7 @@ mod mqtt;
 mod mqtt_clients;
 mod provisioning;
 mod python_hub;
+mod rollouts;
 mod sessions;
 mod supervision;
 mod support;

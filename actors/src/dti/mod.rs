@@ -262,6 +262,13 @@ impl Dti {
         let Decision { events, effects } = self.state.decide(cmd, now, rules)?;
         for e in &events {
             self.state.evolve(e);
+            // A rollout's install ended: its driver hears of it (no receiver: none runs).
+            if let twinfleet_models::EventKind::InstallChanged { job } = &e.kind
+                && job.rollout.is_some()
+                && job.phase.is_final()
+            {
+                let _ = env.installs.send((self.slot.id.to_string(), job.clone()));
+            }
         }
         self.slot.refresh_summary(&self.state);
         self.slot.set_last_seq(self.state.last_seq);

@@ -22,6 +22,7 @@ mod fleet;
 mod monitoring;
 mod ops;
 mod provisioning;
+mod rollouts;
 mod twins;
 
 pub(crate) use auth::Caller;
@@ -122,6 +123,7 @@ fn api_scope() -> utoipa_actix_web::scope::Scope<
         .configure(provisioning::routes)
         .configure(monitoring::routes)
         .configure(apps::routes)
+        .configure(rollouts::routes)
 }
 
 /// The OpenAPI 3 document of the API, as JSON.
