@@ -92,6 +92,31 @@ pub struct ActorsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RolloutsCommand {
+    /// Every rollout with its progress per wave.
+    List,
+    /// One rollout: its progress per wave and every target.
+    Show {
+        id: String,
+    },
+    /// Start a rollout from a JSON file (`{"id", "app", "version", "device_type",
+    /// "waves"?, "rate"?, "abort"?, "on_abort"?, "health_gate"?, "groups"?}`).
+    Start {
+        file: std::path::PathBuf,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Stop starting installs (those sent run to their end).
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Show one job's state and progress.
     Show { id: u64 },
@@ -381,6 +406,63 @@ pub fn alerts(a: ClientArgs, q: AlertsArgs) -> anyhow::Result<()> {
             })
             .collect();
         render(&["id", "raised", "severity", "state", "twin", "rule", "message"], &rows)
+    });
+    Ok(())
+}
+
+/// `twinfleet rollouts`: list, show, start, pause, resume, cancel.
+pub fn rollouts(a: ClientArgs, cmd: RolloutsCommand) -> anyhow::Result<()> {
+    let c = Client::new(a)?;
+    let v = match cmd {
+        RolloutsCommand::List => c.get("/rollouts", &[])?,
+        RolloutsCommand::Show { id } => c.get(&format!("/rollouts/{id}"), &[])?,
+        RolloutsCommand::Start { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let spec: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+            c.post("/rollouts", &spec)?
+        }
+        RolloutsCommand::Pause { id } => c.post(&format!("/rollouts/{id}/pause"), &serde_json::json!({}))?,
+        RolloutsCommand::Resume { id } => c.post(&format!("/rollouts/{id}/resume"), &serde_json::json!({}))?,
+        RolloutsCommand::Cancel { id } => c.post(&format!("/rollouts/{id}/cancel"), &serde_json::json!({}))?,
+    };
+    c.print(&v, |v| {
+        let list = if v.is_array() { v.as_array().cloned().unwrap_or_default() } else { vec![v.clone()] };
+        let mut rows = Vec::new();
+        for r in &list {
+            let waves: Vec<String> = r["progress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| {
+                    format!(
+                        "{}%: {}/{} ok, {} failed{}",
+                        s(w, "percent"),
+                        s(w, "succeeded"),
+                        s(w, "targets"),
+                        s(w, "failed"),
+                        match (w["postponed"].as_u64(), w["rolled_back"].as_u64()) {
+                            (Some(p), _) if p > 0 => format!(", {p} postponed"),
+                            (_, Some(b)) if b > 0 => format!(", {b} rolled back"),
+                            _ => String::new(),
+                        }
+                    )
+                })
+                .collect();
+            let spec = &r["spec"];
+            let state = match r["reason"].as_str() {
+                Some(why) => format!("{} ({why})", s(r, "state")),
+                None => s(r, "state"),
+            };
+            rows.push(vec![
+                s(spec, "id"),
+                format!("{} {}", s(spec, "app"), s(spec, "version")),
+                s(spec, "device_type"),
+                state,
+                format!("{}", r["wave"].as_u64().unwrap_or(0) + 1),
+                waves.join("; "),
+            ]);
+        }
+        render(&["id", "app", "type", "state", "wave", "waves"], &rows)
     });
     Ok(())
 }

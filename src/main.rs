@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         query: cli::AlertsArgs,
     },
+    /// Fleet rollouts of a running instance: list, show, start, pause, resume, cancel.
+    Rollouts {
+        #[command(flatten)]
+        client: cli::ClientArgs,
+        #[command(subcommand)]
+        command: cli::RolloutsCommand,
+    },
     /// Provisioning processes of a running instance: pending devices, approval.
     Provisioning {
         #[command(flatten)]
@@ -135,6 +142,7 @@ fn main() -> std::process::ExitCode {
         Command::Jobs { client, command } => cli::jobs(client, command),
         Command::Provisioning { client, command } => cli::provisioning(client, command),
         Command::Alerts { client, query } => cli::alerts(client, query),
+        Command::Rollouts { client, command } => cli::rollouts(client, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

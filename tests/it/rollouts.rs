@@ -190,6 +190,20 @@ async fn injected_failures_abort_the_first_wave_and_roll_the_updated_devices_bac
     }
     let (status, _) = f.http("POST", "/api/v1/rollouts/r1/resume", None).await;
     assert_eq!(status, 409, "an ended rollout takes no control");
+    // The CLI shows the same.
+    let args: Vec<String> =
+        ["rollouts", "list", "--api", &format!("http://{}", f.api.local_addr()), "--token", &f.admin]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let (ok, out, err) = actix_rt::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::binary::client(&args)
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("r1") && out.contains("aborted (1 of 2 installs failed"), "{out}{err}");
+    assert!(out.contains("20.0%: 0/2 ok, 1 failed, 1 rolled back; 60.0%: 0/4 ok, 0 failed, 4 postponed"), "{out}");
     f.stop().await;
 }
 
