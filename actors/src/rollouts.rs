@@ -214,35 +214,54 @@ fn catch_up_alerts(rt: &TwinRuntime, r: &mut Rollout) {
     }
 }
 
+/// Installs a driver starts at once.
+const CONCURRENT_INSTALLS: usize = 64;
+/// How often (real time) a driver stores results that changed nothing else.
+const STORE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Carries out `actions`; installs that fail at once are results of their own.
 async fn carry_out(rt: &TwinRuntime, r: &mut Rollout, actions: Vec<Action>) -> Option<Timestamp> {
+    use futures::StreamExt;
     let id = r.spec.id.clone();
     let (app, version) = (r.spec.app.clone(), r.spec.version.clone());
     let mut wake: Option<Timestamp> = None;
     let mut queue = actions;
     while !queue.is_empty() {
         let mut more = Vec::new();
+        let mut installs = Vec::new();
+        let mut rollbacks = Vec::new();
         for a in queue {
             match a {
-                Action::Install { twin } => {
-                    let started = rt.install(&twin, &app, &version, Some(id.clone())).await;
-                    let now = rt.clock().now();
-                    match started {
-                        Ok(job) => {
-                            if let Some(ok) = outcome(&job).filter(|_| job.rollout.as_deref() == Some(id.as_str())) {
-                                more.extend(r.result(&twin, ok, job.previous.clone(), now));
-                            }
-                        }
-                        Err(e) => more.extend(r.result(&twin, Err(e.to_string()), None, now)),
-                    }
-                }
-                Action::RollBack { twin, to } => {
-                    if let Err(e) = rt.install(&twin, &app, &to, Some(rollback_of(&id))).await {
-                        r.rolled_back(&twin, Err(e.to_string()), rt.clock().now());
-                    }
-                }
+                Action::Install { twin } => installs.push((twin, version.clone(), id.clone())),
+                Action::RollBack { twin, to } => rollbacks.push((twin, to, rollback_of(&id))),
                 Action::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
                 Action::GateStarted => tracing::info!(rollout = id, wave = r.wave + 1, "health gate started"),
+            }
+        }
+        // Several at a time: each is a few round trips to its twin.
+        let started: Vec<_> = futures::stream::iter(installs.into_iter().chain(rollbacks))
+            .map(|(twin, version, marker)| {
+                let app = app.clone();
+                async move {
+                    let res = rt.install(&twin, &app, &version, Some(marker.clone())).await;
+                    (twin, marker, res)
+                }
+            })
+            .buffer_unordered(CONCURRENT_INSTALLS)
+            .collect()
+            .await;
+        let now = rt.clock().now();
+        for (twin, marker, res) in started {
+            let rollback = marker != id;
+            match (res, rollback) {
+                (Ok(job), false) => {
+                    if let Some(ok) = outcome(&job).filter(|_| job.rollout.as_deref() == Some(id.as_str())) {
+                        more.extend(r.result(&twin, ok, job.previous.clone(), now));
+                    }
+                }
+                (Err(e), false) => more.extend(r.result(&twin, Err(e.to_string()), None, now)),
+                (Ok(_), true) => {}
+                (Err(e), true) => r.rolled_back(&twin, Err(e.to_string()), now),
             }
         }
         queue = more;
@@ -250,27 +269,68 @@ async fn carry_out(rt: &TwinRuntime, r: &mut Rollout, actions: Vec<Action>) -> O
     wake
 }
 
+/// Applies what the twins reported about installs of rollout `id`.
+fn news(r: &mut Rollout, id: &str, twin: &str, job: &InstallJob, now: Timestamp, pending: &mut Vec<Action>) {
+    if job.rollout.as_deref() == Some(id) {
+        if let Some(ok) = outcome(job) {
+            pending.extend(r.result(twin, ok, job.previous.clone(), now));
+        }
+    } else if job.rollout.as_deref() == Some(rollback_of(id).as_str())
+        && let Some(ok) = outcome(job)
+    {
+        r.rolled_back(twin, ok, now);
+    }
+}
+
 async fn run(rt: TwinRuntime, mut r: Rollout, mut control: mpsc::UnboundedReceiver<RolloutControl>) {
     let id = r.spec.id.clone();
     let mut installs = rt.env.installs.subscribe();
     let mut alerts = rt.alert_book().subscribe();
     // Where the twins stand now (a restart may have missed their news).
-    let found = poll(&rt, &mut r).await;
+    let mut pending = poll(&rt, &mut r).await;
     catch_up_alerts(&rt, &mut r);
-    let mut pending = found;
+    // The state last stored (results alone are stored at most every `STORE_EVERY`:
+    // a restart asks the twins for them again).
+    let mut stored = None::<(usize, Option<twinfleet_models::rollout::Gate>, String)>;
+    let mut last_store = std::time::Instant::now();
     loop {
         let now = rt.clock().now();
         let mut actions = std::mem::take(&mut pending);
         actions.extend(r.step(now, rt.alert_book().revision()));
-        // Durable before anything is done about it: a restart redoes, never forgets.
-        if let Err(e) = store(&rt, &r).await {
-            tracing::error!(rollout = id, "the rollout's state cannot be stored; it stops here until a restart: {e}");
-            return;
+        let shape = (r.wave, r.gate, format!("{:?}", r.state));
+        let must = !actions.is_empty() || stored.as_ref() != Some(&shape) || r.is_final();
+        if must || last_store.elapsed() >= STORE_EVERY {
+            // Durable before anything is done about it: a restart redoes, never forgets.
+            if let Err(e) = store(&rt, &r).await {
+                tracing::error!(
+                    rollout = id,
+                    "the rollout's state cannot be stored; it stops here until a restart: {e}"
+                );
+                return;
+            }
+            stored = Some(shape);
+            last_store = std::time::Instant::now();
         }
-        let wake = carry_out(&rt, &mut r, actions).await;
-        if let Err(e) = store(&rt, &r).await {
-            tracing::error!(rollout = id, "the rollout's state cannot be stored: {e}");
-            return;
+        if !actions.is_empty() {
+            let wake = carry_out(&rt, &mut r, actions).await;
+            if let Some(w) = wake {
+                pending.push(Action::WakeAt(w));
+            }
+            if let Err(e) = store(&rt, &r).await {
+                tracing::error!(rollout = id, "the rollout's state cannot be stored: {e}");
+                return;
+            }
+            last_store = std::time::Instant::now();
+            // (A wake-up alone needs no step now.)
+            if pending.iter().all(|a| matches!(a, Action::WakeAt(_))) {
+                let w = pending.drain(..).filter_map(|a| if let Action::WakeAt(t) = a { Some(t) } else { None }).min();
+                if !r.is_final()
+                    && wait(&rt, &mut r, &id, w, &mut control, &mut installs, &mut alerts, &mut pending).await
+                {
+                    return;
+                }
+            }
+            continue;
         }
         if r.is_final() {
             tracing::info!(rollout = id, state = ?r.state, "rollout ended");
@@ -281,44 +341,66 @@ async fn run(rt: TwinRuntime, mut r: Rollout, mut control: mpsc::UnboundedReceiv
             }
             return;
         }
-        let sleep = rt.clock().sleep_until(wake.unwrap_or(Timestamp(i64::MAX / 2)));
-        tokio::select! {
-            _ = sleep => {}
-            c = control.recv() => match c {
-                Some((c, reply)) => {
-                    let answer = r.control(c, rt.clock().now()).map(|()| r.clone());
-                    if answer.is_ok()
-                        && let Err(e) = store(&rt, &r).await
-                    {
-                        let _ = reply.send(Err(format!("not stored: {e}")));
-                        continue;
-                    }
-                    let _ = reply.send(answer);
-                }
-                None => return,
-            },
-            news = installs.recv() => match news {
-                Ok((twin, job)) => {
-                    let now = rt.clock().now();
-                    if job.rollout.as_deref() == Some(id.as_str()) {
-                        if let Some(ok) = outcome(&job) {
-                            pending.extend(r.result(&twin, ok, job.previous.clone(), now));
-                        }
-                    } else if job.rollout.as_deref() == Some(rollback_of(&id).as_str())
-                        && let Some(ok) = outcome(&job)
-                    {
-                        r.rolled_back(&twin, ok, now);
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => pending.extend(poll(&rt, &mut r).await),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            change = alerts.recv() => match change {
-                Ok((_, a)) if a.state == AlertState::Raised => r.alert(&a.twin, a.severity, &a.rule, a.raised_at),
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => catch_up_alerts(&rt, &mut r),
-                Err(broadcast::error::RecvError::Closed) => {}
-            },
+        let w = r.gate.map(|g| g.until);
+        if wait(&rt, &mut r, &id, w, &mut control, &mut installs, &mut alerts, &mut pending).await {
+            return;
         }
     }
+}
+
+/// Waits for the next thing that matters: `until` on the platform clock, an operator's
+/// control, the twins' news (all that is queued), an alert, or (with results not stored
+/// yet) the next store. `true`: the driver must stop.
+#[allow(clippy::too_many_arguments)]
+async fn wait(
+    rt: &TwinRuntime,
+    r: &mut Rollout,
+    id: &str,
+    until: Option<Timestamp>,
+    control: &mut mpsc::UnboundedReceiver<RolloutControl>,
+    installs: &mut broadcast::Receiver<(String, InstallJob)>,
+    alerts: &mut broadcast::Receiver<crate::alerting::Change>,
+    pending: &mut Vec<Action>,
+) -> bool {
+    let sleep = rt.clock().sleep_until(until.unwrap_or(Timestamp(i64::MAX / 2)));
+    tokio::select! {
+        _ = sleep => {}
+        _ = tokio::time::sleep(STORE_EVERY) => {}
+        c = control.recv() => match c {
+            Some((c, reply)) => {
+                let answer = r.control(c, rt.clock().now()).map(|()| r.clone());
+                if answer.is_ok()
+                    && let Err(e) = store(rt, r).await
+                {
+                    let _ = reply.send(Err(format!("not stored: {e}")));
+                    return false;
+                }
+                let _ = reply.send(answer);
+            }
+            None => return true,
+        },
+        first = installs.recv() => {
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Ok((twin, job)) => news(r, id, &twin, &job, rt.clock().now(), pending),
+                    Err(broadcast::error::RecvError::Lagged(_)) => pending.extend(poll(rt, r).await),
+                    Err(broadcast::error::RecvError::Closed) => return true,
+                }
+                // Everything already queued, in one go.
+                next = match installs.try_recv() {
+                    Ok(v) => Some(Ok(v)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+                    Err(_) => None,
+                };
+            }
+        },
+        change = alerts.recv() => match change {
+            Ok((_, a)) if a.state == AlertState::Raised => r.alert(&a.twin, a.severity, &a.rule, a.raised_at),
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => catch_up_alerts(rt, r),
+            Err(broadcast::error::RecvError::Closed) => {}
+        },
+    }
+    false
 }
