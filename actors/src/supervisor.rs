@@ -485,6 +485,28 @@ impl TwinRuntime {
         self.install_of(twin).await
     }
 
+    /// Takes twin `twin`'s `app` back to the version its last install replaced (an
+    /// install of that version, with the same checks, approval and window).
+    pub async fn rollback_install(
+        &self,
+        twin: &str,
+        app: &str,
+    ) -> Result<twinfleet_models::install::InstallJob, TwinError> {
+        let view = self.twin(twin)?.get().await?;
+        let previous = view
+            .state
+            .install
+            .as_ref()
+            .filter(|j| j.app == app && matches!(j.phase, twinfleet_models::install::InstallPhase::Installed { .. }))
+            .and_then(|j| j.previous.clone())
+            .ok_or_else(|| {
+                TwinError::Conflict(format!(
+                    "twin {twin}'s last install is not an installed {app} that replaced an earlier version: nothing to go back to"
+                ))
+            })?;
+        self.install(twin, app, &previous, None).await
+    }
+
     /// An operator approves twin `twin`'s install of `app` that awaits approval.
     pub async fn approve_install(
         &self,

@@ -277,6 +277,42 @@ async fn an_install_waits_for_approval_and_for_its_maintenance_window_on_the_vir
     })
     .await;
     assert_eq!(view.state.apps.get("blink").map(String::as_str), Some("1.0.0"), "the inventory");
+    let (status, body) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/rollback", None);
+    assert_eq!(status, 409, "nothing installed before 1.0.0: {body}");
+
+    // 2.0.0 replaces it (approved; the window is open now), then the operator goes back.
+    let (status, _) = http_as(http, &admin, "POST", "/api/v1/apps", Some(r#"{"app": "blink", "version": "2.0.0"}"#));
+    assert_eq!(status, 201);
+    let (status, _) = put_bytes(
+        http,
+        &admin,
+        "/api/v1/apps/blink/2.0.0/artifacts/any/any",
+        &[("x-checksum-sha256", &sha256(b"v2"))],
+        b"v2",
+    );
+    assert_eq!(status, 201);
+    let (status, job) =
+        http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs", Some(r#"{"app": "blink", "version": "2.0.0"}"#));
+    assert_eq!((status, job["phase"].as_str()), (202, Some("awaiting_approval")));
+    let (_, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/approve", None);
+    assert_eq!((job["phase"].as_str(), job["previous"].as_str()), (Some("installing"), Some("1.0.0")), "{job}");
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("install_app 2.0.0");
+    device.ack(&cmd.command_id, true, "installed").await.unwrap();
+    eventually("2.0.0 is installed", || async {
+        (twin.get().await.unwrap().state.apps.get("blink").map(String::as_str) == Some("2.0.0")).then_some(())
+    })
+    .await;
+    let (status, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/rollback", None);
+    assert_eq!((status, job["version"].as_str()), (202, Some("1.0.0")), "{job}");
+    let (_, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/approve", None);
+    assert_eq!(job["phase"], "installing", "{job}");
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("install_app 1.0.0 again");
+    assert_eq!(cmd.body["install_app"]["version"], "1.0.0");
+    device.ack(&cmd.command_id, true, "rolled back").await.unwrap();
+    eventually("1.0.0 is back", || async {
+        (twin.get().await.unwrap().state.apps.get("blink").map(String::as_str) == Some("1.0.0")).then_some(())
+    })
+    .await;
 
     device.disconnect().await;
     gw.stop().await;

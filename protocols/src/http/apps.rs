@@ -23,7 +23,8 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(upload_artifact)
         .service(download_artifact)
         .service(install_app)
-        .service(approve_install);
+        .service(approve_install)
+        .service(rollback_install);
 }
 
 /// A device presenting its own credentials (`x-device-id` and its token) on an artifact
@@ -227,6 +228,21 @@ async fn approve_install(
     let (id, app) = path.into_inner();
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     Ok(HttpResponse::Ok().json(rt.approve_install(h.id().as_str(), &app).await?))
+}
+
+/// `POST /twins/{id}/installs/{app}/rollback`: installs the version the twin's last
+/// (successful) install of `app` replaced, through the same steps as any install. 409
+/// when there is none to go back to.
+#[utoipa::path(tag = "apps", responses((status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/installs/{app}/rollback")]
+async fn rollback_install(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, app) = path.into_inner();
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    Ok(HttpResponse::Accepted().json(rt.rollback_install(h.id().as_str(), &app).await?))
 }
 
 #[cfg(test)]
