@@ -185,6 +185,12 @@ async fn rollout(n: usize, fail_pct: u64) {
     let started: usize = progress.iter().map(|w| w.succeeded + w.failed + w.rolled_back + w.installing).sum();
     let ended: usize = progress.iter().map(|w| w.succeeded + w.failed + w.rolled_back).sum();
     let rolled: usize = progress.iter().map(|w| w.rolled_back).sum();
+    // (These twins had no version before: going back installs nothing.)
+    let nothing_before = r
+        .targets
+        .iter()
+        .filter(|t| t.status == twinfleet::models::rollout::TargetStatus::RolledBack && t.previous.is_none())
+        .count();
     let decisions = started + ended + rolled;
     let outcome = match &r.state {
         twinfleet::models::rollout::RolloutState::Aborted { reason } => {
@@ -193,7 +199,7 @@ async fn rollout(n: usize, fail_pct: u64) {
         s => format!("{s:?}").to_lowercase(),
     };
     println!(
-        "| rollout, 4 waves, {fail_pct}% failing devices | {n} | {} | {secs:.2} s | {:.0} | {} installs sent, {rolled} rolled back | {outcome} |",
+        "| rollout, 4 waves, {fail_pct}% failing devices | {n} | {} | {secs:.2} s | {:.0} | {} installs sent, {rolled} rolled back ({nothing_before} with no earlier version) | {outcome} |",
         cores(),
         decisions as f64 / secs,
         sim.installs.load(Relaxed),

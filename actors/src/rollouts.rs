@@ -214,8 +214,9 @@ fn catch_up_alerts(rt: &TwinRuntime, r: &mut Rollout) {
     }
 }
 
-/// Installs a driver starts at once.
-const CONCURRENT_INSTALLS: usize = 64;
+/// Installs a driver starts at once (each a few round trips to its twin and one
+/// durable write, so many at once share the storage's group commits).
+const CONCURRENT_INSTALLS: usize = 512;
 /// How often (real time) a driver stores results that changed nothing else.
 const STORE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -238,14 +239,22 @@ async fn carry_out(rt: &TwinRuntime, r: &mut Rollout, actions: Vec<Action>) -> O
                 Action::GateStarted => tracing::info!(rollout = id, wave = r.wave + 1, "health gate started"),
             }
         }
-        // Several at a time: each is a few round trips to its twin.
+        // The versions, read once for the whole step.
+        let mut versions = std::collections::HashMap::new();
+        for v in installs.iter().chain(&rollbacks).map(|(_, v, _)| v.clone()) {
+            if let std::collections::hash_map::Entry::Vacant(e) = versions.entry(v.clone()) {
+                e.insert(rt.apps().get(&app, &v));
+            }
+        }
+        let versions = &versions;
+        // Several at a time.
         let started: Vec<_> = futures::stream::iter(installs.into_iter().chain(rollbacks))
-            .map(|(twin, version, marker)| {
-                let app = app.clone();
-                async move {
-                    let res = rt.install(&twin, &app, &version, Some(marker.clone())).await;
-                    (twin, marker, res)
-                }
+            .map(|(twin, version, marker)| async move {
+                let res = match &versions[&version] {
+                    Ok(v) => rt.install_version(&twin, v, Some(marker.clone())).await,
+                    Err(e) => Err(e.clone()),
+                };
+                (twin, marker, res)
             })
             .buffer_unordered(CONCURRENT_INSTALLS)
             .collect()

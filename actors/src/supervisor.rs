@@ -457,12 +457,23 @@ impl TwinRuntime {
         version: &str,
         rollout: Option<String>,
     ) -> Result<twinfleet_models::install::InstallJob, TwinError> {
-        use twinfleet_models::apps::{DeviceProfile, check};
-        let h = self.twin(twin)?;
         let v = self.env.apps.get(app, version)?;
+        self.install_version(twin, &v, rollout).await
+    }
+
+    /// [`Self::install`] of an app version already read from the store.
+    pub async fn install_version(
+        &self,
+        twin: &str,
+        v: &twinfleet_models::apps::AppVersion,
+        rollout: Option<String>,
+    ) -> Result<twinfleet_models::install::InstallJob, TwinError> {
+        use twinfleet_models::apps::{DeviceProfile, check};
+        let (app, version) = (v.app.as_str(), v.version.as_str());
+        let h = self.twin(twin)?;
         let view = h.get().await?;
         let profile = DeviceProfile::of(&view.state.metadata.attributes, &view.state.reported);
-        let artifact = check(&v, &profile)
+        let artifact = check(v, &profile)
             .map_err(|reasons| TwinError::Incompatible {
                 twin: twin.to_string(),
                 app: format!("{app} {version}"),
