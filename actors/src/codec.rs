@@ -396,6 +396,7 @@ fn command_tag(c: CommandKind) -> u8 {
         CommandKind::ApplyDesired => 0,
         CommandKind::SetConfiguration => 1,
         CommandKind::InstallApp => 2,
+        CommandKind::UninstallApp => 3,
     }
 }
 
@@ -562,6 +563,7 @@ impl Reader<'_> {
                     0 => CommandKind::ApplyDesired,
                     1 => CommandKind::SetConfiguration,
                     2 => CommandKind::InstallApp,
+                    3 => CommandKind::UninstallApp,
                     _ => return None,
                 };
                 let body = if tag == 14 { self.object(0)? } else { Map::new() };
@@ -673,6 +675,7 @@ mod tests {
                     window: Some("22:00-05:00 UTC daily".into()),
                     rollout: Some("r1".into()),
                     previous: Some("1.0.0".into()),
+                    uninstall: false,
                 },
             },
             EventKind::TemplateApplied {

@@ -491,6 +491,7 @@ impl TwinRuntime {
             approval,
             window,
             rollout,
+            uninstall: false,
         };
         h.command(command).await?;
         self.install_of(twin).await
@@ -516,6 +517,35 @@ impl TwinRuntime {
                 ))
             })?;
         self.install(twin, app, &previous, None).await
+    }
+
+    /// Removes `app` from twin `twin`'s device: `uninstall_app`, through the same steps
+    /// as an install (approval if the twin's configuration asks for it, the maintenance
+    /// window, the watchdog); the app leaves the inventory once the device confirms.
+    pub async fn uninstall(&self, twin: &str, app: &str) -> Result<twinfleet_models::install::InstallJob, TwinError> {
+        let h = self.twin(twin)?;
+        let view = h.get().await?;
+        let Some(version) = view.state.apps.get(app).cloned() else {
+            return Err(TwinError::Conflict(format!(
+                "twin {twin} has no {app} installed (its inventory: {:?})",
+                view.state.apps
+            )));
+        };
+        let config = &view.effective_config.values;
+        let window = twinfleet_models::install::window_of(config).map_err(TwinError::Invalid)?;
+        let approval =
+            config.get(twinfleet_models::install::APPROVAL_KEY).and_then(serde_json::Value::as_bool) == Some(true);
+        let command = twinfleet_models::TwinCommand::Install {
+            app: app.to_string(),
+            version,
+            artifact_url: String::new(),
+            approval,
+            window,
+            rollout: None,
+            uninstall: true,
+        };
+        h.command(command).await?;
+        self.install_of(twin).await
     }
 
     /// An operator approves twin `twin`'s install of `app` that awaits approval.

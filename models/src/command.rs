@@ -61,6 +61,9 @@ pub enum DeviceCommand {
         version: String,
         artifact_url: String,
     },
+    UninstallApp {
+        app: String,
+    },
 }
 
 impl DeviceCommand {
@@ -77,6 +80,9 @@ impl DeviceCommand {
             ]
             .into_iter()
             .collect(),
+            DeviceCommand::UninstallApp { app } => {
+                [("app".to_string(), Value::from(app.as_str()))].into_iter().collect()
+            }
         }
     }
 
@@ -93,6 +99,7 @@ impl DeviceCommand {
                 version: text("version")?,
                 artifact_url: text("artifact_url")?,
             },
+            CommandKind::UninstallApp => DeviceCommand::UninstallApp { app: text("app")? },
         })
     }
 
@@ -101,6 +108,7 @@ impl DeviceCommand {
             DeviceCommand::ApplyDesired { .. } => CommandKind::ApplyDesired,
             DeviceCommand::SetConfiguration { .. } => CommandKind::SetConfiguration,
             DeviceCommand::InstallApp { .. } => CommandKind::InstallApp,
+            DeviceCommand::UninstallApp { .. } => CommandKind::UninstallApp,
         }
     }
 }
@@ -112,6 +120,7 @@ pub enum CommandKind {
     ApplyDesired,
     SetConfiguration,
     InstallApp,
+    UninstallApp,
 }
 
 /// A command sent and not yet acknowledged.

@@ -86,6 +86,9 @@ pub struct InstallJob {
     /// The version installed before (to roll back to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// It removes the app (`version`: the one removed) instead of installing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uninstall: bool,
 }
 
 /// A recurring maintenance window (see the module docs for its format).

@@ -166,6 +166,8 @@ pub enum TwinCommand {
         approval: bool,
         window: Option<crate::install::MaintenanceWindow>,
         rollout: Option<String>,
+        /// Remove the app instead (`version`: the one installed).
+        uninstall: bool,
     },
     /// An operator approves the install of `app` that awaits approval.
     ApproveInstall {
@@ -564,7 +566,7 @@ impl TwinState {
                     self.desired_set(patch, now, rules, &mut kinds, &mut effects);
                 }
             }
-            TwinCommand::Install { app, version, artifact_url, approval, window, rollout } => {
+            TwinCommand::Install { app, version, artifact_url, approval, window, rollout, uninstall } => {
                 if let Some(j) = &self.install
                     && !j.phase.is_final()
                 {
@@ -584,6 +586,7 @@ impl TwinState {
                     requested_at: now,
                     window: window.as_ref().map(|w| w.text().to_string()),
                     rollout,
+                    uninstall,
                 };
                 if approval {
                     kinds.push(EventKind::InstallChanged { job });
@@ -768,10 +771,14 @@ impl TwinState {
             return;
         }
         let command_id = self.commands.next_id();
-        let command = DeviceCommand::InstallApp {
-            app: job.app.clone(),
-            version: job.version.clone(),
-            artifact_url: job.artifact_url.clone(),
+        let command = if job.uninstall {
+            DeviceCommand::UninstallApp { app: job.app.clone() }
+        } else {
+            DeviceCommand::InstallApp {
+                app: job.app.clone(),
+                version: job.version.clone(),
+                artifact_url: job.artifact_url.clone(),
+            }
         };
         let deadline = Timestamp(now.0.saturating_add(rules.install_deadline_ms));
         kinds.push(EventKind::CommandSent { command_id, command: command.kind(), body: command.body() });
@@ -912,6 +919,10 @@ impl TwinState {
                         deadline: *deadline,
                         command: Some(*command),
                     }),
+                    InstallPhase::Installed { .. } if job.uninstall => {
+                        self.apps.remove(&job.app);
+                        self.waits.cancel(WaitName::Install);
+                    }
                     InstallPhase::Installed { .. } => {
                         self.apps.insert(job.app.clone(), job.version.clone());
                         self.waits.cancel(WaitName::Install);
@@ -1414,6 +1425,7 @@ mod tests {
             approval,
             window: window.map(|w| crate::install::MaintenanceWindow::parse(w).unwrap()),
             rollout: None,
+            uninstall: false,
         }
     }
 

@@ -314,6 +314,17 @@ async fn an_install_waits_for_approval_and_for_its_maintenance_window_on_the_vir
     })
     .await;
 
+    // Removed: the device gets uninstall_app; the app leaves the inventory once it confirms.
+    let (status, job) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/uninstall", None);
+    assert_eq!((status, job["uninstall"].as_bool()), (202, Some(true)), "{job}");
+    http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/approve", None);
+    let cmd = device.next_command(Duration::from_secs(10)).await.expect("uninstall_app");
+    assert_eq!(cmd.body["uninstall_app"], json!({"app": "blink"}));
+    device.ack(&cmd.command_id, true, "removed").await.unwrap();
+    eventually("blink is gone", || async { twin.get().await.unwrap().state.apps.is_empty().then_some(()) }).await;
+    let (status, _) = http_as(http, &admin, "POST", "/api/v1/twins/c-0/installs/blink/uninstall", None);
+    assert_eq!(status, 409, "not installed any more");
+
     device.disconnect().await;
     gw.stop().await;
     api.stop().await;

@@ -309,6 +309,13 @@ impl twinfleet_proto::device::device_control_server::DeviceControl for Device {
         Err(tonic::Status::unimplemented("not in this device"))
     }
 
+    async fn uninstall_app(
+        &self,
+        _: Request<pb::UninstallAppRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this device"))
+    }
+
     async fn get_state(
         &self,
         _: Request<pb::GetStateRequest>,

@@ -40,6 +40,7 @@ impl GrpcLinks {
                     }
                     pb::command::Body::SetConfiguration(req) => device.set_configuration(req).await,
                     pb::command::Body::InstallApp(req) => device.install_app(req).await,
+                    pb::command::Body::UninstallApp(req) => device.uninstall_app(req).await,
                 };
                 let reply = reply.map_err(|s| s.to_string())?.into_inner();
                 let state = device.get_state(pb::GetStateRequest {}).await.map_err(|s| s.to_string())?.into_inner();
@@ -80,6 +81,7 @@ impl DeviceLink for GrpcLinks {
             DeviceCommand::InstallApp { app, version, artifact_url } => {
                 pb::command::Body::InstallApp(pb::InstallAppRequest { app, version, artifact_url })
             }
+            DeviceCommand::UninstallApp { app } => pb::command::Body::UninstallApp(pb::UninstallAppRequest { app }),
         };
         let Some(tx) = self.streams.get(twin).map(|t| t.clone()) else {
             return match metadata.attributes.get("grpc_address").and_then(|a| a.as_str()) {

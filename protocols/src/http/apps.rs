@@ -24,7 +24,8 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(download_artifact)
         .service(install_app)
         .service(approve_install)
-        .service(rollback_install);
+        .service(rollback_install)
+        .service(uninstall_app);
 }
 
 /// A device presenting its own credentials (`x-device-id` and its token) on an artifact
@@ -243,6 +244,21 @@ async fn rollback_install(
     let (id, app) = path.into_inner();
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
     Ok(HttpResponse::Accepted().json(rt.rollback_install(h.id().as_str(), &app).await?))
+}
+
+/// `POST /twins/{id}/installs/{app}/uninstall`: removes an app the twin's inventory
+/// holds (`uninstall_app` to the device, through approval, window and watchdog like an
+/// install). 409 when it is not installed.
+#[utoipa::path(tag = "apps", responses((status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/installs/{app}/uninstall")]
+async fn uninstall_app(
+    rt: web::Data<TwinRuntime>,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
+    let (id, app) = path.into_inner();
+    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
+    Ok(HttpResponse::Accepted().json(rt.uninstall(h.id().as_str(), &app).await?))
 }
 
 #[cfg(test)]

@@ -98,6 +98,10 @@ pub(crate) fn command_payload(id: CommandId, cmd: DeviceCommand) -> Vec<u8> {
             "command_id": id,
             "install_app": { "app": app, "version": version, "artifact_url": artifact_url },
         }),
+        DeviceCommand::UninstallApp { app } => serde_json::json!({
+            "command_id": id,
+            "uninstall_app": { "app": app },
+        }),
     };
     body.to_string().into_bytes()
 }
