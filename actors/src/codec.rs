@@ -675,6 +675,7 @@ mod tests {
                     window: Some("22:00-05:00 UTC daily".into()),
                     rollout: Some("r1".into()),
                     previous: Some("1.0.0".into()),
+                    progress: Some(40),
                     uninstall: false,
                 },
             },

@@ -86,6 +86,10 @@ pub struct InstallJob {
     /// The version installed before (to roll back to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// The device's last progress report (percent), from its reported
+    /// `apps.<app>.progress`; each report starts the watchdog again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
     /// It removes the app (`version`: the one removed) instead of installing it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub uninstall: bool,

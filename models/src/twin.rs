@@ -454,7 +454,24 @@ impl TwinState {
                         .cloned()
                         .collect()
                 };
+                // The device's progress on the running install: it is alive, so the
+                // watchdog starts again.
+                let progress = self.install.as_ref().and_then(|j| match &j.phase {
+                    crate::install::InstallPhase::Installing { command, .. } => {
+                        let p = patch.get("apps")?.get(&j.app)?.get("progress")?.as_f64()?;
+                        Some((j.clone(), *command, p.clamp(0.0, 100.0) as u8))
+                    }
+                    _ => None,
+                });
                 kinds.push(EventKind::Reported { patch });
+                if let Some((job, command, p)) = progress {
+                    let deadline = Timestamp(now.0.saturating_add(rules.install_deadline_ms));
+                    let phase = crate::install::InstallPhase::Installing { command, deadline };
+                    kinds.push(EventKind::InstallChanged {
+                        job: crate::install::InstallJob { phase, progress: Some(p), ..job },
+                    });
+                    effects.push(Effect::ArmWait { wait: WaitName::Install, attempt: 1, deadline });
+                }
                 if !settled.is_empty() {
                     kinds.push(EventKind::DesiredCleared { keys: settled });
                 }
@@ -586,6 +603,7 @@ impl TwinState {
                     requested_at: now,
                     window: window.as_ref().map(|w| w.text().to_string()),
                     rollout,
+                    progress: None,
                     uninstall,
                 };
                 if approval {
@@ -800,6 +818,9 @@ impl TwinState {
         use crate::install::InstallPhase;
         let Some(job) = &self.install else { return };
         match &job.phase {
+            // (A timer of an earlier deadline, re-armed since: stale.)
+            InstallPhase::AwaitingWindow { opens } if now < *opens => {}
+            InstallPhase::Installing { deadline, .. } if now < *deadline => {}
             InstallPhase::AwaitingWindow { .. } => {
                 // The window is open now: no window to wait for again.
                 self.install_step(job.clone(), None, now, rules, kinds, effects);
@@ -1427,6 +1448,28 @@ mod tests {
             rollout: None,
             uninstall: false,
         }
+    }
+
+    #[test]
+    fn progress_reports_keep_an_install_alive_and_show() {
+        use crate::install::InstallPhase;
+        let mut s = twin();
+        run(&mut s, install(false, None), 0);
+        let d = run(
+            &mut s,
+            TwinCommand::Report(obj(json!({"apps": {"blink": {"state": "downloading", "progress": 40}}}))),
+            50_000,
+        );
+        assert_eq!(s.install.as_ref().unwrap().progress, Some(40));
+        assert!(matches!(phase(&s), InstallPhase::Installing { deadline, .. } if deadline == Timestamp(110_000)));
+        assert!(d.effects.contains(&Effect::ArmWait {
+            wait: WaitName::Install,
+            attempt: 1,
+            deadline: Timestamp(110_000)
+        }));
+        // The first deadline has passed; its timer is stale for the new one.
+        run(&mut s, TwinCommand::WaitExpired { wait: WaitName::Install, attempt: 1 }, 60_000);
+        assert!(matches!(phase(&s), InstallPhase::Installing { .. }), "{:?}", phase(&s));
     }
 
     fn phase(s: &TwinState) -> crate::install::InstallPhase {
