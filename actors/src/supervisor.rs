@@ -480,10 +480,9 @@ impl TwinRuntime {
                 reasons,
             })?
             .clone();
-        let config = &view.effective_config.values;
-        let window = twinfleet_models::install::window_of(config).map_err(TwinError::Invalid)?;
-        let approval = v.approval
-            || config.get(twinfleet_models::install::APPROVAL_KEY).and_then(serde_json::Value::as_bool) == Some(true);
+        let (window, approval) =
+            twinfleet_models::install::settings_of(&view.effective_config.values).map_err(TwinError::Invalid)?;
+        let approval = approval || v.approval;
         let command = twinfleet_models::TwinCommand::Install {
             app: app.to_string(),
             version: version.to_string(),
@@ -531,10 +530,8 @@ impl TwinRuntime {
                 view.state.apps
             )));
         };
-        let config = &view.effective_config.values;
-        let window = twinfleet_models::install::window_of(config).map_err(TwinError::Invalid)?;
-        let approval =
-            config.get(twinfleet_models::install::APPROVAL_KEY).and_then(serde_json::Value::as_bool) == Some(true);
+        let (window, approval) =
+            twinfleet_models::install::settings_of(&view.effective_config.values).map_err(TwinError::Invalid)?;
         let command = twinfleet_models::TwinCommand::Install {
             app: app.to_string(),
             version,

@@ -222,6 +222,15 @@ pub fn check_config(values: &serde_json::Map<String, serde_json::Value>) -> Resu
     }
 }
 
+/// What a twin's effective configuration says of its installs: its maintenance window
+/// (`None`: always open) and whether each install waits for an operator's approval.
+pub fn settings_of(
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Option<MaintenanceWindow>, bool), String> {
+    let approval = config.get(APPROVAL_KEY).and_then(serde_json::Value::as_bool) == Some(true);
+    Ok((window_of(config)?, approval))
+}
+
 /// A twin's maintenance window from its effective configuration (`None`: always open).
 pub fn window_of(config: &serde_json::Map<String, serde_json::Value>) -> Result<Option<MaintenanceWindow>, String> {
     match config.get(WINDOW_KEY) {

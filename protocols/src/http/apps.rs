@@ -23,9 +23,7 @@ pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(upload_artifact)
         .service(download_artifact)
         .service(install_app)
-        .service(approve_install)
-        .service(rollback_install)
-        .service(uninstall_app);
+        .service(install_action);
 }
 
 /// A device presenting its own credentials (`x-device-id` and its token) on an artifact
@@ -163,21 +161,24 @@ async fn download_artifact(
         }
     };
     file.seek(SeekFrom::Start(start)).map_err(|e| HttpError(TwinError::Invalid(format!("seek: {e}"))))?;
-    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
+    // One chunk at a time off the blocking pool; after a read error the stream ends
+    // (the client sees a short body against its Content-Length).
+    let stream = futures::stream::unfold((Some(file), len), |(file, left)| async move {
+        let mut file = file?;
         if left == 0 {
             return None;
         }
         let n = left.min(CHUNK as u64) as usize;
-        let r = web::block(move || {
+        let read = web::block(move || {
             let mut buf = vec![0; n];
             file.read_exact(&mut buf).map(|()| (buf, file))
         })
-        .await;
-        match r {
-            Ok(Ok((buf, file))) => Some((Ok::<_, std::io::Error>(web::Bytes::from(buf)), (file, left - n as u64))),
-            Ok(Err(e)) => Some((Err(e), (std::fs::File::open("/dev/null").ok()?, 0))),
-            Err(_) => None,
-        }
+        .await
+        .ok()?;
+        Some(match read {
+            Ok((buf, file)) => (Ok::<_, std::io::Error>(web::Bytes::from(buf)), (Some(file), left - n as u64)),
+            Err(e) => (Err(e), (None, 0)),
+        })
     });
     Ok(res
         .insert_header(("accept-ranges", "bytes"))
@@ -217,48 +218,34 @@ async fn install_app(
     Ok(HttpResponse::Accepted().json(job))
 }
 
-/// `POST /twins/{id}/installs/{app}/approve`: approves the twin's install of `app` that
-/// awaits approval; it goes on to its maintenance window or the device.
-#[utoipa::path(tag = "apps", responses((status = 200, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
-#[post("/twins/{id}/installs/{app}/approve")]
-async fn approve_install(
+/// `POST /twins/{id}/installs/{app}/{action}`:
+/// - `approve`: the twin's install of `app` that awaits approval goes on to its
+///   maintenance window or the device (200);
+/// - `rollback`: installs the version the twin's last (successful) install of `app`
+///   replaced, through the same steps as any install (202; 409 when there is none);
+/// - `uninstall`: removes an app the twin's inventory holds (`uninstall_app` to the
+///   device, through approval, window and watchdog like an install; 202; 409 when it is
+///   not installed).
+#[utoipa::path(tag = "apps", responses((status = 200, body = twinfleet_models::install::InstallJob), (status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
+#[post("/twins/{id}/installs/{app}/{action}")]
+async fn install_action(
     rt: web::Data<TwinRuntime>,
     caller: Caller,
-    path: web::Path<(String, String)>,
+    path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse> {
-    let (id, app) = path.into_inner();
+    let (id, app, action) = path.into_inner();
     let h = twin_for(&rt, &caller, &id, Action::Manage)?;
-    Ok(HttpResponse::Ok().json(rt.approve_install(h.id().as_str(), &app).await?))
-}
-
-/// `POST /twins/{id}/installs/{app}/rollback`: installs the version the twin's last
-/// (successful) install of `app` replaced, through the same steps as any install. 409
-/// when there is none to go back to.
-#[utoipa::path(tag = "apps", responses((status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
-#[post("/twins/{id}/installs/{app}/rollback")]
-async fn rollback_install(
-    rt: web::Data<TwinRuntime>,
-    caller: Caller,
-    path: web::Path<(String, String)>,
-) -> Result<HttpResponse> {
-    let (id, app) = path.into_inner();
-    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
-    Ok(HttpResponse::Accepted().json(rt.rollback_install(h.id().as_str(), &app).await?))
-}
-
-/// `POST /twins/{id}/installs/{app}/uninstall`: removes an app the twin's inventory
-/// holds (`uninstall_app` to the device, through approval, window and watchdog like an
-/// install). 409 when it is not installed.
-#[utoipa::path(tag = "apps", responses((status = 202, body = twinfleet_models::install::InstallJob), Errors), security(("bearer" = [])))]
-#[post("/twins/{id}/installs/{app}/uninstall")]
-async fn uninstall_app(
-    rt: web::Data<TwinRuntime>,
-    caller: Caller,
-    path: web::Path<(String, String)>,
-) -> Result<HttpResponse> {
-    let (id, app) = path.into_inner();
-    let h = twin_for(&rt, &caller, &id, Action::Manage)?;
-    Ok(HttpResponse::Accepted().json(rt.uninstall(h.id().as_str(), &app).await?))
+    let twin = h.id().as_str();
+    Ok(match action.as_str() {
+        "approve" => HttpResponse::Ok().json(rt.approve_install(twin, &app).await?),
+        "rollback" => HttpResponse::Accepted().json(rt.rollback_install(twin, &app).await?),
+        "uninstall" => HttpResponse::Accepted().json(rt.uninstall(twin, &app).await?),
+        other => {
+            return Err(HttpError(TwinError::Invalid(format!(
+                "{other:?} is not an install action: approve, rollback or uninstall"
+            ))));
+        }
+    })
 }
 
 #[cfg(test)]
