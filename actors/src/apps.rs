@@ -148,7 +148,7 @@ impl AppStore {
     pub fn finish(&self, mut up: Upload, declared: &Declared) -> Result<Artifact, TwinError> {
         let Declared { app, version, os, arch, sha256: declared_sha256, size: declared_size } = declared;
         let (app, version, os, arch) = (app.as_str(), version.as_str(), os.as_str(), arch.as_str());
-        let mut v = self.get(app, version)?;
+        self.get(app, version)?;
         let sha256 = hex(&std::mem::take(&mut up.hasher).finalize());
         if !declared_sha256.eq_ignore_ascii_case(&sha256) {
             return Err(TwinError::Invalid(format!(
@@ -179,11 +179,11 @@ impl AppStore {
         up.done = true;
         let artifact = Artifact { os: os.into(), arch: arch.into(), sha256, size: up.size };
         let _one = self.edit.lock();
-        let mut fresh = self.get(app, version).unwrap_or(v.clone());
-        fresh.artifacts.retain(|a| !(a.os == os && a.arch == arch));
-        fresh.artifacts.push(artifact.clone());
-        fresh.artifacts.sort_by(|a, b| (&a.os, &a.arch).cmp(&(&b.os, &b.arch)));
-        v = fresh;
+        // Read again under the lock: another artifact of the version may have landed.
+        let mut v = self.get(app, version)?;
+        v.artifacts.retain(|a| !(a.os == os && a.arch == arch));
+        v.artifacts.push(artifact.clone());
+        v.artifacts.sort_by(|a, b| (&a.os, &a.arch).cmp(&(&b.os, &b.arch)));
         let mut b = WriteBatch::new();
         b.put(spaces::APP, key(app, version), encode_record(&v));
         futures::executor::block_on(self.storage.submit(b))?;

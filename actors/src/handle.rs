@@ -106,6 +106,11 @@ impl TwinHandle {
         self.request(Get).await
     }
 
+    /// Its current (or last) app install, without the rest of its view.
+    pub async fn install(&self) -> Result<Option<twinfleet_models::install::InstallJob>, TwinError> {
+        self.request(crate::dti::InstallOf).await
+    }
+
     /// Its effective monitoring rules: each with the layer that set it last and its
     /// phase, and the rules that do not resolve.
     pub async fn rules(&self) -> Result<crate::dti::monitor::RulesView, TwinError> {

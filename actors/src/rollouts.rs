@@ -166,7 +166,7 @@ async fn poll(rt: &TwinRuntime, r: &mut Rollout) -> Vec<Action> {
         .collect();
     for (twin, status) in waiting {
         let job = match rt.twin(&twin) {
-            Ok(h) => h.get().await.ok().and_then(|v| v.state.install),
+            Ok(h) => h.install().await.ok().flatten(),
             Err(_) => None,
         };
         let now = rt.clock().now();

@@ -557,10 +557,8 @@ impl TwinRuntime {
 
     async fn install_of(&self, twin: &str) -> Result<twinfleet_models::install::InstallJob, TwinError> {
         self.twin(twin)?
-            .get()
+            .install()
             .await?
-            .state
-            .install
             .ok_or_else(|| TwinError::Unknown { kind: "install of twin", id: twin.to_string() })
     }
 

@@ -40,8 +40,8 @@ pub(crate) use kind::*;
 pub(crate) mod ingest;
 
 pub(crate) use requests::{
-    Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, Join, LayersChanged, Leave, Prepare, Prepared,
-    Request, Retire, Rules, RulesChanged, Telemetry, TemplateChanged, ToDevice,
+    Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, InstallOf, Join, LayersChanged, Leave, Prepare,
+    Prepared, Request, Retire, Rules, RulesChanged, Telemetry, TemplateChanged, ToDevice,
 };
 pub use slot::*;
 

@@ -56,6 +56,9 @@ impl<R: Send + 'static> Answered<R> {
 /// The twin's view.
 #[derive(Debug)]
 pub(crate) struct Get;
+/// The twin's current (or last) install, without the rest of its view.
+#[derive(Debug)]
+pub(crate) struct InstallOf;
 /// The twin's effective rules, each with its layer and phase.
 #[derive(Debug)]
 pub(crate) struct Rules;
@@ -132,6 +135,13 @@ impl Request for Rules {
     type Reply = super::monitor::RulesView;
     fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Self::Reply> {
         Outcome::Now(Ok(dti.rules_view()))
+    }
+}
+
+impl Request for InstallOf {
+    type Reply = Option<twinfleet_models::install::InstallJob>;
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Self::Reply> {
+        Outcome::Now(Ok(dti.state.install.clone()))
     }
 }
 
