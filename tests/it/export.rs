@@ -226,11 +226,19 @@ batch_points = 10
     .await;
     assert_eq!(sorted(got), expect, "every acknowledged point exactly once");
 
-    let csv = std::fs::read_to_string(dir.path().join("data/exports/meter.csv")).unwrap();
+    // The CSV export runs on its own: wait until it has at least as many rows, then
+    // check it has exactly as many.
+    let csv_path = dir.path().join("data/exports/meter.csv");
+    let want_temps = expect.iter().filter(|p| p.1 == "temp").count();
+    let csv = eventually("the CSV export has every temp point", || async {
+        let csv = std::fs::read_to_string(&csv_path).unwrap_or_default();
+        (csv.lines().count() > want_temps).then_some(csv)
+    })
+    .await;
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("twin,device_type,metric,at,value"), "one header");
     let temps: Vec<&str> = lines.collect();
-    assert_eq!(temps.len(), expect.iter().filter(|p| p.1 == "temp").count(), "only temp, once each");
+    assert_eq!(temps.len(), want_temps, "only temp, once each");
     assert!(temps.iter().all(|l| l.contains(",meter,temp,")), "{temps:?}");
 
     let hall: Vec<Point> = expect.iter().filter(|p| p.0 == "m-1").cloned().collect();
@@ -256,8 +264,14 @@ batch_points = 10
     assert_eq!(names, ["hall-hook", "lake", "sheet"]);
     let hook_view = &exports[0];
     assert_eq!(hook_view["spec"]["secret"], "(set)", "secrets are not shown");
-    let lake = &exports[1];
-    assert_eq!(lake["cursor"]["points"].as_u64(), Some(expect.len() as u64));
+    // The cursor is stored after the file is written: wait for it to catch up.
+    let lake_points = eventually("the file export's cursor counts every point", || async {
+        let exports = api(addr, "GET", "/api/v1/exports", None);
+        let n = exports[1]["cursor"]["points"].as_u64();
+        (n >= Some(expect.len() as u64)).then_some(n)
+    })
+    .await;
+    assert_eq!(lake_points, Some(expect.len() as u64));
     let (_, metrics) = http_as(addr, TOKEN, "GET", "/metrics", None);
     let text = metrics.as_str().unwrap_or_default();
     assert!(text.contains(r#"twinfleet_export_failed_total{export="hall-hook"} 3"#), "{text}");
