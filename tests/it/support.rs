@@ -192,6 +192,8 @@ pub type Got = (BTreeMap<String, String>, Vec<u8>, u16);
 pub struct Hook {
     pub addr: std::net::SocketAddr,
     pub got: std::sync::Arc<std::sync::Mutex<Vec<Got>>>,
+    /// While set, every request is answered 503 and the script waits.
+    pub refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Hook {
@@ -201,33 +203,41 @@ impl Hook {
         let addr = l.local_addr().unwrap();
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let g = got.clone();
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         std::thread::spawn(move || {
             let mut script = script.into_iter();
             for s in l.incoming() {
                 let Ok(s) = s else { return };
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut headers = BTreeMap::new();
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                        break;
+                // A request cut off (its sender killed mid-write) is dropped, not recorded.
+                let read = || -> std::io::Result<(BTreeMap<String, String>, Vec<u8>)> {
+                    let mut r = BufReader::new(s.try_clone()?);
+                    let mut headers = BTreeMap::new();
+                    let mut line = String::new();
+                    r.read_line(&mut line)?;
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.trim_end().split_once(':') {
+                            headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+                        }
                     }
-                    if let Some((k, v)) = line.trim_end().split_once(':') {
-                        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
-                    }
-                }
-                let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-                let mut body = vec![0; n];
-                r.read_exact(&mut body).unwrap();
-                let status = script.next().unwrap_or(200);
+                    let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut body = vec![0; n];
+                    r.read_exact(&mut body)?;
+                    Ok((headers, body))
+                };
+                let Ok((headers, body)) = read() else { continue };
+                let status =
+                    if refuse.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { script.next().unwrap_or(200) };
                 g.lock().unwrap().push((headers, body, status));
                 let mut s = s;
                 let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             }
         });
-        Hook { addr, got }
+        Hook { addr, got, refusing }
     }
 
     /// The bodies of the requests it answered 200, as JSON.
