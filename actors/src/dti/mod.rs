@@ -216,9 +216,13 @@ impl Dti {
         let key = twin_key(&self.slot.id);
         let latest = self.latest.get_or_insert_with(Default::default);
         for p in &points {
-            let e = latest.entry(p.metric.clone()).or_insert(LatestPoint { at: p.at, value: p.value });
-            if p.at >= e.at {
-                *e = LatestPoint { at: p.at, value: p.value };
+            // (A metric already known is not copied again.)
+            match latest.get_mut(&p.metric) {
+                Some(e) if p.at >= e.at => *e = LatestPoint { at: p.at, value: p.value },
+                Some(_) => {}
+                None => {
+                    latest.insert(p.metric.clone(), LatestPoint { at: p.at, value: p.value });
+                }
             }
         }
         let mut batch = WriteBatch::new();

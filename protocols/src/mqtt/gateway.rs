@@ -24,7 +24,7 @@
 //! (MQTT 5: DISCONNECT 0x89 "server busy") and the device sends it again later.
 
 use super::ingest::{Ingest, Refused};
-use super::topics::{self, Identity, Parsed};
+use super::topics::{self, Channel, Identity, Parsed};
 use super::wire::{self, BadHello, Hello, Incoming, Refusal, Version};
 use bytes::BytesMut;
 use dashmap::DashMap;
@@ -580,18 +580,25 @@ impl Served<'_> {
                     Identity::Claimant { batch, .. } => batch.clone(),
                     Identity::Device(_) => None,
                 };
-                let fut: Handled = Box::pin(async move {
-                    match (topics::parse(&topic), twin) {
-                        (Some(Parsed::Device { channel, .. }), Some(twin)) => {
-                            (qos, pkid, gw.ingest.device(&twin, channel, &payload).await, None)
-                        }
-                        (Some(Parsed::Provisioning { ty, id }), _) => {
-                            let (body, result) = gw.ingest.provision(ty, id, batch.as_deref(), &payload, source).await;
-                            (qos, pkid, result, Some(body.to_string().into_bytes()))
-                        }
-                        _ => (qos, pkid, Err(Refused::new("unknown_topic", format!("nothing on {topic:?}"))), None),
+                // Each kind of message gets a future of its own size: the telemetry path
+                // (most messages) does not carry the provisioning path's state.
+                let fut: Handled = match (topics::parse(&topic), twin) {
+                    (Some(Parsed::Device { channel: Channel::Telemetry, .. }), Some(twin)) => {
+                        Box::pin(async move { (qos, pkid, gw.ingest.telemetry(&twin, &payload).await, None) })
                     }
-                });
+                    (Some(Parsed::Device { channel, .. }), Some(twin)) => {
+                        Box::pin(async move { (qos, pkid, gw.ingest.device(&twin, channel, &payload).await, None) })
+                    }
+                    (Some(Parsed::Provisioning { .. }), _) => Box::pin(async move {
+                        let Some(Parsed::Provisioning { ty, id }) = topics::parse(&topic) else { unreachable!() };
+                        let (body, result) = gw.ingest.provision(ty, id, batch.as_deref(), &payload, source).await;
+                        (qos, pkid, result, Some(body.to_string().into_bytes()))
+                    }),
+                    _ => {
+                        let refused = Refused::new("unknown_topic", format!("nothing on {topic:?}"));
+                        Box::pin(std::future::ready((qos, pkid, Err(refused), None)))
+                    }
+                };
                 pipeline.push_back(fut);
             }
             Incoming::PubAck => self.inflight = self.inflight.saturating_sub(1),

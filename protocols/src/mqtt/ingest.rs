@@ -38,10 +38,50 @@ where
 #[serde(deny_unknown_fields)]
 struct TelemetryMsg {
     ts: Option<i64>,
-    #[serde(default)]
-    values: Map<String, Value>,
+    /// `{"metric": value, ...}`: read as pairs (no map, no key copied twice); a metric
+    /// named twice keeps its last value, as a JSON object would.
+    #[serde(default, deserialize_with = "pairs")]
+    values: Vec<(String, Value)>,
     #[serde(default)]
     points: Vec<PointMsg>,
+}
+
+/// A JSON object as its (key, value) pairs in their order, a repeated key keeping its
+/// first place and its last value: what a `Map` would hold, without building one.
+fn pairs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, Value)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of metric values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut v: Vec<(String, Value)> = Vec::with_capacity(m.size_hint().unwrap_or(8).min(64));
+            // Past a few keys, an index finds repeats.
+            let mut index: Option<std::collections::HashMap<String, usize>> = None;
+            while let Some((k, value)) = m.next_entry::<String, Value>()? {
+                if v.len() == 16 {
+                    index = Some(v.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect());
+                }
+                let seen = match &mut index {
+                    Some(ix) => match ix.get(&k) {
+                        Some(&i) => Some(i),
+                        None => {
+                            ix.insert(k.clone(), v.len());
+                            None
+                        }
+                    },
+                    None => v.iter().position(|(have, _)| *have == k),
+                };
+                match seen {
+                    Some(i) => v[i].1 = value,
+                    None => v.push((k, value)),
+                }
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_map(Pairs)
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,10 +203,7 @@ impl Ingest {
     pub async fn device(&self, twin: &TwinHandle, channel: Channel, payload: &[u8]) -> Result<(), Refused> {
         // Each channel parses straight into its own shape: no intermediate JSON tree.
         let done = match channel {
-            Channel::Telemetry => {
-                let points = self.points(parse(payload, "telemetry")?)?;
-                patiently(self.limit(), || twin.ingest(points.clone())).await.map(drop)
-            }
+            Channel::Telemetry => return self.telemetry(twin, payload).await,
             Channel::State => {
                 let patch: Map<String, Value> = parse(payload, "reported state (a JSON object)")?;
                 patiently(self.limit(), || twin.report(patch.clone())).await.map(drop)
@@ -194,15 +231,33 @@ impl Ingest {
         done.map_err(|e| refused(twin, e))
     }
 
-    fn points(&self, msg: TelemetryMsg) -> Result<Vec<MetricPoint>, Refused> {
+    /// A device's telemetry message (the `device` path of [`Channel::Telemetry`], on its
+    /// own so that the most common message's future stays small).
+    pub async fn telemetry(&self, twin: &TwinHandle, payload: &[u8]) -> Result<(), Refused> {
         let now = self.rt.now();
+        let mut first = Some(Self::points(parse(payload, "telemetry")?, now)?);
+        // The points go to the twin without a copy; a retry (the twin was busy) reads
+        // the payload again, with the same arrival time.
+        let again = || Self::points(parse(payload, "telemetry").ok()?, now).ok();
+        patiently(self.limit(), || {
+            let points = first.take().or_else(again).unwrap_or_default();
+            twin.ingest(points)
+        })
+        .await
+        .map(drop)
+        .map_err(|e| refused(twin, e))
+    }
+
+    /// The points of a telemetry message; those without a time of their own or of the
+    /// message get `now` (arrival).
+    fn points(msg: TelemetryMsg, now: Timestamp) -> Result<Vec<MetricPoint>, Refused> {
         let batch_at = msg.ts.map(Timestamp).unwrap_or(now);
         let number = |metric: &str, v: &Value| {
             v.as_f64().ok_or_else(|| Refused::new("wrong_type", format!("metric {metric:?} is {v}, not a number")))
         };
         let mut points = Vec::with_capacity(msg.values.len() + msg.points.len());
-        for (metric, v) in &msg.values {
-            points.push(MetricPoint { value: number(metric, v)?, metric: metric.clone(), at: batch_at });
+        for (metric, v) in msg.values {
+            points.push(MetricPoint { value: number(&metric, &v)?, metric, at: batch_at });
         }
         for p in msg.points {
             let value = number(&p.metric, &p.value)?;
@@ -334,5 +389,39 @@ impl Ingest {
             Err(e @ (TwinError::Invalid(_) | TwinError::InvalidId(_))) => Err(Refused::new("malformed", e.to_string())),
             Err(e) => Err(Refused::new("provisioning_failed", e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(json: &str) -> Result<Vec<(String, f64, i64)>, String> {
+        let msg: TelemetryMsg = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let p = Ingest::points(msg, Timestamp(7)).map_err(|r| format!("{}: {}", r.reason, r.detail))?;
+        Ok(p.into_iter().map(|p| (p.metric, p.value, p.at.0)).collect())
+    }
+
+    #[test]
+    fn values_keep_their_order_and_a_repeated_metric_its_first_place_and_last_value() {
+        let got = points(r#"{"values":{"b":1,"a":2,"b":3}}"#).unwrap();
+        assert_eq!(got, [("b".into(), 3.0, 7), ("a".into(), 2.0, 7)]);
+        // Past the linear scan's reach, the index finds repeats too.
+        let mut json = String::from(r#"{"ts":5,"values":{"#);
+        for i in 0..40 {
+            json.push_str(&format!(r#""m{i}":{i},"#));
+        }
+        json.push_str(r#""m3":99,"m39":100}}"#);
+        let got = points(&json).unwrap();
+        assert_eq!(got.len(), 40);
+        assert_eq!(got[3], ("m3".into(), 99.0, 5));
+        assert_eq!(got[39], ("m39".into(), 100.0, 5));
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_number_or_values_that_are_not_an_object_are_refused() {
+        assert_eq!(points(r#"{"values":{"t":"x"}}"#).unwrap_err(), r#"wrong_type: metric "t" is "x", not a number"#);
+        assert!(points(r#"{"values":[1,2]}"#).unwrap_err().contains("an object of metric values"));
+        assert!(points(r#"{"values":{"t":1},"bogus":1}"#).unwrap_err().contains("unknown field"));
     }
 }
