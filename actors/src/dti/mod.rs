@@ -204,7 +204,7 @@ impl Dti {
     /// written for it, for a caller that writes the batches of many twins at once.
     pub(crate) fn prepare_telemetry(
         &mut self,
-        mut points: Vec<MetricPoint>,
+        points: Vec<MetricPoint>,
         ctx: &mut Context<Self>,
     ) -> Result<Prepared, TwinError> {
         let env = self.slot.ty.infra.clone();
@@ -231,17 +231,13 @@ impl Dti {
         let snapshot = self.monitor(&points, &[], true, &mut batch, ctx);
         let n = points.len();
         // One series per metric, points in the order they came (the store sorts late
-        // ones out, see `twinfleet_runtime::series`).
-        points.sort_by(|a, b| a.metric.cmp(&b.metric));
+        // ones out, see `twinfleet_runtime::series`), grouped without sorting the batch.
         let ns = self.slot.ty.device_type.to_string();
-        let series: Vec<SeriesPoints> = points
-            .chunk_by(|a, b| a.metric == b.metric)
-            .map(|m| SeriesPoints {
-                namespace: ns.clone(),
-                key: series_key(self.slot.id.as_str(), &m[0].metric),
-                points: m.iter().map(|p| (p.at.0, p.value)).collect(),
-            })
-            .collect();
+        let series = group_by_metric(&points, |metric| SeriesPoints {
+            namespace: ns.clone(),
+            key: series_key(self.slot.id.as_str(), metric),
+            points: Vec::new(),
+        });
         Ok(Prepared { batch, series, points: n, snapshot })
     }
 
@@ -662,5 +658,65 @@ impl<M: Message<Result = T>, T: Send + 'static> actix::dev::MessageResponse<Dti,
             Answer::Detached(fut) => drop(actix_rt::spawn(async move { send(fut.await) })),
             Answer::OnActor(fut) => drop(ctx.spawn(fut.map(move |r, _, _| send(r)))),
         }
+    }
+}
+
+/// The batch's points as one series per metric, in the order each metric first appears,
+/// each series' points in the order they came. A few metrics are found by a linear
+/// scan, many through an index.
+fn group_by_metric(points: &[MetricPoint], new: impl Fn(&str) -> SeriesPoints) -> Vec<SeriesPoints> {
+    let mut series: Vec<SeriesPoints> = Vec::new();
+    let mut names: Vec<&str> = Vec::new();
+    let mut index: Option<std::collections::HashMap<&str, usize>> = None;
+    for p in points {
+        let metric = p.metric.as_str();
+        let found = match &index {
+            Some(ix) => ix.get(metric).copied(),
+            None => names.iter().position(|m| *m == metric),
+        };
+        let i = found.unwrap_or_else(|| {
+            series.push(new(metric));
+            names.push(metric);
+            if let Some(ix) = &mut index {
+                ix.insert(metric, names.len() - 1);
+            } else if names.len() > 16 {
+                index = Some(names.iter().enumerate().map(|(i, m)| (*m, i)).collect());
+            }
+            names.len() - 1
+        });
+        series[i].points.push((p.at.0, p.value));
+    }
+    series
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinfleet_models::Timestamp;
+
+    fn grouped(points: &[(&str, i64)]) -> Vec<(String, Vec<i64>)> {
+        let points: Vec<MetricPoint> = points
+            .iter()
+            .map(|(m, at)| MetricPoint { metric: m.to_string(), at: Timestamp(*at), value: 1.0 })
+            .collect();
+        let series = group_by_metric(&points, |m| SeriesPoints {
+            namespace: "t".into(),
+            key: m.to_string(),
+            points: Vec::new(),
+        });
+        series.into_iter().map(|s| (s.key, s.points.into_iter().map(|p| p.0).collect())).collect()
+    }
+
+    #[test]
+    fn a_batch_groups_into_one_series_per_metric_in_first_appearance_and_arrival_order() {
+        let got = grouped(&[("b", 3), ("a", 1), ("b", 1), ("c", 9), ("a", 2)]);
+        assert_eq!(got, [("b".into(), vec![3, 1]), ("a".into(), vec![1, 2]), ("c".into(), vec![9])]);
+        // Past the linear scan, the index groups the same way.
+        let names: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+        let mut points: Vec<(&str, i64)> = names.iter().map(|m| (m.as_str(), 1)).collect();
+        points.extend(names.iter().rev().map(|m| (m.as_str(), 2)));
+        let got = grouped(&points);
+        assert_eq!(got.len(), 40);
+        assert!(got.iter().zip(&names).all(|((k, at), m)| k == m && at == &vec![1, 2]), "{got:?}");
     }
 }
