@@ -239,9 +239,12 @@ impl Ingest {
         // The points go to the twin without a copy; a retry (the twin was busy) reads
         // the payload again, with the same arrival time.
         let again = || Self::points(parse(payload, "telemetry").ok()?, now).ok();
-        patiently(self.limit(), || {
-            let points = first.take().or_else(again).unwrap_or_default();
-            twin.ingest(points)
+        patiently(self.limit(), || match first.take().or_else(again) {
+            Some(points) => futures::future::Either::Left(twin.ingest(points)),
+            // (The same bytes parse the same way: not expected, but never an empty batch.)
+            None => futures::future::Either::Right(std::future::ready(Err(TwinError::Invalid(
+                "the telemetry message could not be read again for a retry".into(),
+            )))),
         })
         .await
         .map(drop)
