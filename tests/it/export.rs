@@ -3,7 +3,7 @@
 //! export resumes with nothing missing and nothing repeated beyond a whole batch it
 //! names again, and the alert raised before the kill is neither lost nor raised again.
 
-use crate::support::{Hook, eventually, http_as};
+use crate::support::{Hook, eventually, http_as, settled};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -224,15 +224,8 @@ batch_points = 10
     let expect = sorted(expect);
 
     let ndjson = dir.path().join("data/exports/meter.ndjson");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let got = loop {
-        let got = file_points(&ndjson);
-        if got.len() >= expect.len() || std::time::Instant::now() > deadline {
-            break got;
-        }
-        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
-    let got = sorted(got);
+    // Until it has them all; then any gap or repeat is named.
+    let got = sorted(settled(|got: &Vec<Point>| got.len() >= expect.len(), || async { file_points(&ndjson) }).await);
     let missing: Vec<&Point> = expect.iter().filter(|p| !got.contains(p)).collect();
     let extra: Vec<&Point> = got.iter().filter(|p| !expect.contains(p)).collect();
     assert_eq!(got, expect, "every acknowledged point exactly once; missing {missing:?}, extra {extra:?}");

@@ -107,6 +107,24 @@ where
     }
 }
 
+/// Polls `f` like [`eventually`] until `done` holds for its value, and returns that
+/// value; at the deadline it returns the last value instead of failing, for a caller
+/// whose own assertion says better what is wrong.
+pub async fn settled<T, F, Fut>(done: impl Fn(&T) -> bool, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = f().await;
+        if done(&v) || Instant::now() >= deadline {
+            return v;
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A minimal blocking HTTP/1.1 GET over loopback: (status, body as JSON).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
     http_request(addr, "GET", path, None)
