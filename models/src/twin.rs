@@ -89,9 +89,10 @@ pub struct TwinState {
     /// template fills (`template::AppliedTemplate`), by key.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub templates: std::collections::BTreeMap<String, crate::template::AppliedTemplate>,
-    /// The twin's current (or last) app install.
+    /// The twin's current (or last) app install (boxed: most twins have none, and the
+    /// job is ~190 bytes that every twin would carry inline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub install: Option<crate::install::InstallJob>,
+    pub install: Option<Box<crate::install::InstallJob>>,
     /// The app inventory: what the device installed through its twin, app → version.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub apps: std::collections::BTreeMap<String, String>,
@@ -468,7 +469,7 @@ impl TwinState {
                     let deadline = Timestamp(now.0.saturating_add(rules.install_deadline_ms));
                     let phase = crate::install::InstallPhase::Installing { command, deadline };
                     kinds.push(EventKind::InstallChanged {
-                        job: crate::install::InstallJob { phase, progress: Some(p), ..job },
+                        job: crate::install::InstallJob { phase, progress: Some(p), ..*job },
                     });
                     effects.push(Effect::ArmWait { wait: WaitName::Install, attempt: 1, deadline });
                 }
@@ -615,7 +616,7 @@ impl TwinState {
             TwinCommand::ApproveInstall { app } => match &self.install {
                 Some(j) if j.app == app && j.phase == crate::install::InstallPhase::AwaitingApproval => {
                     let window = j.window.as_deref().and_then(|w| crate::install::MaintenanceWindow::parse(w).ok());
-                    self.install_step(j.clone(), window.as_ref(), now, rules, &mut kinds, &mut effects);
+                    self.install_step((**j).clone(), window.as_ref(), now, rules, &mut kinds, &mut effects);
                 }
                 _ => return Err(TwinError::Install(format!("twin {id} has no install of {app} awaiting approval"))),
             },
@@ -648,8 +649,9 @@ impl TwinState {
                         } else {
                             crate::install::InstallPhase::Failed { reason, at: now }
                         };
-                        kinds
-                            .push(EventKind::InstallChanged { job: crate::install::InstallJob { phase, ..j.clone() } });
+                        kinds.push(EventKind::InstallChanged {
+                            job: crate::install::InstallJob { phase, ..(**j).clone() },
+                        });
                         effects.push(Effect::CancelWait { wait: WaitName::Install });
                     }
                 }
@@ -823,13 +825,16 @@ impl TwinState {
             InstallPhase::Installing { deadline, .. } if now < *deadline => {}
             InstallPhase::AwaitingWindow { .. } => {
                 // The window is open now: no window to wait for again.
-                self.install_step(job.clone(), None, now, rules, kinds, effects);
+                self.install_step((**job).clone(), None, now, rules, kinds, effects);
             }
             InstallPhase::Installing { .. } => {
                 let reason = format!("the device did not answer within {} s", rules.install_deadline_ms / 1000);
                 let message = format!("twin {}: install of {} {} failed: {reason}", self.id(), job.app, job.version);
                 kinds.push(EventKind::InstallChanged {
-                    job: crate::install::InstallJob { phase: InstallPhase::Failed { reason, at: now }, ..job.clone() },
+                    job: crate::install::InstallJob {
+                        phase: InstallPhase::Failed { reason, at: now },
+                        ..(**job).clone()
+                    },
                 });
                 effects.push(Effect::RaiseAlert {
                     kind: AlertKind::DeadlineExceeded,
@@ -952,7 +957,7 @@ impl TwinState {
                         self.waits.cancel(WaitName::Install);
                     }
                 }
-                self.install = Some(job.clone());
+                self.install = Some(Box::new(job.clone()));
             }
             EventKind::TemplateApplied { target, version, values } => {
                 let applied = crate::template::AppliedTemplate { version: *version, values: values.clone() };

@@ -141,7 +141,7 @@ impl Request for Rules {
 impl Request for InstallOf {
     type Reply = Option<twinfleet_models::install::InstallJob>;
     fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<Self::Reply> {
-        Outcome::Now(Ok(dti.state.install.clone()))
+        Outcome::Now(Ok(dti.state.install.as_deref().cloned()))
     }
 }
 
