@@ -9,6 +9,7 @@ pub mod export;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod listen;
 pub mod mqtt;
 pub mod notify;
 

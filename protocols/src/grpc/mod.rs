@@ -200,8 +200,7 @@ pub struct GrpcGateway {
 impl GrpcGateway {
     /// Binds `addr`, serves on an arbiter of its own, and becomes the twins' device link.
     pub fn start(rt: TwinRuntime, addr: SocketAddr) -> std::io::Result<GrpcGateway> {
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
+        let listener = crate::listen::tcp_listener(addr)?;
         let addr = listener.local_addr()?;
         let links = Arc::new(GrpcLinks { rt: rt.clone(), streams: DashMap::new() });
         rt.attach_device_link("grpc", links.clone());

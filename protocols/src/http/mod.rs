@@ -185,6 +185,7 @@ impl HttpApi {
         .workers(workers.max(1))
         .disable_signals()
         .shutdown_timeout(5)
+        .backlog(crate::listen::ACCEPT_BACKLOG)
         .bind(addr)?;
         let addr = *server.addrs().first().ok_or_else(|| std::io::Error::other("server bound no address"))?;
         let server = server.run();

@@ -113,8 +113,7 @@ impl MqttGateway {
         let mut listeners = Vec::new();
         let mut bind = |ep: &mut Endpoint, kind: ListenerKind| -> std::io::Result<()> {
             if let Endpoint::Listen(addr) = ep {
-                let l = std::net::TcpListener::bind(*addr)?;
-                l.set_nonblocking(true)?;
+                let l = crate::listen::tcp_listener(*addr)?;
                 *addr = l.local_addr()?;
                 listeners.push((l, kind));
             }
