@@ -10,7 +10,8 @@ use crate::dti::{Ask, Command, Events, Get, InjectPanic, Request, Retire, Teleme
 use crate::error::TwinError;
 use crate::telemetry::{TelemetryPage, TelemetryQuery};
 use actix::MailboxError;
-use futures::future::{Either, select};
+use futures::FutureExt;
+use futures::future::Either;
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::sync::Arc;
@@ -18,24 +19,53 @@ use twinfleet_models::{CommandId, DeviceCommand, DeviceTypeId, MetricPoint, Twin
 use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 
 /// Awaits an actor's answer with the platform's request deadline.
-pub(crate) async fn deliver<T>(
-    request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>>,
-    stats: &ActorStats,
+///
+/// A combinator, not an `async fn`: an `async fn` keeps its argument and the pinned copy
+/// it awaits side by side, and every layer of a request doubled the caller's future that
+/// way (a `get` was 6 KB, copied on every call).
+pub(crate) fn deliver<'a, T>(
+    request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>> + 'a,
+    stats: &'a ActorStats,
     infra: &Infra,
-) -> Result<T, TwinError> {
+) -> impl Future<Output = Result<T, TwinError>> + 'a {
     let ms = infra.settings.request_timeout_ms;
-    let deadline = infra.clock.sleep(ms);
-    match select(std::pin::pin!(request), deadline).await {
-        Either::Left((Ok(r), _)) => r,
-        Either::Left((Err(_), _)) => {
+    Timed { request, deadline: infra.clock.sleep(ms) }.map(move |answer| match answer {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => {
             stats.unqueued();
             Err(TwinError::Unavailable { kind: stats.kind, id: stats.id.to_string(), status: stats.status() })
         }
-        Either::Right(_) => Err(TwinError::Timeout { kind: stats.kind, id: stats.id.to_string(), ms }),
+        None => Err(TwinError::Timeout { kind: stats.kind, id: stats.id.to_string(), ms }),
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// `request`, polled in place, or `None` once `deadline` passes first.
+    struct Timed<F> {
+        #[pin]
+        request: F,
+        deadline: futures::future::BoxFuture<'static, ()>,
+    }
+}
+
+impl<F: Future> Future for Timed<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(r) = this.request.poll(cx) {
+            return std::task::Poll::Ready(Some(r));
+        }
+        this.deadline.as_mut().poll(cx).map(|()| None)
     }
 }
 
 /// A handle to one DTI.
+///
+/// A request enters the twin's mailbox when its method is called; the future it returns
+/// awaits the answer (under the platform's request deadline). Dropping that future
+/// before the twin takes the request withdraws it (actix skips a message nobody awaits);
+/// after, only the answer is lost.
 #[derive(Debug, Clone)]
 pub struct TwinHandle {
     slot: Arc<TwinSlot>,
@@ -72,15 +102,19 @@ impl TwinHandle {
         stats.enqueued();
         let slot = self.slot.clone();
         Ok(async move {
+            // Early returns, so that only the flush's boxed future is kept across its
+            // await (not the answer and the reply it was taken from).
             let answered = async {
-                match request.await {
-                    Ok(Ok(answered)) => match answered.finish(&slot) {
-                        Ok(reply) => Ok(Ok(reply)),
-                        Err(flushed) => Ok(flushed.await),
-                    },
-                    Ok(Err(e)) => Ok(Err(e)),
-                    Err(e) => Err(e),
-                }
+                let answered = match request.await {
+                    Ok(Ok(answered)) => answered,
+                    Ok(Err(e)) => return Ok(Err(e)),
+                    Err(e) => return Err(e),
+                };
+                let flushed = match answered.finish(&slot) {
+                    Ok(reply) => return Ok(Ok(reply)),
+                    Err(flushed) => flushed,
+                };
+                Ok(flushed.await)
             };
             match deliver(answered, &slot.stats, &slot.ty.infra).await {
                 Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
@@ -98,35 +132,49 @@ impl TwinHandle {
         }
     }
 
-    pub(crate) async fn request<Q: Request>(&self, req: Q) -> Result<Q::Reply, TwinError> {
-        self.post(req)?.await
+    /// `post`, with its refusal as the future's output. Not an `async fn` with `?`: that
+    /// kept the posted future and the awaited one side by side.
+    pub(crate) fn request<Q: Request>(
+        &self,
+        req: Q,
+    ) -> impl Future<Output = Result<Q::Reply, TwinError>> + Send + use<Q> {
+        match self.post(req) {
+            Ok(posted) => Either::Left(posted),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        }
     }
 
-    pub async fn get(&self) -> Result<TwinView, TwinError> {
-        self.request(Get).await
+    pub fn get(&self) -> impl Future<Output = Result<TwinView, TwinError>> + Send + use<> {
+        self.request(Get)
     }
 
     /// Its current (or last) app install, without the rest of its view.
-    pub async fn install(&self) -> Result<Option<twinfleet_models::install::InstallJob>, TwinError> {
-        self.request(crate::dti::InstallOf).await
+    pub fn install(
+        &self,
+    ) -> impl Future<Output = Result<Option<twinfleet_models::install::InstallJob>, TwinError>> + Send + use<> {
+        self.request(crate::dti::InstallOf)
     }
 
     /// Its effective monitoring rules: each with the layer that set it last and its
     /// phase, and the rules that do not resolve.
-    pub async fn rules(&self) -> Result<crate::dti::monitor::RulesView, TwinError> {
-        self.request(crate::dti::Rules).await
+    pub fn rules(&self) -> impl Future<Output = Result<crate::dti::monitor::RulesView, TwinError>> + Send + use<> {
+        self.request(crate::dti::Rules)
     }
 
     /// Applies a command; resolves with the journal sequence number once it is durable.
-    pub async fn command(&self, cmd: TwinCommand) -> Result<u64, TwinError> {
-        self.request(Command(cmd, WriteBatch::new())).await
+    pub fn command(&self, cmd: TwinCommand) -> impl Future<Output = Result<u64, TwinError>> + Send + use<> {
+        self.request(Command(cmd, WriteBatch::new()))
     }
 
     /// Like `command`, and stores `audit` (its id set) in the same atomic batch as the
     /// change, only if the twin accepts the command: the change and the entry that
     /// describes it are durable together, after one flush.
-    pub async fn command_audited(&self, cmd: TwinCommand, audit: &AuditEntry) -> Result<u64, TwinError> {
-        self.request(Command(cmd, AccessControl::audit_batch(audit))).await
+    pub fn command_audited(
+        &self,
+        cmd: TwinCommand,
+        audit: &AuditEntry,
+    ) -> impl Future<Output = Result<u64, TwinError>> + Send + use<> {
+        self.request(Command(cmd, AccessControl::audit_batch(audit)))
     }
 
     /// Like `command`, but fails at once with `MailboxFull` instead of waiting for room.
@@ -141,24 +189,32 @@ impl TwinHandle {
         self.post(Command(cmd, WriteBatch::new()))
     }
 
-    pub async fn report(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {
-        self.command(TwinCommand::Report(patch)).await
+    pub fn report(&self, patch: Map<String, Value>) -> impl Future<Output = Result<u64, TwinError>> + Send + use<> {
+        self.command(TwinCommand::Report(patch))
     }
 
-    pub async fn set_desired(&self, patch: Map<String, Value>) -> Result<u64, TwinError> {
-        self.command(TwinCommand::SetDesired(patch)).await
+    pub fn set_desired(
+        &self,
+        patch: Map<String, Value>,
+    ) -> impl Future<Output = Result<u64, TwinError>> + Send + use<> {
+        self.command(TwinCommand::SetDesired(patch))
     }
 
     /// Records the device's answer to command `command_id` (its decimal form, as on the
     /// wire). An id the twin never minted, or no longer awaits, is refused with
     /// `Rejected(UnmatchedAck)` and changes nothing.
-    pub async fn ack(&self, command_id: String, success: bool, message: String) -> Result<u64, TwinError> {
-        self.command(TwinCommand::Ack { command_id, success, message }).await
+    pub fn ack(
+        &self,
+        command_id: String,
+        success: bool,
+        message: String,
+    ) -> impl Future<Output = Result<u64, TwinError>> + Send + use<> {
+        self.command(TwinCommand::Ack { command_id, success, message })
     }
 
     /// The last `limit` journal events, oldest first.
-    pub async fn events(&self, limit: usize) -> Result<Vec<TwinEvent>, TwinError> {
-        self.request(Events(limit)).await
+    pub fn events(&self, limit: usize) -> impl Future<Output = Result<Vec<TwinEvent>, TwinError>> + Send + use<> {
+        self.request(Events(limit))
     }
 
     /// Stores a telemetry batch like [`TwinHandle::telemetry`], written together with
@@ -171,14 +227,17 @@ impl TwinHandle {
 
     /// Stores a telemetry batch (accepted or rejected whole); resolves with the number
     /// of points once they are durable.
-    pub async fn telemetry(&self, points: Vec<MetricPoint>) -> Result<usize, TwinError> {
-        self.request(Telemetry(points)).await
+    pub fn telemetry(&self, points: Vec<MetricPoint>) -> impl Future<Output = Result<usize, TwinError>> + Send + use<> {
+        self.request(Telemetry(points))
     }
 
     /// Stores app log lines (accepted or rejected whole, through the twin, so an
     /// archived or deleted twin takes none); resolves with their number once durable.
-    pub async fn append_logs(&self, lines: Vec<twinfleet_models::LogLine>) -> Result<usize, TwinError> {
-        self.request(crate::dti::AppendLogs(lines)).await
+    pub fn append_logs(
+        &self,
+        lines: Vec<twinfleet_models::LogLine>,
+    ) -> impl Future<Output = Result<usize, TwinError>> + Send + use<> {
+        self.request(crate::dti::AppendLogs(lines))
     }
 
     /// One page of the twin's app log lines, newest first, read from storage on the
@@ -251,8 +310,11 @@ impl TwinHandle {
     /// mints the command's id and journals it (`command_sent`) before the transport gets
     /// it; resolves with that id once the transport has it. The device's answer arrives
     /// as a `command_acked` event, over any transport, after a restart too.
-    pub async fn send_to_device(&self, cmd: DeviceCommand) -> Result<CommandId, TwinError> {
-        self.request(ToDevice(cmd)).await
+    pub fn send_to_device(
+        &self,
+        cmd: DeviceCommand,
+    ) -> impl Future<Output = Result<CommandId, TwinError>> + Send + use<> {
+        self.request(ToDevice(cmd))
     }
 
     pub(crate) fn slot(&self) -> &Arc<TwinSlot> {
@@ -260,12 +322,12 @@ impl TwinHandle {
     }
 
     /// Stops the twin for good, after everything queued before (see `delete_twin`).
-    pub(crate) async fn retire(&self) -> Result<(), TwinError> {
-        self.request(Retire).await
+    pub(crate) fn retire(&self) -> impl Future<Output = Result<(), TwinError>> + Send + use<> {
+        self.request(Retire)
     }
 
     /// Makes the twin panic (only where the platform allows fault injection).
-    pub async fn inject_panic(&self) -> Result<(), TwinError> {
-        self.request(InjectPanic).await
+    pub fn inject_panic(&self) -> impl Future<Output = Result<(), TwinError>> + Send + use<> {
+        self.request(InjectPanic)
     }
 }

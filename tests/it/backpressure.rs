@@ -51,3 +51,23 @@ async fn a_full_mailbox_is_a_typed_error_and_accepted_commands_are_all_applied()
     assert_eq!(t.get().await.unwrap().state.last_seq, n);
     p.shutdown().await;
 }
+
+/// A request's future is what every caller stores and moves per request: it stays
+/// small. Nested `async fn`s each kept their argument beside the future they awaited,
+/// and a `get` had grown to 6 KB, copied on every call (10,000 callers' gets ran 30%
+/// slower for it; BENCHMARKS.md, "Requests without the 6 KB future").
+#[actix_rt::test]
+async fn a_request_future_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "lamp", json!({}), "s", 1, |_| vec![]).await;
+    let t = p.twin("s-0").unwrap();
+    let get = t.get();
+    assert!(std::mem::size_of_val(&get) <= 1024, "a get's future takes {} bytes", std::mem::size_of_val(&get));
+    get.await.unwrap();
+    let report = t.report(obj(json!({"on": true})));
+    assert!(std::mem::size_of_val(&report) <= 2048, "a report's future takes {} bytes", std::mem::size_of_val(&report));
+    report.await.unwrap();
+    assert_eq!(t.get().await.unwrap().state.reported.get("on"), Some(&json!(true)));
+    p.shutdown().await;
+}
