@@ -721,6 +721,7 @@ mod tests {
         assert!(got.iter().zip(&names).all(|((k, at), m)| k == m && at == &vec![1, 2]), "{got:?}");
     }
 }
+
 #[cfg(test)]
 mod size {
     /// A running twin is one allocation of actix's `ContextFut<Dti, _>` (the actor, its
