@@ -162,6 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     unsafe {
         libc::umask(0o077);
     }
+    let open_files = raise_open_files_limit();
     let device_types = args.device_types.clone();
     let admin_token = args.admin_token.clone();
     let rotate = args.rotate_admin_token;
@@ -191,7 +192,41 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    match open_files {
+        Some((before, after)) if after > before => {
+            tracing::info!("open files limit raised from {before} to {after} (each connected device holds one)")
+        }
+        Some((_, after)) if after < 4096 => tracing::warn!(
+            "open files limit is {after}: about that many devices can connect at once; raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)"
+        ),
+        Some((_, after)) => tracing::info!("open files limit {after} (each connected device holds one)"),
+        None => tracing::warn!("cannot read the open files limit"),
+    }
     actix_rt::System::new().block_on(serve(cfg, device_types, admin_token, rotate))
+}
+
+/// Raises the soft limit of open files to the hard one, before any thread starts: every
+/// connected device holds a socket, and the usual soft limit (1,024) would stop a fleet
+/// at about a thousand devices, each further connection failing with EMFILE. Returns
+/// (before, after), or `None` if the limits cannot be read.
+fn raise_open_files_limit() -> Option<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // Safety: getrlimit(2) writes the struct we pass and nothing else.
+    #[allow(unsafe_code)]
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // Safety: setrlimit(2) reads the struct we pass; it changes only this process's
+        // limit, within the hard limit any process may reach.
+        #[allow(unsafe_code)]
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some((before, lim.rlim_max));
+        }
+    }
+    Some((before, before))
 }
 
 async fn serve(

@@ -229,3 +229,33 @@ fn a_stop_signal_right_after_the_api_answers_still_stops_cleanly() {
     assert!(ok, "a SIGTERM during start is a clean stop, not a kill; stderr:\n{err}");
     assert!(err.contains("stopped cleanly"), "{err}");
 }
+
+/// Each connected device holds a socket: the binary raises its soft open-files limit to
+/// the hard one, so the usual soft limit of 1,024 does not stop a fleet at about a
+/// thousand devices.
+#[test]
+fn the_binary_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" run \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_twinfleet"))
+        .args(with_ephemeral_ports(&[]))
+        .current_dir(dir.path())
+        .env_remove("TWINFLEET_DATA_DIR")
+        .env_remove("TWINFLEET_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sh starts twinfleet");
+    wait_ready(&mut child);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    let v: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (v[3], v[4]);
+    assert_eq!(soft, hard, "soft raised to hard: {line}");
+    signal(&child, libc::SIGINT);
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
+    assert!(err.contains("open files limit raised from 256"), "says so: {err}");
+}
