@@ -222,9 +222,12 @@ impl GrpcGateway {
                 .add_service(DeviceGatewayServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .add_service(HubServer::new(gw.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
                 .add_service(pb::provisioning_server::ProvisioningServer::new(gw))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
-                    let _ = stopped.await;
-                })
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
                 .await;
             if let Err(e) = result {
                 tracing::error!("gRPC gateway stopped: {e}");
