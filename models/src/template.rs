@@ -84,6 +84,8 @@ pub enum TemplateError {
     BadTarget(String),
     #[error("the template body is {0} bytes; at most {MAX_TEMPLATE_BYTES}")]
     TooLarge(usize),
+    #[error("the template body must be a JSON object, not {0}")]
+    NotAnObject(&'static str),
 }
 
 /// One `{{ path | default }}`.
@@ -97,6 +99,19 @@ struct Placeholder {
 pub fn validate(target: &str, body: &Value) -> Result<(), TemplateError> {
     if target.is_empty() || target.contains(['.', '/']) || target.len() > 128 {
         return Err(TemplateError::BadTarget(target.into()));
+    }
+    // An object, like the configuration it fills (a `null` body would even delete the
+    // target key: in a merge patch, null means remove).
+    let kind = match body {
+        Value::Object(_) => None,
+        Value::Null => Some("null"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Number(_) => Some("a number"),
+        Value::String(_) => Some("a string"),
+        Value::Array(_) => Some("an array"),
+    };
+    if let Some(kind) = kind {
+        return Err(TemplateError::NotAnObject(kind));
     }
     let size = serde_json::to_vec(body).map(|b| b.len()).unwrap_or(usize::MAX);
     if size > MAX_TEMPLATE_BYTES {
@@ -291,6 +306,8 @@ mod tests {
             Err(TemplateError::Malformed(..))
         ));
         assert!(matches!(validate("a.b", &json!({})), Err(TemplateError::BadTarget(_))));
+        assert_eq!(validate("config", &json!(null)), Err(TemplateError::NotAnObject("null")));
+        assert_eq!(validate("config", &json!(["{{ twin.id }}"])), Err(TemplateError::NotAnObject("an array")));
         let (tags, config, attrs) = (Vec::new(), Map::new(), Map::new());
         let ctx = context(&tags, &config, &attrs);
         let e = render(&json!({"a": "{{ config.site }}"}), &ctx).unwrap_err();

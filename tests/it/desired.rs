@@ -195,6 +195,16 @@ async fn a_template_fills_per_twin_and_a_dta_layer_change_re_renders_only_the_di
     let (status, body) = http_as(http, &admin, "POST", "/api/v1/device-types/valve/templates", Some(bad));
     assert_eq!((status, body["error"].as_str()), (422, Some("invalid_template")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("secrets.key"), "{body}");
+    // So is a body that is not an object (a null one would delete the key it fills).
+    let (status, body) = http_as(
+        http,
+        &admin,
+        "POST",
+        "/api/v1/device-types/valve/templates",
+        Some(r#"{"body": null, "target": null}"#),
+    );
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_template")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("must be a JSON object, not null"), "{body}");
 
     let template = json!({"comment": "first", "body": {
         "site": "{{ config.site }}",
