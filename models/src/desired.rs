@@ -73,11 +73,10 @@ pub enum KeyState {
 pub struct KeyStatus {
     #[serde(flatten)]
     pub state: KeyState,
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    /// Any JSON value (a desired key need not hold an object).
     pub desired: Value,
     /// What the device reports for it (absent: nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub reported: Option<Value>,
     /// The key is removed from the desired state once the device reports it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -107,8 +107,7 @@ pub enum OnAbort {
 #[serde(deny_unknown_fields)]
 pub struct HealthGate {
     pub min_severity: Severity,
-    /// How long (`"30s"`, `"10m"`, or ms).
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    /// How long: a duration string (`"30s"`, `"10m"`) or a number of milliseconds.
     pub hold: serde_json::Value,
 }
 
