@@ -23,16 +23,29 @@ use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 /// A combinator, not an `async fn`: an `async fn` keeps its argument and the pinned copy
 /// it awaits side by side, and every layer of a request doubled the caller's future that
 /// way (a `get` was 6 KB, copied on every call).
+/// A message that never reached its actor leaves the mailbox depth here (a DTI's
+/// `Ask` takes itself out instead: see `Queued` in `dti::requests`).
 pub(crate) fn deliver<'a, T>(
     request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>> + 'a,
     stats: &'a ActorStats,
     infra: &Infra,
 ) -> impl Future<Output = Result<T, TwinError>> + 'a {
+    answer(request, stats, infra, true)
+}
+
+fn answer<'a, T>(
+    request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>> + 'a,
+    stats: &'a ActorStats,
+    infra: &Infra,
+    uncount_undelivered: bool,
+) -> impl Future<Output = Result<T, TwinError>> + 'a {
     let ms = infra.settings.request_timeout_ms;
     Timed { request, deadline: infra.clock.sleep(ms) }.map(move |answer| match answer {
         Some(Ok(r)) => r,
         Some(Err(_)) => {
-            stats.unqueued();
+            if uncount_undelivered {
+                stats.unqueued();
+            }
             Err(TwinError::Unavailable { kind: stats.kind, id: stats.id.to_string(), status: stats.status() })
         }
         None => Err(TwinError::Timeout { kind: stats.kind, id: stats.id.to_string(), ms }),
@@ -95,11 +108,9 @@ impl TwinHandle {
         &self,
         req: Q,
     ) -> Result<impl Future<Output = Result<Q::Reply, TwinError>> + use<Q>, TwinError> {
-        let stats = &self.slot.stats;
-        let Some(request) = self.slot.with_addr(|a| a.send(Ask(req))) else {
+        let Some(request) = self.slot.with_addr(|a| a.send(Ask::new(req, &self.slot))) else {
             return Err(self.gone());
         };
-        stats.enqueued();
         let slot = self.slot.clone();
         Ok(async move {
             // Early returns, so that only the flush's boxed future is kept across its
@@ -116,7 +127,7 @@ impl TwinHandle {
                 };
                 Ok(flushed.await)
             };
-            match deliver(answered, &slot.stats, &slot.ty.infra).await {
+            match answer(answered, &slot.stats, &slot.ty.infra, false).await {
                 Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
                 r => r,
             }

@@ -354,11 +354,9 @@ impl Handler<SetDefaults> for Tdta {
                 // (a rule disabled at the type clears its alerts at once). A twin whose
                 // mailbox is full gets it at its next input or deadline.
                 for slot in env.directory.twins.iter().filter(|s| Arc::ptr_eq(&s.ty, &ctx)) {
-                    slot.stats.enqueued();
-                    let sent = slot.with_addr(|a| a.try_send(crate::dti::Ask(crate::dti::RulesChanged)).is_ok());
-                    if sent != Some(true) {
-                        slot.stats.unqueued();
-                    }
+                    // (Refused by a full mailbox, the message takes itself out of the
+                    // depth it counted in.)
+                    slot.with_addr(|a| a.try_send(crate::dti::Ask::new(crate::dti::RulesChanged, &slot)));
                 }
             }
             Ok(())

@@ -61,12 +61,9 @@ pub(crate) async fn apply(
     ctx.set_template(Some(t));
     let mut told = 0;
     for slot in twins.into_iter().filter(|s| Arc::ptr_eq(&s.ty, ctx)) {
-        slot.stats.enqueued();
-        let sent = slot.with_addr(|a| a.try_send(crate::dti::Ask(crate::dti::TemplateChanged)).is_ok());
+        let sent = slot.with_addr(|a| a.try_send(crate::dti::Ask::new(crate::dti::TemplateChanged, &slot)).is_ok());
         if sent == Some(true) {
             told += 1;
-        } else {
-            slot.stats.unqueued();
         }
     }
     Ok(told)

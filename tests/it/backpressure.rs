@@ -71,3 +71,24 @@ async fn a_request_future_stays_small() {
     assert_eq!(t.get().await.unwrap().state.reported.get("on"), Some(&json!(true)));
     p.shutdown().await;
 }
+
+/// A request dropped before the twin takes it (a caller that gave up: a deadline, a
+/// dropped future) leaves the mailbox depth: actix skips it, and it took itself out of
+/// the count. It used to stay counted forever, so the depth in the actor listing and
+/// /metrics only grew, and `try_command` would end up refusing a twin with an empty
+/// mailbox.
+#[actix_rt::test]
+async fn requests_given_up_leave_the_mailbox_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), None, test_settings()).await;
+    fleet(&p, "lamp", json!({}), "g", 1, |_| vec![]).await;
+    let t = p.twin("g-0").unwrap();
+    for n in 0..2_000 {
+        drop(t.report(obj(json!({"n": n}))));
+        drop(t.get());
+    }
+    t.get().await.unwrap();
+    eventually("the depth back to zero", || async { (t.actor().mailbox_depth == 0).then_some(()) }).await;
+    assert!(t.try_command(TwinCommand::Report(obj(json!({"after": true})))).is_ok());
+    p.shutdown().await;
+}

@@ -66,7 +66,7 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
         let asked: Vec<_> = items
             .into_iter()
             .map(|it| {
-                let ask = it.slot.with_addr(|a| a.send(Ask(Prepare(it.points))));
+                let ask = it.slot.with_addr(|a| a.send(Ask::new(Prepare(it.points), &it.slot)));
                 (it.slot, it.done, ask)
             })
             .collect();

@@ -579,7 +579,8 @@ impl Actor for Dti {
 impl<Q: Request> Handler<Ask<Q>> for Dti {
     type Result = Answer<Result<Answered<Q::Reply>, TwinError>>;
 
-    fn handle(&mut self, Ask(req): Ask<Q>, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Ask(req, queued): Ask<Q>, ctx: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         self.slot.stats.dequeued();
         match panic::catch(|| req.run(self, ctx)) {
             Ok(Outcome::Now(r)) => Answer::Now(r.map(Answered::Ready)),

@@ -11,8 +11,37 @@ pub(crate) trait Request: Send + 'static {
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<Self::Reply>;
 }
 
-/// The envelope of a [`Request`] in the actor's mailbox.
-pub(crate) struct Ask<Q>(pub Q);
+/// The envelope of a [`Request`] in the actor's mailbox. It counts in the twin's
+/// mailbox depth from the moment it is made until the twin takes it, or until it is
+/// dropped untaken: a caller that gave up (a deadline, a dropped future; actix skips a
+/// message nobody awaits), a full mailbox's `try_send`, a stopped twin.
+pub(crate) struct Ask<Q>(pub Q, pub(crate) Queued);
+
+impl<Q> Ask<Q> {
+    pub(crate) fn new(req: Q, slot: &Arc<TwinSlot>) -> Self {
+        slot.stats.enqueued();
+        Ask(req, Queued(Some(Arc::downgrade(slot))))
+    }
+}
+
+/// Takes an [`Ask`] out of the mailbox depth when dropped untaken. Weak: a message
+/// left in a stopped twin's queue must not keep its slot (which holds that queue).
+pub(crate) struct Queued(Option<std::sync::Weak<TwinSlot>>);
+
+impl Queued {
+    /// The twin took it (and counts it handled itself).
+    pub(crate) fn taken(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take().and_then(|w| w.upgrade()) {
+            slot.stats.unqueued();
+        }
+    }
+}
 
 impl<Q: Request> Message for Ask<Q> {
     type Result = Result<Answered<Q::Reply>, TwinError>;
