@@ -23,6 +23,7 @@ use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 /// A combinator, not an `async fn`: an `async fn` keeps its argument and the pinned copy
 /// it awaits side by side, and every layer of a request doubled the caller's future that
 /// way (a `get` was 6 KB, copied on every call).
+///
 /// A message that never reached its actor leaves the mailbox depth here (a DTI's
 /// `Ask` takes itself out instead: see `Queued` in `dti::requests`).
 pub(crate) fn deliver<'a, T>(
