@@ -92,24 +92,18 @@ pub async fn admin_token(p: &Platform) -> String {
 
 /// Waits for a condition that another thread makes true (a restart, a flush), polling
 /// it every 10 ms for at most 20 s. Waits on the event, not for a fixed time.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        actix_rt::time::sleep(Duration::from_millis(10)).await;
-    }
+    settled(Option::is_some, f).await.unwrap_or_else(|| panic!("timed out waiting for: {what}"))
 }
 
-/// Polls `f` like [`eventually`] until `done` holds for its value, and returns that
-/// value; at the deadline it returns the last value instead of failing, for a caller
-/// whose own assertion says better what is wrong.
+/// Polls `f` every 10 ms until `done` holds for its value (at most 20 s), and returns
+/// that value; at the deadline it returns the last value instead of failing, for a
+/// caller whose own assertion says better what is wrong. The one polling loop of the
+/// tests: [`eventually`] is this, failing at the deadline.
 pub async fn settled<T, F, Fut>(done: impl Fn(&T) -> bool, mut f: F) -> T
 where
     F: FnMut() -> Fut,
