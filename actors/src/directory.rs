@@ -26,6 +26,11 @@ impl<K: Eq + Hash, V> Default for Entries<K, V> {
 }
 
 impl<K: Eq + Hash, V> Entries<K, V> {
+    /// A map split into `shards` locks (a power of two).
+    fn with_shards(shards: usize) -> Self {
+        Entries(DashMap::with_hasher_and_shard_amount(FastHash::default(), shards))
+    }
+
     pub(crate) fn get<Q>(&self, k: &Q) -> Option<Ref<'_, K, V>>
     where
         K: Borrow<Q>,
@@ -51,14 +56,30 @@ impl<K: Eq + Hash, V> Entries<K, V> {
     }
 }
 
+/// Locks of the twins' map. Every arbiter inserts into it while a fleet spawns or
+/// restores, and every request looks a twin up in it: dashmap's default (four per core)
+/// had the two arbiters of a 2-core machine waiting for each other's shard locks.
+const TWIN_SHARDS: usize = 256;
+
 /// What the directory holds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TwinDirectory {
     pub(crate) twins: Entries<TwinId, Arc<TwinSlot>>,
     pub(crate) types: Entries<DeviceTypeId, Arc<TypeContext>>,
     pub(crate) dtas: Entries<DtaId, Arc<DtaEntry>>,
     /// Records that failed to decode at start: twin id → reason.
     pub(crate) quarantine: Entries<String, String>,
+}
+
+impl Default for TwinDirectory {
+    fn default() -> Self {
+        TwinDirectory {
+            twins: Entries::with_shards(TWIN_SHARDS),
+            types: Entries::default(),
+            dtas: Entries::default(),
+            quarantine: Entries::default(),
+        }
+    }
 }
 
 impl TwinDirectory {

@@ -93,7 +93,7 @@ fn restore_chunk(
     };
     let mut members = NewMembers::default();
     for spec in chunk.twins {
-        let state = match snapshots.remove(&spec.id) {
+        let state = match take(snapshots, &spec.id) {
             Some((_, raw)) => match decode_record::<TwinState>(&raw) {
                 Ok(s) => s,
                 Err(e) => {
@@ -112,6 +112,8 @@ fn restore_chunk(
             out.launched += 1;
         }
     }
+    // Counted once per record: the counter is shared by every arbiter.
+    ty.twins.fetch_add(out.launched, Relaxed);
     members.register(env);
     out
 }
@@ -126,6 +128,7 @@ fn restore_orphans(env: &TwinEnv, orphans: Vec<(TwinId, Vec<u8>)>, stored: Store
             Ok(state) => match env.directory.types.get(&state.identity.device_type).map(|t| t.clone()) {
                 Some(ty) => {
                     if start_restored(env, &ty, state, NO_ORIGIN, 0, stored, &mut members, &mut out) {
+                        ty.twins.fetch_add(1, Relaxed);
                         out.launched += 1;
                     }
                 }
@@ -156,7 +159,7 @@ fn start_restored(
 ) -> bool {
     let id = state.identity.twin_id.clone();
     let mut tail = Tail::default();
-    if let Some((_, paged)) = tails.remove(&id) {
+    if let Some((_, paged)) = take(tails, &id) {
         let replayed = paged.and_then(|paged| {
             tail.events = replay_legacy(&*env.storage, &mut state)?;
             tail.apply_paged(&mut state, paged.iter().map(Vec::as_slice))
@@ -168,10 +171,16 @@ fn start_restored(
     }
     let slot = Arc::new(TwinSlot::new(id.clone(), ty.clone(), origin, arbiter));
     env.directory.restore_twin(slot.clone());
-    ty.twins.fetch_add(1, Relaxed);
-    let latest = Start::decode_latest(&slot.id, latest.remove(&slot.id).map(|(_, raw)| raw).as_deref());
+    let latest = Start::decode_latest(&slot.id, take(latest, &slot.id).map(|(_, raw)| raw).as_deref());
     members.launch(env, slot, state, Start { restart: None, tail: tail.events, latest, chunk: tail.chunk });
     true
+}
+
+/// Removes `id` from one of the maps restore read ahead, under a shared lock when it is
+/// not there (most twins have no snapshot, tail or latest values of their own, and every
+/// arbiter looks each of its twins up in all three).
+fn take<V>(map: &Directory<TwinId, V>, id: &TwinId) -> Option<(TwinId, V)> {
+    if map.contains_key(id) { map.remove(id) } else { None }
 }
 
 /// What restore read ahead for the twins: who has a journal tail (with its events from

@@ -417,6 +417,17 @@ impl TwinRuntime {
         }
     }
 
+    /// The views of many twins, in the order of `ids`, each in place as `twin(id)` and
+    /// `TwinHandle::get` would give it (the view, or why not: not found, quarantined,
+    /// unavailable, timeout). Every twin answers from its own mailbox; the asking is
+    /// batched per arbiter, so a page of thousands of twins costs a few cross-thread
+    /// messages instead of a round trip per twin. Ask in pages (the answers are held
+    /// until the whole call is done).
+    pub async fn get_many<S: AsRef<str>>(&self, ids: &[S]) -> Vec<Result<crate::dti::TwinView, TwinError>> {
+        let slots = ids.iter().map(|id| self.twin(id.as_ref()).map(|h| h.slot().clone())).collect();
+        crate::handle::views(self.env.infra(), slots).await
+    }
+
     pub fn dta(&self, id: &str) -> Result<DtaHandle, TwinError> {
         self.env
             .directory

@@ -41,7 +41,7 @@ pub(crate) mod ingest;
 
 pub(crate) use requests::{
     Answered, AppendLogs, Ask, Command, Events, Get, InjectPanic, InstallOf, Join, LayersChanged, Leave, Prepare,
-    Prepared, Request, Retire, Rules, RulesChanged, Telemetry, TemplateChanged, ToDevice,
+    Prepared, Request, Retire, Rules, RulesChanged, Telemetry, TemplateChanged, ToDevice, ViewInto, ViewSink,
 };
 pub use slot::*;
 

@@ -181,6 +181,74 @@ impl Request for Get {
     }
 }
 
+/// A `Get` that is one of many asked together (`handle::views`): the twin puts its view
+/// into the batch's sink, at its place `k`, instead of answering through a channel of
+/// its own. Dropped untaken (a stopped twin, a panic), it leaves its place empty and
+/// counts itself done all the same, so the batch never waits for it.
+pub(crate) struct ViewInto {
+    pub k: u32,
+    pub sink: Arc<ViewSink>,
+}
+
+/// Where the twins of one batch put their views; see [`ViewInto`].
+#[derive(Default)]
+pub(crate) struct ViewSink {
+    views: parking_lot::Mutex<Vec<Option<TwinView>>>,
+    remaining: std::sync::atomic::AtomicUsize,
+    done: futures::task::AtomicWaker,
+}
+
+impl ViewSink {
+    pub(crate) fn new(places: usize) -> Arc<Self> {
+        Arc::new(ViewSink { views: parking_lot::Mutex::new(vec![None; places]), ..Default::default() })
+    }
+
+    /// One more twin asked (before its message is sent).
+    pub(crate) fn expect(&self) {
+        self.remaining.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once every twin asked has put its view or dropped its request.
+    pub(crate) fn all_done(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.done.register(cx.waker());
+            if self.remaining.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    /// The views, by place (`None`: not answered).
+    pub(crate) fn take(&self) -> Vec<Option<TwinView>> {
+        std::mem::take(&mut *self.views.lock())
+    }
+
+    fn one_done(&self) {
+        if self.remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.done.wake();
+        }
+    }
+}
+
+impl Drop for ViewInto {
+    fn drop(&mut self) {
+        self.sink.one_done();
+    }
+}
+
+impl Request for ViewInto {
+    type Reply = ();
+    fn run(self, dti: &mut Dti, _: &mut Context<Dti>) -> Outcome<()> {
+        let view = dti.view();
+        if let Some(place) = self.sink.views.lock().get_mut(self.k as usize) {
+            *place = Some(view);
+        }
+        Outcome::Now(Ok(()))
+    }
+}
+
 impl Request for Command {
     type Reply = u64;
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
