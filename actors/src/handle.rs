@@ -347,71 +347,79 @@ impl TwinHandle {
     }
 }
 
-/// Where one twin of a [`views`] call stands.
-enum Place {
-    Asked(Arc<TwinSlot>),
-    Done(Result<TwinView, TwinError>),
-}
-
 /// The views of many twins, in the order given (`Err` in place of a twin that was not
-/// found). Each twin answers a `Get` from its own mailbox, as [`TwinHandle::get`] has it
-/// answer; only the asking is batched: the twins of one arbiter are asked together by a
-/// task on that arbiter (one cross-thread message per arbiter and call, instead of a
-/// round trip, a timer and two wake-ups per twin). Each arbiter's group has the
-/// platform's request deadline; a twin that has not answered by then gets `Timeout`.
+/// found). Each twin answers from its own mailbox, in turn with what was queued before,
+/// as it answers [`TwinHandle::get`]; only the asking is batched: the twins of one
+/// arbiter are asked together by a task on that arbiter (one cross-thread message per
+/// arbiter and call, instead of a round trip, a timer and two wake-ups per twin). Each
+/// arbiter's group has the platform's request deadline; a twin that has not answered by
+/// then gets `Timeout`.
 pub(crate) async fn views(
     infra: &Infra,
     slots: Vec<Result<Arc<TwinSlot>, TwinError>>,
 ) -> Vec<Result<TwinView, TwinError>> {
     let arbiters = infra.arbiters.len().max(1);
-    let mut groups: Vec<Vec<(u32, Arc<TwinSlot>)>> = (0..arbiters).map(|_| Vec::new()).collect();
-    let mut places: Vec<Place> = Vec::with_capacity(slots.len());
-    for (i, slot) in slots.into_iter().enumerate() {
-        places.push(match slot {
-            Ok(slot) => {
-                groups[usize::from(slot.arbiter) % arbiters].push((i as u32, slot.clone()));
-                Place::Asked(slot)
-            }
-            Err(e) => Place::Done(Err(e)),
-        });
-    }
+    let mut groups: Vec<Vec<Arc<TwinSlot>>> = (0..arbiters).map(|_| Vec::new()).collect();
+    // Each twin's group; a group answers in the order its twins were given, so the
+    // answers are taken back from each group's answers in turn.
+    let places: Vec<Result<u16, TwinError>> = slots
+        .into_iter()
+        .map(|slot| {
+            slot.map(|slot| {
+                let a = usize::from(slot.arbiter) % arbiters;
+                groups[a].push(slot);
+                a as u16
+            })
+        })
+        .collect();
     let ms = infra.settings.request_timeout_ms;
-    let asked = groups.into_iter().enumerate().filter(|(_, g)| !g.is_empty()).map(|(a, group)| {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let deadline = infra.clock.clone();
-        infra.arbiters.run_on(a, move || {
-            actix::spawn(async move {
-                let _ = tx.send(ask_here(group, deadline.sleep(ms), ms).await);
-            });
-        });
-        rx
-    });
-    for answers in futures::future::join_all(asked).await.into_iter().flatten() {
-        for (i, r) in answers {
-            places[i as usize] = Place::Done(r);
-        }
-    }
+    let asked: Vec<_> = groups
+        .iter()
+        .enumerate()
+        .map(|(a, group)| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if !group.is_empty() {
+                let (group, deadline) = (group.clone(), infra.clock.clone());
+                infra.arbiters.run_on(a, move || {
+                    actix::spawn(async move {
+                        let _ = tx.send(ask_here(group, deadline.sleep(ms), ms).await);
+                    });
+                });
+            }
+            rx
+        })
+        .collect();
+    let mut answers: Vec<std::vec::IntoIter<Result<TwinView, TwinError>>> = futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .zip(groups)
+        .map(|(answered, group)| {
+            // Without an answer its arbiter stopped first (the platform is stopping).
+            answered.unwrap_or_else(|_| group.into_iter().map(|slot| Err(TwinHandle::new(slot).gone())).collect())
+        })
+        .map(Vec::into_iter)
+        .collect();
     places
         .into_iter()
-        .map(|p| match p {
-            Place::Done(r) => r,
-            // Its arbiter stopped before answering (the platform is stopping).
-            Place::Asked(slot) => Err(TwinHandle::new(slot).gone()),
+        .map(|place| {
+            let a = place?;
+            answers[usize::from(a)].next().expect("a group answers for each of its twins")
         })
         .collect()
 }
 
 /// On the twins' arbiter: asks every twin of `group` at once (a [`ViewInto`] each, so
-/// no reply channel or future per twin) and collects the views until `deadline`.
+/// no reply channel or future per twin) and collects the views, in the group's order,
+/// until `deadline`.
 async fn ask_here(
-    group: Vec<(u32, Arc<TwinSlot>)>,
+    group: Vec<Arc<TwinSlot>>,
     deadline: futures::future::BoxFuture<'static, ()>,
     ms: u64,
-) -> Vec<(u32, Result<TwinView, TwinError>)> {
+) -> Vec<Result<TwinView, TwinError>> {
     let sink = ViewSink::new(group.len());
     // Twins whose mailbox is full wait for room, like any other request.
     let mut parked = Vec::new();
-    for (k, (_, slot)) in group.iter().enumerate() {
+    for (k, slot) in group.iter().enumerate() {
         sink.expect();
         let ask = Ask::new(ViewInto { k: k as u32, sink: sink.clone() }, slot);
         match slot.with_addr(|a| a.try_send(ask)) {
@@ -426,19 +434,15 @@ async fn ask_here(
     };
     let timed_out =
         matches!(futures::future::select(std::pin::pin!(waited), deadline).await, futures::future::Either::Right(_));
-    let views = sink.take();
     group
         .into_iter()
-        .zip(views)
-        .map(|((i, slot), view)| {
-            let r = match view {
-                Some(view) => Ok(view),
-                None if timed_out && slot.stats.status() == ActorStatus::Running => {
-                    Err(TwinError::Timeout { kind: slot.stats.kind, id: slot.stats.id.to_string(), ms })
-                }
-                None => Err(TwinHandle::new(slot).gone()),
-            };
-            (i, r)
+        .zip(sink.take())
+        .map(|(slot, view)| match view {
+            Some(view) => Ok(view),
+            None if timed_out && slot.stats.status() == ActorStatus::Running => {
+                Err(TwinError::Timeout { kind: slot.stats.kind, id: slot.stats.id.to_string(), ms })
+            }
+            None => Err(TwinHandle::new(slot).gone()),
         })
         .collect()
 }

@@ -46,19 +46,25 @@ pub(crate) struct ChunkWork {
 #[derive(Default)]
 pub(crate) struct NewMembers {
     by_dta: FastMap<DtaId, (u64, Vec<TwinId>)>,
-    /// The memberships of the twin launched last and their layers: the twins of one
-    /// batch mostly share their DTAs, and this saves a directory lookup per DTA and twin.
-    last: Option<(Vec<DtaId>, Vec<Arc<ResolvedLayers>>)>,
+    /// The distinct memberships of this batch's twins so far, with their layers (at most
+    /// `LAYER_SETS`): the twins of one batch mostly share a few sets of DTAs, and this
+    /// saves a directory lookup per DTA and twin.
+    seen: Vec<(Vec<DtaId>, Vec<Arc<ResolvedLayers>>)>,
 }
+
+/// Distinct membership sets `NewMembers` remembers per batch.
+const LAYER_SETS: usize = 32;
 
 impl NewMembers {
     /// Starts one twin on the current arbiter and remembers its memberships.
     pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState, start: Start) {
-        let layers = match &self.last {
-            Some((dtas, layers)) if *dtas == state.memberships => layers.clone(),
-            _ => {
+        let layers = match self.seen.iter().find(|(dtas, _)| *dtas == state.memberships) {
+            Some((_, layers)) => layers.clone(),
+            None => {
                 let layers = layers_for(env, &state.memberships);
-                self.last = Some((state.memberships.clone(), layers.clone()));
+                if self.seen.len() < LAYER_SETS {
+                    self.seen.push((state.memberships.clone(), layers.clone()));
+                }
                 layers
             }
         };

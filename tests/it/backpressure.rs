@@ -92,3 +92,59 @@ async fn requests_given_up_leave_the_mailbox_depth() {
     assert!(t.try_command(TwinCommand::Report(obj(json!({"after": true})))).is_ok());
     p.shutdown().await;
 }
+
+/// `get_many` answers every id in its place: a view per twin (an archived one too, one
+/// asked twice twice), `NotFound` for an unknown or deleted id; a twin whose mailbox is
+/// full waits for room like any request, and answers after what was queued before it.
+/// Nothing stays counted in the mailboxes afterwards.
+#[actix_rt::test]
+async fn get_many_answers_every_twin_in_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings();
+    settings.dti_mailbox = 4;
+    let p = start(dir.path(), None, settings).await;
+    fleet(&p, "lamp", json!({}), "m", 40, |_| vec![]).await;
+    p.twin("m-3").unwrap().report(obj(json!({"on": true}))).await.unwrap();
+    p.twin("m-5").unwrap().command(TwinCommand::Archive).await.unwrap();
+    p.delete_twin("m-7").await.unwrap();
+    // Fill m-9's mailbox: the batch has to wait for room, then see these reports applied.
+    let busy = p.twin("m-9").unwrap();
+    let mut queued = Vec::new();
+    for n in 0.. {
+        match busy.try_command(TwinCommand::Report(obj(json!({"n": n})))) {
+            Ok(answer) => queued.push(answer),
+            Err(TwinError::MailboxFull(_)) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let last = queued.len() as u64 - 1;
+    let queued = actix_rt::spawn(futures::future::join_all(queued));
+
+    let mut ids: Vec<String> = (0..40).rev().map(|i| format!("m-{i}")).collect();
+    ids.insert(10, "nobody".into());
+    ids.push("m-3".into());
+    let views = p.get_many(&ids).await;
+    assert_eq!(views.len(), ids.len());
+    for (id, view) in ids.iter().zip(&views) {
+        match id.as_str() {
+            "nobody" | "m-7" => assert!(matches!(view, Err(TwinError::NotFound(_))), "{id}: {view:?}"),
+            _ => assert_eq!(view.as_ref().unwrap().state.identity.twin_id.as_str(), id, "in its place"),
+        }
+    }
+    let view = |id: &str| views[ids.iter().position(|i| i == id).unwrap()].as_ref().unwrap();
+    assert_eq!(view("m-3").state.reported.get("on"), Some(&json!(true)));
+    assert_eq!(views.last().unwrap().as_ref().unwrap().state.reported.get("on"), Some(&json!(true)));
+    assert_eq!(
+        view("m-5").state.lifecycle,
+        twinfleet::models::Lifecycle::Archived,
+        "an archived twin still shows itself"
+    );
+    assert_eq!(view("m-9").state.reported.get("n"), Some(&json!(last)), "asked after the queued reports");
+    for r in queued.await.unwrap() {
+        r.unwrap();
+    }
+    for i in (0..40).filter(|i| *i != 7) {
+        assert_eq!(p.twin(&format!("m-{i}")).unwrap().actor().mailbox_depth, 0, "m-{i}");
+    }
+    p.shutdown().await;
+}
