@@ -424,7 +424,13 @@ impl TwinRuntime {
     /// messages instead of a round trip per twin. Ask in pages (the answers are held
     /// until the whole call is done).
     pub async fn get_many<S: AsRef<str>>(&self, ids: &[S]) -> Vec<Result<crate::dti::TwinView, TwinError>> {
-        let slots = ids.iter().map(|id| self.twin(id.as_ref()).map(|h| h.slot().clone())).collect();
+        let slots = ids
+            .iter()
+            .map(|id| match self.env.directory.twins.get(id.as_ref()) {
+                Some(slot) => Ok(slot.clone()),
+                None => self.twin(id.as_ref()).map(|h| h.slot().clone()),
+            })
+            .collect();
         crate::handle::views(self.env.infra(), slots).await
     }
 

@@ -127,6 +127,29 @@ async fn roles_and_grants_decide_every_read_and_write_and_the_audit_log_shows_th
             }
         }
     }
+    // One call for many twins: each one answered, or refused, in its place.
+    for (role, token) in &tokens {
+        let path = format!("/api/v1/twin-views?ids={own},{foreign},nobody,{via_dta},{via_tdta}");
+        let (got, b) = call(addr, Some(token), "GET", &path, None).await;
+        assert_eq!(got, 200, "{role}: {b}");
+        let items = b["twins"].as_array().unwrap();
+        let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [own, foreign, "nobody", via_dta, via_tdta], "in the order asked");
+        for item in items {
+            let id = item["id"].as_str().unwrap();
+            match (id, expect(role, "read", id)) {
+                ("nobody", _) => assert_eq!(item["error"], "not_found", "{item}"),
+                (_, 200) => assert_eq!(item["view"]["identity"]["twin_id"], id, "{role}: {item}"),
+                _ => assert_eq!((&item["error"], &item["view"]), (&json!("forbidden"), &Value::Null), "{role}: {item}"),
+            }
+        }
+    }
+    let (got, b) = call(addr, Some(admin), "GET", "/api/v1/twin-views?ids=", None).await;
+    assert_eq!((got, b["error"].as_str()), (400, Some("invalid")), "{b}");
+    let many = (0..1_001).map(|i| format!("t{i}")).collect::<Vec<_>>().join(",");
+    let (got, b) = call(addr, Some(admin), "GET", &format!("/api/v1/twin-views?ids={many}"), None).await;
+    assert_eq!((got, b["error"].as_str()), (400, Some("invalid")), "more than 1,000 ids: {b}");
+
     // The outsider (configurator in "other") sees only pump-1.
     assert_eq!(call(addr, Some(&outsider), "GET", "/api/v1/twins/pump-1", None).await.0, 200);
     for t in [own, via_dta, via_tdta] {

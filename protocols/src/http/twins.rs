@@ -17,6 +17,7 @@ const MAX_EVENTS: usize = 1_000;
 
 pub(super) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(list_twins)
+        .service(twin_views)
         .service(create_twin)
         .service(show_twin)
         .service(delete_twin)
@@ -50,6 +51,77 @@ pub(super) fn twin_for(rt: &TwinRuntime, caller: &Caller, id: &str, action: Acti
 #[get("/twins")]
 async fn list_twins(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<TwinFilter>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(rt.list_twins(&caller.0, &q)?))
+}
+
+/// Most twins one `GET /twin-views` asks for (the ids travel in the URL).
+const MAX_VIEWS: usize = 1_000;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ViewsQuery {
+    /// Twin ids, comma-separated (at most 1,000).
+    ids: String,
+}
+
+/// One twin of a `GET /twin-views` answer: its view, or why not.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ViewItem {
+    id: String,
+    /// As `GET /twins/{id}` shows it (without the actor and the journal events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    view: Option<TwinView>,
+    /// The error code `GET /twins/{id}` would answer with (`not_found`, `forbidden`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ViewsPage {
+    /// One item per id asked, in the order asked.
+    twins: Vec<ViewItem>,
+}
+
+/// `GET /twin-views?ids=a,b,c`: the current views of up to 1,000 twins in one call, each
+/// answered by its twin (batched per arbiter, not one round trip per twin). A twin that
+/// is unknown, or that the caller may not read, gets its error in its place; the call
+/// itself fails only on a malformed request.
+#[utoipa::path(tag = "twins", params(ViewsQuery), responses((status = 200, body = ViewsPage), Errors), security(("bearer" = [])))]
+#[get("/twin-views")]
+async fn twin_views(rt: web::Data<TwinRuntime>, caller: Caller, q: web::Query<ViewsQuery>) -> Result<HttpResponse> {
+    let ids: Vec<&str> = q.ids.split(',').map(str::trim).filter(|id| !id.is_empty()).collect();
+    if ids.is_empty() || ids.len() > MAX_VIEWS {
+        return Err(TwinError::Invalid(format!(
+            "ids: give 1 to {MAX_VIEWS} twin ids, comma-separated (got {})",
+            ids.len()
+        ))
+        .into());
+    }
+    let allowed: Vec<std::result::Result<&str, TwinError>> =
+        ids.iter().map(|id| twin_for(&rt, &caller, id, Action::Read).map(|_| *id).map_err(|e| e.0)).collect();
+    let asked: Vec<&str> = allowed.iter().filter_map(|a| a.as_ref().ok().copied()).collect();
+    let mut views = rt.get_many(&asked).await.into_iter();
+    let item = |id: &str, r: std::result::Result<TwinView, TwinError>| match r {
+        Ok(view) => ViewItem { id: id.to_string(), view: Some(view), error: None, message: None },
+        Err(e) => ViewItem {
+            id: id.to_string(),
+            view: None,
+            error: Some(crate::error::classify(&e).code),
+            message: Some(e.to_string()),
+        },
+    };
+    let twins = ids
+        .iter()
+        .zip(allowed)
+        .map(|(id, allowed)| match allowed {
+            Ok(_) => item(id, views.next().unwrap_or_else(|| Err(TwinError::NotFound(id.to_string())))),
+            Err(e) => item(id, Err(e)),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(ViewsPage { twins }))
 }
 
 /// A twin to create.
