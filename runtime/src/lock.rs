@@ -16,6 +16,9 @@ pub enum LockError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// How long a lock that this very process holds is waited for (see `acquire`).
+const SAME_PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Held for as long as the platform runs.
 #[derive(Debug)]
 pub struct DataDirLock {
@@ -36,16 +39,29 @@ impl DataDirLock {
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let pid = pid.trim();
-                let holder = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
-                return Err(LockError::InUse { dir: dir.to_path_buf(), holder });
+        let started = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => {
+                    let mut pid = String::new();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut pid);
+                    let pid = pid.trim();
+                    // Held by this process: a platform of this process that stopped a
+                    // moment ago, whose lock a child being spawned by another thread
+                    // still shares (a fork copies the open file, and with it the lock,
+                    // until the child's exec closes it). Wait for that, briefly; a
+                    // platform that really still runs here holds it past the wait.
+                    if pid == std::process::id().to_string() && started.elapsed() < SAME_PROCESS_WAIT {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    let holder = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+                    return Err(LockError::InUse { dir: dir.to_path_buf(), holder });
+                }
+                Err(TryLockError::Error(e)) => return Err(io(e)),
             }
-            Err(TryLockError::Error(e)) => return Err(io(e)),
         }
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -98,5 +114,20 @@ mod tests {
         assert!(err.to_string().contains("already used by another running twinfleet instance"), "{err}");
         drop(first);
         DataDirLock::acquire(dir.path()).unwrap();
+    }
+
+    /// A child forked by another thread holds a copy of every open file until its exec:
+    /// a platform restarted in the same process in that moment must not be refused (the
+    /// `monitoring::alerts_…_restart…` test once failed so, while other tests started
+    /// child processes). Here a child shares the lock's open file as its stdin for 300 ms.
+    #[test]
+    fn a_lock_still_shared_with_a_child_process_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DataDirLock::acquire(dir.path()).unwrap();
+        let mut child =
+            std::process::Command::new("sleep").arg("0.3").stdin(first._file.try_clone().unwrap()).spawn().unwrap();
+        drop(first);
+        DataDirLock::acquire(dir.path()).expect("the lock, once the child let go of its copy");
+        assert!(child.wait().unwrap().success());
     }
 }
