@@ -64,9 +64,11 @@ impl Dta {
         let env = self.env.clone();
         if only.is_none() {
             for child in entry.children.lock().iter() {
-                if let Some(c) = env.directory.dtas.get(child).and_then(|c| c.addr()) {
+                if let Some(c) = env.directory.dtas.get(child).map(|c| c.clone())
+                    && let Some(a) = c.addr()
+                {
                     // Nesting is shallow and changes are rare; this ignores the bound.
-                    c.do_send(DtaMsg(DtaRequest::ParentChanged(resolved.clone())));
+                    a.do_send(DtaMsg::new(DtaRequest::ParentChanged(resolved.clone()), &c));
                 }
             }
         }
@@ -182,7 +184,8 @@ impl Actor for Dta {
 impl Handler<DtaMsg> for Dta {
     type Result = ResponseFuture<Result<usize, TwinError>>;
 
-    fn handle(&mut self, DtaMsg(req): DtaMsg, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, DtaMsg(req, queued): DtaMsg, _: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         self.entry.stats.dequeued();
         match panic::catch(|| self.handle_request(req)) {
             Ok(Ok(fut)) => fut,
@@ -245,8 +248,7 @@ impl DtaHandle {
             id: self.entry.id.to_string(),
             status: stats.status(),
         })?;
-        stats.enqueued();
-        deliver(addr.send(DtaMsg(req)), stats, &self.entry.infra).await
+        deliver(addr.send(DtaMsg::new(req, &self.entry)), stats, &self.entry.infra).await
     }
 
     /// Sets a layer; resolves once it is durable and has reached every member. Returns

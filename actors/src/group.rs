@@ -75,9 +75,9 @@ impl DtaEntry {
     }
 
     /// Has the actor push the current layers to `ids`.
-    pub(crate) fn refresh(&self, ids: Vec<TwinId>) {
+    pub(crate) fn refresh(self: &Arc<Self>, ids: Vec<TwinId>) {
         if let Some(a) = self.addr.read().as_ref() {
-            a.do_send(DtaMsg(DtaRequest::Push(Some(ids))));
+            a.do_send(DtaMsg::new(DtaRequest::Push(Some(ids)), self));
         }
     }
 
@@ -169,7 +169,20 @@ pub(crate) enum DtaRequest {
     Push(Option<Vec<TwinId>>),
 }
 
-pub(crate) struct DtaMsg(pub DtaRequest);
+/// A request in a DTA's mailbox, counted in its depth until the DTA takes it.
+pub(crate) struct DtaMsg(pub DtaRequest, pub(crate) crate::queued::Queued);
+
+impl DtaMsg {
+    pub(crate) fn new(req: DtaRequest, to: &Arc<DtaEntry>) -> Self {
+        DtaMsg(req, crate::queued::Queued::new(to))
+    }
+}
+
+impl crate::queued::Counted for DtaEntry {
+    fn stats(&self) -> &ActorStats {
+        &self.stats
+    }
+}
 
 impl Message for DtaMsg {
     /// Members the change reached.

@@ -27,29 +27,17 @@ use twinfleet_runtime::{ActorStats, ActorStatus, ActorView, WriteBatch};
 /// it awaits side by side, and every layer of a request doubled the caller's future that
 /// way (a `get` was 6 KB, copied on every call).
 ///
-/// A message that never reached its actor leaves the mailbox depth here (a DTI's
-/// `Ask` takes itself out instead: see `Queued` in `dti::requests`).
+/// (A message that never reached its actor takes itself out of the mailbox depth: every
+/// message carries a `Queued`.)
 pub(crate) fn deliver<'a, T>(
     request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>> + 'a,
     stats: &'a ActorStats,
     infra: &Infra,
 ) -> impl Future<Output = Result<T, TwinError>> + 'a {
-    answer(request, stats, infra, true)
-}
-
-fn answer<'a, T>(
-    request: impl Future<Output = Result<Result<T, TwinError>, MailboxError>> + 'a,
-    stats: &'a ActorStats,
-    infra: &Infra,
-    uncount_undelivered: bool,
-) -> impl Future<Output = Result<T, TwinError>> + 'a {
     let ms = infra.settings.request_timeout_ms;
     Timed { request, deadline: infra.clock.sleep(ms) }.map(move |answer| match answer {
         Some(Ok(r)) => r,
         Some(Err(_)) => {
-            if uncount_undelivered {
-                stats.unqueued();
-            }
             Err(TwinError::Unavailable { kind: stats.kind, id: stats.id.to_string(), status: stats.status() })
         }
         None => Err(TwinError::Timeout { kind: stats.kind, id: stats.id.to_string(), ms }),
@@ -131,7 +119,7 @@ impl TwinHandle {
                 };
                 Ok(flushed.await)
             };
-            match answer(answered, &slot.stats, &slot.ty.infra, false).await {
+            match deliver(answered, &slot.stats, &slot.ty.infra).await {
                 Err(TwinError::Unavailable { .. }) => Err(TwinHandle { slot }.gone()),
                 r => r,
             }

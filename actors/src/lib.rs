@@ -33,6 +33,7 @@ pub mod jobs;
 pub mod logs;
 mod maps;
 pub mod provisioning;
+mod queued;
 pub mod records;
 pub mod restore;
 pub mod rollouts;

@@ -14,6 +14,7 @@ use crate::error::TwinError;
 use crate::group::DtaInfo;
 use crate::handle::TwinHandle;
 use crate::jobs::Jobs;
+use crate::queued::Queued;
 use crate::records::{DeviceTypeSpec, DtaSpec, TwinSpec};
 use crate::restore::{RestoreReport, restore};
 use crate::spaces;
@@ -29,14 +30,14 @@ use twinfleet_runtime::{
 };
 
 #[derive(Debug)]
-struct CreateDeviceType(DeviceTypeSpec);
+struct CreateDeviceType(DeviceTypeSpec, Queued);
 
 impl Message for CreateDeviceType {
     type Result = Result<(), TwinError>;
 }
 
 #[derive(Debug)]
-struct CreateDta(DtaSpec);
+struct CreateDta(DtaSpec, Queued);
 
 impl Message for CreateDta {
     type Result = Result<(), TwinError>;
@@ -55,7 +56,8 @@ impl Actor for PlatformSupervisor {
 impl Handler<CreateDeviceType> for PlatformSupervisor {
     type Result = ResponseFuture<Result<(), TwinError>>;
 
-    fn handle(&mut self, CreateDeviceType(spec): CreateDeviceType, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, CreateDeviceType(spec, queued): CreateDeviceType, _: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         self.stats.dequeued();
         let env = self.env.clone();
         let Some(ctx) = env.directory.add_type(spec.id.clone(), || TypeContext::new(&spec, env.infra().clone())) else {
@@ -81,7 +83,8 @@ impl Handler<CreateDeviceType> for PlatformSupervisor {
 impl Handler<CreateDta> for PlatformSupervisor {
     type Result = ResponseFuture<Result<(), TwinError>>;
 
-    fn handle(&mut self, CreateDta(spec): CreateDta, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, CreateDta(spec, queued): CreateDta, _: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         self.stats.dequeued();
         let env = self.env.clone();
         let check = || {
@@ -261,8 +264,10 @@ impl TwinRuntime {
             self.check_allocation(spec.id.as_str(), p.allocation.as_ref())?;
         }
         let id = spec.id.clone();
-        self.stats.enqueued();
-        self.supervisor.send(CreateDeviceType(spec)).await.map_err(|_| TwinError::ShuttingDown)??;
+        self.supervisor
+            .send(CreateDeviceType(spec, Queued::new(&self.stats)))
+            .await
+            .map_err(|_| TwinError::ShuttingDown)??;
         self.device_type(id.as_str())
     }
 
@@ -297,8 +302,10 @@ impl TwinRuntime {
             twinfleet_models::install::check_config(&layer.values).map_err(TwinError::Invalid)?;
         }
         let id = spec.id.clone();
-        self.stats.enqueued();
-        self.supervisor.send(CreateDta(spec)).await.map_err(|_| TwinError::ShuttingDown)??;
+        self.supervisor
+            .send(CreateDta(spec, Queued::new(&self.stats)))
+            .await
+            .map_err(|_| TwinError::ShuttingDown)??;
         self.dta(id.as_str())
     }
 

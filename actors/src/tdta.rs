@@ -13,6 +13,7 @@ use crate::error::TwinError;
 use crate::group::DtaEntry;
 use crate::handle::deliver;
 use crate::maps::FastMap;
+use crate::queued::Queued;
 use crate::records::{CHUNK, DeviceTypeSpec, FleetChunkRef, TwinSpec, fleet_key, twin_key};
 use crate::spaces;
 use actix::prelude::*;
@@ -46,25 +47,20 @@ pub(crate) struct ChunkWork {
 #[derive(Default)]
 pub(crate) struct NewMembers {
     by_dta: FastMap<DtaId, (u64, Vec<TwinId>)>,
-    /// The distinct memberships of this batch's twins so far, with their layers (at most
-    /// `LAYER_SETS`): the twins of one batch mostly share a few sets of DTAs, and this
-    /// saves a directory lookup per DTA and twin.
-    seen: Vec<(Vec<DtaId>, Vec<Arc<ResolvedLayers>>)>,
+    /// The distinct memberships of this batch's twins so far, with their layers: the
+    /// twins of one batch share a few hundred sets of DTAs at most, and this saves a
+    /// directory lookup per DTA and twin.
+    seen: FastMap<Vec<DtaId>, Vec<Arc<ResolvedLayers>>>,
 }
-
-/// Distinct membership sets `NewMembers` remembers per batch.
-const LAYER_SETS: usize = 32;
 
 impl NewMembers {
     /// Starts one twin on the current arbiter and remembers its memberships.
     pub(crate) fn launch(&mut self, env: &TwinEnv, slot: Arc<TwinSlot>, state: TwinState, start: Start) {
-        let layers = match self.seen.iter().find(|(dtas, _)| *dtas == state.memberships) {
-            Some((_, layers)) => layers.clone(),
+        let layers = match self.seen.get(&state.memberships) {
+            Some(layers) => layers.clone(),
             None => {
                 let layers = layers_for(env, &state.memberships);
-                if self.seen.len() < LAYER_SETS {
-                    self.seen.push((state.memberships.clone(), layers.clone()));
-                }
+                self.seen.insert(state.memberships.clone(), layers.clone());
                 layers
             }
         };
@@ -340,7 +336,8 @@ fn guarded<T>(ctx: &TypeContext, f: impl FnOnce() -> Result<T, TwinError>) -> Re
 impl Handler<SpawnFleet> for Tdta {
     type Result = ResponseFuture<Result<FleetReport, TwinError>>;
 
-    fn handle(&mut self, SpawnFleet(specs, also): SpawnFleet, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, SpawnFleet(specs, also, queued): SpawnFleet, _: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         let ctx = self.ctx.clone();
         match guarded(&ctx, || self.spawn_fleet(specs, also)) {
             Ok(fut) => Box::pin(fut),
@@ -352,7 +349,8 @@ impl Handler<SpawnFleet> for Tdta {
 impl Handler<SetDefaults> for Tdta {
     type Result = ResponseFuture<Result<(), TwinError>>;
 
-    fn handle(&mut self, SetDefaults(defaults): SetDefaults, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, SetDefaults(defaults, queued): SetDefaults, _: &mut Context<Self>) -> Self::Result {
+        queued.taken();
         let ctx = self.ctx.clone();
         let r = guarded(&ctx, || {
             let mut spec = ctx.spec();
@@ -385,10 +383,11 @@ impl Handler<SetDefaults> for Tdta {
 impl Handler<ChildFailed> for Tdta {
     type Result = ();
 
-    fn handle(&mut self, msg: ChildFailed, ctx: &mut Context<Self>) {
+    fn handle(&mut self, ChildFailed { slot, error, queued }: ChildFailed, ctx: &mut Context<Self>) {
+        queued.taken();
         let tctx = self.ctx.clone();
         let _ = guarded(&tctx, || {
-            self.restart_child(msg.slot, msg.error, ctx);
+            self.restart_child(slot, error, ctx);
             Ok(())
         });
     }
@@ -481,7 +480,7 @@ impl TypeHandle {
         let addr = self.tdta()?;
         // Creating a large fleet takes longer than an ordinary request: no deadline here
         // beyond the storage's own back-pressure.
-        addr.spawn.send(SpawnFleet(specs, also)).await.map_err(|_| TwinError::ShuttingDown)?
+        addr.spawn.send(SpawnFleet(specs, also, Queued::new(&self.ctx))).await.map_err(|_| TwinError::ShuttingDown)?
     }
 
     pub async fn set_defaults(&self, defaults: Map<String, Value>) -> Result<(), TwinError> {
@@ -490,18 +489,16 @@ impl TypeHandle {
             .map_err(twinfleet_models::ModelError::from)?;
         twinfleet_models::install::check_config(&defaults).map_err(TwinError::Invalid)?;
         let addr = self.tdta()?;
-        deliver(addr.defaults.send(SetDefaults(defaults)), &self.ctx.stats, &self.ctx.infra).await
+        deliver(addr.defaults.send(SetDefaults(defaults, Queued::new(&self.ctx))), &self.ctx.stats, &self.ctx.infra)
+            .await
     }
 
-    /// The TDTA's address, counting the message about to be sent.
+    /// The TDTA's address (each message counts itself in its mailbox depth: `Queued`).
     fn tdta(&self) -> Result<TdtaPorts, TwinError> {
-        let stats = &self.ctx.stats;
-        let addr = self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
+        self.ctx.tdta().ok_or_else(|| TwinError::Unavailable {
             kind: "tdta",
             id: self.ctx.device_type.to_string(),
-            status: stats.status(),
-        })?;
-        stats.enqueued();
-        Ok(addr)
+            status: self.ctx.stats.status(),
+        })
     }
 }

@@ -148,3 +148,42 @@ async fn get_many_answers_every_twin_in_its_place() {
     }
     p.shutdown().await;
 }
+
+/// The same for the aggregate actors: requests to a DTA and to a TDTA that their callers
+/// gave up after posting leave those mailboxes' depth (they stayed counted forever), and
+/// a crashed twin's report to its TDTA is counted while queued, then taken out.
+#[actix_rt::test]
+async fn requests_given_up_leave_a_dta_and_a_tdta_mailbox_depth() {
+    use futures::FutureExt;
+    use twinfleet::models::ConfigLayer;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings();
+    settings.allow_fault_injection = true;
+    let p = start(dir.path(), None, settings).await;
+    p.create_dta(twinfleet::DtaSpec {
+        id: did("hall"),
+        name: "Hall".into(),
+        parents: vec![],
+        layers: Default::default(),
+    })
+    .await
+    .unwrap();
+    let ty = fleet(&p, "lamp", json!({}), "a", 3, |_| vec![did("hall")]).await;
+    let dta = p.dta("hall").unwrap();
+    for n in 0..500 {
+        let layer = ConfigLayer { priority: 1, values: obj(json!({"n": n})) };
+        assert!(dta.set_layer("l", layer).now_or_never().is_none(), "posted, not answered yet");
+        assert!(ty.set_defaults(obj(json!({"n": n}))).now_or_never().is_none());
+    }
+    p.twin("a-1").unwrap().inject_panic().await.unwrap_err();
+    eventually("the twin restarted", || async { p.twin("a-1").unwrap().get().await.ok() }).await;
+    eventually("both depths back to zero", || async {
+        (dta.actor().mailbox_depth == 0 && ty.actor().mailbox_depth == 0).then_some(())
+    })
+    .await;
+    // Both still answer, and count what they handled.
+    dta.set_layer("l", ConfigLayer { priority: 1, values: obj(json!({"n": "last"})) }).await.unwrap();
+    ty.set_defaults(obj(json!({"n": "last"}))).await.unwrap();
+    assert_eq!((dta.actor().mailbox_depth, ty.actor().mailbox_depth), (0, 0));
+    p.shutdown().await;
+}

@@ -6,6 +6,7 @@
 use super::TwinSlot;
 use crate::context::Infra;
 use crate::error::TwinError;
+use crate::queued::Queued;
 use crate::records::{DeviceTypeSpec, TwinSpec};
 use actix::prelude::*;
 use parking_lot::{Mutex, RwLock};
@@ -162,7 +163,7 @@ struct TypeRules {
 /// atomically with the (first) fleet record: what must exist exactly when the twins do
 /// (a provisioned device's token and process record).
 #[derive(Debug)]
-pub struct SpawnFleet(pub Vec<TwinSpec>, pub twinfleet_runtime::WriteBatch);
+pub struct SpawnFleet(pub Vec<TwinSpec>, pub twinfleet_runtime::WriteBatch, pub(crate) Queued);
 
 /// What a fleet creation did.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -177,7 +178,7 @@ impl Message for SpawnFleet {
 }
 
 #[derive(Debug)]
-pub(crate) struct SetDefaults(pub Map<String, Value>);
+pub(crate) struct SetDefaults(pub Map<String, Value>, pub(crate) Queued);
 
 impl Message for SetDefaults {
     type Result = Result<(), TwinError>;
@@ -188,6 +189,13 @@ impl Message for SetDefaults {
 pub(crate) struct ChildFailed {
     pub slot: Arc<TwinSlot>,
     pub error: String,
+    pub queued: Queued,
+}
+
+impl crate::queued::Counted for TypeContext {
+    fn stats(&self) -> &ActorStats {
+        &self.stats
+    }
 }
 
 impl Message for ChildFailed {

@@ -522,7 +522,8 @@ impl Dti {
         if let Some(tdta) = self.slot.ty.tdta() {
             // Failures are rare and must not be lost, so this one message ignores the
             // mailbox bound.
-            tdta.failed.do_send(ChildFailed { slot: self.slot.clone(), error: message });
+            let queued = crate::queued::Queued::new(&self.slot.ty);
+            tdta.failed.do_send(ChildFailed { slot: self.slot.clone(), error: message, queued });
         }
     }
 

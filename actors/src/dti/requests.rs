@@ -1,6 +1,7 @@
 //! Every request a DTI takes, each with its own reply type, and how the actor runs it.
 
 use super::*;
+use crate::queued::Queued;
 use twinfleet_models::LogLine;
 
 /// A request to a DTI with its own reply type, so a caller can never get the answer of
@@ -11,35 +12,13 @@ pub(crate) trait Request: Send + 'static {
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<Self::Reply>;
 }
 
-/// The envelope of a [`Request`] in the actor's mailbox. It counts in the twin's
-/// mailbox depth from the moment it is made until the twin takes it, or until it is
-/// dropped untaken: a caller that gave up (a deadline, a dropped future; actix skips a
-/// message nobody awaits), a full mailbox's `try_send`, a stopped twin.
+/// The envelope of a [`Request`] in the actor's mailbox; it counts in the twin's
+/// mailbox depth until the twin takes it (see [`Queued`]).
 pub(crate) struct Ask<Q>(pub Q, pub(crate) Queued);
 
 impl<Q> Ask<Q> {
     pub(crate) fn new(req: Q, slot: &Arc<TwinSlot>) -> Self {
-        slot.stats.enqueued();
-        Ask(req, Queued(Some(Arc::downgrade(slot))))
-    }
-}
-
-/// Takes an [`Ask`] out of the mailbox depth when dropped untaken. Weak: a message
-/// left in a stopped twin's queue must not keep its slot (which holds that queue).
-pub(crate) struct Queued(Option<std::sync::Weak<TwinSlot>>);
-
-impl Queued {
-    /// The twin took it (and counts it handled itself).
-    pub(crate) fn taken(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        if let Some(slot) = self.0.take().and_then(|w| w.upgrade()) {
-            slot.stats.unqueued();
-        }
+        Ask(req, Queued::new(slot))
     }
 }
 

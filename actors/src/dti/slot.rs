@@ -39,6 +39,12 @@ pub struct TwinSlot {
     last_seq: AtomicU64,
 }
 
+impl crate::queued::Counted for TwinSlot {
+    fn stats(&self) -> &ActorStats {
+        &self.stats
+    }
+}
+
 impl TwinSlot {
     pub(crate) fn new(id: TwinId, ty: Arc<TypeContext>, origin: u32, arbiter: u16) -> Self {
         let stats = ActorStats::new("dti", id.as_arc().clone(), Some(ty.path.clone()));
