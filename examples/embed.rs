@@ -38,6 +38,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let twin = platform.twin("sensor-42")?; // a typed handle; survives restarts
     twin.report(serde_json::json!({"temp": 21.5}).as_object().unwrap().clone()).await?;
+    // Many twins' views in one call, each in its place (batched per arbiter).
+    let views = platform.get_many(&["sensor-1", "sensor-2", "no-such-sensor"]).await;
+    assert!(views[0].is_ok() && views[1].is_ok() && views[2].is_err());
     building
         .set_layer(
             "maintenance",
