@@ -7,13 +7,16 @@ use crate::dti::TwinSlot;
 use crate::dti::TypeContext;
 use crate::group::DtaEntry;
 use crate::maps::FastHash;
+use crate::spaces;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::Ref;
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 use twinfleet_models::{DeviceTypeId, DtaId, TwinId};
+use twinfleet_runtime::{Storage, WriteBatch, decode_record, encode_record};
 
 /// A concurrent map that only this module writes.
 #[derive(Debug)]
@@ -26,11 +29,6 @@ impl<K: Eq + Hash, V> Default for Entries<K, V> {
 }
 
 impl<K: Eq + Hash, V> Entries<K, V> {
-    /// A map split into `shards` locks (a power of two).
-    fn with_shards(shards: usize) -> Self {
-        Entries(DashMap::with_hasher_and_shard_amount(FastHash::default(), shards))
-    }
-
     pub(crate) fn get<Q>(&self, k: &Q) -> Option<Ref<'_, K, V>>
     where
         K: Borrow<Q>,
@@ -69,16 +67,61 @@ pub(crate) struct TwinDirectory {
     pub(crate) dtas: Entries<DtaId, Arc<DtaEntry>>,
     /// Records that failed to decode at start: twin id → reason.
     pub(crate) quarantine: Entries<String, String>,
+    /// Member counts of the DTAs at the last clean stop, taken as each DTA is added.
+    member_hints: parking_lot::Mutex<HashMap<String, usize>>,
 }
 
 impl Default for TwinDirectory {
     fn default() -> Self {
+        TwinDirectory::sized(SizeHints::default())
+    }
+}
+
+/// `META` key of the [`SizeHints`] record.
+const SIZE_HINTS: &[u8] = b"size-hints";
+
+/// How large the directory was at the last clean stop: a restart sizes its maps for that
+/// at once, instead of growing (and rehashing, which reads every key again) a million
+/// entries step by step. Only a hint: a missing or unreadable record sizes nothing.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SizeHints {
+    twins: usize,
+    dta_members: HashMap<String, usize>,
+}
+
+impl SizeHints {
+    pub(crate) fn load(storage: &dyn Storage) -> Self {
+        match storage.get(spaces::META, SIZE_HINTS) {
+            Ok(Some(raw)) => decode_record(&raw).unwrap_or_default(),
+            _ => SizeHints::default(),
+        }
+    }
+}
+
+impl TwinDirectory {
+    pub(crate) fn sized(hints: SizeHints) -> Self {
         TwinDirectory {
-            twins: Entries::with_shards(TWIN_SHARDS),
+            twins: Entries(DashMap::with_capacity_and_hasher_and_shard_amount(
+                hints.twins,
+                FastHash::default(),
+                TWIN_SHARDS,
+            )),
             types: Entries::default(),
             dtas: Entries::default(),
             quarantine: Entries::default(),
+            member_hints: parking_lot::Mutex::new(hints.dta_members),
         }
+    }
+
+    /// The record of the directory's sizes now, for the next start (written at a clean stop).
+    pub(crate) fn size_hints(&self) -> WriteBatch {
+        let hints = SizeHints {
+            twins: self.twins.len(),
+            dta_members: self.dtas.iter().map(|e| (e.key().to_string(), e.value().members.lock().len())).collect(),
+        };
+        let mut b = WriteBatch::new();
+        b.put(spaces::META, SIZE_HINTS, encode_record(&hints));
+        b
     }
 }
 
@@ -106,6 +149,9 @@ impl TwinDirectory {
     }
 
     pub(crate) fn add_dta(&self, id: DtaId, entry: Arc<DtaEntry>) {
+        if let Some(n) = self.member_hints.lock().remove(id.as_str()) {
+            entry.members.lock().reserve(n);
+        }
         self.dtas.0.insert(id, entry);
     }
 
@@ -147,5 +193,22 @@ impl TwinDirectory {
         self.twins.0.clear();
         self.types.0.clear();
         self.dtas.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The maps start at the sizes of the last stop: the twins' map holds that many
+    /// without growing, and a DTA added with a hint has room for its members.
+    #[test]
+    fn hints_size_the_twins_map_and_a_dta_members() {
+        let hints = SizeHints { twins: 50_000, dta_members: [("hall".to_string(), 7_000)].into() };
+        let d = TwinDirectory::sized(hints);
+        assert!(d.twins.0.capacity() >= 50_000, "capacity {}", d.twins.0.capacity());
+        assert_eq!(d.member_hints.lock().get("hall"), Some(&7_000));
+        let unsized_ = TwinDirectory::default();
+        assert!(unsized_.twins.0.capacity() < 50_000);
     }
 }

@@ -50,6 +50,7 @@ impl TwinEnv {
         settings: Settings,
         artifacts: std::path::PathBuf,
     ) -> Result<Arc<Self>, StorageError> {
+        let storage_for_hints = storage.clone();
         let credentials = Credentials::open(storage.clone())?;
         let access = AccessControl::open(storage.clone(), credentials.key())?;
         let jobs = Jobs::open(storage.clone())?;
@@ -60,7 +61,7 @@ impl TwinEnv {
             credentials,
             access,
             jobs,
-            directory: TwinDirectory::default(),
+            directory: TwinDirectory::sized(crate::directory::SizeHints::load(&*storage_for_hints)),
             claims: Default::default(),
             apps,
         }))

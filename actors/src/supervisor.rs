@@ -680,6 +680,8 @@ impl TwinRuntime {
     /// every twin, TDTA and DTA address so that their actors stop. Call it after the
     /// arbiters are stopped.
     pub async fn shutdown(&self) {
+        // How large the directory is, for the next start to size its maps (see `SizeHints`).
+        drop(self.env.storage.submit(self.env.directory.size_hints()));
         if let Err(e) = self.env.storage.barrier().await {
             tracing::error!("final flush failed: {e}");
         }

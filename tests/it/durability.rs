@@ -446,3 +446,40 @@ async fn a_data_directory_of_before_the_journal_pages_restores_its_per_event_tai
     assert_eq!(seqs, vec![1, 2]);
     p.shutdown().await;
 }
+
+/// A clean stop records how large the directory was (twins, each DTA's members), and the
+/// next start sizes its maps from it; a hint that does not decode sizes nothing and
+/// stops nothing.
+#[actix_rt::test]
+async fn a_clean_stop_leaves_size_hints_that_a_start_reads_and_survives_garbage_in() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let p = start(dir.path(), None, test_settings()).await;
+        p.create_dta(twinfleet::DtaSpec {
+            id: did("hall"),
+            name: "Hall".into(),
+            parents: vec![],
+            layers: Default::default(),
+        })
+        .await
+        .unwrap();
+        fleet(&p, "plug", json!({}), "h", 300, |i| if i % 3 == 0 { vec![did("hall")] } else { vec![] }).await;
+        p.shutdown().await;
+    }
+    {
+        let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
+        let raw = s.get(spaces::META, b"size-hints").unwrap().expect("written at the clean stop");
+        let hints: serde_json::Value = twinfleet_runtime::decode_record(&raw).unwrap();
+        assert_eq!(hints["twins"], 300, "{hints}");
+        assert_eq!(hints["dta_members"]["hall"], 100, "{hints}");
+        // Garbage in the hint's place.
+        let mut b = WriteBatch::new();
+        b.put(spaces::META, b"size-hints".to_vec(), b"\x01not a record".to_vec());
+        s.submit(b).await.unwrap();
+        s.shutdown();
+    }
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.restore_report().twins, 300);
+    assert_eq!(p.dta("hall").unwrap().info().members, 100);
+    p.shutdown().await;
+}
