@@ -60,7 +60,9 @@ const MAX_VIEWS: usize = 1_000;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ViewsQuery {
-    /// Twin ids, comma-separated (at most 1,000).
+    /// Twin ids, comma-separated: at most 1,000, and the whole URL under 64 KiB (HTTP
+    /// URIs longer than that are refused before any handler: 1,000 ids of up to ~60
+    /// characters; longer ids, fewer per call).
     ids: String,
 }
 
