@@ -89,12 +89,19 @@ pub(crate) struct SizeHints {
     dta_members: HashMap<String, usize>,
 }
 
+/// The most a hint sizes a map for: a record changed by hand (its checksum protects it
+/// from torn writes, not from that) must not make a start allocate without bound.
+const MAX_HINT: usize = 10_000_000;
+
 impl SizeHints {
     pub(crate) fn load(storage: &dyn Storage) -> Self {
-        match storage.get(spaces::META, SIZE_HINTS) {
+        let mut hints: SizeHints = match storage.get(spaces::META, SIZE_HINTS) {
             Ok(Some(raw)) => decode_record(&raw).unwrap_or_default(),
             _ => SizeHints::default(),
-        }
+        };
+        hints.twins = hints.twins.min(MAX_HINT);
+        hints.dta_members.values_mut().for_each(|n| *n = (*n).min(MAX_HINT));
+        hints
     }
 }
 

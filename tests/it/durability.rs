@@ -451,7 +451,7 @@ async fn a_data_directory_of_before_the_journal_pages_restores_its_per_event_tai
 /// next start sizes its maps from it; a hint that does not decode sizes nothing and
 /// stops nothing.
 #[actix_rt::test]
-async fn a_clean_stop_leaves_size_hints_that_a_start_reads_and_survives_garbage_in() {
+async fn a_clean_stop_leaves_size_hints_that_a_start_reads_and_survives_garbage_and_absurd_sizes() {
     let dir = tempfile::tempdir().unwrap();
     {
         let p = start(dir.path(), None, test_settings()).await;
@@ -481,5 +481,17 @@ async fn a_clean_stop_leaves_size_hints_that_a_start_reads_and_survives_garbage_
     let p = start(dir.path(), None, test_settings()).await;
     assert_eq!(p.restore_report().twins, 300);
     assert_eq!(p.dta("hall").unwrap().info().members, 100);
+    p.shutdown().await;
+    // A well-formed record with absurd sizes (written by hand) allocates within a bound.
+    {
+        let s = SledStorage::open(dir.path(), SledOptions::default()).unwrap();
+        let absurd = json!({"twins": 1u64 << 50, "dta_members": {"hall": 1u64 << 50}});
+        let mut b = WriteBatch::new();
+        b.put(spaces::META, b"size-hints".to_vec(), twinfleet_runtime::encode_record(&absurd));
+        s.submit(b).await.unwrap();
+        s.shutdown();
+    }
+    let p = start(dir.path(), None, test_settings()).await;
+    assert_eq!(p.restore_report().twins, 300);
     p.shutdown().await;
 }
