@@ -362,31 +362,25 @@ pub(crate) async fn views(
         .collect();
     let ms = infra.settings.request_timeout_ms;
     let asked: Vec<_> = groups
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(a, group)| {
+            let n = group.len();
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if !group.is_empty() {
-                let (group, deadline) = (group.clone(), infra.clock.clone());
+            if n > 0 {
+                let deadline = infra.clock.clone();
                 infra.arbiters.run_on(a, move || {
                     actix::spawn(async move {
                         let _ = tx.send(ask_here(group, deadline.sleep(ms), ms).await);
                     });
                 });
             }
-            rx
+            // Without an answer its arbiter stopped first: the platform is stopping.
+            rx.map(move |answered| answered.unwrap_or_else(|_| (0..n).map(|_| Err(TwinError::ShuttingDown)).collect()))
         })
         .collect();
-    let mut answers: Vec<std::vec::IntoIter<Result<TwinView, TwinError>>> = futures::future::join_all(asked)
-        .await
-        .into_iter()
-        .zip(groups)
-        .map(|(answered, group)| {
-            // Without an answer its arbiter stopped first (the platform is stopping).
-            answered.unwrap_or_else(|_| group.into_iter().map(|slot| Err(TwinHandle::new(slot).gone())).collect())
-        })
-        .map(Vec::into_iter)
-        .collect();
+    let mut answers: Vec<std::vec::IntoIter<Result<TwinView, TwinError>>> =
+        futures::future::join_all(asked).await.into_iter().map(Vec::into_iter).collect();
     places
         .into_iter()
         .map(|place| {
@@ -408,7 +402,6 @@ async fn ask_here(
     // Twins whose mailbox is full wait for room, like any other request.
     let mut parked = Vec::new();
     for (k, slot) in group.iter().enumerate() {
-        sink.expect();
         let ask = Ask::new(ViewInto { k: k as u32, sink: sink.clone() }, slot);
         match slot.with_addr(|a| a.try_send(ask)) {
             Some(Ok(())) | None => {}

@@ -170,7 +170,6 @@ pub(crate) struct ViewInto {
 }
 
 /// Where the twins of one batch put their views; see [`ViewInto`].
-#[derive(Default)]
 pub(crate) struct ViewSink {
     views: parking_lot::Mutex<Vec<Option<TwinView>>>,
     remaining: std::sync::atomic::AtomicUsize,
@@ -178,13 +177,14 @@ pub(crate) struct ViewSink {
 }
 
 impl ViewSink {
+    /// A sink for `places` twins: the batch must make exactly one [`ViewInto`] per place
+    /// (each counts itself done when it is dropped, answered or not).
     pub(crate) fn new(places: usize) -> Arc<Self> {
-        Arc::new(ViewSink { views: parking_lot::Mutex::new(vec![None; places]), ..Default::default() })
-    }
-
-    /// One more twin asked (before its message is sent).
-    pub(crate) fn expect(&self) {
-        self.remaining.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(ViewSink {
+            views: parking_lot::Mutex::new(vec![None; places]),
+            remaining: std::sync::atomic::AtomicUsize::new(places),
+            done: Default::default(),
+        })
     }
 
     /// Resolves once every twin asked has put its view or dropped its request.
