@@ -42,7 +42,12 @@ pub struct TelemetryPage {
 
 /// The series of one metric of one twin (a space is in neither a twin id nor a metric).
 pub(crate) fn series_key(twin: &str, metric: &str) -> String {
-    format!("{twin} {metric}")
+    series_key_parts(twin, metric).concat()
+}
+
+/// [`series_key`] in parts, for a writer that copies them where they go.
+pub(crate) fn series_key_parts<'a>(twin: &'a str, metric: &'a str) -> [&'a str; 3] {
+    [twin, " ", metric]
 }
 
 /// The metrics a query names (`metric`: one name, or several separated by commas; a

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
 use tokio::sync::oneshot;
 use twinfleet_models::MetricPoint;
 use twinfleet_runtime::WriteBatch;
+use twinfleet_runtime::series::SeriesBatch;
 
 struct Item {
     slot: Arc<TwinSlot>,
@@ -71,7 +72,8 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
             })
             .collect();
         let mut batch = WriteBatch::new();
-        let mut series = Vec::new();
+        let mut series = SeriesBatch::new();
+        let count = asked.len();
         let mut waiting = Vec::with_capacity(asked.len());
         for (slot, done, ask) in asked {
             let Some(ask) = ask else {
@@ -81,7 +83,11 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
             match ask.await {
                 Ok(Ok(Answered::Ready(p))) => {
                     batch.append(p.batch);
-                    series.extend(p.series);
+                    if series.is_empty() {
+                        // Room for every twin's batch, guessed from the first one's size.
+                        series = SeriesBatch::with_capacity(p.series.bytes_len() * count + 1024);
+                    }
+                    series.append(&p.series);
                     waiting.push((slot, done, p.points, p.snapshot));
                 }
                 Ok(Ok(Answered::AfterFlush { .. })) => {
@@ -98,7 +104,7 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
         if waiting.is_empty() {
             return;
         }
-        let history = infra2.series.submit(series);
+        let history = infra2.series.submit_batch(series);
         let stored = infra2.storage.submit(batch).and_series(history).await;
         for (slot, done, n, snapshot) in waiting {
             match &stored {

@@ -15,7 +15,7 @@ use crate::context::Infra;
 use crate::error::TwinError;
 use crate::records::{FleetChunk, journal_key, journal_prefix, twin_key};
 use crate::spaces;
-use crate::telemetry::series_key;
+use crate::telemetry::series_key_parts;
 use actix::prelude::*;
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -27,7 +27,7 @@ use twinfleet_models::{
     MetricPoint, Timestamp, TwinCommand, TwinEvent, TwinId, TwinRules, TwinState, WaitName, effective_config,
     validate_batch,
 };
-use twinfleet_runtime::series::SeriesPoints;
+use twinfleet_runtime::series::{SeriesBatch, SeriesError};
 use twinfleet_runtime::{ActorStats, ActorStatus, Ticket, WriteBatch, decode_record, encode_record, page_key, panic};
 
 mod kind;
@@ -178,7 +178,7 @@ impl Dti {
     ) -> Result<(Ticket, usize, Option<u64>), TwinError> {
         let Prepared { batch, series, points, snapshot } = self.prepare_telemetry(points, ctx)?;
         let env = &self.slot.ty.infra;
-        let history = env.series.submit(series);
+        let history = env.series.submit_batch(series);
         Ok((env.storage.submit(batch).and_series(history), points, snapshot))
     }
 
@@ -233,12 +233,8 @@ impl Dti {
         let n = points.len();
         // One series per metric, points in the order they came (the store sorts late
         // ones out, see `twinfleet_runtime::series`), grouped without sorting the batch.
-        let ns = self.slot.ty.device_type.to_string();
-        let series = group_by_metric(&points, |metric| SeriesPoints {
-            namespace: ns.clone(),
-            key: series_key(self.slot.id.as_str(), metric),
-            points: Vec::new(),
-        });
+        let series = series_of(&points, self.slot.ty.device_type.as_str(), self.slot.id.as_str())
+            .map_err(|e| TwinError::Storage(e.into()))?;
         Ok(Prepared { batch, series, points: n, snapshot })
     }
 
@@ -664,32 +660,60 @@ impl<M: Message<Result = T>, T: Send + 'static> actix::dev::MessageResponse<Dti,
     }
 }
 
-/// The batch's points as one series per metric, in the order each metric first appears,
-/// each series' points in the order they came. A few metrics are found by a linear
-/// scan, many through an index.
-fn group_by_metric(points: &[MetricPoint], new: impl Fn(&str) -> SeriesPoints) -> Vec<SeriesPoints> {
-    let mut series: Vec<SeriesPoints> = Vec::new();
+/// The batch's points as one series per metric (keyed by `series_key_parts`), in the order each metric first appears, each series' points
+/// in the order they came, encoded for the series store. A few metrics are found by a
+/// linear scan, many through an index.
+fn series_of(points: &[MetricPoint], namespace: &str, twin: &str) -> Result<SeriesBatch, SeriesError> {
     let mut names: Vec<&str> = Vec::new();
-    let mut index: Option<std::collections::HashMap<&str, usize>> = None;
+    let mut index: Option<std::collections::HashMap<&str, u32>> = None;
+    let mut group: Vec<u32> = Vec::with_capacity(points.len());
     for p in points {
         let metric = p.metric.as_str();
         let found = match &index {
             Some(ix) => ix.get(metric).copied(),
-            None => names.iter().position(|m| *m == metric),
+            None => names.iter().position(|m| *m == metric).map(|i| i as u32),
         };
         let i = found.unwrap_or_else(|| {
-            series.push(new(metric));
             names.push(metric);
             if let Some(ix) = &mut index {
-                ix.insert(metric, names.len() - 1);
+                ix.insert(metric, names.len() as u32 - 1);
             } else if names.len() > 16 {
-                index = Some(names.iter().enumerate().map(|(i, m)| (*m, i)).collect());
+                index = Some(names.iter().enumerate().map(|(i, m)| (*m, i as u32)).collect());
             }
-            names.len() - 1
+            names.len() as u32 - 1
         });
-        series[i].points.push((p.at.0, p.value));
+        group.push(i);
     }
-    series
+    let mut batch = SeriesBatch::with_capacity(
+        points.len() * 16 + names.iter().map(|m| 9 + namespace.len() + twin.len() + m.len()).sum::<usize>(),
+    );
+    let key = |metric| series_key_parts(twin, metric);
+    if names.len() == points.len() {
+        // Every metric once (the usual message): one series per point, in order.
+        for p in points {
+            batch.push(namespace, &key(&p.metric), [(p.at.0, p.value)])?;
+        }
+        return Ok(batch);
+    }
+    // Each group's points in arrival order (a counting sort of the point indices).
+    let mut starts = vec![0usize; names.len() + 1];
+    for &g in &group {
+        starts[g as usize + 1] += 1;
+    }
+    for g in 0..names.len() {
+        starts[g + 1] += starts[g];
+    }
+    let mut fill = starts.clone();
+    let mut order = vec![0usize; points.len()];
+    for (i, &g) in group.iter().enumerate() {
+        order[fill[g as usize]] = i;
+        fill[g as usize] += 1;
+    }
+    for (g, metric) in names.iter().enumerate() {
+        let mine = order[starts[g]..starts[g + 1]].iter().map(|&i| (points[i].at.0, points[i].value));
+        batch.push(namespace, &key(metric), mine)?;
+    }
+    Ok(batch)
 }
 
 #[cfg(test)]
@@ -702,12 +726,12 @@ mod tests {
             .iter()
             .map(|(m, at)| MetricPoint { metric: m.to_string(), at: Timestamp(*at), value: 1.0 })
             .collect();
-        let series = group_by_metric(&points, |m| SeriesPoints {
-            namespace: "t".into(),
-            key: m.to_string(),
-            points: Vec::new(),
-        });
-        series.into_iter().map(|s| (s.key, s.points.into_iter().map(|p| p.0).collect())).collect()
+        let series = series_of(&points, "t", "twin").unwrap().to_series();
+        assert!(series.iter().all(|s| s.namespace == "t"));
+        series
+            .into_iter()
+            .map(|s| (s.key.strip_prefix("twin ").unwrap().to_string(), s.points.into_iter().map(|p| p.0).collect()))
+            .collect()
     }
 
     #[test]
@@ -721,6 +745,12 @@ mod tests {
         let got = grouped(&points);
         assert_eq!(got.len(), 40);
         assert!(got.iter().zip(&names).all(|((k, at), m)| k == m && at == &vec![1, 2]), "{got:?}");
+        // Every metric once: one series per point, in order.
+        assert_eq!(grouped(&[("x", 5), ("y", 4)]), [("x".into(), vec![5]), ("y".into(), vec![4])]);
+        // A key too long for the series store refuses the batch (and only it).
+        let long = "m".repeat(600);
+        let p = MetricPoint { metric: long, at: Timestamp(1), value: 1.0 };
+        assert_eq!(series_of(&[p], "t", "twin"), Err(SeriesError::BadName));
     }
 }
 

@@ -100,7 +100,7 @@ pub(crate) struct Prepare(pub Vec<MetricPoint>);
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub batch: WriteBatch,
-    pub series: Vec<SeriesPoints>,
+    pub series: SeriesBatch,
     pub points: usize,
     /// The `last_seq` of a snapshot in `batch` (a rule's phase changed), to record once
     /// it is durable.

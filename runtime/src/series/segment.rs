@@ -66,8 +66,8 @@ fn put_u64(b: &mut Vec<u8>, v: u64) {
 /// Reads little-endian fields off a byte slice.
 pub(crate) struct Cursor<'a>(pub &'a [u8]);
 
-impl Cursor<'_> {
-    pub fn take(&mut self, n: usize) -> Option<&[u8]> {
+impl<'a> Cursor<'a> {
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -83,6 +83,10 @@ impl Cursor<'_> {
     }
     pub fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    pub fn str(&mut self) -> Option<&'a str> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).ok()
     }
     pub fn string(&mut self) -> Option<String> {
         let n = self.u16()? as usize;

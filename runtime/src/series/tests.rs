@@ -355,3 +355,40 @@ fn without_holds_checkpoints_keep_no_wal_and_the_cap_bounds_what_holds_keep() {
     s.checkpoint().unwrap();
     assert!(s.done_wal_files().is_empty(), "released: nothing kept");
 }
+
+#[test]
+fn an_encoded_batch_holds_what_was_pushed_and_refuses_bad_names_alone() {
+    let mut b = SeriesBatch::new();
+    b.push("ns", &["twin", " ", "m1"], [(1, 1.5), (2, f64::NAN)]).unwrap();
+    // A key of a 128-byte twin id and a 128-byte metric fits.
+    let (twin, metric) = ("t".repeat(128), "m".repeat(128));
+    b.push("ns", &[&twin, " ", &metric], [(3, -0.0)]).unwrap();
+    assert_eq!(b.push("", &["k"], [(1, 1.0)]), Err(SeriesError::BadName));
+    assert_eq!(b.push("ns", &[&"k".repeat(513)], [(1, 1.0)]), Err(SeriesError::BadName));
+    assert_eq!(b.push("ns", &[], [(1, 1.0)]), Err(SeriesError::BadName));
+    assert_eq!((b.series(), b.points()), (2, 3), "a refused series adds nothing");
+    let got = b.to_series();
+    assert_eq!(got[0].key, "twin m1");
+    assert_eq!(got[0].points[0], (1, 1.5));
+    assert!(got[0].points[1].1.is_nan());
+    assert_eq!(got[1].key.len(), 257);
+    assert_eq!(got[1].points[0].1.to_bits(), (-0.0f64).to_bits());
+    // Appended batches keep their series in order; the store takes them as one.
+    let mut all = SeriesBatch::new();
+    all.append(&b);
+    all.append(&b);
+    assert_eq!((all.series(), all.points()), (4, 6));
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    s.submit_batch(all).wait().unwrap();
+    // Again at the newest timestamp with the same value is a duplicate (dropped); again
+    // before it is a late point (kept, the later write winning in queries).
+    assert_eq!(s.counters.points.load(Relaxed), 4);
+    assert_eq!(s.counters.duplicates.load(Relaxed), 2);
+    assert_eq!(s.counters.late.load(Relaxed), 1);
+    s.shutdown();
+    // And the WAL replays them.
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.points("ns", &format!("{twin} {metric}"), 0, 10).collect::<Vec<_>>().len(), 1);
+    assert_eq!(s.points("ns", "twin m1", 0, 10).count(), 2);
+}
