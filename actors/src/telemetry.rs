@@ -12,13 +12,11 @@
 use crate::records::twin_key;
 use crate::spaces;
 use serde::Serialize;
-use serde::de::IgnoredAny;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use twinfleet_models::series::query::{Bucket, Downsample};
 use twinfleet_models::{MetricPoint, Timestamp, TwinId};
 use twinfleet_runtime::series::{Points, SeriesStore};
-use twinfleet_runtime::{Storage, StorageError, decode_record};
+use twinfleet_runtime::{Storage, StorageError};
 
 /// Which stored points to return: `metric` (all when `None`) with `from <= at <= to`,
 /// newest first, at most `limit` (plus the rest of the oldest millisecond returned).
@@ -57,7 +55,7 @@ fn metric_names(storage: &dyn Storage, id: &TwinId, metric: Option<&str>) -> Res
         Some(m) => m.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
         None => storage
             .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
-            .and_then(|raw| decode_record::<BTreeMap<String, IgnoredAny>>(&raw).ok())
+            .and_then(|raw| crate::dti::decode_latest(&raw).ok())
             .map(|m| m.into_keys().collect())
             .unwrap_or_default(),
     })

@@ -227,7 +227,7 @@ impl Dti {
             }
         }
         let mut batch = WriteBatch::new();
-        batch.put(spaces::TELEMETRY_LATEST, key, encode_record(&*latest));
+        batch.put(spaces::TELEMETRY_LATEST, key, slot::encode_latest(latest));
         // The rules look at every point, in arrival order, before the points are sorted.
         let snapshot = self.monitor(&points, &[], true, &mut batch, ctx);
         let n = points.len();
@@ -751,6 +751,30 @@ mod tests {
         let long = "m".repeat(600);
         let p = MetricPoint { metric: long, at: Timestamp(1), value: 1.0 };
         assert_eq!(series_of(&[p], "t", "twin"), Err(SeriesError::BadName));
+    }
+}
+
+#[cfg(test)]
+mod latest_record {
+    use super::*;
+
+    #[test]
+    fn the_binary_latest_record_roundtrips_and_the_json_one_still_reads() {
+        let mut l = Latest::new();
+        l.insert("temp".into(), LatestPoint { at: Timestamp(1_700_000_000_123), value: -0.5 });
+        l.insert("m".repeat(128), LatestPoint { at: Timestamp(-5), value: f64::MAX });
+        let raw = slot::encode_latest(&l);
+        assert_eq!(slot::decode_latest(&raw).unwrap(), l);
+        assert!(raw.len() < encode_record(&l).len(), "smaller than the JSON record");
+        // Written by an older version.
+        assert_eq!(slot::decode_latest(&encode_record(&l)).unwrap(), l);
+        // A flipped bit or a cut record is an error, never other values.
+        let mut flipped = raw.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(slot::decode_latest(&flipped).unwrap_err().contains("checksum"));
+        assert!(slot::decode_latest(&raw[..raw.len() - 3]).is_err());
+        assert!(slot::decode_latest(&raw[..3]).is_err());
+        assert_eq!(slot::decode_latest(&slot::encode_latest(&Latest::new())).unwrap(), Latest::new());
     }
 }
 
