@@ -302,6 +302,50 @@ async fn the_gateway_speaks_mqtt_3_and_5_and_closes_only_bad_connections() {
 }
 
 #[actix_rt::test]
+async fn keep_alive_closes_a_silent_device_and_spares_one_that_pings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (p, gw, ops, t0, t1) = setup(dir.path()).await;
+    // Keep-alive 1 s: the gateway waits 1.5 s for the next packet.
+    let hello = |id: &str, token: &str| {
+        let mut c = connect_packet(4, id, token, 0);
+        c[10..12].copy_from_slice(&1u16.to_be_bytes());
+        c
+    };
+    let mut silent = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    let mut pinging = tokio::net::TcpStream::connect(&ops).await.unwrap();
+    silent.write_all(&hello("m-0", &t0)).await.unwrap();
+    pinging.write_all(&hello("m-1", &t1)).await.unwrap();
+    let mut ack = [0u8; 4];
+    silent.read_exact(&mut ack).await.unwrap();
+    pinging.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let start = std::time::Instant::now();
+    let pings = async {
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            pinging.write_all(&[0xC0, 0x00]).await.unwrap();
+            let mut resp = [0u8; 2];
+            pinging.read_exact(&mut resp).await.expect("a device that pings stays connected");
+            assert_eq!(resp, [0xD0, 0x00]);
+        }
+    };
+    let closed = async {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        assert!(matches!(n, Ok(Ok(0))), "the silent device is closed without a word (3.1.1): {n:?} {rest:?}");
+        start.elapsed()
+    };
+    let ((), silent_for) = tokio::join!(pings, closed);
+    assert!(
+        silent_for >= Duration::from_millis(1_400) && silent_for < Duration::from_secs(3),
+        "closed after {silent_for:?} of silence (keep-alive 1 s: 1.5 s)"
+    );
+    gw.stop().await;
+    p.shutdown().await;
+}
+
+#[actix_rt::test]
 async fn a_device_provisions_itself_with_its_types_claim_token() {
     let dir = tempfile::tempdir().unwrap();
     let (p, gw, ops, _, _) = setup(dir.path()).await;

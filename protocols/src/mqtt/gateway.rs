@@ -415,6 +415,11 @@ impl Served<'_> {
     ) -> End {
         let mut pipeline: FuturesOrdered<Handled> = FuturesOrdered::new();
         let mut last_read = tokio::time::Instant::now();
+        // One timer for the connection's life, moved on when it fires early (not a timer
+        // made and dropped at every turn of the loop: that was a timer-wheel insert, a
+        // removal and a clock read per message).
+        let idle = tokio::time::sleep_until(last_read + keep_alive);
+        tokio::pin!(idle);
         loop {
             // Whole frames already read are handled first.
             while pipeline.len() < RECEIVE_MAX as usize {
@@ -451,7 +456,6 @@ impl Served<'_> {
                 self.out.clear();
             }
             let reading = pipeline.len() < RECEIVE_MAX as usize;
-            let idle = tokio::time::sleep_until(last_read + keep_alive);
             tokio::select! {
                 biased;
                 reason = session.closed() => {
@@ -486,7 +490,12 @@ impl Served<'_> {
                     Ok(0) | Err(_) => return End::Lost("connection lost"),
                     Ok(_) => last_read = tokio::time::Instant::now(),
                 },
-                () = idle, if !keep_alive.is_zero() && reading => {
+                () = &mut idle, if !keep_alive.is_zero() && reading => {
+                    let deadline = last_read + keep_alive;
+                    if tokio::time::Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     tracing::debug!(who = ?self.who, "silent for 1.5 x its keep-alive; closing");
                     return self.close(wr, wire::DISCONNECT_KEEP_ALIVE, "keep-alive expired").await;
                 }
