@@ -57,7 +57,13 @@ fn gone(slot: &TwinSlot) -> TwinError {
 fn drain(ty: Arc<TypeContext>, i: usize) {
     let (queue, scheduled) = &ty.ingest.queues[i];
     scheduled.store(false, std::sync::atomic::Ordering::Release);
-    let items = std::mem::take(&mut *queue.lock());
+    // The next queue starts with room for as many as this one holds (not grown from
+    // nothing, one reallocation after another, under the lock).
+    let items = {
+        let mut q = queue.lock();
+        let room = q.len();
+        std::mem::replace(&mut *q, Vec::with_capacity(room))
+    };
     if items.is_empty() {
         return;
     }
@@ -85,7 +91,7 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
                     batch.append(p.batch);
                     if series.is_empty() {
                         // Room for every twin's batch, guessed from the first one's size.
-                        series = SeriesBatch::with_capacity(p.series.bytes_len() * count + 1024);
+                        series = infra2.series.batch(p.series.bytes_len() * count + 1024);
                     }
                     series.append(&p.series);
                     waiting.push((slot, done, p.points, p.snapshot));

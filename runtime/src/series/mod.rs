@@ -352,6 +352,8 @@ pub struct SeriesStore {
     durable: Mutex<tail::WalPosition>,
     /// Readers' holds: name → oldest generation still needed.
     holds: Mutex<HashMap<String, u64>>,
+    /// Buffers of written batches, for the next ones ([`SeriesStore::batch`]).
+    spare: Mutex<Vec<Vec<u8>>>,
     pub counters: SeriesCounters,
 }
 
@@ -401,6 +403,7 @@ impl SeriesStore {
             writer: Mutex::new(None),
             durable: Mutex::new(tail::WalPosition::default()),
             holds: Mutex::new(HashMap::new()),
+            spare: Mutex::new(Vec::new()),
             counters: SeriesCounters::default(),
         });
         store.load_tombstones()?;
@@ -554,6 +557,29 @@ impl SeriesStore {
         }
     }
 
+    /// An empty batch with room for `bytes`, in the buffer of a batch already written
+    /// where one is spare. A producer that drains many twins at once (the gateways'
+    /// ingest) builds a batch of megabytes many times a second; made afresh each time
+    /// and freed on the writer's thread, its memory went back to the allocator's arena
+    /// and was faulted in again (zeroed, as huge pages) for the next one.
+    pub fn batch(&self, bytes: usize) -> SeriesBatch {
+        let mut buf = self.spare.lock().pop().unwrap_or_default();
+        buf.reserve(bytes);
+        SeriesBatch { bytes: buf, series: 0, points: 0 }
+    }
+
+    /// Keeps a written batch's buffer for [`SeriesStore::batch`]: a few, of a useful
+    /// size (small ones are cheap to make, huge ones not worth holding on to).
+    fn recycle(&self, mut buf: Vec<u8>) {
+        if (64 << 10..=64 << 20).contains(&buf.capacity()) {
+            let mut spare = self.spare.lock();
+            if spare.len() < 8 {
+                buf.clear();
+                spare.push(buf);
+            }
+        }
+    }
+
     /// [`SeriesStore::submit`] for points already encoded (the names were checked as
     /// they were added).
     pub fn submit_batch(&self, batch: SeriesBatch) -> SeriesTicket {
@@ -648,7 +674,8 @@ impl SeriesStore {
             if record.capacity() > 64 << 20 {
                 record = Vec::new();
             }
-            for (_, done) in group {
+            for (batch, done) in group {
+                self.recycle(batch.bytes);
                 let _ = done.send(result.clone());
             }
             if wal.bytes >= self.opts.checkpoint_wal_bytes {

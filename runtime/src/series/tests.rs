@@ -392,3 +392,22 @@ fn an_encoded_batch_holds_what_was_pushed_and_refuses_bad_names_alone() {
     assert_eq!(s.points("ns", &format!("{twin} {metric}"), 0, 10).collect::<Vec<_>>().len(), 1);
     assert_eq!(s.points("ns", "twin m1", 0, 10).count(), 2);
 }
+
+#[test]
+fn a_written_batch_lends_its_buffer_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    let mut b = s.batch(100_000);
+    b.push("ns", &["k"], (0..5_000).map(|i| (i, 1.0))).unwrap();
+    let (ptr, cap) = (b.bytes.as_ptr(), b.bytes.capacity());
+    s.submit_batch(b).wait().unwrap();
+    let again = s.batch(10);
+    assert!(again.is_empty() && again.bytes.is_empty());
+    assert_eq!((again.bytes.as_ptr(), again.bytes.capacity()), (ptr, cap), "the same buffer, emptied");
+    // A small one is not kept.
+    let mut small = s.batch(0);
+    small.push("ns", &["k"], [(9_000, 2.0)]).unwrap();
+    s.submit_batch(small).wait().unwrap();
+    assert_eq!(s.batch(0).bytes.capacity(), 0);
+    assert_eq!(s.points("ns", "k", 0, 10_000).count(), 5_001);
+}
