@@ -381,6 +381,25 @@ fn resend(twin: TwinHandle) {
     });
 }
 
+/// The least and most a connection reads at once.
+const MIN_READ: usize = 512;
+const MAX_READ: usize = 16 << 10;
+
+/// How much to read next time, after a read of `n` bytes into `room`. A read that fills
+/// its room means more is waiting in the socket: twice as much next time (a device that
+/// pipelines its messages was read in slivers of what a 512-byte buffer had left, about
+/// two `recv` calls per message, the second often finding nothing). A read that uses
+/// little of it halves it again, so a quiet device keeps a small buffer.
+fn next_read_size(size: usize, n: usize, room: usize) -> usize {
+    if n >= room {
+        (size * 2).min(MAX_READ)
+    } else if n * 4 < size {
+        (size / 2).max(MIN_READ)
+    } else {
+        size
+    }
+}
+
 /// One connection after its CONNACK.
 struct Served<'a> {
     gw: Arc<Gateway>,
@@ -420,6 +439,7 @@ impl Served<'_> {
         // removal and a clock read per message).
         let idle = tokio::time::sleep_until(last_read + keep_alive);
         tokio::pin!(idle);
+        let mut read_size = MIN_READ;
         loop {
             // Whole frames already read are handled first.
             while pipeline.len() < RECEIVE_MAX as usize {
@@ -456,6 +476,11 @@ impl Served<'_> {
                 self.out.clear();
             }
             let reading = pipeline.len() < RECEIVE_MAX as usize;
+            // Room to read into, as much as the last reads suggest (`next_read_size`).
+            if reading && buf.capacity() - buf.len() < read_size / 2 {
+                buf.reserve(read_size);
+            }
+            let room = buf.capacity() - buf.len();
             tokio::select! {
                 biased;
                 reason = session.closed() => {
@@ -488,7 +513,10 @@ impl Served<'_> {
                 }
                 read = rd.read_buf(&mut buf), if reading => match read {
                     Ok(0) | Err(_) => return End::Lost("connection lost"),
-                    Ok(_) => last_read = tokio::time::Instant::now(),
+                    Ok(n) => {
+                        last_read = tokio::time::Instant::now();
+                        read_size = next_read_size(read_size, n, room);
+                    }
                 },
                 () = &mut idle, if !keep_alive.is_zero() && reading => {
                     let deadline = last_read + keep_alive;
@@ -656,5 +684,22 @@ impl Served<'_> {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_size_grows_while_reads_fill_it_and_shrinks_while_they_do_not() {
+        // A full read doubles, up to the most.
+        assert_eq!(next_read_size(MIN_READ, 300, 300), 2 * MIN_READ);
+        assert_eq!(next_read_size(MAX_READ, 9_000, 9_000), MAX_READ);
+        // A read using under a quarter halves, down to the least.
+        assert_eq!(next_read_size(8_192, 1_000, 8_192), 4_096);
+        assert_eq!(next_read_size(MIN_READ, 10, 512), MIN_READ);
+        // In between it stays.
+        assert_eq!(next_read_size(4_096, 3_000, 4_096), 4_096);
     }
 }
