@@ -30,6 +30,7 @@ pub mod group;
 pub mod handle;
 pub mod inspection;
 pub mod jobs;
+mod latest;
 pub mod logs;
 mod maps;
 pub mod provisioning;

@@ -55,7 +55,7 @@ fn metric_names(storage: &dyn Storage, id: &TwinId, metric: Option<&str>) -> Res
         Some(m) => m.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
         None => storage
             .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
-            .and_then(|raw| crate::dti::decode_latest(&raw).ok())
+            .and_then(|raw| crate::latest::decode_latest(&raw).ok())
             .map(|m| m.into_keys().collect())
             .unwrap_or_default(),
     })

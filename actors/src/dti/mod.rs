@@ -755,30 +755,6 @@ mod tests {
 }
 
 #[cfg(test)]
-mod latest_record {
-    use super::*;
-
-    #[test]
-    fn the_binary_latest_record_roundtrips_and_the_json_one_still_reads() {
-        let mut l = Latest::new();
-        l.insert("temp".into(), LatestPoint { at: Timestamp(1_700_000_000_123), value: -0.5 });
-        l.insert("m".repeat(128), LatestPoint { at: Timestamp(-5), value: f64::MAX });
-        let raw = slot::encode_latest(&l);
-        assert_eq!(slot::decode_latest(&raw).unwrap(), l);
-        assert!(raw.len() < encode_record(&l).len(), "smaller than the JSON record");
-        // Written by an older version.
-        assert_eq!(slot::decode_latest(&encode_record(&l)).unwrap(), l);
-        // A flipped bit or a cut record is an error, never other values.
-        let mut flipped = raw.clone();
-        *flipped.last_mut().unwrap() ^= 1;
-        assert!(slot::decode_latest(&flipped).unwrap_err().contains("checksum"));
-        assert!(slot::decode_latest(&raw[..raw.len() - 3]).is_err());
-        assert!(slot::decode_latest(&raw[..3]).is_err());
-        assert_eq!(slot::decode_latest(&slot::encode_latest(&Latest::new())).unwrap(), Latest::new());
-    }
-}
-
-#[cfg(test)]
 mod size {
     /// A running twin is one allocation of actix's `ContextFut<Dti, _>` (the actor, its
     /// context and mailbox receiver), and a million mostly idle twins pay for its size
