@@ -660,29 +660,27 @@ impl<M: Message<Result = T>, T: Send + 'static> actix::dev::MessageResponse<Dti,
     }
 }
 
-/// The batch's points as one series per metric (keyed by `series_key_parts`), in the order each metric first appears, each series' points
-/// in the order they came, encoded for the series store. A few metrics are found by a
-/// linear scan, many through an index.
+/// The batch's points as one series per metric (keyed by `series_key_parts`), in the
+/// order each metric first appears, each series' points in the order they came, encoded
+/// for the series store. A few metrics are found by a linear scan, many through an index.
 fn series_of(points: &[MetricPoint], namespace: &str, twin: &str) -> Result<SeriesBatch, SeriesError> {
     let mut names: Vec<&str> = Vec::new();
-    let mut index: Option<std::collections::HashMap<&str, u32>> = None;
-    let mut group: Vec<u32> = Vec::with_capacity(points.len());
+    let mut index: Option<std::collections::HashMap<&str, usize>> = None;
+    let find = |names: &[&str], index: &Option<std::collections::HashMap<&str, usize>>, metric: &str| match index {
+        Some(ix) => ix.get(metric).copied(),
+        None => names.iter().position(|m| *m == metric),
+    };
     for p in points {
         let metric = p.metric.as_str();
-        let found = match &index {
-            Some(ix) => ix.get(metric).copied(),
-            None => names.iter().position(|m| *m == metric).map(|i| i as u32),
-        };
-        let i = found.unwrap_or_else(|| {
-            names.push(metric);
-            if let Some(ix) = &mut index {
-                ix.insert(metric, names.len() as u32 - 1);
-            } else if names.len() > 16 {
-                index = Some(names.iter().enumerate().map(|(i, m)| (*m, i as u32)).collect());
-            }
-            names.len() as u32 - 1
-        });
-        group.push(i);
+        if find(&names, &index, metric).is_some() {
+            continue;
+        }
+        names.push(metric);
+        if let Some(ix) = &mut index {
+            ix.insert(metric, names.len() - 1);
+        } else if names.len() > 16 {
+            index = Some(names.iter().enumerate().map(|(i, m)| (*m, i)).collect());
+        }
     }
     let mut batch = SeriesBatch::with_capacity(
         points.len() * 16 + names.iter().map(|m| 9 + namespace.len() + twin.len() + m.len()).sum::<usize>(),
@@ -695,22 +693,11 @@ fn series_of(points: &[MetricPoint], namespace: &str, twin: &str) -> Result<Seri
         }
         return Ok(batch);
     }
-    // Each group's points in arrival order (a counting sort of the point indices).
-    let mut starts = vec![0usize; names.len() + 1];
-    for &g in &group {
-        starts[g as usize + 1] += 1;
+    let mut per: Vec<Vec<(i64, f64)>> = vec![Vec::new(); names.len()];
+    for p in points {
+        per[find(&names, &index, &p.metric).expect("named above")].push((p.at.0, p.value));
     }
-    for g in 0..names.len() {
-        starts[g + 1] += starts[g];
-    }
-    let mut fill = starts.clone();
-    let mut order = vec![0usize; points.len()];
-    for (i, &g) in group.iter().enumerate() {
-        order[fill[g as usize]] = i;
-        fill[g as usize] += 1;
-    }
-    for (g, metric) in names.iter().enumerate() {
-        let mine = order[starts[g]..starts[g + 1]].iter().map(|&i| (points[i].at.0, points[i].value));
+    for (metric, mine) in names.iter().zip(per) {
         batch.push(namespace, &key(metric), mine)?;
     }
     Ok(batch)
