@@ -4,7 +4,14 @@
 //! cores.
 //!
 //! `cargo bench --bench ingest`. `TWINFLEET_BENCH_SECONDS` (default 5) sets each run's
-//! length; `TWINFLEET_BENCH_REPEAT` (default 3) the runs per row (median reported).
+//! length; `TWINFLEET_BENCH_REPEAT` (default 3) the runs per row (median reported);
+//! `TWINFLEET_BENCH_SECTIONS` (default `baseline,small,large,hub`) the rows.
+//!
+//! The `baseline` row is the transport's own ceiling on this machine: the same device
+//! process against a bare tonic `DeviceGateway` server that decodes each batch and
+//! acknowledges it at once (nothing authenticated, validated or stored), served like the
+//! gateway (one thread of its own, `TCP_NODELAY`). It is to the gRPC rows what the
+//! Mosquitto relay is to the MQTT bench's.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -101,12 +108,35 @@ async fn run() {
     let secs = env_or("TWINFLEET_BENCH_SECONDS", 5);
     let repeat = env_or("TWINFLEET_BENCH_REPEAT", 3) as usize;
 
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "baseline,small,large,hub".into());
+    let on = |s: &str| sections.split(',').any(|x| x == s);
+
     println!("| benchmark | devices | cores | points/s | detail |");
     println!("|---|---|---|---|---|");
-    for (label, n, per_batch) in [
-        ("DeviceGateway.SendTelemetry, 10 points/batch", devices, 10usize),
-        ("DeviceGateway.SendTelemetry, 1,000 points/batch", 100, 1_000),
+    if on("baseline") {
+        let (echo_addr, stop) = echo_server();
+        let mut rates = vec![];
+        let mut p50 = vec![];
+        for _ in 0..repeat {
+            let (rate, l50, _) = in_child(&echo_addr, &token_file, "gateway", devices, 10, secs).await;
+            rates.push(rate);
+            p50.push(l50);
+        }
+        let _ = stop.send(());
+        println!(
+            "| baseline: bare tonic server, decode + ack only, 10 points/batch | {devices} | {} | {:.0} | nothing authenticated or stored; per batch p50 {:.1} ms (median of {repeat}; devices in a child process) |",
+            cores(),
+            median(rates),
+            median(p50) / 1000.0,
+        );
+    }
+    for (section, label, n, per_batch) in [
+        ("small", "DeviceGateway.SendTelemetry, 10 points/batch", devices, 10usize),
+        ("large", "DeviceGateway.SendTelemetry, 1,000 points/batch", 100, 1_000),
     ] {
+        if !on(section) {
+            continue;
+        }
         let mut rates = vec![];
         let mut p50 = vec![];
         let mut p99 = vec![];
@@ -126,18 +156,84 @@ async fn run() {
             rss().saturating_sub(rss0) >> 20
         );
     }
-    let mut rates = vec![];
-    for _ in 0..repeat {
-        rates.push(in_child(&addr, &token_file, "hub", HUB_DEVICES, 1_000, secs).await.0);
+    if on("hub") {
+        let mut rates = vec![];
+        for _ in 0..repeat {
+            rates.push(in_child(&addr, &token_file, "hub", HUB_DEVICES, 1_000, secs).await.0);
+        }
+        println!(
+            "| gRPC Hub.SendNumericScalarValues, streams of 1,000 values | {HUB_DEVICES} | {} | {:.0} | one value per message, stored in batches of 1,000 (median of {repeat}) |",
+            cores(),
+            median(rates)
+        );
     }
-    println!(
-        "| gRPC Hub.SendNumericScalarValues, streams of 1,000 values | {HUB_DEVICES} | {} | {:.0} | one value per message, stored in batches of 1,000 (median of {repeat}) |",
-        cores(),
-        median(rates)
-    );
     gw.stop().await;
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The baseline's server: `DeviceGateway` with `SendTelemetry` answering each batch as
+/// soon as it is decoded, on an arbiter of its own. Returns its address and its stop.
+fn echo_server() -> (String, tokio::sync::oneshot::Sender<()>) {
+    use std::pin::Pin;
+    use tokio_stream::Stream;
+    use tonic::{Request, Response, Status};
+    use twinfleet_proto::device::device_gateway_server::{DeviceGateway, DeviceGatewayServer};
+
+    type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+    struct Echo;
+    #[tonic::async_trait]
+    impl DeviceGateway for Echo {
+        type SendTelemetryStream = Out<pb::BatchAck>;
+        type CommandsStream = Out<pb::Command>;
+        async fn send_telemetry(
+            &self,
+            req: Request<tonic::Streaming<pb::TelemetryBatch>>,
+        ) -> Result<Response<Self::SendTelemetryStream>, Status> {
+            let mut batches = req.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = batches.message().await {
+                    let ack = pb::BatchAck { batch_id: b.batch_id, accepted: b.points.len() as u32, error: String::new() };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+        async fn send_logs(&self, _: Request<pb::LogBatch>) -> Result<Response<pb::Ack>, Status> {
+            Err(Status::unimplemented("baseline"))
+        }
+        async fn report_state(&self, _: Request<pb::StateReport>) -> Result<Response<pb::Ack>, Status> {
+            Err(Status::unimplemented("baseline"))
+        }
+        async fn commands(&self, _: Request<pb::CommandsRequest>) -> Result<Response<Self::CommandsStream>, Status> {
+            Err(Status::unimplemented("baseline"))
+        }
+        async fn ack_command(&self, _: Request<pb::CommandAck>) -> Result<Response<pb::Ack>, Status> {
+            Err(Status::unimplemented("baseline"))
+        }
+    }
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    actix_rt::Arbiter::new().spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let _ = tonic::transport::Server::builder()
+            .add_service(DeviceGatewayServer::new(Echo))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+        actix_rt::Arbiter::current().stop();
+    });
+    (addr, stop)
 }
 
 fn authed<T>(msg: T, device: &str, token: &str) -> tonic::Request<T> {
