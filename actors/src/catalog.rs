@@ -317,8 +317,11 @@ impl TwinRuntime {
         // starts without it). `TELEMETRY` above is where data directories of before the
         // series store kept it.
         let history = env.series.delete_series(slot.ty.device_type.as_str(), &series_key(slot.id.as_str(), ""));
-        storage.submit(b).await?;
+        // The history first: its deletion waits for a checkpoint in progress, whose sink
+        // may still write this twin's latest values to sled (`crate::latest`); the
+        // batch's delete of them must come after.
         history.await.map_err(twinfleet_runtime::StorageError::from)?;
+        storage.submit(b).await?;
         env.credentials.forget(slot.id.as_str());
         Ok(())
     }

@@ -56,6 +56,8 @@ impl TwinEnv {
         let jobs = Jobs::open(storage.clone())?;
         let book = crate::alerting::AlertBook::open(storage.clone())?;
         let apps = crate::apps::AppStore::open(storage.clone(), artifacts, settings.max_artifact_bytes);
+        // Checkpoints of the history write the twins' latest values here.
+        series.set_last_sink(crate::latest::last_sink(storage.clone()));
         Ok(Arc::new(TwinEnv {
             infra: Arc::new(Infra::new(storage, series, clock, arbiters, settings, book)),
             credentials,

@@ -144,6 +144,17 @@ pub struct DtaSpec {
     pub layers: BTreeMap<String, ConfigLayer>,
 }
 
+/// The series of one metric of one twin in the series store (a space is in neither a
+/// twin id nor a metric).
+pub(crate) fn series_key(twin: &str, metric: &str) -> String {
+    series_key_parts(twin, metric).concat()
+}
+
+/// [`series_key`] in parts, for a writer that copies them where they go.
+pub(crate) fn series_key_parts<'a>(twin: &'a str, metric: &'a str) -> [&'a str; 3] {
+    [twin, " ", metric]
+}
+
 pub(crate) fn twin_key(id: &TwinId) -> Vec<u8> {
     id.as_str().as_bytes().to_vec()
 }

@@ -291,6 +291,15 @@ pub(crate) async fn restore(env: &Arc<TwinEnv>) -> Result<RestoreReport, TwinErr
             latest.insert(id, v);
         }
     }
+    // With the newer points of the history's heads (written since its last
+    // checkpoint; after a crash, replayed from its WAL).
+    for (id, points) in crate::latest::newest_by_twin(&env.series) {
+        let Ok(id) = TwinId::new(&id) else { continue };
+        let merged = crate::latest::merge_into(latest.get(&id).as_deref().map(|v| v.as_slice()), &points);
+        if let Some(merged) = merged {
+            latest.insert(id, merged);
+        }
+    }
 
     let n = env.arbiters.len();
     let mut pending = Vec::new();

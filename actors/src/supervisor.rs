@@ -680,17 +680,18 @@ impl TwinRuntime {
     /// every twin, TDTA and DTA address so that their actors stop. Call it after the
     /// arbiters are stopped.
     pub async fn shutdown(&self) {
+        // The last checkpoint of the history (blocking: seals the heads into segments),
+        // first: its sink writes the twins' latest values to storage (`crate::latest`).
+        let series = self.env.series.clone();
+        if tokio::task::spawn_blocking(move || series.shutdown()).await.is_err() {
+            tracing::error!("the history store did not shut down cleanly; its WAL replays at the next start");
+        }
         // How large the directory is, for the next start to size its maps (see `SizeHints`).
         drop(self.env.storage.submit(self.env.directory.size_hints()));
         if let Err(e) = self.env.storage.barrier().await {
             tracing::error!("final flush failed: {e}");
         }
         self.env.storage.shutdown();
-        // The last checkpoint of the history (blocking: seals the heads into segments).
-        let series = self.env.series.clone();
-        if tokio::task::spawn_blocking(move || series.shutdown()).await.is_err() {
-            tracing::error!("the history store did not shut down cleanly; its WAL replays at the next start");
-        }
         for t in self.env.directory.types.iter() {
             t.stop();
         }

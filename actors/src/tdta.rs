@@ -14,7 +14,7 @@ use crate::group::DtaEntry;
 use crate::handle::deliver;
 use crate::maps::FastMap;
 use crate::queued::Queued;
-use crate::records::{CHUNK, DeviceTypeSpec, FleetChunkRef, TwinSpec, fleet_key, twin_key};
+use crate::records::{CHUNK, DeviceTypeSpec, FleetChunkRef, TwinSpec, fleet_key};
 use crate::spaces;
 use actix::prelude::*;
 use serde::Serialize;
@@ -270,8 +270,11 @@ impl Tdta {
         ctx.spawn(load.into_actor(self).map(move |loaded, act, _| match loaded {
             Ok((state, tail)) => {
                 let env = act.env.clone();
-                let raw = env.storage.get(spaces::TELEMETRY_LATEST, &twin_key(&slot.id)).ok().flatten();
-                let latest = Start::decode_latest(&slot.id, raw.as_deref());
+                let latest =
+                    crate::latest::stored(&env.series, &*env.storage, slot.ty.device_type.as_str(), slot.id.as_str())
+                        .ok()
+                        .flatten()
+                        .map(Box::new);
                 let i = slot.arbiter as usize;
                 slot.stats.restarted();
                 tracing::info!(twin = %slot.id, attempt, "restarting twin from its last persisted state");

@@ -9,8 +9,6 @@
 //! continues exactly. The series streams decode one chunk cluster at a time, so a page
 //! holds at most `limit` points plus one cluster per metric, whatever the range.
 
-use crate::records::twin_key;
-use crate::spaces;
 use serde::Serialize;
 use std::sync::Arc;
 use twinfleet_models::series::query::{Bucket, Downsample};
@@ -38,23 +36,16 @@ pub struct TelemetryPage {
     pub next: Option<Timestamp>,
 }
 
-/// The series of one metric of one twin (a space is in neither a twin id nor a metric).
-pub(crate) fn series_key(twin: &str, metric: &str) -> String {
-    series_key_parts(twin, metric).concat()
-}
-
-/// [`series_key`] in parts, for a writer that copies them where they go.
-pub(crate) fn series_key_parts<'a>(twin: &'a str, metric: &'a str) -> [&'a str; 3] {
-    [twin, " ", metric]
-}
+pub(crate) use crate::records::{series_key, series_key_parts};
 
 /// The metrics a query names (`metric`: one name, or several separated by commas; a
 /// metric name holds no comma), or all the twin has (those its latest values name).
+/// (The latest-values record in sled names every metric, see `crate::latest`.)
 fn metric_names(storage: &dyn Storage, id: &TwinId, metric: Option<&str>) -> Result<Vec<String>, StorageError> {
     Ok(match metric {
         Some(m) => m.split(',').filter(|m| !m.is_empty()).map(String::from).collect(),
         None => storage
-            .get(spaces::TELEMETRY_LATEST, &twin_key(id))?
+            .get(crate::spaces::TELEMETRY_LATEST, id.as_str().as_bytes())?
             .and_then(|raw| crate::latest::decode_latest(&raw).ok())
             .map(|m| m.into_keys().collect())
             .unwrap_or_default(),

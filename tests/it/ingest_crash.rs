@@ -145,6 +145,13 @@ fn acknowledged_points_survive_sigkill_over_mqtt_and_grpc() {
             got.sort_unstable();
             got.dedup();
             assert_eq!(got.len() as i64, n, "k-{k}: {n} points acknowledged, {} survived", got.len());
+            // The latest value came back too (it rides in the WAL with the points): at
+            // least the last acknowledged one.
+            if n > 0 {
+                let view = twin.get().await.unwrap();
+                let latest = view.telemetry_latest.get("v").unwrap_or_else(|| panic!("k-{k}: no latest value"));
+                assert!(latest.at.0 >= base + n - 1, "k-{k}: latest at {} < last acked {}", latest.at.0 - base, n - 1);
+            }
         }
         p.shutdown().await;
     });

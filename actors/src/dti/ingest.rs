@@ -188,7 +188,7 @@ fn drain(ty: Arc<TypeContext>, i: usize) {
             return;
         }
         let history = infra2.series.submit_batch(series);
-        let stored = infra2.storage.submit(batch).and_series(history).await;
+        let stored = super::submit_unless_empty(&*infra2.storage, batch).and_series(history).await;
         answer_all(waiting.into_iter().map(|(slot, done, n, snapshot)| match &stored {
             Ok(()) => {
                 if let Some(seq) = snapshot {

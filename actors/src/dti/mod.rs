@@ -179,7 +179,7 @@ impl Dti {
         let Prepared { batch, series, points, snapshot } = self.prepare_telemetry(points, ctx)?;
         let env = &self.slot.ty.infra;
         let history = env.series.submit_batch(series);
-        Ok((env.storage.submit(batch).and_series(history), points, snapshot))
+        Ok((submit_unless_empty(&*env.storage, batch).and_series(history), points, snapshot))
     }
 
     /// Validates app log lines and queues their write (`crate::logs`).
@@ -214,8 +214,8 @@ impl Dti {
         }
         env.storage.writable()?;
         validate_batch(&points, env.clock.now(), &env.settings.telemetry)?;
-        let key = twin_key(&self.slot.id);
         let latest = self.latest.get_or_insert_with(Default::default);
+        let mut new_metric = false;
         for p in &points {
             // (A metric already known is not copied again.)
             match latest.get_mut(&p.metric) {
@@ -223,11 +223,16 @@ impl Dti {
                 Some(_) => {}
                 None => {
                     latest.insert(p.metric.clone(), LatestPoint { at: p.at, value: p.value });
+                    new_metric = true;
                 }
             }
         }
         let mut batch = WriteBatch::new();
-        batch.put(spaces::TELEMETRY_LATEST, key, slot::encode_latest(latest));
+        // The record in sled names every metric; the values are the series store's
+        // newest points (`crate::latest`): written here only when a metric is new.
+        if new_metric {
+            batch.put(spaces::TELEMETRY_LATEST, twin_key(&self.slot.id), slot::encode_latest(latest));
+        }
         // The rules look at every point, in arrival order, before the points are sorted.
         let snapshot = self.monitor(&points, &[], true, &mut batch, ctx);
         let n = points.len();
@@ -658,6 +663,12 @@ impl<M: Message<Result = T>, T: Send + 'static> actix::dev::MessageResponse<Dti,
             Answer::OnActor(fut) => drop(ctx.spawn(fut.map(move |r, _, _| send(r)))),
         }
     }
+}
+
+/// Submits `batch`, or answers at once where it holds nothing (a telemetry message
+/// usually writes to the series store alone, see `crate::latest`).
+pub(crate) fn submit_unless_empty(storage: &dyn twinfleet_runtime::Storage, batch: WriteBatch) -> Ticket {
+    if batch.is_empty() { Ticket::ready(Ok(())) } else { storage.submit(batch) }
 }
 
 /// The batch's points as one series per metric (keyed by `series_key_parts`), in the

@@ -25,6 +25,13 @@
 //!   than what retention dropped is refused as expired.
 //! - **Queries** ([`SeriesStore::points`]) stream one partition at a time, decode one
 //!   cluster of overlapping chunks at a time, and never touch the twins.
+//! - **Last points.** A head knows its series' newest point (the newest timestamp; of
+//!   equal ones the last written), so the store answers "the newest point of each series
+//!   written since the last checkpoint" from memory ([`SeriesStore::last_point`],
+//!   [`SeriesStore::last_points`]), also after a crash (the WAL replays into the heads).
+//!   A checkpoint hands those points to the owner's [`LastSink`] before it retires the
+//!   WAL that held them. The platform keeps a twin's latest telemetry values this way,
+//!   without a write of their own per message (see `twinfleet_actors::latest`).
 
 mod segment;
 mod tail;
@@ -94,6 +101,21 @@ fn io(e: std::io::Error) -> SeriesError {
         SeriesError::Io(e.to_string())
     }
 }
+
+/// The newest point of a series, as a checkpoint hands it to the [`LastSink`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastPoint {
+    pub namespace: String,
+    pub key: String,
+    pub at: i64,
+    pub value: f64,
+}
+
+/// Where a checkpoint hands the newest point of every series written since the one
+/// before (called off the writer thread, before the WAL that holds them is retired). An
+/// error keeps the WAL and the points: they are offered again at the next checkpoint
+/// and [`SeriesStore::last_point`] still answers them meanwhile.
+pub type LastSink = Box<dyn Fn(&[LastPoint]) -> Result<(), String> + Send + Sync>;
 
 /// The points of one series in one submission.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +347,14 @@ struct Heads {
     late: Option<Head>,
 }
 
+impl Heads {
+    /// The series' newest point since the last checkpoint: the main head's last (a
+    /// point at its newest timestamp goes there, so the last written of equal ones).
+    fn newest(&self) -> Option<(i64, f64)> {
+        self.main.as_ref().map(|h| (h.enc.last_at(), h.enc.last_value()))
+    }
+}
+
 /// One namespace: its partitions' segments, chunks sealed since the last checkpoint,
 /// the heads, and how far retention has dropped.
 #[derive(Default)]
@@ -339,6 +369,9 @@ struct Inner {
     spaces: HashMap<String, Namespace, foldhash::fast::RandomState>,
     seq: u64,
     tombstones: Vec<Tombstone>,
+    /// Newest points of checkpoints whose sink failed: offered again at the next one,
+    /// and answered by `last_point` where the series has no head since.
+    unsunk: HashMap<(String, String), (i64, f64)>,
 }
 
 /// The series store of one data directory.
@@ -354,6 +387,7 @@ pub struct SeriesStore {
     holds: Mutex<HashMap<String, u64>>,
     /// Buffers of written batches, for the next ones ([`SeriesStore::batch`]).
     spare: Mutex<Vec<Vec<u8>>>,
+    last_sink: parking_lot::RwLock<Option<LastSink>>,
     pub counters: SeriesCounters,
 }
 
@@ -362,6 +396,10 @@ pub struct SeriesStore {
 struct CheckpointJob {
     work: Vec<(String, i64, Vec<Arc<Sealed>>)>,
     old_gen: u64,
+    /// The newest point of every series written since the checkpoint before.
+    last: Vec<LastPoint>,
+    /// The store's sequence when it began (a deletion at or after it is newer).
+    seq: u64,
 }
 
 fn path_name(ns: &str) -> String {
@@ -398,12 +436,18 @@ impl SeriesStore {
         let store = Arc::new(SeriesStore {
             dir: dir.to_path_buf(),
             opts,
-            inner: Mutex::new(Inner { spaces: HashMap::default(), seq: 0, tombstones: Vec::new() }),
+            inner: Mutex::new(Inner {
+                spaces: HashMap::default(),
+                seq: 0,
+                tombstones: Vec::new(),
+                unsunk: HashMap::new(),
+            }),
             tx: parking_lot::RwLock::new(None),
             writer: Mutex::new(None),
             durable: Mutex::new(tail::WalPosition::default()),
             holds: Mutex::new(HashMap::new()),
             spare: Mutex::new(Vec::new()),
+            last_sink: parking_lot::RwLock::new(None),
             counters: SeriesCounters::default(),
         });
         store.load_tombstones()?;
@@ -795,10 +839,21 @@ impl SeriesStore {
     /// in the old generations until [`Self::finish_checkpoint`] has them in segments.
     fn begin_checkpoint(&self, wal: &mut Wal) -> Result<CheckpointJob, SeriesError> {
         let next = Wal::create(&self.dir.join("wal"), wal.gen_no + 1)?;
-        let work: Vec<(String, i64, Vec<Arc<Sealed>>)> = {
+        let (work, last, seq) = {
             let mut inner = self.inner.lock();
+            let seq = inner.seq;
+            let Inner { spaces, unsunk, .. } = &mut *inner;
             let mut work = Vec::new();
-            for (name, ns) in inner.spaces.iter_mut() {
+            let mut last: Vec<LastPoint> = std::mem::take(unsunk)
+                .into_iter()
+                .map(|((namespace, key), (at, value))| LastPoint { namespace, key, at, value })
+                .collect();
+            for (name, ns) in spaces.iter_mut() {
+                for (key, heads) in ns.heads.iter() {
+                    if let Some((at, value)) = heads.newest() {
+                        last.push(LastPoint { namespace: name.clone(), key: key.clone(), at, value });
+                    }
+                }
                 for (key, heads) in ns.heads.iter_mut() {
                     for h in [heads.main.take(), heads.late.take()].into_iter().flatten() {
                         let (p, s) = seal(key, h);
@@ -810,17 +865,33 @@ impl SeriesStore {
                     work.push((name.clone(), *p, chunks.clone()));
                 }
             }
-            work
+            (work, last, seq)
         };
         let old = std::mem::replace(wal, next);
         *self.durable.lock() = tail::WalPosition { generation: wal.gen_no, offset: wal.bytes };
-        Ok(CheckpointJob { work, old_gen: old.gen_no })
+        Ok(CheckpointJob { work, old_gen: old.gen_no, last, seq })
     }
 
     /// Writes a checkpoint's sealed chunks as segment files (off the writer thread when
     /// it was started by the WAL's size), makes them the chunks' home, and removes the
     /// WAL generations they came from.
     fn finish_checkpoint(&self, job: CheckpointJob) -> Result<(), SeriesError> {
+        // The newest points go to their sink first: the WAL that holds them is retired
+        // below. If it fails they wait for the next checkpoint (and the WAL is kept).
+        if !job.last.is_empty()
+            && let Some(sink) = &*self.last_sink.read()
+            && let Err(e) = sink(&job.last)
+        {
+            let mut inner = self.inner.lock();
+            let Inner { unsunk, tombstones, .. } = &mut *inner;
+            for p in job.last {
+                // (A series deleted meanwhile stays deleted.)
+                if !tombstones.iter().any(|t| t.seq >= job.seq && t.covers(&p.namespace, &p.key)) {
+                    unsunk.insert((p.namespace, p.key), (p.at, p.value));
+                }
+            }
+            return Err(SeriesError::Io(format!("the newest points' sink failed: {e}")));
+        }
         let mut written = Vec::new();
         for (ns, p, chunks) in job.work {
             let dir = self.dir.join(path_name(&ns)).join(p.to_string());
@@ -856,8 +927,50 @@ impl SeriesStore {
         Ok(())
     }
 
+    /// Where checkpoints hand the newest point of each series written since the one
+    /// before (see the module documentation).
+    pub fn set_last_sink(&self, sink: LastSink) {
+        *self.last_sink.write() = Some(sink);
+    }
+
+    /// The newest point of a series written since the last checkpoint (that the sink
+    /// has not taken), if any.
+    pub fn last_point(&self, namespace: &str, key: &str) -> Option<(i64, f64)> {
+        let inner = self.inner.lock();
+        let head = inner.spaces.get(namespace).and_then(|ns| ns.heads.get(key)).and_then(Heads::newest);
+        let unsunk = if inner.unsunk.is_empty() {
+            None
+        } else {
+            inner.unsunk.get(&(namespace.to_string(), key.to_string())).copied()
+        };
+        match (head, unsunk) {
+            (Some(h), Some(u)) => Some(if u.0 > h.0 { u } else { h }),
+            (h, u) => h.or(u),
+        }
+    }
+
+    /// [`SeriesStore::last_point`] of every series that has one (after a restart: what
+    /// the WAL replayed), for a reader that merges them with what the sink wrote.
+    pub fn last_points(&self) -> Vec<LastPoint> {
+        let inner = self.inner.lock();
+        let mut out: Vec<LastPoint> = Vec::new();
+        for (name, ns) in &inner.spaces {
+            for (key, heads) in &ns.heads {
+                if let Some((at, value)) = heads.newest() {
+                    out.push(LastPoint { namespace: name.clone(), key: key.clone(), at, value });
+                }
+            }
+        }
+        // Older sink failures: where the series has a newer head, both are listed and
+        // the reader keeps the newer.
+        for ((namespace, key), (at, value)) in &inner.unsunk {
+            out.push(LastPoint { namespace: namespace.clone(), key: key.clone(), at: *at, value: *value });
+        }
+        out
+    }
+
     /// Deletes every series of `namespace` whose key starts with `prefix` (a twin's
-    /// series: `"<twin id> "`), durably: what was stored before is never read again, also
+    /// series: `"<twin id> "`), and their newest points, durably: what was stored before is never read again, also
     /// not from the WAL after a crash; points submitted afterwards start new series.
     pub fn delete_series(&self, namespace: &str, prefix: &str) -> SeriesTicket {
         let (done, rx) = oneshot::channel();
@@ -879,6 +992,7 @@ impl SeriesStore {
             OpenOptions::new().create(true).append(true).mode(0o600).open(self.dir.join("tombstones")).map_err(io)?;
         f.write_all(&t.encode()).and_then(|_| f.sync_data()).map_err(io)?;
         inner.seq += 1;
+        inner.unsunk.retain(|(ns, k), _| !t.covers(ns, k));
         if let Some(ns) = inner.spaces.get_mut(&t.namespace) {
             ns.heads.retain(|k, _| !k.starts_with(&t.prefix));
             for chunks in ns.sealed.values_mut() {

@@ -411,3 +411,59 @@ fn a_written_batch_lends_its_buffer_to_the_next() {
     assert_eq!(s.batch(0).bytes.capacity(), 0);
     assert_eq!(s.points("ns", "k", 0, 10_000).count(), 5_001);
 }
+
+#[test]
+fn the_newest_points_replay_reach_the_sink_at_a_checkpoint_and_go_with_a_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesStore::open(dir.path(), opts()).unwrap();
+    put(&s, "meter", "a temp", vec![(10, 1.0), (30, 3.0), (20, 2.0)]);
+    put(&s, "meter", "a temp", vec![(30, 3.5)]);
+    put(&s, "meter", "b temp", vec![(5, 0.5)]);
+    assert_eq!(s.last_point("meter", "a temp"), Some((30, 3.5)), "the newest; of equal times the last written");
+    assert_eq!(s.last_point("other", "a temp"), None);
+
+    // A crash: the WAL brings them back.
+    let crashed = tempfile::tempdir().unwrap();
+    crash_copy(dir.path(), crashed.path());
+    let r = SeriesStore::open(crashed.path(), opts()).unwrap();
+    let mut replayed: Vec<(String, i64, f64)> = r.last_points().into_iter().map(|p| (p.key, p.at, p.value)).collect();
+    replayed.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(replayed, vec![("a temp".into(), 30, 3.5), ("b temp".into(), 5, 0.5)]);
+    r.shutdown();
+
+    // A failing sink: the checkpoint fails, the points are still answered and offered
+    // again; a working one takes them.
+    let calls: Arc<Mutex<Vec<Vec<LastPoint>>>> = Arc::default();
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (c, f) = (calls.clone(), fail.clone());
+    s.set_last_sink(Box::new(move |points| {
+        c.lock().push(points.to_vec());
+        if f.load(Relaxed) { Err("disk full".into()) } else { Ok(()) }
+    }));
+    assert!(s.checkpoint().is_err());
+    assert_eq!(s.last_point("meter", "a temp"), Some((30, 3.5)), "kept after the heads were sealed");
+    put(&s, "meter", "b temp", vec![(1, 0.1)]);
+    assert_eq!(s.last_point("meter", "b temp"), Some((5, 0.5)), "a late point is not the newest");
+    fail.store(false, Relaxed);
+    s.checkpoint().unwrap();
+    let last = calls.lock().last().unwrap().clone();
+    let mut got: Vec<(String, i64, f64)> = last.into_iter().map(|p| (p.key, p.at, p.value)).collect();
+    got.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.cmp(&y.1)));
+    // b's newest is at 5: the sink keeps the newer of what it gets and what it has.
+    assert_eq!(got, vec![("a temp".into(), 30, 3.5), ("b temp".into(), 1, 0.1), ("b temp".into(), 5, 0.5)]);
+    assert_eq!(s.last_point("meter", "a temp"), None, "the sink has it");
+    assert!(s.last_points().is_empty());
+
+    // A deleted twin's newest points go with its series, also from the WAL.
+    put(&s, "meter", "a temp", vec![(40, 4.0)]);
+    put(&s, "meter", "b temp", vec![(40, 4.0)]);
+    s.delete_series("meter", "a ").wait().unwrap();
+    assert_eq!(s.last_point("meter", "a temp"), None);
+    let crashed = tempfile::tempdir().unwrap();
+    crash_copy(dir.path(), crashed.path());
+    let r = SeriesStore::open(crashed.path(), opts()).unwrap();
+    assert_eq!(r.last_point("meter", "a temp"), None);
+    assert_eq!(r.last_point("meter", "b temp"), Some((40, 4.0)));
+    r.shutdown();
+    s.shutdown();
+}
