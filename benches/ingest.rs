@@ -194,7 +194,8 @@ fn echo_server() -> (String, tokio::sync::oneshot::Sender<()>) {
             let (tx, rx) = mpsc::channel(4);
             tokio::spawn(async move {
                 while let Ok(Some(b)) = batches.message().await {
-                    let ack = pb::BatchAck { batch_id: b.batch_id, accepted: b.points.len() as u32, error: String::new() };
+                    let ack =
+                        pb::BatchAck { batch_id: b.batch_id, accepted: b.points.len() as u32, error: String::new() };
                     if tx.send(Ok(ack)).await.is_err() {
                         break;
                     }
