@@ -339,8 +339,7 @@ impl Gateway {
             next_pkid: 0,
             inflight: 0,
         };
-        // (ms; the runtime's clock, so that tests run it on virtual time)
-        let keep_alive = u64::from(hello.keep_alive) * 1_500;
+        let keep_alive = Duration::from_millis(u64::from(hello.keep_alive) * 1_500);
         let end = s.run(rd, &mut wr, buf, keep_alive, out_rx, kicked, &session, closing).await;
         let _ = wr.shutdown().await;
         self.forget(&who, &conn);
@@ -427,19 +426,19 @@ impl Served<'_> {
         mut rd: tokio::net::tcp::OwnedReadHalf,
         wr: &mut tokio::net::tcp::OwnedWriteHalf,
         mut buf: BytesMut,
-        keep_alive: u64,
+        keep_alive: Duration,
         mut commands: mpsc::Receiver<Outgoing>,
         mut kicked: watch::Receiver<bool>,
         session: &twinfleet_actors::Session,
         closing: &mut watch::Receiver<bool>,
     ) -> End {
         let mut pipeline: FuturesOrdered<Handled> = FuturesOrdered::new();
-        let clock = self.gw.rt().clock().clone();
-        let mut last_read = clock.now();
-        // One timer at a time for the connection, made again only when it fires early
-        // (not a timer made and dropped at every turn of the loop: that was a timer-wheel
-        // insert, a removal and a clock read per message). On the runtime's clock.
-        let mut idle = clock.sleep_until(last_read + keep_alive);
+        let mut last_read = tokio::time::Instant::now();
+        // One timer for the connection's life, moved on when it fires early (not a timer
+        // made and dropped at every turn of the loop: that was a timer-wheel insert, a
+        // removal and a clock read per message).
+        let idle = tokio::time::sleep_until(last_read + keep_alive);
+        tokio::pin!(idle);
         let mut read_size = MIN_READ;
         loop {
             // Whole frames already read are handled first.
@@ -497,7 +496,7 @@ impl Served<'_> {
                 Some((qos, pkid, result, reply)) = pipeline.next(), if !pipeline.is_empty() => {
                     // Keep-alive counts only the time this side was willing to read: a
                     // device waiting on its twin is not silent.
-                    last_read = clock.now();
+                    last_read = tokio::time::Instant::now();
                     if let Err(end) = self.handled(qos, pkid, result, reply) {
                         return self.close(wr, wire::DISCONNECT_SERVER_BUSY, end).await;
                     }
@@ -515,14 +514,14 @@ impl Served<'_> {
                 read = rd.read_buf(&mut buf), if reading => match read {
                     Ok(0) | Err(_) => return End::Lost("connection lost"),
                     Ok(n) => {
-                        last_read = clock.now();
+                        last_read = tokio::time::Instant::now();
                         read_size = next_read_size(read_size, n, room);
                     }
                 },
-                () = &mut idle, if keep_alive > 0 && reading => {
+                () = &mut idle, if !keep_alive.is_zero() && reading => {
                     let deadline = last_read + keep_alive;
-                    if clock.now() < deadline {
-                        idle = clock.sleep_until(deadline);
+                    if tokio::time::Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
                         continue;
                     }
                     tracing::debug!(who = ?self.who, "silent for 1.5 x its keep-alive; closing");
