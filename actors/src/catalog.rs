@@ -16,7 +16,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 use twinfleet_models::access::{access_to_dta, access_to_twin, access_to_type, decide};
 use twinfleet_models::{Access, Action, DeviceTypeId, DtaId, Role, Scope, TwinFacts, TwinId};
-use twinfleet_runtime::{WriteBatch, decode_record, encode_record};
+use twinfleet_runtime::WriteBatch;
 
 /// The DTA `root` and every DTA nested under it.
 fn subtree(env: &TwinEnv, root: &DtaId) -> Vec<DtaId> {
@@ -290,7 +290,7 @@ impl TwinRuntime {
             if let Some(key) = key
                 && let Some(bytes) = storage.get(spaces::FLEET, &key)?
             {
-                let mut chunk: FleetChunk = decode_record(&bytes)
+                let mut chunk = FleetChunk::decode(&bytes)
                     .map_err(|e| TwinError::Invalid(format!("fleet record of twin {id} does not decode: {e}")))?;
                 chunk.twins.retain(|s| s.id != slot.id);
                 let rec = FleetChunkRef {
@@ -298,7 +298,7 @@ impl TwinRuntime {
                     created_at: chunk.created_at,
                     twins: &chunk.twins,
                 };
-                b.put(spaces::FLEET, key, encode_record(&rec));
+                b.put(spaces::FLEET, key, rec.encode());
             }
         }
         // Its open alerts end with it.

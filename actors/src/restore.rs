@@ -83,7 +83,7 @@ fn restore_chunk(
     arbiter: u16,
 ) -> ChunkOutcome {
     let mut out = ChunkOutcome::default();
-    let chunk = match decode_record::<FleetChunk>(bytes) {
+    let chunk = match FleetChunk::decode(bytes) {
         Ok(c) => c,
         Err(e) => {
             let reason = format!("{e}; its twins start only from their own snapshots");

@@ -124,7 +124,7 @@ fn launch_chunks(env: &TwinEnv, ty: &TypeContext, now: Timestamp, works: Vec<Chu
     for w in works {
         let record = FleetChunkRef { device_type: &ty.device_type, created_at: now, twins: &w.specs };
         let mut batch = w.also;
-        batch.put(spaces::FLEET, w.key, encode_record(&record));
+        batch.put(spaces::FLEET, w.key, record.encode());
         tickets.push(env.storage.submit(batch));
         for (slot, spec) in w.slots.into_iter().zip(w.specs) {
             let state = spec.into_initial_state(&ty.device_type, &ty.model, now);

@@ -273,7 +273,7 @@ fn load_base(ty: &TypeContext, slot: &TwinSlot) -> Result<TwinState, String> {
     }
     let key = ty.chunks.lock().get(slot.origin as usize).cloned().ok_or("fleet record index out of range")?;
     let bytes = storage.get(spaces::FLEET, &key).map_err(|e| e.to_string())?.ok_or("fleet record missing")?;
-    let chunk: FleetChunk = decode_record(&bytes).map_err(|e| format!("fleet record: {e}"))?;
+    let chunk = FleetChunk::decode(&bytes).map_err(|e| format!("fleet record: {e}"))?;
     let spec = chunk.twins.iter().find(|s| s.id == slot.id).ok_or("twin missing from its fleet record")?;
     Ok(spec.initial_state(&chunk.device_type, &ty.model, chunk.created_at))
 }
