@@ -23,7 +23,7 @@ use twinfleet::Platform;
 use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway, QoS};
 
 mod common;
-use common::{cores, env_or, median, meter_fleet, pct, rss};
+use common::{Mosquitto, cores, env_or, median, meter_fleet, pct, rss};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -285,28 +285,18 @@ async fn settle(count: &impl Fn() -> u64, quiet: Duration) -> (u64, Instant) {
 /// same device process to one subscriber (nothing stored). Skipped, with a message,
 /// where Mosquitto is not installed.
 async fn mosquitto_relay(n: usize, secs: u64, repeat: usize, token_file: &std::path::Path, dir: &std::path::Path) {
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    let Some(bin) = bin else {
+    // No limit on the subscriber's queue (the default of 1,000 would drop messages and
+    // flatter the rate), no persistence: a pure relay.
+    let conf =
+        "allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 100\npersistence false\nlog_type error\n";
+    let Some(broker) = Mosquitto::start(dir, conf) else {
         println!(
             "| Mosquitto relay, QoS 1 | — | {} | | | | SKIPPED: mosquitto not installed (apt-get install mosquitto) |",
             cores()
         );
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let conf = dir.join("mosquitto.conf");
-    // No limit on the subscriber's queue (the default of 1,000 would drop messages and
-    // flatter the rate), no persistence: a pure relay.
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 100\npersistence false\nlog_type error\n"),
-    )
-    .unwrap();
-    let mut broker =
-        Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let port = broker.port;
     let addr = format!("127.0.0.1:{port}");
 
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -378,6 +368,5 @@ async fn mosquitto_relay(n: usize, secs: u64, repeat: usize, token_file: &std::p
     writeln!(to_child, "QUIT").unwrap();
     let _ = child.wait();
     poller.abort();
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
 }

@@ -13,8 +13,15 @@
 //! claimers flood one claim token on the provisioning gateway with the default rate
 //! limits; the rows compare its publish → PUBACK latency without and with the flood.
 //!
+//! Section `baseline`: the MQTT exchanges of the same onboarding with nothing behind
+//! them, on Mosquitto: per device a claim connection (CONNECT, SUBSCRIBE to its reply
+//! topic, PUBLISH the claim there, receive it back relayed, DISCONNECT) and then an
+//! operational connection (CONNECT, SUBSCRIBE to its commands, DISCONNECT), the same
+//! device process and clients (rumqttc), no twin, no token, no record. Skipped, loudly,
+//! where Mosquitto is not installed.
+//!
 //! `cargo bench --bench provision`. `TWINFLEET_BENCH_DEVICES` (default 10,000),
-//! `TWINFLEET_BENCH_SECTIONS` (default `mqtt,grpc,approve,flood`).
+//! `TWINFLEET_BENCH_SECTIONS` (default `baseline,mqtt,grpc,approve,flood`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -26,7 +33,7 @@ use twinfleet_protocols::mqtt::{Endpoint, MqttConfig, MqttDevice, MqttGateway};
 use twinfleet_protocols::{GrpcDevice, GrpcGateway};
 
 mod common;
-use common::{cores, env_or, pct};
+use common::{Mosquitto, cores, cpu_ms, env_or, pct};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -40,7 +47,8 @@ fn main() {
 }
 
 /// The child: `<protocol> <provisioning addr> <operational addr> <type> <claim token> <n>`;
-/// prints one line per device (`ms`), then `DONE <wall ms> <failures>`.
+/// prints one line per device (`ms`), then `DONE <wall ms> <failures> <CPU ms>` (the
+/// process's own user + system time).
 async fn devices(args: String) {
     let a: Vec<String> = args.split_whitespace().map(String::from).collect();
     if a[0] == "flood" {
@@ -57,6 +65,7 @@ async fn devices(args: String) {
                 let serial = format!("S-{i:05}");
                 let t = Instant::now();
                 let ok = match proto.as_str() {
+                    "baseline" => baseline_device(&prov, &id).await,
                     "mqtt" => mqtt_device(&prov, &ops, &ty, &claim, &id, &serial).await,
                     _ => grpc_device(&prov, &ty, &claim, &id, &serial).await,
                 };
@@ -73,7 +82,7 @@ async fn devices(args: String) {
         }
     }
     print!("{lines}");
-    println!("DONE {:.1} {failures}", started.elapsed().as_secs_f64() * 1e3);
+    println!("DONE {:.1} {failures} {}", started.elapsed().as_secs_f64() * 1e3, cpu_ms("self"));
 }
 
 /// Publishes `n` QoS 1 messages one at a time; each one's publish → PUBACK time (ms).
@@ -141,6 +150,53 @@ async fn flood(a: &[String]) {
     dev.disconnect().await;
 }
 
+/// The baseline's device (see the module documentation) against the broker at `addr`.
+async fn baseline_device(addr: &str, id: &str) -> bool {
+    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let port: u16 = port.parse().unwrap();
+    let session = |client_id: String| {
+        let mut o = MqttOptions::new(client_id, host, port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    async fn until(ev: &mut EventLoop, done: impl Fn(&Packet) -> bool) -> bool {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) if done(&p) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+    async fn hang_up(c: AsyncClient, ev: &mut EventLoop) {
+        let _ = c.disconnect().await;
+        let sent = async { while !matches!(ev.poll().await, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), sent).await;
+    }
+    for _ in 0..50 {
+        // The claim: the request relayed back as the answer.
+        let (c, mut ev) = AsyncClient::new(session(format!("c-{id}")), 16);
+        let topic = format!("provisioning/{id}/reply");
+        let _ = c.subscribe(&topic, QoS::AtLeastOnce).await;
+        let _ = c.publish(&topic, QoS::AtLeastOnce, false, vec![b'x'; 160]).await;
+        if !until(&mut ev, |p| matches!(p, Packet::Publish(_))).await {
+            // The listener's backlog or a busy moment: try again shortly (as the real
+            // device does).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        hang_up(c, &mut ev).await;
+        // The operational connection.
+        let (c, mut ev) = AsyncClient::new(session(id.to_string()), 16);
+        let _ = c.subscribe(format!("devices/{id}/commands"), QoS::AtLeastOnce).await;
+        let ok = until(&mut ev, |p| matches!(p, Packet::SubAck(_))).await;
+        hang_up(c, &mut ev).await;
+        return ok;
+    }
+    false
+}
+
 async fn mqtt_device(prov: &str, ops: &str, ty: &str, claim: &str, id: &str, serial: &str) -> bool {
     let identity = serde_json::json!({"serial": serial, "mac": format!("m-{serial}")});
     for _ in 0..50 {
@@ -198,31 +254,43 @@ async fn device_type(p: &Platform, id: &str, spec: ProvisioningSpec) -> String {
     p.issue_claim_token(id).await.unwrap()
 }
 
-fn run_child(args: String) -> (Vec<f64>, f64, usize) {
+/// What a device process reported: per-device times (sorted), wall ms, failures, and
+/// its CPU ms; and the CPU ms of the server side (the platform's process, or Mosquitto)
+/// over the same run.
+struct Run {
+    lat: Vec<f64>,
+    wall: f64,
+    failures: usize,
+    cpu_ms: f64,
+    server_cpu_ms: f64,
+}
+
+fn run_child(args: String) -> Run {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env("TWINFLEET_PROVISION_DEVICES", args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lat = Vec::new();
-    let (mut wall, mut failures) = (0.0, 0);
+    let mut run = Run { lat: Vec::new(), wall: 0.0, failures: 0, cpu_ms: 0.0, server_cpu_ms: 0.0 };
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         if let Some(rest) = line.strip_prefix("DONE ") {
-            let (w, f) = rest.split_once(' ').unwrap();
-            (wall, failures) = (w.parse().unwrap(), f.parse().unwrap());
+            let v: Vec<&str> = rest.split_whitespace().collect();
+            (run.wall, run.failures, run.cpu_ms) =
+                (v[0].parse().unwrap(), v[1].parse().unwrap(), v[2].parse().unwrap());
         } else if let Ok(ms) = line.parse::<f64>() {
-            lat.push(ms);
+            run.lat.push(ms);
         }
     }
     let _ = child.wait();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (lat, wall, failures)
+    run.lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    run
 }
 
 async fn platform() {
     let n = env_or("TWINFLEET_BENCH_DEVICES", 10_000) as usize;
-    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "mqtt,grpc,approve,flood".into());
+    let sections =
+        std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "baseline,mqtt,grpc,approve,flood".into());
     let on = |s: &str| sections.split(',').any(|x| x.trim() == s);
     let dir = std::env::temp_dir().join(format!("twinfleet-provision-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -234,17 +302,35 @@ async fn platform() {
     let allow: Vec<String> = (0..n).map(|i| format!("S-{i:05}")).collect();
     println!("| benchmark | devices | cores | devices/s | claim → operational p50 / p99 | detail |");
     println!("|---|---|---|---|---|---|");
-    let row = |name: &str, lat: &[f64], wall: f64, failures: usize| {
+    let row = |name: &str, r: &Run| {
         println!(
-            "| {name} | {n} | {} | {:.0} | {:.0} ms / {:.0} ms | {} operational in {:.2} s, {failures} failed |",
+            "| {name} | {n} | {} | {:.0} | {:.0} ms / {:.0} ms | {} operational in {:.2} s, {} failed; CPU per device: {:.0} µs in the devices' process, {:.0} µs on the server side |",
             cores(),
-            lat.len() as f64 / (wall / 1e3),
-            pct(lat, 0.5),
-            pct(lat, 0.99),
-            lat.len(),
-            wall / 1e3
+            r.lat.len() as f64 / (r.wall / 1e3),
+            pct(&r.lat, 0.5),
+            pct(&r.lat, 0.99),
+            r.lat.len(),
+            r.wall / 1e3,
+            r.failures,
+            r.cpu_ms * 1e3 / n as f64,
+            r.server_cpu_ms * 1e3 / n as f64,
         );
     };
+    if on("baseline") {
+        match Mosquitto::start(&dir, "allow_anonymous true\npersistence false\nlog_type error\n") {
+            Some(broker) => {
+                let args = format!("baseline 127.0.0.1:{} - - - {n}", broker.port);
+                let c0 = cpu_ms(&broker.pid());
+                let mut run = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
+                run.server_cpu_ms = cpu_ms(&broker.pid()) - c0;
+                row("baseline: the same MQTT exchanges on Mosquitto, nothing behind them", &run);
+            }
+            None => println!(
+                "| baseline: the same MQTT exchanges on Mosquitto | {n} | {} | | | SKIPPED: mosquitto not installed (apt-get install mosquitto) |",
+                cores()
+            ),
+        }
+    }
     if on("mqtt") {
         let claim =
             device_type(&p, "meter", ProvisioningSpec { allow_list: allow.clone(), ..Default::default() }).await;
@@ -259,8 +345,10 @@ async fn platform() {
             unreachable!()
         };
         let args = format!("mqtt {prov} {ops} meter {claim} {n}");
-        let (lat, wall, failures) = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
-        row("MQTT, fully automatic", &lat, wall, failures);
+        let c0 = cpu_ms("self");
+        let mut run = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
+        run.server_cpu_ms = cpu_ms("self") - c0;
+        row("MQTT, fully automatic", &run);
         gw.stop().await;
     }
     if on("grpc") {
@@ -268,8 +356,10 @@ async fn platform() {
             device_type(&p, "gauge", ProvisioningSpec { allow_list: allow.clone(), ..Default::default() }).await;
         let grpc = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let args = format!("grpc http://{} - gauge {claim} {n}", grpc.local_addr());
-        let (lat, wall, failures) = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
-        row("gRPC, fully automatic", &lat, wall, failures);
+        let c0 = cpu_ms("self");
+        let mut run = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
+        run.server_cpu_ms = cpu_ms("self") - c0;
+        row("gRPC, fully automatic", &run);
         grpc.stop().await;
     }
     if on("approve") {

@@ -113,3 +113,58 @@ impl Arma {
         ((self.mean + x) * 100.0).round() / 100.0
     }
 }
+
+/// The CPU time (user + system) a process has used so far, in ms (`/proc/<pid>/stat`;
+/// `"self"` for this one).
+pub fn cpu_ms(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields 14 and 15 (utime, stime), in clock ticks of 10 ms, after the command name.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after.split_whitespace().skip(11).take(2).filter_map(|t| t.parse::<f64>().ok()).sum::<f64>() * 10.0
+}
+
+/// A Mosquitto broker on a free loopback port, configured with `conf` (lines after the
+/// listener's), for a baseline row; `None` (and a loud line) where it is not installed.
+/// Killed when dropped.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// Its process id, for [`cpu_ms`].
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn start(dir: &std::path::Path, conf: &str) -> Option<Mosquitto> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, format!("listener {port} 127.0.0.1\n{conf}")).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Until it accepts.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Mosquitto { child, port })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
