@@ -970,8 +970,9 @@ impl SeriesStore {
     }
 
     /// Deletes every series of `namespace` whose key starts with `prefix` (a twin's
-    /// series: `"<twin id> "`), and their newest points, durably: what was stored before is never read again, also
-    /// not from the WAL after a crash; points submitted afterwards start new series.
+    /// series: `"<twin id> "`), and their newest points, durably: what was stored before
+    /// is never read again, also not from the WAL after a crash; points submitted
+    /// afterwards start new series.
     pub fn delete_series(&self, namespace: &str, prefix: &str) -> SeriesTicket {
         let (done, rx) = oneshot::channel();
         match &*self.tx.read() {
