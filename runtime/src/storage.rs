@@ -406,8 +406,24 @@ fn is_full(e: &std::io::Error) -> bool {
         || e.get_ref().is_some_and(|inner| inner.to_string().contains("No space left on device"))
 }
 
+/// Opens sled. Its own file lock may still be held for a moment by a platform of this
+/// process that has just stopped (sled's I/O threads let go of the file after the
+/// database is dropped) or by a child being spawned (which shares every open file until
+/// its exec): the data directory's lock (`DataDirLock`) already keeps other processes
+/// out, so a held sled lock is waited for, up to 2 s, before it is an error.
 fn open_engine(path: &Path, cache_bytes: u64) -> Result<(sled::Db, sled::Tree), StorageError> {
-    let db = sled::Config::new().path(path).cache_capacity(cache_bytes).open().map_err(engine)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let db = loop {
+        match sled::Config::new().path(path).cache_capacity(cache_bytes).open() {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(engine(e)),
+        }
+    };
     let tree = db.open_tree("twinfleet").map_err(engine)?;
     Ok((db, tree))
 }
