@@ -233,3 +233,37 @@ pub(crate) async fn ingest(slot: &Arc<TwinSlot>, points: Vec<MetricPoint>) -> Re
         futures::future::Either::Right(_) => Err(TwinError::Timeout { kind: "twin", id: slot.id.to_string(), ms }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(hub: Option<&Hub>) -> (Done, oneshot::Receiver<Result<usize, TwinError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Done { tx, hub: hub.cloned() }, rx)
+    }
+
+    #[test]
+    fn a_hub_gets_its_callers_answers_in_one_message_and_a_stopped_hub_s_callers_are_answered_directly() {
+        let (live, mut live_rx) = tokio::sync::mpsc::unbounded_channel::<Answers>();
+        let (stopped, stopped_rx) = tokio::sync::mpsc::unbounded_channel::<Answers>();
+        drop(stopped_rx);
+        let (a, mut a_rx) = caller(Some(&live));
+        let (b, mut b_rx) = caller(Some(&live));
+        let (c, mut c_rx) = caller(Some(&stopped));
+        let (d, mut d_rx) = caller(None);
+        answer_all([(a, Ok(1)), (b, Ok(2)), (c, Ok(3)), (d, Ok(4))]);
+        // The live hub's two callers: one message, not answered yet (the hub does that).
+        let list = live_rx.try_recv().expect("one message for the live hub");
+        assert_eq!(list.len(), 2);
+        assert!(live_rx.try_recv().is_err(), "only one");
+        assert!(a_rx.try_recv().is_err() && b_rx.try_recv().is_err());
+        for (tx, r) in list {
+            let _ = tx.send(r);
+        }
+        assert_eq!((a_rx.try_recv().unwrap().unwrap(), b_rx.try_recv().unwrap().unwrap()), (1, 2));
+        // The stopped hub's caller and the caller without a hub: answered at once.
+        assert_eq!(c_rx.try_recv().unwrap().unwrap(), 3);
+        assert_eq!(d_rx.try_recv().unwrap().unwrap(), 4);
+    }
+}
