@@ -18,6 +18,7 @@
 //! of the next one); until then a telemetry query without metric names omits it, and a
 //! restart after a crash merges every head by its key, so nothing is lost.
 
+use crate::records::{binary_body, binary_seal, binary_start};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use twinfleet_models::Timestamp;
@@ -44,8 +45,7 @@ const LATEST_BINARY: u8 = 2;
 /// telemetry message, so it is made without serde: the JSON record cost a fifth of the
 /// twins' share of MQTT ingest.
 pub(crate) fn encode_latest(latest: &Latest) -> Vec<u8> {
-    let mut out = Vec::with_capacity(7 + latest.keys().map(|k| 17 + k.len()).sum::<usize>());
-    out.extend_from_slice(&[LATEST_BINARY, 0, 0, 0, 0]);
+    let mut out = binary_start(LATEST_BINARY, 2 + latest.keys().map(|k| 17 + k.len()).sum::<usize>());
     out.extend_from_slice(&(latest.len().min(u16::MAX as usize) as u16).to_le_bytes());
     for (name, p) in latest.iter().take(u16::MAX as usize) {
         let name = &name.as_bytes()[..name.len().min(u8::MAX as usize)];
@@ -54,9 +54,7 @@ pub(crate) fn encode_latest(latest: &Latest) -> Vec<u8> {
         out.extend_from_slice(&p.at.0.to_le_bytes());
         out.extend_from_slice(&p.value.to_bits().to_le_bytes());
     }
-    let crc = crc32fast::hash(&out[5..]);
-    out[1..5].copy_from_slice(&crc.to_le_bytes());
-    out
+    binary_seal(out)
 }
 
 /// The twin and the metric a series key names (`crate::records::series_key`).
@@ -162,31 +160,15 @@ pub(crate) fn last_sink(storage: std::sync::Arc<dyn Storage>) -> LastSink {
 
 /// Reads a latest-values record of either format.
 pub(crate) fn decode_latest(raw: &[u8]) -> Result<Latest, String> {
-    if raw.first() != Some(&LATEST_BINARY) {
+    let Some(mut c) = binary_body(raw, LATEST_BINARY)? else {
         return decode_record::<Latest>(raw).map_err(|e| e.to_string());
-    }
-    let (Some(crc), Some(body)) = (raw.get(1..5), raw.get(5..)) else {
-        return Err("the record is truncated".into());
     };
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err("the record's checksum does not match".into());
-    }
-    let mut rest = body;
-    let mut take = |n: usize| -> Result<&[u8], String> {
-        if rest.len() < n {
-            return Err("the record ends early".into());
-        }
-        let (a, b) = rest.split_at(n);
-        rest = b;
-        Ok(a)
-    };
-    let count = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes"));
+    let count = c.u16()?;
     let mut latest = Latest::new();
     for _ in 0..count {
-        let len = take(1)?[0] as usize;
-        let name = std::str::from_utf8(take(len)?).map_err(|_| "a metric name is not UTF-8".to_string())?.to_string();
-        let at = i64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
-        let value = f64::from_bits(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
+        let name = c.str8()?.to_string();
+        let at = c.i64()?;
+        let value = c.f64()?;
         latest.insert(name, LatestPoint { at: Timestamp(at), value });
     }
     Ok(latest)

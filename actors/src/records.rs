@@ -90,8 +90,7 @@ impl FleetChunkRef<'_> {
     /// little-endian. Binary because a restart decodes a million twins' records at once
     /// (the JSON decode was ~13% of a restore of 1M twins).
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(19 + self.device_type.as_str().len() + self.twins.len() * 40);
-        out.extend_from_slice(&[FLEET_BINARY, 0, 0, 0, 0]);
+        let mut out = binary_start(FLEET_BINARY, 14 + self.device_type.as_str().len() + self.twins.len() * 40);
         let str16 = |out: &mut Vec<u8>, s: &str| {
             let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
             out.extend_from_slice(&(s.len() as u16).to_le_bytes());
@@ -120,9 +119,7 @@ impl FleetChunkRef<'_> {
                 id8(&mut out, d.as_str());
             }
         }
-        let crc = crc32fast::hash(&out[5..]);
-        out[1..5].copy_from_slice(&crc.to_le_bytes());
-        out
+        binary_seal(out)
     }
 }
 
@@ -130,31 +127,24 @@ impl FleetChunk {
     /// Reads a fleet record of either format ([`FleetChunkRef::encode`], or the JSON
     /// record of older versions).
     pub(crate) fn decode(raw: &[u8]) -> Result<FleetChunk, String> {
-        if raw.first() != Some(&FLEET_BINARY) {
+        let Some(mut c) = binary_body(raw, FLEET_BINARY)? else {
             return decode_record::<FleetChunk>(raw).map_err(|e| e.to_string());
-        }
-        let (Some(crc), Some(body)) = (raw.get(1..5), raw.get(5..)) else {
-            return Err("the record is truncated".into());
         };
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-            return Err("the record's checksum does not match".into());
-        }
-        let mut c = Reader(body);
         let device_type = DeviceTypeId::new(c.str16()?).map_err(|e| e.to_string())?;
-        let created_at = Timestamp(i64::from_le_bytes(c.take(8)?.try_into().expect("8 bytes")));
-        let n = u32::from_le_bytes(c.take(4)?.try_into().expect("4 bytes")) as usize;
+        let created_at = Timestamp(c.i64()?);
+        let n = c.u32()? as usize;
         let mut twins = Vec::with_capacity(n.min(CHUNK));
         for _ in 0..n {
             let id = TwinId::new(c.str8()?).map_err(|e| e.to_string())?;
             let serial = c.str16()?.to_string();
             let mac = c.str16()?.to_string();
-            let meta_len = u32::from_le_bytes(c.take(4)?.try_into().expect("4 bytes")) as usize;
+            let meta_len = c.u32()? as usize;
             let metadata = if meta_len == 0 {
                 Metadata::default()
             } else {
                 serde_json::from_slice(c.take(meta_len)?).map_err(|e| format!("metadata of {id}: {e}"))?
             };
-            let dtas = u16::from_le_bytes(c.take(2)?.try_into().expect("2 bytes")) as usize;
+            let dtas = c.u16()? as usize;
             let dtas = (0..dtas)
                 .map(|_| c.str8().and_then(|d| DtaId::new(d).map_err(|e| e.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -167,11 +157,41 @@ impl FleetChunk {
     }
 }
 
+/// A binary record (the fleet record, a twin's latest values): a format byte, a CRC-32
+/// of the body, the body; integers little-endian. [`binary_start`] begins one with room
+/// for `body` bytes, [`binary_seal`] writes its CRC.
+pub(crate) fn binary_start(format: u8, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body);
+    out.extend_from_slice(&[format, 0, 0, 0, 0]);
+    out
+}
+
+pub(crate) fn binary_seal(mut out: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&out[5..]);
+    out[1..5].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The checked body of a binary record of `format`; `None` where `raw` is of another
+/// format (a JSON record of an older version, for the caller to read).
+pub(crate) fn binary_body(raw: &[u8], format: u8) -> Result<Option<Reader<'_>>, String> {
+    if raw.first() != Some(&format) {
+        return Ok(None);
+    }
+    let (Some(crc), Some(body)) = (raw.get(1..5), raw.get(5..)) else {
+        return Err("the record is truncated".into());
+    };
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err("the record's checksum does not match".into());
+    }
+    Ok(Some(Reader(body)))
+}
+
 /// A cursor over a binary record's body.
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.0.len() < n {
             return Err("the record ends early".into());
         }
@@ -180,17 +200,37 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    pub(crate) fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn i64(&mut self) -> Result<i64, String> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn f64(&mut self) -> Result<f64, String> {
+        Ok(f64::from_bits(u64::from_le_bytes(self.array()?)))
+    }
+
     fn str_of(&mut self, n: usize) -> Result<&'a str, String> {
         std::str::from_utf8(self.take(n)?).map_err(|_| "a string is not UTF-8".to_string())
     }
 
-    fn str8(&mut self) -> Result<&'a str, String> {
+    pub(crate) fn str8(&mut self) -> Result<&'a str, String> {
         let n = self.take(1)?[0] as usize;
         self.str_of(n)
     }
 
     fn str16(&mut self) -> Result<&'a str, String> {
-        let n = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
+        let n = self.u16()? as usize;
         self.str_of(n)
     }
 }
