@@ -180,6 +180,8 @@ fn report(bench: &str, clients: usize, runs: Vec<(f64, f64, f64)>) {
 }
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     actix_rt::System::new().block_on(run());
 }
 

@@ -6,8 +6,13 @@
 //! table rows with the machine's core count. `TWINFLEET_BENCH_TWINS` changes the fleet
 //! size (default 1,000,000); `TWINFLEET_BENCH_REPEAT` the repetitions of the timed
 //! request loops (default 3, the median is reported); `TWINFLEET_BENCH_SECTIONS` picks
-//! sections (`bare,fleet`); `TWINFLEET_BENCH_SPAWN_ONLY=1` stops the fleet section after
-//! the spawn, for profiling.
+//! sections (`bare,fleet,restart`); `TWINFLEET_BENCH_SPAWN_ONLY=1` stops the fleet section
+//! after the spawn, for profiling.
+//!
+//! `restart` restarts the data directory the `fleet` section left behind in a new
+//! process, as an operator's restart of the binary does: `TWINFLEET_BENCH_RESTARTS`
+//! times (default 3), each a process of its own, each timed from the process's start
+//! until every twin has answered. It needs `fleet` before it in the same run.
 
 use actix::prelude::*;
 use serde_json::json;
@@ -53,6 +58,9 @@ fn row(bench: &str, n: usize, value: &str, extra: &str) {
 }
 
 fn main() {
+    PROCESS_START.get_or_init(Instant::now);
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--section") {
         let section = args[i + 1].clone();
@@ -61,17 +69,41 @@ fn main() {
     }
     println!("| benchmark | twins | cores | result | detail |");
     println!("|---|---|---|---|---|");
-    for section in std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("bare,fleet".into()).split(',') {
-        let status =
-            Command::new(std::env::current_exe().unwrap()).args(["--section", section]).status().expect("section runs");
-        assert!(status.success(), "section {section} failed");
+    // The fleet's data directory, shared by `fleet` (which makes it) and `restart`.
+    let dir = std::env::temp_dir().join(format!("twinfleet-bench-{}", std::process::id()));
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("bare,fleet,restart".into());
+    let sections: Vec<&str> = sections.split(',').collect();
+    let keep = sections.contains(&"restart");
+    for section in &sections {
+        let times = if *section == "restart" { env_usize("TWINFLEET_BENCH_RESTARTS", 3) } else { 1 };
+        for _ in 0..times {
+            let status = Command::new(std::env::current_exe().unwrap())
+                .args(["--section", section])
+                .env("TWINFLEET_BENCH_DIR", &dir)
+                .env("TWINFLEET_BENCH_KEEP_DIR", if keep { "1" } else { "" })
+                .status()
+                .expect("section runs");
+            assert!(status.success(), "section {section} failed");
+        }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("TWINFLEET_BENCH_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("twinfleet-bench-{}", std::process::id())))
 }
 
 async fn run_section(section: &str) {
     match section {
         "bare" => bare_actors().await,
         "fleet" => fleet().await,
+        "restart" => restart_in_new_process().await,
         other => panic!("unknown section {other}"),
     }
 }
@@ -139,7 +171,7 @@ fn specs(n: usize) -> Vec<Vec<TwinSpec>> {
 
 async fn fleet() {
     let n = twins();
-    let dir = std::env::temp_dir().join(format!("twinfleet-bench-{}", std::process::id()));
+    let dir = bench_dir();
     let _ = std::fs::remove_dir_all(&dir);
     let all = specs(n);
     let rss0 = rss();
@@ -262,7 +294,55 @@ async fn fleet() {
         );
         p.shutdown().await;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var("TWINFLEET_BENCH_KEEP_DIR").map_or(true, |k| k.is_empty()) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Restart recovery as an operator's restart of the binary: this process starts the
+/// platform on the directory `fleet` left behind and asks every twin through `get_many`;
+/// the clock runs from this process's start (its first instruction in `main` is close
+/// enough: the exec and the dynamic loader take ~1 ms) until the last twin answered.
+async fn restart_in_new_process() {
+    let started = *PROCESS_START.get_or_init(Instant::now);
+    let dir = bench_dir();
+    assert!(dir.exists(), "the restart section needs the fleet section before it in the same run");
+    let p = Platform::builder(&dir).start().await.unwrap();
+    let n = p.restore_report().twins;
+    let restored_secs = started.elapsed().as_secs_f64();
+    // Unlike the in-process rows, the ids are made inside the timed span: a new process
+    // has nothing in hand (it costs ~0.1 s for a million; reported apart below).
+    let t = Instant::now();
+    let ids: std::sync::Arc<Vec<String>> = std::sync::Arc::new((0..n).map(|i| format!("dev-{i:07}")).collect());
+    let ids_secs = t.elapsed().as_secs_f64();
+    let answered = ask_in_pages(&p, &ids).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(answered, n);
+    let (user, sys) = process_cpu_secs();
+    row(
+        "restart recovery in a new process: start until every twin answered (get_many, pages of 10,000, 4 callers)",
+        n,
+        &format!("{secs:.2} s"),
+        &format!(
+            "restore itself {restored_secs:.2} s, ids made {ids_secs:.2} s, process CPU {:.2} s ({user:.2} user, {sys:.2} system)",
+            user + sys
+        ),
+    );
+    p.shutdown().await;
+}
+
+/// Set first thing in `main`.
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// CPU time (user, system) this process has used so far, in seconds.
+fn process_cpu_secs() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    // After the ")": the state (field 3), then numbers from field 4; utime and stime are
+    // fields 14 and 15, in clock ticks (100 per second on Linux).
+    let f: Vec<i64> = after.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    let ticks = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / 100.0;
+    (ticks(10), ticks(11))
 }
 
 /// Every twin of `ids` asked through `get_many` in pages of 10,000, four pages at a

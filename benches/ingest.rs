@@ -38,6 +38,8 @@ const HUB_DEVICES: usize = 1_000;
 const CONNECTIONS: usize = 16;
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     if let Ok(args) = std::env::var("TWINFLEET_INGEST_DEVICES") {
         return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(devices(args));
     }

@@ -258,6 +258,8 @@ async fn fanout(n: usize, connected: usize) {
 }
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     tracing_subscriber::fmt().with_env_filter("error").with_writer(std::io::stderr).init();
     actix_rt::System::new().block_on(async {
         let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or_else(|_| "rollout,fanout".into());

@@ -93,6 +93,8 @@ async fn ingest_rate(p: &Platform, twins: &Arc<Vec<twinfleet::TwinHandle>>, secs
 }
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     tracing_subscriber::fmt().with_env_filter("error").with_writer(std::io::stderr).init();
     if let Ok(mode) = std::env::var("TWINFLEET_MONITORING_MEM") {
         return actix_rt::System::new().block_on(memory(mode == "rules"));

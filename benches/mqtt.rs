@@ -43,6 +43,8 @@ fn payload(seq: u64) -> Vec<u8> {
 }
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     if let Ok(addr) = std::env::var("TWINFLEET_MQTT_DEVICES") {
         return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(devices(addr));
     }

@@ -39,6 +39,8 @@ use common::{Mosquitto, cores, cpu_ms, env_or, pct};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     if let Ok(args) = std::env::var("TWINFLEET_PROVISION_DEVICES") {
         return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(devices(args));
     }

@@ -57,6 +57,8 @@ fn sections() -> Vec<String> {
 const START: i64 = 1_764_547_200_000; // 2025-12-01T00:00:00Z
 
 fn main() {
+    // As the `twinfleet` binary does at its start (see twinfleet::memory).
+    twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
     let sections = sections();
     println!("| benchmark | cores | result | detail |");
     println!("|---|---|---|---|");

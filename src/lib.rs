@@ -22,6 +22,7 @@
 //! Everything must run inside an actix system (`actix_rt::System`, or `#[actix_rt::main]`).
 
 pub mod config;
+pub mod memory;
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
