@@ -6,7 +6,10 @@
 //! `set_desired` through `TwinHandle` with as many callers (twin + storage, no HTTP).
 //! Each figure is the median of `TWINFLEET_BENCH_REPEAT` (default 3) runs of 3 s.
 //! `TWINFLEET_BENCH_CLIENTS` (default 64), `TWINFLEET_BENCH_TWINS` (default 10,000),
-//! `TWINFLEET_BENCH_SECTIONS` (default `healthz,handle,patch`; one alone for profiling).
+//! `TWINFLEET_BENCH_SECTIONS` (default `healthz,handle,patch,bare`; one alone for
+//! profiling). `bare` is the floor under the PATCH row: the same requests answered by a
+//! bare actix-web handler after the same kind of group-committed write (see `bare`);
+//! `bare-nowrite` (not in the default) is that handler without the write.
 //! Clients and server share the machine's cores.
 
 mod common;
@@ -179,6 +182,94 @@ fn report(bench: &str, clients: usize, runs: Vec<(f64, f64, f64)>) {
     );
 }
 
+/// The PATCH request of client `c`'s `n`th call: client c updates twins c, c + clients,
+/// c + 2 clients, ... in turn.
+fn patch_request(
+    ids: Vec<String>,
+    token: String,
+    clients: usize,
+    twins: usize,
+) -> impl Fn(usize, u64) -> Vec<u8> + Clone {
+    let per_client = twins / clients;
+    move |c, n| {
+        let id = &ids[c + clients * (n as usize % per_client)];
+        let body = format!("{{\"setpoint\":{n}}}");
+        format!(
+            "PATCH /api/v1/twins/{id}/desired HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// The floor under the PATCH row: the same requests on the same HTTP stack (actix-web,
+/// as many workers), each answered after a durable write through the same group commit
+/// (twinfleet's sled writer), and nothing else: no authentication lookup, no twin, no
+/// validation, no audit task. The handler checks the bearer header's form, parses the
+/// JSON body, and commits two records (the change and an audit line, as a PATCH does)
+/// in one batch before it answers.
+mod bare {
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use twinfleet_runtime::storage::{SledOptions, SledStorage, Space, Storage, WriteBatch};
+
+    struct State {
+        storage: Arc<SledStorage>,
+        seq: AtomicU64,
+        write: bool,
+    }
+
+    async fn patch(req: HttpRequest, path: web::Path<String>, body: web::Bytes, st: web::Data<State>) -> HttpResponse {
+        let authorized =
+            req.headers().get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("Bearer "));
+        if !authorized {
+            return HttpResponse::Unauthorized().finish();
+        }
+        let Ok(doc) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) else {
+            return HttpResponse::BadRequest().finish();
+        };
+        let seq = st.seq.fetch_add(1, Ordering::Relaxed);
+        let id = path.into_inner();
+        if !st.write {
+            return HttpResponse::Ok().json(serde_json::json!({"id": id, "seq": seq}));
+        }
+        let mut b = WriteBatch::new();
+        let mut key = id.as_bytes().to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        b.put(Space(200), key, serde_json::to_vec(&doc).unwrap());
+        b.put(
+            Space(201),
+            seq.to_be_bytes().to_vec(),
+            format!("{{\"path\":\"/api/v1/twins/{id}/desired\",\"status\":200}}").into_bytes(),
+        );
+        match st.storage.submit(b).await {
+            Ok(()) => HttpResponse::Ok().json(serde_json::json!({"id": id, "seq": seq})),
+            Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+        }
+    }
+
+    /// Serves the bare handler; `write: false` answers once the body is parsed.
+    pub fn start(dir: &std::path::Path, workers: usize, write: bool) -> (SocketAddr, actix_web::dev::ServerHandle) {
+        let storage =
+            SledStorage::open(&dir.join(if write { "bare" } else { "bare-nowrite" }), SledOptions::default()).unwrap();
+        let state = web::Data::new(State { storage, seq: AtomicU64::new(0), write });
+        let server = HttpServer::new(move || {
+            App::new().app_data(state.clone()).route("/api/v1/twins/{id}/desired", web::patch().to(patch))
+        })
+        .workers(workers)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        (addr, handle)
+    }
+}
+
 fn main() {
     // As the `twinfleet` binary does at its start (see twinfleet::memory).
     twinfleet::memory::disable_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
@@ -214,7 +305,7 @@ async fn run() {
 
     println!("| benchmark | clients | cores | result | detail |");
     println!("|---|---|---|---|---|");
-    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("healthz,handle,patch".into());
+    let sections = std::env::var("TWINFLEET_BENCH_SECTIONS").unwrap_or("healthz,handle,patch,bare".into());
     let section = |name: &str| sections.split(',').any(|s| s == name);
     if section("healthz") {
         let healthz = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n".to_vec();
@@ -244,25 +335,30 @@ async fn run() {
         measured(&p, &dir, "PATCH /desired (change + audit entry)", async {
             let mut runs = Vec::new();
             for _ in 0..repeat {
-                let (ids, token) = (ids.clone(), token.clone());
-                let per_client = twins / clients;
                 runs.push(
-                    http_loop(addr, clients, 200, move |c, n| {
-                        let id = &ids[c + clients * (n as usize % per_client)];
-                        let body = format!("{{\"setpoint\":{n}}}");
-                        format!(
-                        "PATCH /api/v1/twins/{id}/desired HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\
-                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .into_bytes()
-                    })
-                    .await,
+                    http_loop(addr, clients, 200, patch_request(ids.clone(), token.clone(), clients, twins)).await,
                 );
             }
             report("PATCH /twins/{id}/desired (durable change + audit record)", clients, runs);
         })
         .await;
+    }
+    for (name, write) in [("bare", true), ("bare-nowrite", false)] {
+        if !section(name) {
+            continue;
+        }
+        let (addr, server) = bare::start(&dir, workers, write);
+        let mut runs = Vec::new();
+        for _ in 0..repeat {
+            runs.push(http_loop(addr, clients, 200, patch_request(ids.clone(), token.clone(), clients, twins)).await);
+        }
+        let what = if write { "2 records group-committed" } else { "no write" };
+        report(
+            &format!("baseline: the same PATCH on a bare actix-web handler (JSON parsed, {what}, nothing else)"),
+            clients,
+            runs,
+        );
+        server.stop(true).await;
     }
     for line in BYTES.lock().unwrap().iter() {
         println!("\n{line}");
