@@ -45,13 +45,19 @@ pub(crate) use requests::{
 };
 pub use slot::*;
 
+/// The bytes of a running twin's future (actix's `ContextFut<Dti, _>`: the actor, its
+/// context and mailbox receiver), which tokio allocates inside one task cell. The test
+/// `tests/task_size.rs` keeps that cell within mimalloc's 1,024-byte class.
+pub const RUNNING_TWIN_BYTES: usize = std::mem::size_of::<actix::dev::ContextFut<Dti, actix::Context<Dti>>>();
+
 pub struct Dti {
     slot: Arc<TwinSlot>,
     state: TwinState,
-    /// Resolved layers of each direct membership.
-    layers: Vec<Arc<ResolvedLayers>>,
+    /// Resolved layers of each direct membership (a boxed slice: 8 bytes fewer than a
+    /// `Vec`, and they change only when the twin joins or leaves a DTA).
+    layers: Box<[Arc<ResolvedLayers>]>,
     /// The running timer of each armed wait (the waits themselves are in `state`).
-    timers: Vec<(WaitName, u32, SpawnHandle)>,
+    timers: Timers,
     /// Set when this incarnation is a restart: recorded in the journal on start (boxed:
     /// rare, and a million twins pay 8 bytes each instead of 32).
     restart: Option<Box<(String, u32)>>,
@@ -63,7 +69,7 @@ pub struct Dti {
     /// be durable (see `journal`).
     unconfirmed: Option<Box<(u64, Chunk)>>,
     /// The timer that writes the snapshot of a twin that went idle.
-    idle: Option<SpawnHandle>,
+    idle: IdleTimer,
     /// Newest value per metric. Boxed on purpose: a twin without telemetry pays 8 bytes
     /// instead of 24, and a million idle twins is the common case.
     #[allow(clippy::box_collection)]
@@ -75,6 +81,66 @@ pub struct Dti {
 impl std::fmt::Debug for Dti {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dti").field("id", &self.slot.id).field("last_seq", &self.state.last_seq).finish()
+    }
+}
+
+/// The running timers of a twin's armed waits; no allocation while none is armed (most
+/// twins, most of the time), 8 bytes in the actor.
+#[derive(Default)]
+#[allow(clippy::box_collection)] // on purpose: 8 bytes in every twin instead of a Vec's 24
+struct Timers(Option<Box<Vec<(WaitName, u32, SpawnHandle)>>>);
+
+impl Timers {
+    fn push(&mut self, wait: WaitName, attempt: u32, timer: SpawnHandle) {
+        self.0.get_or_insert_with(Default::default).push((wait, attempt, timer));
+    }
+
+    /// Forgets the timer of `wait`'s `attempt`, which has fired.
+    fn fired(&mut self, wait: WaitName, attempt: u32) {
+        if let Some(v) = &mut self.0 {
+            v.retain(|(w, a, _)| !(*w == wait && *a == attempt));
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    /// Takes the timer of `wait` out, if one is armed.
+    fn take(&mut self, wait: WaitName) -> Option<SpawnHandle> {
+        let v = self.0.as_mut()?;
+        let i = v.iter().position(|(w, _, _)| *w == wait)?;
+        let (_, _, timer) = v.swap_remove(i);
+        if v.is_empty() {
+            self.0 = None;
+        }
+        Some(timer)
+    }
+
+    /// Takes every timer out.
+    fn take_all(&mut self) -> Vec<SpawnHandle> {
+        self.0.take().map(|v| v.into_iter().map(|(_, _, t)| t).collect()).unwrap_or_default()
+    }
+}
+
+/// The idle-snapshot timer, in 8 bytes instead of an `Option`'s 16: actix numbers a
+/// context's spawned futures from 1 (`SpawnHandle::default().next()`), so the default
+/// handle, 0, stands for "not armed".
+#[derive(Default)]
+struct IdleTimer(SpawnHandle);
+
+impl IdleTimer {
+    fn is_armed(&self) -> bool {
+        self.0 != SpawnHandle::default()
+    }
+
+    fn set(&mut self, timer: SpawnHandle) {
+        debug_assert!(timer != SpawnHandle::default(), "actix handed out handle 0");
+        self.0 = timer;
+    }
+
+    fn take(&mut self) -> Option<SpawnHandle> {
+        let t = std::mem::take(&mut self.0);
+        (t != SpawnHandle::default()).then_some(t)
     }
 }
 
@@ -133,13 +199,13 @@ impl Dti {
             Dti {
                 slot: s,
                 state,
-                layers,
-                timers: Vec::new(),
+                layers: layers.into_boxed_slice(),
+                timers: Timers::default(),
                 restart: restart.map(Box::new),
                 pending: tail,
                 chunk,
                 unconfirmed: None,
-                idle: None,
+                idle: IdleTimer::default(),
                 latest,
                 monitoring: Default::default(),
             }
@@ -277,7 +343,7 @@ impl Dti {
         let mut batch = WriteBatch::new();
         let mut snapshot = self.journal(&events, effects.contains(&Effect::Snapshot), &mut batch, ctx);
         if rules_touched {
-            self.monitoring.dirty = true;
+            self.monitoring.mark_dirty();
         }
         if device || rules_touched {
             snapshot = self.monitor(&[], &[], device, &mut batch, ctx).or(snapshot);
@@ -366,12 +432,12 @@ impl Dti {
     /// Writes the snapshot `snapshot_idle_ms` after the first event since the last one
     /// (real time: a storage matter, not a decision of the twin).
     fn arm_idle_snapshot(&mut self, ctx: &mut Context<Self>) {
-        if self.idle.is_some() {
+        if self.idle.is_armed() {
             return;
         }
         let after = std::time::Duration::from_millis(self.slot.ty.infra.settings.snapshot_idle_ms);
-        self.idle = Some(ctx.run_later(after, |act, ctx| {
-            act.idle = None;
+        self.idle.set(ctx.run_later(after, |act, ctx| {
+            act.idle.take();
             act.guarded(ctx, |act, ctx| act.snapshot_now(ctx));
         }));
     }
@@ -451,7 +517,7 @@ impl Dti {
     /// The layers of its rules changed: resolve them again and look at once (a rule
     /// disabled or removed clears its alert now).
     pub(crate) fn rules_changed(&mut self, ctx: &mut Context<Self>) {
-        self.monitoring.dirty = true;
+        self.monitoring.mark_dirty();
         self.monitor_tick(ctx);
     }
 
@@ -494,15 +560,14 @@ impl Dti {
         self.cancel(ctx, wait);
         let sleep = self.env().clock.sleep_until(deadline);
         let timer = ctx.spawn(sleep.into_actor(self).map(move |(), act, ctx| {
-            act.timers.retain(|(w, a, _)| !(*w == wait && *a == attempt));
+            act.timers.fired(wait, attempt);
             act.guarded(ctx, |act, ctx| act.input(TwinCommand::WaitExpired { wait, attempt }, ctx))
         }));
-        self.timers.push((wait, attempt, timer));
+        self.timers.push(wait, attempt, timer);
     }
 
     fn cancel(&mut self, ctx: &mut Context<Self>, wait: WaitName) {
-        if let Some(i) = self.timers.iter().position(|(w, _, _)| *w == wait) {
-            let (_, _, timer) = self.timers.swap_remove(i);
+        if let Some(timer) = self.timers.take(wait) {
             ctx.cancel_future(timer);
         }
     }
@@ -749,19 +814,5 @@ mod tests {
         let long = "m".repeat(600);
         let p = MetricPoint { metric: long, at: Timestamp(1), value: 1.0 };
         assert_eq!(series_of(&[p], "t", "twin"), Err(SeriesError::BadName));
-    }
-}
-
-#[cfg(test)]
-mod size {
-    /// A running twin is one allocation of actix's `ContextFut<Dti, _>` (the actor, its
-    /// context and mailbox receiver), and a million mostly idle twins pay for its size
-    /// class: 1,024 bytes today. Past it, mimalloc's next class is 1,280 bytes, 256 more
-    /// per twin (measured: the fleet bench's 1M twins went from ~2,000 to ~2,280 B RSS per
-    /// twin when an inline install job pushed it over). Box what is rare instead.
-    #[test]
-    fn a_running_twin_fits_in_1024_bytes() {
-        let size = std::mem::size_of::<actix::dev::ContextFut<super::Dti, actix::Context<super::Dti>>>();
-        assert!(size <= 1024, "a running twin takes {size} bytes, over mimalloc's 1,024-byte class");
     }
 }

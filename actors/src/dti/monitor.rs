@@ -30,16 +30,35 @@ pub(crate) struct Monitor {
     wake: Option<(Timestamp, SpawnHandle)>,
 }
 
-/// What a twin knows about its rules, kept in the actor.
-#[derive(Default)]
+/// What a twin knows about its rules, kept in the actor. 24 bytes: every running twin
+/// carries one (see `tests/task_size.rs` for why its size matters).
 pub(crate) struct Monitoring {
     pub(crate) monitor: Option<Box<Monitor>>,
-    /// The inputs changed since the rules were resolved (layers, overrides).
-    pub(crate) dirty: bool,
-    /// `TypeContext::rules_version` when they were resolved.
+    /// `TypeContext::rules_version` when they were resolved; `STALE` when the inputs
+    /// changed since (layers, overrides), which no version equals.
     seen_version: u64,
-    /// When the device last sent anything (or the twin started).
-    pub(crate) last_seen: Option<Timestamp>,
+    /// When the device last sent anything (or the twin started); `NEVER` before.
+    last_seen: Timestamp,
+}
+
+impl Monitoring {
+    const STALE: u64 = u64::MAX;
+    const NEVER: Timestamp = Timestamp(i64::MIN);
+
+    /// The rules' inputs changed: resolve them again before the next use.
+    pub(crate) fn mark_dirty(&mut self) {
+        self.seen_version = Self::STALE;
+    }
+
+    pub(crate) fn last_seen(&self) -> Option<Timestamp> {
+        (self.last_seen != Self::NEVER).then_some(self.last_seen)
+    }
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring { monitor: None, seen_version: Self::STALE, last_seen: Self::NEVER }
+    }
 }
 
 /// A twin's effective rules as the API shows them.
@@ -96,10 +115,9 @@ impl Dti {
     /// Resolves the rules again if their layers changed.
     fn resolve_rules(&mut self) {
         let version = self.slot.ty.rules_version();
-        if !self.monitoring.dirty && self.monitoring.seen_version == version && self.monitoring.last_seen.is_some() {
+        if self.monitoring.seen_version == version && self.monitoring.last_seen().is_some() {
             return;
         }
-        self.monitoring.dirty = false;
         self.monitoring.seen_version = version;
         let defaults = self.slot.ty.defaults();
         let layers: Vec<_> = self.layers.iter().flat_map(|r| r.layers.iter()).collect();
@@ -153,15 +171,15 @@ impl Dti {
         ctx: &mut Context<Self>,
     ) -> Option<u64> {
         let now = self.env().clock.now();
-        if device || self.monitoring.last_seen.is_none() {
-            self.monitoring.last_seen = Some(now);
+        if device || self.monitoring.last_seen().is_none() {
+            self.monitoring.last_seen = now;
         }
         self.resolve_rules();
+        let last_seen = self.monitoring.last_seen();
         let m = self.monitoring.monitor.as_mut()?;
         let latest = self.latest.as_deref();
         let get = |metric: &str| latest.and_then(|l| l.get(metric)).map(|p| (p.at, p.value));
-        let obs =
-            twinfleet_models::rules::Observed { points, logs, latest: &get, last_seen: self.monitoring.last_seen };
+        let obs = twinfleet_models::rules::Observed { points, logs, latest: &get, last_seen };
         let mut changes: Vec<(String, Phase)> = Vec::new();
         let mut raised = Vec::new();
         let mut cleared = Vec::new();

@@ -254,8 +254,10 @@ impl Request for Join {
         let resolved = self.0;
         let r = dti.apply(TwinCommand::JoinDta(resolved.dta.clone()), WriteBatch::new(), ctx);
         if r.is_ok() {
-            dti.layers.retain(|l| l.dta != resolved.dta);
-            dti.layers.push(resolved);
+            let mut layers = std::mem::take(&mut dti.layers).into_vec();
+            layers.retain(|l| l.dta != resolved.dta);
+            layers.push(resolved);
+            dti.layers = layers.into_boxed_slice();
             dti.rules_changed(ctx);
             dti.fill_template(ctx);
         }
@@ -268,7 +270,9 @@ impl Request for Leave {
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<u64> {
         let r = dti.apply(TwinCommand::LeaveDta(self.0.clone()), WriteBatch::new(), ctx);
         if r.is_ok() {
-            dti.layers.retain(|l| l.dta != self.0);
+            let mut layers = std::mem::take(&mut dti.layers).into_vec();
+            layers.retain(|l| l.dta != self.0);
+            dti.layers = layers.into_boxed_slice();
             dti.rules_changed(ctx);
             dti.fill_template(ctx);
         }
@@ -348,7 +352,7 @@ impl Request for ToDevice {
 impl Request for Retire {
     type Reply = ();
     fn run(self, dti: &mut Dti, ctx: &mut Context<Dti>) -> Outcome<()> {
-        for (_, _, timer) in std::mem::take(&mut dti.timers) {
+        for timer in dti.timers.take_all() {
             ctx.cancel_future(timer);
         }
         if let Some(t) = dti.idle.take() {
