@@ -289,6 +289,18 @@ fn run_child(args: String) -> Run {
     run
 }
 
+/// What the section asked of storage, per device (printed under the table).
+fn storage_line(name: &str, s0: &twinfleet::StorageStats, s1: &twinfleet::StorageStats, n: usize) -> String {
+    let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
+    format!(
+        "{name}: per device {:.1} write batches, {:.1} records, {:.0} bytes committed; {:.2} group commits",
+        per(s0.batches_submitted, s1.batches_submitted),
+        per(s0.ops_committed, s1.ops_committed),
+        per(s0.bytes_committed, s1.bytes_committed),
+        per(s0.groups_committed, s1.groups_committed),
+    )
+}
+
 async fn platform() {
     let n = env_or("TWINFLEET_BENCH_DEVICES", 10_000) as usize;
     let sections =
@@ -304,6 +316,7 @@ async fn platform() {
     let allow: Vec<String> = (0..n).map(|i| format!("S-{i:05}")).collect();
     println!("| benchmark | devices | cores | devices/s | claim → operational p50 / p99 | detail |");
     println!("|---|---|---|---|---|---|");
+    let mut notes: Vec<String> = Vec::new();
     let row = |name: &str, r: &Run| {
         println!(
             "| {name} | {n} | {} | {:.0} | {:.0} ms / {:.0} ms | {} operational in {:.2} s, {} failed; CPU per device: {:.0} µs in the devices' process, {:.0} µs on the server side |",
@@ -347,10 +360,11 @@ async fn platform() {
             unreachable!()
         };
         let args = format!("mqtt {prov} {ops} meter {claim} {n}");
-        let c0 = cpu_ms("self");
+        let (c0, s0) = (cpu_ms("self"), p.storage_stats());
         let mut run = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
         run.server_cpu_ms = cpu_ms("self") - c0;
         row("MQTT, fully automatic", &run);
+        notes.push(storage_line("MQTT", &s0, &p.storage_stats(), n));
         gw.stop().await;
     }
     if on("grpc") {
@@ -358,10 +372,11 @@ async fn platform() {
             device_type(&p, "gauge", ProvisioningSpec { allow_list: allow.clone(), ..Default::default() }).await;
         let grpc = GrpcGateway::start(p.runtime().clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let args = format!("grpc http://{} - gauge {claim} {n}", grpc.local_addr());
-        let c0 = cpu_ms("self");
+        let (c0, s0) = (cpu_ms("self"), p.storage_stats());
         let mut run = actix_rt::task::spawn_blocking(move || run_child(args)).await.unwrap();
         run.server_cpu_ms = cpu_ms("self") - c0;
         row("gRPC, fully automatic", &run);
+        notes.push(storage_line("gRPC", &s0, &p.storage_stats(), n));
         grpc.stop().await;
     }
     if on("approve") {
@@ -388,6 +403,9 @@ async fn platform() {
             cores(),
             m as f64 / secs
         );
+    }
+    for line in &notes {
+        println!("\n{line}");
     }
     p.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
