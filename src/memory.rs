@@ -5,10 +5,12 @@
 //! a fresh or purged region zeroes a whole 2 MiB page, and mimalloc's purges of freed
 //! memory split them again. Measured on the 2-core benchmark machine (BENCHMARKS.md,
 //! "Transparent huge pages off in the binary"): with them off, spawning 1M twins is ~40%
-//! faster, MQTT ingest spends ~17% less CPU per message, and a restart of 1M twins in a
-//! new process is faster and steadier (the huge-page faults there cost 0.4–5.8 s of
-//! system time by run, against ~1.4 s for small pages). Setting `MIMALLOC_ALLOW_THP` in
-//! the environment (to any value) leaves the kernel's and mimalloc's choice in place.
+//! faster, MQTT ingest spends 8–17% less CPU per message, and a restart of 1M twins in
+//! a new process is steadier and no slower (the huge-page faults there cost 0.4–5.8 s of
+//! system time by run, against ~1.4 s for small pages). The price: requests spread at
+//! random over a million resident twins lose 10–30% to TLB misses. Setting
+//! `MIMALLOC_ALLOW_THP` in the environment (to any value) leaves the kernel's and
+//! mimalloc's choice in place.
 
 /// Turns transparent huge pages off for this process and the processes it starts
 /// (`prctl(PR_SET_THP_DISABLE)`), unless `MIMALLOC_ALLOW_THP` is set. Returns whether it
