@@ -12,18 +12,20 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
-/// Records the size of the last allocation aligned to 64 bytes or more (tokio's cells).
+/// While `WATCHING`, records the largest allocation made (tokio's task cell, when a
+/// task is spawned).
 struct Tracking;
 
-static LAST_ALIGNED: AtomicUsize = AtomicUsize::new(0);
+static WATCHING: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() >= 64 {
-            LAST_ALIGNED.store(layout.size(), Ordering::SeqCst);
+        if WATCHING.load(Ordering::SeqCst) {
+            LARGEST.fetch_max(layout.size(), Ordering::SeqCst);
         }
         // Safety: forwarded as is.
         unsafe { System.alloc(layout) }
@@ -56,9 +58,11 @@ fn cell_bytes<const N: usize>() -> usize {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        LAST_ALIGNED.store(0, Ordering::SeqCst);
+        LARGEST.store(0, Ordering::SeqCst);
+        WATCHING.store(true, Ordering::SeqCst);
         let task = tokio::task::spawn_local(Sized::<N>([0; N], std::num::NonZeroU64::MIN));
-        let size = LAST_ALIGNED.load(Ordering::SeqCst);
+        WATCHING.store(false, Ordering::SeqCst);
+        let size = LARGEST.load(Ordering::SeqCst);
         task.await.unwrap();
         size
     })
