@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use twinfleet::models::{DeviceTypeId, DtaId, TwinId};
 use twinfleet::{DeviceTypeSpec, DtaSpec, Platform, TwinHandle, TwinSpec};
 
+mod common;
+use common::{cores, cpu_user_system_ms, env_or, median, pct, rss};
+
 // The same allocator as the `twinfleet` binary (see src/main.rs for why).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,27 +33,11 @@ const SITES: usize = 100;
 const REGIONS: usize = 7;
 
 fn twins() -> usize {
-    std::env::var("TWINFLEET_BENCH_TWINS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+    env_or("TWINFLEET_BENCH_TWINS", 1_000_000) as usize
 }
 
 fn repeat() -> usize {
-    std::env::var("TWINFLEET_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Resident set size of this process, in bytes.
-fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4096
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    env_or("TWINFLEET_BENCH_REPEAT", 3) as usize
 }
 
 fn row(bench: &str, n: usize, value: &str, extra: &str) {
@@ -75,7 +62,7 @@ fn main() {
     let sections: Vec<&str> = sections.split(',').collect();
     let keep = sections.contains(&"restart");
     for section in &sections {
-        let times = if *section == "restart" { env_usize("TWINFLEET_BENCH_RESTARTS", 3) } else { 1 };
+        let times = if *section == "restart" { env_or("TWINFLEET_BENCH_RESTARTS", 3) } else { 1 };
         for _ in 0..times {
             let status = Command::new(std::env::current_exe().unwrap())
                 .args(["--section", section])
@@ -87,10 +74,6 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn bench_dir() -> std::path::PathBuf {
@@ -320,7 +303,8 @@ async fn restart_in_new_process() {
     let answered = ask_in_pages(&p, &ids).await;
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(answered, n);
-    let (user, sys) = process_cpu_secs();
+    let (user, sys) = cpu_user_system_ms("self");
+    let (user, sys) = (user / 1e3, sys / 1e3);
     row(
         "restart recovery in a new process: start until every twin answered (get_many, pages of 10,000, 4 callers)",
         n,
@@ -335,17 +319,6 @@ async fn restart_in_new_process() {
 
 /// Set first thing in `main`.
 static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-/// CPU time (user, system) this process has used so far, in seconds.
-fn process_cpu_secs() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    // After the ")": the state (field 3), then numbers from field 4; utime and stime are
-    // fields 14 and 15, in clock ticks (100 per second on Linux).
-    let f: Vec<i64> = after.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
-    let ticks = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / 100.0;
-    (ticks(10), ticks(11))
-}
 
 /// Every twin of `ids` asked through `get_many` in pages of 10,000, four pages at a
 /// time; returns how many answered.
@@ -426,6 +399,5 @@ async fn request_loop(handles: &[TwinHandle], write: bool, dur: Duration) -> (f6
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |q: f64| all.get(((all.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64;
-    (all.len() as f64 / secs, pct(0.5), pct(0.99))
+    (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
 }

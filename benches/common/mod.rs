@@ -117,10 +117,18 @@ impl Arma {
 /// The CPU time (user + system) a process has used so far, in ms (`/proc/<pid>/stat`;
 /// `"self"` for this one).
 pub fn cpu_ms(pid: &str) -> f64 {
+    let (user, system) = cpu_user_system_ms(pid);
+    user + system
+}
+
+/// The CPU time process `pid` (or `"self"`) has used so far, user and system apart, in
+/// milliseconds.
+pub fn cpu_user_system_ms(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields 14 and 15 (utime, stime), in clock ticks of 10 ms, after the command name.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    after.split_whitespace().skip(11).take(2).filter_map(|t| t.parse::<f64>().ok()).sum::<f64>() * 10.0
+    let mut ticks = after.split_whitespace().skip(11).map(|t| t.parse::<f64>().unwrap_or(0.0) * 10.0);
+    (ticks.next().unwrap_or(0.0), ticks.next().unwrap_or(0.0))
 }
 
 /// A Mosquitto broker on a free loopback port, configured with `conf` (lines after the
