@@ -84,8 +84,9 @@ impl std::fmt::Debug for Dti {
     }
 }
 
-/// The running timers of a twin's armed waits; no allocation while none is armed (most
-/// twins, most of the time), 8 bytes in the actor.
+/// The running timers of a twin's armed waits, 8 bytes in the actor: no allocation
+/// until a wait is first armed (most twins never arm one), then kept, so re-arming a
+/// wait on every change (a desired state per PATCH) allocates nothing.
 #[derive(Default)]
 #[allow(clippy::box_collection)] // on purpose: 8 bytes in every twin instead of a Vec's 24
 struct Timers(Option<Box<Vec<(WaitName, u32, SpawnHandle)>>>);
@@ -99,9 +100,6 @@ impl Timers {
     fn fired(&mut self, wait: WaitName, attempt: u32) {
         if let Some(v) = &mut self.0 {
             v.retain(|(w, a, _)| !(*w == wait && *a == attempt));
-            if v.is_empty() {
-                self.0 = None;
-            }
         }
     }
 
@@ -109,11 +107,7 @@ impl Timers {
     fn take(&mut self, wait: WaitName) -> Option<SpawnHandle> {
         let v = self.0.as_mut()?;
         let i = v.iter().position(|(w, _, _)| *w == wait)?;
-        let (_, _, timer) = v.swap_remove(i);
-        if v.is_empty() {
-            self.0 = None;
-        }
-        Some(timer)
+        Some(v.swap_remove(i).2)
     }
 
     /// Takes every timer out.
